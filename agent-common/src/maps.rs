@@ -1,0 +1,143 @@
+//! Keys and values of the BPF maps, as both sides see them.
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding: padding bytes with garbage make
+//! hash lookups miss and the verifier reject uninitialised stack reads.
+
+/// Names of the maps in the eBPF object, so the agent never spells them twice.
+pub mod names {
+    pub const IFACES: &str = "IFACES";
+    pub const ALLOWED_V4: &str = "ALLOWED_V4";
+    pub const ALLOWED_V6: &str = "ALLOWED_V6";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const WG_PORTS: &str = "WG_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const UNKNOWN_WIRE: &str = "UNKNOWN_WIRE";
+    pub const MAP_ERRORS: &str = "MAP_ERRORS";
+}
+
+/// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
+pub const MAX_IFACES: u32 = 256;
+pub const MAX_ALLOWED_IPS: u32 = 65_536;
+pub const MAX_ENDPOINTS: u32 = 65_536;
+pub const MAX_WG_PORTS: u32 = 256;
+/// (ifindex, peer, kind, direction): 10k peers x 2 directions x 6 kinds would not fit on one
+/// interface, but only kinds that occur get an entry (tunnel + data + keepalive + handshakes).
+pub const MAX_COUNTERS: u32 = 131_072;
+pub const MAX_UNKNOWN_WIRE: u32 = 4_096;
+
+/// Per-interface configuration written by the agent before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConfig {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 4);
+
+impl IfaceConfig {
+    /// Packets start at the IP header (WireGuard, TUN): no Ethernet header.
+    pub const L3: u32 = 1 << 0;
+    /// A WireGuard interface: count inner IP packets per peer.
+    pub const TUNNEL: u32 = 1 << 1;
+    /// A carrier interface (NIC, veth).
+    pub const UNDERLAY: u32 = 1 << 2;
+}
+
+/// Key of the LPM tries of allowed IPs: the interface first so one trie serves every tunnel.
+/// The prefix length given to the trie is 32 (ifindex) + the allowed IP's prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowedV4 {
+    /// Big-endian, so that the trie's bitwise match of the first 32 bits is an exact match.
+    pub ifindex_be: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<AllowedV4>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowedV6 {
+    pub ifindex_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<AllowedV6>() == 20);
+
+/// A UDP endpoint. IPv4 addresses fill the first 4 bytes, the rest stays zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+
+/// Peer ids are allocated by the agent, starting at 1. 0 means "no peer matched".
+pub const PEER_UNKNOWN: u32 = 0;
+
+/// What a counter counts.
+pub mod kind {
+    /// An inner IP packet on a tunnel interface.
+    pub const TUNNEL: u8 = 0;
+    pub const HANDSHAKE_INITIATION: u8 = 1;
+    pub const HANDSHAKE_RESPONSE: u8 = 2;
+    pub const COOKIE_REPLY: u8 = 3;
+    pub const DATA: u8 = 4;
+    pub const KEEPALIVE: u8 = 5;
+    pub const COUNT: usize = 6;
+}
+
+pub const DIR_RX: u8 = 0;
+pub const DIR_TX: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub ifindex: u32,
+    pub peer: u32,
+    pub kind: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
+
+/// WireGuard traffic whose endpoint the agent has not (yet) mapped to a peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnknownWireKey {
+    pub ifindex: u32,
+    pub endpoint: Endpoint,
+    pub kind: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<UnknownWireKey>() == 28);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Indexes of the `MAP_ERRORS` per-CPU array: updates the kernel refused, per map.
+pub mod map_error {
+    pub const COUNTERS: u32 = 0;
+    pub const UNKNOWN_WIRE: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for AllowedV4 {}
+    unsafe impl aya::Pod for AllowedV6 {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for UnknownWireKey {}
+    unsafe impl aya::Pod for Counter {}
+}

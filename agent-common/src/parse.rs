@@ -1,0 +1,303 @@
+//! Bounded packet parsing, the same code on the host (over byte slices, in unit tests) and
+//! in the eBPF programs (over `TcContext::load`, which also works on non-linear skbs).
+//!
+//! Every length taken from the packet is checked against fixed bounds before it is used as an
+//! offset, and every loop has a small constant trip count, so the verifier accepts it.
+
+/// Read access to packet bytes.
+pub trait Packet {
+    /// Bytes in the packet as the hook sees it (`skb->len`).
+    fn len(&self) -> u32;
+    /// `N` bytes at `off`, or `None` when they are not all there.
+    fn load<const N: usize>(&self, off: u32) -> Option<[u8; N]>;
+
+    #[inline(always)]
+    fn u8_at(&self, off: u32) -> Option<u8> {
+        self.load::<1>(off).map(|b| b[0])
+    }
+    #[inline(always)]
+    fn be16_at(&self, off: u32) -> Option<u16> {
+        self.load::<2>(off).map(u16::from_be_bytes)
+    }
+}
+
+impl Packet for &[u8] {
+    fn len(&self) -> u32 {
+        <[u8]>::len(self) as u32
+    }
+    fn load<const N: usize>(&self, off: u32) -> Option<[u8; N]> {
+        let off = off as usize;
+        let end = off.checked_add(N)?;
+        let bytes = self.get(off..end)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes);
+        Some(out)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// The packet ends before the header does.
+    Truncated,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp,
+    /// A header field is impossible (IHL < 5, total length below the header, ...).
+    Malformed,
+    /// More IPv6 extension headers than we follow.
+    TooManyExtensions,
+}
+
+pub const ETH_HLEN: u32 = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Fragment position of an IP packet.
+pub mod frag {
+    pub const NONE: u8 = 0;
+    /// Offset 0 with more fragments to come: carries the L4 header.
+    pub const FIRST: u8 = 1;
+    /// Offset > 0: no L4 header, never read ports here.
+    pub const LATER: u8 = 2;
+}
+
+/// What the IP header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ip {
+    /// 4 or 6.
+    pub family: u8,
+    /// Offset of the IP header (0 on L3 interfaces, 14 or more behind Ethernet).
+    pub l3_off: u32,
+    /// Length of the IP packet per its header (total length, or payload length + 40).
+    pub l3_len: u32,
+    /// Protocol of the payload after IPv6 extension headers.
+    pub proto: u8,
+    /// Offset of the L4 header.
+    pub l4_off: u32,
+    /// IPv4 addresses fill the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub frag: u8,
+}
+
+/// Where the IP header starts: on an L3 interface at 0, else after Ethernet and up to two
+/// VLAN tags.
+#[inline(always)]
+pub fn l3_offset<P: Packet>(pkt: &P, l3: bool) -> Result<u32, ParseError> {
+    if l3 {
+        return Ok(0);
+    }
+    let mut off = 12u32;
+    let mut i = 0;
+    // At most two tags (QinQ); a bounded loop the verifier can unroll.
+    while i < 3 {
+        let ethertype = pkt.be16_at(off).ok_or(ParseError::Truncated)?;
+        match ethertype {
+            ETH_P_IP | ETH_P_IPV6 => return Ok(off + 2),
+            ETH_P_8021Q | ETH_P_8021AD => off += 4,
+            _ => return Err(ParseError::NotIp),
+        }
+        i += 1;
+    }
+    Err(ParseError::NotIp)
+}
+
+/// Parse the IP header at the start of the packet (`l3 == true`) or behind Ethernet.
+#[inline(always)]
+pub fn parse_ip<P: Packet>(pkt: &P, l3: bool) -> Result<Ip, ParseError> {
+    let l3_off = l3_offset(pkt, l3)?;
+    let first = pkt.u8_at(l3_off).ok_or(ParseError::Truncated)?;
+    match first >> 4 {
+        4 => parse_ipv4(pkt, l3_off),
+        6 => parse_ipv6(pkt, l3_off),
+        _ => Err(ParseError::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
+    let h: [u8; 20] = pkt.load(l3_off).ok_or(ParseError::Truncated)?;
+    let ihl = (h[0] & 0x0f) as u32 * 4;
+    if ihl < 20 {
+        return Err(ParseError::Malformed);
+    }
+    let total = u16::from_be_bytes([h[2], h[3]]) as u32;
+    if total < ihl {
+        return Err(ParseError::Malformed);
+    }
+    let frag_field = u16::from_be_bytes([h[6], h[7]]);
+    let more = frag_field & 0x2000 != 0;
+    let offset = frag_field & 0x1fff;
+    let frag = if offset != 0 {
+        frag::LATER
+    } else if more {
+        frag::FIRST
+    } else {
+        frag::NONE
+    };
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&h[12..16]);
+    dst[..4].copy_from_slice(&h[16..20]);
+    Ok(Ip {
+        family: 4,
+        l3_off,
+        l3_len: total,
+        proto: h[9],
+        l4_off: l3_off + ihl,
+        src,
+        dst,
+        frag,
+    })
+}
+
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers followed before giving up; real traffic rarely has more than two.
+const MAX_IPV6_EXT: u32 = 6;
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
+    let h: [u8; 40] = pkt.load(l3_off).ok_or(ParseError::Truncated)?;
+    let payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    let mut next = h[6];
+    let mut off = l3_off + 40;
+    let mut frag = frag::NONE;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let e: [u8; 2] = pkt.load(off).ok_or(ParseError::Truncated)?;
+                next = e[0];
+                off += (e[1] as u32 + 1) * 8;
+            }
+            IPV6_AH => {
+                let e: [u8; 2] = pkt.load(off).ok_or(ParseError::Truncated)?;
+                next = e[0];
+                off += (e[1] as u32 + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let e: [u8; 4] = pkt.load(off).ok_or(ParseError::Truncated)?;
+                next = e[0];
+                let field = u16::from_be_bytes([e[2], e[3]]);
+                let offset = field >> 3;
+                let more = field & 1 != 0;
+                frag = if offset != 0 {
+                    frag::LATER
+                } else if more {
+                    frag::FIRST
+                } else {
+                    // An "atomic" fragment (offset 0, no more): a whole packet.
+                    frag::NONE
+                };
+                off += 8;
+                if frag == frag::LATER {
+                    break;
+                }
+            }
+            _ => {
+                return Ok(Ip {
+                    family: 6,
+                    l3_off,
+                    l3_len: payload + 40,
+                    proto: next,
+                    l4_off: off,
+                    src,
+                    dst,
+                    frag,
+                });
+            }
+        }
+        i += 1;
+    }
+    if frag == frag::LATER {
+        return Ok(Ip {
+            family: 6,
+            l3_off,
+            l3_len: payload + 40,
+            proto: next,
+            l4_off: off,
+            src,
+            dst,
+            frag,
+        });
+    }
+    Err(ParseError::TooManyExtensions)
+}
+
+/// The transport header: ports and its own length (for the headers GSO replicates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L4 {
+    pub sport: u16,
+    pub dport: u16,
+    /// 8 for UDP, the data offset for TCP, 0 for anything else.
+    pub hdr_len: u32,
+    /// UDP only: the length field minus the header (the datagram's payload).
+    pub udp_payload_len: u32,
+}
+
+/// Ports of a first (or unfragmented) TCP or UDP packet; `None` for later fragments and
+/// other protocols, so ports are never read from a fragment's payload.
+#[inline(always)]
+pub fn parse_l4<P: Packet>(pkt: &P, ip: &Ip) -> Result<Option<L4>, ParseError> {
+    if ip.frag == frag::LATER {
+        return Ok(None);
+    }
+    match ip.proto {
+        IPPROTO_UDP => {
+            let h: [u8; 8] = pkt.load(ip.l4_off).ok_or(ParseError::Truncated)?;
+            let len = u16::from_be_bytes([h[4], h[5]]) as u32;
+            // A UDP length of 0 is legal for IPv6 jumbograms only; treat as malformed.
+            if len < 8 {
+                return Err(ParseError::Malformed);
+            }
+            Ok(Some(L4 {
+                sport: u16::from_be_bytes([h[0], h[1]]),
+                dport: u16::from_be_bytes([h[2], h[3]]),
+                hdr_len: 8,
+                udp_payload_len: len - 8,
+            }))
+        }
+        IPPROTO_TCP => {
+            let h: [u8; 14] = pkt.load(ip.l4_off).ok_or(ParseError::Truncated)?;
+            let doff = (h[12] >> 4) as u32 * 4;
+            if doff < 20 {
+                return Err(ParseError::Malformed);
+            }
+            Ok(Some(L4 {
+                sport: u16::from_be_bytes([h[0], h[1]]),
+                dport: u16::from_be_bytes([h[2], h[3]]),
+                hdr_len: doff,
+                udp_payload_len: 0,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Packets and L3 bytes an skb stands for once segmented: GSO skbs count once per segment,
+/// and every segment carries its own copy of the IP and transport headers.
+///
+/// `skb_len` is the skb's length, `gso_segs` its segment count (0 or 1 when not GSO).
+#[inline(always)]
+pub fn segmented(ip: &Ip, l4_hdr_len: u32, skb_len: u32, gso_segs: u32) -> (u64, u64) {
+    if gso_segs <= 1 {
+        return (1, ip.l3_len as u64);
+    }
+    let payload_total = skb_len.saturating_sub(ip.l3_off) as u64;
+    let hdr = (ip.l4_off - ip.l3_off + l4_hdr_len) as u64;
+    (gso_segs as u64, payload_total + (gso_segs as u64 - 1) * hdr)
+}

@@ -1,0 +1,87 @@
+//! Recognising WireGuard messages inside UDP payloads.
+//!
+//! A message is accepted only when its type byte, its three reserved zero bytes and its exact
+//! size all agree: 148, 92 and 64 bytes for the handshake messages, and 32 + a multiple of 16
+//! for transport data (a 16-byte header, the padded ciphertext, a 16-byte tag).
+
+use crate::{maps::kind, parse::Packet};
+
+pub const MSG_INITIATION: u8 = 1;
+pub const MSG_RESPONSE: u8 = 2;
+pub const MSG_COOKIE_REPLY: u8 = 3;
+pub const MSG_DATA: u8 = 4;
+
+pub const INITIATION_LEN: u32 = 148;
+pub const RESPONSE_LEN: u32 = 92;
+pub const COOKIE_REPLY_LEN: u32 = 64;
+/// Data header (16) + Poly1305 tag (16): the size of a keepalive.
+pub const DATA_MIN_LEN: u32 = 32;
+pub const DATA_OVERHEAD: u32 = 32;
+
+/// A recognised message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// One of `maps::kind::{HANDSHAKE_INITIATION, ..., DATA, KEEPALIVE}`.
+    pub kind: u8,
+    /// The UDP payload length.
+    pub len: u32,
+    /// Sender index (initiation, response), receiver index (cookie reply, data).
+    pub index: u32,
+    /// Receiver index of a response, else 0.
+    pub receiver: u32,
+    /// Data messages' counter (nonce), else 0.
+    pub counter: u64,
+}
+
+/// Classify the UDP payload of `len` bytes at `off`.
+#[inline(always)]
+pub fn classify<P: Packet>(pkt: &P, off: u32, len: u32) -> Option<Message> {
+    let h: [u8; 16] = if len >= 16 {
+        pkt.load(off)?
+    } else {
+        return None;
+    };
+    if h[1] != 0 || h[2] != 0 || h[3] != 0 {
+        return None;
+    }
+    let index = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let (k, receiver, counter) = match h[0] {
+        MSG_INITIATION if len == INITIATION_LEN => (kind::HANDSHAKE_INITIATION, 0, 0),
+        MSG_RESPONSE if len == RESPONSE_LEN => (
+            kind::HANDSHAKE_RESPONSE,
+            u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+            0,
+        ),
+        MSG_COOKIE_REPLY if len == COOKIE_REPLY_LEN => (kind::COOKIE_REPLY, 0, 0),
+        MSG_DATA if len >= DATA_MIN_LEN && (len - DATA_MIN_LEN) % 16 == 0 => {
+            let c = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+            let k = if len == DATA_MIN_LEN {
+                kind::KEEPALIVE
+            } else {
+                kind::DATA
+            };
+            (k, 0, c)
+        }
+        _ => return None,
+    };
+    Some(Message {
+        kind: k,
+        len,
+        index,
+        receiver,
+        counter,
+    })
+}
+
+/// The L3 size of the data message that carries an inner packet of `inner_len` bytes over
+/// an outer IP header of `outer_ip_hdr` bytes, per the WireGuard padding rule (plaintext
+/// padded to a multiple of 16, but not past the tunnel MTU).
+pub const fn data_wire_len(inner_len: u32, mtu: u32, outer_ip_hdr: u32) -> u32 {
+    let padded = inner_len.div_ceil(16) * 16;
+    let padded = if padded > mtu && inner_len <= mtu {
+        mtu
+    } else {
+        padded
+    };
+    outer_ip_hdr + 8 + DATA_OVERHEAD + padded
+}

@@ -1,0 +1,69 @@
+//! wirescope's TC programs. One pair (ingress, egress) serves every watched interface: the
+//! agent tells each interface's role and framing through the `IFACES` map.
+//!
+//! The programs only observe: they always return TC_ACT_UNSPEC (TCX_NEXT), which under TCX
+//! and clsact alike leaves the packet's fate to whatever runs next.
+#![no_std]
+#![no_main]
+
+mod count;
+mod maps;
+mod skb;
+mod tunnel;
+mod wire;
+
+use agent_common::{
+    maps::{DIR_RX, DIR_TX, IfaceConfig},
+    parse::{parse_ip, parse_l4},
+};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// TC_ACT_UNSPEC, which is also TCX_NEXT.
+const TC_NEXT: i32 = -1;
+
+#[classifier]
+pub fn wirescope_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_RX);
+    TC_NEXT
+}
+
+#[classifier]
+pub fn wirescope_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, DIR_TX);
+    TC_NEXT
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, dir: u8) {
+    let pkt = skb::Skb::new(ctx);
+    let ifindex = pkt.ifindex();
+    let Some(cfg) = maps::iface(ifindex) else {
+        return;
+    };
+    let Ok(ip) = parse_ip(&pkt, cfg.flags & IfaceConfig::L3 != 0) else {
+        return;
+    };
+    // A malformed transport header still leaves a countable IP packet.
+    let l4 = parse_l4(&pkt, &ip).ok().flatten();
+    let gso_segs = pkt.gso_segs();
+    if cfg.flags & IfaceConfig::TUNNEL != 0 {
+        tunnel::count(&pkt, ifindex, dir, &ip, l4.as_ref(), gso_segs);
+    }
+    // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
+    // layer's messages travel inside the entry layer's tunnel.
+    if let Some(l4) = l4 {
+        wire::count(&pkt, ifindex, dir, &ip, &l4, gso_segs);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // No panic is reachable (no indexing, no unwrap); the verifier would reject one anyway.
+    loop {}
+}
+
+/// The kernel grants the helpers a tracer needs only to GPL-compatible programs.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,45 @@
+//! The maps, named as `agent_common::maps::names` says.
+
+use agent_common::maps::{
+    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, MAX_ALLOWED_IPS,
+    MAX_COUNTERS, MAX_ENDPOINTS, MAX_IFACES, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey,
+    map_error,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+};
+
+#[map]
+pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map]
+pub static ALLOWED_V4: LpmTrie<AllowedV4, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
+
+#[map]
+pub static ALLOWED_V6: LpmTrie<AllowedV6, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
+
+#[map]
+pub static ENDPOINTS: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Listen ports of the local WireGuard interfaces.
+#[map]
+pub static WG_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WG_PORTS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
+    PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+
+#[map]
+pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
+    PerCpuHashMap::with_max_entries(MAX_UNKNOWN_WIRE, 0);
+
+#[map]
+pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(map_error::COUNT, 0);
+
+#[inline(always)]
+pub fn iface(ifindex: u32) -> Option<IfaceConfig> {
+    // SAFETY: IFACES is only written by the agent; a concurrent update can at worst show
+    // the old or new flags, both valid.
+    unsafe { IFACES.get(&ifindex) }.copied()
+}

@@ -1,0 +1,58 @@
+//! Tunnel role: inner IP packets on a WireGuard interface, per peer by longest-prefix match
+//! of the destination (tx) or source (rx) in the peers' allowed IPs.
+
+use agent_common::{
+    maps::{AllowedV4, AllowedV6, CounterKey, DIR_TX, PEER_UNKNOWN, kind},
+    parse::{Ip, L4, Packet, segmented},
+};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::{
+    count::{self, COUNTERS_ERR},
+    maps::{ALLOWED_V4, ALLOWED_V6, COUNTERS},
+    skb::Skb,
+};
+
+#[inline(always)]
+pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_segs: u32) {
+    let addr = if dir == DIR_TX { &ip.dst } else { &ip.src };
+    let peer = lookup_peer(ifindex, ip.family, addr);
+    let hdr = match l4 {
+        Some(l4) => l4.hdr_len,
+        None => 0,
+    };
+    let (packets, bytes) = segmented(ip, hdr, pkt.len(), gso_segs);
+    let key = CounterKey {
+        ifindex,
+        peer,
+        kind: kind::TUNNEL,
+        dir,
+        _pad: [0; 2],
+    };
+    count::add(&COUNTERS, &key, packets, bytes, COUNTERS_ERR);
+}
+
+#[inline(always)]
+fn lookup_peer(ifindex: u32, family: u8, addr: &[u8; 16]) -> u32 {
+    let ifindex_be = ifindex.to_be();
+    let found = if family == 4 {
+        let key = Key::new(
+            64,
+            AllowedV4 {
+                ifindex_be,
+                addr: [addr[0], addr[1], addr[2], addr[3]],
+            },
+        );
+        ALLOWED_V4.get(&key).copied()
+    } else {
+        let key = Key::new(
+            160,
+            AllowedV6 {
+                ifindex_be,
+                addr: *addr,
+            },
+        );
+        ALLOWED_V6.get(&key).copied()
+    };
+    found.unwrap_or(PEER_UNKNOWN)
+}

@@ -1,0 +1,64 @@
+//! Wire role: WireGuard messages in UDP, on every watched interface, attributed to a peer by
+//! its endpoint.
+
+use agent_common::{
+    maps::{CounterKey, DIR_TX, Endpoint, UnknownWireKey},
+    parse::{IPPROTO_UDP, Ip, L4, Packet, segmented},
+    wireguard::classify,
+};
+
+use crate::{
+    count::{self, COUNTERS_ERR, UNKNOWN_WIRE_ERR},
+    maps::{COUNTERS, ENDPOINTS, UNKNOWN_WIRE, WG_PORTS},
+    skb::Skb,
+};
+
+#[inline(always)]
+pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) {
+    if ip.proto != IPPROTO_UDP {
+        return;
+    }
+    let (remote_addr, remote_port, local_port) = if dir == DIR_TX {
+        (&ip.dst, l4.dport, l4.sport)
+    } else {
+        (&ip.src, l4.sport, l4.dport)
+    };
+    let endpoint = Endpoint {
+        addr: *remote_addr,
+        port: remote_port,
+        family: ip.family,
+        _pad: 0,
+    };
+    // SAFETY: values are plain u32/u8 written by the agent.
+    let peer = unsafe { ENDPOINTS.get(&endpoint) }.copied();
+    if peer.is_none() && unsafe { WG_PORTS.get(&local_port) }.is_none() {
+        return;
+    }
+    let Some(msg) = classify(pkt, ip.l4_off + 8, l4.udp_payload_len) else {
+        return;
+    };
+    // UDP GSO: every segment is a message of its own, with its own headers.
+    let (packets, bytes) = segmented(ip, 8, pkt.len(), gso_segs);
+    match peer {
+        Some(peer) => {
+            let key = CounterKey {
+                ifindex,
+                peer,
+                kind: msg.kind,
+                dir,
+                _pad: [0; 2],
+            };
+            count::add(&COUNTERS, &key, packets, bytes, COUNTERS_ERR);
+        }
+        None => {
+            let key = UnknownWireKey {
+                ifindex,
+                endpoint,
+                kind: msg.kind,
+                dir,
+                _pad: [0; 2],
+            };
+            count::add(&UNKNOWN_WIRE, &key, packets, bytes, UNKNOWN_WIRE_ERR);
+        }
+    }
+}

@@ -1,4 +1,3 @@
 fn main() {
-    let obj = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wirescope-ebpf"));
-    println!("{}", obj.len());
+    println!("{}", wirescope::EBPF_OBJECT.len());
 }

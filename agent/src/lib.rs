@@ -1,0 +1,8 @@
+//! wirescope, the agent: loads the TC programs, keeps their maps in sync with the WireGuard
+//! peers it finds, and serves what they count to Prometheus.
+
+pub mod inventory;
+
+/// The compiled eBPF object (agent-ebpf, built by build.rs).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wirescope-ebpf"));

@@ -1,0 +1,435 @@
+//! The eBPF side as the agent holds it: the loaded programs, their attachments, and typed
+//! handles on every map.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    hash::Hash,
+};
+
+use agent_common::maps::{
+    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, UnknownWireKey,
+    map_error, names,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+    },
+};
+use log::{debug, info};
+
+pub const PROG_INGRESS: &str = "wirescope_ingress";
+pub const PROG_EGRESS: &str = "wirescope_egress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object failed: {0} (is the agent running as root, with CAP_BPF and CAP_NET_ADMIN?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {0}: the build is broken")]
+    Missing(&'static str),
+    #[error("loading program {name} failed: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching to {iface} ({dir}) failed: {source}")]
+    Attach {
+        iface: String,
+        dir: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// How a program is hooked to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "clsact",
+        }
+    }
+}
+
+/// One interface the programs are attached to.
+#[derive(Debug)]
+pub struct Attachment {
+    pub name: String,
+    pub config: IfaceConfig,
+    pub mode: AttachMode,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+/// What the maps should hold, computed from the inventory by the sync loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerMaps {
+    /// (ifindex, address, prefix length) -> peer id.
+    pub allowed_v4: StdHashMap<(u32, [u8; 4], u8), u32>,
+    pub allowed_v6: StdHashMap<(u32, [u8; 16], u8), u32>,
+    pub endpoints: StdHashMap<Endpoint, u32>,
+    pub wg_ports: HashSet<u16>,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    ifaces: HashMap<MapData, u32, IfaceConfig>,
+    allowed_v4: LpmTrie<MapData, AllowedV4, u32>,
+    allowed_v6: LpmTrie<MapData, AllowedV6, u32>,
+    endpoints: HashMap<MapData, Endpoint, u32>,
+    wg_ports: HashMap<MapData, u16, u8>,
+    counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    unknown_wire: PerCpuHashMap<MapData, UnknownWireKey, Counter>,
+    map_errors: PerCpuArray<MapData, u64>,
+    attachments: StdHashMap<u32, Attachment>,
+    /// What was last written to the peer maps, so a sync only touches what changed.
+    applied: PeerMaps,
+    /// Set once TCX proved unsupported, so later attaches go straight to clsact.
+    tcx_unsupported: bool,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+impl Datapath {
+    /// Load the programs (verifier included) and take the maps. Nothing is attached yet.
+    pub fn load(object: &[u8]) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new().load(object).map_err(DatapathError::Load)?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(Self {
+            ifaces: take(&mut ebpf, names::IFACES)?,
+            allowed_v4: take(&mut ebpf, names::ALLOWED_V4)?,
+            allowed_v6: take(&mut ebpf, names::ALLOWED_V6)?,
+            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            wg_ports: take(&mut ebpf, names::WG_PORTS)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            unknown_wire: take(&mut ebpf, names::UNKNOWN_WIRE)?,
+            map_errors: take(&mut ebpf, names::MAP_ERRORS)?,
+            ebpf,
+            attachments: StdHashMap::new(),
+            applied: PeerMaps::default(),
+            tcx_unsupported: false,
+        })
+    }
+
+    pub fn attachments(&self) -> impl Iterator<Item = (&u32, &Attachment)> {
+        self.attachments.iter()
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.attachments.contains_key(&ifindex)
+    }
+
+    /// Attach both programs to `name`. The interface's configuration goes into `IFACES`
+    /// first, so the programs never see the interface without knowing its framing.
+    pub fn attach(
+        &mut self,
+        name: &str,
+        ifindex: u32,
+        config: IfaceConfig,
+    ) -> Result<AttachMode, DatapathError> {
+        if let Some(a) = self.attachments.get(&ifindex) {
+            if a.name == name && a.config == config {
+                return Ok(a.mode);
+            }
+            // Renamed or re-roled: refresh the config; the hooks stay.
+            self.ifaces
+                .insert(ifindex, config, 0)
+                .map_err(|source| DatapathError::Map {
+                    map: names::IFACES,
+                    source,
+                })?;
+            let a = self.attachments.get_mut(&ifindex).expect("checked above");
+            a.name = name.to_string();
+            a.config = config;
+            return Ok(a.mode);
+        }
+        self.ifaces
+            .insert(ifindex, config, 0)
+            .map_err(|source| DatapathError::Map {
+                map: names::IFACES,
+                source,
+            })?;
+        let mut mode = if self.tcx_unsupported {
+            AttachMode::Clsact
+        } else {
+            AttachMode::Tcx
+        };
+        let ingress = match self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress, mode) {
+            Ok(id) => id,
+            Err(e) if mode == AttachMode::Tcx && tcx_unsupported(&e) => {
+                info!("TCX is not supported by this kernel ({e}); using clsact");
+                self.tcx_unsupported = true;
+                mode = AttachMode::Clsact;
+                self.attach_one(PROG_INGRESS, name, TcAttachType::Ingress, mode)
+                    .map_err(|source| self.attach_failed(ifindex, name, "ingress", source))?
+            }
+            Err(source) => return Err(self.attach_failed(ifindex, name, "ingress", source)),
+        };
+        let egress = match self.attach_one(PROG_EGRESS, name, TcAttachType::Egress, mode) {
+            Ok(id) => id,
+            Err(source) => {
+                let _ = self.program(PROG_INGRESS).map(|p| p.detach(ingress));
+                return Err(self.attach_failed(ifindex, name, "egress", source));
+            }
+        };
+        info!("attached to {name} (ifindex {ifindex}) with {}", mode.as_str());
+        self.attachments.insert(
+            ifindex,
+            Attachment {
+                name: name.to_string(),
+                config,
+                mode,
+                ingress,
+                egress,
+            },
+        );
+        Ok(mode)
+    }
+
+    fn attach_failed(
+        &mut self,
+        ifindex: u32,
+        name: &str,
+        dir: &'static str,
+        source: ProgramError,
+    ) -> DatapathError {
+        let _ = self.ifaces.remove(&ifindex);
+        DatapathError::Attach {
+            iface: name.to_string(),
+            dir,
+            source,
+        }
+    }
+
+    fn program(&mut self, prog: &'static str) -> Result<&mut SchedClassifier, ProgramError> {
+        self.ebpf
+            .program_mut(prog)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()
+    }
+
+    fn attach_one(
+        &mut self,
+        prog: &'static str,
+        iface: &str,
+        attach_type: TcAttachType,
+        mode: AttachMode,
+    ) -> Result<SchedClassifierLinkId, ProgramError> {
+        if mode == AttachMode::Clsact {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => {}
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(TcError::AlreadyAttached) => {}
+                Err(e) => return Err(ProgramError::from(e)),
+            }
+        }
+        let options = match mode {
+            // Appended last: the agent observes and must not run before programs that decide.
+            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::last()),
+            AttachMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
+        };
+        self.program(prog)?
+            .attach_with_options(iface, attach_type, options)
+    }
+
+    /// Detach from an interface that went away or is no longer watched. When the interface
+    /// itself was deleted the kernel already dropped the hooks; that is not an error.
+    pub fn detach(&mut self, ifindex: u32) {
+        let Some(a) = self.attachments.remove(&ifindex) else {
+            return;
+        };
+        for (prog, id) in [(PROG_INGRESS, a.ingress), (PROG_EGRESS, a.egress)] {
+            if let Err(e) = self.program(prog).and_then(|p| p.detach(id)) {
+                debug!("detaching {prog} from {}: {e}", a.name);
+            }
+        }
+        let _ = self.ifaces.remove(&ifindex);
+        info!("detached from {} (ifindex {ifindex})", a.name);
+    }
+
+    /// Bring the peer maps to `want`, touching only entries that changed.
+    pub fn sync_peers(&mut self, want: &PeerMaps) -> Result<(), DatapathError> {
+        let map_err = |map| move |source| DatapathError::Map { map, source };
+        for (k, v) in &want.allowed_v4 {
+            if self.applied.allowed_v4.get(k) != Some(v) {
+                self.allowed_v4
+                    .insert(&lpm_v4(k), *v, 0)
+                    .map_err(map_err(names::ALLOWED_V4))?;
+            }
+        }
+        for k in stale(&self.applied.allowed_v4, &want.allowed_v4) {
+            let _ = self.allowed_v4.remove(&lpm_v4(&k));
+        }
+        for (k, v) in &want.allowed_v6 {
+            if self.applied.allowed_v6.get(k) != Some(v) {
+                self.allowed_v6
+                    .insert(&lpm_v6(k), *v, 0)
+                    .map_err(map_err(names::ALLOWED_V6))?;
+            }
+        }
+        for k in stale(&self.applied.allowed_v6, &want.allowed_v6) {
+            let _ = self.allowed_v6.remove(&lpm_v6(&k));
+        }
+        for (k, v) in &want.endpoints {
+            if self.applied.endpoints.get(k) != Some(v) {
+                self.endpoints
+                    .insert(k, v, 0)
+                    .map_err(map_err(names::ENDPOINTS))?;
+            }
+        }
+        for k in stale(&self.applied.endpoints, &want.endpoints) {
+            let _ = self.endpoints.remove(&k);
+        }
+        for p in &want.wg_ports {
+            if !self.applied.wg_ports.contains(p) {
+                self.wg_ports
+                    .insert(p, 1, 0)
+                    .map_err(map_err(names::WG_PORTS))?;
+            }
+        }
+        for p in self.applied.wg_ports.difference(&want.wg_ports) {
+            let _ = self.wg_ports.remove(p);
+        }
+        self.applied = want.clone();
+        Ok(())
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.counters, names::COUNTERS)
+    }
+
+    pub fn unknown_wire(&self) -> Result<Vec<(UnknownWireKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.unknown_wire, names::UNKNOWN_WIRE)
+    }
+
+    /// Updates the kernel refused, per map name.
+    pub fn map_update_errors(&self) -> Vec<(&'static str, u64)> {
+        [
+            (map_error::COUNTERS, names::COUNTERS),
+            (map_error::UNKNOWN_WIRE, names::UNKNOWN_WIRE),
+        ]
+        .into_iter()
+        .map(|(idx, name)| {
+            let n = self
+                .map_errors
+                .get(&idx, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            (name, n)
+        })
+        .collect()
+    }
+
+    /// (map name, entries, capacity) for every map.
+    pub fn map_usage(&self) -> Vec<(&'static str, u64, u64)> {
+        use agent_common::maps::*;
+        vec![
+            (names::IFACES, self.ifaces.keys().count() as u64, MAX_IFACES as u64),
+            (names::ALLOWED_V4, self.applied.allowed_v4.len() as u64, MAX_ALLOWED_IPS as u64),
+            (names::ALLOWED_V6, self.applied.allowed_v6.len() as u64, MAX_ALLOWED_IPS as u64),
+            (names::ENDPOINTS, self.applied.endpoints.len() as u64, MAX_ENDPOINTS as u64),
+            (names::WG_PORTS, self.applied.wg_ports.len() as u64, MAX_WG_PORTS as u64),
+            (names::COUNTERS, self.counters.keys().count() as u64, MAX_COUNTERS as u64),
+            (names::UNKNOWN_WIRE, self.unknown_wire.keys().count() as u64, MAX_UNKNOWN_WIRE as u64),
+        ]
+    }
+
+    /// (program name, run count, run time) from the kernel's statistics; zero unless
+    /// `kernel.bpf_stats_enabled` is on.
+    pub fn run_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        [PROG_INGRESS, PROG_EGRESS]
+            .into_iter()
+            .filter_map(|name| {
+                let prog: &SchedClassifier = self.ebpf.program(name)?.try_into().ok()?;
+                let info = prog.info().ok()?;
+                Some((name, info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
+}
+
+fn stale<K: Eq + Hash + Clone, V>(old: &StdHashMap<K, V>, new: &StdHashMap<K, V>) -> Vec<K> {
+    old.keys().filter(|k| !new.contains_key(*k)).cloned().collect()
+}
+
+fn lpm_v4(&(ifindex, addr, plen): &(u32, [u8; 4], u8)) -> Key<AllowedV4> {
+    Key::new(
+        32 + plen as u32,
+        AllowedV4 {
+            ifindex_be: ifindex.to_be(),
+            addr,
+        },
+    )
+}
+
+fn lpm_v6(&(ifindex, addr, plen): &(u32, [u8; 16], u8)) -> Key<AllowedV6> {
+    Key::new(
+        32 + plen as u32,
+        AllowedV6 {
+            ifindex_be: ifindex.to_be(),
+            addr,
+        },
+    )
+}
+
+fn sum_per_cpu<K: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, Counter>,
+    name: &'static str,
+) -> Result<Vec<(K, Counter)>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, per_cpu) = item.map_err(|source| DatapathError::Map { map: name, source })?;
+        let mut sum = Counter::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+        }
+        out.push((k, sum));
+    }
+    Ok(out)
+}
+
+/// TCX link creation fails this way on kernels without TCX (< 6.6); anything else (EPERM,
+/// ENODEV, ...) is a real failure that a fallback would only hide.
+fn tcx_unsupported(e: &ProgramError) -> bool {
+    match e {
+        ProgramError::SyscallError(s) => matches!(
+            s.io_error.raw_os_error(),
+            Some(code) if code == libc::EINVAL || code == libc::EOPNOTSUPP || code == 524 /* ENOTSUPP */
+        ),
+        _ => false,
+    }
+}
+

@@ -1,7 +1,10 @@
 //! wirescope, the agent: loads the TC programs, keeps their maps in sync with the WireGuard
 //! peers it finds, and serves what they count to Prometheus.
 
+pub mod datapath;
 pub mod inventory;
+pub mod netlink;
+pub mod topology;
 
 /// The compiled eBPF object (agent-ebpf, built by build.rs).
 pub static EBPF_OBJECT: &[u8] =

@@ -77,4 +77,10 @@ pub struct Inventory {
     /// Every peer id ever handed out, to its (interface, base64 key): counters of a peer
     /// that went away keep their labels, so they never vanish or go backwards.
     pub peer_labels: HashMap<u32, (String, String)>,
+    /// Every interface index ever watched, to its latest name: counters outlive interfaces.
+    pub iface_names: HashMap<u32, String>,
+    /// Set when the last sync failed, with why; cleared by the next good one.
+    pub last_error: Option<String>,
+    /// When the last sync completed.
+    pub synced_at: Option<SystemTime>,
 }

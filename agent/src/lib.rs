@@ -2,9 +2,13 @@
 //! peers it finds, and serves what they count to Prometheus.
 
 pub mod datapath;
+pub mod features;
 pub mod inventory;
 pub mod netlink;
+pub mod peer_label;
+pub mod sync;
 pub mod topology;
+pub mod wg;
 
 /// The compiled eBPF object (agent-ebpf, built by build.rs).
 pub static EBPF_OBJECT: &[u8] =

@@ -3,6 +3,7 @@
 
 pub mod datapath;
 pub mod features;
+pub mod friendly;
 pub mod inventory;
 pub mod netlink;
 pub mod peer_label;

@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod features;
 pub mod friendly;
 pub mod inventory;
+pub mod metrics;
 pub mod netlink;
 pub mod peer_label;
 pub mod sync;

@@ -8,5 +8,9 @@ pub mod maps;
 pub mod parse;
 pub mod wireguard;
 
+// Packet builders for tests (host only; allocates).
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
+
 #[cfg(test)]
 extern crate std;

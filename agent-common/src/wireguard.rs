@@ -1,8 +1,11 @@
 //! Recognising WireGuard messages inside UDP payloads.
 //!
 //! A message is accepted only when its type byte, its three reserved zero bytes and its exact
-//! size all agree: 148, 92 and 64 bytes for the handshake messages, and 32 + a multiple of 16
-//! for transport data (a 16-byte header, the padded ciphertext, a 16-byte tag).
+//! size all agree: 148, 92 and 64 bytes for the handshake messages, and for transport data
+//! 32 + P (a 16-byte header, P bytes of padded ciphertext, a 16-byte tag), where P is a
+//! multiple of 16, or, when padding was cut short at the sender's tunnel MTU, P equals that
+//! MTU, which can be any value from [`MIN_TUNNEL_MTU`] up (full-size packets through a tunnel
+//! of MTU 1420 or 1380 are such messages).
 
 use crate::{maps::kind, parse::Packet};
 
@@ -17,6 +20,10 @@ pub const COOKIE_REPLY_LEN: u32 = 64;
 /// Data header (16) + Poly1305 tag (16): the size of a keepalive.
 pub const DATA_MIN_LEN: u32 = 32;
 pub const DATA_OVERHEAD: u32 = 32;
+/// The smallest MTU of an interface that carries IP (IPv4's 68; IPv6 needs 1280). WireGuard
+/// pads the plaintext to a multiple of 16 but not past the tunnel MTU, so a data message's
+/// plaintext that is not a multiple of 16 is the sender's MTU, and at least this long.
+pub const MIN_TUNNEL_MTU: u32 = 68;
 
 /// A recognised message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +60,7 @@ pub fn classify<P: Packet>(pkt: &P, off: u32, len: u32) -> Option<Message> {
             0,
         ),
         MSG_COOKIE_REPLY if len == COOKIE_REPLY_LEN => (kind::COOKIE_REPLY, 0, 0),
-        MSG_DATA if len >= DATA_MIN_LEN && (len - DATA_MIN_LEN) % 16 == 0 => {
+        MSG_DATA if len >= DATA_MIN_LEN && plaintext_len_ok(len - DATA_MIN_LEN) => {
             let c = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
             let k = if len == DATA_MIN_LEN {
                 kind::KEEPALIVE
@@ -73,15 +80,43 @@ pub fn classify<P: Packet>(pkt: &P, off: u32, len: u32) -> Option<Message> {
     })
 }
 
+/// A plaintext length WireGuard can produce: padded to a multiple of 16, or capped at an MTU.
+#[inline(always)]
+const fn plaintext_len_ok(p: u32) -> bool {
+    p.is_multiple_of(16) || p >= MIN_TUNNEL_MTU
+}
+
 /// The L3 size of the data message that carries an inner packet of `inner_len` bytes over
 /// an outer IP header of `outer_ip_hdr` bytes, per the WireGuard padding rule (plaintext
-/// padded to a multiple of 16, but not past the tunnel MTU).
+/// padded to a multiple of 16, but not past the tunnel MTU; `mtu` 0 means no cap).
+///
+/// Mirrors the kernel's `calculate_skb_padding` (and wireguard-go's `calculatePaddingSize`),
+/// including their handling of a packet longer than the MTU: only `inner_len % mtu` is
+/// padded then. Saturates instead of overflowing.
 pub const fn data_wire_len(inner_len: u32, mtu: u32, outer_ip_hdr: u32) -> u32 {
-    let padded = inner_len.div_ceil(16) * 16;
-    let padded = if padded > mtu && inner_len <= mtu {
-        mtu
+    let padding = if mtu == 0 {
+        align16(inner_len) - inner_len
     } else {
-        padded
+        let last = if inner_len > mtu {
+            inner_len % mtu
+        } else {
+            inner_len
+        };
+        let padded = align16(last);
+        let padded = if padded > mtu { mtu } else { padded };
+        padded - last
     };
-    outer_ip_hdr + 8 + DATA_OVERHEAD + padded
+    outer_ip_hdr
+        .saturating_add(8 + DATA_OVERHEAD)
+        .saturating_add(inner_len)
+        .saturating_add(padding)
+}
+
+/// `n` rounded up to a multiple of 16, or `n` itself when that would overflow (then the
+/// padding is 0, never negative).
+const fn align16(n: u32) -> u32 {
+    match n.checked_add(15) {
+        Some(m) => m & !15,
+        None => n,
+    }
 }

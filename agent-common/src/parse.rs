@@ -74,7 +74,8 @@ pub struct Ip {
     pub family: u8,
     /// Offset of the IP header (0 on L3 interfaces, 14 or more behind Ethernet).
     pub l3_off: u32,
-    /// Length of the IP packet per its header (total length, or payload length + 40).
+    /// Length of the IP packet per its header (total length, or payload length + 40; for a
+    /// BIG TCP packet over 64 KiB, whose length field is 0, the bytes up to the skb's end).
     pub l3_len: u32,
     /// Protocol of the payload after IPv6 extension headers.
     pub proto: u8,
@@ -109,6 +110,11 @@ pub fn l3_offset<P: Packet>(pkt: &P, l3: bool) -> Result<u32, ParseError> {
 }
 
 /// Parse the IP header at the start of the packet (`l3 == true`) or behind Ethernet.
+///
+/// On success `l3_off + 20 (IPv4) or 40 (IPv6) <= l4_off <= l3_off + l3_len <= pkt.len()`:
+/// a packet shorter than its IP length field says is `Truncated`, so a cut packet never
+/// yields offsets or lengths past its end. Extension headers longer than the IPv6 payload
+/// length, like an IPv4 total length below the IHL, are `Malformed`.
 #[inline(always)]
 pub fn parse_ip<P: Packet>(pkt: &P, l3: bool) -> Result<Ip, ParseError> {
     let l3_off = l3_offset(pkt, l3)?;
@@ -120,16 +126,33 @@ pub fn parse_ip<P: Packet>(pkt: &P, l3: bool) -> Result<Ip, ParseError> {
     }
 }
 
+/// Largest IP packet a length field can describe; beyond it (BIG TCP GSO and GRO packets)
+/// Linux writes 0 in the IPv4 total length or the IPv6 payload length and the skb's length
+/// is the packet's.
+const IP_MAX_LEN: u32 = 65_535;
+
 #[inline(always)]
 fn parse_ipv4<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
     let h: [u8; 20] = pkt.load(l3_off).ok_or(ParseError::Truncated)?;
+    // Bytes from the IP header to the end of the skb (Ethernet padding included).
+    let avail = pkt.len().saturating_sub(l3_off);
     let ihl = (h[0] & 0x0f) as u32 * 4;
     if ihl < 20 {
         return Err(ParseError::Malformed);
     }
     let total = u16::from_be_bytes([h[2], h[3]]) as u32;
+    let total = if total == 0 && avail > IP_MAX_LEN {
+        avail
+    } else {
+        total
+    };
     if total < ihl {
         return Err(ParseError::Malformed);
+    }
+    // The whole packet, options included, must be there: a truncated packet never yields
+    // an offset or a length past its end.
+    if total > avail {
+        return Err(ParseError::Truncated);
     }
     let frag_field = u16::from_be_bytes([h[6], h[7]]);
     let more = frag_field & 0x2000 != 0;
@@ -162,13 +185,23 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AH: u8 = 51;
 const IPV6_DSTOPTS: u8 = 60;
-/// Extension headers followed before giving up; real traffic rarely has more than two.
+/// Extension headers followed before giving up (one more is `TooManyExtensions`); real
+/// traffic rarely has more than two.
 const MAX_IPV6_EXT: u32 = 6;
 
 #[inline(always)]
 fn parse_ipv6<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
     let h: [u8; 40] = pkt.load(l3_off).ok_or(ParseError::Truncated)?;
+    let avail = pkt.len().saturating_sub(l3_off);
     let payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+    let l3_len = if payload == 0 && avail > IP_MAX_LEN + 40 {
+        avail
+    } else {
+        payload + 40
+    };
+    if l3_len > avail {
+        return Err(ParseError::Truncated);
+    }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src.copy_from_slice(&h[8..24]);
@@ -176,8 +209,9 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
     let mut next = h[6];
     let mut off = l3_off + 40;
     let mut frag = frag::NONE;
+    let mut found = false;
     let mut i = 0;
-    while i < MAX_IPV6_EXT {
+    while i < MAX_IPV6_EXT + 1 {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let e: [u8; 2] = pkt.load(off).ok_or(ParseError::Truncated)?;
@@ -205,37 +239,35 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
                 };
                 off += 8;
                 if frag == frag::LATER {
+                    // What follows is the middle of the original payload: stop here.
+                    found = true;
                     break;
                 }
             }
             _ => {
-                return Ok(Ip {
-                    family: 6,
-                    l3_off,
-                    l3_len: payload + 40,
-                    proto: next,
-                    l4_off: off,
-                    src,
-                    dst,
-                    frag,
-                });
+                found = true;
+                break;
             }
         }
         i += 1;
     }
-    if frag == frag::LATER {
-        return Ok(Ip {
-            family: 6,
-            l3_off,
-            l3_len: payload + 40,
-            proto: next,
-            l4_off: off,
-            src,
-            dst,
-            frag,
-        });
+    if !found {
+        return Err(ParseError::TooManyExtensions);
     }
-    Err(ParseError::TooManyExtensions)
+    // Extension headers longer than the payload length says: a lying length field.
+    if off - l3_off > l3_len {
+        return Err(ParseError::Malformed);
+    }
+    Ok(Ip {
+        family: 6,
+        l3_off,
+        l3_len,
+        proto: next,
+        l4_off: off,
+        src,
+        dst,
+        frag,
+    })
 }
 
 /// The transport header: ports and its own length (for the headers GSO replicates).
@@ -251,17 +283,30 @@ pub struct L4 {
 
 /// Ports of a first (or unfragmented) TCP or UDP packet; `None` for later fragments and
 /// other protocols, so ports are never read from a fragment's payload.
+///
+/// The transport header must lie within the IP packet (`Truncated` otherwise); the UDP
+/// length must be at least 8 and, unless the packet is a first fragment, fit in the IP
+/// payload (`Malformed` otherwise).
 #[inline(always)]
 pub fn parse_l4<P: Packet>(pkt: &P, ip: &Ip) -> Result<Option<L4>, ParseError> {
     if ip.frag == frag::LATER {
         return Ok(None);
     }
+    // Bytes of the IP packet from the transport header on.
+    let l4_avail = (ip.l3_off.saturating_add(ip.l3_len)).saturating_sub(ip.l4_off);
     match ip.proto {
         IPPROTO_UDP => {
+            if l4_avail < 8 {
+                return Err(ParseError::Truncated);
+            }
             let h: [u8; 8] = pkt.load(ip.l4_off).ok_or(ParseError::Truncated)?;
             let len = u16::from_be_bytes([h[4], h[5]]) as u32;
             // A UDP length of 0 is legal for IPv6 jumbograms only; treat as malformed.
             if len < 8 {
+                return Err(ParseError::Malformed);
+            }
+            // A first fragment carries only the start of the datagram the length describes.
+            if len > l4_avail && ip.frag != frag::FIRST {
                 return Err(ParseError::Malformed);
             }
             Ok(Some(L4 {
@@ -272,10 +317,17 @@ pub fn parse_l4<P: Packet>(pkt: &P, ip: &Ip) -> Result<Option<L4>, ParseError> {
             }))
         }
         IPPROTO_TCP => {
+            if l4_avail < 20 {
+                return Err(ParseError::Truncated);
+            }
             let h: [u8; 14] = pkt.load(ip.l4_off).ok_or(ParseError::Truncated)?;
             let doff = (h[12] >> 4) as u32 * 4;
             if doff < 20 {
                 return Err(ParseError::Malformed);
+            }
+            // Options past the end of the IP packet.
+            if doff > l4_avail {
+                return Err(ParseError::Truncated);
             }
             Ok(Some(L4 {
                 sport: u16::from_be_bytes([h[0], h[1]]),
@@ -298,6 +350,6 @@ pub fn segmented(ip: &Ip, l4_hdr_len: u32, skb_len: u32, gso_segs: u32) -> (u64,
         return (1, ip.l3_len as u64);
     }
     let payload_total = skb_len.saturating_sub(ip.l3_off) as u64;
-    let hdr = (ip.l4_off - ip.l3_off + l4_hdr_len) as u64;
+    let hdr = ip.l4_off.saturating_sub(ip.l3_off) as u64 + l4_hdr_len as u64;
     (gso_segs as u64, payload_total + (gso_segs as u64 - 1) * hdr)
 }

@@ -1,0 +1,194 @@
+//! The command line (CONTRACT.md): `wirescope run|status|doctor`.
+//!
+//! Values are taken as strings here and checked in [`crate::config`], so a bad value gets the
+//! same message whether it came from a flag or from the `--config` file. clap's own usage
+//! errors (unknown flag, missing value) exit with status 2 like ours.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_LISTEN_ADDRESS: &str = "127.0.0.1:9586";
+pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wirescope",
+    version,
+    about = "eBPF agent that measures what a WireGuard tunnel costs and where it breaks",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the eBPF programs, read WireGuard state, serve metrics until
+    /// SIGINT/SIGTERM, then detach.
+    Run(RunArgs),
+    /// Ask a running agent for its status and print it as a table.
+    Status(StatusArgs),
+    /// Check this host for problems and print how to fix each.
+    Doctor(DoctorArgs),
+}
+
+/// Options of `run`. Every one except `--config` can also be set in the TOML file given with
+/// `--config`; a flag given here wins over the file (for repeatable ones, the flags replace
+/// the file's list).
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML file with the options below; keys are the option names without `--`
+    /// (`web.listen-address = "[::]:9586"`, `tunnel = ["wg0"]`, ...).
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve metrics on: IP:PORT, [IPv6]:PORT, localhost:PORT, or :PORT for every
+    /// address [default: 127.0.0.1:9586]
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    pub listen_address: Option<String>,
+
+    /// Path of the metrics endpoint [default: /metrics]
+    #[arg(long = "web.telemetry-path", value_name = "PATH")]
+    pub telemetry_path: Option<String>,
+
+    /// TLS and basic-auth settings, in the Prometheus exporter-toolkit web config format
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
+
+    /// Tunnel interface to watch (repeatable) [default: every WireGuard interface in this
+    /// network namespace]
+    #[arg(long = "tunnel", value_name = "IFACE")]
+    pub tunnels: Vec<String>,
+
+    /// Carrier interface to watch (repeatable) [default: the interfaces the routes to the
+    /// peers' endpoints leave through]
+    #[arg(long = "underlay", value_name = "IFACE")]
+    pub underlays: Vec<String>,
+
+    /// wg-quick style file whose `# friendly_name = NAME` comments in [Peer] blocks name
+    /// peers (repeatable)
+    #[arg(long = "wg-config", value_name = "FILE")]
+    pub wg_configs: Vec<PathBuf>,
+
+    /// Add endpoint (peer IP address) labels; off by default because they are private data
+    #[arg(long = "export-endpoints")]
+    pub export_endpoints: bool,
+
+    /// error, warn, info, debug or trace [default: info]
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Address of the running agent
+    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
+    pub listen_address: String,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct DoctorArgs {}
+
+impl Cli {
+    /// Parses `std::env::args`; on a usage error clap prints it and exits with status 2
+    /// (`--help` and `--version` exit 0).
+    pub fn parse_args() -> Cli {
+        Cli::parse()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("wirescope").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_with_every_option() {
+        let cli = parse(&[
+            "run",
+            "--config",
+            "/etc/wirescope.toml",
+            "--web.listen-address",
+            "[::1]:9586",
+            "--web.telemetry-path=/m",
+            "--web.config.file",
+            "web.yml",
+            "--tunnel",
+            "wg0",
+            "--tunnel",
+            "wg1",
+            "--underlay",
+            "eth0",
+            "--wg-config",
+            "a.conf",
+            "--wg-config",
+            "b.conf",
+            "--export-endpoints",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.config, Some(PathBuf::from("/etc/wirescope.toml")));
+        assert_eq!(a.listen_address.as_deref(), Some("[::1]:9586"));
+        assert_eq!(a.telemetry_path.as_deref(), Some("/m"));
+        assert_eq!(a.web_config_file, Some(PathBuf::from("web.yml")));
+        assert_eq!(a.tunnels, ["wg0", "wg1"]);
+        assert_eq!(a.underlays, ["eth0"]);
+        assert_eq!(
+            a.wg_configs,
+            [PathBuf::from("a.conf"), PathBuf::from("b.conf")]
+        );
+        assert!(a.export_endpoints);
+        assert_eq!(a.log_level.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn status_and_doctor() {
+        let Command::Status(s) = parse(&["status"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(s.listen_address, DEFAULT_LISTEN_ADDRESS);
+        let Command::Status(s) = parse(&["status", "--web.listen-address", "10.0.0.1:1"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(s.listen_address, "10.0.0.1:1");
+        assert!(matches!(
+            parse(&["doctor"]).unwrap().command,
+            Command::Doctor(_)
+        ));
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        for args in [
+            &["run", "--bogus"][..],
+            &["run", "--tunnel"],
+            &["frobnicate"],
+            &[],
+            &["doctor", "--tunnel", "wg0"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! `run`'s configuration: the command line merged over the optional TOML file, checked, and
+//! turned into a [`RunConfig`]. Every error here is a usage/configuration error (exit 2)
+//! whose message names the bad value, where it came from, and what is accepted.
+//!
+//! # The TOML file (`--config FILE`)
+//!
+//! Keys are the long option names without `--`. Dots in them are TOML's dotted keys, so the
+//! two spellings below are the same file:
+//!
+//! ```toml
+//! web.listen-address = "[::]:9586"
+//! web.telemetry-path = "/metrics"
+//! web.config.file = "web.yml"
+//! tunnel = ["wg0", "wg0-mullvad"]
+//! underlay = ["eth0"]
+//! wg-config = ["/etc/wireguard/wg0.conf"]
+//! export-endpoints = false
+//! log-level = "info"
+//! ```
+//!
+//! ```toml
+//! tunnel = ["wg0", "wg0-mullvad"]
+//! [web]
+//! listen-address = "[::]:9586"
+//! config.file = "web.yml"
+//! ```
+//!
+//! Unknown keys are an error (a typo must not silently fall back to a default). Relative
+//! paths in the file are relative to the file's directory, so the file means the same thing
+//! whatever directory the agent starts in. A flag on the command line overrides the file;
+//! a repeatable flag given at least once replaces the file's whole list.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{
+    cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs},
+    friendly,
+};
+
+/// The exit status for bad usage or configuration (CONTRACT.md).
+pub const EXIT_USAGE: i32 = 2;
+
+/// Config files are small; a bigger one is a mistake (a device, a log file).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Paths the HTTP server serves itself, which the metrics path must not shadow.
+const RESERVED_PATHS: &[&str] = &["/", "/healthz", "/api/v1/status"];
+
+/// Where a value came from, for messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Flag,
+    File(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that is not accepted: `key` is the option name without `--`.
+    #[error("{}: {value:?} {problem}; {accepted}", Where(key, origin))]
+    Invalid {
+        key: &'static str,
+        origin: Origin,
+        value: String,
+        problem: String,
+        accepted: String,
+    },
+    #[error("cannot read {what} {}: {reason}", path.display())]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}: {}", Where("web.config.file", origin), message)]
+    WebConfig { origin: Origin, message: String },
+    #[error(transparent)]
+    Friendly(#[from] friendly::FriendlyError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ConfigError {
+    /// Always [`EXIT_USAGE`]; here so callers need not know which errors are which.
+    pub fn exit_code(&self) -> i32 {
+        EXIT_USAGE
+    }
+}
+
+struct Where<'a>(&'static str, &'a Origin);
+
+impl fmt::Display for Where<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Origin::Flag => write!(f, "--{}", self.0),
+            Origin::File(p) => write!(f, "{} in {}", self.0, p.display()),
+        }
+    }
+}
+
+/// The validated configuration of `wirescope run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub listen_address: SocketAddr,
+    pub telemetry_path: String,
+    pub web_config: Option<WebConfig>,
+    /// Empty: every WireGuard interface found.
+    pub tunnels: Vec<String>,
+    /// Empty: the interfaces the routes to the peers' endpoints leave through.
+    pub underlays: Vec<String>,
+    pub wg_configs: Vec<PathBuf>,
+    /// Base64 public key -> friendly name, read from `wg_configs` at start.
+    pub friendly_names: HashMap<String, String>,
+    pub export_endpoints: bool,
+    pub log_level: log::LevelFilter,
+}
+
+impl RunConfig {
+    /// Merges `args` over the `--config` file (if any) and checks everything, including that
+    /// the files named can be read. TLS/basic auth (`--web.config.file`) is validated and
+    /// then refused as not supported yet, rather than silently ignored.
+    pub fn from_args(args: &RunArgs) -> Result<RunConfig, ConfigError> {
+        let cfg = Self::from_args_allowing_web_config(args)?;
+        if cfg.web_config.is_some() {
+            return Err(ConfigError::Unsupported(
+                "--web.config.file: TLS and basic authentication are not supported yet; \
+                 remove the option (and keep the default 127.0.0.1 listen address), or put \
+                 wirescope behind a reverse proxy that terminates TLS and checks passwords"
+                    .into(),
+            ));
+        }
+        Ok(cfg)
+    }
+
+    /// [`RunConfig::from_args`] without the final refusal of `--web.config.file`: for the
+    /// day the HTTP server implements it, and for tests.
+    pub fn from_args_allowing_web_config(args: &RunArgs) -> Result<RunConfig, ConfigError> {
+        let (file, file_origin) = match &args.config {
+            Some(path) => (load_toml(path)?, Origin::File(path.clone())),
+            None => (FileConfig::default(), Origin::Flag),
+        };
+        let base = match &args.config {
+            Some(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            None => PathBuf::new(),
+        };
+        let web = file.web.unwrap_or_default();
+
+        // Each value with where it came from: the flag if given, else the file, else default.
+        let pick = |flag: &Option<String>, file: Option<String>| -> (Option<String>, Origin) {
+            match (flag, file) {
+                (Some(v), _) => (Some(v.clone()), Origin::Flag),
+                (None, Some(v)) => (Some(v), file_origin.clone()),
+                (None, None) => (None, Origin::Flag),
+            }
+        };
+        let pick_list = |flag: &Vec<String>, file: Option<Vec<String>>| -> (Vec<String>, Origin) {
+            match file {
+                Some(v) if flag.is_empty() => (v, file_origin.clone()),
+                _ => (flag.clone(), Origin::Flag),
+            }
+        };
+        // File paths are relative to the file; flag paths to the working directory.
+        let pick_paths =
+            |flag: &Vec<PathBuf>, file: Option<Vec<PathBuf>>| -> Vec<(PathBuf, Origin)> {
+                match file {
+                    Some(v) if flag.is_empty() => v
+                        .into_iter()
+                        .map(|p| (base.join(p), file_origin.clone()))
+                        .collect(),
+                    _ => flag.iter().map(|p| (p.clone(), Origin::Flag)).collect(),
+                }
+            };
+
+        let (addr, origin) = pick(&args.listen_address, web.listen_address);
+        let listen_address =
+            parse_listen_address(addr.as_deref().unwrap_or(DEFAULT_LISTEN_ADDRESS), origin)?;
+
+        let (path, origin) = pick(&args.telemetry_path, web.telemetry_path);
+        let telemetry_path =
+            check_telemetry_path(path.as_deref().unwrap_or(DEFAULT_TELEMETRY_PATH), origin)?;
+
+        let (level, origin) = pick(&args.log_level, file.log_level);
+        let log_level = parse_log_level(level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL), origin)?;
+
+        let (tunnels, origin) = pick_list(&args.tunnels, file.tunnel);
+        let tunnels = check_ifaces("tunnel", tunnels, &origin)?;
+        let (underlays, origin) = pick_list(&args.underlays, file.underlay);
+        let underlays = check_ifaces("underlay", underlays, &origin)?;
+
+        let wg_configs: Vec<PathBuf> = pick_paths(&args.wg_configs, file.wg_config)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        // Read now, so a wrong path stops the agent at start with exit 2, not later.
+        let friendly_names = friendly::load(&wg_configs)?;
+
+        let web_file = match (&args.web_config_file, web.config.and_then(|c| c.file)) {
+            (Some(p), _) => Some((p.clone(), Origin::Flag)),
+            (None, Some(p)) => Some((base.join(p), file_origin.clone())),
+            (None, None) => None,
+        };
+        let web_config = web_file
+            .map(|(p, origin)| WebConfig::load(&p, origin))
+            .transpose()?;
+
+        Ok(RunConfig {
+            listen_address,
+            telemetry_path,
+            web_config,
+            tunnels,
+            underlays,
+            wg_configs,
+            friendly_names,
+            export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
+            log_level,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    web: Option<FileWeb>,
+    tunnel: Option<Vec<String>>,
+    underlay: Option<Vec<String>>,
+    wg_config: Option<Vec<PathBuf>>,
+    export_endpoints: Option<bool>,
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileWeb {
+    listen_address: Option<String>,
+    telemetry_path: Option<String>,
+    config: Option<FileWebConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebConfig {
+    file: Option<PathBuf>,
+}
+
+fn read_small(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let unreadable = |reason: String| ConfigError::Unreadable {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| unreadable(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(e.to_string()))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(unreadable(format!("larger than {MAX_CONFIG_BYTES} bytes")));
+    }
+    String::from_utf8(bytes).map_err(|_| unreadable("not UTF-8 text".into()))
+}
+
+fn load_toml(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = read_small("config file", path)?;
+    // toml's message names the line, the column and, for an unknown key, the keys accepted.
+    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// IP:PORT, [IPv6]:PORT, localhost:PORT, or :PORT (every address: `[::]`, which on Linux
+/// also accepts IPv4 unless IPv6 is off; the server then falls back to 0.0.0.0).
+pub fn parse_listen_address(value: &str, origin: Origin) -> Result<SocketAddr, ConfigError> {
+    let invalid = |problem: &str| {
+        ConfigError::Invalid {
+        key: "web.listen-address",
+        origin: origin.clone(),
+        value: value.to_owned(),
+        problem: problem.to_owned(),
+        accepted: "accepted: IP:PORT, [IPv6]:PORT, localhost:PORT or :PORT, e.g. 127.0.0.1:9586, [::1]:9586, :9586".into(),
+    }
+    };
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(invalid("has no :PORT"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| invalid("has no valid port (0-65535)"))?;
+    let ip = match host {
+        "" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        h if h.parse::<Ipv6Addr>().is_ok() => {
+            return Err(invalid("is an IPv6 address without brackets"));
+        }
+        _ => {
+            return Err(invalid(
+                "is not an IP address (host names are not resolved)",
+            ));
+        }
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn check_telemetry_path(value: &str, origin: Origin) -> Result<String, ConfigError> {
+    let invalid = |problem: &str| ConfigError::Invalid {
+        key: "web.telemetry-path",
+        origin: origin.clone(),
+        value: value.to_owned(),
+        problem: problem.to_owned(),
+        accepted: "accepted: a path starting with '/' made of printable ASCII without '?', '#' or \
+                   spaces, other than /, /healthz and /api/v1/status, e.g. /metrics"
+            .into(),
+    };
+    if !value.starts_with('/') {
+        return Err(invalid("does not start with '/'"));
+    }
+    if value
+        .bytes()
+        .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+    {
+        return Err(invalid("contains a character not allowed in a path"));
+    }
+    if RESERVED_PATHS.contains(&value) {
+        return Err(invalid("is already served by wirescope"));
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_log_level(value: &str, origin: Origin) -> Result<log::LevelFilter, ConfigError> {
+    use log::LevelFilter::*;
+    Ok(match value.to_ascii_lowercase().as_str() {
+        "error" => Error,
+        "warn" => Warn,
+        "info" => Info,
+        "debug" => Debug,
+        "trace" => Trace,
+        _ => {
+            return Err(ConfigError::Invalid {
+                key: "log-level",
+                origin,
+                value: value.to_owned(),
+                problem: "is not a log level".into(),
+                accepted: "accepted: error, warn, info, debug, trace".into(),
+            });
+        }
+    })
+}
+
+fn check_ifaces(
+    key: &'static str,
+    names: Vec<String>,
+    origin: &Origin,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        if crate::wg::validate_ifname(&name).is_err() {
+            return Err(ConfigError::Invalid {
+                key,
+                origin: origin.clone(),
+                value: name,
+                problem: "is not an interface name".into(),
+                accepted: "accepted: 1 to 15 bytes without '/', ':', spaces or NUL, e.g. wg0"
+                    .into(),
+            });
+        }
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// `--web.config.file`, in the exporter-toolkit format (same keys, unknown keys refused as
+/// exporter-toolkit does). Paths in it are relative to its own directory, as there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebConfig {
+    pub tls: Option<TlsConfig>,
+    /// User -> bcrypt hash.
+    pub basic_auth_users: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_auth_type: String,
+    pub client_ca_file: Option<PathBuf>,
+    pub min_version: Option<String>,
+    pub max_version: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebConfig {
+    tls_server_config: Option<RawTls>,
+    http_server_config: Option<RawHttp>,
+    basic_auth_users: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    // Inline PEM (newer exporter-toolkit); accepted by the parser, refused below.
+    cert: Option<String>,
+    key: Option<String>,
+    client_auth_type: Option<String>,
+    client_ca_file: Option<PathBuf>,
+    client_allowed_sans: Option<Vec<String>>,
+    min_version: Option<String>,
+    max_version: Option<String>,
+    cipher_suites: Option<Vec<String>>,
+    prefer_server_cipher_suites: Option<bool>,
+    curve_preferences: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    http2: Option<bool>,
+    headers: Option<BTreeMap<String, String>>,
+}
+
+const CLIENT_AUTH_TYPES: &[&str] = &[
+    "NoClientCert",
+    "RequestClientCert",
+    "RequireAnyClientCert",
+    "VerifyClientCertIfGiven",
+    "RequireAndVerifyClientCert",
+];
+const TLS_VERSIONS: &[&str] = &["TLS10", "TLS11", "TLS12", "TLS13"];
+
+impl WebConfig {
+    pub fn load(path: &Path, origin: Origin) -> Result<WebConfig, ConfigError> {
+        let bad = |message: String| ConfigError::WebConfig {
+            origin: origin.clone(),
+            message: format!("{}: {message}", path.display()),
+        };
+        let text = read_small("web config file", path)?;
+        // An empty file is a valid exporter-toolkit config that turns nothing on.
+        let raw: RawWebConfig = if text.trim().is_empty() {
+            RawWebConfig::default()
+        } else {
+            serde_norway::from_str(&text).map_err(|e| bad(e.to_string()))?
+        };
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let readable = |key: &str, p: &Path| -> Result<PathBuf, ConfigError> {
+            let full = dir.join(p);
+            std::fs::File::open(&full)
+                .map(|_| full.clone())
+                .map_err(|e| bad(format!("{key} {}: {e}", full.display())))
+        };
+        let mut cfg = WebConfig::default();
+        if let Some(t) = raw.tls_server_config {
+            if t.cert.is_some() || t.key.is_some() {
+                return Err(bad(
+                    "inline cert/key are not supported; use cert_file and key_file".into(),
+                ));
+            }
+            let (Some(cert), Some(key)) = (t.cert_file, t.key_file) else {
+                return Err(bad(
+                    "tls_server_config needs both cert_file and key_file".into()
+                ));
+            };
+            let client_auth_type = t.client_auth_type.unwrap_or_else(|| "NoClientCert".into());
+            if !CLIENT_AUTH_TYPES.contains(&client_auth_type.as_str()) {
+                return Err(bad(format!(
+                    "client_auth_type {client_auth_type:?} is not one of {}",
+                    CLIENT_AUTH_TYPES.join(", ")
+                )));
+            }
+            for v in [&t.min_version, &t.max_version].into_iter().flatten() {
+                if !TLS_VERSIONS.contains(&v.as_str()) {
+                    return Err(bad(format!(
+                        "TLS version {v:?} is not one of {}",
+                        TLS_VERSIONS.join(", ")
+                    )));
+                }
+            }
+            let client_ca_file = t
+                .client_ca_file
+                .map(|p| readable("client_ca_file", &p))
+                .transpose()?;
+            if client_auth_type.starts_with("RequireAndVerify") && client_ca_file.is_none() {
+                return Err(bad(
+                    "client_auth_type RequireAndVerifyClientCert needs client_ca_file".into(),
+                ));
+            }
+            // Fields accepted for the format's sake; nothing here acts on them yet.
+            let _ = (
+                t.client_allowed_sans,
+                t.cipher_suites,
+                t.prefer_server_cipher_suites,
+                t.curve_preferences,
+            );
+            cfg.tls = Some(TlsConfig {
+                cert_file: readable("cert_file", &cert)?,
+                key_file: readable("key_file", &key)?,
+                client_auth_type,
+                client_ca_file,
+                min_version: t.min_version,
+                max_version: t.max_version,
+            });
+        }
+        let _ = raw.http_server_config.map(|h| (h.http2, h.headers));
+        for (user, hash) in raw.basic_auth_users.unwrap_or_default() {
+            if !is_bcrypt_hash(&hash) {
+                return Err(bad(format!(
+                    "basic_auth_users: the password of {user:?} is not a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters; make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"
+                )));
+            }
+            cfg.basic_auth_users.insert(user, hash);
+        }
+        Ok(cfg)
+    }
+}
+
+fn is_bcrypt_hash(h: &str) -> bool {
+    let b = h.as_bytes();
+    b.len() == 60
+        && (h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$"))
+        && b[4].is_ascii_digit()
+        && b[5].is_ascii_digit()
+        && b[6] == b'$'
+        && b[7..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'/')
+}
+
+#[cfg(test)]
+mod tests;

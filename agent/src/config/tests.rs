@@ -1,0 +1,430 @@
+use clap::Parser as _;
+
+use super::*;
+use crate::cli::{Cli, Command};
+
+const KEY: &str = "mDxDGAVBTKDEfGUqmcNYb09lq8QouG6gXvOqIDzLmTQ=";
+const HASH: &str = "$2y$10$X0h1gDsPszWURQaxFN.Dc.O1.7uE6iO6N5SeAHBAxjjtwiu9oWxRy";
+
+/// A private temporary directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("wirescope-config-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn args(argv: &[&str]) -> RunArgs {
+    let cli = Cli::try_parse_from(["wirescope", "run"].iter().chain(argv)).expect("usage");
+    match cli.command {
+        Command::Run(a) => a,
+        _ => unreachable!(),
+    }
+}
+
+fn config(argv: &[&str]) -> Result<RunConfig, ConfigError> {
+    RunConfig::from_args(&args(argv))
+}
+
+#[test]
+fn defaults() {
+    let c = config(&[]).unwrap();
+    assert_eq!(c.listen_address, "127.0.0.1:9586".parse().unwrap());
+    assert_eq!(c.telemetry_path, "/metrics");
+    assert_eq!(c.log_level, log::LevelFilter::Info);
+    assert!(c.tunnels.is_empty() && c.underlays.is_empty() && c.wg_configs.is_empty());
+    assert!(!c.export_endpoints);
+    assert!(c.web_config.is_none());
+}
+
+#[test]
+fn accepted_values() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--web.listen-address", "[::1]:9586"], "[::1]:9586"),
+        (&["--web.listen-address", ":9586"], "[::]:9586"),
+        (
+            &["--web.listen-address", "localhost:9100"],
+            "127.0.0.1:9100",
+        ),
+        (&["--web.listen-address", "0.0.0.0:0"], "0.0.0.0:0"),
+        (&["--web.listen-address", "[fe80::1%2]:1"], "[fe80::1%2]:1"),
+    ];
+    for (argv, want) in cases {
+        assert_eq!(
+            config(argv).unwrap().listen_address.to_string(),
+            *want,
+            "{argv:?}"
+        );
+    }
+    let c = config(&[
+        "--web.telemetry-path",
+        "/prom/metrics",
+        "--log-level",
+        "DEBUG",
+        "--tunnel",
+        "wg0",
+        "--tunnel",
+        "wg0-mullvad",
+        "--tunnel",
+        "wg0",
+        "--underlay",
+        "eth0",
+        "--export-endpoints",
+    ])
+    .unwrap();
+    assert_eq!(c.telemetry_path, "/prom/metrics");
+    assert_eq!(c.log_level, log::LevelFilter::Debug);
+    assert_eq!(
+        c.tunnels,
+        ["wg0", "wg0-mullvad"],
+        "duplicates dropped, order kept"
+    );
+    assert_eq!(c.underlays, ["eth0"]);
+    assert!(c.export_endpoints);
+}
+
+/// Every wrong value fails with a message that names the option, the value, and what is
+/// accepted; and exits 2.
+#[test]
+fn wrong_values() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["--web.listen-address", "localhost"],
+            "--web.listen-address: \"localhost\" has no :PORT",
+            "accepted: IP:PORT",
+        ),
+        (
+            &["--web.listen-address", "127.0.0.1:99999"],
+            "\"127.0.0.1:99999\" has no valid port",
+            "accepted: IP:PORT",
+        ),
+        (
+            &["--web.listen-address", "127.0.0.1:"],
+            "\"127.0.0.1:\" has no valid port",
+            "[IPv6]:PORT",
+        ),
+        (
+            &["--web.listen-address", "::1:9586"],
+            "\"::1:9586\" is an IPv6 address without brackets",
+            "[::1]:9586",
+        ),
+        (
+            &["--web.listen-address", "example.com:80"],
+            "\"example.com:80\" is not an IP address",
+            ":PORT",
+        ),
+        (
+            &["--web.listen-address", "999.1.1.1:80"],
+            "\"999.1.1.1:80\" is not an IP address",
+            "accepted",
+        ),
+        (
+            &["--web.telemetry-path", "metrics"],
+            "--web.telemetry-path: \"metrics\" does not start with '/'",
+            "e.g. /metrics",
+        ),
+        (
+            &["--web.telemetry-path", "/"],
+            "\"/\" is already served by wirescope",
+            "other than /, /healthz",
+        ),
+        (
+            &["--web.telemetry-path", "/healthz"],
+            "\"/healthz\" is already served",
+            "accepted",
+        ),
+        (
+            &["--web.telemetry-path", "/a b"],
+            "\"/a b\" contains a character",
+            "accepted",
+        ),
+        (
+            &["--web.telemetry-path", "/m?x=1"],
+            "\"/m?x=1\" contains a character",
+            "accepted",
+        ),
+        (
+            &["--log-level", "verbose"],
+            "--log-level: \"verbose\" is not a log level",
+            "accepted: error, warn, info, debug, trace",
+        ),
+        (
+            &["--log-level", ""],
+            "--log-level: \"\" is not a log level",
+            "accepted: error",
+        ),
+        (
+            &["--tunnel", "a/b"],
+            "--tunnel: \"a/b\" is not an interface name",
+            "e.g. wg0",
+        ),
+        (
+            &["--underlay", "much-too-long-name"],
+            "--underlay: \"much-too-long-name\" is not an interface name",
+            "1 to 15 bytes",
+        ),
+        (
+            &["--wg-config", "/nonexistent/wg0.conf"],
+            "cannot read WireGuard config /nonexistent/wg0.conf",
+            "No such file",
+        ),
+        (
+            &["--config", "/nonexistent/wirescope.toml"],
+            "cannot read config file /nonexistent/wirescope.toml",
+            "No such file",
+        ),
+        (
+            &["--web.config.file", "/nonexistent/web.yml"],
+            "cannot read web config file /nonexistent/web.yml",
+            "No such file",
+        ),
+    ];
+    for (argv, what, accepted) in cases {
+        let err = config(argv).expect_err(&format!("{argv:?} accepted"));
+        let msg = err.to_string();
+        assert!(msg.contains(what), "{argv:?}: {msg}");
+        assert!(msg.contains(accepted), "{argv:?}: {msg}");
+        assert_eq!(err.exit_code(), 2);
+    }
+}
+
+#[test]
+fn unreadable_files() {
+    let dir = Dir::new("unreadable");
+    let d = dir.0.display().to_string();
+    // As root every file is readable; a directory is not.
+    for argv in [
+        ["--wg-config", d.as_str()],
+        ["--config", d.as_str()],
+        ["--web.config.file", d.as_str()],
+    ] {
+        let msg = config(&argv).unwrap_err().to_string();
+        assert!(
+            msg.contains(&d) && msg.contains("cannot read"),
+            "{argv:?}: {msg}"
+        );
+    }
+    let big = dir.file("big.toml", &"# padding\n".repeat(200_000));
+    let msg = config(&["--config", &big]).unwrap_err().to_string();
+    assert!(msg.contains("larger than"), "{msg}");
+}
+
+#[test]
+fn toml_file_both_spellings_and_relative_paths() {
+    let dir = Dir::new("toml");
+    dir.file(
+        "wg0.conf",
+        &format!("[Peer]\nPublicKey = {KEY}\n# friendly_name = exit\n"),
+    );
+    let dotted = dir.file(
+        "dotted.toml",
+        "web.listen-address = \"[::]:9586\"\nweb.telemetry-path = \"/m\"\ntunnel = [\"wg0\"]\n\
+         underlay = [\"eth0\", \"eth1\"]\nwg-config = [\"wg0.conf\"]\nexport-endpoints = true\nlog-level = \"warn\"\n",
+    );
+    let tables = dir.file(
+        "tables.toml",
+        "tunnel = [\"wg0\"]\nunderlay = [\"eth0\", \"eth1\"]\nwg-config = [\"wg0.conf\"]\nexport-endpoints = true\n\
+         log-level = \"warn\"\n[web]\nlisten-address = \"[::]:9586\"\ntelemetry-path = \"/m\"\n",
+    );
+    for file in [&dotted, &tables] {
+        let c = config(&["--config", file]).unwrap();
+        assert_eq!(c.listen_address.to_string(), "[::]:9586");
+        assert_eq!(c.telemetry_path, "/m");
+        assert_eq!(c.tunnels, ["wg0"]);
+        assert_eq!(c.underlays, ["eth0", "eth1"]);
+        assert_eq!(
+            c.wg_configs,
+            [dir.0.join("wg0.conf")],
+            "relative to the file's directory"
+        );
+        assert_eq!(c.friendly_names[KEY], "exit");
+        assert!(c.export_endpoints);
+        assert_eq!(c.log_level, log::LevelFilter::Warn);
+    }
+    // Flags win; a repeatable flag replaces the file's list.
+    let c = config(&[
+        "--config",
+        &dotted,
+        "--web.listen-address",
+        "127.0.0.2:1",
+        "--underlay",
+        "veth0",
+        "--log-level",
+        "trace",
+    ])
+    .unwrap();
+    assert_eq!(c.listen_address.to_string(), "127.0.0.2:1");
+    assert_eq!(c.underlays, ["veth0"]);
+    assert_eq!(c.tunnels, ["wg0"]);
+    assert_eq!(c.log_level, log::LevelFilter::Trace);
+}
+
+#[test]
+fn toml_file_errors() {
+    let dir = Dir::new("toml-errors");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "listen-address = \":1\"\n",
+            &["unknown field `listen-address`", "expected one of", "`web`"],
+        ),
+        (
+            "[web]\nlisten_address = \":1\"\n",
+            &["unknown field `listen_address`", "`listen-address`"],
+        ),
+        (
+            "web.config.path = \"x\"\n",
+            &["unknown field `path`", "`file`"],
+        ),
+        ("tunnel = \"wg0\"\n", &["tunnel", "expected a sequence"]),
+        (
+            "export-endpoints = \"yes\"\n",
+            &["export-endpoints", "expected a boolean"],
+        ),
+        ("log-level = \n", &["line 1"]),
+    ];
+    for (i, (text, wants)) in cases.iter().enumerate() {
+        let f = dir.file(&format!("c{i}.toml"), text);
+        let err = config(&["--config", &f]).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{text:?}: {msg}");
+        assert!(
+            msg.starts_with(&format!("config file {f}: ")),
+            "{text:?}: {msg}"
+        );
+        for want in *wants {
+            assert!(msg.contains(want), "{text:?}: missing {want:?} in {msg}");
+        }
+    }
+    // A bad value in the file names the key and the file.
+    let f = dir.file("bad-level.toml", "log-level = \"loud\"\n");
+    let msg = config(&["--config", &f]).unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        format!(
+            "log-level in {f}: \"loud\" is not a log level; accepted: error, warn, info, debug, trace"
+        )
+    );
+    let f = dir.file("bad-addr.toml", "[web]\nlisten-address = \"nowhere\"\n");
+    let msg = config(&["--config", &f]).unwrap_err().to_string();
+    assert!(
+        msg.starts_with(&format!("web.listen-address in {f}: \"nowhere\"")),
+        "{msg}"
+    );
+    // Relative paths in the file are resolved against its directory in messages too.
+    let f = dir.file("missing-wg.toml", "wg-config = [\"nope.conf\"]\n");
+    let msg = config(&["--config", &f]).unwrap_err().to_string();
+    assert!(
+        msg.contains(&dir.0.join("nope.conf").display().to_string()),
+        "{msg}"
+    );
+}
+
+#[test]
+fn web_config_is_validated_then_refused() {
+    let dir = Dir::new("web");
+    dir.file("cert.pem", "-----BEGIN CERTIFICATE-----\n");
+    dir.file("key.pem", "-----BEGIN PRIVATE KEY-----\n");
+    let good = dir.file(
+        "web.yml",
+        &format!(
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  min_version: TLS12\n\
+             http_server_config:\n  http2: true\nbasic_auth_users:\n  prometheus: {HASH}\n"
+        ),
+    );
+    let parsed = RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &good]))
+        .unwrap()
+        .web_config
+        .unwrap();
+    let tls = parsed.tls.unwrap();
+    assert_eq!(tls.cert_file, dir.0.join("cert.pem"));
+    assert_eq!(tls.key_file, dir.0.join("key.pem"));
+    assert_eq!(tls.client_auth_type, "NoClientCert");
+    assert_eq!(parsed.basic_auth_users["prometheus"], HASH);
+
+    let err = config(&["--web.config.file", &good]).unwrap_err();
+    assert!(matches!(err, ConfigError::Unsupported(_)));
+    assert!(err.to_string().contains("not supported yet"), "{err}");
+    assert_eq!(err.exit_code(), 2);
+
+    // From the TOML file too, relative to it.
+    let toml = dir.file("c.toml", "web.config.file = \"web.yml\"\n");
+    assert!(matches!(
+        config(&["--config", &toml]),
+        Err(ConfigError::Unsupported(_))
+    ));
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n",
+            "needs both cert_file and key_file",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: nokey.pem\n",
+            "key_file",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_auth_type: Maybe\n",
+            "client_auth_type \"Maybe\"",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  max_version: TLS14\n",
+            "TLS version \"TLS14\"",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_auth_type: RequireAndVerifyClientCert\n",
+            "needs client_ca_file",
+        ),
+        (
+            "tls_server_config:\n  cert: x\n  key: y\n",
+            "inline cert/key",
+        ),
+        (
+            "basic_auth_users:\n  alice: hunter2\n",
+            "password of \"alice\" is not a bcrypt hash",
+        ),
+        (
+            "tls_config:\n  cert_file: cert.pem\n",
+            "unknown field `tls_config`",
+        ),
+        ("basic_auth_users: [1, 2]\n", "basic_auth_users"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let f = dir.file(&format!("w{i}.yml"), text);
+        let err = RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &f]))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("--web.config.file: {f}: ")),
+            "{text:?}: {msg}"
+        );
+        assert!(msg.contains(want), "{text:?}: {msg}");
+        assert!(
+            !msg.contains("hunter2"),
+            "a password must not be echoed: {msg}"
+        );
+    }
+    // An empty file is valid (it turns nothing on) but is still refused by from_args.
+    let empty = dir.file("empty.yml", "");
+    assert_eq!(
+        RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &empty]))
+            .unwrap()
+            .web_config,
+        Some(WebConfig::default())
+    );
+}

@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod features;
 pub mod friendly;
+pub mod http;
 pub mod inventory;
 pub mod metrics;
 pub mod netlink;

@@ -1,0 +1,367 @@
+//! The HTTP server: the metrics path, `/` (a landing page), `/healthz` and `/api/v1/status`.
+//!
+//! hyper's HTTP/1 server, bounded so that clients cannot tie it up: at most
+//! `max_connections` connections at once (further ones wait in the listen backlog), request
+//! headers must arrive within `header_read_timeout` (this also closes idle keep-alive
+//! connections), headers are capped at 16 KiB, request bodies are never read, and a
+//! connection is retired after `max_connection_age` (its in-flight request still finishes).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use crate::metrics::Format;
+
+/// What the server shows; the agent implements it over its state.
+pub trait HttpSource: Send + Sync + 'static {
+    /// The whole metrics body in `format` (see [`crate::metrics::encode`]); an error becomes
+    /// a 500 with the message.
+    fn metrics(&self, format: Format) -> Result<String, String>;
+    /// `Ok` while the programs are attached and the last collection succeeded; otherwise
+    /// why not, served with 503.
+    fn health(&self) -> Result<(), String>;
+    /// The snapshot `wirescope status` prints.
+    fn status(&self) -> serde_json::Value;
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    pub listen_address: SocketAddr,
+    pub telemetry_path: String,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_connection_age: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl HttpConfig {
+    pub fn new(listen_address: SocketAddr, telemetry_path: impl Into<String>) -> Self {
+        HttpConfig {
+            listen_address,
+            telemetry_path: telemetry_path.into(),
+            // Scrapers keep one connection each; this leaves room for a few of them and a
+            // human with curl while keeping a flood from exhausting file descriptors.
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+            // Longer than any sane scrape interval's idle time is cut anyway by the header
+            // timeout; this bounds slow readers.
+            max_connection_age: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(
+        "cannot listen on {addr}: {source}{}",
+        if source.kind() == io::ErrorKind::AddrInUse {
+            " (is another wirescope or exporter running? pick another port with --web.listen-address)"
+        } else if source.kind() == io::ErrorKind::AddrNotAvailable {
+            " (no local interface has that address)"
+        } else if source.kind() == io::ErrorKind::PermissionDenied {
+            " (ports below 1024 need CAP_NET_BIND_SERVICE)"
+        } else {
+            ""
+        }
+    )]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// A bound, not yet serving, server: binding first lets the caller fail early (exit status)
+/// and learn the port when it asked for port 0.
+pub struct Server {
+    listener: TcpListener,
+    cfg: HttpConfig,
+}
+
+/// Binds `cfg.listen_address`. `[::]` listens on IPv4 too (IPV6_V6ONLY off); on a host
+/// without IPv6 it falls back to 0.0.0.0.
+pub async fn bind(cfg: HttpConfig) -> Result<Server, HttpError> {
+    let addr = cfg.listen_address;
+    let listener = match listen(addr) {
+        Err(e)
+            if addr.ip().is_unspecified()
+                && addr.is_ipv6()
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            listen(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))
+        }
+        r => r,
+    }
+    .map_err(|source| HttpError::Bind { addr, source })?;
+    Ok(Server { listener, cfg })
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false)?;
+    }
+    // So a restarted agent can rebind while old connections sit in TIME_WAIT; on Linux this
+    // does not let two listeners share the port.
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Binds and serves until `shutdown` completes.
+pub async fn serve(
+    cfg: HttpConfig,
+    source: Arc<dyn HttpSource>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), HttpError> {
+    bind(cfg).await?.serve(source, shutdown).await
+}
+
+struct Ctx {
+    source: Arc<dyn HttpSource>,
+    telemetry_path: String,
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.cfg.listen_address)
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests
+    /// finish (up to `shutdown_grace`) and returns.
+    pub async fn serve(
+        self,
+        source: Arc<dyn HttpSource>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), HttpError> {
+        let Server { listener, cfg } = self;
+        let ctx = Arc::new(Ctx {
+            source,
+            telemetry_path: cfg.telemetry_path.clone(),
+        });
+        let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        // Each connection holds a permit; taking all of them back at the end waits for the
+        // connections to finish.
+        let permits = Arc::new(Semaphore::new(max));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_buf_size(16 * 1024)
+            .keep_alive(true);
+        tokio::pin!(shutdown);
+
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break, // closed: never happens, nothing else closes it
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!("http: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let ctx = ctx.clone();
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let mut stop = stop_rx.clone();
+            let (age, grace) = (cfg.max_connection_age, cfg.shutdown_grace);
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!("http: connection from {peer}: {e}");
+                        }
+                        return;
+                    }
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(age) => {}
+                }
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(grace, conn).await;
+            });
+        }
+
+        drop(listener);
+        let _ = stop_tx.send(true);
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        if tokio::time::timeout(cfg.shutdown_grace, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!(
+                "http: connections still open after {:?}; closing anyway",
+                cfg.shutdown_grace
+            );
+        }
+        Ok(())
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Resp {
+    let mut body = body.into();
+    body.push('\n');
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+async fn route(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path();
+    let known = path == ctx.telemetry_path || matches!(path, "/" | "/healthz" | "/api/v1/status");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if path == ctx.telemetry_path {
+        return metrics(ctx, &req).await;
+    }
+    match path {
+        "/" => respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            landing_page(&ctx.telemetry_path),
+        ),
+        "/healthz" => {
+            let source = ctx.source.clone();
+            match tokio::task::spawn_blocking(move || source.health()).await {
+                Ok(Ok(())) => text(StatusCode::OK, "ok"),
+                Ok(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("health check failed: {e}"),
+                ),
+            }
+        }
+        _ => {
+            let source = ctx.source.clone();
+            match tokio::task::spawn_blocking(move || source.status()).await {
+                Ok(v) => {
+                    let mut body = serde_json::to_string_pretty(&v).unwrap_or_else(|e| {
+                        serde_json::json!({ "error": e.to_string() }).to_string()
+                    });
+                    body.push('\n');
+                    respond(StatusCode::OK, "application/json", body)
+                }
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("status failed: {e}"),
+                ),
+            }
+        }
+    }
+}
+
+async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
+    // Several Accept headers mean the same as one joined with commas.
+    let accept: Vec<&str> = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let accept = accept.join(",");
+    let format = Format::negotiate((!accept.is_empty()).then_some(accept.as_str()));
+    let source = ctx.source.clone();
+    // Collectors read BPF maps and take locks: keep that off the async workers.
+    let mut r = match tokio::task::spawn_blocking(move || source.metrics(format)).await {
+        Ok(Ok(body)) => respond(StatusCode::OK, format.content_type(), body),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("collecting metrics failed: {e}"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("collecting metrics failed: {e}"),
+        ),
+    };
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    r
+}
+
+fn landing_page(telemetry_path: &str) -> String {
+    let p = html_escape(telemetry_path);
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\"><title>wirescope</title></head>\n\
+         <body>\n<h1>wirescope {version}</h1>\n\
+         <p>eBPF agent that measures what a WireGuard tunnel costs and where it breaks.</p>\n<ul>\n\
+         <li><a href=\"{p}\">{p}</a>: metrics (OpenMetrics, or Prometheus text 0.0.4)</li>\n\
+         <li><a href=\"/healthz\">/healthz</a>: health</li>\n\
+         <li><a href=\"/api/v1/status\">/api/v1/status</a>: status snapshot (JSON)</li>\n\
+         </ul>\n</body>\n</html>\n",
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

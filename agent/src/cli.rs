@@ -77,6 +77,11 @@ pub struct RunArgs {
     #[arg(long = "export-endpoints")]
     pub export_endpoints: bool,
 
+    /// Where the agent keeps state that must survive restarts (the endpoint-label salt)
+    /// [default: /var/lib/wirescope]
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// error, warn, info, debug or trace [default: info]
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<String>,

@@ -121,6 +121,7 @@ pub struct RunConfig {
     pub friendly_names: HashMap<String, String>,
     pub export_endpoints: bool,
     pub log_level: log::LevelFilter,
+    pub state_dir: PathBuf,
 }
 
 impl RunConfig {
@@ -221,6 +222,11 @@ impl RunConfig {
             friendly_names,
             export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
             log_level,
+            state_dir: match (&args.state_dir, file.state_dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(p)) => base.join(p),
+                (None, None) => PathBuf::from(crate::peer_label::DEFAULT_STATE_DIR),
+            },
         })
     }
 }
@@ -234,6 +240,7 @@ struct FileConfig {
     wg_config: Option<Vec<PathBuf>>,
     export_endpoints: Option<bool>,
     log_level: Option<String>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

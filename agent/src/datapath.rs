@@ -7,14 +7,12 @@ use std::{
 };
 
 use agent_common::maps::{
-    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, UnknownWireKey,
-    map_error, names,
+    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, UnknownWireKey, map_error,
+    names,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
-    },
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
@@ -27,7 +25,9 @@ pub const PROG_EGRESS: &str = "wirescope_egress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("loading the eBPF object failed: {0} (is the agent running as root, with CAP_BPF and CAP_NET_ADMIN?)")]
+    #[error(
+        "loading the eBPF object failed: {0} (is the agent running as root, with CAP_BPF and CAP_NET_ADMIN?)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {0}: the build is broken")]
     Missing(&'static str),
@@ -105,6 +105,14 @@ pub struct Datapath {
     tcx_unsupported: bool,
 }
 
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("attachments", &self.attachments)
+            .finish_non_exhaustive()
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -116,7 +124,9 @@ where
 impl Datapath {
     /// Load the programs (verifier included) and take the maps. Nothing is attached yet.
     pub fn load(object: &[u8]) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new().load(object).map_err(DatapathError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(object)
+            .map_err(DatapathError::Load)?;
         for name in [PROG_INGRESS, PROG_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -148,6 +158,13 @@ impl Datapath {
 
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.attachments.contains_key(&ifindex)
+    }
+
+    /// The loaded TC program `name` ([`PROG_INGRESS`] or [`PROG_EGRESS`]), for tests and
+    /// benchmarks that run it through `BPF_PROG_TEST_RUN` (`aya::programs::TestRun`).
+    /// The agent itself never needs it.
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut SchedClassifier> {
+        self.ebpf.program_mut(name)?.try_into().ok()
     }
 
     /// Attach both programs to `name`. The interface's configuration goes into `IFACES`
@@ -203,7 +220,10 @@ impl Datapath {
                 return Err(self.attach_failed(ifindex, name, "egress", source));
             }
         };
-        info!("attached to {name} (ifindex {ifindex}) with {}", mode.as_str());
+        info!(
+            "attached to {name} (ifindex {ifindex}) with {}",
+            mode.as_str()
+        );
         self.attachments.insert(
             ifindex,
             Attachment {
@@ -356,13 +376,41 @@ impl Datapath {
     pub fn map_usage(&self) -> Vec<(&'static str, u64, u64)> {
         use agent_common::maps::*;
         vec![
-            (names::IFACES, self.ifaces.keys().count() as u64, MAX_IFACES as u64),
-            (names::ALLOWED_V4, self.applied.allowed_v4.len() as u64, MAX_ALLOWED_IPS as u64),
-            (names::ALLOWED_V6, self.applied.allowed_v6.len() as u64, MAX_ALLOWED_IPS as u64),
-            (names::ENDPOINTS, self.applied.endpoints.len() as u64, MAX_ENDPOINTS as u64),
-            (names::WG_PORTS, self.applied.wg_ports.len() as u64, MAX_WG_PORTS as u64),
-            (names::COUNTERS, self.counters.keys().count() as u64, MAX_COUNTERS as u64),
-            (names::UNKNOWN_WIRE, self.unknown_wire.keys().count() as u64, MAX_UNKNOWN_WIRE as u64),
+            (
+                names::IFACES,
+                self.ifaces.keys().count() as u64,
+                MAX_IFACES as u64,
+            ),
+            (
+                names::ALLOWED_V4,
+                self.applied.allowed_v4.len() as u64,
+                MAX_ALLOWED_IPS as u64,
+            ),
+            (
+                names::ALLOWED_V6,
+                self.applied.allowed_v6.len() as u64,
+                MAX_ALLOWED_IPS as u64,
+            ),
+            (
+                names::ENDPOINTS,
+                self.applied.endpoints.len() as u64,
+                MAX_ENDPOINTS as u64,
+            ),
+            (
+                names::WG_PORTS,
+                self.applied.wg_ports.len() as u64,
+                MAX_WG_PORTS as u64,
+            ),
+            (
+                names::COUNTERS,
+                self.counters.keys().count() as u64,
+                MAX_COUNTERS as u64,
+            ),
+            (
+                names::UNKNOWN_WIRE,
+                self.unknown_wire.keys().count() as u64,
+                MAX_UNKNOWN_WIRE as u64,
+            ),
         ]
     }
 
@@ -381,7 +429,10 @@ impl Datapath {
 }
 
 fn stale<K: Eq + Hash + Clone, V>(old: &StdHashMap<K, V>, new: &StdHashMap<K, V>) -> Vec<K> {
-    old.keys().filter(|k| !new.contains_key(*k)).cloned().collect()
+    old.keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect()
 }
 
 fn lpm_v4(&(ifindex, addr, plen): &(u32, [u8; 4], u8)) -> Key<AllowedV4> {
@@ -432,4 +483,3 @@ fn tcx_unsupported(e: &ProgramError) -> bool {
         _ => false,
     }
 }
-

@@ -11,6 +11,8 @@ pub mod inventory;
 pub mod metrics;
 pub mod netlink;
 pub mod peer_label;
+pub mod run;
+pub mod status;
 pub mod sync;
 pub mod topology;
 pub mod wg;

@@ -1,8 +1,51 @@
-fn main() -> anyhow::Result<()> {
-    let mut dp = wirescope::datapath::Datapath::load(wirescope::EBPF_OBJECT)?;
-    let m = dp.attach("lo", 1, agent_common::maps::IfaceConfig { flags: agent_common::maps::IfaceConfig::UNDERLAY })?;
-    println!("{m:?}");
-    std::process::Command::new("bash").args(["-c","echo hi > /dev/udp/127.0.0.1/9"]).status()?;
-    println!("{:?}", dp.map_usage());
-    Ok(())
+//! The `wirescope` binary: parse the command line, set up logging, and hand over.
+//! Exit status per CONTRACT.md: 0 clean stop, 2 bad usage or configuration, 1 anything else.
+
+use std::process::ExitCode;
+
+use wirescope::{
+    cli::{Cli, Command},
+    config::RunConfig,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_args();
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = match RunConfig::from_args(&args) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("wirescope: {e}");
+                    return ExitCode::from(e.exit_code() as u8);
+                }
+            };
+            env_logger::Builder::new()
+                .filter_level(cfg.log_level)
+                .format_target(false)
+                .init();
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("wirescope: starting the async runtime failed: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(wirescope::run::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    eprintln!("wirescope: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Status(_) | Command::Doctor(_) => {
+            eprintln!("wirescope: this command is not implemented yet (see the open issues)");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -73,18 +73,18 @@ impl Netlink {
                 .destination_prefix(a, 128)
                 .build(),
         };
-        let routes: Vec<RouteMessage> = match self.handle.route().get(msg).execute().try_collect().await
-        {
-            Ok(r) => r,
-            // No route (ENETUNREACH and friends) is an answer, not a failure.
-            Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
-            Err(source) => {
-                return Err(NetlinkError::Request {
-                    what: "route lookup",
-                    source,
-                });
-            }
-        };
+        let routes: Vec<RouteMessage> =
+            match self.handle.route().get(msg).execute().try_collect().await {
+                Ok(r) => r,
+                // No route (ENETUNREACH and friends) is an answer, not a failure.
+                Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+                Err(source) => {
+                    return Err(NetlinkError::Request {
+                        what: "route lookup",
+                        source,
+                    });
+                }
+            };
         Ok(routes.iter().find_map(|r| {
             r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),

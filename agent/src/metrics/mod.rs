@@ -10,6 +10,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub mod agent;
+pub mod datapath;
 pub mod peers;
 
 /// The exposition formats /metrics answers in.

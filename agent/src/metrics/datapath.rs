@@ -1,0 +1,177 @@
+//! `wirescope_tunnel_*` and `wirescope_wire_*`: the TC programs' counters, read from the
+//! maps on every scrape and summed by label set, so an interface that is re-created (new
+//! ifindex, same name) continues its series instead of resetting it.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use agent_common::maps::{Counter, DIR_TX, PEER_UNKNOWN, kind};
+use log::warn;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter},
+};
+
+use crate::{datapath::Datapath, inventory::Inventory, peer_label::EndpointLabeler, sync};
+
+#[derive(Debug)]
+pub struct DatapathCollector {
+    datapath: Arc<Mutex<Datapath>>,
+    inventory: Arc<RwLock<Inventory>>,
+    endpoints: EndpointLabeler,
+}
+
+impl DatapathCollector {
+    pub fn new(
+        datapath: Arc<Mutex<Datapath>>,
+        inventory: Arc<RwLock<Inventory>>,
+        endpoints: EndpointLabeler,
+    ) -> Self {
+        Self {
+            datapath,
+            inventory,
+            endpoints,
+        }
+    }
+}
+
+pub fn direction(dir: u8) -> &'static str {
+    if dir == DIR_TX { "tx" } else { "rx" }
+}
+
+pub fn message(k: u8) -> Option<&'static str> {
+    Some(match k {
+        kind::HANDSHAKE_INITIATION => "handshake_initiation",
+        kind::HANDSHAKE_RESPONSE => "handshake_response",
+        kind::COOKIE_REPLY => "cookie_reply",
+        kind::DATA => "data",
+        kind::KEEPALIVE => "keepalive",
+        _ => return None,
+    })
+}
+
+/// (interface, peer, direction) and (interface, peer, direction, message).
+type TunnelKey = (String, String, &'static str);
+type WireKey = (String, String, &'static str, &'static str);
+
+/// The counters as label sets, summed.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub tunnel: BTreeMap<TunnelKey, Counter>,
+    pub wire: BTreeMap<WireKey, Counter>,
+}
+
+fn add(c: &mut Counter, v: &Counter) {
+    c.packets += v.packets;
+    c.bytes += v.bytes;
+}
+
+impl DatapathCollector {
+    pub fn snapshot(&self) -> Snapshot {
+        let (counters, unknown) = {
+            let Ok(dp) = self.datapath.lock() else {
+                return Snapshot::default();
+            };
+            let counters = dp.counters().unwrap_or_else(|e| {
+                warn!("reading counters: {e}");
+                Vec::new()
+            });
+            let unknown = dp.unknown_wire().unwrap_or_else(|e| {
+                warn!("reading counters: {e}");
+                Vec::new()
+            });
+            (counters, unknown)
+        };
+        let Ok(inv) = self.inventory.read() else {
+            return Snapshot::default();
+        };
+        let iface = |i: u32| inv.iface_names.get(&i).cloned().unwrap_or_else(|| format!("ifindex{i}"));
+        let mut s = Snapshot::default();
+        for (k, v) in counters {
+            let peer = if k.peer == PEER_UNKNOWN {
+                "unknown".to_string()
+            } else {
+                match inv.peer_labels.get(&k.peer) {
+                    Some((_, key)) => key.clone(),
+                    None => continue,
+                }
+            };
+            let dir = direction(k.dir);
+            if k.kind == kind::TUNNEL {
+                add(s.tunnel.entry((iface(k.ifindex), peer, dir)).or_default(), &v);
+            } else if let Some(msg) = message(k.kind) {
+                add(s.wire.entry((iface(k.ifindex), peer, dir, msg)).or_default(), &v);
+            }
+        }
+        for (k, v) in unknown {
+            let Some(msg) = message(k.kind) else { continue };
+            let peer = self.endpoints.label(sync::endpoint_addr(&k.endpoint));
+            add(
+                s.wire
+                    .entry((iface(k.ifindex), peer, direction(k.dir), msg))
+                    .or_default(),
+                &v,
+            );
+        }
+        s
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.snapshot();
+        let families: [(&str, &str, bool); 2] = [
+            (
+                "wirescope_tunnel_packets",
+                "IP packets on a WireGuard interface, per peer (GSO packets count per segment)",
+                true,
+            ),
+            (
+                "wirescope_tunnel_bytes",
+                "L3 bytes of those packets, as they are after segmentation",
+                false,
+            ),
+        ];
+        for (name, help, packets) in families {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((interface, peer, dir), c) in &s.tunnel {
+                let labels = [
+                    ("interface", interface.as_str()),
+                    ("peer", peer.as_str()),
+                    ("direction", dir),
+                ];
+                let v = if packets { c.packets } else { c.bytes };
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        let families: [(&str, &str, bool); 2] = [
+            (
+                "wirescope_wire_packets",
+                "WireGuard UDP messages seen on a watched interface, by message type",
+                true,
+            ),
+            (
+                "wirescope_wire_bytes",
+                "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
+                false,
+            ),
+        ];
+        for (name, help, packets) in families {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((interface, peer, dir, msg), c) in &s.wire {
+                let labels = [
+                    ("interface", interface.as_str()),
+                    ("peer", peer.as_str()),
+                    ("direction", dir),
+                    ("message", msg),
+                ];
+                let v = if packets { c.packets } else { c.bytes };
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! `wirescope run`: load and attach, sync every second, serve until SIGINT/SIGTERM, detach.
+
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    EBPF_OBJECT,
+    config::RunConfig,
+    datapath::Datapath,
+    features::Features,
+    http::{self, HttpConfig, HttpSource},
+    inventory::Inventory,
+    metrics::{
+        self, Format, agent::AgentCollector, datapath::DatapathCollector, peers::PeerCollector,
+    },
+    netlink::Netlink,
+    peer_label::EndpointLabeler,
+    status,
+    sync::{self, SyncOptions, Syncer},
+};
+
+/// How often interfaces, peers and maps are re-synced: changes show within two periods.
+const SYNC_PERIOD: Duration = Duration::from_secs(1);
+
+/// Everything the HTTP endpoints read.
+struct Agent {
+    registry: Registry,
+    datapath: Arc<Mutex<Datapath>>,
+    inventory: Arc<RwLock<Inventory>>,
+    datapath_collector: Arc<DatapathCollector>,
+}
+
+impl HttpSource for Agent {
+    fn metrics(&self, format: Format) -> Result<String, String> {
+        metrics::encode(&self.registry, format).map_err(|e| format!("encoding metrics: {e}"))
+    }
+
+    fn health(&self) -> Result<(), String> {
+        let attached = self
+            .datapath
+            .lock()
+            .map_err(|_| "datapath lock poisoned".to_string())?
+            .attachments()
+            .count();
+        let inv = self
+            .inventory
+            .read()
+            .map_err(|_| "inventory lock poisoned".to_string())?;
+        if let Some(e) = &inv.last_error {
+            return Err(format!("last collection failed: {e}"));
+        }
+        if inv.synced_at.is_none() {
+            return Err("no collection yet".into());
+        }
+        if attached == 0 {
+            return Err("no interface is attached: no WireGuard interface found yet".into());
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let snapshot = self.datapath_collector.snapshot();
+        let health = self.health();
+        match self.inventory.read() {
+            Ok(inv) => status::build(&inv, &snapshot, health),
+            Err(_) => serde_json::json!({"error": "inventory lock poisoned"}),
+        }
+    }
+}
+
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let features = Features::detect();
+    info!(
+        "wirescope {} on Linux {}: tcx={} tracepoint={} kprobe={} fentry={} btf={} bpf_stats={}",
+        env!("CARGO_PKG_VERSION"),
+        features.kernel,
+        features.tcx,
+        features.tracepoint,
+        features.kprobe,
+        features.fentry,
+        features.btf,
+        features.bpf_stats
+    );
+    let datapath = Datapath::load(EBPF_OBJECT).context("loading the eBPF programs")?;
+    let datapath = Arc::new(Mutex::new(datapath));
+    let inventory = Arc::new(RwLock::new(Inventory::default()));
+    let endpoints = EndpointLabeler::load(&cfg.state_dir, cfg.export_endpoints)
+        .context("preparing the endpoint-label salt")?;
+
+    let netlink = Netlink::new().context("opening rtnetlink")?;
+    let mut syncer = Syncer::new(
+        netlink,
+        SyncOptions {
+            tunnels: cfg.tunnels.clone(),
+            underlays: cfg.underlays.clone(),
+            friendly_names: cfg.friendly_names.clone(),
+        },
+    );
+    // The first round runs before serving, so the first scrape already sees the tunnels.
+    syncer
+        .tick(&datapath, &inventory)
+        .await
+        .context("first sync of interfaces and peers")?;
+
+    let datapath_collector = Arc::new(DatapathCollector::new(
+        datapath.clone(),
+        inventory.clone(),
+        endpoints,
+    ));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PeerCollector::new(
+        inventory.clone(),
+        cfg.export_endpoints,
+    )));
+    registry.register_collector(Box::new(datapath_collector.clone()));
+    registry.register_collector(Box::new(AgentCollector::new(
+        datapath.clone(),
+        inventory.clone(),
+        Arc::new(RwLock::new(features)),
+    )));
+    let agent = Arc::new(Agent {
+        registry,
+        datapath: datapath.clone(),
+        inventory: inventory.clone(),
+        datapath_collector,
+    });
+
+    let server = http::bind(HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone()))
+        .await
+        .context("starting the HTTP server")?;
+    info!(
+        "serving metrics on http://{}{}",
+        server.local_addr(),
+        cfg.telemetry_path
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sync_task = {
+        let datapath = datapath.clone();
+        let inventory = inventory.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SYNC_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
+                match syncer.tick(&datapath, &inventory).await {
+                    Ok(()) => {
+                        if let Ok(after) = inventory.read() {
+                            sync::log_changes(&before, &after);
+                        }
+                    }
+                    Err(e) => {
+                        warn!("sync failed: {e:#}");
+                        if let Ok(mut inv) = inventory.write() {
+                            inv.last_error = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let mut stop_http = stop_rx.clone();
+    let serve = server.serve(agent, async move {
+        let _ = stop_http.changed().await;
+    });
+    let signals = async {
+        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        anyhow::Ok(())
+    };
+    tokio::pin!(serve);
+    tokio::select! {
+        r = &mut serve => {
+            // The server only returns on its own when it failed.
+            r.context("HTTP server")?;
+        }
+        r = signals => {
+            r?;
+            let _ = stop_tx.send(true);
+            if let Err(e) = serve.await {
+                error!("HTTP server at shutdown: {e:#}");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = sync_task.await;
+    // Dropping the datapath detaches every program (TCX links are fd-based; clsact filters
+    // are removed explicitly by detach()).
+    let mut dp = datapath
+        .lock()
+        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
+    let attached: Vec<u32> = dp.attachments().map(|(i, _)| *i).collect();
+    for i in attached {
+        dp.detach(i);
+    }
+    info!("detached; bye");
+    Ok(())
+}

@@ -19,8 +19,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(e.exit_code() as u8);
                 }
             };
+            // Debug and trace are for wirescope's own messages: the netlink and BPF crates
+            // beneath would log every request and relocation at those levels.
             env_logger::Builder::new()
-                .filter_level(cfg.log_level)
+                .filter_level(cfg.log_level.min(log::LevelFilter::Info))
+                .filter_module("wirescope", cfg.log_level)
                 .format_target(false)
                 .init();
             let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,605 @@
+//! The WireGuard lab: network namespaces joined by veth links stand for a client and the
+//! relays; each runs userspace wireguard-go with an interface name unique to the lab's prefix.
+//!
+//! ```text
+//! single:    PREFIX-cli --veth-- [PREFIX-hop] --veth-- PREFIX-relay
+//! multihop:  PREFIX-cli --veth-- [PREFIX-hop] --veth-- PREFIX-entry --veth-- PREFIX-exit
+//! ```
+//!
+//! Multihop is built as the Mullvad app builds it on Linux: the client has one interface with
+//! two peers. The entry peer's allowed IPs are only the exit relay's veth address, and the
+//! client routes that address into its own wg interface, so the exit-layer WireGuard UDP is
+//! itself encrypted for the entry peer. Names and addresses: see [`plan`].
+//!
+//! [`Lab::up`] first removes whatever an earlier lab with the same prefix left (also after a
+//! crash), builds the lab, and writes its description to `/run/wirescope-lab/PREFIX.json`.
+//! Dropping the returned [`Lab`] tears it down; [`down`] does the same from the prefix alone.
+
+pub mod cleanup;
+pub mod plan;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+pub use cleanup::{STATE_DIR, down, leftovers, state_path};
+pub use plan::{
+    CLIENT_PORT, CLIENT_TUNNEL_V4, CLIENT_TUNNEL_V6, GATEWAY_V4, GATEWAY_V6, RELAY_PORT,
+    TUNNEL_NET_V4, TUNNEL_NET_V6,
+};
+
+use crate::{cmd, netns, wg};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// client <-> one relay
+    Single,
+    /// client <-> entry relay <-> exit relay, WireGuard inside WireGuard on one client interface
+    Multihop,
+}
+
+/// What a host in the lab stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    /// A plain router between the client and the first relay, for impairments (no WireGuard).
+    Hop,
+    /// The only relay of the single topology.
+    Relay,
+    Entry,
+    Exit,
+}
+
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub topology: Topology,
+    /// 1 to 10 lowercase letters or digits; namespaces are `PREFIX-cli` etc.
+    pub prefix: String,
+    /// MTU of the client's wg interface and of the exit (or single) relay's; the entry
+    /// relay's is 80 more, so that it can carry the exit layer back.
+    pub wg_mtu: u32,
+    /// MTU of every veth.
+    pub veth_mtu: u32,
+    /// Put a forwarding hop namespace between the client and the first relay.
+    pub hop: bool,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        LabConfig {
+            topology: Topology::Single,
+            prefix: plan::DEFAULT_PREFIX.to_owned(),
+            wg_mtu: plan::DEFAULT_WG_MTU,
+            veth_mtu: plan::DEFAULT_VETH_MTU,
+            hop: false,
+        }
+    }
+}
+
+impl LabConfig {
+    pub fn new(topology: Topology, prefix: &str) -> Self {
+        LabConfig {
+            topology,
+            prefix: prefix.to_owned(),
+            ..Default::default()
+        }
+    }
+}
+
+/// One end of a veth link, seen from the host that has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Veth {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The other end: its namespace, name and address.
+    pub peer_netns: String,
+    pub peer_name: String,
+    pub peer_address: Ipv4Addr,
+}
+
+/// A peer as configured on a host's wg interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConf {
+    /// The host this peer is.
+    pub role: Role,
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<String>,
+}
+
+/// A host's WireGuard interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WgHost {
+    pub iface: String,
+    /// Standard base64, as `wg` prints it.
+    pub public_key: String,
+    pub listen_port: u16,
+    /// CIDR, e.g. `10.64.1.2/32`.
+    pub addresses: Vec<String>,
+    pub mtu: u32,
+    /// The wireguard-go daemon.
+    pub pid: u32,
+    pub peers: Vec<PeerConf>,
+}
+
+impl WgHost {
+    pub fn peer(&self, role: Role) -> Option<&PeerConf> {
+        self.peers.iter().find(|p| p.role == role)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub role: Role,
+    pub netns: String,
+    /// The client-side veth first (the only one for the client).
+    pub veths: Vec<Veth>,
+    /// net.ipv4.ip_forward is on.
+    pub ip_forward: bool,
+    /// None only for the hop.
+    pub wg: Option<WgHost>,
+    /// The `ip` commands (run as `ip -n NETNS ...`) that set up routes and rules.
+    pub routes: Vec<String>,
+}
+
+impl Host {
+    /// The WireGuard interface; panics for the hop, which has none.
+    pub fn wg(&self) -> &WgHost {
+        self.wg
+            .as_ref()
+            .unwrap_or_else(|| panic!("host {} has no WireGuard interface", self.netns))
+    }
+
+    /// The address other hosts reach this one at (its client-side veth).
+    pub fn address(&self) -> Ipv4Addr {
+        self.veths[0].address
+    }
+
+    /// The veth facing the client (for the client: its only veth, the underlay).
+    pub fn underlay(&self) -> &Veth {
+        &self.veths[0]
+    }
+}
+
+/// A running lab. Dropping it tears it down, unless it was [`Lab::load`]ed or
+/// [`Lab::detach`]ed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lab {
+    pub prefix: String,
+    pub topology: Topology,
+    pub wg_mtu: u32,
+    pub veth_mtu: u32,
+    /// In chain order: client, [hop], relay | entry, exit.
+    pub hosts: Vec<Host>,
+    #[serde(skip)]
+    owned: bool,
+}
+
+/// Why the lab cannot run here, or Ok: root, /dev/net/tun, and the programs it uses.
+pub fn prerequisites() -> Result<()> {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root (the lab creates network namespaces)".to_owned());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        missing.push("/dev/net/tun (wireguard-go needs the tun driver: `modprobe tun`)".into());
+    }
+    for prog in ["ip", "wg", "wireguard-go", "ping", "tcpdump"] {
+        if !on_path(prog) {
+            missing.push(format!("`{prog}` (run `cargo xtask setup`)"));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!("the lab needs: {}", missing.join(", ")))
+    }
+}
+
+/// For tests that need the lab: true when it can run here. Otherwise, with `CI=true` in the
+/// environment, panics with the reason (CI must not silently skip); without, prints
+/// "skipping TEST: reason" to stderr (past the test harness's capture) and returns false.
+pub fn can_run(test: &str) -> bool {
+    match prerequisites() {
+        Ok(()) => true,
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: {e:#} (CI=true, so this fails instead of being skipped)")
+        }
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "skipping {test}: {e:#}");
+            false
+        }
+    }
+}
+
+fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+impl Lab {
+    /// Removes what an earlier lab with this prefix left, builds the lab, writes the state
+    /// file. On failure, removes whatever it had made.
+    pub fn up(cfg: LabConfig) -> Result<Lab> {
+        prerequisites()?;
+        crate::procs::become_subreaper();
+        let mut lab = plan::plan(&cfg)?;
+        down(&cfg.prefix).context("removing the previous lab with this prefix")?;
+        lab.owned = true; // from here on, an error drops and so tears down
+        lab.build()
+            .with_context(|| format!("building the {} lab `{}`", cfg.topology, cfg.prefix))?;
+        lab.save()?;
+        Ok(lab)
+    }
+
+    /// The lab described by the state file of `prefix`. Dropping it does not tear it down.
+    pub fn load(prefix: &str) -> Result<Lab> {
+        let path = state_path(prefix);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (no lab `{prefix}` is up? `cargo xtask lab up --prefix {prefix}`)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Keeps the lab running after this value is dropped (`cargo xtask lab up`).
+    pub fn detach(&mut self) {
+        self.owned = false;
+    }
+
+    /// Tears the lab down now, reporting failure (Drop can only print it).
+    pub fn teardown(mut self) -> Result<()> {
+        self.owned = false;
+        down(&self.prefix).map(|_| ())
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        state_path(&self.prefix)
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    pub fn host(&self, role: Role) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.role == role)
+    }
+
+    pub fn client(&self) -> &Host {
+        &self.hosts[0]
+    }
+
+    /// The impairing hop, when configured.
+    pub fn hop(&self) -> Option<&Host> {
+        self.host(Role::Hop)
+    }
+
+    /// The entry relay (multihop only).
+    pub fn entry(&self) -> Option<&Host> {
+        self.host(Role::Entry)
+    }
+
+    /// The relay that owns the in-tunnel gateway: the exit in multihop, the relay in single.
+    pub fn exit(&self) -> &Host {
+        self.hosts.last().expect("a lab has hosts")
+    }
+
+    /// The relay the client reaches over its underlay (hop 1): entry or the single relay.
+    pub fn first_relay(&self) -> &Host {
+        self.entry().unwrap_or_else(|| self.exit())
+    }
+
+    /// Endpoint of the hop-1 relay, as the client's peer list has it.
+    pub fn entry_endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.first_relay().address().into(), RELAY_PORT)
+    }
+
+    /// Endpoint of the exit relay (the single relay in single), as the client has it.
+    pub fn exit_endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.exit().address().into(), RELAY_PORT)
+    }
+
+    pub fn namespaces(&self) -> Vec<&str> {
+        self.hosts.iter().map(|h| h.netns.as_str()).collect()
+    }
+
+    /// Runs a program in `ns` to completion; fails with its stderr on a non-zero exit.
+    pub fn exec<S: AsRef<str>>(&self, ns: &str, args: &[S]) -> Result<Output> {
+        netns::exec(ns, args)
+    }
+
+    /// Starts a program in `ns` (stdin closed, stdout/stderr inherited).
+    pub fn spawn<S: AsRef<str>>(&self, ns: &str, args: &[S]) -> Result<Child> {
+        netns::spawn(ns, args)
+    }
+
+    /// Pings the in-tunnel gateway from the client until every peer of the client's interface
+    /// (entry and exit in multihop) has completed a handshake.
+    pub fn handshake(&self, timeout: Duration) -> Result<()> {
+        let c = self.client();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let _ = netns::exec(
+                &c.netns,
+                &["ping", "-c1", "-W1", "-q", &GATEWAY_V4.to_string()],
+            );
+            match wg::wait_for_handshake(&c.netns, &c.wg().iface, Duration::ZERO) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!("lab `{}`: no handshake", self.prefix)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// `wg show dump` of a host's interface.
+    pub fn wg_dump(&self, role: Role) -> Result<wg::WgDump> {
+        let h = self
+            .host(role)
+            .ok_or_else(|| anyhow!("lab `{}` has no {role:?} host", self.prefix))?;
+        wg::dump(&h.netns, &h.wg().iface)
+    }
+
+    /// A few lines for people: hosts, interfaces, addresses, keys.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "lab `{}` ({}, wg MTU {}, veth MTU {}), state in {}\n",
+            self.prefix,
+            self.topology,
+            self.wg_mtu,
+            self.veth_mtu,
+            self.state_path().display()
+        );
+        for h in &self.hosts {
+            s += &format!(
+                "  {:<6} netns {}\n",
+                format!("{:?}", h.role).to_lowercase(),
+                h.netns
+            );
+            for v in &h.veths {
+                s += &format!(
+                    "         veth {} {}/{} <-> {} {} in {}\n",
+                    v.name, v.address, v.prefix_len, v.peer_name, v.peer_address, v.peer_netns
+                );
+            }
+            if let Some(w) = &h.wg {
+                s += &format!(
+                    "         wg {} port {} [{}] pid {} key {}\n",
+                    w.iface,
+                    w.listen_port,
+                    w.addresses.join(", "),
+                    w.pid,
+                    w.public_key
+                );
+                for p in &w.peers {
+                    s += &format!(
+                        "           peer {:?} endpoint {} allowed {}\n",
+                        p.role,
+                        p.endpoint.map_or("(learned)".to_owned(), |e| e.to_string()),
+                        p.allowed_ips.join(", ")
+                    );
+                }
+            }
+        }
+        s
+    }
+
+    fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(STATE_DIR).with_context(|| format!("creating {STATE_DIR}"))?;
+        let path = self.state_path();
+        let json = serde_json::to_string_pretty(self).expect("lab serializes");
+        std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let keys: Vec<Option<wg::Keypair>> = self
+            .hosts
+            .iter()
+            .map(|h| h.wg.as_ref().map(|_| wg::genkey()).transpose())
+            .collect::<Result<_>>()?;
+        for (h, k) in self.hosts.iter_mut().zip(&keys) {
+            if let (Some(w), Some(k)) = (h.wg.as_mut(), k) {
+                w.public_key = k.public.clone();
+            }
+        }
+        let public_of = |role: Role, hosts: &[Host]| {
+            hosts
+                .iter()
+                .find(|h| h.role == role)
+                .map(|h| h.wg().public_key.clone())
+                .expect("peer role in lab")
+        };
+        let snapshot = self.hosts.clone();
+        for h in &mut self.hosts {
+            if let Some(w) = h.wg.as_mut() {
+                for p in &mut w.peers {
+                    p.public_key = public_of(p.role, &snapshot);
+                }
+            }
+        }
+
+        for h in &self.hosts {
+            create_netns(h)?;
+        }
+        for h in &self.hosts {
+            for v in &h.veths {
+                // Each pair once, created from the client side.
+                if self.hosts.iter().position(|x| x.netns == h.netns)
+                    < self.hosts.iter().position(|x| x.netns == v.peer_netns)
+                {
+                    create_veth(h, v, self.veth_mtu)?;
+                }
+            }
+        }
+        for h in &mut self.hosts {
+            if let Some(w) = h.wg.as_mut() {
+                w.pid = wg::start_userspace(&h.netns, &w.iface, Duration::from_secs(10))?;
+            }
+        }
+        // Relays first: a client that is up sends its first handshake at once, and one lost
+        // to a relay not yet listening is retried only after 5 s.
+        for (h, k) in self.hosts.iter().zip(&keys).rev() {
+            if let (Some(w), Some(k)) = (&h.wg, k) {
+                configure_wg(h, w, k)?;
+            }
+        }
+        for h in &self.hosts {
+            for r in &h.routes {
+                let mut args = vec!["-n", h.netns.as_str()];
+                args.extend(r.split_whitespace());
+                cmd::ip(&args).with_context(|| format!("setting up routing in {}", h.netns))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.owned
+            && let Err(e) = down(&self.prefix)
+        {
+            eprintln!("tearing down lab `{}`: {e:#}", self.prefix);
+        }
+    }
+}
+
+fn ip_n(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    cmd::ip(&all)?;
+    Ok(())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let value = value.to_owned();
+    netns::run_in(ns, move || std::fs::write(&path, value))?
+        .with_context(|| format!("setting {key} in {ns}"))
+}
+
+fn create_netns(h: &Host) -> Result<()> {
+    cmd::ip(&["netns", "add", &h.netns])?;
+    ip_n(&h.netns, &["link", "set", "lo", "up"])?;
+    // Strict reverse-path filtering would drop the multihop paths (tunnel addresses arriving
+    // on veths, relay addresses arriving on wg). Set before any link exists, so that new
+    // links inherit it from `default`.
+    for scope in ["all", "default"] {
+        sysctl(&h.netns, &format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
+    }
+    if h.ip_forward {
+        sysctl(&h.netns, "net.ipv4.ip_forward", "1")?;
+    }
+    Ok(())
+}
+
+fn create_veth(h: &Host, v: &Veth, mtu: u32) -> Result<()> {
+    let mtu = mtu.to_string();
+    cmd::ip(&[
+        "link",
+        "add",
+        &v.name,
+        "netns",
+        &h.netns,
+        "mtu",
+        &mtu,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &v.peer_name,
+        "netns",
+        &v.peer_netns,
+        "mtu",
+        &mtu,
+    ])
+    .with_context(|| format!("creating veth {} <-> {}", v.name, v.peer_name))?;
+    for (ns, name, addr) in [
+        (&h.netns, &v.name, v.address),
+        (&v.peer_netns, &v.peer_name, v.peer_address),
+    ] {
+        // The underlay is IPv4 only; without IPv6 the veths carry no router solicitations,
+        // MLD reports or DAD probes, so only the lab's traffic is on the wire.
+        sysctl(ns, &format!("net.ipv6.conf.{name}.disable_ipv6"), "1")?;
+        ip_n(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("{addr}/{}", v.prefix_len),
+                "dev",
+                name,
+            ],
+        )?;
+        ip_n(ns, &["link", "set", name, "up"])?;
+    }
+    Ok(())
+}
+
+fn configure_wg(h: &Host, w: &WgHost, key: &wg::Keypair) -> Result<()> {
+    let mut conf = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = {}\n",
+        key.private, w.listen_port
+    );
+    for p in &w.peers {
+        conf += &format!("\n[Peer]\nPublicKey = {}\n", p.public_key);
+        if let Some(e) = p.endpoint {
+            conf += &format!("Endpoint = {e}\n");
+        }
+        conf += &format!("AllowedIPs = {}\n", p.allowed_ips.join(", "));
+    }
+    wg::setconf(&h.netns, &w.iface, &conf)?;
+    // No IPv6 link-local address: the kernel would send router solicitations from it into
+    // the tunnel, which would trigger handshakes and spoil exact packet counts.
+    ip_n(&h.netns, &["link", "set", &w.iface, "addrgenmode", "none"])?;
+    ip_n(
+        &h.netns,
+        &["link", "set", &w.iface, "mtu", &w.mtu.to_string()],
+    )?;
+    for a in &w.addresses {
+        if a.contains(':') {
+            ip_n(
+                &h.netns,
+                &["-6", "addr", "add", a, "dev", &w.iface, "nodad"],
+            )?;
+        } else {
+            ip_n(&h.netns, &["addr", "add", a, "dev", &w.iface])?;
+        }
+    }
+    ip_n(&h.netns, &["link", "set", &w.iface, "up"])?;
+    wg::wait_listening(&h.netns, w.listen_port, Duration::from_secs(5))?;
+    Ok(())
+}
+
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Topology::Single => "single",
+            Topology::Multihop => "multihop",
+        })
+    }
+}
+
+/// Fails unless `left` is empty, listing what is left and how to remove it.
+pub fn ensure_clean(prefix: &str) -> Result<()> {
+    let left = leftovers(prefix)?;
+    if !left.is_empty() {
+        bail!(
+            "lab `{prefix}` left: {}; run `cargo xtask lab down --prefix {prefix}`",
+            left.join("; ")
+        );
+    }
+    Ok(())
+}

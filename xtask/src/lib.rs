@@ -1,0 +1,21 @@
+//! Developer tasks for wirescope (`cargo xtask ...`), and the WireGuard lab that the demo, the
+//! integration tests and the benchmarks run in.
+//!
+//! - [`setup`]: installs what a fresh Debian machine lacks.
+//! - [`lab`]: network namespaces with wireguard-go standing for a Mullvad client and relays.
+//! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
+//! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
+
+pub mod build;
+pub mod capture;
+pub mod cmd;
+pub mod demo;
+pub mod lab;
+pub mod netns;
+pub mod procs;
+pub mod setup;
+pub mod testsuite;
+pub mod udp;
+pub mod wg;
+
+pub use lab::{Lab, LabConfig, Role, Topology};

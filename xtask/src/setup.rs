@@ -1,0 +1,187 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
+//! the tests, and nothing when everything is there (then it only asks dpkg, rustup and
+//! bpf-linker, in well under a second).
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+/// Debian packages the lab, the demo and the tests use. iputils-ping is not in a minimal
+/// Debian image and the lab tests ping through the tunnels.
+pub const APT_PACKAGES: &[&str] = &[
+    "wireguard-go",
+    "wireguard-tools",
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "prometheus",
+    "bpftool",
+    "tcpdump",
+    "iputils-ping",
+];
+
+/// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.
+pub const BPF_LINKER_VERSION: &str = "0.10.4";
+
+/// Installs whatever is missing; prints one line per thing installed.
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    let mut installed = Vec::new();
+    ensure_apt_packages(&mut installed)?;
+    ensure_nightly_rust_src(&mut installed)?;
+    ensure_bpf_linker(&mut installed)?;
+    let took = start.elapsed().as_secs_f64();
+    if installed.is_empty() {
+        println!("setup: everything present ({took:.2} s)");
+    } else {
+        println!("setup: done, {} installed ({took:.1} s)", installed.len());
+    }
+    Ok(())
+}
+
+/// Packages of `wanted` that dpkg does not list as installed.
+pub fn missing_apt_packages(wanted: &[&str]) -> Result<Vec<String>> {
+    // Exits 1 when some package is unknown to dpkg; what it prints is still right.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(wanted)
+        .output()
+        .context("running dpkg-query: is this Debian? (`cargo xtask setup` needs dpkg and apt)")?;
+    let status = parse_dpkg_status(&String::from_utf8_lossy(&out.stdout));
+    Ok(wanted
+        .iter()
+        .filter(|p| status.get(**p).map(String::as_str) != Some("install ok installed"))
+        .map(|p| p.to_string())
+        .collect())
+}
+
+/// `PACKAGE STATUS...` lines into a map (an arch suffix like `:amd64` is dropped).
+fn parse_dpkg_status(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(p, s)| {
+            let p = p.split(':').next().unwrap_or(p);
+            (p.to_owned(), s.trim().to_owned())
+        })
+        .collect()
+}
+
+fn ensure_apt_packages(installed: &mut Vec<String>) -> Result<()> {
+    let missing = missing_apt_packages(APT_PACKAGES)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "missing Debian packages {}: run `cargo xtask setup` as root, or `apt-get install -y \
+             --no-install-recommends {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    println!("setup: apt-get update (missing: {})", missing.join(" "));
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("apt-get update")?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))?;
+    let still = missing_apt_packages(APT_PACKAGES)?;
+    if !still.is_empty() {
+        bail!("apt-get install did not install {}", still.join(" "));
+    }
+    for p in missing {
+        println!("setup: installed {p} (apt)");
+        installed.push(p);
+    }
+    Ok(())
+}
+
+fn rustup(args: &[&str]) -> Result<String> {
+    cmd::stdout("rustup", args)
+        .context("rustup is needed for the nightly toolchain (https://rustup.rs)")
+}
+
+fn ensure_nightly_rust_src(installed: &mut Vec<String>) -> Result<()> {
+    let toolchains = rustup(&["toolchain", "list"])?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        rustup(&["toolchain", "install", "nightly", "--profile", "minimal"])
+            .context("installing the nightly toolchain (the eBPF crate needs it)")?;
+        println!("setup: installed the nightly toolchain (rustup)");
+        installed.push("nightly".into());
+    }
+    let components = rustup(&["component", "list", "--toolchain", "nightly", "--installed"])?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        rustup(&["component", "add", "rust-src", "--toolchain", "nightly"])
+            .context("adding rust-src to nightly (build-std for the BPF target needs it)")?;
+        println!("setup: installed rust-src for nightly (rustup)");
+        installed.push("rust-src".into());
+    }
+    Ok(())
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "bpf-linker 0.10.4"
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn ensure_bpf_linker(installed: &mut Vec<String>) -> Result<()> {
+    if bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
+        return Ok(());
+    }
+    println!("setup: cargo install bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
+        .status()
+        .with_context(|| format!("running `{cargo} install bpf-linker`"))?;
+    if !status.success() {
+        bail!(
+            "`cargo install bpf-linker --version {BPF_LINKER_VERSION} --locked` failed ({status}); \
+             it needs the nightly toolchain's LLVM (see the NOTES on bpf-linker)"
+        );
+    }
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => {}
+        other => bail!(
+            "installed bpf-linker {BPF_LINKER_VERSION}, but `bpf-linker --version` reports \
+             {other:?}: is another bpf-linker earlier on PATH? (`which -a bpf-linker`)"
+        ),
+    }
+    println!("setup: installed bpf-linker {BPF_LINKER_VERSION} (cargo install)");
+    installed.push("bpf-linker".into());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dpkg_query() {
+        let m = parse_dpkg_status(
+            "iproute2 install ok installed\nnftables:amd64 deinstall ok config-files\n",
+        );
+        assert_eq!(m["iproute2"], "install ok installed");
+        assert_eq!(m["nftables"], "deinstall ok config-files");
+    }
+}

@@ -1,0 +1,175 @@
+//! `cargo xtask test`: every test of the project, as a list of steps run in order. Each step
+//! reports the tests it ran; the run ends with one summary line and fails if any step failed.
+//! Add a step by adding an entry to [`steps`].
+
+use std::io::{BufRead as _, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::build::cargo;
+
+/// Test counts, as libtest prints them in its `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        )
+    }
+}
+
+/// One step: what it ran, and whether it succeeded.
+pub struct Step {
+    pub name: &'static str,
+    pub run: fn() -> (Counts, Result<()>),
+}
+
+/// The steps of `cargo xtask test`, in order.
+pub fn steps() -> Vec<Step> {
+    vec![Step {
+        name: "host tests: cargo test --workspace --exclude agent-ebpf (single-threaded: lab tests share namespaces)",
+        run: || {
+            cargo_test(
+                &["--workspace", "--exclude", "agent-ebpf"],
+                &["--test-threads=1"],
+            )
+        },
+    }]
+}
+
+pub fn run() -> Result<()> {
+    let mut results = Vec::new();
+    for step in steps() {
+        println!("==> {}", step.name);
+        let start = Instant::now();
+        let (counts, res) = (step.run)();
+        results.push((step.name, counts, res, start.elapsed()));
+    }
+
+    println!("\n==> summary");
+    let mut total = Counts::default();
+    let mut failed_steps = 0;
+    for (name, counts, res, took) in &results {
+        let mut counts = *counts;
+        let status = match res {
+            Ok(()) => "ok  ".to_owned(),
+            Err(e) => {
+                failed_steps += 1;
+                // A step that failed without a failing test (a build error) counts as one.
+                if counts.failed == 0 {
+                    counts.failed = 1;
+                }
+                format!("FAIL ({e:#})")
+            }
+        };
+        println!("  {status} {:>7} {name}: {counts}", secs(*took));
+        total.add(counts);
+    }
+    println!("summary: {total}");
+    if failed_steps > 0 {
+        bail!("{failed_steps} of {} test steps failed", results.len());
+    }
+    Ok(())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Runs `cargo test ARGS -- TEST_ARGS`, echoing its output and adding up its `test result:`
+/// lines.
+pub fn cargo_test(args: &[&str], test_args: &[&str]) -> (Counts, Result<()>) {
+    let mut counts = Counts::default();
+    let res = (|| -> Result<()> {
+        let mut cmd = cargo();
+        cmd.arg("test").args(args).arg("--").args(test_args);
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let desc = crate::cmd::describe(&cmd);
+        let mut child = cmd.spawn().with_context(|| format!("starting `{desc}`"))?;
+        let stdout = child.stdout.take().expect("piped");
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("reading cargo test output")?;
+            println!("{line}");
+            if let Some(c) = parse_result_line(&line) {
+                counts.add(c);
+            }
+        }
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for `{desc}`"))?;
+        if !status.success() {
+            return Err(anyhow!("`{desc}` failed ({status})"));
+        }
+        Ok(())
+    })();
+    (counts, res)
+}
+
+/// `test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`
+pub fn parse_result_line(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, rest) = rest.split_once(". ")?;
+    let mut c = Counts::default();
+    for part in rest.split("; ") {
+        let mut it = part.split_whitespace();
+        let (Some(n), Some(what)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse() else { continue };
+        match what {
+            "passed" => c.passed = n,
+            "failed" => c.failed = n,
+            "ignored" => c.ignored = n,
+            _ => {}
+        }
+    }
+    Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libtest_summaries() {
+        assert_eq!(
+            parse_result_line(
+                "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s"
+            ),
+            Some(Counts {
+                passed: 3,
+                failed: 0,
+                ignored: 1
+            })
+        );
+        assert_eq!(
+            parse_result_line(
+                "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+            ),
+            Some(Counts {
+                passed: 1,
+                failed: 2,
+                ignored: 0
+            })
+        );
+        assert_eq!(parse_result_line("running 3 tests"), None);
+    }
+}

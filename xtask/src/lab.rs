@@ -325,17 +325,28 @@ impl Lab {
     }
 
     /// Pings the in-tunnel gateway from the client until every peer of the client's interface
-    /// (entry and exit in multihop) has completed a handshake.
+    /// (entry and exit in multihop) has completed a handshake, then once more, so that when
+    /// this returns every session is confirmed and no packet of it is still in flight.
+    /// (Later, WireGuard sends a keepalive 10 s after receiving data when it had nothing to
+    /// send back: mind that when counting packets.)
     pub fn handshake(&self, timeout: Duration) -> Result<()> {
         let c = self.client();
+        let gw = GATEWAY_V4.to_string();
         let deadline = Instant::now() + timeout;
         loop {
-            let _ = netns::exec(
-                &c.netns,
-                &["ping", "-c1", "-W1", "-q", &GATEWAY_V4.to_string()],
-            );
+            let _ = netns::exec(&c.netns, &["ping", "-c1", "-W1", "-q", &gw]);
             match wg::wait_for_handshake(&c.netns, &c.wg().iface, Duration::ZERO) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    netns::exec(&c.netns, &["ping", "-c1", "-W2", "-q", &gw]).with_context(
+                        || {
+                            format!(
+                                "lab `{}`: handshakes done, but {gw} does not answer",
+                                self.prefix
+                            )
+                        },
+                    )?;
+                    return Ok(());
+                }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(e.context(format!("lab `{}`: no handshake", self.prefix)));
                 }

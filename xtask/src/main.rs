@@ -8,7 +8,11 @@ use xtask::lab::{self, Lab, LabConfig, Topology};
 use xtask::{build, demo, setup, testsuite};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Developer tasks for wirescope")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for wirescope"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -40,8 +44,10 @@ enum LabCmd {
         /// Namespaces are PREFIX-cli, ...; interfaces PREFIXc0, ...
         #[arg(long, default_value = lab::plan::DEFAULT_PREFIX)]
         prefix: String,
+        /// MTU of the client's and the exit relay's wg interfaces (the entry's is 80 more).
         #[arg(long, default_value_t = lab::plan::DEFAULT_WG_MTU)]
         wg_mtu: u32,
+        /// MTU of every veth.
         #[arg(long, default_value_t = lab::plan::DEFAULT_VETH_MTU)]
         veth_mtu: u32,
         /// Put a forwarding hop namespace between the client and the first relay.

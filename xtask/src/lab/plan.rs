@@ -277,13 +277,13 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
         endpoint: None,
         allowed_ips: allowed,
     };
-    for i in 1..hosts.len() {
-        let role = hosts[i].role;
+    for host in hosts.iter_mut().skip(1) {
+        let role = host.role;
         let ifc = wg_iface(p, role);
         let mut routes = Vec::new();
         // A relay behind the hop reaches the client's subnet through the hop.
         if cfg.hop && role == first_relay {
-            let hop_side = hosts[i].veths[0].clone();
+            let hop_side = host.veths[0].clone();
             routes.push(format!(
                 "route add {}.0/24 via {} dev {}",
                 SUBNET_FROM_CLIENT.map(|b| b.to_string()).join("."),
@@ -294,7 +294,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
         match role {
             Role::Hop | Role::Client => {}
             Role::Relay => {
-                hosts[i].wg = Some(wg(
+                host.wg = Some(wg(
                     role,
                     RELAY_PORT,
                     gateway_addrs.clone(),
@@ -316,11 +316,11 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
                     vec![client_peer(vec![client_v4.clone()])],
                 );
                 entry_wg.mtu = cfg.wg_mtu + ENTRY_MTU_EXTRA;
-                hosts[i].wg = Some(entry_wg);
+                host.wg = Some(entry_wg);
                 routes.push(format!("route add {client_v4} dev {ifc}"));
             }
             Role::Exit => {
-                hosts[i].wg = Some(wg(
+                host.wg = Some(wg(
                     role,
                     RELAY_PORT,
                     gateway_addrs.clone(),
@@ -335,7 +335,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
                 // back to the entry relay over the veth. (Policy routing rather than
                 // masquerading on the entry keeps the client's tunnel address visible on the
                 // exit, as on Mullvad, and needs no nftables.)
-                let veth = hosts[i].veths[0].clone();
+                let veth = host.veths[0].clone();
                 routes.push(format!(
                     "route add {TUNNEL_NET_V4} via {} dev {} table {EXIT_REPLY_TABLE}",
                     veth.peer_address, veth.name
@@ -345,7 +345,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
                 ));
             }
         }
-        hosts[i].routes = routes;
+        host.routes = routes;
     }
 
     Ok(Lab {

@@ -3,7 +3,7 @@
 
 use agent_common::{
     maps::{CounterKey, DIR_TX, Endpoint, UnknownWireKey},
-    parse::{IPPROTO_UDP, Ip, L4, Packet, segmented},
+    parse::{IPPROTO_UDP, Ip, L4, Packet, frag, segmented},
     wireguard::classify,
 };
 
@@ -37,8 +37,14 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
     let Some(msg) = classify(pkt, ip.l4_off + 8, l4.udp_payload_len) else {
         return;
     };
-    // UDP GSO: every segment is a message of its own, with its own headers.
-    let (packets, bytes) = segmented(ip, 8, pkt.len(), gso_segs);
+    let (packets, bytes) = if ip.frag == frag::FIRST {
+        // An outer datagram split by IP: count the message once, here where its UDP header
+        // is, with the datagram's full size (later fragments carry no ports to match).
+        (1, (ip.l4_off - ip.l3_off + 8 + l4.udp_payload_len) as u64)
+    } else {
+        // UDP GSO: every segment is a message of its own, with its own headers.
+        segmented(ip, 8, pkt.len(), gso_segs)
+    };
     match peer {
         Some(peer) => {
             let key = CounterKey {

@@ -6,6 +6,7 @@
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
 
+pub mod agent;
 pub mod build;
 pub mod capture;
 pub mod cmd;
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod lab;
 pub mod netns;
 pub mod procs;
+pub mod scrape;
 pub mod setup;
 pub mod testsuite;
 pub mod udp;

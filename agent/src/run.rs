@@ -132,9 +132,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath_collector,
     });
 
-    let server = http::bind(HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone()))
-        .await
-        .context("starting the HTTP server")?;
+    let server = http::bind(HttpConfig::new(
+        cfg.listen_address,
+        cfg.telemetry_path.clone(),
+    ))
+    .await
+    .context("starting the HTTP server")?;
     info!(
         "serving metrics on http://{}{}",
         server.local_addr(),

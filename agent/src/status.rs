@@ -60,11 +60,10 @@ pub fn build(inv: &Inventory, s: &Snapshot, healthy: Result<(), String>) -> Valu
                     }),
                 );
             }
-            let handshake_age = p
-                .wg
-                .last_handshake
-                .and_then(|h| now.duration_since(h).ok())
-                .map(|d| d.as_secs_f64());
+            let handshake_age =
+                p.wg.last_handshake
+                    .and_then(|h| now.duration_since(h).ok())
+                    .map(|d| d.as_secs_f64());
             peers.push(json!({
                 "public_key": p.public_key,
                 "friendly_name": p.friendly_name,

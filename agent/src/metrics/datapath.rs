@@ -88,7 +88,12 @@ impl DatapathCollector {
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();
         };
-        let iface = |i: u32| inv.iface_names.get(&i).cloned().unwrap_or_else(|| format!("ifindex{i}"));
+        let iface = |i: u32| {
+            inv.iface_names
+                .get(&i)
+                .cloned()
+                .unwrap_or_else(|| format!("ifindex{i}"))
+        };
         let mut s = Snapshot::default();
         for (k, v) in counters {
             let peer = if k.peer == PEER_UNKNOWN {
@@ -101,9 +106,17 @@ impl DatapathCollector {
             };
             let dir = direction(k.dir);
             if k.kind == kind::TUNNEL {
-                add(s.tunnel.entry((iface(k.ifindex), peer, dir)).or_default(), &v);
+                add(
+                    s.tunnel.entry((iface(k.ifindex), peer, dir)).or_default(),
+                    &v,
+                );
             } else if let Some(msg) = message(k.kind) {
-                add(s.wire.entry((iface(k.ifindex), peer, dir, msg)).or_default(), &v);
+                add(
+                    s.wire
+                        .entry((iface(k.ifindex), peer, dir, msg))
+                        .or_default(),
+                    &v,
+                );
             }
         }
         for (k, v) in unknown {

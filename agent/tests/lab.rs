@@ -1,0 +1,502 @@
+//! The agent in the lab, end to end: wireguard-go tunnels in network namespaces, the
+//! `wirescope` binary running in the client namespace, metrics scraped over HTTP. Every
+//! assertion is an exact delta derived from what the test sent.
+//!
+//! Needs root, wireguard-go and the lab tools (`cargo xtask setup`); with CI=true a missing
+//! prerequisite fails the test. The tests share one lab prefix: run them with
+//! `--test-threads=1` (`cargo xtask test` does).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use agent_common::wireguard::data_wire_len;
+use xtask::{
+    agent::Agent,
+    lab::{self, GATEWAY_V4, GATEWAY_V6, Lab, LabConfig, Role, Topology},
+    scrape::Metrics,
+    udp::{UdpEcho, recv_sizes, send_udp},
+};
+
+const PREFIX: &str = "wsa";
+const WG_MTU: u32 = 1420;
+/// Outer IPv4 header: the lab's underlay and the exit layer's outer packets are IPv4.
+const OUTER_V4: u32 = 20;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wirescope"))
+}
+
+fn log_path(test: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("wirescope-{test}.log"))
+}
+
+fn start(lab: &Lab, test: &str) -> Agent {
+    Agent::start(bin(), &lab.client().netns, &[], &log_path(test)).expect("agent starts")
+}
+
+/// A counter's value, the selector matching exactly one series or none (0).
+fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    m.get(name, labels).expect("one series") as u64
+}
+
+fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    val(after, name, labels) - val(before, name, labels)
+}
+
+/// Sends datagrams of `payloads` bytes to an echo on `dst` in the exit namespace and waits
+/// for every echo, between two scrapes. Returns (before, after).
+fn echo_round(lab: &Lab, agent: &Agent, dst: SocketAddr, payloads: &[usize]) -> (Metrics, Metrics) {
+    let echo = UdpEcho::start(
+        &lab.exit().netns,
+        dst,
+        payloads.len(),
+        Duration::from_secs(15),
+    )
+    .expect("echo on the gateway");
+    let before = agent.scrape().expect("scrape before");
+    let sock = send_udp(&lab.client().netns, None, dst, payloads).expect("send");
+    let got = recv_sizes(&sock, payloads.len(), Duration::from_secs(10)).expect("echoes");
+    assert_eq!(got, payloads, "every datagram came back");
+    assert_eq!(echo.join().expect("echo"), payloads.len());
+    let after = agent.scrape().expect("scrape after");
+    (before, after)
+}
+
+/// Inner L3 length of a UDP datagram with this payload to `dst`.
+fn inner_len(dst: &SocketAddr, payload: usize) -> u32 {
+    let ip = if dst.is_ipv4() { 20 } else { 40 };
+    (ip + 8 + payload) as u32
+}
+
+struct Expect {
+    packets: u64,
+    /// Inner L3 bytes.
+    inner: u64,
+    /// One WireGuard layer: data message L3 bytes for each inner packet.
+    layer1: u64,
+    /// Two layers (multihop entry): the exit layer's message, encrypted again.
+    layer2: u64,
+}
+
+/// `mtu1` and `mtu2` are the tunnel MTUs of whoever encrypts each layer: WireGuard pads to
+/// the sender's MTU, so for received traffic they are the relays'.
+fn expect(dst: &SocketAddr, payloads: &[usize], mtu1: u32, mtu2: u32) -> Expect {
+    let mut e = Expect {
+        packets: payloads.len() as u64,
+        inner: 0,
+        layer1: 0,
+        layer2: 0,
+    };
+    for &p in payloads {
+        let l = inner_len(dst, p);
+        let w1 = data_wire_len(l, mtu1, OUTER_V4);
+        e.inner += l as u64;
+        e.layer1 += w1 as u64;
+        e.layer2 += data_wire_len(w1, mtu2, OUTER_V4) as u64;
+    }
+    e
+}
+
+const PAYLOADS: [usize; 6] = [0, 1, 100, 555, 1000, 1300];
+
+/// Peer-state metrics equal what `wg show dump` reports. The two reads are not atomic, so
+/// a keepalive between them is retried, a bounded number of times.
+fn assert_peer_state_matches_wg(lab: &Lab, agent: &Agent) {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let m = agent.scrape().unwrap();
+        let dump = lab.wg_dump(Role::Client).unwrap();
+        let mut ok = true;
+        for p in &dump.peers {
+            let l = [("public_key", p.public_key.as_str())];
+            let got = (
+                val(&m, "wireguard_sent_bytes_total", &l),
+                val(&m, "wireguard_received_bytes_total", &l),
+                val(&m, "wireguard_latest_handshake_seconds", &l),
+                m.select("wireguard_sent_bytes_total", &l)
+                    .next()
+                    .map(|(labels, _)| labels.get("allowed_ips").cloned().unwrap_or_default()),
+            );
+            let want = (
+                p.tx_bytes,
+                p.rx_bytes,
+                p.latest_handshake,
+                Some(p.allowed_ips.join(",")),
+            );
+            if got != want {
+                ok = false;
+                last = format!("peer {}: metrics {got:?}, wg dump {want:?}", p.public_key);
+            }
+        }
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!("peer state differs from wg show dump: {last}");
+}
+
+#[test]
+fn single_hop_counts_are_exact() {
+    if !lab::can_run("single_hop_counts_are_exact") {
+        return;
+    }
+    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    let agent = start(&lab, "single");
+    let tun = lab.client().wg().iface.clone();
+    let veth = lab.client().underlay().name.clone();
+    let relay = lab.exit().wg().public_key.clone();
+
+    // The agent is watching before the first packet: the handshake is counted by type.
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    let m = agent.scrape().unwrap();
+    let wire = |dir: &'static str, msg: &'static str| {
+        val(
+            &m,
+            "wirescope_wire_packets_total",
+            &[
+                ("interface", &veth),
+                ("peer", &relay),
+                ("direction", dir),
+                ("message", msg),
+            ],
+        )
+    };
+    assert_eq!(wire("tx", "handshake_initiation"), 1);
+    assert_eq!(wire("rx", "handshake_response"), 1);
+    assert_eq!(
+        val(
+            &m,
+            "wirescope_wire_bytes_total",
+            &[
+                ("interface", &veth),
+                ("peer", &relay),
+                ("direction", "tx"),
+                ("message", "handshake_initiation")
+            ]
+        ),
+        (OUTER_V4 + 8 + 148) as u64
+    );
+    assert_eq!(
+        val(
+            &m,
+            "wirescope_peer_info",
+            &[
+                ("interface", &tun),
+                ("peer", &relay),
+                ("hop", "1"),
+                ("via", &veth)
+            ]
+        ),
+        1
+    );
+    for iface in [&tun, &veth] {
+        for dir in ["rx", "tx"] {
+            assert_eq!(
+                val(
+                    &m,
+                    "wirescope_attach_info",
+                    &[("interface", iface), ("direction", dir), ("mode", "tcx")]
+                ),
+                1,
+                "{iface} {dir} attached with TCX"
+            );
+        }
+    }
+
+    for gw in [IpAddr::from(GATEWAY_V4), IpAddr::from(GATEWAY_V6)] {
+        let dst = SocketAddr::new(gw, 7000);
+        let (b, a) = echo_round(&lab, &agent, dst, &PAYLOADS);
+        for dir in ["tx", "rx"] {
+            let mtu = if dir == "tx" {
+                WG_MTU
+            } else {
+                lab.exit().wg().mtu
+            };
+            let e = expect(&dst, &PAYLOADS, mtu, mtu);
+            let t = [
+                ("interface", tun.as_str()),
+                ("peer", &relay),
+                ("direction", dir),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
+                e.packets,
+                "{gw} {dir} tunnel packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
+                e.inner,
+                "{gw} {dir} tunnel bytes"
+            );
+            let w = [
+                ("interface", veth.as_str()),
+                ("peer", &relay),
+                ("direction", dir),
+                ("message", "data"),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_packets_total", &w),
+                e.packets,
+                "{gw} {dir} wire packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_bytes_total", &w),
+                e.layer1,
+                "{gw} {dir} wire bytes"
+            );
+            // Nothing of this traffic went unattributed.
+            let u = [("peer", "unknown")];
+            assert_eq!(
+                a.sum("wirescope_tunnel_packets_total", &u)
+                    - b.sum("wirescope_tunnel_packets_total", &u),
+                0.0
+            );
+        }
+    }
+    assert_peer_state_matches_wg(&lab, &agent);
+
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "clean exit after SIGINT: {status}");
+    lab.teardown().unwrap();
+}
+
+#[test]
+fn multihop_counts_each_layer_exactly() {
+    if !lab::can_run("multihop_counts_each_layer_exactly") {
+        return;
+    }
+    let lab = Lab::up(LabConfig::new(Topology::Multihop, PREFIX)).expect("lab up");
+    let agent = start(&lab, "multihop");
+    let tun = lab.client().wg().iface.clone();
+    let veth = lab.client().underlay().name.clone();
+    let entry = lab.entry().expect("entry relay").wg().public_key.clone();
+    let exit = lab.exit().wg().public_key.clone();
+
+    lab.handshake(Duration::from_secs(20)).expect("handshakes");
+    let m = agent.scrape().unwrap();
+    // Each layer's handshake where it travels: the entry's on the veth, the exit's inside
+    // the entry's tunnel.
+    for (iface, peer) in [(&veth, &entry), (&tun, &exit)] {
+        for (dir, msg) in [("tx", "handshake_initiation"), ("rx", "handshake_response")] {
+            assert_eq!(
+                val(
+                    &m,
+                    "wirescope_wire_packets_total",
+                    &[
+                        ("interface", iface),
+                        ("peer", peer),
+                        ("direction", dir),
+                        ("message", msg)
+                    ]
+                ),
+                1,
+                "{msg} {dir} of {peer} on {iface}"
+            );
+        }
+    }
+    assert_eq!(
+        val(
+            &m,
+            "wirescope_peer_info",
+            &[("peer", &entry), ("hop", "1"), ("via", &veth)]
+        ),
+        1,
+        "entry is hop 1 via the veth"
+    );
+    assert_eq!(
+        val(
+            &m,
+            "wirescope_peer_info",
+            &[("peer", &exit), ("hop", "2"), ("via", &entry)]
+        ),
+        1,
+        "exit is hop 2 via the entry peer"
+    );
+
+    for gw in [IpAddr::from(GATEWAY_V4), IpAddr::from(GATEWAY_V6)] {
+        let dst = SocketAddr::new(gw, 7000);
+        let (b, a) = echo_round(&lab, &agent, dst, &PAYLOADS);
+        for dir in ["tx", "rx"] {
+            let e = if dir == "tx" {
+                expect(&dst, &PAYLOADS, WG_MTU, WG_MTU)
+            } else {
+                let entry_mtu = lab.entry().expect("entry").wg().mtu;
+                expect(&dst, &PAYLOADS, lab.exit().wg().mtu, entry_mtu)
+            };
+            // Exit layer: inner packets on the tunnel, their messages inside the tunnel too.
+            let t = [
+                ("interface", tun.as_str()),
+                ("peer", &exit),
+                ("direction", dir),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
+                e.packets,
+                "{gw} {dir} exit tunnel packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
+                e.inner,
+                "{gw} {dir} exit tunnel bytes"
+            );
+            let w = [
+                ("interface", tun.as_str()),
+                ("peer", &exit),
+                ("direction", dir),
+                ("message", "data"),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_packets_total", &w),
+                e.packets,
+                "{gw} {dir} exit wire packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_bytes_total", &w),
+                e.layer1,
+                "{gw} {dir} exit wire bytes"
+            );
+            // Entry layer: the exit layer's messages are its tunnel traffic, encrypted again
+            // on the veth.
+            let t = [
+                ("interface", tun.as_str()),
+                ("peer", &entry),
+                ("direction", dir),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
+                e.packets,
+                "{gw} {dir} entry tunnel packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
+                e.layer1,
+                "{gw} {dir} entry tunnel bytes"
+            );
+            let w = [
+                ("interface", veth.as_str()),
+                ("peer", &entry),
+                ("direction", dir),
+                ("message", "data"),
+            ];
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_packets_total", &w),
+                e.packets,
+                "{gw} {dir} entry wire packets"
+            );
+            assert_eq!(
+                delta(&b, &a, "wirescope_wire_bytes_total", &w),
+                e.layer2,
+                "{gw} {dir} entry wire bytes"
+            );
+            // The veth never carries the exit layer in the clear.
+            let x = [
+                ("interface", veth.as_str()),
+                ("peer", &exit),
+                ("direction", dir),
+            ];
+            assert_eq!(delta(&b, &a, "wirescope_wire_packets_total", &x), 0);
+        }
+    }
+    assert_peer_state_matches_wg(&lab, &agent);
+
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "clean exit after SIGINT: {status}");
+    lab.teardown().unwrap();
+}
+
+/// Waits (up to 5 s) until a TCP socket listens on `port` in `ns`, from /proc's socket table.
+fn wait_tcp_listening(ns: &str, port: u16) {
+    let want = format!(":{port:04X} ");
+    for _ in 0..250 {
+        let w = want.clone();
+        let listening = xtask::netns::run_in(ns, move || {
+            ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+                .iter()
+                .filter_map(|f| std::fs::read_to_string(f).ok())
+                .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+                // Column 2 is the local address, column 4 the state (0A: LISTEN).
+                .any(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    c.len() > 3
+                        && format!("{} ", &c[1][c[1].len().saturating_sub(5)..]) == w
+                        && c[3] == "0A"
+                })
+        })
+        .expect("reading the socket table");
+        if listening {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on TCP port {port} in {ns}");
+}
+
+/// TCP through the tunnel: each inner packet becomes one data message (GSO counted per
+/// segment), and the overhead per packet stays within the formula's bounds: 20 + 8 + 32
+/// bytes plus 0..15 of padding.
+#[test]
+fn tcp_overhead_per_packet_within_formula_bounds() {
+    if !lab::can_run("tcp_overhead_per_packet_within_formula_bounds") {
+        return;
+    }
+    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    let agent = start(&lab, "tcp");
+    let tun = lab.client().wg().iface.clone();
+    let veth = lab.client().underlay().name.clone();
+    let relay = lab.exit().wg().public_key.clone();
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+
+    let gw = GATEWAY_V4.to_string();
+    let mut server = lab
+        .spawn(&lab.exit().netns, &["iperf3", "-s", "-1", "-B", &gw])
+        .expect("iperf3 server");
+    wait_tcp_listening(&lab.exit().netns, 5201);
+    let b = agent.scrape().unwrap();
+    let out = lab
+        .exec(
+            &lab.client().netns,
+            &["iperf3", "-c", &gw, "-t", "2", "-b", "100M", "-J"],
+        )
+        .expect("iperf3 client");
+    assert!(out.status.success());
+    let _ = server.wait();
+    let a = agent.scrape().unwrap();
+
+    for dir in ["tx", "rx"] {
+        let t = [
+            ("interface", tun.as_str()),
+            ("peer", &relay),
+            ("direction", dir),
+        ];
+        let w = [
+            ("interface", veth.as_str()),
+            ("peer", &relay),
+            ("direction", dir),
+            ("message", "data"),
+        ];
+        let (tp, tb) = (
+            delta(&b, &a, "wirescope_tunnel_packets_total", &t),
+            delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
+        );
+        let (wp, wb) = (
+            delta(&b, &a, "wirescope_wire_packets_total", &w),
+            delta(&b, &a, "wirescope_wire_bytes_total", &w),
+        );
+        assert!(tp > 100, "{dir}: iperf3 moved only {tp} packets");
+        assert_eq!(wp, tp, "{dir}: one data message per inner packet");
+        let overhead = wb - tb;
+        let min = tp * (OUTER_V4 as u64 + 8 + 32);
+        let max = min + tp * 15;
+        assert!(
+            (min..=max).contains(&overhead),
+            "{dir}: overhead {overhead} B over {tp} packets, want {min}..={max}"
+        );
+    }
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success());
+    lab.teardown().unwrap();
+}

@@ -500,3 +500,213 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
     assert!(status.success());
     lab.teardown().unwrap();
 }
+
+/// Programs of ours attached in `ns`, as bpftool lists them.
+fn attached_programs(lab: &Lab, ns: &str) -> usize {
+    let out = lab
+        .exec(ns, &["bpftool", "net", "show"])
+        .expect("bpftool net show");
+    String::from_utf8_lossy(&out.stdout)
+        .matches("wirescope_")
+        .count()
+}
+
+/// Datagrams of `payload` bytes to `dst` from the client, no answer expected.
+fn blast(lab: &Lab, dst: SocketAddr, n: usize, payload: usize) {
+    send_udp(&lab.client().netns, None, dst, &vec![payload; n]).expect("send");
+}
+
+/// Changes of peers, allowed IPs and endpoints reach the maps within 2 s; an interface that
+/// appears later is attached; two agents, or one after a crashed one, both work; a clean
+/// stop detaches everything.
+#[test]
+fn resync_reattach_and_coexistence() {
+    if !lab::can_run("resync_reattach_and_coexistence") {
+        return;
+    }
+    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    let cns = lab.client().netns.clone();
+    let tun = lab.client().wg().iface.clone();
+    let veth = lab.client().underlay().name.clone();
+    let relay = lab.exit().wg().public_key.clone();
+    let agent = start(&lab, "resync");
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    let tx = |peer: &str| {
+        [
+            ("interface", tun.clone()),
+            ("peer", peer.to_string()),
+            ("direction", "tx".to_string()),
+        ]
+    };
+    let get = |m: &Metrics, peer: &str| {
+        let l = tx(peer);
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        val(m, "wirescope_tunnel_packets_total", &l)
+    };
+
+    // Allowed IPs narrowed: traffic to 10.200.0.5 (routed into the tunnel) matches no peer.
+    lab.exec(&cns, &["ip", "route", "add", "10.200.0.0/16", "dev", &tun])
+        .unwrap();
+    lab.exec(
+        &cns,
+        &[
+            "wg",
+            "set",
+            &tun,
+            "peer",
+            &relay,
+            "allowed-ips",
+            "10.64.0.0/10",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let dst: SocketAddr = "10.200.0.5:9".parse().unwrap();
+    let b = agent.scrape().unwrap();
+    blast(&lab, dst, 7, 50);
+    let a = agent.scrape().unwrap();
+    assert_eq!(
+        get(&a, "unknown") - get(&b, "unknown"),
+        7,
+        "no peer's allowed IPs match"
+    );
+    assert_eq!(get(&a, &relay) - get(&b, &relay), 0);
+
+    // Widened again: within 2 s the same traffic is the relay's.
+    lab.exec(
+        &cns,
+        &[
+            "wg",
+            "set",
+            &tun,
+            "peer",
+            &relay,
+            "allowed-ips",
+            "10.64.0.0/10,10.200.0.0/16",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let b = agent.scrape().unwrap();
+    blast(&lab, dst, 5, 50);
+    let a = agent.scrape().unwrap();
+    assert_eq!(
+        get(&a, &relay) - get(&b, &relay),
+        5,
+        "allowed IPs re-synced within 2 s"
+    );
+    assert_eq!(get(&a, "unknown") - get(&b, "unknown"), 0);
+
+    // Roaming: the relay gets a second address and the client moves its endpoint there.
+    let rns = lab.exit().netns.clone();
+    let rveth = lab.exit().underlay().name.clone();
+    lab.exec(
+        &rns,
+        &["ip", "addr", "add", "198.51.100.9/24", "dev", &rveth],
+    )
+    .unwrap();
+    lab.exec(
+        &cns,
+        &[
+            "wg",
+            "set",
+            &tun,
+            "peer",
+            &relay,
+            "endpoint",
+            "198.51.100.9:51820",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let (b, a) = echo_round(
+        &lab,
+        &agent,
+        SocketAddr::new(GATEWAY_V4.into(), 7000),
+        &[10, 20, 30],
+    );
+    let w = [
+        ("interface", veth.as_str()),
+        ("peer", relay.as_str()),
+        ("direction", "tx"),
+        ("message", "data"),
+    ];
+    assert_eq!(
+        delta(&b, &a, "wirescope_wire_packets_total", &w),
+        3,
+        "new endpoint attributed to the relay"
+    );
+
+    // An interface that appears later is attached within 2 s.
+    let late = format!("{PREFIX}late0");
+    let mut late_go = xtask::netns::command(&cns, "wireguard-go");
+    late_go
+        .arg("-f")
+        .arg(&late)
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut late_go = late_go.spawn().expect("wireguard-go for a late interface");
+    let mut attached = false;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        let m = agent.scrape().unwrap();
+        if val(
+            &m,
+            "wirescope_attach_info",
+            &[("interface", &late), ("direction", "tx")],
+        ) == 1
+        {
+            attached = true;
+            break;
+        }
+    }
+    let _ = late_go.kill();
+    let _ = late_go.wait();
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
+    assert!(attached, "{late} attached within 4 s of appearing");
+
+    // A second agent on the same interfaces: both count the same packets.
+    let second = Agent::start_on(bin(), &cns, "127.0.0.1:9587", &[], &log_path("second"))
+        .expect("second agent");
+    let (b1, a1) = echo_round(
+        &lab,
+        &agent,
+        SocketAddr::new(GATEWAY_V4.into(), 7000),
+        &[1, 2],
+    );
+    let _ = (b1, a1);
+    let b2 = second.scrape().unwrap();
+    let (b1, a1) = echo_round(
+        &lab,
+        &agent,
+        SocketAddr::new(GATEWAY_V4.into(), 7000),
+        &[3, 4, 5],
+    );
+    let a2 = second.scrape().unwrap();
+    assert_eq!(get(&a1, &relay) - get(&b1, &relay), 3);
+    assert_eq!(
+        get(&a2, &relay) - get(&b2, &relay),
+        3,
+        "the second agent counts too"
+    );
+
+    // The first crashes; the second goes on; a third starts fine after the crash.
+    agent.kill().unwrap();
+    let third = start(&lab, "third");
+    let b3 = third.scrape().unwrap();
+    let b2 = second.scrape().unwrap();
+    blast(&lab, dst, 4, 10);
+    assert_eq!(get(&third.scrape().unwrap(), &relay) - get(&b3, &relay), 4);
+    assert_eq!(get(&second.scrape().unwrap(), &relay) - get(&b2, &relay), 4);
+
+    // Clean stops detach everything.
+    assert!(second.stop().unwrap().success());
+    assert!(third.stop().unwrap().success());
+    assert_eq!(
+        attached_programs(&lab, &cns),
+        0,
+        "no wirescope program left attached"
+    );
+    lab.teardown().unwrap();
+}

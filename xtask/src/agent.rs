@@ -31,10 +31,21 @@ impl Agent {
     /// Starts `bin run --web.listen-address 127.0.0.1:9586 ARGS` in `ns`, logging to `log`,
     /// and waits up to 15 s for `/healthz` to answer 200.
     pub fn start(bin: &Path, ns: &str, args: &[&str], log: &Path) -> Result<Agent> {
+        Self::start_on(bin, ns, LISTEN, args, log)
+    }
+
+    /// [`Agent::start`] listening on `listen` instead of the default.
+    pub fn start_on(
+        bin: &Path,
+        ns: &str,
+        listen: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<Agent> {
         let logfile = std::fs::File::create(log)
             .with_context(|| format!("creating the agent log {}", log.display()))?;
         let mut cmd = netns::command(ns, &bin.display().to_string());
-        cmd.args(["run", "--web.listen-address", LISTEN])
+        cmd.args(["run", "--web.listen-address", listen])
             .args(args)
             .stdin(Stdio::null())
             .stdout(logfile.try_clone()?)
@@ -45,7 +56,9 @@ impl Agent {
         let mut agent = Agent {
             child: Some(child),
             ns: ns.to_string(),
-            addr: LISTEN.parse()?,
+            addr: listen
+                .parse()
+                .with_context(|| format!("listen address {listen}"))?,
             log: log.to_path_buf(),
         };
         agent.wait_healthy(Duration::from_secs(15))?;
@@ -91,6 +104,15 @@ impl Agent {
             bail!("/metrics answered {code}: {body}");
         }
         Metrics::parse(&body)
+    }
+
+    /// SIGKILL, as a crash would: nothing is cleaned up by the agent.
+    pub fn kill(mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
     }
 
     /// SIGINT, then wait up to 10 s for a clean exit.

@@ -175,20 +175,18 @@ impl Datapath {
         ifindex: u32,
         config: IfaceConfig,
     ) -> Result<AttachMode, DatapathError> {
-        if let Some(a) = self.attachments.get(&ifindex) {
-            if a.name == name && a.config == config {
-                return Ok(a.mode);
+        if let Some(a) = self.attachments.get_mut(&ifindex) {
+            if a.name != name || a.config != config {
+                // Renamed or re-roled: refresh the config; the hooks stay.
+                self.ifaces
+                    .insert(ifindex, config, 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: names::IFACES,
+                        source,
+                    })?;
+                a.name = name.to_string();
+                a.config = config;
             }
-            // Renamed or re-roled: refresh the config; the hooks stay.
-            self.ifaces
-                .insert(ifindex, config, 0)
-                .map_err(|source| DatapathError::Map {
-                    map: names::IFACES,
-                    source,
-                })?;
-            let a = self.attachments.get_mut(&ifindex).expect("checked above");
-            a.name = name.to_string();
-            a.config = config;
             return Ok(a.mode);
         }
         self.ifaces

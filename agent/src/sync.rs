@@ -22,6 +22,9 @@ use crate::{
 
 /// How long a route lookup is trusted; routes rarely change, peers' endpoints do.
 const ROUTE_TTL: Duration = Duration::from_secs(5);
+const DEFAULT_ROUTE_PROBE_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+const DEFAULT_ROUTE_PROBE_V6: IpAddr =
+    IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 
 #[derive(Clone, Debug, Default)]
 pub struct SyncOptions {
@@ -213,11 +216,22 @@ impl Syncer {
     async fn route_endpoints(&mut self, tunnels: &[Tunnel]) -> topology::RouteOif {
         let now = Instant::now();
         let mut out = topology::RouteOif::new();
-        let ips: HashSet<IpAddr> = tunnels
+        let mut ips: HashSet<IpAddr> = tunnels
             .iter()
             .flat_map(|t| t.peers.iter())
             .filter_map(|p| p.wg.endpoint.map(|e| e.ip()))
             .collect();
+        // A peer without an endpoint (a relay's client before its first handshake) will
+        // arrive wherever the default route points: look that up with documentation
+        // addresses, which only ever match a default route and are never sent to.
+        if tunnels
+            .iter()
+            .flat_map(|t| t.peers.iter())
+            .any(|p| p.wg.endpoint.is_none())
+        {
+            ips.insert(DEFAULT_ROUTE_PROBE_V4);
+            ips.insert(DEFAULT_ROUTE_PROBE_V6);
+        }
         for ip in ips {
             let cached = self
                 .routes

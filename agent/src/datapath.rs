@@ -1,10 +1,7 @@
 //! The eBPF side as the agent holds it: the loaded programs, their attachments, and typed
 //! handles on every map.
 
-use std::{
-    collections::{HashMap as StdHashMap, HashSet},
-    hash::Hash,
-};
+use std::{collections::HashMap as StdHashMap, hash::Hash};
 
 use agent_common::maps::{
     AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, UnknownWireKey, map_error,
@@ -85,7 +82,8 @@ pub struct PeerMaps {
     pub allowed_v4: StdHashMap<(u32, [u8; 4], u8), u32>,
     pub allowed_v6: StdHashMap<(u32, [u8; 16], u8), u32>,
     pub endpoints: StdHashMap<Endpoint, u32>,
-    pub wg_ports: HashSet<u16>,
+    /// Listen ports of the local interfaces (the value is unused by the programs).
+    pub wg_ports: StdHashMap<u16, u8>,
 }
 
 pub struct Datapath {
@@ -296,50 +294,53 @@ impl Datapath {
         info!("detached from {} (ifindex {ifindex})", a.name);
     }
 
-    /// Bring the peer maps to `want`, touching only entries that changed.
+    /// Bring the peer maps to `want`, touching only entries that changed. Stale entries go
+    /// first, so a nearly full map makes room; an entry the kernel refuses (map full) is
+    /// retried on the next sync and reported, and never stops the other maps' updates.
     pub fn sync_peers(&mut self, want: &PeerMaps) -> Result<(), DatapathError> {
-        let map_err = |map| move |source| DatapathError::Map { map, source };
-        for (k, v) in &want.allowed_v4 {
-            if self.applied.allowed_v4.get(k) != Some(v) {
-                self.allowed_v4
-                    .insert(&lpm_v4(k), *v, 0)
-                    .map_err(map_err(names::ALLOWED_V4))?;
-            }
+        let (v4, v6, eps, ports) = (
+            &mut self.allowed_v4,
+            &mut self.allowed_v6,
+            &mut self.endpoints,
+            &mut self.wg_ports,
+        );
+        let results = [
+            apply(
+                &mut self.applied.allowed_v4,
+                &want.allowed_v4,
+                |k, v| match v {
+                    Some(v) => v4.insert(&lpm_v4(k), *v, 0),
+                    None => v4.remove(&lpm_v4(k)),
+                },
+            )
+            .map_err(|e| (names::ALLOWED_V4, e)),
+            apply(
+                &mut self.applied.allowed_v6,
+                &want.allowed_v6,
+                |k, v| match v {
+                    Some(v) => v6.insert(&lpm_v6(k), *v, 0),
+                    None => v6.remove(&lpm_v6(k)),
+                },
+            )
+            .map_err(|e| (names::ALLOWED_V6, e)),
+            apply(
+                &mut self.applied.endpoints,
+                &want.endpoints,
+                |k, v| match v {
+                    Some(v) => eps.insert(k, v, 0),
+                    None => eps.remove(k),
+                },
+            )
+            .map_err(|e| (names::ENDPOINTS, e)),
+            apply(&mut self.applied.wg_ports, &want.wg_ports, |k, v| match v {
+                Some(v) => ports.insert(k, v, 0),
+                None => ports.remove(k),
+            })
+            .map_err(|e| (names::WG_PORTS, e)),
+        ];
+        for r in results {
+            r.map_err(|(map, source)| DatapathError::Map { map, source })?;
         }
-        for k in stale(&self.applied.allowed_v4, &want.allowed_v4) {
-            let _ = self.allowed_v4.remove(&lpm_v4(&k));
-        }
-        for (k, v) in &want.allowed_v6 {
-            if self.applied.allowed_v6.get(k) != Some(v) {
-                self.allowed_v6
-                    .insert(&lpm_v6(k), *v, 0)
-                    .map_err(map_err(names::ALLOWED_V6))?;
-            }
-        }
-        for k in stale(&self.applied.allowed_v6, &want.allowed_v6) {
-            let _ = self.allowed_v6.remove(&lpm_v6(&k));
-        }
-        for (k, v) in &want.endpoints {
-            if self.applied.endpoints.get(k) != Some(v) {
-                self.endpoints
-                    .insert(k, v, 0)
-                    .map_err(map_err(names::ENDPOINTS))?;
-            }
-        }
-        for k in stale(&self.applied.endpoints, &want.endpoints) {
-            let _ = self.endpoints.remove(&k);
-        }
-        for p in &want.wg_ports {
-            if !self.applied.wg_ports.contains(p) {
-                self.wg_ports
-                    .insert(p, 1, 0)
-                    .map_err(map_err(names::WG_PORTS))?;
-            }
-        }
-        for p in self.applied.wg_ports.difference(&want.wg_ports) {
-            let _ = self.wg_ports.remove(p);
-        }
-        self.applied = want.clone();
         Ok(())
     }
 
@@ -426,11 +427,39 @@ impl Datapath {
     }
 }
 
-fn stale<K: Eq + Hash + Clone, V>(old: &StdHashMap<K, V>, new: &StdHashMap<K, V>) -> Vec<K> {
-    old.keys()
-        .filter(|k| !new.contains_key(*k))
+/// Makes `applied` (what the kernel map holds) equal to `want` through `write`, which
+/// inserts `Some(value)` or removes on `None`; returns the first refusal after trying every
+/// entry.
+fn apply<K: Eq + Hash + Clone, V: PartialEq + Clone>(
+    applied: &mut StdHashMap<K, V>,
+    want: &StdHashMap<K, V>,
+    mut write: impl FnMut(&K, Option<&V>) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    let stale: Vec<K> = applied
+        .keys()
+        .filter(|k| !want.contains_key(*k))
         .cloned()
-        .collect()
+        .collect();
+    for k in stale {
+        // Already gone (never inserted, or removed by someone) is what we wanted.
+        let _ = write(&k, None);
+        applied.remove(&k);
+    }
+    let mut first_err = None;
+    for (k, v) in want {
+        if applied.get(k) == Some(v) {
+            continue;
+        }
+        match write(k, Some(v)) {
+            Ok(()) => {
+                applied.insert(k.clone(), v.clone());
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 fn lpm_v4(&(ifindex, addr, plen): &(u32, [u8; 4], u8)) -> Key<AllowedV4> {
@@ -479,5 +508,65 @@ fn tcx_unsupported(e: &ProgramError) -> bool {
             Some(code) if code == libc::EINVAL || code == libc::EOPNOTSUPP || code == 524 /* ENOTSUPP */
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake kernel map that refuses inserts past `cap` entries, like a full BPF map.
+    fn run(
+        kernel: &mut StdHashMap<u32, u32>,
+        cap: usize,
+        applied: &mut StdHashMap<u32, u32>,
+        want: &StdHashMap<u32, u32>,
+    ) -> bool {
+        apply(applied, want, |k, v| match v {
+            Some(v) if kernel.len() >= cap && !kernel.contains_key(k) => {
+                let _ = v;
+                Err(MapError::OutOfBounds {
+                    index: *k,
+                    max_entries: cap as u32,
+                })
+            }
+            Some(v) => {
+                kernel.insert(*k, *v);
+                Ok(())
+            }
+            None => {
+                kernel.remove(k);
+                Ok(())
+            }
+        })
+        .is_ok()
+    }
+
+    #[test]
+    fn stale_entries_go_first_and_refusals_are_retried() {
+        let mut kernel = StdHashMap::new();
+        let mut applied = StdHashMap::new();
+        let first: StdHashMap<u32, u32> = [(1, 10), (2, 20)].into();
+        assert!(run(&mut kernel, 2, &mut applied, &first));
+        assert_eq!(kernel, first);
+        // Replacing both entries fits only because the stale ones are removed first.
+        let second: StdHashMap<u32, u32> = [(3, 30), (4, 40)].into();
+        assert!(run(&mut kernel, 2, &mut applied, &second));
+        assert_eq!(kernel, second);
+        // One more than fits: an error, what fitted is in, and `applied` says exactly that.
+        let third: StdHashMap<u32, u32> = [(3, 31), (4, 40), (5, 50)].into();
+        assert!(!run(&mut kernel, 2, &mut applied, &third));
+        assert_eq!(
+            kernel.get(&3),
+            Some(&31),
+            "a changed value is still written"
+        );
+        assert_eq!(
+            applied, kernel,
+            "only what the kernel holds counts as applied"
+        );
+        // Room again: the refused entry goes in on the next sync.
+        assert!(run(&mut kernel, 3, &mut applied, &third));
+        assert_eq!(kernel, third);
     }
 }

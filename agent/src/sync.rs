@@ -309,7 +309,7 @@ pub fn peer_maps(tunnels: &[Tunnel]) -> PeerMaps {
     let mut m = PeerMaps::default();
     for t in tunnels {
         if t.listen_port != 0 {
-            m.wg_ports.insert(t.listen_port);
+            m.wg_ports.insert(t.listen_port, 1);
         }
         for p in &t.peers {
             for net in &p.wg.allowed_ips {

@@ -102,6 +102,40 @@ fn expect(dst: &SocketAddr, payloads: &[usize], mtu1: u32, mtu2: u32) -> Expect 
 
 const PAYLOADS: [usize; 6] = [0, 1, 100, 555, 1000, 1300];
 
+/// One WireGuard layer of one peer in one direction, between two scrapes: `packets` inner
+/// packets of `tunnel_bytes` on `tun`, carried as as many data messages of `wire_bytes` seen
+/// on `wire_iface`.
+#[allow(clippy::too_many_arguments)]
+fn assert_layer(
+    (b, a): (&Metrics, &Metrics),
+    what: &str,
+    tun: &str,
+    wire_iface: &str,
+    peer: &str,
+    dir: &str,
+    packets: u64,
+    (tunnel_bytes, wire_bytes): (u64, u64),
+) {
+    let t = [("interface", tun), ("peer", peer), ("direction", dir)];
+    let w = [
+        ("interface", wire_iface),
+        ("peer", peer),
+        ("direction", dir),
+        ("message", "data"),
+    ];
+    let got = (
+        delta(b, a, "wirescope_tunnel_packets_total", &t),
+        delta(b, a, "wirescope_tunnel_bytes_total", &t),
+        delta(b, a, "wirescope_wire_packets_total", &w),
+        delta(b, a, "wirescope_wire_bytes_total", &w),
+    );
+    assert_eq!(
+        got,
+        (packets, tunnel_bytes, packets, wire_bytes),
+        "{what} {dir}: (tunnel packets, tunnel bytes, wire data packets, wire data bytes)"
+    );
+}
+
 /// Peer-state metrics equal what `wg show dump` reports. The two reads are not atomic, so
 /// a keepalive between them is retried, a bounded number of times.
 fn assert_peer_state_matches_wg(lab: &Lab, agent: &Agent) {
@@ -217,36 +251,15 @@ fn single_hop_counts_are_exact() {
                 lab.exit().wg().mtu
             };
             let e = expect(&dst, &PAYLOADS, mtu, mtu);
-            let t = [
-                ("interface", tun.as_str()),
-                ("peer", &relay),
-                ("direction", dir),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
+            assert_layer(
+                (&b, &a),
+                &gw.to_string(),
+                &tun,
+                &veth,
+                &relay,
+                dir,
                 e.packets,
-                "{gw} {dir} tunnel packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
-                e.inner,
-                "{gw} {dir} tunnel bytes"
-            );
-            let w = [
-                ("interface", veth.as_str()),
-                ("peer", &relay),
-                ("direction", dir),
-                ("message", "data"),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_packets_total", &w),
-                e.packets,
-                "{gw} {dir} wire packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_bytes_total", &w),
-                e.layer1,
-                "{gw} {dir} wire bytes"
+                (e.inner, e.layer1),
             );
             // Nothing of this traffic went unattributed.
             let u = [("peer", "unknown")];
@@ -328,70 +341,14 @@ fn multihop_counts_each_layer_exactly() {
                 expect(&dst, &PAYLOADS, lab.exit().wg().mtu, entry_mtu)
             };
             // Exit layer: inner packets on the tunnel, their messages inside the tunnel too.
-            let t = [
-                ("interface", tun.as_str()),
-                ("peer", &exit),
-                ("direction", dir),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
-                e.packets,
-                "{gw} {dir} exit tunnel packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
-                e.inner,
-                "{gw} {dir} exit tunnel bytes"
-            );
-            let w = [
-                ("interface", tun.as_str()),
-                ("peer", &exit),
-                ("direction", dir),
-                ("message", "data"),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_packets_total", &w),
-                e.packets,
-                "{gw} {dir} exit wire packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_bytes_total", &w),
-                e.layer1,
-                "{gw} {dir} exit wire bytes"
-            );
+            let what = format!("{gw} exit layer");
+            let bytes = (e.inner, e.layer1);
+            assert_layer((&b, &a), &what, &tun, &tun, &exit, dir, e.packets, bytes);
             // Entry layer: the exit layer's messages are its tunnel traffic, encrypted again
             // on the veth.
-            let t = [
-                ("interface", tun.as_str()),
-                ("peer", &entry),
-                ("direction", dir),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_packets_total", &t),
-                e.packets,
-                "{gw} {dir} entry tunnel packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_tunnel_bytes_total", &t),
-                e.layer1,
-                "{gw} {dir} entry tunnel bytes"
-            );
-            let w = [
-                ("interface", veth.as_str()),
-                ("peer", &entry),
-                ("direction", dir),
-                ("message", "data"),
-            ];
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_packets_total", &w),
-                e.packets,
-                "{gw} {dir} entry wire packets"
-            );
-            assert_eq!(
-                delta(&b, &a, "wirescope_wire_bytes_total", &w),
-                e.layer2,
-                "{gw} {dir} entry wire bytes"
-            );
+            let what = format!("{gw} entry layer");
+            let bytes = (e.layer1, e.layer2);
+            assert_layer((&b, &a), &what, &tun, &veth, &entry, dir, e.packets, bytes);
             // The veth never carries the exit layer in the clear.
             let x = [
                 ("interface", veth.as_str()),

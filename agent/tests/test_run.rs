@@ -116,7 +116,7 @@ fn multihop_maps(tun: u32) -> PeerMaps {
         .insert(ep(ip6(entry_relay_v6()), RELAY_PORT), V6_RELAY);
     m.endpoints
         .insert(ep(ip6(exit_relay_v6()), RELAY_PORT), EXIT_V6);
-    m.wg_ports.insert(LISTEN_PORT);
+    m.wg_ports.insert(LISTEN_PORT, 1);
     m
 }
 
@@ -737,7 +737,7 @@ impl Lab {
             _pad: 0,
         };
         let peer = self.maps.endpoints.get(&endpoint).copied();
-        if peer.is_none() && !self.maps.wg_ports.contains(&lport) {
+        if peer.is_none() && !self.maps.wg_ports.contains_key(&lport) {
             return want;
         }
         let Some(msg) = classify(&pkt, ip.l4_off + 8, l4.udp_payload_len) else {

@@ -36,9 +36,12 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)>
 }
 
 /// Every sample of a scrape, keyed by metric name and sorted labels.
+/// Labels of one sample, sorted by name.
+pub type Labels = BTreeMap<String, String>;
+
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    samples: BTreeMap<String, Vec<(BTreeMap<String, String>, f64)>>,
+    samples: BTreeMap<String, Vec<(Labels, f64)>>,
 }
 
 impl Metrics {
@@ -90,7 +93,7 @@ impl Metrics {
         &'a self,
         name: &str,
         labels: &'a [(&'a str, &'a str)],
-    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
+    ) -> impl Iterator<Item = (&'a Labels, f64)> + 'a {
         self.samples
             .get(name)
             .into_iter()

@@ -109,6 +109,23 @@ impl Syncer {
         let underlays = self.underlays(&links, &tunnels, &routes);
 
         let want = peer_maps(&tunnels);
+        // Labels first: a scrape must never meet a peer id in the counters it cannot name.
+        {
+            let mut inv = inventory
+                .write()
+                .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
+            for t in &tunnels {
+                inv.iface_names.insert(t.ifindex, t.name.clone());
+                for p in &t.peers {
+                    inv.peer_labels
+                        .insert(p.id, (t.name.clone(), p.public_key.clone()));
+                }
+            }
+            for u in &underlays {
+                inv.iface_names.insert(u.ifindex, u.name.clone());
+            }
+        }
+        let maps_result;
         {
             let mut dp = datapath
                 .lock()
@@ -140,25 +157,20 @@ impl Syncer {
                     }
                 }
             }
-            dp.sync_peers(&want)?;
+            maps_result = dp.sync_peers(&want);
+        }
+        if let Err(e) = &maps_result {
+            self.warn_once(format!("updating the peer maps: {e}"));
         }
 
         let mut inv = inventory
             .write()
             .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
-        for t in &tunnels {
-            inv.iface_names.insert(t.ifindex, t.name.clone());
-            for p in &t.peers {
-                inv.peer_labels
-                    .insert(p.id, (t.name.clone(), p.public_key.clone()));
-            }
-        }
-        for u in &underlays {
-            inv.iface_names.insert(u.ifindex, u.name.clone());
-        }
         inv.tunnels = tunnels;
         inv.underlays = underlays;
-        inv.last_error = None;
+        inv.last_error = maps_result
+            .err()
+            .map(|e| format!("updating the peer maps: {e}"));
         inv.synced_at = Some(SystemTime::now());
         Ok(())
     }

@@ -73,18 +73,19 @@ impl HttpConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error(
-        "cannot listen on {addr}: {source}{}",
-        if source.kind() == io::ErrorKind::AddrInUse {
+        "cannot listen on {addr}: {error}{}",
+        if error.kind() == io::ErrorKind::AddrInUse {
             " (is another wirescope or exporter running? pick another port with --web.listen-address)"
-        } else if source.kind() == io::ErrorKind::AddrNotAvailable {
+        } else if error.kind() == io::ErrorKind::AddrNotAvailable {
             " (no local interface has that address)"
-        } else if source.kind() == io::ErrorKind::PermissionDenied {
+        } else if error.kind() == io::ErrorKind::PermissionDenied {
             " (ports below 1024 need CAP_NET_BIND_SERVICE)"
         } else {
             ""
         }
     )]
-    Bind { addr: SocketAddr, source: io::Error },
+    // Not `source`: the message already says it, and error chains would print it twice.
+    Bind { addr: SocketAddr, error: io::Error },
 }
 
 /// A bound, not yet serving, server: binding first lets the caller fail early (exit status)
@@ -108,7 +109,7 @@ pub async fn bind(cfg: HttpConfig) -> Result<Server, HttpError> {
         }
         r => r,
     }
-    .map_err(|source| HttpError::Bind { addr, source })?;
+    .map_err(|error| HttpError::Bind { addr, error })?;
     Ok(Server { listener, cfg })
 }
 

@@ -40,7 +40,6 @@ fn main() -> ExitCode {
             match rt.block_on(wirescope::run::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    log::error!("{e:#}");
                     eprintln!("wirescope: {e:#}");
                     ExitCode::from(1)
                 }

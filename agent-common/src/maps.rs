@@ -13,6 +13,9 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const UNKNOWN_WIRE: &str = "UNKNOWN_WIRE";
     pub const MAP_ERRORS: &str = "MAP_ERRORS";
+    pub const CRYPTO_CFG: &str = "CRYPTO_CFG";
+    pub const CRYPTO_START: &str = "CRYPTO_START";
+    pub const CRYPTO_HIST: &str = "CRYPTO_HIST";
 }
 
 /// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
@@ -24,6 +27,10 @@ pub const MAX_WG_PORTS: u32 = 256;
 /// interface, but only kinds that occur get an entry (tunnel + data + keepalive + handshakes).
 pub const MAX_COUNTERS: u32 = 131_072;
 pub const MAX_UNKNOWN_WIRE: u32 = 4_096;
+/// Encryptions or decryptions in flight at once: one per crypto worker thread.
+pub const MAX_CRYPTO_START: u32 = 4_096;
+/// (interface, direction, bucket).
+pub const MAX_CRYPTO_HIST: u32 = 4_096;
 
 /// Per-interface configuration written by the agent before it attaches.
 #[repr(C)]
@@ -127,7 +134,74 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 pub mod map_error {
     pub const COUNTERS: u32 = 0;
     pub const UNKNOWN_WIRE: u32 = 1;
-    pub const COUNT: u32 = 2;
+    pub const CRYPTO_START: u32 = 2;
+    pub const CRYPTO_HIST: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Where the kprobes on kernel WireGuard's `encrypt_packet(skb, keypair)` and
+/// `decrypt_packet(skb, keypair)` find the interface: keypair -> peer -> device -> net_device
+/// -> ifindex. Rust eBPF has no CO-RE, so the agent reads these offsets from the running
+/// kernel's BTF (vmlinux and the wireguard module) and writes them here before attaching.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CryptoConfig {
+    /// 0 until the agent has filled the offsets in: the probes then do nothing.
+    pub enabled: u32,
+    /// `noise_keypair.entry.peer` (struct wg_peer *).
+    pub keypair_peer: u32,
+    /// `wg_peer.device` (struct wg_device *).
+    pub peer_device: u32,
+    /// `wg_device.dev` (struct net_device *).
+    pub device_dev: u32,
+    /// `net_device.ifindex` (int).
+    pub netdev_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<CryptoConfig>() == 20);
+
+/// An encryption or decryption under way, keyed by the kernel thread (pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CryptoStart {
+    pub start_ns: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CryptoStart>() == 16);
+
+/// A log2 bucket of crypto durations: bucket `b` holds durations in [2^b, 2^(b+1)) ns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HistKey {
+    pub ifindex: u32,
+    pub dir: u8,
+    pub bucket: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<HistKey>() == 8);
+
+/// Highest bucket: 2^40 ns (18 min) and above land here.
+pub const HIST_MAX_BUCKET: u8 = 40;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistValue {
+    pub count: u64,
+    pub sum_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<HistValue>() == 16);
+
+/// floor(log2(ns)), capped at HIST_MAX_BUCKET; 0 for 0 and 1. A bounded loop, no clz
+/// instruction needed on BPF.
+#[inline(always)]
+pub fn log2_bucket(ns: u64) -> u8 {
+    let mut b: u8 = 0;
+    let mut v = ns >> 1;
+    while v != 0 && b < HIST_MAX_BUCKET {
+        v >>= 1;
+        b += 1;
+    }
+    b
 }
 
 #[cfg(feature = "user")]
@@ -140,4 +214,24 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for UnknownWireKey {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for CryptoConfig {}
+    unsafe impl aya::Pod for CryptoStart {}
+    unsafe impl aya::Pod for HistKey {}
+    unsafe impl aya::Pod for HistValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_buckets() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        assert_eq!(log2_bucket(2), 1);
+        assert_eq!(log2_bucket(3), 1);
+        assert_eq!(log2_bucket(1023), 9);
+        assert_eq!(log2_bucket(1024), 10);
+        assert_eq!(log2_bucket(u64::MAX), HIST_MAX_BUCKET);
+    }
 }

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod count;
+mod crypto;
 mod maps;
 mod skb;
 mod tunnel;
@@ -16,7 +17,10 @@ use agent_common::{
     maps::{DIR_RX, DIR_TX, IfaceConfig},
     parse::{parse_ip, parse_l4},
 };
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{classifier, kprobe, kretprobe},
+    programs::{ProbeContext, RetProbeContext, TcContext},
+};
 
 /// TC_ACT_UNSPEC, which is also TCX_NEXT.
 const TC_NEXT: i32 = -1;
@@ -31,6 +35,30 @@ pub fn wirescope_ingress(ctx: TcContext) -> i32 {
 pub fn wirescope_egress(ctx: TcContext) -> i32 {
     observe(&ctx, DIR_TX);
     TC_NEXT
+}
+
+#[kprobe]
+pub fn wirescope_encrypt_enter(ctx: ProbeContext) -> u32 {
+    crypto::enter(&ctx);
+    0
+}
+
+#[kretprobe]
+pub fn wirescope_encrypt_exit(_ctx: RetProbeContext) -> u32 {
+    crypto::exit(DIR_TX);
+    0
+}
+
+#[kprobe]
+pub fn wirescope_decrypt_enter(ctx: ProbeContext) -> u32 {
+    crypto::enter(&ctx);
+    0
+}
+
+#[kretprobe]
+pub fn wirescope_decrypt_exit(_ctx: RetProbeContext) -> u32 {
+    crypto::exit(DIR_RX);
+    0
 }
 
 #[inline(always)]

@@ -4,14 +4,14 @@
 use std::{collections::HashMap as StdHashMap, hash::Hash};
 
 use agent_common::maps::{
-    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, UnknownWireKey, map_error,
-    names,
+    AllowedV4, AllowedV6, Counter, CounterKey, CryptoConfig, Endpoint, HistKey, HistValue,
+    IfaceConfig, UnknownWireKey, map_error, names,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        KProbe, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
 };
@@ -96,6 +96,10 @@ pub struct Datapath {
     counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     unknown_wire: PerCpuHashMap<MapData, UnknownWireKey, Counter>,
     map_errors: PerCpuArray<MapData, u64>,
+    crypto_cfg: Array<MapData, CryptoConfig>,
+    crypto_hist: PerCpuHashMap<MapData, HistKey, HistValue>,
+    /// Whether the crypto kprobes are attached.
+    crypto_attached: bool,
     attachments: StdHashMap<u32, Attachment>,
     /// What was last written to the peer maps, so a sync only touches what changed.
     applied: PeerMaps,
@@ -143,6 +147,9 @@ impl Datapath {
             counters: take(&mut ebpf, names::COUNTERS)?,
             unknown_wire: take(&mut ebpf, names::UNKNOWN_WIRE)?,
             map_errors: take(&mut ebpf, names::MAP_ERRORS)?,
+            crypto_cfg: take(&mut ebpf, names::CRYPTO_CFG)?,
+            crypto_hist: take(&mut ebpf, names::CRYPTO_HIST)?,
+            crypto_attached: false,
             ebpf,
             attachments: StdHashMap::new(),
             applied: PeerMaps::default(),
@@ -344,6 +351,84 @@ impl Datapath {
         Ok(())
     }
 
+    pub fn crypto_attached(&self) -> bool {
+        self.crypto_attached
+    }
+
+    /// Loads and attaches the kprobes that time kernel WireGuard's crypto, after writing
+    /// the structure offsets they follow. All four or none: a half-attached pair would
+    /// leave start times that never end.
+    pub fn attach_crypto(&mut self, cfg: CryptoConfig) -> Result<(), DatapathError> {
+        if self.crypto_attached {
+            return Ok(());
+        }
+        self.crypto_cfg
+            .set(0, cfg, 0)
+            .map_err(|source| DatapathError::Map {
+                map: names::CRYPTO_CFG,
+                source,
+            })?;
+        let mut done: Vec<(&'static str, aya::programs::kprobe::KProbeLinkId)> = Vec::new();
+        let mut result = Ok(());
+        'probes: for (func, enter, exit) in crate::crypto::PROBES {
+            for name in [enter, exit] {
+                let attached = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(ProgramError::NotLoaded)
+                    .and_then(<&mut KProbe>::try_from)
+                    .and_then(|p| {
+                        if p.fd().is_err() {
+                            p.load()?;
+                        }
+                        p.attach(func, 0)
+                    });
+                match attached {
+                    Ok(id) => done.push((name, id)),
+                    Err(source) => {
+                        result = Err(DatapathError::Attach {
+                            iface: format!("kprobe {func}"),
+                            dir: name,
+                            source,
+                        });
+                        break 'probes;
+                    }
+                }
+            }
+        }
+        if result.is_err() {
+            for (name, id) in done {
+                if let Some(p) = self.ebpf.program_mut(name)
+                    && let Ok(p) = <&mut KProbe>::try_from(p)
+                {
+                    let _ = p.detach(id);
+                }
+            }
+            return result;
+        }
+        self.crypto_attached = true;
+        info!("timing kernel WireGuard encryption and decryption with kprobes");
+        Ok(())
+    }
+
+    /// The crypto duration histogram, summed over CPUs.
+    pub fn crypto_hist(&self) -> Result<Vec<(HistKey, HistValue)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.crypto_hist.iter() {
+            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
+                map: names::CRYPTO_HIST,
+                source,
+            })?;
+            let mut sum = HistValue::default();
+            for v in per_cpu.iter() {
+                sum.count += v.count;
+                sum.sum_ns += v.sum_ns;
+            }
+            out.push((k, sum));
+        }
+        Ok(out)
+    }
+
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
         sum_per_cpu(&self.counters, names::COUNTERS)
@@ -358,6 +443,8 @@ impl Datapath {
         [
             (map_error::COUNTERS, names::COUNTERS),
             (map_error::UNKNOWN_WIRE, names::UNKNOWN_WIRE),
+            (map_error::CRYPTO_START, names::CRYPTO_START),
+            (map_error::CRYPTO_HIST, names::CRYPTO_HIST),
         ]
         .into_iter()
         .map(|(idx, name)| {
@@ -409,6 +496,11 @@ impl Datapath {
                 names::UNKNOWN_WIRE,
                 self.unknown_wire.keys().count() as u64,
                 MAX_UNKNOWN_WIRE as u64,
+            ),
+            (
+                names::CRYPTO_HIST,
+                self.crypto_hist.keys().count() as u64,
+                MAX_CRYPTO_HIST as u64,
             ),
         ]
     }

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod datapath;
 pub mod features;
 pub mod friendly;

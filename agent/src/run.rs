@@ -89,6 +89,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         features.bpf_stats
     );
     let datapath = Datapath::load(EBPF_OBJECT).context("loading the eBPF programs")?;
+    let crypto_kprobes = features.kprobe;
     let datapath = Arc::new(Mutex::new(datapath));
     let inventory = Arc::new(RwLock::new(Inventory::default()));
     let endpoints = EndpointLabeler::load(&cfg.state_dir, cfg.export_endpoints)
@@ -101,6 +102,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             tunnels: cfg.tunnels.clone(),
             underlays: cfg.underlays.clone(),
             friendly_names: cfg.friendly_names.clone(),
+            crypto_kprobes,
         },
     );
     // The first round runs before serving, so the first scrape already sees the tunnels.
@@ -120,6 +122,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         cfg.export_endpoints,
     )));
     registry.register_collector(Box::new(datapath_collector.clone()));
+    registry.register_collector(Box::new(crate::metrics::crypto::CryptoCollector::new(
+        datapath.clone(),
+        inventory.clone(),
+    )));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),
         inventory.clone(),

@@ -34,6 +34,8 @@ pub struct SyncOptions {
     pub underlays: Vec<String>,
     /// Base64 public key -> friendly name, from `--wg-config` files.
     pub friendly_names: HashMap<String, String>,
+    /// Time kernel WireGuard's crypto with kprobes (the kernel has them).
+    pub crypto_kprobes: bool,
 }
 
 pub struct Syncer {
@@ -158,6 +160,15 @@ impl Syncer {
                 }
             }
             maps_result = dp.sync_peers(&want);
+            let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
+            if self.opts.crypto_kprobes && kernel_wg && !dp.crypto_attached() {
+                let attached = crate::crypto::offsets()
+                    .map_err(|e| e.to_string())
+                    .and_then(|cfg| dp.attach_crypto(cfg).map_err(|e| e.to_string()));
+                if let Err(e) = attached {
+                    self.warn_once(format!("no crypto timing: {e}"));
+                }
+            }
         }
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));

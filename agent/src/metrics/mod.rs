@@ -11,6 +11,7 @@ use prometheus_client::{
 };
 
 pub mod agent;
+pub mod crypto;
 pub mod datapath;
 pub mod peers;
 

@@ -1,0 +1,109 @@
+//! Kernel WireGuard's encryption and decryption, timed per packet with a kprobe and a
+//! kretprobe on `encrypt_packet` / `decrypt_packet` (static functions of wireguard.ko that
+//! Debian's kernels keep out of line). Only where the kernel has kprobes; the agent decides.
+
+use agent_common::maps::{
+    CryptoConfig, CryptoStart, HistKey, HistValue, MAX_CRYPTO_HIST, MAX_CRYPTO_START, log2_bucket,
+    map_error,
+};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuHashMap},
+    programs::ProbeContext,
+};
+
+use crate::maps::MAP_ERRORS;
+
+#[map]
+pub static CRYPTO_CFG: Array<CryptoConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static CRYPTO_START: HashMap<u64, CryptoStart> = HashMap::with_max_entries(MAX_CRYPTO_START, 0);
+
+#[map]
+pub static CRYPTO_HIST: PerCpuHashMap<HistKey, HistValue> =
+    PerCpuHashMap::with_max_entries(MAX_CRYPTO_HIST, 0);
+
+/// Follows `base + off` as a kernel pointer.
+#[inline(always)]
+fn follow(base: usize, off: u32) -> Option<usize> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel((base + off as usize) as *const usize) }.ok()
+}
+
+#[inline(always)]
+pub fn enter(ctx: &ProbeContext) {
+    let Some(cfg) = CRYPTO_CFG.get(0) else {
+        return;
+    };
+    if cfg.enabled == 0 {
+        return;
+    }
+    // encrypt_packet(struct sk_buff *skb, struct noise_keypair *keypair)
+    let Some(keypair) = ctx.arg::<usize>(1) else {
+        return;
+    };
+    let ifindex = (|| {
+        let peer = follow(keypair, cfg.keypair_peer)?;
+        let device = follow(peer, cfg.peer_device)?;
+        let dev = follow(device, cfg.device_dev)?;
+        // SAFETY: as in follow().
+        unsafe { bpf_probe_read_kernel((dev + cfg.netdev_ifindex as usize) as *const u32) }.ok()
+    })()
+    .unwrap_or(0);
+    let start = CryptoStart {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex,
+        _pad: 0,
+    };
+    if CRYPTO_START
+        .insert(&bpf_get_current_pid_tgid(), &start, 0)
+        .is_err()
+    {
+        bump(map_error::CRYPTO_START);
+    }
+}
+
+#[inline(always)]
+pub fn exit(dir: u8) {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: only this thread writes its own entry.
+    let Some(start) = (unsafe { CRYPTO_START.get(&id) }).copied() else {
+        return;
+    };
+    let _ = CRYPTO_START.remove(&id);
+    let ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(start.start_ns);
+    let key = HistKey {
+        ifindex: start.ifindex,
+        dir,
+        bucket: log2_bucket(ns),
+        _pad: [0; 2],
+    };
+    if let Some(v) = CRYPTO_HIST.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value.
+        unsafe {
+            (*v).count += 1;
+            (*v).sum_ns += ns;
+        }
+        return;
+    }
+    let fresh = HistValue {
+        count: 1,
+        sum_ns: ns,
+    };
+    if CRYPTO_HIST
+        .insert(&key, &fresh, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        bump(map_error::CRYPTO_HIST);
+    }
+}
+
+#[inline(always)]
+fn bump(idx: u32) {
+    if let Some(e) = MAP_ERRORS.get_ptr_mut(idx) {
+        unsafe { *e += 1 };
+    }
+}

@@ -1,5 +1,6 @@
 //! The WireGuard lab: network namespaces joined by veth links stand for a client and the
-//! relays; each runs userspace wireguard-go with an interface name unique to the lab's prefix.
+//! relays; each has a WireGuard interface with a name unique to the lab's prefix, run by the
+//! kernel (`ip link add ... type wireguard`) or by userspace wireguard-go: see [`WgImpl`].
 //!
 //! ```text
 //! single:    PREFIX-cli --veth-- [PREFIX-hop] --veth-- PREFIX-relay
@@ -56,6 +57,130 @@ pub enum Role {
     Exit,
 }
 
+/// Which WireGuard implementation runs the lab's interfaces. Everything else (names,
+/// addresses, routes, MTUs, policy routing) is the same with both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WgImpl {
+    /// The kernel's WireGuard (module `wireguard`): `ip -n NS link add IFACE type wireguard`,
+    /// configured over netlink; no process, no control socket.
+    Kernel,
+    /// wireguard-go: one daemon per interface (a tun device), configured over its UAPI socket
+    /// in /var/run/wireguard.
+    Userspace,
+}
+
+/// Forces the lab's WireGuard implementation: `kernel` or `userspace` (else it is detected:
+/// see [`WgImpl::auto`]). The same test binaries then run either way.
+pub const WG_IMPL_ENV: &str = "WIRESCOPE_LAB_WG";
+
+impl WgImpl {
+    /// What [`WG_IMPL_ENV`] asks for: None when unset or empty, an error when it names
+    /// neither implementation.
+    pub fn from_env() -> Result<Option<WgImpl>> {
+        match std::env::var(WG_IMPL_ENV) {
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => <WgImpl as clap::ValueEnum>::from_str(v.trim(), true)
+                .map(Some)
+                .map_err(|_| anyhow!("{WG_IMPL_ENV}={v:?}: use `kernel` or `userspace`")),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// [`WG_IMPL_ENV`] when set; otherwise kernel WireGuard where this kernel has it (see
+    /// [`kernel_wireguard_available`]), userspace wireguard-go where not.
+    pub fn auto() -> Result<WgImpl> {
+        Ok(match WgImpl::from_env()? {
+            Some(i) => i,
+            None if kernel_wireguard_available() => WgImpl::Kernel,
+            None => WgImpl::Userspace,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WgImpl::Kernel => "kernel",
+            WgImpl::Userspace => "userspace",
+        }
+    }
+}
+
+impl std::fmt::Display for WgImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether this kernel can create WireGuard interfaces: the `wireguard` module is loaded,
+/// `modprobe wireguard` loads it, or (built in, or no modprobe) a throwaway interface can be
+/// created in a throwaway network namespace (as root only). Worked out once per process.
+pub fn kernel_wireguard_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(probe_kernel_wireguard)
+}
+
+fn probe_kernel_wireguard() -> bool {
+    let loaded = || std::path::Path::new("/sys/module/wireguard").exists();
+    if loaded() {
+        return true;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let modprobe = std::process::Command::new("modprobe")
+        .args(["-q", "wireguard"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if modprobe.is_ok_and(|s| s.success()) && loaded() {
+        return true;
+    }
+    let ns = format!("wirescope-wgprobe-{}", std::process::id());
+    if cmd::ip(&["netns", "add", &ns]).is_err() {
+        return false;
+    }
+    let ok = cmd::ip(&["-n", &ns, "link", "add", "wgprobe0", "type", "wireguard"]).is_ok();
+    let _ = cmd::ip(&["netns", "del", &ns]);
+    ok
+}
+
+/// The running kernel's release, (major, minor), from /proc/sys/kernel/osrelease (what
+/// `uname -r` prints, e.g. `6.1.0-56-amd64` is (6, 1)).
+pub fn kernel_version() -> Result<(u32, u32)> {
+    let path = "/proc/sys/kernel/osrelease";
+    let release = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    parse_kernel_release(&release)
+        .ok_or_else(|| anyhow!("cannot read a version out of the kernel release {release:?}"))
+}
+
+/// `6.12.95+deb12-amd64` is (6, 12).
+pub fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The first kernel with TCX (BPF links for TC): the agent attaches with it from here on,
+/// through a clsact qdisc below.
+pub const TCX_SINCE: (u32, u32) = (6, 6);
+
+/// How the agent attaches its TC programs on a kernel of this version: `tcx` or `clsact`.
+pub fn attach_mode_for(version: (u32, u32)) -> &'static str {
+    if version >= TCX_SINCE {
+        "tcx"
+    } else {
+        "clsact"
+    }
+}
+
+/// How the agent must attach on the running kernel, as `wirescope_attach_info{mode}` says it:
+/// `tcx` on 6.6 and later, `clsact` before. Panics when the kernel release cannot be read.
+pub fn expected_attach_mode() -> &'static str {
+    attach_mode_for(kernel_version().unwrap_or_else(|e| panic!("expected_attach_mode: {e:#}")))
+}
+
 #[derive(Debug, Clone)]
 pub struct LabConfig {
     pub topology: Topology,
@@ -68,9 +193,13 @@ pub struct LabConfig {
     pub veth_mtu: u32,
     /// Put a forwarding hop namespace between the client and the first relay.
     pub hop: bool,
+    /// Kernel WireGuard or wireguard-go; the default is [`WgImpl::auto`].
+    pub wireguard: WgImpl,
 }
 
 impl Default for LabConfig {
+    /// Panics when [`WG_IMPL_ENV`] names no implementation (a typo must not silently test
+    /// the other one).
     fn default() -> Self {
         LabConfig {
             topology: Topology::Single,
@@ -78,6 +207,7 @@ impl Default for LabConfig {
             wg_mtu: plan::DEFAULT_WG_MTU,
             veth_mtu: plan::DEFAULT_VETH_MTU,
             hop: false,
+            wireguard: WgImpl::auto().unwrap_or_else(|e| panic!("{e:#}")),
         }
     }
 }
@@ -124,7 +254,7 @@ pub struct WgHost {
     /// CIDR, e.g. `10.64.1.2/32`.
     pub addresses: Vec<String>,
     pub mtu: u32,
-    /// The wireguard-go daemon.
+    /// The wireguard-go daemon; 0 with kernel WireGuard.
     pub pid: u32,
     pub peers: Vec<PeerConf>,
 }
@@ -176,22 +306,53 @@ pub struct Lab {
     pub topology: Topology,
     pub wg_mtu: u32,
     pub veth_mtu: u32,
+    /// State files written before the switch existed were userspace labs.
+    #[serde(default = "userspace")]
+    pub wireguard: WgImpl,
     /// In chain order: client, [hop], relay | entry, exit.
     pub hosts: Vec<Host>,
     #[serde(skip)]
     owned: bool,
 }
 
-/// Why the lab cannot run here, or Ok: root, /dev/net/tun, and the programs it uses.
+fn userspace() -> WgImpl {
+    WgImpl::Userspace
+}
+
+/// Why the lab cannot run here, or Ok: root, the programs it uses, and what the default
+/// WireGuard implementation ([`WgImpl::auto`]) needs.
 pub fn prerequisites() -> Result<()> {
+    prerequisites_for(WgImpl::auto()?)
+}
+
+/// Why a lab with this WireGuard implementation cannot run here, or Ok: root, the programs
+/// it uses, /dev/net/tun and wireguard-go for userspace, the kernel module for kernel.
+pub fn prerequisites_for(wireguard: WgImpl) -> Result<()> {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root (the lab creates network namespaces)".to_owned());
     }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        missing.push("/dev/net/tun (wireguard-go needs the tun driver: `modprobe tun`)".into());
+    let mut progs = vec!["ip", "wg", "ping", "tcpdump"];
+    match wireguard {
+        WgImpl::Userspace => {
+            progs.push("wireguard-go");
+            if !std::path::Path::new("/dev/net/tun").exists() {
+                missing.push(
+                    "/dev/net/tun (wireguard-go needs the tun driver: `modprobe tun`)".into(),
+                );
+            }
+        }
+        WgImpl::Kernel => {
+            if !kernel_wireguard_available() {
+                missing.push(format!(
+                    "kernel WireGuard (`modprobe wireguard` fails on {}; unset {WG_IMPL_ENV} \
+                     to use wireguard-go)",
+                    kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
+                ));
+            }
+        }
     }
-    for prog in ["ip", "wg", "wireguard-go", "ping", "tcpdump"] {
+    for prog in progs {
         if !on_path(prog) {
             missing.push(format!("`{prog}` (run `cargo xtask setup`)"));
         }
@@ -207,7 +368,16 @@ pub fn prerequisites() -> Result<()> {
 /// environment, panics with the reason (CI must not silently skip); without, prints
 /// "skipping TEST: reason" to stderr (past the test harness's capture) and returns false.
 pub fn can_run(test: &str) -> bool {
-    match prerequisites() {
+    skip_unless(test, prerequisites())
+}
+
+/// [`can_run`] for a lab with this WireGuard implementation rather than the default one.
+pub fn can_run_for(test: &str, wireguard: WgImpl) -> bool {
+    skip_unless(test, prerequisites_for(wireguard))
+}
+
+fn skip_unless(test: &str, prerequisites: Result<()>) -> bool {
+    match prerequisites {
         Ok(()) => true,
         Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("{test}: {e:#} (CI=true, so this fails instead of being skipped)")
@@ -230,13 +400,17 @@ impl Lab {
     /// Removes what an earlier lab with this prefix left, builds the lab, writes the state
     /// file. On failure, removes whatever it had made.
     pub fn up(cfg: LabConfig) -> Result<Lab> {
-        prerequisites()?;
+        prerequisites_for(cfg.wireguard)?;
         crate::procs::become_subreaper();
         let mut lab = plan::plan(&cfg)?;
         down(&cfg.prefix).context("removing the previous lab with this prefix")?;
         lab.owned = true; // from here on, an error drops and so tears down
-        lab.build()
-            .with_context(|| format!("building the {} lab `{}`", cfg.topology, cfg.prefix))?;
+        lab.build().with_context(|| {
+            format!(
+                "building the {} lab `{}` ({} WireGuard)",
+                cfg.topology, cfg.prefix, cfg.wireguard
+            )
+        })?;
         lab.save()?;
         Ok(lab)
     }
@@ -366,9 +540,10 @@ impl Lab {
     /// A few lines for people: hosts, interfaces, addresses, keys.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "lab `{}` ({}, wg MTU {}, veth MTU {}), state in {}\n",
+            "lab `{}` ({}, {} WireGuard, wg MTU {}, veth MTU {}), state in {}\n",
             self.prefix,
             self.topology,
+            self.wireguard,
             self.wg_mtu,
             self.veth_mtu,
             self.state_path().display()
@@ -386,12 +561,15 @@ impl Lab {
                 );
             }
             if let Some(w) = &h.wg {
+                let run_by = match self.wireguard {
+                    WgImpl::Kernel => "kernel".to_owned(),
+                    WgImpl::Userspace => format!("pid {}", w.pid),
+                };
                 s += &format!(
-                    "         wg {} port {} [{}] pid {} key {}\n",
+                    "         wg {} port {} [{}] {run_by} key {}\n",
                     w.iface,
                     w.listen_port,
                     w.addresses.join(", "),
-                    w.pid,
                     w.public_key
                 );
                 for p in &w.peers {
@@ -454,9 +632,18 @@ impl Lab {
                 }
             }
         }
+        let wireguard = self.wireguard;
         for h in &mut self.hosts {
             if let Some(w) = h.wg.as_mut() {
-                w.pid = wg::start_userspace(&h.netns, &w.iface, Duration::from_secs(10))?;
+                w.pid = match wireguard {
+                    WgImpl::Userspace => {
+                        wg::start_userspace(&h.netns, &w.iface, Duration::from_secs(10))?
+                    }
+                    WgImpl::Kernel => {
+                        wg::add_kernel(&h.netns, &w.iface)?;
+                        0
+                    }
+                };
             }
         }
         // Relays first: a client that is up sends its first handshake at once, and one lost
@@ -613,4 +800,43 @@ pub fn ensure_clean(prefix: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases() {
+        assert_eq!(parse_kernel_release("6.1.0-56-amd64\n"), Some((6, 1)));
+        assert_eq!(parse_kernel_release("6.12.95+deb12-amd64"), Some((6, 12)));
+        assert_eq!(parse_kernel_release("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(parse_kernel_release("6.6"), Some((6, 6)));
+        assert_eq!(parse_kernel_release("linux"), None);
+        assert!(kernel_version().is_ok());
+    }
+
+    #[test]
+    fn attach_mode_follows_the_kernel() {
+        assert_eq!(attach_mode_for((6, 1)), "clsact");
+        assert_eq!(attach_mode_for((5, 15)), "clsact");
+        assert_eq!(attach_mode_for((6, 5)), "clsact");
+        assert_eq!(attach_mode_for((6, 6)), "tcx");
+        assert_eq!(attach_mode_for((6, 12)), "tcx");
+        assert_eq!(attach_mode_for((7, 0)), "tcx");
+        assert!(["tcx", "clsact"].contains(&expected_attach_mode()));
+    }
+
+    #[test]
+    fn wg_impl_names() {
+        use clap::ValueEnum as _;
+        assert_eq!(WgImpl::from_str("kernel", true), Ok(WgImpl::Kernel));
+        assert_eq!(WgImpl::from_str("Userspace", true), Ok(WgImpl::Userspace));
+        assert!(WgImpl::from_str("go", true).is_err());
+        assert_eq!(WgImpl::Kernel.to_string(), "kernel");
+        assert_eq!(
+            serde_json::to_string(&WgImpl::Userspace).unwrap(),
+            "\"userspace\""
+        );
+    }
 }

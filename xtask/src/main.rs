@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::lab::{self, Lab, LabConfig, Topology};
+use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
 use xtask::{build, demo, setup, testsuite};
 
 #[derive(Parser)]
@@ -53,6 +53,10 @@ enum LabCmd {
         /// Put a forwarding hop namespace between the client and the first relay.
         #[arg(long)]
         hop: bool,
+        /// WireGuard implementation [default: kernel where `modprobe wireguard` works, else
+        /// userspace wireguard-go; WIRESCOPE_LAB_WG=kernel|userspace overrides the default]
+        #[arg(long, value_enum)]
+        wireguard: Option<WgImpl>,
     },
     /// Remove everything a lab with this prefix made, also after a crash.
     Down {
@@ -95,13 +99,19 @@ fn run(cli: Cli) -> Result<()> {
                 wg_mtu,
                 veth_mtu,
                 hop,
+                wireguard,
             } => {
+                let wireguard = match wireguard {
+                    Some(w) => w,
+                    None => WgImpl::auto()?,
+                };
                 let mut lab = Lab::up(LabConfig {
                     topology,
                     prefix,
                     wg_mtu,
                     veth_mtu,
                     hop,
+                    wireguard,
                 })?;
                 lab.detach();
                 print!("{}", lab.summary());

@@ -74,8 +74,11 @@ pub fn netns_pids(ns: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// True while `pid` exists and is not a zombie.
+/// True while `pid` exists and is not a zombie (never for pid 0).
 pub fn is_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may contain spaces.
         Ok(stat) => stat
@@ -87,10 +90,16 @@ pub fn is_alive(pid: u32) -> bool {
 }
 
 /// Sends SIGTERM to every pid, waits up to `grace` for them to exit, then SIGKILLs what is
-/// left and waits once more. Returns the pids that are still alive after all that.
+/// left and waits once more. Returns the pids that are still alive after all that. Pid 0 (a
+/// kernel WireGuard interface's "daemon", which would mean our own process group) and this
+/// process are never signalled.
 pub fn terminate(pids: &[u32], grace: Duration) -> Vec<u32> {
     let me = std::process::id();
-    let pids: Vec<u32> = pids.iter().copied().filter(|p| *p != me).collect();
+    let pids: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| *p != me && *p != 0)
+        .collect();
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
         for &pid in &pids {
             if is_alive(pid) {

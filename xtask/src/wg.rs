@@ -1,5 +1,6 @@
-//! WireGuard through the `wg` tool and userspace `wireguard-go`: keys, starting an interface
-//! in a namespace, configuring it, and reading its state back (`wg show IFACE dump`).
+//! WireGuard through the `wg` tool, the kernel's WireGuard and userspace `wireguard-go`: keys,
+//! creating an interface in a namespace, configuring it, and reading its state back (`wg show
+//! IFACE dump`, which speaks netlink to the kernel and UAPI to wireguard-go alike).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,9 +70,43 @@ pub fn start_userspace(ns: &str, iface: &str, timeout: Duration) -> Result<u32> 
     }
 }
 
-/// Waits until a UDP socket in `ns` is bound to `port`: wireguard-go opens its sockets only
-/// once the device is up (after `ip link set IFACE up` and a configured listen port), and
-/// drops what it would send before that.
+/// Creates a kernel WireGuard interface `iface` inside `ns` (`ip -n NS link add IFACE type
+/// wireguard`); configure it with [`setconf`] like a wireguard-go one.
+pub fn add_kernel(ns: &str, iface: &str) -> Result<()> {
+    cmd::ip(&["-n", ns, "link", "add", iface, "type", "wireguard"]).with_context(|| {
+        format!(
+            "creating kernel WireGuard interface {iface} in {ns} (does `modprobe wireguard` \
+             work on this kernel? `{}=userspace` uses wireguard-go instead)",
+            crate::lab::WG_IMPL_ENV
+        )
+    })?;
+    Ok(())
+}
+
+/// The rtnetlink kind of a link in `ns` (`wireguard` for kernel WireGuard, `tun` for
+/// wireguard-go's device, `veth`, ...), None when it has none (e.g. `lo`).
+pub fn link_kind(ns: &str, iface: &str) -> Result<Option<String>> {
+    let out = netns::exec(ns, &["ip", "-d", "-j", "link", "show", "dev", iface])?;
+    parse_link_kind(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("parsing `ip -d -j link show dev {iface}` in {ns}"))
+}
+
+/// `linkinfo.info_kind` of the only link in `ip -d -j link show dev IFACE`'s output.
+pub fn parse_link_kind(json: &str) -> Result<Option<String>> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let link = v
+        .as_array()
+        .and_then(|a| a.first())
+        .ok_or_else(|| anyhow!("no link in {json:?}"))?;
+    Ok(link
+        .pointer("/linkinfo/info_kind")
+        .and_then(|k| k.as_str())
+        .map(str::to_owned))
+}
+
+/// Waits until a UDP socket in `ns` is bound to `port`: WireGuard (kernel or wireguard-go)
+/// opens its socket only once the device is up (after `ip link set IFACE up` and a configured
+/// listen port), and wireguard-go drops what it would send before that.
 pub fn wait_listening(ns: &str, port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -82,7 +117,7 @@ pub fn wait_listening(ns: &str, port: u16, timeout: Duration) -> Result<()> {
         if Instant::now() >= deadline {
             bail!(
                 "nothing listens on UDP port {port} in {ns} after {timeout:?}: \
-                 wireguard-go did not bring its device up (`ip netns exec {ns} ss -ulpn`)"
+                 WireGuard did not bring its device up (`ip netns exec {ns} ss -ulpn`)"
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -306,6 +341,14 @@ mod tests {
         assert!(parse_dump("").is_err());
         assert!(parse_dump("a\tb\n").is_err());
         assert!(parse_dump("a\tb\tx\toff\n").is_err());
+    }
+
+    #[test]
+    fn link_kinds() {
+        let wg = r#"[{"ifindex":3,"ifname":"wsc0","linkinfo":{"info_kind":"wireguard"}}]"#;
+        assert_eq!(parse_link_kind(wg).unwrap().as_deref(), Some("wireguard"));
+        assert_eq!(parse_link_kind(r#"[{"ifname":"lo"}]"#).unwrap(), None);
+        assert!(parse_link_kind("[]").is_err());
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! puts the exit layer inside the entry layer, and tearing down (also after a crash) leaves
 //! nothing behind. Needs root; see `xtask::lab::can_run` for what happens without it.
 //!
+//! The labs use the default WireGuard implementation (kernel where the module loads,
+//! wireguard-go elsewhere, or what WIRESCOPE_LAB_WG says); one test forces wireguard-go, so
+//! that in a VM with kernel WireGuard both are covered.
+//!
 //! The tests share one prefix, so they must not run in parallel: `--test-threads=1`
 //! (`cargo xtask test` does that).
 
@@ -10,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use xtask::capture::{Capture, parse_udp_line};
-use xtask::lab::{self, GATEWAY_V4, GATEWAY_V6, Lab, LabConfig, Role, Topology};
+use xtask::lab::{self, GATEWAY_V4, GATEWAY_V6, Lab, LabConfig, Role, Topology, WgImpl};
 use xtask::udp::{UdpEcho, recv_sizes, send_udp};
 use xtask::{procs, wg};
 
@@ -40,11 +44,13 @@ fn assert_gone(pids: &[u32]) {
     assert!(daemons.is_empty(), "wireguard-go still runs: {daemons:?}");
 }
 
+/// The wireguard-go daemons (none with kernel WireGuard).
 fn wg_pids(lab: &Lab) -> Vec<u32> {
     lab.hosts()
         .iter()
         .filter_map(|h| h.wg.as_ref())
         .map(|w| w.pid)
+        .filter(|pid| *pid != 0)
         .collect()
 }
 
@@ -62,11 +68,33 @@ fn check_state_file(lab: &Lab) {
     let loaded = Lab::load(PREFIX).expect("state file");
     assert_eq!(loaded.hosts, lab.hosts);
     assert_eq!(loaded.topology, lab.topology);
+    assert_eq!(loaded.wireguard, lab.wireguard);
     for h in lab.hosts() {
         if let Some(w) = &h.wg {
-            assert!(procs::is_alive(w.pid), "{} pid {}", w.iface, w.pid);
             assert_eq!(w.public_key.len(), 44, "base64 key of {}", w.iface);
-            assert!(wg::socket_path(&w.iface).exists());
+            let kind = wg::link_kind(&h.netns, &w.iface).unwrap();
+            match lab.wireguard {
+                WgImpl::Userspace => {
+                    assert!(procs::is_alive(w.pid), "{} pid {}", w.iface, w.pid);
+                    assert!(wg::socket_path(&w.iface).exists());
+                    assert_eq!(
+                        kind.as_deref(),
+                        Some("tun"),
+                        "{} is wireguard-go's",
+                        w.iface
+                    );
+                }
+                WgImpl::Kernel => {
+                    assert_eq!(w.pid, 0, "{}: no daemon", w.iface);
+                    assert!(!wg::socket_path(&w.iface).exists());
+                    assert_eq!(
+                        kind.as_deref(),
+                        Some("wireguard"),
+                        "{} is the kernel's",
+                        w.iface
+                    );
+                }
+            }
         }
     }
 }
@@ -77,6 +105,7 @@ fn single_hop_tunnel() {
         return;
     }
     let lab = up(Topology::Single);
+    assert_eq!(lab.wireguard, WgImpl::auto().unwrap());
     check_state_file(&lab);
     let c = lab.client();
     assert_eq!(c.netns, "wst-cli");
@@ -216,10 +245,19 @@ fn down_cleans_up_after_a_crash() {
     let pids = wg_pids(&lab);
     let exit_ns = lab.exit().netns.clone();
     let client_pid = lab.client().wg().pid;
-    // A crash: no teardown, a daemon killed hard (its socket stays), a namespace gone while
-    // its daemon still runs.
+    let wireguard = lab.wireguard;
+    // A crash: no teardown, a namespace gone (with wireguard-go, while its daemon still
+    // runs), and a daemon killed hard (its socket stays) or, with kernel WireGuard, a stray
+    // interface of the lab's in the root namespace.
     std::mem::forget(lab);
-    assert!(procs::terminate(&[client_pid], Duration::from_secs(2)).is_empty());
+    match wireguard {
+        WgImpl::Userspace => {
+            assert!(procs::terminate(&[client_pid], Duration::from_secs(2)).is_empty());
+        }
+        WgImpl::Kernel => {
+            xtask::cmd::ip(&["link", "add", "wstx0", "type", "wireguard"]).unwrap();
+        }
+    }
     xtask::cmd::ip(&["netns", "del", &exit_ns]).unwrap();
     assert!(!lab::leftovers(PREFIX).unwrap().is_empty());
 
@@ -258,6 +296,29 @@ fn hop_between_client_and_entry_forwards() {
     assert!(out.contains("3 received"), "{out}");
     udp_round_trip(&lab, SocketAddr::new(GATEWAY_V4.into(), 7000), &[1, 1352]);
     let pids = wg_pids(&lab);
+    lab.teardown().unwrap();
+    assert_gone(&pids);
+}
+
+/// wireguard-go when asked for, whatever the default: in a VM with kernel WireGuard the other
+/// tests cover the kernel's, this one the userspace implementation.
+#[test]
+fn userspace_when_asked() {
+    if !lab::can_run_for("userspace_when_asked", WgImpl::Userspace) {
+        return;
+    }
+    let lab = Lab::up(LabConfig {
+        wireguard: WgImpl::Userspace,
+        ..LabConfig::new(Topology::Single, PREFIX)
+    })
+    .unwrap();
+    assert_eq!(lab.wireguard, WgImpl::Userspace);
+    check_state_file(&lab);
+    let out = ping(&lab, &[&GATEWAY_V4.to_string()]);
+    assert!(out.contains("3 received"), "{out}");
+    udp_round_trip(&lab, SocketAddr::new(GATEWAY_V4.into(), 7000), &[1, 1392]);
+    let pids = wg_pids(&lab);
+    assert_eq!(pids.len(), 2, "a daemon each for the client and the relay");
     lab.teardown().unwrap();
     assert_gone(&pids);
 }

@@ -353,6 +353,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
         topology: cfg.topology,
         wg_mtu: cfg.wg_mtu,
         veth_mtu: cfg.veth_mtu,
+        wireguard: cfg.wireguard,
         hosts,
         owned: false,
     })

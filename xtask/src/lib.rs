@@ -4,6 +4,7 @@
 //! - [`setup`]: installs what a fresh Debian machine lacks.
 //! - [`lab`]: network namespaces with wireguard-go standing for a Mullvad client and relays.
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
+//! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
 
 pub mod agent;
@@ -18,6 +19,7 @@ pub mod scrape;
 pub mod setup;
 pub mod testsuite;
 pub mod udp;
+pub mod vm;
 pub mod wg;
 
-pub use lab::{Lab, LabConfig, Role, Topology};
+pub use lab::{Lab, LabConfig, Role, Topology, WgImpl};

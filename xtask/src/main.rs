@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
-use xtask::{build, demo, setup, testsuite};
+use xtask::{build, demo, setup, testsuite, vm};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,9 @@ enum Cmd {
     Test,
     /// Run setup, then the multihop demo.
     Demo(demo::DemoArgs),
+    /// Run the privileged test suites in QEMU VMs on Debian's 6.1 and/or 6.12 kernels
+    /// (installs qemu, the kernels and virtme-ng when missing; needs root).
+    VmTest(vm::VmArgs),
     /// The WireGuard network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -91,6 +94,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(args) => {
             setup::run()?;
             demo::run(&args)
+        }
+        Cmd::VmTest(args) => {
+            setup::run()?;
+            vm::run(&args)
         }
         Cmd::Lab { command } => match command {
             LabCmd::Up {

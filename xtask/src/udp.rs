@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 
 use crate::netns;
 
@@ -134,19 +134,49 @@ pub fn send_udp(
     Ok(sock)
 }
 
+/// [`send_udp`] to a destination routed into a WireGuard interface on which no peer's
+/// allowed IPs match it. wireguard-go drops such packets silently; kernel WireGuard drops
+/// them too but fails the send with ENOKEY ("Required key not available"), which is taken
+/// here as sent: the packet did pass the interface's TC egress hook. Any other error fails.
+pub fn send_udp_to_no_peer(ns: &str, dst: SocketAddr, sizes: &[usize]) -> Result<UdpSocket> {
+    let src: SocketAddr = match dst {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
+    };
+    let sock = bind_in(ns, src)?;
+    for (i, &size) in sizes.iter().enumerate() {
+        match send_one(&sock, dst, size, i) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOKEY) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("sending {size} bytes to {dst} in {ns}"));
+            }
+            Ok(()) => {}
+        }
+    }
+    Ok(sock)
+}
+
+fn send_one(sock: &UdpSocket, dst: SocketAddr, size: usize, i: usize) -> std::io::Result<()> {
+    if size > MAX_PAYLOAD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("UDP payload of {size} bytes is over the maximum {MAX_PAYLOAD}"),
+        ));
+    }
+    let payload: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
+    let n = sock.send_to(&payload, dst)?;
+    if n != size {
+        return Err(std::io::Error::other(format!(
+            "sent {n} of {size} bytes to {dst}"
+        )));
+    }
+    Ok(())
+}
+
 /// Sends one datagram per entry of `sizes` on `sock`, each with exactly that many payload bytes.
 pub fn send_sizes(sock: &UdpSocket, dst: SocketAddr, sizes: &[usize]) -> Result<()> {
     for (i, &size) in sizes.iter().enumerate() {
-        if size > MAX_PAYLOAD {
-            bail!("UDP payload of {size} bytes is over the maximum {MAX_PAYLOAD}");
-        }
-        let payload: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
-        let n = sock
-            .send_to(&payload, dst)
-            .with_context(|| format!("sending {size} bytes to {dst}"))?;
-        if n != size {
-            bail!("sent {n} of {size} bytes to {dst}");
-        }
+        send_one(sock, dst, size, i).with_context(|| format!("sending {size} bytes to {dst}"))?;
     }
     Ok(())
 }

@@ -102,6 +102,29 @@ fn expect(dst: &SocketAddr, payloads: &[usize], mtu1: u32, mtu2: u32) -> Expect 
 
 const PAYLOADS: [usize; 6] = [0, 1, 100, 555, 1000, 1300];
 
+/// Whether the agent should time encryption and decryption here: kernel WireGuard on a
+/// kernel with kprobes.
+fn crypto_timed(lab: &Lab) -> bool {
+    lab.wireguard == lab::WgImpl::Kernel
+        && Path::new("/sys/bus/event_source/devices/kprobe").exists()
+}
+
+/// Kernel WireGuard ran `encrypt_packet` (tx) or `decrypt_packet` (rx) exactly `n` times on
+/// `tun` between the scrapes, as the kprobes counted; where they cannot run, the histogram
+/// must be absent rather than zero.
+fn assert_crypto(lab: &Lab, (b, a): (&Metrics, &Metrics), tun: &str, dir: &str, n: u64) {
+    let l = [("interface", tun), ("direction", dir)];
+    if crypto_timed(lab) {
+        assert_eq!(
+            delta(b, a, "wirescope_crypto_seconds_count", &l),
+            n,
+            "{dir}: crypto operations timed on {tun}"
+        );
+    } else {
+        assert_eq!(a.select("wirescope_crypto_seconds_count", &l).count(), 0);
+    }
+}
+
 /// One WireGuard layer of one peer in one direction, between two scrapes: `packets` inner
 /// packets of `tunnel_bytes` on `tun`, carried as as many data messages of `wire_bytes` seen
 /// on `wire_iface`.
@@ -233,10 +256,15 @@ fn single_hop_counts_are_exact() {
                 val(
                     &m,
                     "wirescope_attach_info",
-                    &[("interface", iface), ("direction", dir), ("mode", "tcx")]
+                    &[
+                        ("interface", iface),
+                        ("direction", dir),
+                        ("mode", lab::expected_attach_mode())
+                    ]
                 ),
                 1,
-                "{iface} {dir} attached with TCX"
+                "{iface} {dir} attached with {}",
+                lab::expected_attach_mode()
             );
         }
     }
@@ -261,6 +289,7 @@ fn single_hop_counts_are_exact() {
                 e.packets,
                 (e.inner, e.layer1),
             );
+            assert_crypto(&lab, (&b, &a), &tun, dir, e.packets);
             // Nothing of this traffic went unattributed.
             let u = [("peer", "unknown")];
             assert_eq!(
@@ -349,6 +378,8 @@ fn multihop_counts_each_layer_exactly() {
             let what = format!("{gw} entry layer");
             let bytes = (e.layer1, e.layer2);
             assert_layer((&b, &a), &what, &tun, &veth, &entry, dir, e.packets, bytes);
+            // One interface, two layers: every packet is encrypted (decrypted) twice.
+            assert_crypto(&lab, (&b, &a), &tun, dir, 2 * e.packets);
             // The veth never carries the exit layer in the clear.
             let x = [
                 ("interface", veth.as_str()),

@@ -717,6 +717,8 @@ pub fn guest_script(
     // TMPDIR stays /tmp (an overlay on tmpfs): iperf3 cannot use an unlinked temporary
     // file on the 9p share. The agent's logs are copied out after each suite.
     let _ = writeln!(s, "export RUST_BACKTRACE=1");
+    // The host's own agent logs show through the /tmp overlay: not this run's.
+    let _ = writeln!(s, "rm -f /tmp/wirescope-*.log");
     for (k, v) in env {
         let _ = writeln!(s, "export {k}={}", shell_quote(v));
     }

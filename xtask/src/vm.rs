@@ -394,7 +394,7 @@ fn ensure_backports(apt: &mut Apt) -> Result<String> {
     .with_context(|| format!("writing {BACKPORTS_SOURCES}"))?;
     let update = cmd::run(apt_get().arg("update"));
     let policy = cmd::stdout("apt-cache", ["policy"]).unwrap_or_default();
-    if update.is_err() || !policy.contains(&format!("a={suite},")) {
+    if update.is_err() || !policy_has_suite(&policy, &suite) {
         let _ = std::fs::remove_file(BACKPORTS_SOURCES);
         let _ = cmd::run(apt_get().arg("update"));
         let why = match update {
@@ -410,6 +410,18 @@ fn ensure_backports(apt: &mut Apt) -> Result<String> {
     }
     apt.updated = true;
     Ok(suite)
+}
+
+/// Whether `apt-cache policy` lists a release whose codename (`n=`) or archive (`a=`) is
+/// `suite`: apt fetched its index. (bookworm is now `a=oldstable`, so the codename counts.)
+pub fn policy_has_suite(policy: &str, suite: &str) -> bool {
+    policy
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("release "))
+        .any(|r| {
+            r.split(',')
+                .any(|f| f == format!("n={suite}") || f == format!("a={suite}"))
+        })
 }
 
 /// Installed generic kernels (`/boot/vmlinuz-*-amd64` with /lib/modules), newest last.
@@ -1203,6 +1215,17 @@ mod tests {
         );
         assert_eq!(parse_kernel_release(&m[0].0), Some((6, 12)));
         assert_eq!(parse_kernel_release(&m[1].0), Some((6, 1)));
+    }
+
+    #[test]
+    fn policy_suites() {
+        let policy = "Package files:\n 100 /var/lib/dpkg/status\n     release a=now\n \
+            100 http://deb.debian.org/debian bookworm-backports/main amd64 Packages\n     \
+            release o=Debian Backports,a=oldstable-backports,n=bookworm-backports,l=Debian Backports,c=main,b=amd64\n";
+        assert!(policy_has_suite(policy, "bookworm-backports"));
+        assert!(policy_has_suite(policy, "oldstable-backports"));
+        assert!(!policy_has_suite(policy, "bookworm"));
+        assert!(!policy_has_suite(policy, "trixie-backports"));
     }
 
     #[test]

@@ -277,11 +277,12 @@ impl Apt {
     fn install(&mut self, pkgs: &[String], extra: &[&str]) -> Result<()> {
         self.require_root(&pkgs.join(" "))?;
         self.update()?;
-        println!(
-            "vm-test: apt-get install {} {}",
-            extra.join(" "),
-            pkgs.join(" ")
-        );
+        let args: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(pkgs.iter().map(String::as_str))
+            .collect();
+        println!("vm-test: apt-get install {}", args.join(" "));
         cmd::run(
             apt_get()
                 .args(["install", "-y", "--no-install-recommends"])

@@ -345,8 +345,8 @@ pub fn prerequisites_for(wireguard: WgImpl) -> Result<()> {
         WgImpl::Kernel => {
             if !kernel_wireguard_available() {
                 missing.push(format!(
-                    "kernel WireGuard (`modprobe wireguard` fails on {}; unset {WG_IMPL_ENV} \
-                     to use wireguard-go)",
+                    "kernel WireGuard (`modprobe wireguard` fails on {}; wireguard-go is \
+                     `--wireguard userspace`, or {WG_IMPL_ENV}=userspace for tests)",
                     kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
                 ));
             }

@@ -156,8 +156,15 @@ pub struct CryptoConfig {
     pub device_dev: u32,
     /// `net_device.ifindex` (int).
     pub netdev_ifindex: u32,
+    /// `net_device.nd_net` (possible_net_t, whose first member is the struct net *).
+    pub netdev_net: u32,
+    /// `net.ns.inum`: the namespace's inode number, as /proc/self/ns/net shows it.
+    pub net_inum: u32,
+    /// The agent's own namespace: kprobes fire for every namespace, and an ifindex only
+    /// means something inside one.
+    pub netns_inum: u32,
 }
-const _: () = assert!(core::mem::size_of::<CryptoConfig>() == 20);
+const _: () = assert!(core::mem::size_of::<CryptoConfig>() == 32);
 
 /// An encryption or decryption under way, keyed by the kernel thread (pid_tgid).
 #[repr(C)]

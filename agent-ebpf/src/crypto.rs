@@ -45,14 +45,27 @@ pub fn enter(ctx: &ProbeContext) {
     let Some(keypair) = ctx.arg::<usize>(1) else {
         return;
     };
-    let ifindex = (|| {
+    let dev = (|| {
         let peer = follow(keypair, cfg.keypair_peer)?;
         let device = follow(peer, cfg.peer_device)?;
-        let dev = follow(device, cfg.device_dev)?;
-        // SAFETY: as in follow().
-        unsafe { bpf_probe_read_kernel((dev + cfg.netdev_ifindex as usize) as *const u32) }.ok()
-    })()
-    .unwrap_or(0);
+        follow(device, cfg.device_dev)
+    })();
+    let Some(dev) = dev else {
+        return;
+    };
+    let Some(net) = follow(dev, cfg.netdev_net) else {
+        return;
+    };
+    // SAFETY: as in follow().
+    let inum = unsafe { bpf_probe_read_kernel((net + cfg.net_inum as usize) as *const u32) };
+    if inum != Ok(cfg.netns_inum) {
+        return;
+    }
+    let Ok(ifindex) =
+        (unsafe { bpf_probe_read_kernel((dev + cfg.netdev_ifindex as usize) as *const u32) })
+    else {
+        return;
+    };
     let start = CryptoStart {
         start_ns: unsafe { bpf_ktime_get_ns() },
         ifindex,

@@ -67,12 +67,21 @@ pub fn offsets_from(vmlinux: &Path, module: &Path) -> Result<CryptoConfig, Crypt
     // keypair->entry.peer: `entry` is a struct index_hashtable_entry embedded in the keypair.
     let keypair_peer = member_offset(&wg, "noise_keypair", "entry")?
         + member_offset(&wg, "index_hashtable_entry", "peer")?;
+    use std::os::unix::fs::MetadataExt as _;
+    let own_ns = std::fs::metadata("/proc/self/ns/net").map_err(|e| CryptoError::Btf {
+        path: "/proc/self/ns/net".into(),
+        reason: e.to_string(),
+    })?;
     Ok(CryptoConfig {
         enabled: 1,
         keypair_peer,
         peer_device: member_offset(&wg, "wg_peer", "device")?,
         device_dev: member_offset(&wg, "wg_device", "dev")?,
         netdev_ifindex: member_offset(&base, "net_device", "ifindex")?,
+        netdev_net: member_offset(&base, "net_device", "nd_net")?,
+        net_inum: member_offset(&base, "net", "ns")? + member_offset(&base, "ns_common", "inum")?,
+        // Namespace inode numbers are 32-bit in the kernel (ns_common.inum is unsigned int).
+        netns_inum: own_ns.ino() as u32,
     })
 }
 
@@ -102,6 +111,9 @@ mod tests {
         }
         let btf = Btf::from_file(vmlinux).unwrap();
         let off = member_offset(&btf, "net_device", "ifindex").unwrap();
+        member_offset(&btf, "net_device", "nd_net").unwrap();
+        member_offset(&btf, "ns_common", "inum").unwrap();
+        member_offset(&btf, "net", "ns").unwrap();
         // Somewhere inside the first few hundred bytes on every kernel since 4.x.
         assert!((8..1024).contains(&off), "net_device.ifindex at {off}");
         assert!(matches!(

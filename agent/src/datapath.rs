@@ -276,6 +276,7 @@ impl Datapath {
                 Err(TcError::AlreadyAttached) => {}
                 Err(e) => return Err(ProgramError::from(e)),
             }
+            sweep_clsact_leftovers(iface, attach_type, prog);
         }
         let options = match mode {
             // Appended last: the agent observes and must not run before programs that decide.
@@ -292,9 +293,15 @@ impl Datapath {
         let Some(a) = self.attachments.remove(&ifindex) else {
             return;
         };
-        for (prog, id) in [(PROG_INGRESS, a.ingress), (PROG_EGRESS, a.egress)] {
+        for (prog, id, attach_type) in [
+            (PROG_INGRESS, a.ingress, TcAttachType::Ingress),
+            (PROG_EGRESS, a.egress, TcAttachType::Egress),
+        ] {
             if let Err(e) = self.program(prog).and_then(|p| p.detach(id)) {
                 debug!("detaching {prog} from {}: {e}", a.name);
+            }
+            if a.mode == AttachMode::Clsact {
+                sweep_clsact_leftovers(&a.name, attach_type, prog);
             }
         }
         let _ = self.ifaces.remove(&ifindex);
@@ -589,6 +596,49 @@ fn sum_per_cpu<K: aya::Pod>(
         out.push((k, sum));
     }
     Ok(out)
+}
+
+/// clsact filters, unlike TCX links, outlive the process that attached them: an agent killed
+/// with SIGKILL leaves its filters counting into maps nobody reads. When no other wirescope
+/// runs in this network namespace, every filter of our programs' names on `iface` is such a
+/// leftover and is removed.
+fn sweep_clsact_leftovers(iface: &str, attach_type: TcAttachType, prog: &str) {
+    if other_agents_here() {
+        return;
+    }
+    match tc::qdisc_detach_program(iface, attach_type, prog) {
+        Ok(()) => {
+            info!("removed {prog} filters left on {iface} by an agent that did not stop cleanly")
+        }
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => debug!("looking for leftover {prog} filters on {iface}: {e}"),
+    }
+}
+
+/// Whether another `wirescope` process shares this network namespace.
+fn other_agents_here() -> bool {
+    let Ok(own_ns) = std::fs::read_link("/proc/self/ns/net") else {
+        return false;
+    };
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|e| {
+        let pid = e.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        if pid == me {
+            return false;
+        }
+        let dir = e.path();
+        std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == "wirescope")
+            && std::fs::read_link(dir.join("ns/net")).is_ok_and(|ns| ns == own_ns)
+    })
 }
 
 /// TCX link creation fails this way on kernels without TCX (< 6.6); anything else (EPERM,

@@ -499,9 +499,10 @@ fn attached_programs(lab: &Lab, ns: &str) -> usize {
         .count()
 }
 
-/// Datagrams of `payload` bytes to `dst` from the client, no answer expected.
+/// Datagrams of `payload` bytes to `dst` from the client, no answer expected; kernel
+/// WireGuard refuses (ENOKEY) what no peer takes, after TC egress has seen it.
 fn blast(lab: &Lab, dst: SocketAddr, n: usize, payload: usize) {
-    send_udp(&lab.client().netns, None, dst, &vec![payload; n]).expect("send");
+    xtask::udp::send_udp_to_no_peer(&lab.client().netns, dst, &vec![payload; n]).expect("send");
 }
 
 /// Changes of peers, allowed IPs and endpoints reach the maps within 2 s; an interface that

@@ -8,6 +8,7 @@
 
 mod count;
 mod crypto;
+mod health;
 mod maps;
 mod skb;
 mod tunnel;

@@ -9,6 +9,7 @@ use agent_common::{
 
 use crate::{
     count::{self, COUNTERS_ERR, UNKNOWN_WIRE_ERR},
+    health,
     maps::{COUNTERS, ENDPOINTS, UNKNOWN_WIRE, WG_PORTS},
     skb::Skb,
 };
@@ -45,6 +46,15 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
         // UDP GSO: every segment is a message of its own, with its own headers.
         segmented(ip, 8, pkt.len(), gso_segs)
     };
+    // Handshake round trips and the counter sequence; `packets` is the number of messages
+    // (UDP GRO/GSO segments) the skb carries.
+    health::observe(
+        ifindex,
+        peer.unwrap_or(agent_common::maps::PEER_UNKNOWN),
+        dir,
+        &msg,
+        packets,
+    );
     match peer {
         Some(peer) => {
             let key = CounterKey {

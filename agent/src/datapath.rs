@@ -5,7 +5,8 @@ use std::{collections::HashMap as StdHashMap, hash::Hash};
 
 use agent_common::maps::{
     AllowedV4, AllowedV6, Counter, CounterKey, CryptoConfig, Endpoint, HistKey, HistValue,
-    IfaceConfig, UnknownWireKey, map_error, names,
+    IfaceConfig, IndexKey, PeerHistKey, PendingHandshake, RxSession, UnknownWireKey, map_error,
+    names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -98,6 +99,12 @@ pub struct Datapath {
     map_errors: PerCpuArray<MapData, u64>,
     crypto_cfg: Array<MapData, CryptoConfig>,
     crypto_hist: PerCpuHashMap<MapData, HistKey, HistValue>,
+    handshake_pending: HashMap<MapData, IndexKey, PendingHandshake>,
+    handshake_rtt: PerCpuHashMap<MapData, PeerHistKey, HistValue>,
+    rx_sessions: HashMap<MapData, IndexKey, RxSession>,
+    rx_seq: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
+    handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
     crypto_attached: bool,
     attachments: StdHashMap<u32, Attachment>,
@@ -149,6 +156,11 @@ impl Datapath {
             map_errors: take(&mut ebpf, names::MAP_ERRORS)?,
             crypto_cfg: take(&mut ebpf, names::CRYPTO_CFG)?,
             crypto_hist: take(&mut ebpf, names::CRYPTO_HIST)?,
+            handshake_pending: take(&mut ebpf, names::HANDSHAKE_PENDING)?,
+            handshake_rtt: take(&mut ebpf, names::HANDSHAKE_RTT)?,
+            rx_sessions: take(&mut ebpf, names::RX_SESSIONS)?,
+            rx_seq: take(&mut ebpf, names::RX_SEQ)?,
+            handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
             attachments: StdHashMap::new(),
@@ -436,6 +448,70 @@ impl Datapath {
         Ok(out)
     }
 
+    /// The handshake round-trip histogram, summed over CPUs.
+    pub fn handshake_rtt(&self) -> Result<Vec<(PeerHistKey, HistValue)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.handshake_rtt.iter() {
+            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
+                map: names::HANDSHAKE_RTT,
+                source,
+            })?;
+            let mut sum = HistValue::default();
+            for v in per_cpu.iter() {
+                sum.count += v.count;
+                sum.sum_ns += v.sum_ns;
+            }
+            out.push((k, sum));
+        }
+        Ok(out)
+    }
+
+    /// Gaps and late messages (`kind` is `seq::GAPS` / `seq::LATE`, `packets` the count).
+    pub fn rx_seq(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.rx_seq, names::RX_SEQ)
+    }
+
+    /// Handshake timeouts so far, per (ifindex, peer).
+    pub fn handshake_timeouts(&self) -> StdHashMap<(u32, u32), u64> {
+        self.handshake_timeouts.clone()
+    }
+
+    /// The initiations waiting for a response (for tests and the status of the maps).
+    pub fn pending_handshakes(&self) -> Vec<(IndexKey, PendingHandshake)> {
+        self.handshake_pending.iter().flatten().collect()
+    }
+
+    /// The receiving sessions tracked.
+    pub fn rx_sessions(&self) -> Vec<(IndexKey, RxSession)> {
+        self.rx_sessions.iter().flatten().collect()
+    }
+
+    /// Run on every sync tick with `now_ns` = [`crate::health::monotonic_ns`]: initiations
+    /// unanswered for 5 s become timeouts (counted only when this delete wins against the
+    /// programs' own, see [`crate::health::expired_handshakes`]) and sessions idle for 180 s
+    /// are dropped, so both maps stay bounded. Returns (timeouts counted, sessions dropped).
+    pub fn expire_wire_state(&mut self, now_ns: u64) -> (u64, u64) {
+        let expired = crate::health::expired_handshakes(self.pending_handshakes(), now_ns);
+        let mut timeouts = 0;
+        for (k, p) in expired {
+            if self.handshake_pending.remove(&k).is_ok() {
+                *self
+                    .handshake_timeouts
+                    .entry((k.ifindex, p.peer))
+                    .or_default() += 1;
+                timeouts += 1;
+            }
+        }
+        let idle = crate::health::idle_sessions(self.rx_sessions(), now_ns);
+        let mut dropped = 0;
+        for k in idle {
+            if self.rx_sessions.remove(&k).is_ok() {
+                dropped += 1;
+            }
+        }
+        (timeouts, dropped)
+    }
+
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
         sum_per_cpu(&self.counters, names::COUNTERS)
@@ -452,6 +528,10 @@ impl Datapath {
             (map_error::UNKNOWN_WIRE, names::UNKNOWN_WIRE),
             (map_error::CRYPTO_START, names::CRYPTO_START),
             (map_error::CRYPTO_HIST, names::CRYPTO_HIST),
+            (map_error::HANDSHAKE_PENDING, names::HANDSHAKE_PENDING),
+            (map_error::HANDSHAKE_RTT, names::HANDSHAKE_RTT),
+            (map_error::RX_SESSIONS, names::RX_SESSIONS),
+            (map_error::RX_SEQ, names::RX_SEQ),
         ]
         .into_iter()
         .map(|(idx, name)| {
@@ -508,6 +588,26 @@ impl Datapath {
                 names::CRYPTO_HIST,
                 self.crypto_hist.keys().count() as u64,
                 MAX_CRYPTO_HIST as u64,
+            ),
+            (
+                names::HANDSHAKE_PENDING,
+                self.handshake_pending.keys().count() as u64,
+                MAX_HANDSHAKE_PENDING as u64,
+            ),
+            (
+                names::HANDSHAKE_RTT,
+                self.handshake_rtt.keys().count() as u64,
+                MAX_HANDSHAKE_RTT as u64,
+            ),
+            (
+                names::RX_SESSIONS,
+                self.rx_sessions.keys().count() as u64,
+                MAX_RX_SESSIONS as u64,
+            ),
+            (
+                names::RX_SEQ,
+                self.rx_seq.keys().count() as u64,
+                MAX_RX_SEQ as u64,
             ),
         ]
     }

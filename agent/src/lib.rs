@@ -7,6 +7,7 @@ pub mod crypto;
 pub mod datapath;
 pub mod features;
 pub mod friendly;
+pub mod health;
 pub mod http;
 pub mod inventory;
 pub mod metrics;

@@ -12,6 +12,7 @@ pub mod build;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod impair;
 pub mod lab;
 pub mod netns;
 pub mod procs;

@@ -126,6 +126,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath.clone(),
         inventory.clone(),
     )));
+    registry.register_collector(Box::new(
+        crate::metrics::wire_health::WireHealthCollector::new(datapath.clone(), inventory.clone()),
+    ));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -162,6 +165,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stop.changed() => return,
+                }
+                // Unanswered initiations become timeouts, idle sessions go: both maps
+                // stay bounded, and a timeout shows within a second of its 5 s.
+                if let Ok(mut dp) = datapath.lock() {
+                    dp.expire_wire_state(crate::health::monotonic_ns());
                 }
                 let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
                 match syncer.tick(&datapath, &inventory).await {

@@ -57,7 +57,12 @@ impl Series {
     /// Cumulative (le, count) pairs for the exported bounds. A duration in log2 bucket b
     /// lies in [2^b, 2^(b+1)) ns, so it counts under every bound >= 2^(b+1).
     pub fn cumulative(&self) -> Vec<(f64, u64)> {
-        (FIRST_BOUND_LOG2..=LAST_BOUND_LOG2)
+        self.cumulative_between(FIRST_BOUND_LOG2, LAST_BOUND_LOG2)
+    }
+
+    /// The same for bounds 2^first .. 2^last ns.
+    pub fn cumulative_between(&self, first: u8, last: u8) -> Vec<(f64, u64)> {
+        (first..=last.min(HIST_MAX_BUCKET))
             .map(|k| {
                 let n: u64 = self.buckets[..k as usize].iter().sum();
                 ((1u64 << k) as f64 / 1e9, n)

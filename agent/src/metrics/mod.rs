@@ -14,6 +14,7 @@ pub mod agent;
 pub mod crypto;
 pub mod datapath;
 pub mod peers;
+pub mod wire_health;
 
 /// The exposition formats /metrics answers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,0 +1,159 @@
+//! Wire health, passive: `wirescope_handshake_rtt_seconds`, `wirescope_handshake_timeouts_total`,
+//! `wirescope_rx_counter_gaps_total` and `wirescope_rx_late_packets_total`, read from the TC
+//! programs' maps (and the agent's timeout counts) on every scrape, summed by label set.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use agent_common::maps::{PEER_UNKNOWN, seq};
+use log::warn;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+};
+
+use crate::{
+    datapath::Datapath,
+    inventory::Inventory,
+    metrics::{Labels, crypto::Series, encode_counters},
+};
+
+/// Exported round-trip bounds: 2^14 ns (16 us) to 2^33 ns (8.6 s), doubling. Round trips
+/// above 5 s are timeouts, never observed.
+const FIRST_BOUND_LOG2: u8 = 14;
+const LAST_BOUND_LOG2: u8 = 33;
+
+#[derive(Debug)]
+pub struct WireHealthCollector {
+    datapath: Arc<Mutex<Datapath>>,
+    inventory: Arc<RwLock<Inventory>>,
+}
+
+impl WireHealthCollector {
+    pub fn new(datapath: Arc<Mutex<Datapath>>, inventory: Arc<RwLock<Inventory>>) -> Self {
+        Self {
+            datapath,
+            inventory,
+        }
+    }
+}
+
+type Key = (String, String);
+
+/// Every family's series, by (interface, peer).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub rtt: BTreeMap<Key, Series>,
+    pub timeouts: BTreeMap<Key, u64>,
+    pub gaps: BTreeMap<Key, u64>,
+    pub late: BTreeMap<Key, u64>,
+}
+
+impl WireHealthCollector {
+    pub fn snapshot(&self) -> Snapshot {
+        let (rtt, seqs, timeouts) = {
+            let Ok(dp) = self.datapath.lock() else {
+                return Snapshot::default();
+            };
+            let rtt = dp.handshake_rtt().unwrap_or_else(|e| {
+                warn!("reading handshake round trips: {e}");
+                Vec::new()
+            });
+            let seqs = dp.rx_seq().unwrap_or_else(|e| {
+                warn!("reading counter gaps: {e}");
+                Vec::new()
+            });
+            (rtt, seqs, dp.handshake_timeouts())
+        };
+        let Ok(inv) = self.inventory.read() else {
+            return Snapshot::default();
+        };
+        let iface = |i: u32| {
+            inv.iface_names
+                .get(&i)
+                .cloned()
+                .unwrap_or_else(|| format!("ifindex{i}"))
+        };
+        // A peer id the inventory cannot name yet is left out until it can (as in
+        // metrics::datapath); 0 is traffic of an endpoint no peer has.
+        let peer = |p: u32| -> Option<String> {
+            if p == PEER_UNKNOWN {
+                Some("unknown".to_string())
+            } else {
+                inv.peer_labels.get(&p).map(|(_, key)| key.clone())
+            }
+        };
+        let mut s = Snapshot::default();
+        for (k, v) in rtt {
+            let Some(p) = peer(k.peer) else { continue };
+            let series = s.rtt.entry((iface(k.ifindex), p)).or_default();
+            if let Some(b) = series.buckets.get_mut(k.bucket as usize) {
+                *b += v.count;
+            }
+            series.count += v.count;
+            series.sum_ns += v.sum_ns;
+        }
+        for ((ifindex, p), n) in timeouts {
+            let Some(p) = peer(p) else { continue };
+            *s.timeouts.entry((iface(ifindex), p)).or_default() += n;
+        }
+        for (k, c) in seqs {
+            let Some(p) = peer(k.peer) else { continue };
+            let map = match k.kind {
+                seq::GAPS => &mut s.gaps,
+                seq::LATE => &mut s.late,
+                _ => continue,
+            };
+            *map.entry((iface(k.ifindex), p)).or_default() += c.packets;
+        }
+        s
+    }
+}
+
+fn labels((interface, peer): &Key) -> Labels {
+    vec![("interface", interface.clone()), ("peer", peer.clone())]
+}
+
+impl Collector for WireHealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.snapshot();
+        {
+            let mut fam = encoder.encode_descriptor(
+                "wirescope_handshake_rtt_seconds",
+                "from a handshake initiation leaving to the matching response arriving (matched by sender index)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (k, series) in &s.rtt {
+                fam.encode_family(&labels(k))?
+                    .encode_histogram::<NoLabelSet>(
+                        series.sum_ns as f64 / 1e9,
+                        series.count,
+                        &series.cumulative_between(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+                        None,
+                    )?;
+            }
+        }
+        encode_counters(
+            &mut encoder,
+            "wirescope_handshake_timeouts",
+            "initiations sent that got no response within 5 s",
+            s.timeouts.iter().map(|(k, n)| (labels(k), *n)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "wirescope_rx_counter_gaps",
+            "messages skipped in the peer's counter (nonce) sequence, per session",
+            s.gaps.iter().map(|(k, n)| (labels(k), *n)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "wirescope_rx_late_packets",
+            "messages that arrived with a counter below the highest already seen (reordered or duplicated)",
+            s.late.iter().map(|(k, n)| (labels(k), *n)),
+        )
+    }
+}

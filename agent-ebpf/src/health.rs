@@ -5,9 +5,9 @@
 
 use agent_common::{
     maps::{
-        CounterKey, DIR_RX, DIR_TX, HANDSHAKE_TIMEOUT_NS, HistValue, IndexKey, MAX_HANDSHAKE_PENDING,
-        MAX_HANDSHAKE_RTT, MAX_RX_SEQ, MAX_RX_SESSIONS, PeerHistKey, PendingHandshake, RxSession,
-        kind, log2_bucket, map_error, seq,
+        CounterKey, DIR_RX, DIR_TX, HANDSHAKE_TIMEOUT_NS, HistValue, IndexKey,
+        MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ, MAX_RX_SESSIONS, PeerHistKey,
+        PendingHandshake, RxSession, kind, log2_bucket, map_error, seq,
     },
     wireguard::Message,
 };
@@ -37,7 +37,8 @@ pub static HANDSHAKE_RTT: PerCpuHashMap<PeerHistKey, HistValue> =
 /// which can miscount one message as a gap or late; the agent accepts that rare error
 /// rather than pay for a lock on every data message.
 #[map]
-pub static RX_SESSIONS: HashMap<IndexKey, RxSession> = HashMap::with_max_entries(MAX_RX_SESSIONS, 0);
+pub static RX_SESSIONS: HashMap<IndexKey, RxSession> =
+    HashMap::with_max_entries(MAX_RX_SESSIONS, 0);
 
 /// Gaps and late messages per (interface, peer): `CounterKey.kind` is `seq::GAPS` or
 /// `seq::LATE`, `Counter.packets` the count.

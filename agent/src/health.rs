@@ -69,7 +69,11 @@ mod tests {
     #[test]
     fn handshakes_expire_after_5_s() {
         let s = 1_000_000_000;
-        let entries = [pending(1, 100 * s), pending(2, 103 * s), pending(3, 106 * s)];
+        let entries = [
+            pending(1, 100 * s),
+            pending(2, 103 * s),
+            pending(3, 106 * s),
+        ];
         let got = expired_handshakes(entries, 105 * s + 1);
         assert_eq!(got, vec![pending(1, 100 * s)]);
         // Exactly 5 s is not yet a timeout; a start after "now" never is.
@@ -92,6 +96,12 @@ mod tests {
             )
         };
         let got = idle_sessions([sess(1, 10 * s), sess(2, 100 * s)], 191 * s);
-        assert_eq!(got, vec![IndexKey { ifindex: 3, index: 1 }]);
+        assert_eq!(
+            got,
+            vec![IndexKey {
+                ifindex: 3,
+                index: 1
+            }]
+        );
     }
 }

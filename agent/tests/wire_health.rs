@@ -1,0 +1,304 @@
+//! `BPF_PROG_TEST_RUN` tests of the wire-health state the TC programs keep (handshake round
+//! trips, counter gaps and late messages) and of the agent's expiry of it, with a fake
+//! clock. Same approach as `test_run.rs` (whose header explains what test_run does with the
+//! input): each test enters a fresh network namespace on its own thread, where one end of a
+//! veth pair is the watched underlay (Ethernet) and the programs are attached through
+//! `Datapath::attach`; the interfaces are down, so only the test runs reach the programs.
+//!
+//! Needs root and BPF; without root the tests print why and pass, except with CI=true.
+//! Run: `cargo test -p wirescope --test wire_health -- --test-threads=1`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use agent_common::{
+    fixtures::{Framing, wg, wg_ipv4},
+    maps::{HANDSHAKE_TIMEOUT_NS, IfaceConfig, PeerHistKey, log2_bucket, seq},
+    wireguard::MSG_INITIATION,
+};
+use aya::programs::{TestRun, TestRunOptions};
+use wirescope::{
+    EBPF_OBJECT,
+    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    health::monotonic_ns,
+    inventory::Inventory,
+    metrics::{self, wire_health::WireHealthCollector},
+    sync::endpoint_key,
+};
+
+const RELAY: u32 = 1;
+const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
+const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
+const RELAY_PORT: u16 = 51820;
+const LISTEN_PORT: u16 = 51821;
+const RELAY_KEY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let why = "the wire-health tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
+    }
+    eprintln!("skipped: {why}; run them as root");
+    false
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("interface name");
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// `__sk_buff` as ctx_in with only `ifindex` set (offset 40 of the UAPI struct).
+fn sk_buff_ctx(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Rx,
+    Tx,
+}
+
+struct Lab {
+    dp: Datapath,
+    under: u32,
+}
+
+impl Lab {
+    fn new() -> Option<Lab> {
+        if !privileged() {
+            return None;
+        }
+        // SAFETY: moves only this test's thread into a new network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare: {}", std::io::Error::last_os_error());
+        }
+        let out = Command::new("ip")
+            .args([
+                "link", "add", "name", "wh-under", "type", "veth", "peer", "name", "wh-other",
+            ])
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let under = ifindex("wh-under");
+        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
+        dp.attach(
+            "wh-under",
+            under,
+            IfaceConfig {
+                flags: IfaceConfig::UNDERLAY,
+            },
+        )
+        .expect("attaching");
+        let mut maps = PeerMaps::default();
+        maps.endpoints.insert(
+            endpoint_key(IpAddr::V4(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
+            RELAY,
+        );
+        maps.wg_ports.insert(LISTEN_PORT, 1);
+        dp.sync_peers(&maps).expect("peer maps");
+        Some(Lab { dp, under })
+    }
+
+    /// The WireGuard message `msg` between this side and the relay, run through the
+    /// program of `dir` on the underlay.
+    fn run(&mut self, dir: Dir, msg: &[u8]) {
+        let l3 = match dir {
+            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, RELAY_V4, RELAY_PORT, msg),
+            Dir::Rx => wg_ipv4(RELAY_V4, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
+        };
+        let frame = Framing::Ethernet.frame(&l3);
+        let prog = match dir {
+            Dir::Rx => PROG_INGRESS,
+            Dir::Tx => PROG_EGRESS,
+        };
+        let ctx = sk_buff_ctx(self.under);
+        let mut out = vec![0u8; frame.len() + 64];
+        let res = self
+            .dp
+            .program_mut(prog)
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .expect("test_run");
+        assert_eq!(
+            res.return_value as i32, -1,
+            "an observer returns TC_ACT_UNSPEC"
+        );
+        for (map, n) in self.dp.map_update_errors() {
+            assert_eq!(n, 0, "{n} refused updates of {map}");
+        }
+    }
+
+    fn rtt(&self) -> Vec<(PeerHistKey, u64, u64)> {
+        let mut v: Vec<_> = self
+            .dp
+            .handshake_rtt()
+            .expect("HANDSHAKE_RTT")
+            .into_iter()
+            .map(|(k, v)| (k, v.count, v.sum_ns))
+            .collect();
+        v.sort_by_key(|(k, _, _)| (k.ifindex, k.peer, k.bucket));
+        v
+    }
+
+    /// (gaps, late) of the relay on the underlay.
+    fn seq(&self) -> (u64, u64) {
+        let mut gaps = 0;
+        let mut late = 0;
+        for (k, c) in self.dp.rx_seq().expect("RX_SEQ") {
+            assert_eq!((k.ifindex, k.peer), (self.under, RELAY), "{k:?}");
+            match k.kind {
+                seq::GAPS => gaps += c.packets,
+                seq::LATE => late += c.packets,
+                other => panic!("unexpected RX_SEQ kind {other}"),
+            }
+        }
+        (gaps, late)
+    }
+}
+
+#[test]
+fn handshake_round_trip_is_matched_by_index() {
+    let Some(mut lab) = Lab::new() else { return };
+    assert_eq!(wg::initiation(1)[0], MSG_INITIATION);
+    lab.run(Dir::Tx, &wg::initiation(0xA1A1));
+    assert_eq!(lab.dp.pending_handshakes().len(), 1, "the initiation waits");
+    // A response to some other initiation: nothing.
+    lab.run(Dir::Rx, &wg::response(0xB2B2, 0xDEAD));
+    assert!(lab.rtt().is_empty());
+    assert_eq!(lab.dp.pending_handshakes().len(), 1);
+    // The response to ours: one round trip, in a plausible bucket, and nothing pending.
+    lab.run(Dir::Rx, &wg::response(0xB2B2, 0xA1A1));
+    let rtt = lab.rtt();
+    assert_eq!(rtt.len(), 1, "{rtt:?}");
+    let (k, count, sum_ns) = rtt[0];
+    assert_eq!((k.ifindex, k.peer, count), (lab.under, RELAY, 1));
+    assert!(sum_ns <= HANDSHAKE_TIMEOUT_NS, "{sum_ns} ns");
+    assert_eq!(
+        k.bucket,
+        log2_bucket(sum_ns),
+        "bucket of the one observation"
+    );
+    assert!(lab.dp.pending_handshakes().is_empty());
+    // The same response again (a duplicate): already matched, nothing more.
+    lab.run(Dir::Rx, &wg::response(0xB2B2, 0xA1A1));
+    assert_eq!(lab.rtt().iter().map(|r| r.1).sum::<u64>(), 1);
+    // The relay initiates and we answer: not our round trip, nothing remembered.
+    lab.run(Dir::Rx, &wg::initiation(0xC3C3));
+    lab.run(Dir::Tx, &wg::response(0xD4D4, 0xC3C3));
+    lab.run(Dir::Rx, &wg::response(0xE5E5, 0xC3C3));
+    assert_eq!(lab.rtt().iter().map(|r| r.1).sum::<u64>(), 1);
+    assert!(lab.dp.pending_handshakes().is_empty());
+}
+
+#[test]
+fn unanswered_initiation_times_out_after_5_s() {
+    let Some(mut lab) = Lab::new() else { return };
+    lab.run(Dir::Tx, &wg::initiation(0x0F0F));
+    let now = monotonic_ns();
+    assert_eq!(lab.dp.expire_wire_state(now).0, 0, "not yet 5 s old");
+    assert_eq!(lab.dp.pending_handshakes().len(), 1);
+    assert!(lab.dp.handshake_timeouts().is_empty());
+    assert_eq!(lab.dp.expire_wire_state(now + 6_000_000_000).0, 1);
+    assert!(lab.dp.pending_handshakes().is_empty(), "the entry is gone");
+    assert_eq!(
+        lab.dp.handshake_timeouts(),
+        HashMap::from([((lab.under, RELAY), 1)])
+    );
+    // Its response after all: no round trip (the initiation already counted as a timeout),
+    // and a second expiry counts nothing more.
+    lab.run(Dir::Rx, &wg::response(0x1010, 0x0F0F));
+    assert!(lab.rtt().is_empty());
+    assert_eq!(lab.dp.expire_wire_state(now + 12_000_000_000).0, 0);
+    // A retried initiation (new sender index) is a timeout of its own.
+    lab.run(Dir::Tx, &wg::initiation(0x1111));
+    assert_eq!(
+        lab.dp.expire_wire_state(monotonic_ns() + 6_000_000_000).0,
+        1
+    );
+    assert_eq!(lab.dp.handshake_timeouts()[&(lab.under, RELAY)], 2);
+}
+
+#[test]
+fn counter_gaps_and_late_messages_per_session() {
+    let Some(mut lab) = Lab::new() else { return };
+    let data = |index, counter| wg::data(index, counter, 100, 1420);
+    for c in [0, 1, 2, 5, 6] {
+        lab.run(Dir::Rx, &data(0x5151, c));
+    }
+    assert_eq!(lab.seq(), (2, 0), "3 and 4 skipped");
+    lab.run(Dir::Rx, &data(0x5151, 3));
+    assert_eq!(
+        lab.seq(),
+        (2, 1),
+        "3 is late; the gap it fills stays counted"
+    );
+    lab.run(Dir::Rx, &data(0x5151, 6));
+    assert_eq!(lab.seq(), (2, 2), "a duplicate is late");
+    // Keepalives are in the sequence.
+    lab.run(Dir::Rx, &wg::keepalive(0x5151, 7));
+    assert_eq!(lab.seq(), (2, 2));
+    lab.run(Dir::Rx, &wg::keepalive(0x5151, 9));
+    assert_eq!(lab.seq(), (3, 2));
+    // A new receiver index (a rekey) starts a fresh session wherever its counter starts.
+    lab.run(Dir::Rx, &data(0x5252, 100));
+    lab.run(Dir::Rx, &data(0x5252, 101));
+    lab.run(Dir::Rx, &data(0x5151, 10));
+    assert_eq!(lab.seq(), (3, 2));
+    assert_eq!(lab.dp.rx_sessions().len(), 2);
+    // Sent data is not tracked.
+    lab.run(Dir::Tx, &data(0x6161, 0));
+    lab.run(Dir::Tx, &data(0x6161, 50));
+    assert_eq!(lab.seq(), (3, 2));
+    assert_eq!(lab.dp.rx_sessions().len(), 2);
+    // Idle for 180 s: the agent drops the sessions; a message then starts afresh.
+    let now = monotonic_ns();
+    assert_eq!(lab.dp.expire_wire_state(now).1, 0);
+    assert_eq!(lab.dp.expire_wire_state(now + 181_000_000_000).1, 2);
+    assert!(lab.dp.rx_sessions().is_empty());
+    lab.run(Dir::Rx, &data(0x5151, 4));
+    assert_eq!(lab.seq(), (3, 2), "first message of a fresh session");
+
+    // The collector's view, labelled as CONTRACT.md says.
+    let mut inv = Inventory::default();
+    inv.iface_names.insert(lab.under, "wh-under".into());
+    inv.peer_labels
+        .insert(RELAY, ("wg0".into(), RELAY_KEY.to_string()));
+    lab.run(Dir::Tx, &wg::initiation(0x7777));
+    lab.run(Dir::Rx, &wg::response(0x8888, 0x7777));
+    let dp = Arc::new(Mutex::new(lab.dp));
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(WireHealthCollector::new(
+        dp,
+        Arc::new(RwLock::new(inv)),
+    )));
+    let text = metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding");
+    let labels = format!("interface=\"wh-under\",peer=\"{RELAY_KEY}\"");
+    for line in [
+        format!("wirescope_rx_counter_gaps_total{{{labels}}} 3"),
+        format!("wirescope_rx_late_packets_total{{{labels}}} 2"),
+        format!("wirescope_handshake_rtt_seconds_count{{{labels}}} 1"),
+        format!("wirescope_handshake_rtt_seconds_bucket{{{labels},le=\"+Inf\"}} 1"),
+    ] {
+        assert!(text.contains(&line), "missing `{line}` in:\n{text}");
+    }
+}

@@ -162,10 +162,12 @@ fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
             peer,
             _pad: 0,
         };
-        if RX_SESSIONS
-            .insert(&key, &fresh, BPF_NOEXIST as u64)
-            .is_err()
-        {
+        if RX_SESSIONS.insert(&key, &fresh, BPF_NOEXIST as u64).is_ok() {
+            // Zero series from a session's start, so that rates and ratios of a peer
+            // without loss are 0, not absent (once per session: cheap).
+            add(ifindex, peer, seq::GAPS, 0);
+            add(ifindex, peer, seq::LATE, 0);
+        } else {
             // EEXIST (another CPU created it just now) is no loss; a full map is.
             if RX_SESSIONS.get_ptr_mut(&key).is_none() {
                 bump(map_error::RX_SESSIONS);

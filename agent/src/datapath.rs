@@ -491,7 +491,14 @@ impl Datapath {
     /// programs' own, see [`crate::health::expired_handshakes`]) and sessions idle for 180 s
     /// are dropped, so both maps stay bounded. Returns (timeouts counted, sessions dropped).
     pub fn expire_wire_state(&mut self, now_ns: u64) -> (u64, u64) {
-        let expired = crate::health::expired_handshakes(self.pending_handshakes(), now_ns);
+        let pending = self.pending_handshakes();
+        // A peer we initiate to has a timeout series from its first initiation on, at 0.
+        for (k, p) in &pending {
+            self.handshake_timeouts
+                .entry((k.ifindex, p.peer))
+                .or_default();
+        }
+        let expired = crate::health::expired_handshakes(pending, now_ns);
         let mut timeouts = 0;
         for (k, p) in expired {
             if self.handshake_pending.remove(&k).is_ok() {

@@ -217,7 +217,11 @@ fn unanswered_initiation_times_out_after_5_s() {
     let now = monotonic_ns();
     assert_eq!(lab.dp.expire_wire_state(now).0, 0, "not yet 5 s old");
     assert_eq!(lab.dp.pending_handshakes().len(), 1);
-    assert!(lab.dp.handshake_timeouts().is_empty());
+    assert_eq!(
+        lab.dp.handshake_timeouts(),
+        HashMap::from([((lab.under, RELAY), 0)]),
+        "a series at 0 from the first initiation on"
+    );
     assert_eq!(lab.dp.expire_wire_state(now + 6_000_000_000).0, 1);
     assert!(lab.dp.pending_handshakes().is_empty(), "the entry is gone");
     assert_eq!(
@@ -242,7 +246,15 @@ fn unanswered_initiation_times_out_after_5_s() {
 fn counter_gaps_and_late_messages_per_session() {
     let Some(mut lab) = Lab::new() else { return };
     let data = |index, counter| wg::data(index, counter, 100, 1420);
-    for c in [0, 1, 2, 5, 6] {
+    lab.run(Dir::Rx, &data(0x5151, 0));
+    let zeros = lab.dp.rx_seq().expect("RX_SEQ");
+    assert_eq!(
+        zeros.len(),
+        2,
+        "gaps and late at 0 from the session's start: {zeros:?}"
+    );
+    assert!(zeros.iter().all(|(_, c)| c.packets == 0));
+    for c in [1, 2, 5, 6] {
         lab.run(Dir::Rx, &data(0x5151, c));
     }
     assert_eq!(lab.seq(), (2, 0), "3 and 4 skipped");
@@ -297,6 +309,7 @@ fn counter_gaps_and_late_messages_per_session() {
         format!("wirescope_rx_counter_gaps_total{{{labels}}} 3"),
         format!("wirescope_rx_late_packets_total{{{labels}}} 2"),
         format!("wirescope_handshake_rtt_seconds_count{{{labels}}} 1"),
+        format!("wirescope_handshake_timeouts_total{{{labels}}} 0"),
         format!("wirescope_handshake_rtt_seconds_bucket{{{labels},le=\"+Inf\"}} 1"),
     ] {
         assert!(text.contains(&line), "missing `{line}` in:\n{text}");

@@ -96,6 +96,10 @@ impl WireHealthCollector {
             series.count += v.count;
             series.sum_ns += v.sum_ns;
         }
+        // Every peer with a round trip has a timeout series, at 0 when none timed out.
+        for k in s.rtt.keys() {
+            s.timeouts.entry(k.clone()).or_default();
+        }
         for ((ifindex, p), n) in timeouts {
             let Some(p) = peer(p) else { continue };
             *s.timeouts.entry((iface(ifindex), p)).or_default() += n;

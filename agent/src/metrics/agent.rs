@@ -1,4 +1,8 @@
 //! The agent about itself: build, attachments, kernel features, BPF maps and run statistics.
+//!
+//! Counter families are named without `_total`, which the encoder appends: the exposed names
+//! are `wirescope_bpf_map_update_errors_total`, `wirescope_bpf_runs_total` and
+//! `wirescope_bpf_run_seconds_total`.
 
 use std::sync::{Arc, Mutex, RwLock};
 

@@ -311,6 +311,8 @@ fn counter_gaps_and_late_messages_per_session() {
         format!("wirescope_handshake_rtt_seconds_count{{{labels}}} 1"),
         format!("wirescope_handshake_timeouts_total{{{labels}}} 0"),
         format!("wirescope_handshake_rtt_seconds_bucket{{{labels},le=\"+Inf\"}} 1"),
+        // Cumulative: the highest finite bound holds the one round trip once.
+        format!("wirescope_handshake_rtt_seconds_bucket{{{labels},le=\"8.589934592\"}} 1"),
     ] {
         assert!(text.contains(&line), "missing `{line}` in:\n{text}");
     }

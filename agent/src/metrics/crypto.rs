@@ -69,6 +69,21 @@ impl Series {
             })
             .collect()
     }
+
+    /// What prometheus-client's `encode_histogram` takes: per-bound counts (it sums them up
+    /// itself) ending with +Inf, so both exposition formats get cumulative buckets and an
+    /// +Inf bucket equal to the count.
+    pub fn encoder_buckets(&self, first: u8, last: u8) -> Vec<(f64, u64)> {
+        let cumulative = self.cumulative_between(first, last);
+        let mut out = Vec::with_capacity(cumulative.len() + 1);
+        let mut prev = 0;
+        for (le, n) in cumulative {
+            out.push((le, n - prev));
+            prev = n;
+        }
+        out.push((f64::INFINITY, self.count.saturating_sub(prev)));
+        out
+    }
 }
 
 impl Collector for CryptoCollector {
@@ -109,7 +124,7 @@ impl Collector for CryptoCollector {
             fam.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
                 s.sum_ns as f64 / 1e9,
                 s.count,
-                &s.cumulative(),
+                &s.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
                 None,
             )?;
         }
@@ -140,5 +155,54 @@ mod tests {
         assert_eq!(le(4096), Some(3));
         assert_eq!(le(8192), Some(5));
         assert_eq!(c.last().map(|x| x.1), Some(5));
+        // The encoder sums per-bound counts itself: differences, then +Inf.
+        let e = s.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2);
+        assert_eq!(e.iter().map(|x| x.1).sum::<u64>(), 6);
+        assert_eq!(e.last(), Some(&(f64::INFINITY, 1)));
+        assert_eq!(e.iter().find(|x| x.0 == 1024e-9).map(|x| x.1), Some(3));
+        assert_eq!(e.iter().find(|x| x.0 == 8192e-9).map(|x| x.1), Some(2));
+    }
+
+    /// Both exposition formats: cumulative buckets, +Inf once and equal to the count.
+    #[test]
+    fn exposition_is_a_valid_histogram() {
+        #[derive(Debug)]
+        struct One(Series);
+        impl Collector for One {
+            fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                let mut fam =
+                    enc.encode_descriptor("h_seconds", "h", None, MetricType::Histogram)?;
+                fam.encode_family(&[("a", "b")])?
+                    .encode_histogram::<NoLabelSet>(
+                        self.0.sum_ns as f64 / 1e9,
+                        self.0.count,
+                        &self.0.encoder_buckets(8, 10),
+                        None,
+                    )
+            }
+        }
+        let mut s = Series::default();
+        s.buckets[8] = 2; // 256..511 ns: le 512
+        s.buckets[20] = 1; // only +Inf
+        s.count = 3;
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(One(s)));
+        for format in [
+            crate::metrics::Format::Prometheus,
+            crate::metrics::Format::OpenMetrics,
+        ] {
+            let text = crate::metrics::encode(&r, format).unwrap();
+            let buckets: Vec<&str> = text.lines().filter(|l| l.contains("_bucket")).collect();
+            assert_eq!(buckets.len(), 4, "{text}");
+            assert!(
+                buckets[0].ends_with(" 0") && buckets[1].ends_with(" 2"),
+                "{text}"
+            );
+            assert!(buckets[2].ends_with(" 2"), "{text}");
+            assert!(
+                buckets[3].contains("+Inf") && buckets[3].ends_with(" 3"),
+                "{text}"
+            );
+        }
     }
 }

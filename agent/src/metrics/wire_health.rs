@@ -136,7 +136,7 @@ impl Collector for WireHealthCollector {
                     .encode_histogram::<NoLabelSet>(
                         series.sum_ns as f64 / 1e9,
                         series.count,
-                        &series.cumulative_between(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+                        &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
                         None,
                     )?;
             }

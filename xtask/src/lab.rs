@@ -193,6 +193,11 @@ pub struct LabConfig {
     pub veth_mtu: u32,
     /// Put a forwarding hop namespace between the client and the first relay.
     pub hop: bool,
+    /// With `hop`: the MTU of the hop's onward link (both ends of the veth towards the first
+    /// relay), smaller than `veth_mtu`. The hop is a kernel router (ip_forward), so a packet
+    /// with DF bigger than this gets a real ICMP fragmentation-needed (type 3 code 4) from it
+    /// with this MTU, and one without DF leaves it in fragments.
+    pub path_mtu: Option<u32>,
     /// Kernel WireGuard or wireguard-go; the default is [`WgImpl::auto`].
     pub wireguard: WgImpl,
 }
@@ -207,6 +212,7 @@ impl Default for LabConfig {
             wg_mtu: plan::DEFAULT_WG_MTU,
             veth_mtu: plan::DEFAULT_VETH_MTU,
             hop: false,
+            path_mtu: None,
             wireguard: WgImpl::auto().unwrap_or_else(|e| panic!("{e:#}")),
         }
     }
@@ -311,6 +317,9 @@ pub struct Lab {
     pub wireguard: WgImpl,
     /// In chain order: client, [hop], relay | entry, exit.
     pub hosts: Vec<Host>,
+    /// MTU of the hop's onward link, when smaller than the veths' (see [`LabConfig::path_mtu`]).
+    #[serde(default)]
+    pub path_mtu: Option<u32>,
     #[serde(skip)]
     owned: bool,
 }
@@ -459,6 +468,11 @@ impl Lab {
         self.host(Role::Hop)
     }
 
+    /// The hop's link towards the first relay (seen from the hop), when there is a hop.
+    pub fn hop_onward(&self) -> Option<&Veth> {
+        self.hop().map(|h| &h.veths[1])
+    }
+
     /// The entry relay (multihop only).
     pub fn entry(&self) -> Option<&Host> {
         self.host(Role::Entry)
@@ -560,6 +574,21 @@ impl Lab {
                     v.name, v.address, v.prefix_len, v.peer_name, v.peer_address, v.peer_netns
                 );
             }
+            if h.role == Role::Hop {
+                if let (Some(mtu), Some(v)) = (self.path_mtu, self.hop_onward()) {
+                    s += &format!(
+                        "         path MTU {mtu} on {} <-> {}: a router; DF packets bigger get \
+                         ICMP fragmentation-needed (mtu {mtu}) back\n",
+                        v.name, v.peer_name
+                    );
+                }
+                s += &format!(
+                    "         impairing relay: `cargo xtask lab impair --prefix {}` relays the \
+                     client's WireGuard through {}:{RELAY_PORT} (drop, reorder, delay)\n",
+                    self.prefix,
+                    h.address()
+                );
+            }
             if let Some(w) = &h.wg {
                 let run_by = match self.wireguard {
                     WgImpl::Kernel => "kernel".to_owned(),
@@ -652,6 +681,12 @@ impl Lab {
             if let (Some(w), Some(k)) = (&h.wg, k) {
                 configure_wg(h, w, k)?;
             }
+        }
+        if let (Some(mtu), Some(v)) = (self.path_mtu, self.hop_onward()) {
+            let mtu = mtu.to_string();
+            let hop_ns = self.hop().expect("hop").netns.clone();
+            ip_n(&hop_ns, &["link", "set", &v.name, "mtu", &mtu])?;
+            ip_n(&v.peer_netns, &["link", "set", &v.peer_name, "mtu", &mtu])?;
         }
         for h in &self.hosts {
             for r in &h.routes {

@@ -56,6 +56,10 @@ enum LabCmd {
         /// Put a forwarding hop namespace between the client and the first relay.
         #[arg(long)]
         hop: bool,
+        /// With --hop: the MTU of the hop's link towards the relay (less than --veth-mtu); the
+        /// hop routes, so DF packets bigger than this get ICMP fragmentation-needed back.
+        #[arg(long, requires = "hop")]
+        path_mtu: Option<u32>,
         /// WireGuard implementation [default: kernel where `modprobe wireguard` works, else
         /// userspace wireguard-go; WIRESCOPE_LAB_WG=kernel|userspace overrides the default]
         #[arg(long, value_enum)]
@@ -106,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
                 wg_mtu,
                 veth_mtu,
                 hop,
+                path_mtu,
                 wireguard,
             } => {
                 let wireguard = match wireguard {
@@ -118,6 +123,7 @@ fn run(cli: Cli) -> Result<()> {
                     wg_mtu,
                     veth_mtu,
                     hop,
+                    path_mtu,
                     wireguard,
                 })?;
                 lab.detach();

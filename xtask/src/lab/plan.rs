@@ -141,6 +141,17 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
             cfg.veth_mtu
         );
     }
+    if let Some(mtu) = cfg.path_mtu {
+        if !cfg.hop {
+            bail!("a path MTU ({mtu}) needs the hop (`--hop`): the hop is the router that has it");
+        }
+        if !(576..cfg.veth_mtu).contains(&mtu) {
+            bail!(
+                "path MTU {mtu}: use at least 576 and less than the veth MTU {}",
+                cfg.veth_mtu
+            );
+        }
+    }
     let p = cfg.prefix.as_str();
     let mut chain = vec![Role::Client];
     if cfg.hop {
@@ -355,6 +366,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
         veth_mtu: cfg.veth_mtu,
         wireguard: cfg.wireguard,
         hosts,
+        path_mtu: cfg.path_mtu,
         owned: false,
     })
 }
@@ -484,5 +496,24 @@ mod tests {
                 .routes
                 .contains(&"route add 192.0.2.1/32 via 198.51.100.1 dev wsc-h".into())
         );
+        assert_eq!(lab.hop_onward().unwrap().name, "wsh-e");
+        assert_eq!(lab.path_mtu, None);
+    }
+
+    #[test]
+    fn path_mtu_needs_the_hop_and_fits() {
+        let mut c = cfg(Topology::Single, true);
+        c.path_mtu = Some(1400);
+        let lab = plan(&c).unwrap();
+        assert_eq!(lab.path_mtu, Some(1400));
+        assert_eq!(lab.hop_onward().unwrap().peer_name, "wsr-h");
+        assert!(lab.summary().contains("path MTU 1400 on wsh-r <-> wsr-h"));
+        c.path_mtu = Some(1500);
+        assert!(plan(&c).is_err());
+        c.path_mtu = Some(500);
+        assert!(plan(&c).is_err());
+        let mut c = cfg(Topology::Single, false);
+        c.path_mtu = Some(1400);
+        assert!(plan(&c).is_err());
     }
 }

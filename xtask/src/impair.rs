@@ -70,10 +70,37 @@ pub struct DirRules {
     pub drop_every: Option<u32>,
     /// Swap the two datagrams of every m-th pair of counted datagrams.
     pub reorder_every: Option<u32>,
-    /// Fixed one-way delay of every datagram of this direction.
+    /// Fixed one-way delay of every datagram of this direction (`delay_ms` in JSON).
+    #[serde(rename = "delay_ms", with = "millis")]
     pub delay: Duration,
     /// Drop every WireGuard handshake response (type 2).
     pub drop_handshake_responses: bool,
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `21st`.
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 impl DirRules {
@@ -92,10 +119,10 @@ impl DirRules {
         };
         let mut parts = Vec::new();
         if let Some(k) = self.drop_every {
-            parts.push(format!("drop every {k}th {what}"));
+            parts.push(format!("drop every {} {what}", ordinal(k)));
         }
         if let Some(m) = self.reorder_every {
-            parts.push(format!("swap every {m}th pair of {what}"));
+            parts.push(format!("swap every {} pair of {what}s", ordinal(m)));
         }
         if !self.delay.is_zero() {
             parts.push(format!("delay {:?}", self.delay));
@@ -108,6 +135,51 @@ impl DirRules {
         } else {
             parts.join(", ")
         }
+    }
+}
+
+impl std::str::FromStr for DirRules {
+    type Err = anyhow::Error;
+
+    /// Comma-separated: `drop-every=K`, `reorder-every=M`, `delay=MS` (milliseconds),
+    /// `drop-handshake-responses`, `count=data|all`; empty or `pass` for nothing. E.g.
+    /// `drop-every=10,delay=40`.
+    fn from_str(spec: &str) -> Result<Self> {
+        let mut r = DirRules::default();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v.trim())),
+                None => (item, None),
+            };
+            let num = |v: Option<&str>| -> Result<u32> {
+                let v = v.ok_or_else(|| anyhow!("`{key}` needs a value: `{key}=N`"))?;
+                match v.parse::<u32>() {
+                    Ok(n) if n > 0 || key == "delay" => Ok(n),
+                    _ => Err(anyhow!("`{item}`: expected a positive whole number")),
+                }
+            };
+            match key {
+                "pass" if value.is_none() => {}
+                "drop-every" => r.drop_every = Some(num(value)?),
+                "reorder-every" => r.reorder_every = Some(num(value)?),
+                "delay" => r.delay = Duration::from_millis(num(value)?.into()),
+                "drop-handshake-responses" if value.is_none() => r.drop_handshake_responses = true,
+                "count" => {
+                    r.count = match value {
+                        Some("data") => Count::Data,
+                        Some("all") => Count::All,
+                        _ => return Err(anyhow!("`{item}`: use count=data or count=all")),
+                    }
+                }
+                _ => {
+                    return Err(anyhow!(
+                        "unknown impairment `{item}`: use drop-every=K, reorder-every=M, \
+                         delay=MS, drop-handshake-responses, count=data|all"
+                    ));
+                }
+            }
+        }
+        Ok(r)
     }
 }
 
@@ -770,6 +842,34 @@ mod tests {
     }
 
     #[test]
+    fn parses_rules() {
+        let r: DirRules = "drop-every=10, delay=40,count=all".parse().unwrap();
+        assert_eq!(
+            r,
+            DirRules {
+                count: Count::All,
+                drop_every: Some(10),
+                delay: Duration::from_millis(40),
+                ..Default::default()
+            }
+        );
+        let r: DirRules = "reorder-every=5,drop-handshake-responses".parse().unwrap();
+        assert_eq!(r.reorder_every, Some(5));
+        assert!(r.drop_handshake_responses);
+        assert_eq!("".parse::<DirRules>().unwrap(), DirRules::default());
+        assert_eq!("pass".parse::<DirRules>().unwrap(), DirRules::default());
+        for bad in [
+            "drop-every=0",
+            "drop-every",
+            "delay=x",
+            "jitter=3",
+            "count=some",
+        ] {
+            assert!(bad.parse::<DirRules>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn describes_rules() {
         let r = DirRules {
             drop_every: Some(10),
@@ -778,6 +878,18 @@ mod tests {
         };
         assert_eq!(r.describe(), "drop every 10th data, delay 40ms");
         assert_eq!(DirRules::default().describe(), "pass");
+        let r: DirRules = "reorder-every=2,drop-every=21,count=all".parse().unwrap();
+        assert_eq!(
+            r.describe(),
+            "drop every 21st datagram, swap every 2nd pair of datagrams"
+        );
+        let i = Impairment::delay(Duration::from_millis(40));
+        let json = serde_json::to_string(&i.to_client).unwrap();
+        assert!(json.contains("\"delay_ms\":40"), "{json}");
+        assert_eq!(
+            serde_json::from_str::<DirRules>(&json).unwrap(),
+            i.to_client
+        );
         assert!(DirRules::default().is_noop());
     }
 

@@ -320,8 +320,20 @@ pub struct Lab {
     /// MTU of the hop's onward link, when smaller than the veths' (see [`LabConfig::path_mtu`]).
     #[serde(default)]
     pub path_mtu: Option<u32>,
+    /// The impairing relay `cargo xtask lab impair` runs, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub impairment: Option<ImpairState>,
     #[serde(skip)]
     owned: bool,
+}
+
+/// What `cargo xtask lab impair` runs, as the state file records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImpairState {
+    pub place: crate::impair::Place,
+    pub rules: crate::impair::Impairment,
+    /// The `cargo xtask lab impair` process.
+    pub pid: u32,
 }
 
 fn userspace() -> WgImpl {
@@ -562,6 +574,18 @@ impl Lab {
             self.veth_mtu,
             self.state_path().display()
         );
+        if let Some(i) = &self.impairment {
+            let state = if crate::procs::is_alive(i.pid) {
+                format!("pid {}", i.pid)
+            } else {
+                format!("pid {} gone: `cargo xtask lab up` again", i.pid)
+            };
+            s += &format!(
+                "  impairing relay ({:?}, {state}): {}\n",
+                i.place,
+                i.rules.describe()
+            );
+        }
         for h in &self.hosts {
             s += &format!(
                 "  {:<6} netns {}\n",
@@ -612,6 +636,22 @@ impl Lab {
             }
         }
         s
+    }
+
+    /// Records in the state file that this process runs an impairing relay (None: no
+    /// longer), for `lab show` and the summary.
+    pub fn mark_impairment(
+        &self,
+        place: Option<crate::impair::Place>,
+        rules: Option<&crate::impair::Impairment>,
+    ) -> Result<()> {
+        let mut state = Lab::load(&self.prefix)?;
+        state.impairment = place.zip(rules).map(|(place, rules)| ImpairState {
+            place,
+            rules: *rules,
+            pid: std::process::id(),
+        });
+        state.save()
     }
 
     fn save(&self) -> Result<()> {

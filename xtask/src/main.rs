@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use xtask::impair::{DirRules, Impairment, Place};
 use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
 use xtask::{build, demo, setup, testsuite, vm};
 
@@ -69,6 +70,28 @@ enum LabCmd {
     Down {
         #[arg(long, default_value = lab::plan::DEFAULT_PREFIX)]
         prefix: String,
+    },
+    /// Relay the client's WireGuard through the impairing relay until Ctrl-C or --duration,
+    /// printing its counters every 5 s (the lab needs --hop, or multihop for --place relays).
+    /// RULES are comma-separated: drop-every=K, reorder-every=M, delay=MS,
+    /// drop-handshake-responses, count=data|all (what drop-every and reorder-every count:
+    /// WireGuard data messages, the default, or every datagram).
+    Impair {
+        #[arg(long, default_value = lab::plan::DEFAULT_PREFIX)]
+        prefix: String,
+        /// hop: between the client and the first relay, in the hop namespace; relays:
+        /// between the multihop entry and exit relays, in the entry namespace.
+        #[arg(long, value_enum, default_value_t = Place::Hop)]
+        place: Place,
+        /// Rules for datagrams towards the client, e.g. `drop-every=10,delay=40`.
+        #[arg(long, value_name = "RULES", default_value = "")]
+        to_client: DirRules,
+        /// Rules for datagrams towards the relay.
+        #[arg(long, value_name = "RULES", default_value = "")]
+        to_relay: DirRules,
+        /// Stop after this many seconds (default: at Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
     },
     /// Print the state file of a running lab (JSON).
     Show {
@@ -144,11 +167,94 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Ok(())
             }
+            LabCmd::Impair {
+                prefix,
+                place,
+                to_client,
+                to_relay,
+                duration,
+            } => impair(
+                &prefix,
+                place,
+                Impairment {
+                    to_client,
+                    to_relay,
+                },
+                duration,
+            ),
             LabCmd::Show { prefix } => {
                 let lab = Lab::load(&prefix)?;
                 println!("{}", serde_json::to_string_pretty(&lab)?);
                 Ok(())
             }
         },
+    }
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: nix::libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `cargo xtask lab impair`: runs the relay in the foreground; the client's configuration is
+/// put back when it stops (Ctrl-C, SIGTERM or the duration).
+fn impair(prefix: &str, place: Place, rules: Impairment, duration: Option<u64>) -> Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    let lab = Lab::load(prefix)?;
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    let handle = lab.start_impairment_at(place, rules)?;
+    lab.mark_impairment(Some(place), Some(&rules))?;
+    println!(
+        "lab `{prefix}`: impairing relay at {} -> {} ({})",
+        handle.listen_addr(),
+        handle.upstream(),
+        rules.describe()
+    );
+    println!("stop with Ctrl-C; the client's endpoints are put back then");
+    let end = duration.map(|d| Instant::now() + Duration::from_secs(d));
+    let mut next = Instant::now() + Duration::from_secs(5);
+    while !STOP.load(Ordering::Relaxed) && end.is_none_or(|e| Instant::now() < e) {
+        std::thread::sleep(Duration::from_millis(50));
+        if Instant::now() >= next {
+            next += Duration::from_secs(5);
+            print_impair_stats(&handle.stats());
+        }
+    }
+    let stats = handle.stop();
+    let unmarked = lab.mark_impairment(None, None);
+    let stats = stats?;
+    print_impair_stats(&stats);
+    unmarked
+}
+
+fn print_impair_stats(s: &xtask::impair::ImpairStats) {
+    for (dir, d) in [("to relay", &s.to_relay), ("to client", &s.to_client)] {
+        println!(
+            "  {dir:<9} received {} (init {}, resp {}, cookie {}, data {}, other {}) forwarded {} \
+             dropped {} handshake-responses-dropped {} swapped-pairs {} delayed {}",
+            d.received,
+            d.messages[1],
+            d.messages[2],
+            d.messages[3],
+            d.messages[4],
+            d.messages[0],
+            d.forwarded,
+            d.dropped,
+            d.dropped_handshake_responses,
+            d.reordered_pairs,
+            d.delayed
+        );
     }
 }

@@ -367,6 +367,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
         wireguard: cfg.wireguard,
         hosts,
         path_mtu: cfg.path_mtu,
+        impairment: None,
         owned: false,
     })
 }

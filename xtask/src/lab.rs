@@ -12,6 +12,12 @@
 //! client routes that address into its own wg interface, so the exit-layer WireGuard UDP is
 //! itself encrypted for the entry peer. Names and addresses: see [`plan`].
 //!
+//! Impairments: the optional hop (`--hop`) is a kernel router (ip_forward). With
+//! `--path-mtu N` its onward link has MTU N, so the path sends real ICMP
+//! fragmentation-needed. [`Lab::start_impairment`] (or `cargo xtask lab impair`) runs the
+//! deterministic impairing UDP relay of [`crate::impair`] in the hop, or between the multihop
+//! relays, and points the client's endpoint at it.
+//!
 //! [`Lab::up`] first removes whatever an earlier lab with the same prefix left (also after a
 //! crash), builds the lab, and writes its description to `/run/wirescope-lab/PREFIX.json`.
 //! Dropping the returned [`Lab`] tears it down; [`down`] does the same from the prefix alone.
@@ -49,7 +55,9 @@ pub enum Topology {
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Client,
-    /// A plain router between the client and the first relay, for impairments (no WireGuard).
+    /// A router between the client and the first relay, for impairments (no WireGuard): it
+    /// forwards IP (with `path_mtu`, onto a smaller-MTU link), and hosts the impairing relay
+    /// of [`crate::impair`].
     Hop,
     /// The only relay of the single topology.
     Relay,

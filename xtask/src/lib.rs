@@ -3,6 +3,8 @@
 //!
 //! - [`setup`]: installs what a fresh Debian machine lacks.
 //! - [`lab`]: network namespaces with wireguard-go standing for a Mullvad client and relays.
+//! - [`impair`]: the lab's deterministic impairing UDP relay (drop, swap, delay, drop
+//!   handshake responses) in the hop or between the multihop relays.
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
 //! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.

@@ -124,6 +124,11 @@ pub fn wait_listening(ns: &str, port: u16, timeout: Duration) -> Result<()> {
     }
 }
 
+/// Whether a UDP socket (IPv4 or IPv6) in `ns` is bound to `port`.
+pub fn udp_port_bound_in(ns: &str, port: u16) -> Result<bool> {
+    netns::run_in(ns, move || udp_port_bound(port))?
+}
+
 /// Whether a UDP socket of the calling thread's network namespace is bound to `port`.
 fn udp_port_bound(port: u16) -> Result<bool> {
     let want = format!(":{port:04X} ");

@@ -14,6 +14,7 @@ use xtask::capture::Capture;
 use xtask::impair::{DirRules, ImpairStats, Impairment, Place, wait_for};
 use xtask::lab::{self, GATEWAY_V4, Lab, LabConfig, Role, Topology};
 use xtask::udp::{UdpEcho, recv_sizes, send_udp};
+use xtask::wg;
 
 const PREFIX: &str = "wsi";
 
@@ -79,6 +80,19 @@ fn min_rtt_ms(lab: &Lab, count: u32) -> f64 {
         .unwrap()
 }
 
+/// Threads of this process that belong to an impairing relay (`impair-to-client` and
+/// `impair-to-relay`, cut to 15 characters; the test binary's main thread is `impair-HASH`).
+fn relay_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("impair-to-"))
+        })
+        .count()
+}
+
 fn delta(after: &ImpairStats, before: &ImpairStats) -> (u64, u64, u64, u64) {
     let (a, b) = (&after.to_client, &before.to_client);
     (
@@ -118,8 +132,14 @@ fn drops_every_10th_data_message_to_the_client() {
     // The client learned nothing of the hop: its peer endpoint is the hop's address.
     let d = lab.wg_dump(Role::Client).unwrap();
     assert_eq!(d.peers[0].endpoint, Some(imp.listen_addr()));
+    let hop = lab.hop().unwrap().netns.clone();
+    assert!(wg::udp_port_bound_in(&hop, lab::RELAY_PORT).unwrap());
+    assert_eq!(relay_threads(), 2, "one thread per direction");
     let stats = imp.stop().unwrap();
     assert!(stats.to_relay.forwarded >= 100);
+    // Nothing of the relay is left: its threads are joined, its sockets closed.
+    assert_eq!(relay_threads(), 0);
+    assert!(!wg::udp_port_bound_in(&hop, lab::RELAY_PORT).unwrap());
     let d = lab.wg_dump(Role::Client).unwrap();
     assert_eq!(d.peers[0].endpoint, Some(lab.entry_endpoint()), "restored");
     lab.teardown().unwrap();

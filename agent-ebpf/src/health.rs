@@ -178,13 +178,16 @@ fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
     // SAFETY: a value of a shared map; the race between CPUs is described at RX_SESSIONS.
     let highest = unsafe { (*s).highest };
     unsafe { (*s).last_ns = now };
-    if counter > highest {
+    if last > highest {
         unsafe { (*s).highest = last };
+    }
+    if counter > highest {
         let gap = counter - highest - 1;
         if gap > 0 {
             add(ifindex, peer, seq::GAPS, gap);
         }
     } else {
+        // (A GRO skb that starts late but reaches past the highest still moves it on.)
         add(ifindex, peer, seq::LATE, 1);
     }
 }

@@ -23,11 +23,20 @@
 //!   arrived, in arrival order (a timer queue of at most [`QUEUE_LIMIT`] datagrams; beyond,
 //!   datagrams are dropped and counted in `overflow`). One-way: a round trip through the
 //!   relay with the same delay both ways takes 2 x delay more.
-//! - `drop_handshake_responses`: every WireGuard handshake response (type 2) is dropped.
+//! - `drop_handshake_responses`: every WireGuard handshake response (type 2) is dropped,
+//!   before the rules above look at it (so with [`Count::All`] it is not counted either).
 //!
 //! [`Impairer::set`] replaces the rules at run time and restarts the counting (the next
-//! counted datagram is the 1st); [`Impairer::stats`] reads the counters, which are never
-//! reset.
+//! counted datagram is the 1st, also when its thread was already waiting for it);
+//! [`Impairer::stats`] reads the counters, which are never reset: take differences.
+//!
+//! Datapath: each thread receives into one fixed 64 KiB buffer and copies the datagram into a
+//! buffer from its own pool (reused, so in a steady state nothing is allocated); a datagram
+//! that is not delayed or held is sent at once.
+//!
+//! In the lab, [`Lab::start_impairment`] (or `cargo xtask lab impair`) starts it at a
+//! [`Place`]: in the hop, or between the multihop relays, and points the client at it; the
+//! returned [`ImpairHandle`] undoes that and stops the relay when dropped.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};

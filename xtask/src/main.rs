@@ -54,7 +54,9 @@ enum LabCmd {
         /// MTU of every veth.
         #[arg(long, default_value_t = lab::plan::DEFAULT_VETH_MTU)]
         veth_mtu: u32,
-        /// Put a forwarding hop namespace between the client and the first relay.
+        /// Put a forwarding hop namespace between the client and the first relay (a router;
+        /// `cargo xtask lab impair` relays the client's WireGuard through it with drops,
+        /// swaps and delays).
         #[arg(long)]
         hop: bool,
         /// With --hop: the MTU of the hop's link towards the relay (less than --veth-mtu); the

@@ -59,6 +59,7 @@ pub const VM_MEMORY: &str = "2G";
 /// suites run the lab with the kernel's WireGuard where the module loads.
 pub const SUITES: &[&str] = &[
     "xtask/tests/lab.rs",
+    "xtask/tests/impair.rs",
     "agent/tests/lab.rs",
     "agent/tests/test_run.rs",
 ];

@@ -62,6 +62,7 @@ pub const SUITES: &[&str] = &[
     "xtask/tests/impair.rs",
     "agent/tests/lab.rs",
     "agent/tests/test_run.rs",
+    "agent/tests/wire_health.rs",
 ];
 
 /// A kernel series `vm-test` knows how to install.

@@ -8,7 +8,9 @@
 
 mod count;
 mod crypto;
+mod frag;
 mod health;
+mod icmp;
 mod maps;
 mod skb;
 mod tunnel;
@@ -77,6 +79,11 @@ fn observe(ctx: &TcContext, dir: u8) {
     let gso_segs = pkt.gso_segs();
     if cfg.flags & IfaceConfig::TUNNEL != 0 {
         tunnel::count(&pkt, ifindex, dir, &ip, l4.as_ref(), gso_segs);
+    }
+    // Path-MTU signals: IP fragments per layer, ICMP too-big messages arriving.
+    frag::count(ifindex, dir, cfg.flags, &ip, l4.as_ref());
+    if dir == DIR_RX {
+        icmp::observe(&pkt, ifindex, &ip);
     }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.

@@ -103,6 +103,8 @@ pub struct Datapath {
     handshake_rtt: PerCpuHashMap<MapData, PeerHistKey, HistValue>,
     rx_sessions: HashMap<MapData, IndexKey, RxSession>,
     rx_seq: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// Fragments and ICMP too-big ([`PathMaps`]).
+    path: PathMaps,
     /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
     handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
@@ -160,6 +162,7 @@ impl Datapath {
             handshake_rtt: take(&mut ebpf, names::HANDSHAKE_RTT)?,
             rx_sessions: take(&mut ebpf, names::RX_SESSIONS)?,
             rx_seq: take(&mut ebpf, names::RX_SEQ)?,
+            path: PathMaps::take(&mut ebpf)?,
             handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
@@ -364,9 +367,11 @@ impl Datapath {
             })
             .map_err(|e| (names::WG_PORTS, e)),
         ];
+        let addrs = self.path.sync_endpoint_addrs(&want.endpoints);
         for r in results {
             r.map_err(|(map, source)| DatapathError::Map { map, source })?;
         }
+        addrs?;
         Ok(())
     }
 
@@ -549,6 +554,7 @@ impl Datapath {
                 .unwrap_or(0);
             (name, n)
         })
+        .chain(self.path.map_update_errors())
         .collect()
     }
 
@@ -617,6 +623,9 @@ impl Datapath {
                 MAX_RX_SEQ as u64,
             ),
         ]
+        .into_iter()
+        .chain(self.path.map_usage())
+        .collect()
     }
 
     /// (program name, run count, run time) from the kernel's statistics; zero unless
@@ -757,6 +766,162 @@ fn tcx_unsupported(e: &ProgramError) -> bool {
             Some(code) if code == libc::EINVAL || code == libc::EOPNOTSUPP || code == 524 /* ENOTSUPP */
         ),
         _ => false,
+    }
+}
+
+/// The maps of the path-MTU signals (agent-ebpf frag.rs and icmp.rs): fragments per layer,
+/// ICMP too-big messages and the MTUs they reported, and the endpoint addresses (any port)
+/// that make a fragment `outer`.
+pub struct PathMaps {
+    fragments: PerCpuHashMap<MapData, CounterKey, Counter>,
+    icmp_too_big: PerCpuHashMap<MapData, CounterKey, Counter>,
+    icmp_mtu: HashMap<MapData, agent_common::maps::path::MtuKey, u64>,
+    endpoint_addrs: HashMap<MapData, Endpoint, u8>,
+    errors: PerCpuArray<MapData, u64>,
+    applied_addrs: StdHashMap<Endpoint, u8>,
+}
+
+impl PathMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        use agent_common::maps::path;
+        Ok(Self {
+            fragments: take(ebpf, path::FRAGMENTS)?,
+            icmp_too_big: take(ebpf, path::ICMP_TOO_BIG)?,
+            icmp_mtu: take(ebpf, path::ICMP_MTU)?,
+            endpoint_addrs: take(ebpf, path::ENDPOINT_ADDRS)?,
+            errors: take(ebpf, path::PATH_ERRORS)?,
+            applied_addrs: StdHashMap::new(),
+        })
+    }
+
+    /// The endpoints' addresses with port 0: a fragment to or from one is `outer`.
+    fn sync_endpoint_addrs(
+        &mut self,
+        endpoints: &StdHashMap<Endpoint, u32>,
+    ) -> Result<(), DatapathError> {
+        let want: StdHashMap<Endpoint, u8> = endpoints
+            .keys()
+            .map(|e| (Endpoint { port: 0, ..*e }, 1))
+            .collect();
+        let map = &mut self.endpoint_addrs;
+        apply(&mut self.applied_addrs, &want, |k, v| match v {
+            Some(v) => map.insert(k, v, 0),
+            None => map.remove(k),
+        })
+        .map_err(|source| DatapathError::Map {
+            map: agent_common::maps::path::ENDPOINT_ADDRS,
+            source,
+        })
+    }
+
+    /// Fragments per (ifindex, 0, layer, direction), summed over CPUs.
+    pub fn fragments(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.fragments, agent_common::maps::path::FRAGMENTS)
+    }
+
+    /// ICMP too-big messages per (ifindex, 0, family, rx), summed over CPUs.
+    pub fn icmp_too_big(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.icmp_too_big, agent_common::maps::path::ICMP_TOO_BIG)
+    }
+
+    /// (ifindex, MTU) -> monotonic time (ns) of the latest report of that MTU.
+    pub fn icmp_mtus(&self) -> Vec<(agent_common::maps::path::MtuKey, u64)> {
+        self.icmp_mtu.iter().flatten().collect()
+    }
+
+    /// Lowest MTU per ifindex among those reported at or after `now_ns - MTU_WINDOW_NS`.
+    pub fn lowest_mtus(&self, now_ns: u64) -> StdHashMap<u32, u32> {
+        lowest_mtus(self.icmp_mtus(), now_ns)
+    }
+
+    /// Removes the MTUs not reported within the window; run on every sync tick, so the map
+    /// stays bounded. Returns how many went. (A report of the same MTU racing this delete
+    /// can be lost; the next report brings it back.)
+    pub fn expire(&mut self, now_ns: u64) -> u64 {
+        let cutoff = now_ns.saturating_sub(agent_common::maps::path::MTU_WINDOW_NS);
+        let old: Vec<_> = self
+            .icmp_mtus()
+            .into_iter()
+            .filter(|(_, t)| *t < cutoff)
+            .map(|(k, _)| k)
+            .collect();
+        old.into_iter()
+            .filter(|k| self.icmp_mtu.remove(k).is_ok())
+            .count() as u64
+    }
+
+    fn map_update_errors(&self) -> Vec<(&'static str, u64)> {
+        use agent_common::maps::path::{self, error};
+        [
+            (error::FRAGMENTS, path::FRAGMENTS),
+            (error::ICMP_TOO_BIG, path::ICMP_TOO_BIG),
+            (error::ICMP_MTU, path::ICMP_MTU),
+        ]
+        .into_iter()
+        .map(|(idx, name)| {
+            let n = self
+                .errors
+                .get(&idx, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            (name, n)
+        })
+        .collect()
+    }
+
+    fn map_usage(&self) -> Vec<(&'static str, u64, u64)> {
+        use agent_common::maps::path::*;
+        vec![
+            (
+                FRAGMENTS,
+                self.fragments.keys().count() as u64,
+                MAX_FRAGMENTS as u64,
+            ),
+            (
+                ICMP_TOO_BIG,
+                self.icmp_too_big.keys().count() as u64,
+                MAX_ICMP_TOO_BIG as u64,
+            ),
+            (
+                ICMP_MTU,
+                self.icmp_mtu.keys().count() as u64,
+                MAX_ICMP_MTU as u64,
+            ),
+            (
+                ENDPOINT_ADDRS,
+                self.applied_addrs.len() as u64,
+                MAX_ENDPOINT_ADDRS as u64,
+            ),
+        ]
+    }
+}
+
+/// The lowest MTU per ifindex reported at or after `now_ns - MTU_WINDOW_NS`.
+pub fn lowest_mtus(
+    reports: impl IntoIterator<Item = (agent_common::maps::path::MtuKey, u64)>,
+    now_ns: u64,
+) -> StdHashMap<u32, u32> {
+    let cutoff = now_ns.saturating_sub(agent_common::maps::path::MTU_WINDOW_NS);
+    let mut out: StdHashMap<u32, u32> = StdHashMap::new();
+    for (k, t) in reports {
+        if t < cutoff {
+            continue;
+        }
+        let m = out.entry(k.ifindex).or_insert(k.mtu);
+        *m = (*m).min(k.mtu);
+    }
+    out
+}
+
+impl Datapath {
+    /// Fragments and ICMP too-big.
+    pub fn path(&self) -> &PathMaps {
+        &self.path
+    }
+
+    /// Run on every sync tick: drops reported MTUs older than the 10-minute window.
+    pub fn expire_path_state(&mut self, now_ns: u64) -> u64 {
+        self.path.expire(now_ns)
     }
 }
 

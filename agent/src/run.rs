@@ -129,6 +129,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     registry.register_collector(Box::new(
         crate::metrics::wire_health::WireHealthCollector::new(datapath.clone(), inventory.clone()),
     ));
+    registry.register_collector(Box::new(crate::metrics::path::PathCollector::new(
+        datapath.clone(),
+        inventory.clone(),
+    )));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -170,6 +174,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 // stay bounded, and a timeout shows within a second of its 5 s.
                 if let Ok(mut dp) = datapath.lock() {
                     dp.expire_wire_state(crate::health::monotonic_ns());
+                    // Reported MTUs older than the 10-minute window go.
+                    dp.expire_path_state(crate::health::monotonic_ns());
                 }
                 let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
                 match syncer.tick(&datapath, &inventory).await {

@@ -11,6 +11,7 @@ mod crypto;
 mod frag;
 mod health;
 mod icmp;
+mod leak;
 mod maps;
 mod skb;
 mod tunnel;
@@ -84,6 +85,12 @@ fn observe(ctx: &TcContext, dir: u8) {
     frag::count(ifindex, dir, cfg.flags, &ip, l4.as_ref());
     if dir == DIR_RX {
         icmp::observe(&pkt, ifindex, &ip);
+    }
+    // Leaks: what leaves an underlay (not a tunnel) outside every tunnel while one is up.
+    if dir == DIR_TX
+        && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
+    {
+        leak::observe(&pkt, ifindex, &ip, l4.as_ref(), gso_segs);
     }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.

@@ -24,6 +24,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of `run`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach the eBPF programs, read WireGuard state, serve metrics until
@@ -85,6 +87,11 @@ pub struct RunArgs {
     /// error, warn, info, debug or trace [default: info]
     #[arg(long = "log-level", value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Destinations (CIDR) where traffic outside the tunnels is not a leak, e.g. the LAN
+    /// when local network sharing is on (repeatable): 192.168.0.0/16, fd00::/8
+    #[arg(long = "leak-allow", value_name = "CIDR")]
+    pub leak_allow: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -16,6 +16,7 @@
 //! wg-config = ["/etc/wireguard/wg0.conf"]
 //! export-endpoints = false
 //! log-level = "info"
+//! leak-allow = ["192.168.0.0/16", "fd00::/8"]
 //! ```
 //!
 //! ```toml
@@ -38,6 +39,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
@@ -122,6 +124,8 @@ pub struct RunConfig {
     pub export_endpoints: bool,
     pub log_level: log::LevelFilter,
     pub state_dir: PathBuf,
+    /// `--leak-allow`: destinations where traffic outside the tunnels is not a leak.
+    pub leak_allow: Vec<IpNet>,
 }
 
 impl RunConfig {
@@ -212,6 +216,9 @@ impl RunConfig {
             .map(|(p, origin)| WebConfig::load(&p, origin))
             .transpose()?;
 
+        let (nets, origin) = pick_list(&args.leak_allow, file.leak_allow);
+        let leak_allow = parse_cidrs("leak-allow", nets, &origin)?;
+
         Ok(RunConfig {
             listen_address,
             telemetry_path,
@@ -222,6 +229,7 @@ impl RunConfig {
             friendly_names,
             export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
             log_level,
+            leak_allow,
             state_dir: match (&args.state_dir, file.state_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(p)) => base.join(p),
@@ -241,6 +249,7 @@ struct FileConfig {
     export_endpoints: Option<bool>,
     log_level: Option<String>,
     state_dir: Option<PathBuf>,
+    leak_allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -544,6 +553,38 @@ fn is_bcrypt_hash(h: &str) -> bool {
         && b[7..]
             .iter()
             .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'/')
+}
+
+/// CIDRs (`192.168.0.0/16`, `fd00::/8`) or single addresses (a /32 or /128). Host bits
+/// are cleared; duplicates dropped.
+fn parse_cidrs(
+    key: &'static str,
+    values: Vec<String>,
+    origin: &Origin,
+) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out: Vec<IpNet> = Vec::with_capacity(values.len());
+    for v in values {
+        let net = match v.trim().parse::<IpNet>() {
+            Ok(n) => n.trunc(),
+            Err(_) => match v.trim().parse::<IpAddr>() {
+                Ok(a) => IpNet::from(a),
+                Err(_) => {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        origin: origin.clone(),
+                        value: v,
+                        problem: "is not a CIDR".into(),
+                        accepted: "accepted: an IPv4 or IPv6 network ADDRESS/PREFIX or a single address, e.g. 192.168.0.0/16, fd00::/8, 10.0.0.1"
+                            .into(),
+                    });
+                }
+            },
+        };
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

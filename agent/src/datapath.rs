@@ -105,6 +105,8 @@ pub struct Datapath {
     rx_seq: PerCpuHashMap<MapData, CounterKey, Counter>,
     /// Fragments and ICMP too-big ([`PathMaps`]).
     path: PathMaps,
+    /// Leak detection ([`LeakMaps`]).
+    pub leak: LeakMaps,
     /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
     handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
@@ -163,6 +165,7 @@ impl Datapath {
             rx_sessions: take(&mut ebpf, names::RX_SESSIONS)?,
             rx_seq: take(&mut ebpf, names::RX_SEQ)?,
             path: PathMaps::take(&mut ebpf)?,
+            leak: LeakMaps::take(&mut ebpf)?,
             handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
@@ -555,6 +558,7 @@ impl Datapath {
             (name, n)
         })
         .chain(self.path.map_update_errors())
+        .chain(self.leak.update_errors())
         .collect()
     }
 
@@ -625,6 +629,7 @@ impl Datapath {
         ]
         .into_iter()
         .chain(self.path.map_usage())
+        .chain(self.leak.usage())
         .collect()
     }
 
@@ -922,6 +927,112 @@ impl Datapath {
     /// Run on every sync tick: drops reported MTUs older than the 10-minute window.
     pub fn expire_path_state(&mut self, now_ns: u64) -> u64 {
         self.path.expire(now_ns)
+    }
+}
+
+/// The leak-detection maps (`agent_common::maps::leak`): the "tunnel up" time, the
+/// `--leak-allow` CIDRs, and the counts.
+pub struct LeakMaps {
+    cfg: Array<MapData, agent_common::maps::leak::LeakConfig>,
+    allow_v4: LpmTrie<MapData, agent_common::maps::leak::AllowV4, u8>,
+    allow_v6: LpmTrie<MapData, agent_common::maps::leak::AllowV6, u8>,
+    leaks: PerCpuHashMap<MapData, agent_common::maps::leak::LeakKey, Counter>,
+    errors: PerCpuArray<MapData, u64>,
+    /// Allowed CIDRs written, per family.
+    allowed: (usize, usize),
+}
+
+impl LeakMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        use agent_common::maps::leak as l;
+        Ok(Self {
+            cfg: take(ebpf, l::LEAK_CFG)?,
+            allow_v4: take(ebpf, l::LEAK_ALLOW_V4)?,
+            allow_v6: take(ebpf, l::LEAK_ALLOW_V6)?,
+            leaks: take(ebpf, l::LEAKS)?,
+            errors: take(ebpf, l::LEAK_ERRORS)?,
+            allowed: (0, 0),
+        })
+    }
+
+    /// Packets leaving an underlay count as leaks until `until_ns` (bpf_ktime_get_ns, i.e.
+    /// CLOCK_MONOTONIC); 0 turns leak detection off.
+    pub fn set_tunnel_up_until(&mut self, until_ns: u64) -> Result<(), DatapathError> {
+        let v = agent_common::maps::leak::LeakConfig {
+            tunnel_up_until_ns: until_ns,
+        };
+        self.cfg.set(0, v, 0).map_err(|source| DatapathError::Map {
+            map: agent_common::maps::leak::LEAK_CFG,
+            source,
+        })
+    }
+
+    /// Writes the `--leak-allow` CIDRs (once, at start).
+    pub fn set_allowed(&mut self, nets: &[ipnet::IpNet]) -> Result<(), DatapathError> {
+        use agent_common::maps::leak::{AllowV4, AllowV6, LEAK_ALLOW_V4, LEAK_ALLOW_V6};
+        for net in nets {
+            match net.trunc() {
+                ipnet::IpNet::V4(n) => {
+                    let key = Key::new(
+                        n.prefix_len() as u32,
+                        AllowV4 {
+                            addr: n.addr().octets(),
+                        },
+                    );
+                    self.allow_v4
+                        .insert(&key, 1, 0)
+                        .map_err(|source| DatapathError::Map {
+                            map: LEAK_ALLOW_V4,
+                            source,
+                        })?;
+                    self.allowed.0 += 1;
+                }
+                ipnet::IpNet::V6(n) => {
+                    let key = Key::new(
+                        n.prefix_len() as u32,
+                        AllowV6 {
+                            addr: n.addr().octets(),
+                        },
+                    );
+                    self.allow_v6
+                        .insert(&key, 1, 0)
+                        .map_err(|source| DatapathError::Map {
+                            map: LEAK_ALLOW_V6,
+                            source,
+                        })?;
+                    self.allowed.1 += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaks per (ifindex, kind), summed over CPUs.
+    pub fn leaks(
+        &self,
+    ) -> Result<Vec<(agent_common::maps::leak::LeakKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.leaks, agent_common::maps::leak::LEAKS)
+    }
+
+    /// (map name, entries, capacity).
+    pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
+        use agent_common::maps::leak::*;
+        vec![
+            (LEAK_ALLOW_V4, self.allowed.0 as u64, MAX_LEAK_ALLOW as u64),
+            (LEAK_ALLOW_V6, self.allowed.1 as u64, MAX_LEAK_ALLOW as u64),
+            (LEAKS, self.leaks.keys().count() as u64, MAX_LEAKS as u64),
+        ]
+    }
+
+    /// Updates the kernel refused, per map name.
+    pub fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        use agent_common::maps::leak::{LEAKS, error};
+        let n = self
+            .errors
+            .get(&error::LEAKS, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        vec![(LEAKS, n)]
     }
 }
 

@@ -88,7 +88,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         features.btf,
         features.bpf_stats
     );
-    let datapath = Datapath::load(EBPF_OBJECT).context("loading the eBPF programs")?;
+    let mut datapath = Datapath::load(EBPF_OBJECT).context("loading the eBPF programs")?;
+    datapath
+        .leak
+        .set_allowed(&cfg.leak_allow)
+        .context("writing the --leak-allow CIDRs into the eBPF map")?;
     let crypto_kprobes = features.kprobe;
     let datapath = Arc::new(Mutex::new(datapath));
     let inventory = Arc::new(RwLock::new(Inventory::default()));
@@ -130,6 +134,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         crate::metrics::wire_health::WireHealthCollector::new(datapath.clone(), inventory.clone()),
     ));
     registry.register_collector(Box::new(crate::metrics::path::PathCollector::new(
+        datapath.clone(),
+        inventory.clone(),
+    )));
+    registry.register_collector(Box::new(crate::metrics::leak::LeakCollector::new(
         datapath.clone(),
         inventory.clone(),
     )));

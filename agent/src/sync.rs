@@ -160,6 +160,15 @@ impl Syncer {
                 }
             }
             maps_result = dp.sync_peers(&want);
+            // Leak detection is on while a handshake is less than 180 s old.
+            let up_until = crate::metrics::leak::tunnel_up_until_ns(
+                &tunnels,
+                SystemTime::now(),
+                crate::health::monotonic_ns(),
+            );
+            if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
+                self.warn_once(format!("leak detection: {e}"));
+            }
             let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
             if self.opts.crypto_kprobes && kernel_wg && !dp.crypto_attached() {
                 let attached = crate::crypto::offsets()

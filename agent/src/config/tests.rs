@@ -428,3 +428,79 @@ fn web_config_is_validated_then_refused() {
         Some(WebConfig::default())
     );
 }
+
+/// `--leak-allow`: CIDRs or single addresses, host bits cleared, duplicates dropped; from
+/// the file too (`leak-allow = [...]`); a bad one names the option, the value and what is
+/// accepted, and exits 2.
+#[test]
+fn leak_allow_cidrs() {
+    let cases: &[(&[&str], &[&str])] = &[
+        (&[], &[]),
+        (&["--leak-allow", "198.51.100.0/24"], &["198.51.100.0/24"]),
+        (&["--leak-allow", "192.168.1.7/16"], &["192.168.0.0/16"]),
+        (&["--leak-allow", "10.0.0.1"], &["10.0.0.1/32"]),
+        (&["--leak-allow", "fd00::/8"], &["fd00::/8"]),
+        (&["--leak-allow", "2001:db8::1"], &["2001:db8::1/128"]),
+        (
+            &[
+                "--leak-allow",
+                "10.0.0.0/8",
+                "--leak-allow",
+                "fe80::/10",
+                "--leak-allow",
+                "10.1.2.3/8",
+            ],
+            &["10.0.0.0/8", "fe80::/10"],
+        ),
+        (&["--leak-allow", "0.0.0.0/0"], &["0.0.0.0/0"]),
+    ];
+    for (argv, want) in cases {
+        let got: Vec<String> = config(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+            .leak_allow
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(got, *want, "{argv:?}");
+    }
+    let bad: &[&str] = &[
+        "",
+        "lan",
+        "10.0.0.0/33",
+        "10.0.0/8",
+        "fd00::/129",
+        "192.168.0.0/",
+        "10.0.0.0 /8",
+        "10.0.0.0/8/8",
+    ];
+    for v in bad {
+        let err = config(&["--leak-allow", v]).expect_err(&format!("{v:?} accepted"));
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("--leak-allow: {v:?} is not a CIDR")),
+            "{v:?}: {msg}"
+        );
+        assert!(
+            msg.contains("accepted:") && msg.contains("192.168.0.0/16"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 2);
+    }
+    let dir = Dir::new("leak-allow");
+    let f = dir.file(
+        "c.toml",
+        "leak-allow = [\"192.168.0.0/16\", \"fd00::/8\"]\n",
+    );
+    let c = config(&["--config", &f]).unwrap();
+    let got: Vec<String> = c.leak_allow.iter().map(|n| n.to_string()).collect();
+    assert_eq!(got, ["192.168.0.0/16", "fd00::/8"]);
+    // The flag replaces the file's list.
+    let c = config(&["--config", &f, "--leak-allow", "10.0.0.0/8"]).unwrap();
+    assert_eq!(c.leak_allow.len(), 1);
+    let f = dir.file("bad.toml", "leak-allow = [\"nope\"]\n");
+    let msg = config(&["--config", &f]).unwrap_err().to_string();
+    assert!(
+        msg.starts_with(&format!("leak-allow in {f}: \"nope\" is not a CIDR")),
+        "{msg}"
+    );
+}

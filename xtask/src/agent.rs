@@ -29,7 +29,8 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `bin run --web.listen-address 127.0.0.1:9586 ARGS` in `ns`, logging to `log`,
-    /// and waits up to 15 s for `/healthz` to answer 200.
+    /// and waits up to 60 s for `/healthz` to answer 200 (the verifier alone takes about 10 s
+    /// under the VMs' software emulation).
     pub fn start(bin: &Path, ns: &str, args: &[&str], log: &Path) -> Result<Agent> {
         Self::start_on(bin, ns, LISTEN, args, log)
     }
@@ -61,7 +62,7 @@ impl Agent {
                 .with_context(|| format!("listen address {listen}"))?,
             log: log.to_path_buf(),
         };
-        agent.wait_healthy(Duration::from_secs(15))?;
+        agent.wait_healthy(Duration::from_secs(60))?;
         Ok(agent)
     }
 

@@ -63,6 +63,7 @@ pub const SUITES: &[&str] = &[
     "agent/tests/lab.rs",
     "agent/tests/test_run.rs",
     "agent/tests/wire_health.rs",
+    "agent/tests/leak.rs",
 ];
 
 /// A kernel series `vm-test` knows how to install.

@@ -1,12 +1,28 @@
 //! Adding to the per-CPU counters without ever losing an update silently.
 
 use agent_common::maps::{Counter, map_error};
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::PerCpuHashMap};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
 
 use crate::maps::MAP_ERRORS;
 
 #[inline(always)]
 pub fn add<K>(map: &PerCpuHashMap<K, Counter>, key: &K, packets: u64, bytes: u64, err_idx: u32) {
+    add_or_report(map, key, packets, bytes, &MAP_ERRORS, err_idx);
+}
+
+/// [`add`], reporting a refused update in `errors[err_idx]`.
+#[inline(always)]
+pub fn add_or_report<K>(
+    map: &PerCpuHashMap<K, Counter>,
+    key: &K,
+    packets: u64,
+    bytes: u64,
+    errors: &PerCpuArray<u64>,
+    err_idx: u32,
+) {
     if let Some(c) = map.get_ptr_mut(key) {
         // SAFETY: per-CPU value of this CPU; BPF programs do not migrate mid-run.
         unsafe {
@@ -27,12 +43,8 @@ pub fn add<K>(map: &PerCpuHashMap<K, Counter>, key: &K, packets: u64, bytes: u64
         }
         return;
     }
-    map_error(err_idx);
-}
-
-#[inline(always)]
-fn map_error(idx: u32) {
-    if let Some(e) = MAP_ERRORS.get_ptr_mut(idx) {
+    if let Some(e) = errors.get_ptr_mut(err_idx) {
+        // SAFETY: this CPU's slot.
         unsafe { *e += 1 };
     }
 }

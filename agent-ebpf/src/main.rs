@@ -4,6 +4,8 @@
 //! The programs only observe: they always return TC_ACT_UNSPEC (TCX_NEXT), which under TCX
 //! and clsact alike leaves the packet's fate to whatever runs next.
 #![no_std]
+// Atomic fetch-and-add in inline assembly (transit.rs): core's atomics are not offered on BPF.
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod count;
@@ -14,6 +16,7 @@ mod icmp;
 mod leak;
 mod maps;
 mod skb;
+mod transit;
 mod tunnel;
 mod wire;
 

@@ -25,6 +25,12 @@ impl<'a> Skb<'a> {
     pub fn gso_segs(&self) -> u32 {
         unsafe { (*self.ctx.skb.skb).gso_segs }
     }
+
+    /// Payload bytes per segment of a GSO skb.
+    #[inline(always)]
+    pub fn gso_size(&self) -> u32 {
+        unsafe { (*self.ctx.skb.skb).gso_size }
+    }
 }
 
 impl Packet for Skb<'_> {

@@ -2,7 +2,7 @@
 //! of the destination (tx) or source (rx) in the peers' allowed IPs.
 
 use agent_common::{
-    maps::{AllowedV4, AllowedV6, CounterKey, DIR_TX, PEER_UNKNOWN, kind},
+    maps::{AllowedV4, AllowedV6, CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind},
     parse::{Ip, L4, Packet, segmented},
 };
 use aya_ebpf::maps::lpm_trie::Key;
@@ -11,6 +11,7 @@ use crate::{
     count::{self, COUNTERS_ERR},
     maps::{ALLOWED_V4, ALLOWED_V6, COUNTERS},
     skb::Skb,
+    transit,
 };
 
 #[inline(always)]
@@ -30,6 +31,24 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_seg
         _pad: [0; 2],
     };
     count::add(&COUNTERS, &key, packets, bytes, COUNTERS_ERR);
+    if peer == PEER_UNKNOWN {
+        return;
+    }
+    // Transit time: the inner length of each segment is what WireGuard encrypts.
+    let (len, last_len) = if gso_segs > 1 {
+        let all = pkt.len().saturating_sub(ip.l3_off);
+        let seg = pkt.gso_size();
+        let hdr = ip.l4_off.saturating_sub(ip.l3_off) + hdr;
+        (hdr + seg, all.saturating_sub((gso_segs - 1) * seg))
+    } else {
+        (ip.l3_len, ip.l3_len)
+    };
+    if dir == DIR_TX {
+        transit::enqueue(peer, DIR_TX, ifindex, len, last_len, packets as u32);
+    } else if dir == DIR_RX {
+        // A GRO packet matches its first message; the others are passed over later.
+        transit::dequeue(peer, DIR_RX, ifindex, len, false);
+    }
 }
 
 #[inline(always)]

@@ -12,6 +12,7 @@ use crate::{
     health,
     maps::{COUNTERS, ENDPOINTS, UNKNOWN_WIRE, WG_PORTS},
     skb::Skb,
+    transit,
 };
 
 #[inline(always)]
@@ -55,6 +56,16 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
         &msg,
         packets,
     );
+    if let Some(peer) = peer
+        && msg.kind == agent_common::maps::kind::DATA
+    {
+        let padded = agent_common::maps::transit::padded_len(msg.len);
+        if dir == DIR_TX {
+            transit::dequeue(peer, DIR_TX, ifindex, padded, true);
+        } else {
+            transit::enqueue(peer, dir, 0, padded, padded, packets as u32);
+        }
+    }
     match peer {
         Some(peer) => {
             let key = CounterKey {

@@ -107,6 +107,8 @@ pub struct Datapath {
     path: PathMaps,
     /// Leak detection ([`LeakMaps`]).
     pub leak: LeakMaps,
+    /// Encrypt/decrypt transit time ([`crate::transit::TransitMaps`]).
+    pub transit: crate::transit::TransitMaps,
     /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
     handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
@@ -126,7 +128,7 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
@@ -166,6 +168,7 @@ impl Datapath {
             rx_seq: take(&mut ebpf, names::RX_SEQ)?,
             path: PathMaps::take(&mut ebpf)?,
             leak: LeakMaps::take(&mut ebpf)?,
+            transit: crate::transit::TransitMaps::take(&mut ebpf)?,
             handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
@@ -559,6 +562,7 @@ impl Datapath {
         })
         .chain(self.path.map_update_errors())
         .chain(self.leak.update_errors())
+        .chain(self.transit.update_errors())
         .collect()
     }
 
@@ -630,6 +634,7 @@ impl Datapath {
         .into_iter()
         .chain(self.path.map_usage())
         .chain(self.leak.usage())
+        .chain(self.transit.usage())
         .collect()
     }
 

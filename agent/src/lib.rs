@@ -17,6 +17,7 @@ pub mod run;
 pub mod status;
 pub mod sync;
 pub mod topology;
+pub mod transit;
 pub mod wg;
 
 /// The compiled eBPF object (agent-ebpf, built by build.rs).

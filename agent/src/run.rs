@@ -184,6 +184,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     dp.expire_wire_state(crate::health::monotonic_ns());
                     // Reported MTUs older than the 10-minute window go.
                     dp.expire_path_state(crate::health::monotonic_ns());
+                    // Transit slots of packets never matched, queues of quiet peers.
+                    dp.transit.expire(crate::health::monotonic_ns());
                 }
                 let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
                 match syncer.tick(&datapath, &inventory).await {

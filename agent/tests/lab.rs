@@ -388,6 +388,16 @@ fn multihop_counts_each_layer_exactly() {
             assert_layer((&b, &a), &what, &tun, &veth, &entry, dir, e.packets, bytes);
             // One interface, two layers: every packet is encrypted (decrypted) twice.
             assert_crypto(&lab, (&b, &a), &tun, dir, 2 * e.packets);
+            // Transit: each layer's packets matched with their messages, one each; both
+            // peers belong to the tunnel interface.
+            for peer in [&exit, &entry] {
+                let (n, sum) = transit(&b, &a, &tun, peer, dir);
+                assert_eq!(n, e.packets, "{gw} transit {dir} of {peer}");
+                assert!(
+                    sum > 0.0 && sum < n as f64,
+                    "{gw} transit {dir} of {peer}: {sum} s over {n}"
+                );
+            }
             // The veth never carries the exit layer in the clear.
             let x = [
                 ("interface", veth.as_str()),
@@ -446,6 +456,25 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
     let relay = lab.exit().wg().public_key.clone();
     lab.handshake(Duration::from_secs(20)).expect("handshake");
 
+    // Transit time at rest: one ping at a time, every packet matched with its message.
+    const PINGS: u32 = 40;
+    let b = agent.scrape().unwrap();
+    ping(&lab, PINGS);
+    let a = agent.scrape().unwrap();
+    let mut idle_mean = [0.0; 2];
+    for (i, dir) in ["tx", "rx"].into_iter().enumerate() {
+        let (n, sum) = transit(&b, &a, &tun, &relay, dir);
+        let w = [
+            ("interface", veth.as_str()),
+            ("peer", &relay),
+            ("direction", dir),
+            ("message", "data"),
+        ];
+        assert_eq!(n, PINGS as u64, "{dir}: one transit per ping");
+        assert_eq!(n, delta(&b, &a, "wirescope_wire_packets_total", &w));
+        idle_mean[i] = sum / n as f64;
+    }
+
     let gw = GATEWAY_V4.to_string();
     let mut server = lab
         .spawn(&lab.exit().netns, &["iperf3", "-s", "-1", "-B", &gw])
@@ -491,10 +520,44 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
             (min..=max).contains(&overhead),
             "{dir}: overhead {overhead} B over {tp} packets, want {min}..={max}"
         );
+        // Under load, packets queue before encryption: matched all the same (a packet
+        // WireGuard dropped is passed over), and tx transit takes measurably longer.
+        let (n, sum) = transit(&b, &a, &tun, &relay, dir);
+        assert!(
+            n <= wp && n * 100 >= wp * 99,
+            "{dir}: {n} transits for {wp} data messages"
+        );
+        if dir == "tx" {
+            let mean = sum / n as f64;
+            eprintln!(
+                "tx transit: {:.0} us at rest, {:.0} us under iperf3 ({n} messages)",
+                idle_mean[0] * 1e6,
+                mean * 1e6
+            );
+            assert!(
+                mean > 2.0 * idle_mean[0],
+                "tx transit under load {:.0} us, at rest {:.0} us",
+                mean * 1e6,
+                idle_mean[0] * 1e6
+            );
+        }
     }
     let status = agent.stop().expect("agent stops");
     assert!(status.success());
     lab.teardown().unwrap();
+}
+
+/// Transit time of `peer` (a peer of tunnel `tun`) in `dir` between two scrapes: (count,
+/// sum in seconds).
+fn transit(b: &Metrics, a: &Metrics, tun: &str, peer: &str, dir: &str) -> (u64, f64) {
+    let l = [("interface", tun), ("peer", peer), ("direction", dir)];
+    let count = delta(b, a, "wirescope_tunnel_transit_seconds_count", &l);
+    let sum = a
+        .get("wirescope_tunnel_transit_seconds_sum", &l)
+        .expect("one series")
+        - b.get("wirescope_tunnel_transit_seconds_sum", &l)
+            .expect("one series");
+    (count, sum)
 }
 
 /// Programs of ours attached in `ns`, as bpftool lists them.

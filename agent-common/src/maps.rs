@@ -470,9 +470,10 @@ pub mod leak {
 /// on the tunnel dequeues the first message it fits.
 ///
 /// Each (peer, direction) has a ring of [`RING`] numbered slots in the shared
-/// `TRANSIT_SLOTS` hash map: a slot lives only while its packet is in flight (the matching
-/// side deletes it, and skipped or stale slots are deleted as the queue moves on), so the
-/// map holds what is in flight, not history.
+/// `TRANSIT_SLOTS` hash map: a slot lives while its packet is in flight (the matching side
+/// deletes it); a slot never matched (WireGuard dropped its packet) is deleted once stale,
+/// by the matching side or the agent's sweep, or overwritten a ring later. So the map holds
+/// what is in flight, not history.
 pub mod transit {
     pub const TRANSIT_SEQ: &str = "TRANSIT_SEQ";
     pub const TRANSIT_SLOTS: &str = "TRANSIT_SLOTS";
@@ -485,6 +486,9 @@ pub mod transit {
     /// Slots the matching side looks at from the head: a packet WireGuard dropped (no
     /// session, a full queue) is skipped when the next one matches.
     pub const LOOKAHEAD: u32 = 8;
+    /// Slots the matching side looks at behind the head when nothing ahead fits: the
+    /// partners of messages reordered on the way (by up to this many places).
+    pub const LOOKBEHIND: u32 = 4;
     /// A slot older than this matches nothing (its packet was dropped) and is deleted.
     pub const STALE_NS: u64 = 2_000_000_000;
 

@@ -273,7 +273,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3_off: u32) -> Result<Ip, ParseError> {
 }
 
 /// The transport header: ports and its own length (for the headers GSO replicates).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct L4 {
     pub sport: u16,
     pub dport: u16,

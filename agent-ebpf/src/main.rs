@@ -22,7 +22,7 @@ mod wire;
 
 use agent_common::{
     maps::{DIR_RX, DIR_TX, IfaceConfig},
-    parse::{parse_ip, parse_l4},
+    parse::{L4, parse_ip, parse_l4},
 };
 use aya_ebpf::{
     macros::{classifier, kprobe, kretprobe},
@@ -78,14 +78,20 @@ fn observe(ctx: &TcContext, dir: u8) {
     let Ok(ip) = parse_ip(&pkt, cfg.flags & IfaceConfig::L3 != 0) else {
         return;
     };
-    // A malformed transport header still leaves a countable IP packet.
-    let l4 = parse_l4(&pkt, &ip).ok().flatten();
+    // A malformed transport header still leaves a countable IP packet. Held as a value
+    // that is always initialised, and lent as `Option<&L4>` (a pointer): LLVM may move an
+    // `Option<L4>`'s uninitialised payload through registers, which the verifier refuses.
+    let (has_l4, l4_value) = match parse_l4(&pkt, &ip) {
+        Ok(Some(l4)) => (true, l4),
+        _ => (false, L4::default()),
+    };
+    let l4 = if has_l4 { Some(&l4_value) } else { None };
     let gso_segs = pkt.gso_segs();
     if cfg.flags & IfaceConfig::TUNNEL != 0 {
-        tunnel::count(&pkt, ifindex, dir, &ip, l4.as_ref(), gso_segs);
+        tunnel::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }
     // Path-MTU signals: IP fragments per layer, ICMP too-big messages arriving.
-    frag::count(ifindex, dir, cfg.flags, &ip, l4.as_ref());
+    frag::count(ifindex, dir, cfg.flags, &ip, l4);
     if dir == DIR_RX {
         icmp::observe(&pkt, ifindex, &ip);
     }
@@ -93,12 +99,12 @@ fn observe(ctx: &TcContext, dir: u8) {
     if dir == DIR_TX
         && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
     {
-        leak::observe(&pkt, ifindex, &ip, l4.as_ref(), gso_segs);
+        leak::observe(&pkt, ifindex, &ip, l4, gso_segs);
     }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.
     if let Some(l4) = l4 {
-        wire::count(&pkt, ifindex, dir, &ip, &l4, gso_segs);
+        wire::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }
 }
 

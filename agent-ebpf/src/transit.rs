@@ -5,8 +5,8 @@
 use agent_common::maps::{
     HistValue, log2_bucket,
     transit::{
-        HistKey, LOOKAHEAD, MAX_TRANSIT_HIST, MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS, Queue, QueueKey,
-        RING, STALE_NS, Slot, SlotKey, error, fits,
+        HistKey, LOOKAHEAD, LOOKBEHIND, MAX_TRANSIT_HIST, MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS,
+        Queue, QueueKey, RING, STALE_NS, Slot, SlotKey, error, fits,
     },
 };
 use aya_ebpf::{
@@ -85,7 +85,10 @@ fn queue(key: &QueueKey) -> Option<*mut Queue> {
 /// The first half of a pair seen: a packet entering the tunnel (tx) or a data message
 /// arriving (rx). `left` messages are expected of it.
 #[inline(always)]
-pub fn enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: u32) {
+///
+/// `lens` is the length in its high 32 bits and the last segment's in the low ones (a BPF
+/// call takes at most 5 arguments).
+pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
     let key = QueueKey {
         peer,
         dir,
@@ -100,8 +103,8 @@ pub fn enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: 
         number,
         start_ns: unsafe { bpf_ktime_get_ns() },
         ifindex,
-        len,
-        last_len,
+        len: (lens >> 32) as u32,
+        last_len: lens as u32,
         _pad: 0,
         left: left as u64,
     };
@@ -116,8 +119,10 @@ pub fn enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: 
 
 /// The second half seen: a data message leaving (tx, `padded` plaintext bytes) or an inner
 /// packet arriving (rx, `inner` bytes on tunnel `ifindex`). Looks at the first
-/// [`LOOKAHEAD`] slots from the head for the first that fits; slots passed over are dropped
-/// packets and are deleted, as are stale ones.
+/// [`LOOKAHEAD`] slots from the head for the first that fits, then at the [`LOOKBEHIND`]
+/// slots just behind it: a slot passed over by a match is kept a while, for its partner may
+/// only be late (reordered), not lost. Passed-over slots that never match are overwritten
+/// [`RING`] packets later or swept by the agent once stale.
 #[inline(always)]
 pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
     let key = QueueKey {
@@ -134,15 +139,29 @@ pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
         head = tail - RING;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut found: Option<(u64, Slot)> = None;
+    // Plain initialised values rather than an Option of the slot: LLVM may move an
+    // Option's uninitialised payload around, which the verifier refuses to read.
+    let mut found = false;
+    let (mut f_number, mut f_start, mut f_ifindex, mut f_left) = (0u64, 0u64, 0u32, 0u64);
     // Where the head can move even if nothing matches: past slots gone or stale.
     let mut skip_to = head;
     let mut i = 0;
-    while i < LOOKAHEAD {
-        let number = head + i as u64;
+    while i < LOOKAHEAD + LOOKBEHIND {
+        let ahead = i < LOOKAHEAD;
+        let number = if ahead {
+            head + i as u64
+        } else {
+            let back = (i - LOOKAHEAD + 1) as u64;
+            if back > head {
+                break;
+            }
+            head - back
+        };
         i += 1;
-        if number >= tail {
-            break;
+        if ahead && number >= tail {
+            // Nothing further ahead: look behind.
+            i = LOOKAHEAD;
+            continue;
         }
         let skey = slot_key(peer, dir, number);
         let Some(s) = TRANSIT_SLOTS.get_ptr_mut(&skey) else {
@@ -183,45 +202,27 @@ pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
         if left == 1 && TRANSIT_SLOTS.remove(&skey).is_err() {
             continue;
         }
-        found = Some((number, slot));
+        found = true;
+        (f_number, f_start, f_ifindex, f_left) = (number, slot.start_ns, slot.ifindex, slot.left);
         break;
     }
-    let Some((number, slot)) = found else {
-        // Nothing matched: still move past what was stale or gone.
-        if skip_to > head {
-            // SAFETY: see above.
-            unsafe {
-                if skip_to > (*q).head {
-                    (*q).head = skip_to;
-                }
-            }
-        }
-        return;
+    let next = if !found {
+        skip_to
+    } else if f_left > 1 {
+        f_number
+    } else {
+        f_number + 1
     };
-    // Everything before the match was dropped on the way.
-    let mut j = 0;
-    while j < LOOKAHEAD {
-        let n = head + j as u64;
-        j += 1;
-        if n >= number {
-            break;
-        }
-        let skey = slot_key(peer, dir, n);
-        if let Some(s) = unsafe { TRANSIT_SLOTS.get(&skey) } {
-            if s.number == n {
-                let _ = TRANSIT_SLOTS.remove(&skey);
-            }
-        }
-    }
-    let next = if slot.left > 1 { number } else { number + 1 };
     // SAFETY: see above; a racing CPU can only move head by a slot or two either way.
     unsafe {
         if next > (*q).head {
             (*q).head = next;
         }
     }
-    let ns = now.saturating_sub(slot.start_ns);
-    observe(if tx { slot.ifindex } else { ifindex }, peer, dir, ns);
+    if found {
+        let ns = now.saturating_sub(f_start);
+        observe(if tx { f_ifindex } else { ifindex }, peer, dir, ns);
+    }
 }
 
 #[inline(always)]

@@ -63,7 +63,8 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
         if dir == DIR_TX {
             transit::dequeue(peer, DIR_TX, ifindex, padded, true);
         } else {
-            transit::enqueue(peer, dir, 0, padded, padded, packets as u32);
+            let lens = ((padded as u64) << 32) | padded as u64;
+            transit::enqueue(peer, dir, 0, lens, packets as u32);
         }
     }
     match peer {

@@ -1,0 +1,447 @@
+//! `BPF_PROG_TEST_RUN` tests that the per-handshake and per-session state of the TC programs
+//! stays bounded under a long run (issue 4): initiations never answered and sessions gone
+//! idle are dropped by the agent's expiry (`Datapath::expire_wire_state`, run on every sync
+//! tick), and a map that fills anyway says so in `wirescope_bpf_map_update_errors_total`.
+//!
+//! A long run is compressed in time: thousands of distinct initiations (tx) and sessions
+//! (rx) go through the programs in a few seconds, and the expiry is then called with a clock
+//! moved past the limits (`bpf_ktime_get_ns` is CLOCK_MONOTONIC, so "now" is
+//! `health::monotonic_ns()` plus the time that should have passed).
+//!
+//! Same set-up as `wire_health.rs` (and `test_run.rs`, whose header explains what test_run
+//! does with the input): each test enters a fresh network namespace on its own thread, where
+//! one end of a veth pair is the watched underlay (Ethernet) and the programs are attached
+//! through `Datapath::attach`; the interfaces are down, so only the test runs reach them.
+//!
+//! Needs root and BPF; without root the tests print why and pass, except with CI=true.
+//! Run: `cargo test -p wirescope --test bounded -- --test-threads=1`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use agent_common::{
+    fixtures::{Framing, wg, wg_ipv4},
+    maps::{
+        HANDSHAKE_TIMEOUT_NS, IfaceConfig, MAX_HANDSHAKE_PENDING, MAX_RX_SESSIONS,
+        RX_SESSION_IDLE_NS, names,
+    },
+};
+use aya::programs::{TestRun, TestRunOptions};
+use wirescope::{
+    EBPF_OBJECT,
+    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    features::Features,
+    health::monotonic_ns,
+    inventory::Inventory,
+    metrics::{self, agent::AgentCollector},
+    sync::endpoint_key,
+};
+
+const RELAY: u32 = 1;
+const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
+const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
+const RELAY_PORT: u16 = 51820;
+const LISTEN_PORT: u16 = 51821;
+
+/// Initiations and sessions per round of the compressed long run, and its rounds: over the
+/// run, more of both pass than their maps could hold at once (16384 and 65536), and after
+/// every round's expiry the maps are back to the same size.
+const K: u32 = 8_000;
+const M: u32 = 20_000;
+const ROUNDS: u32 = 4;
+const _: () = assert!(K * ROUNDS > MAX_HANDSHAKE_PENDING && K <= MAX_HANDSHAKE_PENDING);
+const _: () = assert!(M * ROUNDS > MAX_RX_SESSIONS && M <= MAX_RX_SESSIONS);
+/// Initiations or data messages sent into a full map.
+const E: u64 = 10;
+
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let why = "the bounded-state tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
+    }
+    eprintln!("skipped: {why}; run them as root");
+    false
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("interface name");
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
+}
+
+/// `__sk_buff` as ctx_in: `ifindex` (offset 40 of the UAPI struct), the rest zero.
+fn sk_buff_ctx(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Rx,
+    Tx,
+}
+
+struct Lab {
+    dp: Datapath,
+    under: u32,
+}
+
+impl Lab {
+    fn new() -> Option<Lab> {
+        if !privileged() {
+            return None;
+        }
+        // SAFETY: moves only this test's thread into a new network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare: {}", std::io::Error::last_os_error());
+        }
+        let out = Command::new("ip")
+            .args([
+                "link", "add", "name", "bd-under", "type", "veth", "peer", "name", "bd-other",
+            ])
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let under = ifindex("bd-under");
+        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
+        dp.attach(
+            "bd-under",
+            under,
+            IfaceConfig {
+                flags: IfaceConfig::UNDERLAY,
+            },
+        )
+        .expect("attaching");
+        let mut maps = PeerMaps::default();
+        maps.endpoints.insert(
+            endpoint_key(IpAddr::V4(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
+            RELAY,
+        );
+        maps.wg_ports.insert(LISTEN_PORT, 1);
+        dp.sync_peers(&maps).expect("peer maps");
+        Some(Lab { dp, under })
+    }
+
+    /// The WireGuard message `msg` between this side and the relay, run through the
+    /// program of `dir` on the underlay. Refused map updates are the caller's to check.
+    fn run(&mut self, dir: Dir, msg: &[u8]) {
+        let l3 = match dir {
+            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, RELAY_V4, RELAY_PORT, msg),
+            Dir::Rx => wg_ipv4(RELAY_V4, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
+        };
+        let frame = Framing::Ethernet.frame(&l3);
+        let prog = match dir {
+            Dir::Rx => PROG_INGRESS,
+            Dir::Tx => PROG_EGRESS,
+        };
+        let ctx = sk_buff_ctx(self.under);
+        let mut out = vec![0u8; frame.len() + 64];
+        let res = self
+            .dp
+            .program_mut(prog)
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .expect("test_run");
+        assert_eq!(
+            res.return_value as i32, -1,
+            "an observer returns TC_ACT_UNSPEC"
+        );
+    }
+
+    /// Initiations sent with sender indexes `first..first + n`; returns how long it took.
+    fn initiations(&mut self, first: u32, n: u32) -> Duration {
+        let t = Instant::now();
+        for i in first..first + n {
+            self.run(Dir::Tx, &wg::initiation(i));
+        }
+        t.elapsed()
+    }
+
+    /// One data message (counter 0) received for each receiver index `first..first + n`.
+    fn sessions(&mut self, first: u32, n: u32) -> Duration {
+        let t = Instant::now();
+        for i in first..first + n {
+            self.run(Dir::Rx, &wg::data(i, 0, 100, 1420));
+        }
+        t.elapsed()
+    }
+
+    /// Entries of `map` as `map_usage()` reports them (what `wirescope_bpf_map_entries`
+    /// exports), checked against its capacity.
+    fn usage(&self, map: &str) -> u64 {
+        let (_, n, cap) = self
+            .dp
+            .map_usage()
+            .into_iter()
+            .find(|(m, _, _)| *m == map)
+            .unwrap_or_else(|| panic!("no map {map} in map_usage()"));
+        assert!(n <= cap, "{map}: {n} entries, capacity {cap}");
+        n
+    }
+
+    /// Refused updates per map, only those not zero.
+    fn update_errors(&self) -> HashMap<&'static str, u64> {
+        self.dp
+            .map_update_errors()
+            .into_iter()
+            .filter(|(_, n)| *n != 0)
+            .collect()
+    }
+
+    fn timeouts(&self) -> u64 {
+        self.dp.handshake_timeouts().values().sum()
+    }
+
+    /// The agent's metrics text (`AgentCollector`, which exports the map entries, capacities
+    /// and update errors), rendered as a scrape would.
+    fn agent_metrics(self) -> (Lab, String) {
+        let Lab { dp, under } = self;
+        let dp = Arc::new(Mutex::new(dp));
+        let text = {
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register_collector(Box::new(AgentCollector::new(
+                dp.clone(),
+                Arc::new(RwLock::new(Inventory::default())),
+                Arc::new(RwLock::new(Features::default())),
+            )));
+            metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+        };
+        let dp = Arc::try_unwrap(dp)
+            .expect("the registry is gone")
+            .into_inner()
+            .expect("not poisoned");
+        (Lab { dp, under }, text)
+    }
+}
+
+fn contains_all(text: &str, lines: &[String]) {
+    for line in lines {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+}
+
+/// Every map except the two under test, with its entry count.
+fn other_maps(lab: &Lab) -> Vec<(&'static str, u64)> {
+    lab.dp
+        .map_usage()
+        .into_iter()
+        .filter(|(m, _, _)| ![names::HANDSHAKE_PENDING, names::RX_SESSIONS].contains(m))
+        .map(|(m, n, _)| (m, n))
+        .collect()
+}
+
+#[test]
+fn expired_state_is_dropped() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    let mut after_first_round = None;
+    for round in 0..ROUNDS {
+        // WireGuard picks fresh random indexes for every handshake: distinct ones per round.
+        let tx_first = 0x1000_0000 + round * K;
+        let rx_first = 0x2000_0000 + round * M;
+        let t0 = monotonic_ns();
+        let t_tx = lab.initiations(tx_first, K);
+        let t_rx = lab.sessions(rx_first, M);
+        eprintln!("round {round}: {K} initiations in {t_tx:?}, {M} sessions in {t_rx:?}");
+        assert_eq!(lab.update_errors(), HashMap::new(), "nothing refused");
+
+        // Exactly one entry per initiation and per session, each of this interface and peer.
+        assert_eq!(lab.usage(names::HANDSHAKE_PENDING), K as u64);
+        assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
+        let pending = lab.dp.pending_handshakes();
+        let idx: HashSet<u32> = pending.iter().map(|(k, _)| k.index).collect();
+        assert_eq!(idx, (tx_first..tx_first + K).collect());
+        assert!(
+            pending
+                .iter()
+                .all(|(k, p)| (k.ifindex, p.peer) == (under, RELAY) && p.start_ns >= t0),
+            "every initiation of the relay on the underlay, started during this round"
+        );
+        let sessions = lab.dp.rx_sessions();
+        let idx: HashSet<u32> = sessions.iter().map(|(k, _)| k.index).collect();
+        assert_eq!(idx, (rx_first..rx_first + M).collect());
+        assert!(
+            sessions.iter().all(
+                |(k, s)| (k.ifindex, s.peer, s.highest) == (under, RELAY, 0) && s.last_ns >= t0
+            )
+        );
+
+        // Nothing started before t0, so at t0 + 5 s no initiation is over the limit yet
+        // (the limit is strict: a timeout is older than 5 s).
+        let timeouts = lab.timeouts();
+        assert_eq!(lab.dp.expire_wire_state(t0 + HANDSHAKE_TIMEOUT_NS), (0, 0));
+        assert_eq!(lab.usage(names::HANDSHAKE_PENDING), K as u64);
+        assert_eq!(
+            lab.dp.handshake_timeouts(),
+            HashMap::from([((under, RELAY), timeouts)]),
+            "one series, for the relay on the underlay"
+        );
+
+        // 5 s + 1 ns after the last initiation: every one is a timeout, counted once, and
+        // gone; the sessions are not idle long enough.
+        let now = monotonic_ns();
+        assert_eq!(
+            lab.dp.expire_wire_state(now + HANDSHAKE_TIMEOUT_NS + 1),
+            (K as u64, 0)
+        );
+        assert_eq!(lab.usage(names::HANDSHAKE_PENDING), 0);
+        assert!(lab.dp.pending_handshakes().is_empty());
+        assert_eq!(lab.timeouts(), timeouts + K as u64);
+        assert_eq!(lab.timeouts(), (round + 1) as u64 * K as u64);
+        assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
+
+        // Sessions: not at t0 + 180 s (idle for more than 180 s is the limit), but at
+        // now + 180 s + 1 ns every one; no timeout is counted twice.
+        assert_eq!(lab.dp.expire_wire_state(t0 + RX_SESSION_IDLE_NS), (0, 0));
+        assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
+        assert_eq!(
+            lab.dp.expire_wire_state(now + RX_SESSION_IDLE_NS + 1),
+            (0, M as u64)
+        );
+        assert_eq!(lab.usage(names::RX_SESSIONS), 0);
+        assert!(lab.dp.rx_sessions().is_empty());
+        assert_eq!(lab.timeouts(), (round + 1) as u64 * K as u64);
+        assert_eq!(lab.update_errors(), HashMap::new());
+
+        // The other maps hold per-(interface, peer) state only: the same after every round.
+        let others = other_maps(&lab);
+        match &after_first_round {
+            None => after_first_round = Some(others),
+            Some(first) => assert_eq!(&others, first, "round {round}: a map grew"),
+        }
+    }
+    eprintln!("other maps after {ROUNDS} rounds: {after_first_round:?}");
+}
+
+/// The update-error lines (and entries, capacity) of `map` in the agent's metrics.
+fn map_lines(map: &str, entries: u64, cap: u32, errors: u64) -> Vec<String> {
+    vec![
+        format!("wirescope_bpf_map_entries{{map=\"{map}\"}} {entries}"),
+        format!("wirescope_bpf_map_capacity{{map=\"{map}\"}} {cap}"),
+        format!("wirescope_bpf_map_update_errors_total{{map=\"{map}\"}} {errors}"),
+    ]
+}
+
+#[test]
+fn a_full_map_is_reported() {
+    let Some(mut lab) = Lab::new() else { return };
+    let cap = MAX_HANDSHAKE_PENDING;
+    let first = 0x3000_0000;
+    let took = lab.initiations(first, cap);
+    eprintln!("{cap} initiations in {took:?}");
+    assert_eq!(lab.update_errors(), HashMap::new(), "all fitted");
+    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), cap as u64);
+
+    // E more distinct initiations: the map is full, each one is refused and counted.
+    lab.initiations(first + cap, E as u32);
+    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), cap as u64);
+    assert_eq!(
+        lab.update_errors(),
+        HashMap::from([(names::HANDSHAKE_PENDING, E)]),
+        "exactly the refused initiations, and only in that map"
+    );
+    let idx: HashSet<u32> = lab
+        .dp
+        .pending_handshakes()
+        .iter()
+        .map(|(k, _)| k.index)
+        .collect();
+    assert_eq!(idx, (first..first + cap).collect(), "the first ones stay");
+    // An initiation already pending (the same packet seen again) replaces its entry in
+    // place, which a full hash map still allows: not an error.
+    lab.initiations(first, 1);
+    assert_eq!(lab.update_errors()[names::HANDSHAKE_PENDING], E);
+
+    let (back, text) = lab.agent_metrics();
+    lab = back;
+    contains_all(
+        &text,
+        &map_lines(names::HANDSHAKE_PENDING, cap as u64, cap, E),
+    );
+    contains_all(&text, &map_lines(names::RX_SESSIONS, 0, MAX_RX_SESSIONS, 0));
+
+    // The expiry empties it: every entry a timeout, and the map takes initiations again.
+    let now = monotonic_ns();
+    let t = Instant::now();
+    assert_eq!(
+        lab.dp.expire_wire_state(now + HANDSHAKE_TIMEOUT_NS + 1),
+        (cap as u64, 0)
+    );
+    eprintln!("expiring {cap} initiations took {:?}", t.elapsed());
+    assert_eq!(lab.timeouts(), cap as u64);
+    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), 0);
+    lab.initiations(first + cap + E as u32, 1);
+    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), 1);
+    assert_eq!(
+        lab.update_errors(),
+        HashMap::from([(names::HANDSHAKE_PENDING, E)]),
+        "a counter: the refusals stay counted, no new ones"
+    );
+    let (_, text) = lab.agent_metrics();
+    contains_all(&text, &map_lines(names::HANDSHAKE_PENDING, 1, cap, E));
+}
+
+#[test]
+fn a_full_rx_sessions_map_is_reported() {
+    let Some(mut lab) = Lab::new() else { return };
+    let cap = MAX_RX_SESSIONS;
+    let first = 0x4000_0000;
+    let took = lab.sessions(first, cap);
+    eprintln!("{cap} sessions in {took:?}");
+    assert_eq!(lab.update_errors(), HashMap::new(), "all fitted");
+    assert_eq!(lab.usage(names::RX_SESSIONS), cap as u64);
+
+    lab.sessions(first + cap, E as u32);
+    assert_eq!(lab.usage(names::RX_SESSIONS), cap as u64);
+    assert_eq!(
+        lab.update_errors(),
+        HashMap::from([(names::RX_SESSIONS, E)]),
+        "exactly the refused sessions, and only in that map"
+    );
+    // A session already tracked goes on in a full map: its next message is no error.
+    lab.run(Dir::Rx, &wg::data(first, 1, 100, 1420));
+    assert_eq!(lab.update_errors()[names::RX_SESSIONS], E);
+
+    let (back, text) = lab.agent_metrics();
+    lab = back;
+    contains_all(&text, &map_lines(names::RX_SESSIONS, cap as u64, cap, E));
+
+    let now = monotonic_ns();
+    let t = Instant::now();
+    assert_eq!(
+        lab.dp.expire_wire_state(now + RX_SESSION_IDLE_NS + 1),
+        (0, cap as u64)
+    );
+    eprintln!("expiring {cap} sessions took {:?}", t.elapsed());
+    assert_eq!(lab.usage(names::RX_SESSIONS), 0);
+    lab.sessions(first + cap + E as u32, 1);
+    assert_eq!(lab.usage(names::RX_SESSIONS), 1);
+    assert_eq!(
+        lab.update_errors(),
+        HashMap::from([(names::RX_SESSIONS, E)])
+    );
+    let (_, text) = lab.agent_metrics();
+    contains_all(&text, &map_lines(names::RX_SESSIONS, 1, cap, E));
+}

@@ -211,6 +211,8 @@ fn traffic_and_summary(lab: &Lab, agent: &Agent, logs: &Path) -> Result<bool> {
     print_peers(&hops);
     let formula_ok = print_udp(&hops, &phases)?;
     print_totals(&hops, &totals)?;
+    let udp_start = phases.first().map(|p| &p.1).unwrap_or(&totals);
+    print_health(&hops, (udp_start, &last), &totals);
     print_control(&hops, &totals)?;
     Ok(formula_ok)
 }
@@ -617,6 +619,95 @@ fn print_totals(hops: &[Hop], m: &Metrics) -> Result<()> {
          by the entry layer)"
     );
     Ok(())
+}
+
+/// Mean of a histogram's observations between two scrapes, in microseconds, and their count.
+fn hist_mean_us(b: &Metrics, a: &Metrics, name: &str, labels: &[(&str, &str)]) -> (f64, f64) {
+    let count = a.sum(&format!("{name}_count"), labels) - b.sum(&format!("{name}_count"), labels);
+    let sum = a.sum(&format!("{name}_sum"), labels) - b.sum(&format!("{name}_sum"), labels);
+    if count > 0.0 {
+        (sum / count * 1e6, count)
+    } else {
+        (f64::NAN, 0.0)
+    }
+}
+
+/// Wire health per hop, next to the overhead: handshake round trips and timeouts, loss and
+/// reordering from the counter sequence, and transit time through WireGuard at rest (the
+/// UDP echoes) and under load (iperf3).
+fn print_health(hops: &[Hop], (udp_b, udp_a): (&Metrics, &Metrics), totals: &Metrics) {
+    let empty = Metrics::default();
+    println!();
+    println!(
+        "Wire health per hop (wirescope_handshake_rtt_seconds, _handshake_timeouts_total, \
+         _rx_counter_gaps_total, _rx_late_packets_total, _tunnel_transit_seconds):"
+    );
+    println!(
+        "{:<4} {:<17} {:<9} {:>11} {:>8} {:>6} {:>5} {:>7}  {:>21}  {:>21}",
+        "hop",
+        "peer",
+        "wire on",
+        "hs RTT ms",
+        "timeouts",
+        "gaps",
+        "late",
+        "loss %",
+        "tx transit us rest/load",
+        "rx transit us rest/load",
+    );
+    for h in hops {
+        let wire = [("interface", h.wire_if.as_str()), ("peer", h.peer.as_str())];
+        let (rtt_us, handshakes) =
+            hist_mean_us(&empty, totals, "wirescope_handshake_rtt_seconds", &wire);
+        let timeouts = totals.sum("wirescope_handshake_timeouts_total", &wire);
+        let gaps = totals.sum("wirescope_rx_counter_gaps_total", &wire);
+        let late = totals.sum("wirescope_rx_late_packets_total", &wire);
+        let rx_data = totals.sum(
+            "wirescope_wire_packets_total",
+            &[
+                ("interface", h.wire_if.as_str()),
+                ("peer", h.peer.as_str()),
+                ("direction", "rx"),
+                ("message", "data"),
+            ],
+        );
+        // Gaps minus late: what never arrived, against what was expected.
+        let lost = (gaps - late).max(0.0);
+        let loss = if rx_data + lost > 0.0 {
+            100.0 * lost / (rx_data + lost)
+        } else {
+            0.0
+        };
+        let transit = |dir: &str| {
+            let l = [
+                ("interface", h.tunnel_if.as_str()),
+                ("peer", h.peer.as_str()),
+                ("direction", dir),
+            ];
+            let (rest, _) = hist_mean_us(udp_b, udp_a, "wirescope_tunnel_transit_seconds", &l);
+            let (load, _) = hist_mean_us(udp_a, totals, "wirescope_tunnel_transit_seconds", &l);
+            format!("{rest:.0} / {load:.0}")
+        };
+        println!(
+            "{:<4} {:<17} {:<9} {:>11} {:>8} {:>6} {:>5} {:>7.3}  {:>21}  {:>21}",
+            h.hop,
+            h.name(),
+            h.wire_if,
+            format!("{:.2} ({handshakes})", rtt_us / 1e3),
+            timeouts,
+            gaps,
+            late,
+            loss,
+            transit("tx"),
+            transit("rx"),
+        );
+    }
+    println!(
+        "(hs RTT: mean over the handshakes seen, their count in brackets; the exit's RTT \
+         includes the entry hop. Transit: from the packet on {} to its message on the \
+         carrying interface (tx) and back (rx), mean over the UDP echoes / over iperf3)",
+        hops.first().map_or("the tunnel", |h| h.tunnel_if.as_str())
+    );
 }
 
 /// Handshake and keepalive messages per peer.

@@ -1,6 +1,6 @@
 //! Adding to the per-CPU counters without ever losing an update silently.
 
-use agent_common::maps::{Counter, map_error};
+use agent_common::maps::{Counter, HistValue, map_error};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     maps::{PerCpuArray, PerCpuHashMap},
@@ -40,6 +40,45 @@ pub fn add_or_report<K>(
         unsafe {
             (*c).packets += packets;
             (*c).bytes += bytes;
+        }
+        return;
+    }
+    if let Some(e) = errors.get_ptr_mut(err_idx) {
+        // SAFETY: this CPU's slot.
+        unsafe { *e += 1 };
+    }
+}
+
+/// One observation of `ns` into a per-CPU histogram bucket (the bucket is in `key`),
+/// reporting a refused insert in `errors[err_idx]`.
+#[inline(always)]
+pub fn observe<K>(
+    map: &PerCpuHashMap<K, HistValue>,
+    key: &K,
+    ns: u64,
+    errors: &PerCpuArray<u64>,
+    err_idx: u32,
+) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's value.
+        unsafe {
+            (*v).count += 1;
+            (*v).sum_ns += ns;
+        }
+        return;
+    }
+    let fresh = HistValue {
+        count: 1,
+        sum_ns: ns,
+    };
+    if map.insert(key, &fresh, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // Another CPU may have created the entry between lookup and insert.
+    if let Some(v) = map.get_ptr_mut(key) {
+        unsafe {
+            (*v).count += 1;
+            (*v).sum_ns += ns;
         }
         return;
     }

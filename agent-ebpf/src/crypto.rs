@@ -7,7 +7,6 @@ use agent_common::maps::{
     map_error,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_ns},
     macros::map,
     maps::{Array, HashMap, PerCpuHashMap},
@@ -94,24 +93,7 @@ pub fn exit(dir: u8) {
         bucket: log2_bucket(ns),
         _pad: [0; 2],
     };
-    if let Some(v) = CRYPTO_HIST.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value.
-        unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += ns;
-        }
-        return;
-    }
-    let fresh = HistValue {
-        count: 1,
-        sum_ns: ns,
-    };
-    if CRYPTO_HIST
-        .insert(&key, &fresh, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        bump(map_error::CRYPTO_HIST);
-    }
+    crate::count::observe(&CRYPTO_HIST, &key, ns, &MAP_ERRORS, map_error::CRYPTO_HIST);
 }
 
 #[inline(always)]

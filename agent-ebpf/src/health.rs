@@ -114,32 +114,13 @@ fn response_received(ifindex: u32, receiver: u32) {
         bucket: log2_bucket(ns),
         _pad: [0; 3],
     };
-    if let Some(v) = HANDSHAKE_RTT.get_ptr_mut(&hkey) {
-        // SAFETY: this CPU's value.
-        unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += ns;
-        }
-        return;
-    }
-    let fresh = HistValue {
-        count: 1,
-        sum_ns: ns,
-    };
-    if HANDSHAKE_RTT
-        .insert(&hkey, &fresh, BPF_NOEXIST as u64)
-        .is_ok()
-    {
-        return;
-    }
-    if let Some(v) = HANDSHAKE_RTT.get_ptr_mut(&hkey) {
-        unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += ns;
-        }
-        return;
-    }
-    bump(map_error::HANDSHAKE_RTT);
+    count::observe(
+        &HANDSHAKE_RTT,
+        &hkey,
+        ns,
+        &MAP_ERRORS,
+        map_error::HANDSHAKE_RTT,
+    );
 }
 
 /// The counter sequence of a receiving session. The first message seen of a session only

@@ -2,6 +2,7 @@
 //! WireGuard data message on the carrying interface, per (peer, direction), in order, by
 //! length (see `agent_common::maps::transit` for the queue's design).
 
+use crate::count;
 use agent_common::maps::{
     HistValue, log2_bucket,
     transit::{
@@ -59,6 +60,15 @@ unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
 }
 
 #[inline(always)]
+fn queue_key(peer: u32, dir: u8) -> QueueKey {
+    QueueKey {
+        peer,
+        dir,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
 fn slot_key(peer: u32, dir: u8, number: u64) -> SlotKey {
     SlotKey {
         peer,
@@ -84,17 +94,12 @@ fn queue(key: &QueueKey) -> Option<*mut Queue> {
 
 /// The first half of a pair seen: a packet entering the tunnel (tx) or a data message
 /// arriving (rx). `left` messages are expected of it.
-#[inline(always)]
 ///
 /// `lens` is the length in its high 32 bits and the last segment's in the low ones (a BPF
 /// call takes at most 5 arguments).
+#[inline(always)]
 pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
-    let key = QueueKey {
-        peer,
-        dir,
-        _pad: [0; 3],
-    };
-    let Some(q) = queue(&key) else {
+    let Some(q) = queue(&queue_key(peer, dir)) else {
         return;
     };
     // SAFETY: a value of a shared map; the add is atomic, so two CPUs never share a number.
@@ -125,12 +130,7 @@ pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
 /// [`RING`] packets later or swept by the agent once stale.
 #[inline(always)]
 pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
-    let key = QueueKey {
-        peer,
-        dir,
-        _pad: [0; 3],
-    };
-    let Some(q) = TRANSIT_SEQ.get_ptr_mut(&key) else {
+    let Some(q) = TRANSIT_SEQ.get_ptr_mut(&queue_key(peer, dir)) else {
         return;
     };
     // SAFETY: values of a shared map, read once; races are settled by who deletes a slot.
@@ -234,25 +234,5 @@ fn observe(ifindex: u32, peer: u32, dir: u8, ns: u64) {
         bucket: log2_bucket(ns),
         _pad: [0; 2],
     };
-    for _ in 0..2 {
-        if let Some(v) = TRANSIT_HIST.get_ptr_mut(&key) {
-            // SAFETY: this CPU's value.
-            unsafe {
-                (*v).count += 1;
-                (*v).sum_ns += ns;
-            }
-            return;
-        }
-        let fresh = HistValue {
-            count: 1,
-            sum_ns: ns,
-        };
-        if TRANSIT_HIST
-            .insert(&key, &fresh, BPF_NOEXIST as u64)
-            .is_ok()
-        {
-            return;
-        }
-    }
-    bump(error::HIST);
+    count::observe(&TRANSIT_HIST, &key, ns, &TRANSIT_ERRORS, error::HIST);
 }

@@ -443,38 +443,12 @@ impl Datapath {
 
     /// The crypto duration histogram, summed over CPUs.
     pub fn crypto_hist(&self) -> Result<Vec<(HistKey, HistValue)>, DatapathError> {
-        let mut out = Vec::new();
-        for item in self.crypto_hist.iter() {
-            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
-                map: names::CRYPTO_HIST,
-                source,
-            })?;
-            let mut sum = HistValue::default();
-            for v in per_cpu.iter() {
-                sum.count += v.count;
-                sum.sum_ns += v.sum_ns;
-            }
-            out.push((k, sum));
-        }
-        Ok(out)
+        sum_hist(&self.crypto_hist, names::CRYPTO_HIST)
     }
 
     /// The handshake round-trip histogram, summed over CPUs.
     pub fn handshake_rtt(&self) -> Result<Vec<(PeerHistKey, HistValue)>, DatapathError> {
-        let mut out = Vec::new();
-        for item in self.handshake_rtt.iter() {
-            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
-                map: names::HANDSHAKE_RTT,
-                source,
-            })?;
-            let mut sum = HistValue::default();
-            for v in per_cpu.iter() {
-                sum.count += v.count;
-                sum.sum_ns += v.sum_ns;
-            }
-            out.push((k, sum));
-        }
-        Ok(out)
+        sum_hist(&self.handshake_rtt, names::HANDSHAKE_RTT)
     }
 
     /// Gaps and late messages (`kind` is `seq::GAPS` / `seq::LATE`, `packets` the count).
@@ -705,6 +679,24 @@ fn lpm_v6(&(ifindex, addr, plen): &(u32, [u8; 16], u8)) -> Key<AllowedV6> {
             addr,
         },
     )
+}
+
+/// A per-CPU histogram map, summed over CPUs.
+pub(crate) fn sum_hist<K: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, HistValue>,
+    name: &'static str,
+) -> Result<Vec<(K, HistValue)>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, per_cpu) = item.map_err(|source| DatapathError::Map { map: name, source })?;
+        let mut sum = HistValue::default();
+        for v in per_cpu.iter() {
+            sum.count += v.count;
+            sum.sum_ns += v.sum_ns;
+        }
+        out.push((k, sum));
+    }
+    Ok(out)
 }
 
 fn sum_per_cpu<K: aya::Pod>(

@@ -20,7 +20,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
 };
 
-use crate::datapath::{DatapathError, take};
+use crate::datapath::{DatapathError, sum_hist, take};
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
 /// it when the queue passes it again.
@@ -48,20 +48,7 @@ impl TransitMaps {
 
     /// The transit histogram, summed over CPUs.
     pub fn hist(&self) -> Result<Vec<(HistKey, HistValue)>, DatapathError> {
-        let mut out = Vec::new();
-        for item in self.hist.iter() {
-            let (k, per_cpu) = item.map_err(|source| DatapathError::Map {
-                map: TRANSIT_HIST,
-                source,
-            })?;
-            let mut sum = HistValue::default();
-            for v in per_cpu.iter() {
-                sum.count += v.count;
-                sum.sum_ns += v.sum_ns;
-            }
-            out.push((k, sum));
-        }
-        Ok(out)
+        sum_hist(&self.hist, TRANSIT_HIST)
     }
 
     /// The slots in flight (for tests and the status of the maps).

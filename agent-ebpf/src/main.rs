@@ -10,6 +10,7 @@
 
 mod count;
 mod crypto;
+mod drops;
 mod frag;
 mod health;
 mod icmp;
@@ -25,8 +26,8 @@ use agent_common::{
     parse::{L4, parse_ip, parse_l4},
 };
 use aya_ebpf::{
-    macros::{classifier, kprobe, kretprobe},
-    programs::{ProbeContext, RetProbeContext, TcContext},
+    macros::{classifier, kprobe, kretprobe, raw_tracepoint, tracepoint},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TcContext, TracePointContext},
 };
 
 /// TC_ACT_UNSPEC, which is also TCX_NEXT.
@@ -65,6 +66,18 @@ pub fn wirescope_decrypt_enter(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn wirescope_decrypt_exit(_ctx: RetProbeContext) -> u32 {
     crypto::exit(DIR_RX);
+    0
+}
+
+#[tracepoint]
+pub fn wirescope_kfree_skb(ctx: TracePointContext) -> u32 {
+    drops::kfree_skb(&ctx);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "udp_fail_queue_rcv_skb")]
+pub fn wirescope_udp_fail(ctx: RawTracePointContext) -> i32 {
+    drops::udp_fail(&ctx);
     0
 }
 

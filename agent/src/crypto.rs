@@ -9,7 +9,6 @@
 use std::path::Path;
 
 use agent_common::maps::CryptoConfig;
-use btf_rs::{Btf, Type};
 
 /// The kernel functions probed: (function, entry program, return program, direction label).
 pub const PROBES: [(&str, &str, &str); 2] = [
@@ -25,53 +24,22 @@ pub const PROBES: [(&str, &str, &str); 2] = [
     ),
 ];
 
-#[derive(Debug, thiserror::Error)]
-pub enum CryptoError {
-    #[error(
-        "reading BTF {path}: {reason} (is the wireguard module loaded, and the kernel built with CONFIG_DEBUG_INFO_BTF_MODULES?)"
-    )]
-    Btf { path: String, reason: String },
-    #[error("BTF has no {what}: this kernel's WireGuard differs from what the probes expect")]
-    Missing { what: String },
-}
-
-fn btf_err(path: &Path, e: impl std::fmt::Display) -> CryptoError {
-    CryptoError::Btf {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    }
-}
-
-/// Byte offset of `member` in the struct named `name`.
-fn member_offset(btf: &Btf, name: &str, member: &str) -> Result<u32, CryptoError> {
-    let missing = || CryptoError::Missing {
-        what: format!("struct {name}.{member}"),
-    };
-    let types = btf.resolve_types_by_name(name).map_err(|_| missing())?;
-    for t in types {
-        if let Type::Struct(s) = t {
-            for m in &s.members {
-                if btf.resolve_name(m).ok().as_deref() == Some(member) {
-                    return Ok(m.bit_offset() / 8);
-                }
-            }
-        }
-    }
-    Err(missing())
-}
+pub use crate::btf::BtfError as CryptoError;
+use crate::btf::member_offset;
 
 /// Reads the offsets from `vmlinux` and the wireguard module's split BTF.
 pub fn offsets_from(vmlinux: &Path, module: &Path) -> Result<CryptoConfig, CryptoError> {
-    let base = Btf::from_file(vmlinux).map_err(|e| btf_err(vmlinux, e))?;
-    let wg = Btf::from_split_file(module, &base).map_err(|e| btf_err(module, e))?;
+    let base = crate::btf::read(vmlinux)?;
+    let wg = crate::btf::read_split(module, &base).map_err(|e| match e {
+        CryptoError::Read { path, reason } => CryptoError::Read {
+            path,
+            reason: format!("{reason} (is the wireguard module loaded?)"),
+        },
+        other => other,
+    })?;
     // keypair->entry.peer: `entry` is a struct index_hashtable_entry embedded in the keypair.
     let keypair_peer = member_offset(&wg, "noise_keypair", "entry")?
         + member_offset(&wg, "index_hashtable_entry", "peer")?;
-    use std::os::unix::fs::MetadataExt as _;
-    let own_ns = std::fs::metadata("/proc/self/ns/net").map_err(|e| CryptoError::Btf {
-        path: "/proc/self/ns/net".into(),
-        reason: e.to_string(),
-    })?;
     Ok(CryptoConfig {
         enabled: 1,
         keypair_peer,
@@ -80,8 +48,7 @@ pub fn offsets_from(vmlinux: &Path, module: &Path) -> Result<CryptoConfig, Crypt
         netdev_ifindex: member_offset(&base, "net_device", "ifindex")?,
         netdev_net: member_offset(&base, "net_device", "nd_net")?,
         net_inum: member_offset(&base, "net", "ns")? + member_offset(&base, "ns_common", "inum")?,
-        // Namespace inode numbers are 32-bit in the kernel (ns_common.inum is unsigned int).
-        netns_inum: own_ns.ino() as u32,
+        netns_inum: crate::btf::own_netns_inum()?,
     })
 }
 
@@ -109,7 +76,7 @@ mod tests {
             );
             return;
         }
-        let btf = Btf::from_file(vmlinux).unwrap();
+        let btf = crate::btf::read(vmlinux).unwrap();
         let off = member_offset(&btf, "net_device", "ifindex").unwrap();
         member_offset(&btf, "net_device", "nd_net").unwrap();
         member_offset(&btf, "ns_common", "inum").unwrap();

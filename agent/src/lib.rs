@@ -1,6 +1,7 @@
 //! wirescope, the agent: loads the TC programs, keeps their maps in sync with the WireGuard
 //! peers it finds, and serves what they count to Prometheus.
 
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod crypto;

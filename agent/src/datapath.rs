@@ -109,6 +109,8 @@ pub struct Datapath {
     pub leak: LeakMaps,
     /// Encrypt/decrypt transit time ([`crate::transit::TransitMaps`]).
     pub transit: crate::transit::TransitMaps,
+    /// Kernel drops and UDP receive errors ([`crate::drops::DropsMaps`]).
+    pub drops: crate::drops::DropsMaps,
     /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
     handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
@@ -169,6 +171,7 @@ impl Datapath {
             path: PathMaps::take(&mut ebpf)?,
             leak: LeakMaps::take(&mut ebpf)?,
             transit: crate::transit::TransitMaps::take(&mut ebpf)?,
+            drops: crate::drops::DropsMaps::take(&mut ebpf)?,
             handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
@@ -381,6 +384,49 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes the drop programs' configuration, then loads and attaches each; one failing
+    /// leaves the other attached. Returns, per program, its feature label and the outcome.
+    pub fn attach_drops(
+        &mut self,
+        cfg: agent_common::maps::drops::DropsConfig,
+    ) -> Result<Vec<(&'static str, Result<(), DatapathError>)>, DatapathError> {
+        self.drops.set_config(cfg)?;
+        let (prog, tp, feature) = crate::drops::KFREE_SKB;
+        let kfree = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(<&mut aya::programs::TracePoint>::try_from)
+            .and_then(|p| {
+                p.load()?;
+                let (category, name) = tp.split_once(':').unwrap_or(("skb", tp));
+                p.attach(category, name).map(|_| ())
+            })
+            .map_err(|source| DatapathError::Attach {
+                iface: format!("tracepoint {tp}"),
+                dir: prog,
+                source,
+            });
+        let mut out = vec![(feature, kfree)];
+        let (prog, tp, feature) = crate::drops::UDP_FAIL;
+        let udp = self
+            .ebpf
+            .program_mut(prog)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(<&mut aya::programs::RawTracePoint>::try_from)
+            .and_then(|p| {
+                p.load()?;
+                p.attach(tp).map(|_| ())
+            })
+            .map_err(|source| DatapathError::Attach {
+                iface: format!("raw tracepoint {tp}"),
+                dir: prog,
+                source,
+            });
+        out.push((feature, udp));
+        Ok(out)
+    }
+
     pub fn crypto_attached(&self) -> bool {
         self.crypto_attached
     }
@@ -537,6 +583,7 @@ impl Datapath {
         .chain(self.path.map_update_errors())
         .chain(self.leak.update_errors())
         .chain(self.transit.update_errors())
+        .chain(self.drops.update_errors())
         .collect()
     }
 
@@ -609,6 +656,7 @@ impl Datapath {
         .chain(self.path.map_usage())
         .chain(self.leak.usage())
         .chain(self.transit.usage())
+        .chain(self.drops.usage())
         .collect()
     }
 
@@ -699,7 +747,7 @@ pub(crate) fn sum_hist<K: aya::Pod>(
     Ok(out)
 }
 
-fn sum_per_cpu<K: aya::Pod>(
+pub(crate) fn sum_per_cpu<K: aya::Pod>(
     map: &PerCpuHashMap<MapData, K, Counter>,
     name: &'static str,
 ) -> Result<Vec<(K, Counter)>, DatapathError> {

@@ -14,6 +14,8 @@ pub struct Features {
     pub fentry: bool,
     pub btf: bool,
     pub bpf_stats: bool,
+    /// Whether each optional program attached, by feature label (the drop tracepoints).
+    pub attached: Vec<(&'static str, bool)>,
 }
 
 impl Features {
@@ -35,19 +37,22 @@ impl Features {
                 .map(|s| s.trim() == "1")
                 .unwrap_or(false),
             kernel,
+            attached: Vec::new(),
         }
     }
 
-    /// (feature label, available), in the contract's order.
-    pub fn as_pairs(&self) -> [(&'static str, bool); 6] {
-        [
+    /// (feature label, available): the contract's, in its order, then what attached.
+    pub fn as_pairs(&self) -> Vec<(&'static str, bool)> {
+        let mut v = vec![
             ("tcx", self.tcx),
             ("tracepoint", self.tracepoint),
             ("kprobe", self.kprobe),
             ("fentry", self.fentry),
             ("btf", self.btf),
             ("bpf_stats", self.bpf_stats),
-        ]
+        ];
+        v.extend(self.attached.iter().copied());
+        v
     }
 }
 

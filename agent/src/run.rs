@@ -14,6 +14,7 @@ use crate::{
     EBPF_OBJECT,
     config::RunConfig,
     datapath::Datapath,
+    drops::DropReasons,
     features::Features,
     http::{self, HttpConfig, HttpSource},
     inventory::Inventory,
@@ -75,6 +76,36 @@ impl HttpSource for Agent {
     }
 }
 
+/// Attaches the drop tracepoints where the kernel allows, recording each outcome in
+/// `features`; returns the kernel's drop reason names (empty when unreadable).
+fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropReasons> {
+    let (cfg, reasons) = match crate::drops::prepare() {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("kernel drops are not counted: {e}");
+            features.attached = vec![
+                (crate::drops::KFREE_SKB.2, false),
+                (crate::drops::UDP_FAIL.2, false),
+            ];
+            return Arc::new(DropReasons::default());
+        }
+    };
+    match datapath.attach_drops(cfg) {
+        Ok(outcomes) => {
+            for (feature, r) in outcomes {
+                if let Err(e) = &r {
+                    warn!("{feature} is not available: {e}");
+                } else {
+                    info!("attached {feature}");
+                }
+                features.attached.push((feature, r.is_ok()));
+            }
+        }
+        Err(e) => warn!("kernel drops are not counted: {e}"),
+    }
+    Arc::new(reasons)
+}
+
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let features = Features::detect();
     info!(
@@ -94,6 +125,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .set_allowed(&cfg.leak_allow)
         .context("writing the --leak-allow CIDRs into the eBPF map")?;
     let crypto_kprobes = features.kprobe;
+    // Kernel drops and UDP receive errors: optional, reported, never fatal.
+    let mut features = features;
+    let reasons = attach_drops(&mut datapath, &mut features);
     let datapath = Arc::new(Mutex::new(datapath));
     let inventory = Arc::new(RwLock::new(Inventory::default()));
     let endpoints = EndpointLabeler::load(&cfg.state_dir, cfg.export_endpoints)
@@ -140,6 +174,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     registry.register_collector(Box::new(crate::metrics::leak::LeakCollector::new(
         datapath.clone(),
         inventory.clone(),
+    )));
+    registry.register_collector(Box::new(crate::metrics::drops::DropsCollector::new(
+        datapath.clone(),
+        reasons.clone(),
     )));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),

@@ -15,7 +15,7 @@ use std::{
 
 use xtask::{
     agent::Agent,
-    impair::{DirRules, ImpairStats, Impairment, Place, wait_for},
+    impair::{DirRules, ImpairHandle, ImpairStats, Impairment, Place, wait_for},
     lab::{self, GATEWAY_V4, Lab, LabConfig, Role, Topology},
     netns,
     scrape::Metrics,
@@ -144,17 +144,11 @@ fn around(d: &Hist, lo: f64, v: f64) -> ((f64, f64), (f64, f64)) {
     (below, above)
 }
 
-/// When a client peer already has a session (something such as an IPv6 report went into the
-/// tunnel before the test sent anything), removes every client peer and adds it back as it
-/// was: the next packet then starts a fresh handshake, through the impairing relay. Returns
-/// whether it had to.
-fn fresh_sessions(lab: &Lab) -> bool {
+/// Removes every client peer and adds it back as it was: sessions and handshakes in
+/// progress (with their retry timers) are gone, and the next packet starts a fresh handshake.
+fn restart_peers(lab: &Lab) {
     let (ns, iface) = (&lab.client().netns, &lab.client().wg().iface);
     let dump = lab.wg_dump(Role::Client).expect("wg dump");
-    if dump.peers.iter().all(|p| p.latest_handshake == 0) {
-        return false;
-    }
-    eprintln!("a handshake happened before the test's first packet: starting the peers afresh");
     for p in &dump.peers {
         lab.exec(ns, &["wg", "set", iface, "peer", &p.public_key, "remove"])
             .expect("removing a peer");
@@ -182,16 +176,24 @@ fn fresh_sessions(lab: &Lab) -> bool {
         d.peers.iter().all(|p| p.latest_handshake == 0),
         "peers afresh: {d:?}"
     );
-    true
 }
 
 /// Lets the agent sync the endpoints the impairing relay changed (it does every second),
-/// then makes sure no session exists yet, so that the test's own traffic starts the first
-/// handshake the agent attributes.
-fn settle(lab: &Lab) {
+/// then makes sure no handshake has happened or begun, so that the test's own traffic starts
+/// the first one. When something did (such as an IPv6 report sent into the tunnel when the
+/// lab came up), the client's peers start afresh and whatever that handshake left pending in
+/// the agent has 6 s to be answered or swept as a timeout before the test's first scrape.
+fn settle(lab: &Lab, imp: &ImpairHandle) {
     std::thread::sleep(Duration::from_secs(3));
-    if fresh_sessions(lab) {
-        std::thread::sleep(Duration::from_secs(2));
+    let dump = lab.wg_dump(Role::Client).expect("wg dump");
+    let s = imp.stats();
+    if dump.peers.iter().any(|p| p.latest_handshake != 0) || s.to_relay.messages[1] != 0 {
+        eprintln!(
+            "a handshake happened before the test's first packet ({dump:?}, {s:?}): \
+             starting the client's peers afresh"
+        );
+        restart_peers(lab);
+        std::thread::sleep(Duration::from_secs(6));
     }
 }
 
@@ -226,7 +228,7 @@ fn rtt_with_40ms_delay_each_way() {
     let agent = start(&lab, "delay");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();
-    settle(&lab);
+    settle(&lab, &imp);
     assert_eq!(
         lab.wg_dump(Role::Client)
             .unwrap()
@@ -314,7 +316,7 @@ fn multihop_exit_rtt_exceeds_entry_by_the_relay_delay() {
     let veth = lab.client().underlay().name.clone();
     let entry = lab.entry().expect("entry relay").wg().public_key.clone();
     let exit = lab.exit().wg().public_key.clone();
-    settle(&lab);
+    settle(&lab, &imp);
 
     let (s0, before) = (imp.stats(), agent.scrape().unwrap());
     // The entry layer first, alone: a packet to the impairing relay's address goes to the
@@ -440,7 +442,7 @@ fn dropped_responses_count_each_retried_initiation() {
     let agent = start(&lab, "dropped");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();
-    settle(&lab);
+    settle(&lab, &imp);
 
     let (s0, before) = (imp.stats(), agent.scrape().unwrap());
     let mut ping = background_ping(&lab);

@@ -13,6 +13,7 @@ use prometheus_client::{
 pub mod agent;
 pub mod crypto;
 pub mod datapath;
+pub mod drops;
 pub mod leak;
 pub mod path;
 pub mod peers;

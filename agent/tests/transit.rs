@@ -1,0 +1,756 @@
+//! `BPF_PROG_TEST_RUN` tests of the transit-time matching (`wirescope_tunnel_transit_seconds`,
+//! `agent_common::maps::transit`): an inner packet on the tunnel interface is matched with
+//! its WireGuard data message on the underlay, per (peer, direction), in order, by padded
+//! length. Same approach as `test_run.rs` (whose header explains what test_run does with the
+//! input) and `wire_health.rs`: each test enters a fresh network namespace on its own thread,
+//! where one end of a veth pair is the WireGuard interface (TUNNEL | L3) and one end of
+//! another the underlay (UNDERLAY, Ethernet), attached through `Datapath::attach` (veth,
+//! not dummy: kernels without the dummy driver are common in CI); the interfaces are
+//! down, so only the test runs reach the programs. The tests compare the exact transit
+//! histogram counts (summed per (ifindex, peer, direction)) and the slots left in flight.
+//!
+//! Needs root and BPF; without root the tests print why and pass, except with CI=true.
+//! Run: `cargo test -p wirescope --test transit -- --test-threads=1`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    time::Duration,
+};
+
+use agent_common::{
+    fixtures::{Framing, tcp_ipv4, udp_ipv4, wg, wg_ipv4},
+    maps::{
+        DIR_RX, DIR_TX, IfaceConfig, log2_bucket,
+        transit::{STALE_NS, Slot},
+    },
+};
+use aya::programs::{TestRun, TestRunOptions};
+use wirescope::{
+    EBPF_OBJECT,
+    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    health::monotonic_ns,
+    sync::endpoint_key,
+};
+
+/// Peer P: allowed IPs 10.1.0.0/16, endpoint 203.0.113.10:51820.
+const P: u32 = 1;
+/// Peer Q: allowed IPs 10.2.0.0/16, endpoint 203.0.113.20:51820.
+const Q: u32 = 2;
+
+/// An address in P's and Q's allowed IPs.
+const P_HOST: [u8; 4] = [10, 1, 0, 5];
+const Q_HOST: [u8; 4] = [10, 2, 0, 5];
+/// An address in nobody's allowed IPs.
+const NOBODY_HOST: [u8; 4] = [10, 3, 0, 5];
+/// The tunnel address of this host.
+const CLIENT_V4: [u8; 4] = [10, 64, 1, 2];
+
+const P_ENDPOINT: [u8; 4] = [203, 0, 113, 10];
+const Q_ENDPOINT: [u8; 4] = [203, 0, 113, 20];
+const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
+const RELAY_PORT: u16 = 51820;
+const LISTEN_PORT: u16 = 51821;
+/// The tunnel MTU the data messages are padded for.
+const MTU: u32 = 1420;
+
+/// A slot older than this at a sweep is deleted by `TransitMaps::expire` (STALE_NS plus the
+/// agent's 1 s margin).
+const SWEEP_AGE_NS: u64 = STALE_NS + 1_000_000_000;
+
+fn privileged() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let why = "the transit tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
+    }
+    eprintln!("skipped: {why}; run them as root");
+    false
+}
+
+fn ip_cmd(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "running `ip {}`: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    });
+    assert!(
+        out.status.success(),
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("interface name");
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name} in the test's network namespace");
+    i
+}
+
+/// `__sk_buff` as ctx_in: `ifindex`, `gso_segs` and `gso_size` (offsets 40, 164 and 176 of
+/// the UAPI struct), the rest zero.
+fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Rx,
+    Tx,
+}
+
+impl Dir {
+    fn prog(self) -> &'static str {
+        match self {
+            Dir::Rx => PROG_INGRESS,
+            Dir::Tx => PROG_EGRESS,
+        }
+    }
+}
+
+/// A peer as the tests see it: a host in its allowed IPs, its endpoint.
+#[derive(Clone, Copy)]
+struct Peer {
+    host: [u8; 4],
+    endpoint: [u8; 4],
+}
+
+const PEER_P: Peer = Peer {
+    host: P_HOST,
+    endpoint: P_ENDPOINT,
+};
+const PEER_Q: Peer = Peer {
+    host: Q_HOST,
+    endpoint: Q_ENDPOINT,
+};
+
+/// (ifindex, peer, dir) -> (count, sum_ns).
+type Hist = BTreeMap<(u32, u32, u8), (u64, u64)>;
+
+struct Lab {
+    dp: Datapath,
+    tun: u32,
+    under: u32,
+    /// The data-message counter, per receiver index (only for realism: transit ignores it).
+    counter: u64,
+}
+
+impl Lab {
+    fn new() -> Option<Lab> {
+        if !privileged() {
+            return None;
+        }
+        // SAFETY: moves only this test's thread into a new network namespace, which the
+        // commands spawned below inherit.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        // veth pairs (the kernels these tests run on may lack the dummy driver); the
+        // other ends are not watched.
+        for (name, other) in [("trn-tun", "trn-tun-o"), ("trn-under", "trn-under-o")] {
+            ip_cmd(&[
+                "link", "add", "name", name, "type", "veth", "peer", "name", other,
+            ]);
+        }
+        let tun = ifindex("trn-tun");
+        let under = ifindex("trn-under");
+        let mut dp = Datapath::load(EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
+        dp.attach(
+            "trn-tun",
+            tun,
+            IfaceConfig {
+                flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
+            },
+        )
+        .unwrap_or_else(|e| panic!("attaching to trn-tun: {e}"));
+        dp.attach(
+            "trn-under",
+            under,
+            IfaceConfig {
+                flags: IfaceConfig::UNDERLAY,
+            },
+        )
+        .unwrap_or_else(|e| panic!("attaching to trn-under: {e}"));
+        let mut maps = PeerMaps::default();
+        maps.allowed_v4.insert((tun, [10, 1, 0, 0], 16), P);
+        maps.allowed_v4.insert((tun, [10, 2, 0, 0], 16), Q);
+        maps.endpoints.insert(
+            endpoint_key(IpAddr::V4(Ipv4Addr::from(P_ENDPOINT)), RELAY_PORT),
+            P,
+        );
+        maps.endpoints.insert(
+            endpoint_key(IpAddr::V4(Ipv4Addr::from(Q_ENDPOINT)), RELAY_PORT),
+            Q,
+        );
+        maps.wg_ports.insert(LISTEN_PORT, 1);
+        dp.sync_peers(&maps).expect("writing the peer maps");
+        Some(Lab {
+            dp,
+            tun,
+            under,
+            counter: 0,
+        })
+    }
+
+    /// One BPF_PROG_TEST_RUN of the `dir` program on `data` as seen on `ifindex`, with the
+    /// checks every run gets: the observer's verdict, the packet unchanged, no refused map
+    /// update.
+    fn run(&mut self, dir: Dir, ifindex: u32, gso: (u32, u32), data: &[u8]) {
+        let ctx = sk_buff_ctx(ifindex, gso.0, gso.1);
+        let mut out = vec![0u8; data.len() + 64];
+        let res = self
+            .dp
+            .program_mut(dir.prog())
+            .expect("program")
+            .test_run(TestRunOptions {
+                data_in: Some(data),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "test_run of {} on ifindex {ifindex} ({} bytes): {e:?}",
+                    dir.prog(),
+                    data.len()
+                )
+            });
+        assert_eq!(
+            res.return_value as i32, -1,
+            "an observer returns TC_ACT_UNSPEC"
+        );
+        assert_eq!(res.data_size_out as usize, data.len());
+        assert!(out[..data.len()] == *data, "the packet was changed");
+        for (map, n) in self.dp.map_update_errors() {
+            assert_eq!(n, 0, "{n} refused updates of {map}");
+        }
+    }
+
+    /// An inner IPv4/UDP packet of exactly `len` bytes between this host and `peer`'s host,
+    /// on the tunnel in direction `dir`.
+    fn inner(&mut self, dir: Dir, peer: Peer, len: usize) {
+        let pkt = match dir {
+            Dir::Tx => udp_ipv4(CLIENT_V4, 40000, peer.host, 443, len),
+            Dir::Rx => udp_ipv4(peer.host, 443, CLIENT_V4, 40000, len),
+        };
+        assert_eq!(pkt.len(), len);
+        let tun = self.tun;
+        self.run(dir, tun, (0, 0), &pkt);
+    }
+
+    /// The UDP payload `msg` between this host and `peer`'s endpoint on the underlay.
+    fn wire(&mut self, dir: Dir, peer: Peer, gso: (u32, u32), msg: &[u8]) {
+        let l3 = match dir {
+            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, peer.endpoint, RELAY_PORT, msg),
+            Dir::Rx => wg_ipv4(peer.endpoint, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
+        };
+        let frame = Framing::Ethernet.frame(&l3);
+        let under = self.under;
+        self.run(dir, under, gso, &frame);
+    }
+
+    /// A data message whose padded plaintext is `padded` bytes (UDP payload 32 + padded).
+    fn data_msg(&mut self, padded: u32) -> Vec<u8> {
+        self.counter += 1;
+        let msg = wg::data_with_plaintext(0x5151_0000, self.counter, padded);
+        assert_eq!(msg.len() as u32, 32 + padded);
+        msg
+    }
+
+    /// A data message with padded plaintext `padded` to or from `peer`'s endpoint.
+    fn message(&mut self, dir: Dir, peer: Peer, padded: u32) {
+        let msg = self.data_msg(padded);
+        self.wire(dir, peer, (0, 0), &msg);
+    }
+
+    /// The message WireGuard makes of an inner packet of `inner` bytes (tunnel MTU 1420).
+    fn message_for(&mut self, dir: Dir, peer: Peer, inner: u32) {
+        self.message(dir, peer, wg::padded_len(inner, MTU));
+    }
+
+    /// The transit histogram per (ifindex, peer, dir): (count, sum_ns). Checks every entry's
+    /// bucket against its sum when it holds one observation.
+    fn hist(&self) -> Hist {
+        let mut out = Hist::new();
+        for (k, v) in self.dp.transit.hist().expect("TRANSIT_HIST") {
+            assert_eq!(k._pad, [0; 2]);
+            if v.count == 1 {
+                assert_eq!(k.bucket, log2_bucket(v.sum_ns), "{k:?}: {v:?}");
+            }
+            let e = out.entry((k.ifindex, k.peer, k.dir)).or_default();
+            e.0 += v.count;
+            e.1 += v.sum_ns;
+        }
+        out
+    }
+
+    /// (ifindex, peer, dir) -> count.
+    fn counts(&self) -> BTreeMap<(u32, u32, u8), u64> {
+        self.hist().into_iter().map(|(k, v)| (k, v.0)).collect()
+    }
+
+    /// The slots in flight, as (peer, dir, number, slot), in queue order.
+    fn slots(&self) -> Vec<(u32, u8, u64, Slot)> {
+        let mut v: Vec<_> = self
+            .dp
+            .transit
+            .slots()
+            .into_iter()
+            .map(|(k, s)| {
+                assert_eq!(
+                    k.slot as u64,
+                    s.number % agent_common::maps::transit::RING,
+                    "{k:?} holds {s:?}"
+                );
+                (k.peer, k.dir, s.number, s)
+            })
+            .collect();
+        v.sort_by_key(|(p, d, n, _)| (*p, *d, *n));
+        v
+    }
+
+    /// The slots in flight as (peer, dir, len, left), in queue order.
+    fn slot_lens(&self) -> Vec<(u32, u8, u32, u64)> {
+        self.slots()
+            .into_iter()
+            .map(|(p, d, _, s)| (p, d, s.len, s.left))
+            .collect()
+    }
+
+    /// The queues as (peer, dir) -> (head, tail).
+    fn queues(&self) -> BTreeMap<(u32, u8), (u64, u64)> {
+        self.dp
+            .transit
+            .queues()
+            .into_iter()
+            .map(|(k, q)| ((k.peer, k.dir), (q.head, q.tail)))
+            .collect()
+    }
+}
+
+fn counts(entries: &[((u32, u32, u8), u64)]) -> BTreeMap<(u32, u32, u8), u64> {
+    entries.iter().copied().collect()
+}
+
+#[test]
+fn tx_matches_in_order_by_padded_length() {
+    let Some(mut lab) = Lab::new() else { return };
+    let (tun, under) = (lab.tun, lab.under);
+    assert_ne!(tun, under);
+
+    // Nothing queued: a data message leaving observes nothing and creates no queue.
+    lab.message(Dir::Tx, PEER_P, 96);
+    assert!(lab.counts().is_empty());
+    assert!(lab.queues().is_empty(), "{:?}", lab.queues());
+
+    lab.inner(Dir::Tx, PEER_P, 84);
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 84, 1)]);
+    let (_, _, _, s) = lab.slots()[0];
+    assert_eq!((s.ifindex, s.last_len, s.number), (tun, 84, 0));
+    // A padded length nothing fits (too short, or past the 16-byte round-up) observes
+    // nothing and leaves the queue as it was.
+    for padded in [64, 80, 112] {
+        lab.message(Dir::Tx, PEER_P, padded);
+        assert!(lab.counts().is_empty(), "padded {padded}");
+        assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 84, 1)], "padded {padded}");
+        assert_eq!(lab.queues()[&(P, DIR_TX)], (0, 1), "padded {padded}");
+    }
+    // A keepalive (UDP payload 32) never matches.
+    lab.wire(Dir::Tx, PEER_P, (0, 0), &wg::keepalive(0x5151_0000, 99));
+    assert!(lab.counts().is_empty());
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 84, 1)]);
+
+    lab.inner(Dir::Tx, PEER_P, 100);
+    lab.inner(Dir::Tx, PEER_P, 1420);
+    assert_eq!(
+        lab.slot_lens(),
+        vec![
+            (P, DIR_TX, 84, 1),
+            (P, DIR_TX, 100, 1),
+            (P, DIR_TX, 1420, 1)
+        ]
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (0, 3));
+    lab.message(Dir::Tx, PEER_P, 96);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 1)]));
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(P, DIR_TX, 100, 1), (P, DIR_TX, 1420, 1)]
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (1, 3));
+    lab.message(Dir::Tx, PEER_P, 112);
+    lab.message(Dir::Tx, PEER_P, 1420);
+    // Attributed to the tunnel the packets left (not the underlay), to P, tx.
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (3, 3));
+    // The queue is empty: one more message observes nothing.
+    lab.message(Dir::Tx, PEER_P, 96);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
+
+    // In order: two packets the same message fits; the first is taken, the second waits.
+    lab.inner(Dir::Tx, PEER_P, 84);
+    lab.inner(Dir::Tx, PEER_P, 90);
+    lab.message_for(Dir::Tx, PEER_P, 84);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 4)]));
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 90, 1)]);
+    lab.message_for(Dir::Tx, PEER_P, 90);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 5)]));
+    assert!(lab.slots().is_empty());
+
+    // At the MTU, padding stops short of the next multiple of 16: 1419 -> 1420.
+    lab.inner(Dir::Tx, PEER_P, 1419);
+    lab.message_for(Dir::Tx, PEER_P, 1419);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 6)]));
+    assert!(lab.slots().is_empty());
+
+    // Packets to nobody's allowed IPs are not queued.
+    let pkt = udp_ipv4(CLIENT_V4, 40000, NOBODY_HOST, 443, 84);
+    lab.run(Dir::Tx, tun, (0, 0), &pkt);
+    assert!(lab.slots().is_empty());
+    assert_eq!(lab.queues().len(), 1, "{:?}", lab.queues());
+}
+
+#[test]
+fn a_dropped_packet_is_passed_over() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    for len in [100, 200, 300] {
+        lab.inner(Dir::Tx, PEER_P, len);
+    }
+    lab.message_for(Dir::Tx, PEER_P, 200);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 1)]));
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(P, DIR_TX, 300, 1)],
+        "the 100 was passed over and deleted"
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (2, 3));
+    lab.message_for(Dir::Tx, PEER_P, 300);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 2)]));
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (3, 3));
+
+    // The lookahead is 8 slots: a match 7 slots past the head passes over 7 drops.
+    for len in [100, 101, 102, 103, 104, 105, 106, 300] {
+        lab.inner(Dir::Tx, PEER_P, len);
+    }
+    lab.message_for(Dir::Tx, PEER_P, 300);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 11));
+    // 8 slots past the head is out of sight: nothing matches, nothing moves.
+    for len in [100, 101, 102, 103, 104, 105, 106, 107, 300] {
+        lab.inner(Dir::Tx, PEER_P, len);
+    }
+    lab.message_for(Dir::Tx, PEER_P, 300);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
+    assert_eq!(lab.slots().len(), 9);
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 20));
+}
+
+#[test]
+fn rx_matches_the_message_with_its_inner_packet() {
+    let Some(mut lab) = Lab::new() else { return };
+    let (tun, under) = (lab.tun, lab.under);
+    // An inner packet with no message before it: nothing.
+    lab.inner(Dir::Rx, PEER_P, 84);
+    assert!(lab.counts().is_empty());
+
+    lab.message(Dir::Rx, PEER_P, 96);
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_RX, 96, 1)]);
+    let (_, _, _, s) = lab.slots()[0];
+    assert_eq!(
+        s.ifindex, 0,
+        "rx slots leave the ifindex to the tunnel side"
+    );
+    // An inner packet the message cannot carry (its padding would be 112): nothing.
+    lab.inner(Dir::Rx, PEER_P, 100);
+    assert!(lab.counts().is_empty());
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_RX, 96, 1)]);
+    // From nobody's allowed IPs: nothing.
+    let pkt = udp_ipv4(NOBODY_HOST, 443, CLIENT_V4, 40000, 84);
+    lab.run(Dir::Rx, tun, (0, 0), &pkt);
+    assert!(lab.counts().is_empty());
+    // The inner packet: one rx observation, on the tunnel (not the underlay).
+    lab.inner(Dir::Rx, PEER_P, 84);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_RX), 1)]));
+    assert!(!lab.counts().contains_key(&(under, P, DIR_RX)));
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert_eq!(lab.queues()[&(P, DIR_RX)], (1, 1));
+
+    // Keepalives arriving queue nothing.
+    lab.wire(Dir::Rx, PEER_P, (0, 0), &wg::keepalive(0x5151_0000, 50));
+    assert!(lab.slots().is_empty());
+    // A message whose packet WireGuard dropped (a bad inner packet) is passed over.
+    lab.message(Dir::Rx, PEER_P, 208);
+    lab.message(Dir::Rx, PEER_P, 1420);
+    lab.inner(Dir::Rx, PEER_P, 1420);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_RX), 2)]));
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+}
+
+#[test]
+fn peers_and_directions_do_not_mix() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    lab.inner(Dir::Tx, PEER_P, 84);
+    lab.inner(Dir::Tx, PEER_Q, 100);
+    // Q's message of 96 fits P's packet, not Q's: nothing.
+    lab.message(Dir::Tx, PEER_Q, 96);
+    assert!(lab.counts().is_empty());
+    // A packet arriving from P does not take P's tx slot.
+    lab.inner(Dir::Rx, PEER_P, 84);
+    assert!(lab.counts().is_empty());
+    // A message arriving from P does not take P's tx slot either; it queues for rx.
+    lab.message(Dir::Rx, PEER_P, 96);
+    assert!(lab.counts().is_empty());
+    lab.message(Dir::Rx, PEER_Q, 112);
+    assert_eq!(
+        lab.slot_lens(),
+        vec![
+            (P, DIR_RX, 96, 1),
+            (P, DIR_TX, 84, 1),
+            (Q, DIR_RX, 112, 1),
+            (Q, DIR_TX, 100, 1)
+        ]
+    );
+    lab.message(Dir::Tx, PEER_Q, 112);
+    assert_eq!(lab.counts(), counts(&[((tun, Q, DIR_TX), 1)]));
+    lab.inner(Dir::Rx, PEER_Q, 100);
+    lab.message(Dir::Tx, PEER_P, 96);
+    lab.inner(Dir::Rx, PEER_P, 84);
+    assert_eq!(
+        lab.counts(),
+        counts(&[
+            ((tun, P, DIR_TX), 1),
+            ((tun, P, DIR_RX), 1),
+            ((tun, Q, DIR_TX), 1),
+            ((tun, Q, DIR_RX), 1),
+        ])
+    );
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+
+    // Interleaved traffic, several of each.
+    for _ in 0..3 {
+        lab.inner(Dir::Tx, PEER_P, 84);
+        lab.message(Dir::Rx, PEER_Q, 1420);
+        lab.inner(Dir::Tx, PEER_Q, 500);
+        lab.message(Dir::Rx, PEER_P, 96);
+    }
+    for _ in 0..3 {
+        lab.message_for(Dir::Tx, PEER_Q, 500);
+        lab.inner(Dir::Rx, PEER_P, 90);
+        lab.message_for(Dir::Tx, PEER_P, 84);
+    }
+    lab.inner(Dir::Rx, PEER_Q, 1420);
+    assert_eq!(
+        lab.counts(),
+        counts(&[
+            ((tun, P, DIR_TX), 4),
+            ((tun, P, DIR_RX), 4),
+            ((tun, Q, DIR_TX), 4),
+            ((tun, Q, DIR_RX), 2),
+        ])
+    );
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(Q, DIR_RX, 1420, 1), (Q, DIR_RX, 1420, 1)]
+    );
+}
+
+#[test]
+fn stale_and_idle_state_is_swept() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+
+    // A queue left empty (its packet matched): kept at the first sweep, deleted at the
+    // second without traffic in between.
+    lab.inner(Dir::Tx, PEER_Q, 84);
+    lab.message(Dir::Tx, PEER_Q, 96);
+    assert_eq!(lab.counts(), counts(&[((tun, Q, DIR_TX), 1)]));
+    assert_eq!(lab.queues(), BTreeMap::from([((Q, DIR_TX), (1, 1))]));
+    let now = monotonic_ns();
+    assert_eq!(lab.dp.transit.expire(now), (0, 0));
+    assert_eq!(lab.queues().len(), 1);
+    // Traffic in between (tail moved): remembered anew, not deleted.
+    lab.inner(Dir::Tx, PEER_Q, 84);
+    lab.message(Dir::Tx, PEER_Q, 96);
+    assert_eq!(lab.dp.transit.expire(now), (0, 0));
+    assert_eq!(lab.queues(), BTreeMap::from([((Q, DIR_TX), (2, 2))]));
+    assert_eq!(lab.dp.transit.expire(now), (0, 1));
+    assert!(lab.queues().is_empty(), "{:?}", lab.queues());
+    // The next packet makes the queue anew and matches as before.
+    lab.inner(Dir::Tx, PEER_Q, 84);
+    lab.message(Dir::Tx, PEER_Q, 96);
+    assert_eq!(lab.counts(), counts(&[((tun, Q, DIR_TX), 3)]));
+    assert_eq!(lab.queues(), BTreeMap::from([((Q, DIR_TX), (1, 1))]));
+    assert_eq!(lab.dp.transit.expire(monotonic_ns()), (0, 0));
+    assert_eq!(lab.dp.transit.expire(monotonic_ns()), (0, 1));
+
+    // A packet never matched: its slot is swept once older than STALE_NS + 1 s, and not
+    // before. bpf_ktime_get_ns is CLOCK_MONOTONIC, so start_ns is within [before, after].
+    let before = monotonic_ns();
+    lab.inner(Dir::Tx, PEER_P, 84);
+    let after = monotonic_ns();
+    let (_, _, _, s) = lab.slots()[0];
+    assert!(
+        (before..=after).contains(&s.start_ns),
+        "start_ns {} not within [{before}, {after}]: not CLOCK_MONOTONIC?",
+        s.start_ns
+    );
+    assert_eq!(lab.dp.transit.expire(before + SWEEP_AGE_NS).0, 0);
+    assert_eq!(lab.slots().len(), 1);
+    assert_eq!(lab.dp.transit.expire(after + SWEEP_AGE_NS + 1).0, 1);
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert!(
+        lab.counts().keys().all(|k| k.1 != P),
+        "nothing observed for P"
+    );
+    // Its message after all: nothing (the slot is gone), and the queue moves past it.
+    lab.message(Dir::Tx, PEER_P, 96);
+    assert!(lab.counts().keys().all(|k| k.1 != P));
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (1, 1));
+}
+
+/// The programs pass over a slot older than STALE_NS themselves (2 s: this test sleeps).
+#[test]
+fn a_stale_packet_matches_nothing() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    lab.inner(Dir::Tx, PEER_P, 84);
+    lab.message(Dir::Rx, PEER_P, 96);
+    std::thread::sleep(Duration::from_nanos(STALE_NS) + Duration::from_millis(50));
+    lab.inner(Dir::Tx, PEER_P, 100);
+    lab.message(Dir::Tx, PEER_P, 96);
+    lab.inner(Dir::Rx, PEER_P, 84);
+    assert!(lab.counts().is_empty(), "{:?}", lab.counts());
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(P, DIR_TX, 100, 1)],
+        "the stale slots are deleted, the fresh one stays"
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (1, 2));
+    assert_eq!(lab.queues()[&(P, DIR_RX)], (1, 1));
+    lab.message(Dir::Tx, PEER_P, 112);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 1)]));
+}
+
+#[test]
+fn a_pair_matched_at_once_takes_less_than_a_second() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    let t0 = monotonic_ns();
+    lab.inner(Dir::Tx, PEER_P, 84);
+    lab.message(Dir::Tx, PEER_P, 96);
+    let t1 = monotonic_ns();
+    lab.message(Dir::Rx, PEER_P, 96);
+    lab.inner(Dir::Rx, PEER_P, 84);
+    let t2 = monotonic_ns();
+    let hist = lab.hist();
+    assert_eq!(hist.len(), 2, "{hist:?}");
+    let (count, tx_ns) = hist[&(tun, P, DIR_TX)];
+    assert_eq!(count, 1);
+    let (count, rx_ns) = hist[&(tun, P, DIR_RX)];
+    assert_eq!(count, 1);
+    eprintln!(
+        "transit of a pair matched at once: tx {tx_ns} ns (wall {} ns), rx {rx_ns} ns (wall {} ns)",
+        t1 - t0,
+        t2 - t1
+    );
+    for (ns, wall) in [(tx_ns, t1 - t0), (rx_ns, t2 - t1)] {
+        assert!(ns > 0 && ns < 1_000_000_000, "{ns} ns");
+        assert!(ns <= wall, "{ns} ns observed, {wall} ns between the runs");
+    }
+}
+
+/// A TCP GSO super-packet on the tunnel is one slot expecting one message per segment: full
+/// segments of gso_size, then the last one's length.
+#[test]
+fn a_gso_packet_matches_one_message_per_segment() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    // 20 + 20 + 2600 bytes: segments of 40 + 1000, 40 + 1000 and 40 + 600.
+    let pkt = tcp_ipv4(CLIENT_V4, 40000, P_HOST, 443, 0, 2600);
+    lab.run(Dir::Tx, tun, (3, 1000), &pkt);
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 1040, 3)]);
+    assert_eq!(lab.slots()[0].3.last_len, 640);
+    // A later packet waits behind it.
+    lab.inner(Dir::Tx, PEER_P, 84);
+    lab.message_for(Dir::Tx, PEER_P, 1040);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 1)]));
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(P, DIR_TX, 1040, 2), (P, DIR_TX, 84, 1)]
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (0, 2), "the head stays on it");
+    lab.message_for(Dir::Tx, PEER_P, 1040);
+    assert_eq!(
+        lab.slot_lens(),
+        vec![(P, DIR_TX, 1040, 1), (P, DIR_TX, 84, 1)]
+    );
+    lab.message_for(Dir::Tx, PEER_P, 640);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 84, 1)]);
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (1, 2));
+    lab.message_for(Dir::Tx, PEER_P, 84);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 4)]));
+    assert!(lab.slots().is_empty());
+
+    // With TCP options (12 bytes) and equal segments: 3 x (52 + 1000).
+    let pkt = tcp_ipv4(CLIENT_V4, 40000, P_HOST, 443, 12, 3000);
+    lab.run(Dir::Tx, tun, (3, 1000), &pkt);
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 1052, 3)]);
+    assert_eq!(lab.slots()[0].3.last_len, 1052);
+    for _ in 0..3 {
+        lab.message_for(Dir::Tx, PEER_P, 1052);
+    }
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 7)]));
+    assert!(lab.slots().is_empty());
+    // gso_segs 1 is one packet of its own length.
+    let pkt = tcp_ipv4(CLIENT_V4, 40000, P_HOST, 443, 0, 1000);
+    lab.run(Dir::Tx, tun, (1, 1000), &pkt);
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 1040, 1)]);
+}
+
+/// UDP GSO on the underlay (wireguard-go sends batches of data messages in one skb; the UDP
+/// length then covers the whole batch, gso_size is one message) and UDP GRO on rx: each
+/// message of the batch is one message to match, of gso_size bytes.
+#[test]
+fn udp_gso_batches_match_each_message() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    // tx: two inner packets of 1000 bytes, then one skb carrying both messages.
+    lab.inner(Dir::Tx, PEER_P, 1000);
+    lab.inner(Dir::Tx, PEER_P, 1000);
+    let msg = wg::data(0x5151_0000, 1, 1000, MTU);
+    assert_eq!(msg.len(), 32 + 1008);
+    let batch = [msg.clone(), msg.clone()].concat();
+    lab.wire(Dir::Tx, PEER_P, (2, msg.len() as u32), &batch);
+    let tx = lab.counts();
+    // rx: one GRO skb of two messages, then their two inner packets.
+    lab.wire(Dir::Rx, PEER_P, (2, msg.len() as u32), &batch);
+    lab.inner(Dir::Rx, PEER_P, 1000);
+    lab.inner(Dir::Rx, PEER_P, 1000);
+    let all = lab.counts();
+    assert_eq!(
+        (tx, all, lab.slot_lens()),
+        (
+            counts(&[((tun, P, DIR_TX), 2)]),
+            counts(&[((tun, P, DIR_TX), 2), ((tun, P, DIR_RX), 2)]),
+            vec![]
+        ),
+        "(tx counts after the GSO batch, all counts, slots left)"
+    );
+}

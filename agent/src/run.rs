@@ -36,6 +36,7 @@ struct Agent {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
     datapath_collector: Arc<DatapathCollector>,
+    drops_collector: Arc<crate::metrics::drops::DropsCollector>,
 }
 
 impl HttpSource for Agent {
@@ -68,9 +69,10 @@ impl HttpSource for Agent {
 
     fn status(&self) -> serde_json::Value {
         let snapshot = self.datapath_collector.snapshot();
+        let drops = self.drops_collector.snapshot();
         let health = self.health();
         match self.inventory.read() {
-            Ok(inv) => status::build(&inv, &snapshot, health),
+            Ok(inv) => status::build(&inv, &snapshot, &drops, health),
             Err(_) => serde_json::json!({"error": "inventory lock poisoned"}),
         }
     }
@@ -175,10 +177,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath.clone(),
         inventory.clone(),
     )));
-    registry.register_collector(Box::new(crate::metrics::drops::DropsCollector::new(
+    let drops_collector = Arc::new(crate::metrics::drops::DropsCollector::new(
         datapath.clone(),
-        reasons.clone(),
-    )));
+        reasons,
+    ));
+    registry.register_collector(Box::new(drops_collector.clone()));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -189,6 +192,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath: datapath.clone(),
         inventory: inventory.clone(),
         datapath_collector,
+        drops_collector,
     });
 
     let server = http::bind(HttpConfig::new(

@@ -6,7 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use agent_common::maps::Counter;
 use serde_json::{Value, json};
 
-use crate::{inventory::Inventory, metrics::datapath::Snapshot};
+use crate::{
+    inventory::Inventory,
+    metrics::{datapath::Snapshot, drops::Snapshot as Drops},
+};
 
 fn pair(c: Option<&Counter>) -> Value {
     let c = c.copied().unwrap_or_default();
@@ -29,7 +32,7 @@ fn overhead(wire: Option<&Counter>, tunnel: Option<&Counter>) -> Value {
     })
 }
 
-pub fn build(inv: &Inventory, s: &Snapshot, healthy: Result<(), String>) -> Value {
+pub fn build(inv: &Inventory, s: &Snapshot, d: &Drops, healthy: Result<(), String>) -> Value {
     let now = SystemTime::now();
     let mut tunnels = Vec::new();
     for t in &inv.tunnels {
@@ -91,5 +94,104 @@ pub fn build(inv: &Inventory, s: &Snapshot, healthy: Result<(), String>) -> Valu
         "health_reason": healthy.err(),
         "tunnels": tunnels,
         "underlays": inv.underlays.iter().map(|u| json!({"interface": u.name, "ifindex": u.ifindex})).collect::<Vec<_>>(),
+        "drops": drops(d),
+        "udp_receive_errors": udp_errors(inv, d),
     })
+}
+
+/// How many reasons per interface the status shows.
+const TOP_REASONS: usize = 5;
+
+/// Per interface (busiest first), its drops and their top reasons.
+fn drops(d: &Drops) -> Value {
+    let mut per_iface: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
+    for ((iface, reason), n) in &d.drops {
+        if *n > 0 {
+            per_iface.entry(iface).or_default().push((reason, *n));
+        }
+    }
+    let mut out: Vec<(u64, Value)> = per_iface
+        .into_iter()
+        .map(|(iface, mut reasons)| {
+            reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            let total: u64 = reasons.iter().map(|r| r.1).sum();
+            let top: Vec<Value> = reasons
+                .iter()
+                .take(TOP_REASONS)
+                .map(|(r, n)| json!({"reason": r, "packets": n}))
+                .collect();
+            (
+                total,
+                json!({"interface": iface, "packets": total, "top_reasons": top}),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    Value::Array(out.into_iter().map(|(_, v)| v).collect())
+}
+
+/// Failed UDP receives per local port, marking the ports WireGuard listens on.
+fn udp_errors(inv: &Inventory, d: &Drops) -> Value {
+    d.udp_errors
+        .iter()
+        .map(|(port, n)| {
+            let wg = inv
+                .tunnels
+                .iter()
+                .find(|t| t.listen_port != 0 && t.listen_port == *port)
+                .map(|t| t.name.clone());
+            json!({"port": port, "errors": n, "wireguard": wg.is_some(), "interface": wg})
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_busiest_interface_first_top_reasons_by_count() {
+        let mut d = Drops::default();
+        for (iface, reason, n) in [
+            ("wg0", "NETFILTER_DROP", 7),
+            ("wg0", "NO_SOCKET", 9),
+            ("wg0", "PKT_TOO_SMALL", 0),
+            ("lo", "SOCKET_RCVBUFF", 199),
+            ("", "QUEUE_PURGE", 1),
+        ] {
+            d.drops.insert((iface.into(), reason.into()), n);
+        }
+        d.udp_errors.insert(51820, 3);
+        d.udp_errors.insert(5555, 199);
+        let v = drops(&d);
+        let ifaces: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["interface"].as_str().unwrap())
+            .collect();
+        assert_eq!(ifaces, ["lo", "wg0", ""]);
+        assert_eq!(v[1]["packets"], 16);
+        assert_eq!(v[1]["top_reasons"][0]["reason"], "NO_SOCKET");
+        assert_eq!(
+            v[1]["top_reasons"].as_array().unwrap().len(),
+            2,
+            "zeros left out"
+        );
+
+        let mut inv = Inventory::default();
+        inv.tunnels.push(crate::inventory::Tunnel {
+            name: "wg0".into(),
+            ifindex: 3,
+            mtu: 1420,
+            backend: crate::inventory::Backend::Uapi,
+            listen_port: 51820,
+            peers: Vec::new(),
+        });
+        let u = udp_errors(&inv, &d);
+        assert_eq!(u[0]["port"], 5555);
+        assert_eq!(u[0]["wireguard"], false);
+        assert_eq!(u[1]["wireguard"], true);
+        assert_eq!(u[1]["interface"], "wg0");
+    }
 }

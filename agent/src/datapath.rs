@@ -87,6 +87,9 @@ pub struct PeerMaps {
     pub wg_ports: StdHashMap<u16, u8>,
 }
 
+/// An optional program's feature label and whether it attached.
+pub type AttachOutcome = (&'static str, Result<(), DatapathError>);
+
 pub struct Datapath {
     ebpf: Ebpf,
     ifaces: HashMap<MapData, u32, IfaceConfig>,
@@ -389,7 +392,7 @@ impl Datapath {
     pub fn attach_drops(
         &mut self,
         cfg: agent_common::maps::drops::DropsConfig,
-    ) -> Result<Vec<(&'static str, Result<(), DatapathError>)>, DatapathError> {
+    ) -> Result<Vec<AttachOutcome>, DatapathError> {
         self.drops.set_config(cfg)?;
         let (prog, tp, feature) = crate::drops::KFREE_SKB;
         let kfree = self

@@ -126,7 +126,7 @@ fn drops(d: &Drops) -> Value {
             )
         })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|o| std::cmp::Reverse(o.0));
     Value::Array(out.into_iter().map(|(_, v)| v).collect())
 }
 

@@ -14,13 +14,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
     time::Duration,
 };
 
 use agent_common::{
-    fixtures::{Framing, tcp_ipv4, udp_ipv4, wg, wg_ipv4},
+    fixtures::{Framing, tcp_ipv4, udp_ipv4, udp_ipv6, wg, wg_ipv4},
     maps::{
         DIR_RX, DIR_TX, IfaceConfig, log2_bucket,
         transit::{STALE_NS, Slot},
@@ -46,6 +46,13 @@ const Q_HOST: [u8; 4] = [10, 2, 0, 5];
 const NOBODY_HOST: [u8; 4] = [10, 3, 0, 5];
 /// The tunnel address of this host.
 const CLIENT_V4: [u8; 4] = [10, 64, 1, 2];
+/// P's allowed IPs also hold fd00:1::/32.
+fn p_host_v6() -> [u8; 16] {
+    "fd00:1::5".parse::<Ipv6Addr>().expect("address").octets()
+}
+fn client_v6() -> [u8; 16] {
+    "fd00:40::2".parse::<Ipv6Addr>().expect("address").octets()
+}
 
 const P_ENDPOINT: [u8; 4] = [203, 0, 113, 10];
 const Q_ENDPOINT: [u8; 4] = [203, 0, 113, 20];
@@ -185,6 +192,8 @@ impl Lab {
         let mut maps = PeerMaps::default();
         maps.allowed_v4.insert((tun, [10, 1, 0, 0], 16), P);
         maps.allowed_v4.insert((tun, [10, 2, 0, 0], 16), Q);
+        let p_net_v6 = "fd00:1::".parse::<Ipv6Addr>().expect("address").octets();
+        maps.allowed_v6.insert((tun, p_net_v6, 32), P);
         maps.endpoints.insert(
             endpoint_key(IpAddr::V4(Ipv4Addr::from(P_ENDPOINT)), RELAY_PORT),
             P,
@@ -752,5 +761,49 @@ fn udp_gso_batches_match_each_message() {
             vec![]
         ),
         "(tx counts after the GSO batch, all counts, slots left)"
+    );
+}
+
+/// IPv6 inner packets: the length is the whole packet, its 40-byte header included.
+#[test]
+fn ipv6_inner_packets_match_by_their_whole_length() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    for len in [100usize, 1280] {
+        let pkt = udp_ipv6(client_v6(), 40000, p_host_v6(), 443, len);
+        lab.run(Dir::Tx, tun, (0, 0), &pkt);
+        assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, len as u32, 1)]);
+        lab.message_for(Dir::Tx, PEER_P, len as u32);
+        lab.message_for(Dir::Rx, PEER_P, len as u32);
+        let pkt = udp_ipv6(p_host_v6(), 443, client_v6(), 40000, len);
+        lab.run(Dir::Rx, tun, (0, 0), &pkt);
+        assert!(lab.slots().is_empty(), "{len}: {:?}", lab.slots());
+    }
+    assert_eq!(
+        lab.counts(),
+        counts(&[((tun, P, DIR_TX), 2), ((tun, P, DIR_RX), 2)])
+    );
+}
+
+/// A queue whose only packets were lost (a peer that never completes a handshake, or is
+/// removed right after a drop) is left with head < tail once the sweep has deleted its
+/// stale slots: nothing is in flight, so it is idle and must go like an empty one, or
+/// TRANSIT_SEQ keeps an entry per such (peer, direction) forever.
+#[test]
+fn a_queue_whose_packets_were_all_lost_is_swept() {
+    let Some(mut lab) = Lab::new() else { return };
+    lab.inner(Dir::Tx, PEER_P, 84);
+    let now = monotonic_ns() + SWEEP_AGE_NS + 1;
+    assert_eq!(lab.dp.transit.expire(now).0, 1, "the stale slot is swept");
+    assert!(lab.slots().is_empty());
+    let mut queues_deleted = 0;
+    for _ in 0..3 {
+        queues_deleted += lab.dp.transit.expire(now).1;
+    }
+    assert_eq!(
+        (queues_deleted, lab.queues()),
+        (1, BTreeMap::new()),
+        "(queues deleted by 3 more sweeps without traffic, queues left as (peer, dir) -> \
+         (head, tail)): nothing is in flight, yet the queue stays"
     );
 }

@@ -64,6 +64,9 @@ pub const SUITES: &[&str] = &[
     "agent/tests/test_run.rs",
     "agent/tests/wire_health.rs",
     "agent/tests/leak.rs",
+    "agent/tests/path.rs",
+    "agent/tests/bounded.rs",
+    "agent/tests/handshake.rs",
 ];
 
 /// A kernel series `vm-test` knows how to install.

@@ -92,6 +92,68 @@ pub struct RunArgs {
     /// when local network sharing is on (repeatable): 192.168.0.0/16, fd00::/8
     #[arg(long = "leak-allow", value_name = "CIDR")]
     pub leak_allow: Vec<String>,
+
+    /// The Mullvad CLI, polled with `status --json`; when it is not found, Mullvad state is
+    /// off (mullvad_up 0) [default: mullvad, looked up on PATH]
+    #[arg(long = "mullvad-cli", value_name = "PATH")]
+    pub mullvad_cli: Option<String>,
+
+    /// How often to poll the Mullvad daemon, e.g. 10s [default: 10s]
+    #[arg(long = "mullvad-interval", value_name = "DURATION")]
+    pub mullvad_interval: Option<String>,
+
+    /// ICMP echo probe to TARGET, through IFACE when given (repeatable): 10.64.0.1@wg0-mullvad,
+    /// fc00:bbbb:bbbb:bb01::1. When Mullvad is connected, 10.64.0.1 through its interface is
+    /// probed as well.
+    #[arg(long = "probe", value_name = "TARGET[@IFACE]")]
+    pub probes: Vec<String>,
+
+    /// Time between two probes of a target [default: 5s]
+    #[arg(long = "probe-interval", value_name = "DURATION")]
+    pub probe_interval: Option<String>,
+
+    /// A probe without a reply within this time is lost [default: 2s]
+    #[arg(long = "probe-timeout", value_name = "DURATION")]
+    pub probe_timeout: Option<String>,
+
+    /// Time between two path-MTU searches to each target (also run on an ICMP too-big)
+    /// [default: 5m]
+    #[arg(long = "pmtu-interval", value_name = "DURATION")]
+    pub pmtu_interval: Option<String>,
+
+    /// Command run (with /bin/sh -c) when a path turns unhealthy; the event is in WIRESCOPE_*
+    /// environment variables. Example: `mullvad relay set location se && mullvad reconnect`
+    #[arg(long = "failover-command", value_name = "CMD")]
+    pub failover_command: Option<String>,
+
+    /// A path is unhealthy when its probe RTT stays above this over the window [default: 200ms]
+    #[arg(long = "failover-max-rtt", value_name = "DURATION")]
+    pub failover_max_rtt: Option<String>,
+
+    /// ... or its probe loss over the window is above this percentage [default: 2]
+    #[arg(long = "failover-max-loss", value_name = "PERCENT")]
+    pub failover_max_loss: Option<String>,
+
+    /// ... or its peer's latest handshake is older than this [default: 180s]
+    #[arg(long = "failover-max-handshake-age", value_name = "DURATION")]
+    pub failover_max_handshake_age: Option<String>,
+
+    /// The window RTT and loss are judged over [default: 60s]
+    #[arg(long = "failover-window", value_name = "DURATION")]
+    pub failover_window: Option<String>,
+
+    /// Least time between two failover actions [default: 300s]
+    #[arg(long = "failover-cooldown", value_name = "DURATION")]
+    pub failover_cooldown: Option<String>,
+
+    /// A failover command still running after this is killed and counted as failed
+    /// [default: 30s]
+    #[arg(long = "failover-timeout", value_name = "DURATION")]
+    pub failover_timeout: Option<String>,
+
+    /// Log the failover action instead of running it
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,15 @@
 //! export-endpoints = false
 //! log-level = "info"
 //! leak-allow = ["192.168.0.0/16", "fd00::/8"]
+//! mullvad-cli = "/usr/bin/mullvad"
+//! mullvad-interval = "10s"
+//! probe = ["10.64.0.1@wg0-mullvad"]
+//! probe-interval = "5s"
+//! pmtu-interval = "5m"
+//! failover-command = "mullvad relay set location se && mullvad reconnect"
+//! failover-max-rtt = "200ms"
+//! failover-max-loss = 2.0
+//! dry-run = false
 //! ```
 //!
 //! ```toml
@@ -37,6 +46,7 @@ use std::{
     io::Read as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -126,7 +136,63 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     /// `--leak-allow`: destinations where traffic outside the tunnels is not a leak.
     pub leak_allow: Vec<IpNet>,
+    pub mullvad: MullvadConfig,
+    pub probes: ProbeConfig,
+    pub failover: FailoverConfig,
 }
+
+/// Polling the Mullvad daemon (`--mullvad-cli`, `--mullvad-interval`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MullvadConfig {
+    /// A path, or a name looked up on PATH.
+    pub cli: String,
+    pub interval: Duration,
+    /// A call that takes longer is killed and counts as failed (mullvad_up 0).
+    pub timeout: Duration,
+}
+
+/// One `--probe TARGET[@IFACE]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub target: IpAddr,
+    /// Bound with SO_BINDTODEVICE when given.
+    pub iface: Option<String>,
+}
+
+/// Active probes and path-MTU searches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeConfig {
+    pub targets: Vec<ProbeTarget>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub pmtu_interval: Duration,
+}
+
+/// Failover thresholds and action.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailoverConfig {
+    pub command: Option<String>,
+    pub max_rtt: Duration,
+    pub max_loss_percent: f64,
+    pub max_handshake_age: Duration,
+    pub window: Duration,
+    pub cooldown: Duration,
+    pub timeout: Duration,
+    pub dry_run: bool,
+}
+
+pub const DEFAULT_MULLVAD_CLI: &str = "mullvad";
+pub const DEFAULT_MULLVAD_INTERVAL: Duration = Duration::from_secs(10);
+pub const MULLVAD_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_PMTU_INTERVAL: Duration = Duration::from_secs(300);
+pub const DEFAULT_FAILOVER_MAX_RTT: Duration = Duration::from_millis(200);
+pub const DEFAULT_FAILOVER_MAX_LOSS: f64 = 2.0;
+pub const DEFAULT_FAILOVER_MAX_HANDSHAKE_AGE: Duration = Duration::from_secs(180);
+pub const DEFAULT_FAILOVER_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_FAILOVER_COOLDOWN: Duration = Duration::from_secs(300);
+pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RunConfig {
     /// Merges `args` over the `--config` file (if any) and checks everything, including that
@@ -219,6 +285,105 @@ impl RunConfig {
         let (nets, origin) = pick_list(&args.leak_allow, file.leak_allow);
         let leak_allow = parse_cidrs("leak-allow", nets, &origin)?;
 
+        let duration = |key: &'static str,
+                        flag: &Option<String>,
+                        file: Option<String>,
+                        default: Duration|
+         -> Result<Duration, ConfigError> {
+            match pick(flag, file) {
+                (Some(v), origin) => parse_duration(key, &v, origin),
+                (None, _) => Ok(default),
+            }
+        };
+        let mullvad = MullvadConfig {
+            cli: match pick(&args.mullvad_cli, file.mullvad_cli) {
+                (Some(v), origin) if v.trim().is_empty() => {
+                    return Err(ConfigError::Invalid {
+                        key: "mullvad-cli",
+                        origin,
+                        value: v,
+                        problem: "is empty".into(),
+                        accepted: "accepted: a path or a command name on PATH, e.g. mullvad".into(),
+                    });
+                }
+                (Some(v), _) => v,
+                (None, _) => DEFAULT_MULLVAD_CLI.into(),
+            },
+            interval: duration(
+                "mullvad-interval",
+                &args.mullvad_interval,
+                file.mullvad_interval,
+                DEFAULT_MULLVAD_INTERVAL,
+            )?,
+            timeout: MULLVAD_TIMEOUT,
+        };
+        let (targets, origin) = pick_list(&args.probes, file.probe);
+        let probes = ProbeConfig {
+            targets: targets
+                .iter()
+                .map(|t| parse_probe(t, &origin))
+                .collect::<Result<_, _>>()?,
+            interval: duration(
+                "probe-interval",
+                &args.probe_interval,
+                file.probe_interval,
+                DEFAULT_PROBE_INTERVAL,
+            )?,
+            timeout: duration(
+                "probe-timeout",
+                &args.probe_timeout,
+                file.probe_timeout,
+                DEFAULT_PROBE_TIMEOUT,
+            )?,
+            pmtu_interval: duration(
+                "pmtu-interval",
+                &args.pmtu_interval,
+                file.pmtu_interval,
+                DEFAULT_PMTU_INTERVAL,
+            )?,
+        };
+        let failover = FailoverConfig {
+            command: pick(&args.failover_command, file.failover_command).0,
+            max_rtt: duration(
+                "failover-max-rtt",
+                &args.failover_max_rtt,
+                file.failover_max_rtt,
+                DEFAULT_FAILOVER_MAX_RTT,
+            )?,
+            max_loss_percent: match (&args.failover_max_loss, file.failover_max_loss) {
+                (Some(v), _) => parse_percent("failover-max-loss", v, Origin::Flag)?,
+                (None, Some(v)) => {
+                    parse_percent("failover-max-loss", &v.to_string(), file_origin.clone())?
+                }
+                (None, None) => DEFAULT_FAILOVER_MAX_LOSS,
+            },
+            max_handshake_age: duration(
+                "failover-max-handshake-age",
+                &args.failover_max_handshake_age,
+                file.failover_max_handshake_age,
+                DEFAULT_FAILOVER_MAX_HANDSHAKE_AGE,
+            )?,
+            window: duration(
+                "failover-window",
+                &args.failover_window,
+                file.failover_window,
+                DEFAULT_FAILOVER_WINDOW,
+            )?,
+            cooldown: duration(
+                "failover-cooldown",
+                &args.failover_cooldown,
+                file.failover_cooldown,
+                DEFAULT_FAILOVER_COOLDOWN,
+            )?,
+            timeout: duration(
+                "failover-timeout",
+                &args.failover_timeout,
+                file.failover_timeout,
+                DEFAULT_FAILOVER_TIMEOUT,
+            )?,
+            dry_run: args.dry_run || file.dry_run.unwrap_or(false),
+        };
+
         Ok(RunConfig {
             listen_address,
             telemetry_path,
@@ -230,6 +395,9 @@ impl RunConfig {
             export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
             log_level,
             leak_allow,
+            mullvad,
+            probes,
+            failover,
             state_dir: match (&args.state_dir, file.state_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(p)) => base.join(p),
@@ -250,6 +418,20 @@ struct FileConfig {
     log_level: Option<String>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,
+    mullvad_cli: Option<String>,
+    mullvad_interval: Option<String>,
+    probe: Option<Vec<String>>,
+    probe_interval: Option<String>,
+    probe_timeout: Option<String>,
+    pmtu_interval: Option<String>,
+    failover_command: Option<String>,
+    failover_max_rtt: Option<String>,
+    failover_max_loss: Option<f64>,
+    failover_max_handshake_age: Option<String>,
+    failover_window: Option<String>,
+    failover_cooldown: Option<String>,
+    failover_timeout: Option<String>,
+    dry_run: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -557,6 +739,71 @@ fn is_bcrypt_hash(h: &str) -> bool {
 
 /// CIDRs (`192.168.0.0/16`, `fd00::/8`) or single addresses (a /32 or /128). Host bits
 /// are cleared; duplicates dropped.
+/// A positive duration such as `500ms`, `5s`, `2m` or `1h 30m`.
+pub fn parse_duration(
+    key: &'static str,
+    value: &str,
+    origin: Origin,
+) -> Result<Duration, ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid {
+        key,
+        origin: origin.clone(),
+        value: value.to_owned(),
+        problem,
+        accepted: "accepted: a number with a unit (ms, s, m, h), e.g. 500ms, 5s, 2m".into(),
+    };
+    let d = humantime::parse_duration(value.trim())
+        .map_err(|e| invalid(format!("is not a duration ({e})")))?;
+    if d.is_zero() {
+        return Err(invalid("is zero".into()));
+    }
+    Ok(d)
+}
+
+/// A percentage in [0, 100].
+fn parse_percent(key: &'static str, value: &str, origin: Origin) -> Result<f64, ConfigError> {
+    match value.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(ConfigError::Invalid {
+            key,
+            origin,
+            value: value.to_owned(),
+            problem: "is not a percentage".into(),
+            accepted: "accepted: a number from 0 to 100, e.g. 2 or 0.5".into(),
+        }),
+    }
+}
+
+/// TARGET[@IFACE]: an IPv4 or IPv6 address, optionally the interface to probe through.
+fn parse_probe(value: &str, origin: &Origin) -> Result<ProbeTarget, ConfigError> {
+    let invalid = |problem: &str| {
+        ConfigError::Invalid {
+        key: "probe",
+        origin: origin.clone(),
+        value: value.to_owned(),
+        problem: problem.to_owned(),
+        accepted: "accepted: ADDRESS or ADDRESS@IFACE, e.g. 10.64.0.1@wg0-mullvad or fc00:bbbb:bbbb:bb01::1".into(),
+    }
+    };
+    let (addr, iface) = match value.trim().split_once('@') {
+        Some((a, i)) => (a, Some(i)),
+        None => (value.trim(), None),
+    };
+    let target = addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .map_err(|_| invalid("is not an IP address (host names are not resolved)"))?;
+    let iface = match iface {
+        Some(i) if i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) => {
+            return Err(invalid("has no valid interface name after @"));
+        }
+        Some(i) => Some(i.to_owned()),
+        None => None,
+    };
+    Ok(ProbeTarget { target, iface })
+}
+
 fn parse_cidrs(
     key: &'static str,
     values: Vec<String>,

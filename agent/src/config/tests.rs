@@ -504,3 +504,89 @@ fn leak_allow_cidrs() {
         "{msg}"
     );
 }
+
+#[test]
+fn mullvad_probe_and_failover_options() {
+    let c = config(&[]).unwrap();
+    assert_eq!(c.mullvad.cli, "mullvad");
+    assert_eq!(c.mullvad.interval, DEFAULT_MULLVAD_INTERVAL);
+    assert!(c.probes.targets.is_empty());
+    assert_eq!(c.probes.interval, Duration::from_secs(5));
+    assert_eq!(c.failover.max_rtt, Duration::from_millis(200));
+    assert_eq!(c.failover.max_loss_percent, 2.0);
+    assert!(c.failover.command.is_none() && !c.failover.dry_run);
+
+    let c = config(&[
+        "--mullvad-cli",
+        "/opt/mullvad",
+        "--mullvad-interval",
+        "2s",
+        "--probe",
+        "10.64.0.1@wg0-mullvad",
+        "--probe",
+        "fc00:bbbb:bbbb:bb01::1",
+        "--probe-interval",
+        "500ms",
+        "--pmtu-interval",
+        "1m",
+        "--failover-command",
+        "mullvad reconnect",
+        "--failover-max-loss",
+        "5%",
+        "--failover-window",
+        "30s",
+        "--dry-run",
+    ])
+    .unwrap();
+    assert_eq!(c.mullvad.cli, "/opt/mullvad");
+    assert_eq!(c.mullvad.interval, Duration::from_secs(2));
+    assert_eq!(
+        c.probes.targets,
+        [
+            ProbeTarget {
+                target: "10.64.0.1".parse().unwrap(),
+                iface: Some("wg0-mullvad".into())
+            },
+            ProbeTarget {
+                target: "fc00:bbbb:bbbb:bb01::1".parse().unwrap(),
+                iface: None
+            }
+        ]
+    );
+    assert_eq!(c.probes.interval, Duration::from_millis(500));
+    assert_eq!(c.probes.pmtu_interval, Duration::from_secs(60));
+    assert_eq!(c.failover.command.as_deref(), Some("mullvad reconnect"));
+    assert_eq!(c.failover.max_loss_percent, 5.0);
+    assert_eq!(c.failover.window, Duration::from_secs(30));
+    assert!(c.failover.dry_run);
+
+    for (argv, names) in [
+        (
+            &["--probe", "example.com"][..],
+            "--probe: \"example.com\" is not an IP address",
+        ),
+        (&["--probe", "10.0.0.1@"], "no valid interface name"),
+        (
+            &["--probe-interval", "5"],
+            "--probe-interval: \"5\" is not a duration",
+        ),
+        (&["--mullvad-interval", "0s"], "is zero"),
+        (&["--failover-max-loss", "150"], "is not a percentage"),
+        (&["--mullvad-cli", " "], "--mullvad-cli: \" \" is empty"),
+    ] {
+        let e = config(argv).unwrap_err().to_string();
+        assert!(e.contains(names), "{argv:?}: {e}");
+        assert!(e.contains("accepted"), "{argv:?}: {e}");
+    }
+
+    let d = Dir::new("failover-toml");
+    let f = d.file(
+        "w.toml",
+        "probe = [\"10.64.0.1@wg0\"]\nfailover-max-loss = 0.5\nfailover-max-rtt = \"150ms\"\ndry-run = true\n",
+    );
+    let c = config(&["--config", &f]).unwrap();
+    assert_eq!(c.probes.targets.len(), 1);
+    assert_eq!(c.failover.max_loss_percent, 0.5);
+    assert_eq!(c.failover.max_rtt, Duration::from_millis(150));
+    assert!(c.failover.dry_run);
+}

@@ -431,42 +431,80 @@ fn tx_matches_in_order_by_padded_length() {
     assert_eq!(lab.queues().len(), 1, "{:?}", lab.queues());
 }
 
+/// A packet WireGuard dropped is passed over when a later one matches; its slot is kept
+/// (its message may only be late: reordered) and matched from behind the head by up to
+/// LOOKBEHIND (4) places, and swept once stale.
 #[test]
 fn a_dropped_packet_is_passed_over() {
     let Some(mut lab) = Lab::new() else { return };
     let tun = lab.tun;
+    let tx = |n| counts(&[((tun, P, DIR_TX), n)]);
     for len in [100, 200, 300] {
         lab.inner(Dir::Tx, PEER_P, len);
     }
     lab.message_for(Dir::Tx, PEER_P, 200);
-    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 1)]));
+    assert_eq!(lab.counts(), tx(1));
     assert_eq!(
         lab.slot_lens(),
-        vec![(P, DIR_TX, 300, 1)],
-        "the 100 was passed over and deleted"
+        vec![(P, DIR_TX, 100, 1), (P, DIR_TX, 300, 1)],
+        "the 100 was passed over and is kept"
     );
     assert_eq!(lab.queues()[&(P, DIR_TX)], (2, 3));
     lab.message_for(Dir::Tx, PEER_P, 300);
-    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 2)]));
+    assert_eq!(lab.counts(), tx(2));
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_TX, 100, 1)]);
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (3, 3));
+    // Its message after all (reordered): matched from behind the head, which stays.
+    lab.message_for(Dir::Tx, PEER_P, 100);
+    assert_eq!(lab.counts(), tx(3));
     assert!(lab.slots().is_empty(), "{:?}", lab.slots());
     assert_eq!(lab.queues()[&(P, DIR_TX)], (3, 3));
 
-    // The lookahead is 8 slots: a match 7 slots past the head passes over 7 drops.
-    for len in [100, 101, 102, 103, 104, 105, 106, 300] {
+    // The lookahead is 8 slots: a match 7 slots past the head passes over 7 (numbers 3..10;
+    // their padded lengths 112, 128, .. 208 are distinct).
+    let dropped = [100, 116, 132, 148, 164, 180, 196];
+    for len in dropped.into_iter().chain([300]) {
         lab.inner(Dir::Tx, PEER_P, len);
     }
     lab.message_for(Dir::Tx, PEER_P, 300);
-    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
-    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
+    assert_eq!(lab.counts(), tx(4));
+    assert_eq!(
+        lab.slot_lens(),
+        dropped.map(|len| (P, DIR_TX, len as u32, 1)).to_vec(),
+        "the passed-over slots are kept"
+    );
     assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 11));
-    // 8 slots past the head is out of sight: nothing matches, nothing moves.
-    for len in [100, 101, 102, 103, 104, 105, 106, 107, 300] {
+    // Behind the head, 4 places are in sight: 196 (number 9) and 164 (7) match late...
+    lab.message_for(Dir::Tx, PEER_P, 196);
+    lab.message_for(Dir::Tx, PEER_P, 164);
+    assert_eq!(lab.counts(), tx(6));
+    // ... 100 (number 3) is out of sight.
+    lab.message_for(Dir::Tx, PEER_P, 100);
+    assert_eq!(lab.counts(), tx(6));
+    let left = [100, 116, 132, 148, 180];
+    assert_eq!(
+        lab.slot_lens(),
+        left.map(|len| (P, DIR_TX, len as u32, 1)).to_vec()
+    );
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 11));
+
+    // 8 slots past the head is out of sight too: nothing matches, nothing moves.
+    let ahead = [400, 416, 432, 448, 464, 480, 496, 512];
+    for len in ahead.into_iter().chain([300]) {
         lab.inner(Dir::Tx, PEER_P, len);
     }
+    let after = monotonic_ns();
     lab.message_for(Dir::Tx, PEER_P, 300);
-    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_TX), 3)]));
-    assert_eq!(lab.slots().len(), 9);
+    assert_eq!(lab.counts(), tx(6));
+    assert_eq!(lab.slots().len(), left.len() + ahead.len() + 1);
     assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 20));
+
+    // The agent's sweep deletes what is left once stale.
+    assert_eq!(
+        lab.dp.transit.expire(after + SWEEP_AGE_NS + 1).0,
+        (left.len() + ahead.len() + 1) as u64
+    );
+    assert!(lab.slots().is_empty(), "{:?}", lab.slots());
 }
 
 #[test]
@@ -502,11 +540,16 @@ fn rx_matches_the_message_with_its_inner_packet() {
     // Keepalives arriving queue nothing.
     lab.wire(Dir::Rx, PEER_P, (0, 0), &wg::keepalive(0x5151_0000, 50));
     assert!(lab.slots().is_empty());
-    // A message whose packet WireGuard dropped (a bad inner packet) is passed over.
+    // A message whose inner packet comes later than the next one's (reordered) is passed
+    // over, kept, and matched from behind the head when its packet arrives.
     lab.message(Dir::Rx, PEER_P, 208);
     lab.message(Dir::Rx, PEER_P, 1420);
     lab.inner(Dir::Rx, PEER_P, 1420);
     assert_eq!(lab.counts(), counts(&[((tun, P, DIR_RX), 2)]));
+    assert_eq!(lab.slot_lens(), vec![(P, DIR_RX, 208, 1)]);
+    assert_eq!(lab.queues()[&(P, DIR_RX)], (3, 3));
+    lab.inner(Dir::Rx, PEER_P, 200);
+    assert_eq!(lab.counts(), counts(&[((tun, P, DIR_RX), 3)]));
     assert!(lab.slots().is_empty(), "{:?}", lab.slots());
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod datapath;
 pub mod drops;
+pub mod failover;
 pub mod features;
 pub mod friendly;
 pub mod health;

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod crypto;
 pub mod datapath;
 pub mod drops;
+pub mod failover;
 pub mod leak;
 pub mod path;
 pub mod peers;

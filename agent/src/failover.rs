@@ -1,0 +1,361 @@
+//! Failover: judges each path (a tunnel peer) against the thresholds, with hysteresis, and
+//! runs the configured action when one turns unhealthy, never two at once and never within
+//! the cool-down of the last.
+//!
+//! The judging is a pure state machine over [`PathInput`]s, fed once per tick by the agent
+//! from the probes and the peers' handshake times; the action runs in its own task.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use tokio::process::Command;
+
+use crate::config::FailoverConfig;
+
+/// A path turns healthy again only below these fractions of the RTT and loss limits, so a
+/// value hovering at the limit does not flap.
+const RECOVER_RTT: f64 = 0.8;
+const RECOVER_LOSS: f64 = 0.5;
+
+/// What is known of one path at a tick. `None`: not measured (no probe through it, no
+/// handshake seen): a missing measure never makes a path unhealthy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PathInput {
+    pub interface: String,
+    pub peer: String,
+    /// Mean probe RTT over the window.
+    pub rtt: Option<Duration>,
+    /// Probe loss over the window, in percent.
+    pub loss_percent: Option<f64>,
+    /// Age of the peer's latest handshake.
+    pub handshake_age: Option<Duration>,
+}
+
+/// Why a path is unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    Rtt,
+    Loss,
+    Handshake,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Rtt => "rtt",
+            Reason::Loss => "loss",
+            Reason::Handshake => "handshake",
+        }
+    }
+}
+
+/// The first threshold `p` exceeds, judged with hysteresis from `was_healthy`.
+pub fn judge(cfg: &FailoverConfig, p: &PathInput, was_healthy: bool) -> Option<Reason> {
+    let (rtt_limit, loss_limit) = if was_healthy {
+        (cfg.max_rtt.as_secs_f64(), cfg.max_loss_percent)
+    } else {
+        (
+            cfg.max_rtt.as_secs_f64() * RECOVER_RTT,
+            cfg.max_loss_percent * RECOVER_LOSS,
+        )
+    };
+    if p.handshake_age.is_some_and(|a| a > cfg.max_handshake_age) {
+        return Some(Reason::Handshake);
+    }
+    if p.loss_percent.is_some_and(|l| l > loss_limit) {
+        return Some(Reason::Loss);
+    }
+    if p.rtt.is_some_and(|r| r.as_secs_f64() > rtt_limit) {
+        return Some(Reason::Rtt);
+    }
+    None
+}
+
+/// An action to run for a path that turned unhealthy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub path: PathInput,
+    pub reason: Reason,
+}
+
+#[derive(Debug, Default)]
+pub struct Failover {
+    /// By (interface, peer): healthy or not.
+    healthy: BTreeMap<(String, String), bool>,
+    last_action: Option<Instant>,
+}
+
+impl Failover {
+    /// Judges every path at `now`; returns the event to act on, if a path turned
+    /// unhealthy, no action is running (`busy`) and the cool-down since the last is over.
+    /// Paths no longer given are forgotten.
+    pub fn tick(
+        &mut self,
+        cfg: &FailoverConfig,
+        paths: &[PathInput],
+        now: Instant,
+        busy: bool,
+    ) -> Option<Event> {
+        let mut event = None;
+        let mut seen = BTreeMap::new();
+        for p in paths {
+            let key = (p.interface.clone(), p.peer.clone());
+            let was = self.healthy.get(&key).copied().unwrap_or(true);
+            let reason = judge(cfg, p, was);
+            let is = reason.is_none();
+            if was && !is {
+                warn!(
+                    "path {} peer {} turned unhealthy: {} (rtt {:?}, loss {:?} %, handshake age {:?})",
+                    p.interface,
+                    p.peer,
+                    reason.map_or("", Reason::as_str),
+                    p.rtt,
+                    p.loss_percent,
+                    p.handshake_age
+                );
+                if event.is_none()
+                    && let Some(reason) = reason
+                {
+                    event = Some(Event {
+                        path: p.clone(),
+                        reason,
+                    });
+                }
+            } else if !was && is {
+                info!("path {} peer {} is healthy again", p.interface, p.peer);
+            }
+            seen.insert(key, is);
+        }
+        self.healthy = seen;
+        let cooled = self
+            .last_action
+            .is_none_or(|t| now.duration_since(t) >= cfg.cooldown);
+        match event {
+            Some(e) if !busy && cooled && (cfg.command.is_some()) => {
+                self.last_action = Some(now);
+                Some(e)
+            }
+            Some(e) => {
+                info!(
+                    "no failover action for {} peer {}: {}",
+                    e.path.interface,
+                    e.path.peer,
+                    if cfg.command.is_none() {
+                        "no --failover-command"
+                    } else if busy {
+                        "an action is still running"
+                    } else {
+                        "within the cool-down of the last action"
+                    }
+                );
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// (interface, peer, healthy) for `wirescope_path_healthy`.
+    pub fn states(&self) -> Vec<(String, String, bool)> {
+        self.healthy
+            .iter()
+            .map(|((i, p), h)| (i.clone(), p.clone(), *h))
+            .collect()
+    }
+}
+
+/// `wirescope_failover_total` by (action, result).
+pub type Outcomes = Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>;
+
+/// Runs the action for `event` (`/bin/sh -c COMMAND`, the event in `WIRESCOPE_*`
+/// variables; logged only with `--dry-run`), killing it after the timeout, and counts the
+/// outcome.
+pub async fn act(cfg: &FailoverConfig, event: &Event, outcomes: &Outcomes) {
+    let Some(command) = &cfg.command else {
+        return;
+    };
+    let (action, result) = if cfg.dry_run {
+        info!(
+            "failover (dry run): would run `{command}` for {} peer {} ({})",
+            event.path.interface,
+            event.path.peer,
+            event.reason.as_str()
+        );
+        ("dry_run", "ok")
+    } else {
+        ("command", run(command, cfg.timeout, event).await)
+    };
+    if let Ok(mut o) = outcomes.lock() {
+        *o.entry((action, result)).or_default() += 1;
+    }
+}
+
+async fn run(command: &str, timeout: Duration, event: &Event) -> &'static str {
+    let p = &event.path;
+    let secs = |d: Option<Duration>| d.map_or(String::new(), |d| format!("{:.6}", d.as_secs_f64()));
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .env("WIRESCOPE_EVENT", "unhealthy")
+        .env("WIRESCOPE_REASON", event.reason.as_str())
+        .env("WIRESCOPE_INTERFACE", &p.interface)
+        .env("WIRESCOPE_PEER", &p.peer)
+        .env("WIRESCOPE_RTT_SECONDS", secs(p.rtt))
+        .env(
+            "WIRESCOPE_LOSS_PERCENT",
+            p.loss_percent.map_or(String::new(), |l| format!("{l:.3}")),
+        )
+        .env("WIRESCOPE_HANDSHAKE_AGE_SECONDS", secs(p.handshake_age))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    info!(
+        "failover: running `{command}` for {} peer {}",
+        p.interface, p.peer
+    );
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("failover command `{command}` could not start: {e}");
+            return "failed";
+        }
+    };
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            info!("failover command finished: {}", out.status);
+            "ok"
+        }
+        Ok(Ok(out)) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            warn!(
+                "failover command failed ({}): {}",
+                out.status,
+                err.lines().next().unwrap_or("")
+            );
+            "failed"
+        }
+        Ok(Err(e)) => {
+            warn!("failover command: {e}");
+            "failed"
+        }
+        Err(_) => {
+            // Dropping the future drops the child, which kill_on_drop kills.
+            warn!(
+                "failover command `{command}` still running after {timeout:?}: killed (raise --failover-timeout if it needs longer)"
+            );
+            "failed"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> FailoverConfig {
+        FailoverConfig {
+            command: Some("true".into()),
+            max_rtt: Duration::from_millis(200),
+            max_loss_percent: 2.0,
+            max_handshake_age: Duration::from_secs(180),
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+            timeout: Duration::from_secs(2),
+            dry_run: false,
+        }
+    }
+
+    fn path(rtt_ms: u64, loss: f64, age_s: u64) -> PathInput {
+        PathInput {
+            interface: "wg0".into(),
+            peer: "K".into(),
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            loss_percent: Some(loss),
+            handshake_age: Some(Duration::from_secs(age_s)),
+        }
+    }
+
+    #[test]
+    fn thresholds_with_hysteresis() {
+        let c = cfg();
+        assert_eq!(judge(&c, &path(199, 1.9, 179), true), None);
+        assert_eq!(judge(&c, &path(201, 0.0, 0), true), Some(Reason::Rtt));
+        assert_eq!(judge(&c, &path(10, 2.1, 0), true), Some(Reason::Loss));
+        assert_eq!(
+            judge(&c, &path(10, 0.0, 181), true),
+            Some(Reason::Handshake)
+        );
+        // Unhealthy stays so until clearly below the limits.
+        assert_eq!(judge(&c, &path(170, 0.0, 0), false), Some(Reason::Rtt));
+        assert_eq!(judge(&c, &path(159, 0.0, 0), false), None);
+        assert_eq!(judge(&c, &path(10, 1.5, 0), false), Some(Reason::Loss));
+        // Nothing measured is not unhealthy.
+        assert_eq!(judge(&c, &PathInput::default(), true), None);
+    }
+
+    #[test]
+    fn one_action_per_turn_then_cool_down() {
+        let c = cfg();
+        let mut f = Failover::default();
+        let t0 = Instant::now();
+        assert!(f.tick(&c, &[path(10, 0.0, 0)], t0, false).is_none());
+        let e = f
+            .tick(&c, &[path(300, 0.0, 0)], t0, false)
+            .expect("turned unhealthy");
+        assert_eq!(e.reason, Reason::Rtt);
+        // Still unhealthy: no new event.
+        assert!(f.tick(&c, &[path(300, 0.0, 0)], t0, false).is_none());
+        assert_eq!(f.states(), [("wg0".into(), "K".into(), false)]);
+        // Healthy, then unhealthy again within the cool-down: no action.
+        assert!(f.tick(&c, &[path(10, 0.0, 0)], t0, false).is_none());
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(f.tick(&c, &[path(300, 0.0, 0)], t1, false).is_none());
+        // After the cool-down, a new turn acts; a busy runner does not.
+        f.tick(&c, &[path(10, 0.0, 0)], t1, false);
+        let t2 = t0 + Duration::from_secs(301);
+        assert!(f.tick(&c, &[path(300, 0.0, 0)], t2, true).is_none());
+        f.tick(&c, &[path(10, 0.0, 0)], t2, false);
+        assert!(f.tick(&c, &[path(300, 0.0, 0)], t2, false).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_command_gets_the_event_and_is_killed_after_the_timeout() {
+        let dir = std::env::temp_dir().join(format!("wirescope-failover-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let out = dir.join("event");
+        let mut c = cfg();
+        c.command = Some(format!(
+            "echo \"$WIRESCOPE_REASON $WIRESCOPE_INTERFACE $WIRESCOPE_PEER $WIRESCOPE_RTT_SECONDS\" > {}",
+            out.display()
+        ));
+        let o: Outcomes = Arc::default();
+        let e = Event {
+            path: path(300, 0.0, 0),
+            reason: Reason::Rtt,
+        };
+        act(&c, &e, &o).await;
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "rtt wg0 K 0.300000"
+        );
+        c.command = Some("exit 3".into());
+        act(&c, &e, &o).await;
+        c.command = Some("sleep 30".into());
+        c.timeout = Duration::from_millis(200);
+        let t = Instant::now();
+        act(&c, &e, &o).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "killed, not waited for"
+        );
+        c.dry_run = true;
+        act(&c, &e, &o).await;
+        let o = o.lock().unwrap().clone();
+        assert_eq!(o.get(&("command", "ok")), Some(&1));
+        assert_eq!(o.get(&("command", "failed")), Some(&2));
+        assert_eq!(o.get(&("dry_run", "ok")), Some(&1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

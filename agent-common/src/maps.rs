@@ -549,9 +549,9 @@ pub mod transit {
         /// tx: the tunnel interface it left; rx: 0 (the tunnel side knows its own).
         pub ifindex: u32,
         /// tx: the inner IP length (of each full segment of a GSO packet); rx: the padded
-        /// plaintext length of the message.
+        /// plaintext length of the message (of each but the last of a GRO batch).
         pub len: u32,
-        /// tx GSO: the last segment's inner length; else equal to `len`.
+        /// The last segment's (tx GSO) or message's (rx GRO) length; else equal to `len`.
         pub last_len: u32,
         pub _pad: u32,
         /// Messages still to match (GSO segments on tx, GRO segments on rx; else 1). A u64:

@@ -187,7 +187,7 @@ pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
         let ok = if tx {
             fits(slot.len, len) || fits(slot.last_len, len)
         } else {
-            fits(len, slot.len)
+            fits(len, slot.len) || fits(len, slot.last_len)
         };
         if !ok {
             continue;

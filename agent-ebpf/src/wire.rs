@@ -59,11 +59,24 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
     if let Some(peer) = peer
         && msg.kind == agent_common::maps::kind::DATA
     {
-        let padded = agent_common::maps::transit::padded_len(msg.len);
-        if dir == DIR_TX {
-            transit::dequeue(peer, DIR_TX, ifindex, padded, true);
+        use agent_common::maps::transit::padded_len;
+        // A UDP GSO/GRO skb carries `packets` messages of gso_size bytes each, the last
+        // one shorter; its UDP length is the whole batch's.
+        let (each, last) = if packets > 1 {
+            let each = pkt.gso_size();
+            let rest = msg
+                .len
+                .saturating_sub((packets as u32 - 1).saturating_mul(each));
+            (padded_len(each), padded_len(rest))
         } else {
-            let lens = ((padded as u64) << 32) | padded as u64;
+            (padded_len(msg.len), padded_len(msg.len))
+        };
+        if dir == DIR_TX {
+            // A batch leaving matches its first message only (one more scan per message
+            // would not pass the verifier): its other packets are passed over.
+            transit::dequeue(peer, DIR_TX, ifindex, each, true);
+        } else {
+            let lens = ((each as u64) << 32) | last as u64;
             transit::enqueue(peer, dir, 0, lens, packets as u32);
         }
     }

@@ -69,7 +69,20 @@ impl TransitMaps {
                 slots += 1;
             }
         }
-        let (gone, idle) = idle_queues(self.queues(), &self.idle);
+        // A queue with no slot in flight is empty whatever its head says: its packets were
+        // all lost (no session, a removed peer) and their slots swept above.
+        let live: std::collections::HashSet<(u32, u8)> = self
+            .slots()
+            .into_iter()
+            .map(|(k, _)| (k.peer, k.dir))
+            .collect();
+        let queues = self.queues().into_iter().map(|(k, mut q)| {
+            if !live.contains(&(k.peer, k.dir)) {
+                q.head = q.tail;
+            }
+            (k, q)
+        });
+        let (gone, idle) = idle_queues(queues, &self.idle);
         let mut queues = 0;
         for k in gone {
             if self.seq.remove(&k).is_ok() {

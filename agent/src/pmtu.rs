@@ -54,7 +54,7 @@ use tokio::{
 
 use crate::{
     config::ProbeConfig,
-    inventory::{Inventory, Tunnel},
+    inventory::{Inventory, Peer, Tunnel, Underlay},
     netlink::Netlink,
     peer_label::EndpointLabeler,
     probe::{ExtraTargets, IcmpSocket, target_set},
@@ -198,20 +198,38 @@ impl PmtuState {
     }
 }
 
+/// A hop-1 peer's endpoint as a target: bound to the peer's underlay (`via`) when that is a
+/// watched underlay, so that policy routing that sends unmarked traffic into the tunnel
+/// (Mullvad's) does not carry the echoes through the tunnel; else through the route.
+fn endpoint_target(
+    p: &Peer,
+    underlays: &[Underlay],
+    labeler: &EndpointLabeler,
+) -> Option<PmtuTarget> {
+    if p.hop != 1 {
+        return None;
+    }
+    let e = p.wg.endpoint?;
+    let iface = underlays
+        .iter()
+        .any(|u| !p.via.is_empty() && u.name == p.via)
+        .then(|| p.via.clone());
+    Some(PmtuTarget {
+        addr: e.ip(),
+        iface,
+        label: labeler.label(e),
+    })
+}
+
 /// Hop-1 peer endpoints of every tunnel, as targets through the underlay.
 fn endpoint_targets(inv: &Inventory, labeler: &EndpointLabeler) -> Vec<PmtuTarget> {
     let mut out = Vec::new();
     for t in &inv.tunnels {
-        for p in t.peers.iter().filter(|p| p.hop == 1) {
-            if let Some(e) = p.wg.endpoint {
-                let pt = PmtuTarget {
-                    addr: e.ip(),
-                    iface: None,
-                    label: labeler.label(e),
-                };
-                if !out.contains(&pt) {
-                    out.push(pt);
-                }
+        for p in &t.peers {
+            if let Some(pt) = endpoint_target(p, &inv.underlays, labeler)
+                && !out.contains(&pt)
+            {
+                out.push(pt);
             }
         }
     }
@@ -221,6 +239,7 @@ fn endpoint_targets(inv: &Inventory, labeler: &EndpointLabeler) -> Vec<PmtuTarge
 /// Per tunnel, its recommended MTU from the measured path MTUs of its hop-1 endpoints.
 pub fn recommendations(
     tunnels: &[Tunnel],
+    underlays: &[Underlay],
     labeler: &EndpointLabeler,
     path: &BTreeMap<(String, String), u32>,
 ) -> BTreeMap<String, u32> {
@@ -229,9 +248,8 @@ pub fn recommendations(
         let measured = t
             .peers
             .iter()
-            .filter(|p| p.hop == 1)
-            .filter_map(|p| p.wg.endpoint)
-            .filter_map(|e| path.get(&(labeler.label(e), String::new())).copied())
+            .filter_map(|p| endpoint_target(p, underlays, labeler))
+            .filter_map(|pt| path.get(&pt.key()).copied())
             .min();
         let Some(mtu) = measured else { continue };
         let depth = t.peers.iter().map(|p| p.hop).max().unwrap_or(1).max(1);
@@ -288,13 +306,21 @@ async fn passes(sock: &IcmpSocket, seq: &mut u16, size: u32, timeout: Duration) 
             continue;
         }
         let deadline = Instant::now() + timeout;
+        let mut errors = 0;
         loop {
             match tokio::time::timeout_at(deadline, sock.recv()).await {
                 Err(_) => break,
                 Ok(Ok(Some(s))) if s == want => return true,
                 Ok(Ok(_)) => {}
-                // An ICMP error reported on the socket (too big): wait for the timeout.
-                Ok(Err(_)) => {}
+                // An ICMP error reported on the socket (too big): wait for the timeout,
+                // unless the socket keeps failing.
+                Ok(Err(e)) => {
+                    errors += 1;
+                    if errors >= crate::probe::MAX_RECV_ERRORS {
+                        debug!("path MTU probe of {size} bytes: receive: {e}");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -353,7 +379,7 @@ pub struct PmtuTask {
 }
 
 impl PmtuTask {
-    fn targets(&self) -> (Vec<PmtuTarget>, Vec<Tunnel>) {
+    fn targets(&self) -> (Vec<PmtuTarget>, Vec<Tunnel>, Vec<Underlay>) {
         let mut out: Vec<PmtuTarget> = target_set(&self.cfg, self.extra.as_ref())
             .into_iter()
             .map(|p| PmtuTarget {
@@ -369,11 +395,11 @@ impl PmtuTask {
                         out.push(t);
                     }
                 }
-                inv.tunnels.clone()
+                (inv.tunnels.clone(), inv.underlays.clone())
             }
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), Vec::new()),
         };
-        (out, tunnels)
+        (out, tunnels.0, tunnels.1)
     }
 
     /// Searches the current targets (with `skip`, only those not in it) and updates the
@@ -385,7 +411,7 @@ impl PmtuTask {
         netlink: &Netlink,
         skip: Option<&BTreeSet<(String, String)>>,
     ) -> (BTreeSet<(String, String)>, bool) {
-        let (targets, tunnels) = self.targets();
+        let (targets, tunnels, underlays) = self.targets();
         let timeout = try_timeout(&self.cfg);
         let chosen: Vec<&PmtuTarget> = targets
             .iter()
@@ -412,7 +438,7 @@ impl PmtuTask {
                     }
                 }
             }
-            m.recommended = recommendations(&tunnels, labeler, &m.path);
+            m.recommended = recommendations(&tunnels, &underlays, labeler, &m.path);
         });
         (current, searched)
     }
@@ -485,7 +511,7 @@ mod tests {
     use std::{net::SocketAddr, time::SystemTime};
 
     use super::*;
-    use crate::inventory::{Backend, Peer, WgPeer};
+    use crate::inventory::{Backend, WgPeer};
 
     /// Sizes asked, in order, with the answer of a path that passes up to `mtu`.
     fn run(floor: u32, ceiling: u32, mtu: Option<u32>) -> (Option<u32>, Vec<u32>) {
@@ -604,12 +630,49 @@ mod tests {
             ("endpoint:192.0.2.2:51820".to_string(), String::new()),
             1500,
         );
-        let r = recommendations(&tunnels, &l, &path);
+        let r = recommendations(&tunnels, &[], &l, &path);
         assert_eq!(r.get("wg0"), Some(&1340));
         assert_eq!(r.get("wg1"), Some(&1380));
         assert_eq!(r.len(), 2, "{r:?}");
         // Nothing measured (no target reachable): no series.
-        assert!(recommendations(&tunnels, &l, &BTreeMap::new()).is_empty());
+        assert!(recommendations(&tunnels, &[], &l, &BTreeMap::new()).is_empty());
+        // A peer reached over a watched underlay is measured bound to it, and labelled so.
+        let mut via = tunnels[0].clone();
+        via.peers[0].via = "eth0".into();
+        let eth0 = [Underlay {
+            name: "eth0".into(),
+            ifindex: 2,
+        }];
+        let inv_via = Inventory {
+            tunnels: vec![via.clone()],
+            underlays: eth0.to_vec(),
+            ..Default::default()
+        };
+        let t = endpoint_targets(&inv_via, &l);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t[0].key(),
+            ("endpoint:192.0.2.1:51820".to_string(), "eth0".to_string())
+        );
+        assert!(recommendations(&[via.clone()], &eth0, &l, &path).is_empty());
+        let mut path_via = BTreeMap::new();
+        path_via.insert(t[0].key(), 1400);
+        assert_eq!(
+            recommendations(&[via.clone()], &eth0, &l, &path_via).get("wg0"),
+            Some(&1340)
+        );
+        // Not a watched underlay (e.g. a tunnel's name): through the route, unbound.
+        assert_eq!(
+            endpoint_targets(
+                &Inventory {
+                    tunnels: vec![via],
+                    ..Default::default()
+                },
+                &l
+            )[0]
+            .iface,
+            None
+        );
         let inv = Inventory {
             tunnels: tunnels.to_vec(),
             ..Default::default()

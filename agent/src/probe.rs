@@ -47,6 +47,8 @@ pub const RTT_BUCKETS: [f64; 16] = [
 /// 84-byte IPv4 packet).
 pub const PROBE_PAYLOAD: usize = 56;
 const TOKEN_LEN: usize = 8;
+/// Receive errors in a row after which a socket is reopened.
+pub const MAX_RECV_ERRORS: u32 = 16;
 const ICMP_HEADER: usize = 8;
 
 /// Outcomes kept per target for [`ProbeStats::window`]: at most this many, none older than
@@ -276,6 +278,9 @@ async fn probe_target(
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = false;
+    // Receive errors in a row: ICMP errors come one per packet; a socket that keeps failing
+    // is reopened at the next probe (its probes in flight end by their timeout).
+    let mut recv_errors = 0u32;
     loop {
         if stopping && pending.is_empty() {
             return;
@@ -338,16 +343,23 @@ async fn probe_target(
             r = recv => {
                 match r {
                     Ok(Some(got)) => {
+                        recv_errors = 0;
                         if let Some(at) = pending.remove(&got) {
                             let rtt = at.elapsed();
                             stats.with(&key, |s| s.resolve(at, Some(rtt)));
                         }
                     }
-                    Ok(None) => {}
+                    Ok(None) => recv_errors = 0,
                     Err(e) => {
                         // ICMP errors reported on the connected socket (unreachable, ...):
                         // the probe ends by its timeout.
                         debug!("probes to {}{}: receive: {e}", target.target, at_iface(&key.1));
+                        recv_errors += 1;
+                        if recv_errors >= MAX_RECV_ERRORS {
+                            warn!("probes to {}{}: receive keeps failing ({e}): reopening the socket", target.target, at_iface(&key.1));
+                            sock = None;
+                            recv_errors = 0;
+                        }
                     }
                 }
             }

@@ -2,10 +2,10 @@
 //! a single-relay lab whose hop is a kernel router with a 1400-byte onward link, probing the
 //! in-tunnel gateway through the client's WireGuard interface every 200 ms.
 //!
-//! Both IPv4 (10.64.0.1) and IPv6 (the in-tunnel gateway fc00:bbbb:bbbb:bb01::1) are probed. Exact checks: on the
-//! clean lab no probe is lost and every probe sent is a reply or a loss
-//! (`sent == rtt_count + lost`); with the impairing relay in the hop dropping every 10th
-//! WireGuard data message towards the client, the probes lost equal the messages it dropped
+//! Both the IPv4 and the IPv6 in-tunnel gateway are probed. Exact checks: on the clean lab
+//! no probe is lost and every probe sent is a reply or a loss (`sent == rtt_count + lost`);
+//! with the impairing relay in the hop dropping every 10th WireGuard data message towards
+//! the client, the probes lost equal the messages it dropped
 //! (while it drops, the only data messages towards the client are the probe replies: probes
 //! every 200 ms both ways leave WireGuard no reason for keepalives, and the path-MTU searches
 //! through the tunnel run only at start). The path MTU to the relay's endpoint through the
@@ -138,7 +138,12 @@ fn probes_and_path_mtu_through_a_small_mtu_hop() {
 
     // Path MTU through the underlay to the relay: the hop's 1400-byte link, exactly; the
     // tunnel's MTU through the tunnel (WireGuard's outer packets are not DF-limited).
-    let lr = [("target", relay_endpoint.as_str()), ("interface", "")];
+    // Bound to the client's underlay, the interface the relay's peer is reached over.
+    let underlay = lab.client().underlay().name.clone();
+    let lr = [
+        ("target", relay_endpoint.as_str()),
+        ("interface", underlay.as_str()),
+    ];
     wait_series(
         &agent,
         "wirescope_path_mtu_bytes",

@@ -18,6 +18,7 @@ pub mod impair;
 pub mod lab;
 pub mod netns;
 pub mod procs;
+pub mod prometheus;
 pub mod scrape;
 pub mod setup;
 pub mod testsuite;

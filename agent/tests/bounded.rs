@@ -16,37 +16,27 @@
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
 //! Run: `cargo test -p wirescope --test bounded -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
-    process::Command,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use agent_common::{
-    fixtures::{Framing, wg, wg_ipv4},
+    fixtures::wg,
     maps::{
-        HANDSHAKE_TIMEOUT_NS, IfaceConfig, MAX_HANDSHAKE_PENDING, MAX_RX_SESSIONS,
-        RX_SESSION_IDLE_NS, names,
+        HANDSHAKE_TIMEOUT_NS, MAX_HANDSHAKE_PENDING, MAX_RX_SESSIONS, RX_SESSION_IDLE_NS, names,
     },
 };
-use aya::programs::{TestRun, TestRunOptions};
+use common::{Dir, RELAY, RELAY_V4};
 use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
     features::Features,
     health::monotonic_ns,
     inventory::Inventory,
     metrics::{self, agent::AgentCollector},
-    sync::endpoint_key,
 };
-
-const RELAY: u32 = 1;
-const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
-const RELAY_PORT: u16 = 51820;
-const LISTEN_PORT: u16 = 51821;
 
 /// Initiations and sessions per round of the compressed long run, and its rounds: over the
 /// run, more of both pass than their maps could hold at once (16384 and 65536), and after
@@ -59,112 +49,23 @@ const _: () = assert!(M * ROUNDS > MAX_RX_SESSIONS && M <= MAX_RX_SESSIONS);
 /// Initiations or data messages sent into a full map.
 const E: u64 = 10;
 
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the bounded-state tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-/// `__sk_buff` as ctx_in: `ifindex` (offset 40 of the UAPI struct), the rest zero.
-fn sk_buff_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
-#[derive(Clone, Copy)]
-enum Dir {
-    Rx,
-    Tx,
-}
-
-struct Lab {
-    dp: Datapath,
-    under: u32,
-}
+/// `dp` and `under` (bd-under); no tunnel.
+type Lab = common::NetnsLab;
 
 impl Lab {
     fn new() -> Option<Lab> {
-        if !privileged() {
-            return None;
-        }
-        // SAFETY: moves only this test's thread into a new network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!("unshare: {}", std::io::Error::last_os_error());
-        }
-        let out = Command::new("ip")
-            .args([
-                "link", "add", "name", "bd-under", "type", "veth", "peer", "name", "bd-other",
-            ])
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let under = ifindex("bd-under");
-        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
-        dp.attach(
-            "bd-under",
-            under,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
+        Lab::enter(
+            "the bounded-state tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+            ("bd-under", "bd-other"),
+            false,
+            &[(RELAY_V4.into(), RELAY)],
         )
-        .expect("attaching");
-        let mut maps = PeerMaps::default();
-        maps.endpoints.insert(
-            endpoint_key(IpAddr::V4(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
-            RELAY,
-        );
-        maps.wg_ports.insert(LISTEN_PORT, 1);
-        dp.sync_peers(&maps).expect("peer maps");
-        Some(Lab { dp, under })
     }
 
     /// The WireGuard message `msg` between this side and the relay, run through the
     /// program of `dir` on the underlay. Refused map updates are the caller's to check.
     fn run(&mut self, dir: Dir, msg: &[u8]) {
-        let l3 = match dir {
-            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, RELAY_V4, RELAY_PORT, msg),
-            Dir::Rx => wg_ipv4(RELAY_V4, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
-        };
-        let frame = Framing::Ethernet.frame(&l3);
-        let prog = match dir {
-            Dir::Rx => PROG_INGRESS,
-            Dir::Tx => PROG_EGRESS,
-        };
-        let ctx = sk_buff_ctx(self.under);
-        let mut out = vec![0u8; frame.len() + 64];
-        let res = self
-            .dp
-            .program_mut(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .expect("test_run");
-        assert_eq!(
-            res.return_value as i32, -1,
-            "an observer returns TC_ACT_UNSPEC"
-        );
+        self.run_relay("bounded state", dir, (0, 0), msg);
     }
 
     /// Initiations sent with sender indexes `first..first + n`; returns how long it took.
@@ -214,7 +115,7 @@ impl Lab {
     /// The agent's metrics text (`AgentCollector`, which exports the map entries, capacities
     /// and update errors), rendered as a scrape would.
     fn agent_metrics(self) -> (Lab, String) {
-        let Lab { dp, under } = self;
+        let Lab { dp, tun, under } = self;
         let dp = Arc::new(Mutex::new(dp));
         let text = {
             let mut registry = prometheus_client::registry::Registry::default();
@@ -229,7 +130,7 @@ impl Lab {
             .expect("the registry is gone")
             .into_inner()
             .expect("not poisoned");
-        (Lab { dp, under }, text)
+        (Lab { dp, tun, under }, text)
     }
 }
 

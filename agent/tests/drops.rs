@@ -10,20 +10,19 @@
 //! `--test-threads=1`.
 //! Run: `cargo test -p wirescope --test drops -- --test-threads=1`.
 
-use std::{
-    net::UdpSocket,
-    path::{Path, PathBuf},
-    process::Output,
-    time::Duration,
-};
+mod common;
+
+use std::{net::UdpSocket, path::Path, process::Output, time::Duration};
 
 use btf_rs::Btf;
 use wirescope::drops::DropReasons;
 use xtask::{
     agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    lab::{self, Lab, LabConfig, Topology},
     scrape::Metrics,
 };
+
+use common::val;
 
 const PREFIX: &str = "wsd";
 /// Packets the nftables rule drops.
@@ -41,14 +40,6 @@ const TABLE: &str = "wsd_drops";
 
 const DROPS: &str = "wirescope_drops_total";
 const UDP_ERRORS: &str = "wirescope_udp_receive_errors_total";
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wirescope-drops-{test}.log"))
-}
 
 fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
@@ -75,8 +66,7 @@ fn can_run(test: &str) -> bool {
 /// Starts the agent in the client namespace (it waits for /healthz) and checks that both
 /// drop programs are attached.
 fn start(lab: &Lab, test: &str) -> Agent {
-    let agent =
-        Agent::start(bin(), &lab.client().netns, &[], &log_path(test)).expect("agent starts");
+    let agent = common::start(lab, &format!("drops-{test}"));
     let m = agent.scrape().expect("scrape");
     for feature in [
         "tracepoint_kfree_skb",
@@ -91,11 +81,6 @@ fn start(lab: &Lab, test: &str) -> Agent {
         );
     }
     agent
-}
-
-/// A counter's value, the selector matching exactly one series or none (0).
-fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-    m.get(name, labels).expect("one series") as u64
 }
 
 /// Sum over every series matching `labels`.
@@ -194,11 +179,7 @@ impl Drop for NftDrop<'_> {
 /// most 1 s; asserts that all were sent and none was answered (a rule drops them).
 fn ping_unanswered(lab: &Lab) {
     // ping exits with 1 when nothing is answered, which `Lab::exec` takes for a failure.
-    let out = xtask::netns::command(&lab.client().netns, "ping")
-        .args(["-q", "-i", "0.02", "-W", "1", "-c", &N.to_string()])
-        .arg(GATEWAY_V4.to_string())
-        .output()
-        .expect("running ping");
+    let out = common::ping_gateway(lab, N as u32, &["-W", "1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("{N} packets transmitted, 0 received")),
@@ -317,21 +298,7 @@ fn netfilter_drops_on_the_tunnel_input_count_exactly() {
 
 /// `N` pings that must all be answered.
 fn ping_answered(lab: &Lab) {
-    exec(
-        lab,
-        &lab.client().netns,
-        &[
-            "ping",
-            "-q",
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-            "-c",
-            &N.to_string(),
-            &GATEWAY_V4.to_string(),
-        ],
-    );
+    common::ping(lab, N as u32, &["-W", "1"], false);
 }
 
 #[test]

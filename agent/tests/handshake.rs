@@ -7,39 +7,25 @@
 //! prerequisite fails the test. The tests share one lab prefix: run them with
 //! `--test-threads=1`.
 
+mod common;
+
 use std::{
-    path::{Path, PathBuf},
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use xtask::{
-    agent::Agent,
     impair::{DirRules, ImpairHandle, ImpairStats, Impairment, Place, wait_for},
     lab::{self, GATEWAY_V4, Lab, LabConfig, Role, Topology},
     netns,
     scrape::Metrics,
 };
 
+use common::{start, value as val};
+
 const PREFIX: &str = "wsh";
 const RTT: &str = "wirescope_handshake_rtt_seconds";
 const TIMEOUTS: &str = "wirescope_handshake_timeouts_total";
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wirescope-handshake-{test}.log"))
-}
-
-fn start(lab: &Lab, test: &str) -> Agent {
-    Agent::start(bin(), &lab.client().netns, &[], &log_path(test)).expect("agent starts")
-}
-
-fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    m.get(name, labels).expect("one series")
-}
 
 /// One histogram series between two scrapes: count, sum and cumulative buckets (le, count).
 #[derive(Debug, Clone, PartialEq)]
@@ -225,7 +211,7 @@ fn rtt_with_40ms_delay_each_way() {
     let imp = lab
         .start_impairment(Impairment::delay(D))
         .expect("impairing relay");
-    let agent = start(&lab, "delay");
+    let agent = start(&lab, "handshake-delay");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();
     settle(&lab, &imp);
@@ -311,7 +297,7 @@ fn multihop_exit_rtt_exceeds_entry_by_the_relay_delay() {
     let imp = lab
         .start_impairment_at(Place::Relays, Impairment::delay(D))
         .expect("impairing relay between the relays");
-    let agent = start(&lab, "multihop");
+    let agent = start(&lab, "handshake-multihop");
     let tun = lab.client().wg().iface.clone();
     let veth = lab.client().underlay().name.clone();
     let entry = lab.entry().expect("entry relay").wg().public_key.clone();
@@ -439,7 +425,7 @@ fn dropped_responses_count_each_retried_initiation() {
             ..Default::default()
         })
         .expect("impairing relay");
-    let agent = start(&lab, "dropped");
+    let agent = start(&lab, "handshake-dropped");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();
     settle(&lab, &imp);

@@ -6,9 +6,11 @@
 //! prerequisite fails the test. The tests share one lab prefix: run them with
 //! `--test-threads=1` (`cargo xtask test` does).
 
+mod common;
+
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -20,31 +22,12 @@ use xtask::{
     udp::{UdpEcho, recv_sizes, send_udp},
 };
 
+use common::{bin, delta, log_path, start, val, wait_tcp_listening};
+
 const PREFIX: &str = "wsa";
 const WG_MTU: u32 = 1420;
 /// Outer IPv4 header: the lab's underlay and the exit layer's outer packets are IPv4.
 const OUTER_V4: u32 = 20;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wirescope-{test}.log"))
-}
-
-fn start(lab: &Lab, test: &str) -> Agent {
-    Agent::start(bin(), &lab.client().netns, &[], &log_path(test)).expect("agent starts")
-}
-
-/// A counter's value, the selector matching exactly one series or none (0).
-fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-    m.get(name, labels).expect("one series") as u64
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-    val(after, name, labels) - val(before, name, labels)
-}
 
 /// Sends datagrams of `payloads` bytes to an echo on `dst` in the exit namespace and waits
 /// for every echo, between two scrapes. Returns (before, after).
@@ -414,33 +397,6 @@ fn multihop_counts_each_layer_exactly() {
     lab.teardown().unwrap();
 }
 
-/// Waits (up to 5 s) until a TCP socket listens on `port` in `ns`, from /proc's socket table.
-fn wait_tcp_listening(ns: &str, port: u16) {
-    let want = format!(":{port:04X} ");
-    for _ in 0..250 {
-        let w = want.clone();
-        let listening = xtask::netns::run_in(ns, move || {
-            ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-                .iter()
-                .filter_map(|f| std::fs::read_to_string(f).ok())
-                .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
-                // Column 2 is the local address, column 4 the state (0A: LISTEN).
-                .any(|l| {
-                    let c: Vec<&str> = l.split_whitespace().collect();
-                    c.len() > 3
-                        && format!("{} ", &c[1][c[1].len().saturating_sub(5)..]) == w
-                        && c[3] == "0A"
-                })
-        })
-        .expect("reading the socket table");
-        if listening {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing listens on TCP port {port} in {ns}");
-}
-
 /// TCP through the tunnel: each inner packet becomes one data message (GSO counted per
 /// segment), and the overhead per packet stays within the formula's bounds: 20 + 8 + 32
 /// bytes plus 0..15 of padding.
@@ -774,26 +730,7 @@ fn resync_reattach_and_coexistence() {
 /// `count` pings from the client to the relay's tunnel address, 20 ms apart: each reply is
 /// one data message to the client. Losses are expected under impairment.
 fn ping(lab: &Lab, count: u32) {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.client().netns,
-            "ping",
-            "-q",
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-        ])
-        .args(["-c", &count.to_string(), &GATEWAY_V4.to_string()])
-        .output()
-        .expect("running ping");
-    assert!(
-        matches!(out.status.code(), Some(0 | 1)),
-        "ping: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ping(lab, count, &["-W", "1"], true);
 }
 
 /// Wire health through the impairing relay in the hop, exact against its own counters: the

@@ -12,148 +12,53 @@
 //! why and pass, except with CI=true, where they fail.
 //! Run: `cargo test -p wirescope --test leak -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
-    process::Command,
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use agent_common::{
     fixtures::{ETH_P_ARP, Framing, Ipv4, Ipv6, arp_request, tcp, udp, wg, wg_ipv4},
     maps::{
-        Counter, IfaceConfig,
+        Counter,
         leak::{LeakKey, kind},
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
-use aya::programs::{TestRun, TestRunOptions};
-use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
-    health::monotonic_ns,
-    sync::endpoint_key,
-};
+use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
+use wirescope::health::monotonic_ns;
 use xtask::{
     agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    lab::{self, Lab, LabConfig, Topology},
     scrape::Metrics,
     udp::send_udp,
 };
 
-const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
 const RESOLVER_V4: [u8; 4] = [9, 9, 9, 9];
 const ALLOWED_V4: [u8; 4] = [198, 51, 100, 7];
-const RELAY_PORT: u16 = 51820;
-const LISTEN_PORT: u16 = 51821;
 const EPHEMERAL: u16 = 40000;
-
-fn v6(s: &str) -> [u8; 16] {
-    s.parse::<Ipv6Addr>().expect("test address").octets()
-}
-
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the leak tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-/// `__sk_buff` as ctx_in: `ifindex`, `gso_segs` and `gso_size` (offsets 40, 164 and 176).
-fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Rx,
-    Tx,
-}
 
 /// (packets, bytes) per (ifindex, kind).
 type Leaks = HashMap<(u32, u8), (u64, u64)>;
 
-struct Lab0 {
-    dp: Datapath,
-    tun: u32,
-    under: u32,
-}
+/// `dp`, `tun` (lo) and `under` (lk-under).
+type Lab0 = common::NetnsLab;
 
 impl Lab0 {
     /// A fresh network namespace for this thread, the programs attached to `lo` (tunnel)
     /// and `lk-under` (underlay), one peer with endpoint RELAY:51820 and the local listen
     /// port 51821, the tunnel up. `None` when not root and not in CI.
     fn new() -> Option<Lab0> {
-        if !privileged() {
-            return None;
-        }
-        // SAFETY: moves only this thread into a new network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!("unshare: {}", std::io::Error::last_os_error());
-        }
-        let out = Command::new("ip")
-            .args([
-                "link", "add", "name", "lk-under", "type", "veth", "peer", "name", "lk-other",
-            ])
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (tun, under) = (ifindex("lo"), ifindex("lk-under"));
-        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
-        dp.attach(
-            "lo",
-            tun,
-            IfaceConfig {
-                flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
-            },
-        )
-        .expect("attach lo");
-        dp.attach(
-            "lk-under",
-            under,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
-        )
-        .expect("attach lk-under");
-        let mut maps = PeerMaps::default();
-        maps.endpoints.insert(
-            endpoint_key(IpAddr::from(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
-            1,
-        );
-        maps.endpoints.insert(
-            endpoint_key(
-                IpAddr::from(Ipv6Addr::from(v6("2001:db8:e::10"))),
-                RELAY_PORT,
-            ),
-            1,
-        );
-        maps.wg_ports.insert(LISTEN_PORT, 1);
-        dp.sync_peers(&maps).expect("peer maps");
-        let mut lab = Lab0 { dp, tun, under };
+        let mut lab = Lab0::enter(
+            "the leak tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+            ("lk-under", "lk-other"),
+            true,
+            &[(RELAY_V4.into(), 1), (relay_v6().into(), 1)],
+        )?;
         lab.up(true);
         Some(lab)
     }
@@ -185,33 +90,9 @@ impl Lab0 {
     /// added to LEAKS. Checks the verdict, the unchanged packet, and no refused update.
     fn run(&mut self, dir: Dir, ifindex: u32, gso: (u32, u32), data: &[u8]) -> Leaks {
         let before = self.leaks();
-        let ctx = sk_buff_ctx(ifindex, gso.0, gso.1);
-        let mut out = vec![0u8; data.len() + 64];
-        let prog = if dir == Dir::Rx {
-            PROG_INGRESS
-        } else {
-            PROG_EGRESS
-        };
-        let res = self
-            .dp
-            .program_mut(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| panic!("test_run of {prog} ({} bytes): {e:?}", data.len()));
-        assert_eq!(
-            res.return_value as i32, -1,
-            "an observer returns TC_ACT_UNSPEC"
-        );
-        assert_eq!(res.data_size_out as usize, data.len());
-        assert!(out[..data.len()] == *data, "the packet is unchanged");
-        for (map, n) in self.dp.map_update_errors() {
-            assert_eq!(n, 0, "{n} refused updates of {map}");
-        }
+        let out = common::run_tc(&mut self.dp, "leak", dir.prog(), ifindex, gso, data);
+        common::assert_unchanged("leak", dir.prog(), data, &out);
+        common::assert_no_refused_updates(&self.dp, "leak");
         let mut delta = Leaks::new();
         for (k, (p, b)) in self.leaks() {
             let (p0, b0) = before.get(&k).copied().unwrap_or_default();
@@ -445,15 +326,7 @@ fn what_is_not_a_leak() {
         );
     }
     // Loopback is never an underlay, even when configured as one.
-    lab.dp
-        .attach(
-            "lo",
-            tun,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
-        )
-        .expect("re-role lo");
+    lab.dp.attach("lo", tun, UNDERLAY_ETH).expect("re-role lo");
     assert_eq!(
         lab.run(Dir::Tx, tun, (0, 0), &framed),
         Leaks::new(),
@@ -468,14 +341,6 @@ fn what_is_not_a_leak() {
 // ---------------------------------------------------------------------------------------
 
 const PREFIX: &str = "lkt";
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("wirescope-leak-{test}.log"))
-}
 
 fn leaked(m: &Metrics, iface: &str, kind: &str) -> (u64, u64) {
     let l = [("interface", iface), ("kind", kind)];
@@ -509,28 +374,6 @@ fn wait_tunnel_up(agent: &Agent) {
     panic!("the agent saw no handshake within 5 s");
 }
 
-/// `count` pings through the tunnel to the in-tunnel gateway, 20 ms apart.
-fn ping(lab: &Lab, count: u32) {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.client().netns,
-            "ping",
-            "-q",
-            "-i",
-            "0.02",
-        ])
-        .args(["-c", &count.to_string(), &GATEWAY_V4.to_string()])
-        .output()
-        .expect("running ping");
-    assert!(
-        out.status.success(),
-        "ping: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 /// With the tunnel up, a DNS query and a plain UDP datagram sent around it out of the
 /// client's veth (its default route) each count once, with their kind and L3 bytes;
 /// WireGuard traffic counts nothing; an agent started with `--leak-allow` for the relay's
@@ -550,13 +393,13 @@ fn lab_dns_and_udp_around_the_tunnel_count_once() {
         "the relay's veth is in 198.51.100.0/24: {}",
         lab.exit().address()
     );
-    let agent = Agent::start(bin(), &cns, &[], &log_path("lab")).expect("agent starts");
+    let agent = common::start(&lab, "leak-lab");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
     wait_tunnel_up(&agent);
 
     // WireGuard only: pings through the tunnel.
     let b = agent.scrape().unwrap();
-    ping(&lab, 10);
+    common::ping(&lab, 10, &[], false);
     let a = agent.scrape().unwrap();
     assert_eq!(
         leak_delta(&b, &a, &veth),
@@ -584,11 +427,11 @@ fn lab_dns_and_udp_around_the_tunnel_count_once() {
     }
 
     let allowing = Agent::start_on(
-        bin(),
+        common::bin(),
         &cns,
         "127.0.0.1:9587",
         &["--leak-allow", "198.51.100.0/24"],
-        &log_path("allow"),
+        &common::log_path("leak-allow"),
     )
     .expect("second agent with --leak-allow");
     wait_tunnel_up(&allowing);

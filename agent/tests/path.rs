@@ -14,164 +14,52 @@
 //!
 //! Run: `cargo test -p wirescope --test path -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
     sync::{Arc, Mutex, RwLock},
 };
 
 use agent_common::{
     fixtures::{Ext, Framing, Ipv4, Ipv6, payload, udp, wg},
     maps::{
-        Counter, CounterKey, DIR_RX, DIR_TX, IfaceConfig,
+        Counter, CounterKey, DIR_RX,
         path::{MTU_WINDOW_NS, layer},
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP},
 };
-use aya::programs::{TestRun, TestRunOptions};
+use common::{
+    Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, local_v6, relay_v6, stranger_v6, v6,
+};
 use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    datapath::Datapath,
     health::monotonic_ns,
     inventory::Inventory,
     metrics::{self, path::PathCollector},
-    sync::endpoint_key,
 };
 
-const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
 const STRANGER_V4: [u8; 4] = [192, 0, 2, 99];
 const ROUTER_V4: [u8; 4] = [192, 0, 2, 1];
-const RELAY_PORT: u16 = 51820;
-const LISTEN_PORT: u16 = 51821;
 const OTHER_PORT: u16 = 40001;
 
-fn v6(s: &str) -> [u8; 16] {
-    s.parse::<Ipv6Addr>().expect("test address").octets()
-}
-fn relay_v6() -> [u8; 16] {
-    v6("2001:db8:e::10")
-}
-fn local_v6() -> [u8; 16] {
-    v6("2001:db8:c::2")
-}
-fn stranger_v6() -> [u8; 16] {
-    v6("2001:db8:99::99")
-}
 fn router_v6() -> [u8; 16] {
     v6("2001:db8:c::1")
 }
 
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the path tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-/// `__sk_buff` as ctx_in: only `ifindex` (offset 40).
-fn sk_buff_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Rx,
-    Tx,
-}
-
-impl Dir {
-    const BOTH: [Dir; 2] = [Dir::Rx, Dir::Tx];
-    fn code(self) -> u8 {
-        match self {
-            Dir::Rx => DIR_RX,
-            Dir::Tx => DIR_TX,
-        }
-    }
-    fn flow<T>(self, local: T, remote: T) -> (T, T) {
-        match self {
-            Dir::Tx => (local, remote),
-            Dir::Rx => (remote, local),
-        }
-    }
-}
-
 type Counts = HashMap<(u32, u8, u8), u64>;
 
-struct TestLab {
-    dp: Datapath,
-    /// lo: the tunnel (TUNNEL | L3).
-    tun: u32,
-    /// fx-under: the underlay (Ethernet).
-    under: u32,
-}
+/// `dp`, `tun` (lo) and `under` (fx-under).
+type TestLab = common::NetnsLab;
 
 impl TestLab {
     fn new() -> Option<TestLab> {
-        if !privileged() {
-            return None;
-        }
-        // SAFETY: moves only this test's thread into a new network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!("unshare: {}", std::io::Error::last_os_error());
-        }
-        let out = Command::new("ip")
-            .args([
-                "link", "add", "name", "fx-under", "type", "veth", "peer", "name", "fx-other",
-            ])
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let under = ifindex("fx-under");
-        let tun = ifindex("lo");
-        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
-        dp.attach(
-            "lo",
-            tun,
-            IfaceConfig {
-                flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
-            },
+        TestLab::enter(
+            "the path tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+            ("fx-under", "fx-other"),
+            true,
+            &[(RELAY_V4.into(), 1), (relay_v6().into(), 2)],
         )
-        .expect("attaching to lo");
-        dp.attach(
-            "fx-under",
-            under,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
-        )
-        .expect("attaching to fx-under");
-        let mut maps = PeerMaps::default();
-        maps.endpoints.insert(
-            endpoint_key(IpAddr::V4(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
-            1,
-        );
-        maps.endpoints.insert(
-            endpoint_key(IpAddr::V6(Ipv6Addr::from(relay_v6())), RELAY_PORT),
-            2,
-        );
-        maps.wg_ports.insert(LISTEN_PORT, 1);
-        dp.sync_peers(&maps).expect("peer maps");
-        Some(TestLab { dp, tun, under })
     }
 
     /// Runs the bare IP packet `l3` through the program of `dir` on `ifindex` (framed for
@@ -182,30 +70,8 @@ impl TestLab {
         } else {
             l3.to_vec()
         };
-        let prog = match dir {
-            Dir::Rx => PROG_INGRESS,
-            Dir::Tx => PROG_EGRESS,
-        };
-        let ctx = sk_buff_ctx(ifindex);
-        let mut out = vec![0u8; data.len() + 64];
-        let res = self
-            .dp
-            .program_mut(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(&data),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .expect("test_run");
-        assert_eq!(
-            res.return_value as i32, -1,
-            "an observer returns TC_ACT_UNSPEC"
-        );
-        for (map, n) in self.dp.map_update_errors() {
-            assert_eq!(n, 0, "{n} refused updates of {map}");
-        }
+        common::run_tc(&mut self.dp, "path", dir.prog(), ifindex, (0, 0), &data);
+        common::assert_no_refused_updates(&self.dp, "path");
     }
 
     /// (ifindex, dir, layer) -> fragments.
@@ -598,32 +464,21 @@ fn fix_total_len(p: &mut [u8]) {
 // ---------------------------------------------------------------------------------------
 
 mod lab_test {
-    use std::{
-        net::SocketAddr,
-        path::{Path, PathBuf},
-        time::Duration,
-    };
+    use std::{net::SocketAddr, time::Duration};
 
     use agent_common::wireguard::data_wire_len;
     use xtask::{
-        agent::Agent,
         capture::Capture,
         lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
         scrape::Metrics,
         udp::{UdpEcho, recv_sizes, send_udp},
     };
 
+    use super::common::{start, val};
+
     /// The lab prefix of this file's tests.
     const PREFIX: &str = "fx";
     const PATH_MTU: u32 = 1400;
-
-    fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-        m.get(name, labels).expect("one series") as u64
-    }
-
-    fn log_path(test: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("wirescope-{test}.log"))
-    }
 
     /// (a) A DF ping too big for the hop's onward link: the hop's ICMP fragmentation-needed
     /// arrives on the client's veth, counted once per message as tcpdump sees them, with
@@ -642,13 +497,7 @@ mod lab_test {
             ..LabConfig::new(Topology::Single, PREFIX)
         })
         .expect("lab up");
-        let agent = Agent::start(
-            Path::new(env!("CARGO_BIN_EXE_wirescope")),
-            &lab.client().netns,
-            &[],
-            &log_path("path"),
-        )
-        .expect("agent starts");
+        let agent = start(&lab, "path");
         let c = lab.client();
         let veth = c.underlay().name.clone();
         let relay = lab.exit().address().to_string();

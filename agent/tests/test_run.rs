@@ -28,27 +28,25 @@
 //! Needs root and BPF. Without root the tests print why and pass, except with CI=true, where
 //! they fail. Run: `cargo test -p wirescope --test test_run -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
 };
 
 use agent_common::{
     fixtures::{self, ETH_P_ARP, Ext, Framing, IpHeader, Ipv4, Ipv6, arp_request, tcp, udp, wg},
-    maps::{
-        Counter, CounterKey, DIR_RX, DIR_TX, Endpoint, IfaceConfig, PEER_UNKNOWN, UnknownWireKey,
-        kind,
-    },
+    maps::{Counter, CounterKey, Endpoint, IfaceConfig, PEER_UNKNOWN, UnknownWireKey, kind},
     parse::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, parse_ip, parse_l4, segmented,
     },
     wireguard::{classify, data_wire_len},
 };
 use aya::programs::{TestRun, TestRunOptions};
+use common::{Dir, TUNNEL_L3, UNDERLAY_ETH, ifindex, local_v6, stranger_v6, v6};
 use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    datapath::{Datapath, PeerMaps},
     sync::endpoint_key,
 };
 
@@ -80,9 +78,6 @@ const STRANGER_PORT: u16 = 40000;
 /// A local port that is not a listen port.
 const OTHER_PORT: u16 = 40001;
 
-fn v6(s: &str) -> [u8; 16] {
-    s.parse::<Ipv6Addr>().expect("test address").octets()
-}
 fn client_v6() -> [u8; 16] {
     v6("fc00:bbbb:bbbb:bb01::1:102")
 }
@@ -94,12 +89,6 @@ fn entry_relay_v6() -> [u8; 16] {
 }
 fn exit_relay_v6() -> [u8; 16] {
     v6("2001:db8:7::7")
-}
-fn local_v6() -> [u8; 16] {
-    v6("2001:db8:c::2")
-}
-fn stranger_v6() -> [u8; 16] {
-    v6("2001:db8:99::99")
 }
 
 /// The peer maps of the multihop client whose tunnel is `tun`.
@@ -133,36 +122,6 @@ fn ep(ip: IpAddr, port: u16) -> Endpoint {
 // ---------------------------------------------------------------------------------------
 // Packets
 // ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Rx,
-    Tx,
-}
-
-impl Dir {
-    const BOTH: [Dir; 2] = [Dir::Rx, Dir::Tx];
-
-    fn prog(self) -> &'static str {
-        match self {
-            Dir::Rx => PROG_INGRESS,
-            Dir::Tx => PROG_EGRESS,
-        }
-    }
-    fn code(self) -> u8 {
-        match self {
-            Dir::Rx => DIR_RX,
-            Dir::Tx => DIR_TX,
-        }
-    }
-    /// (source, destination) of a packet between `local` and `remote` in this direction.
-    fn flow<T>(self, local: T, remote: T) -> (T, T) {
-        match self {
-            Dir::Tx => (local, remote),
-            Dir::Rx => (remote, local),
-        }
-    }
-}
 
 fn ip_header(src: IpAddr, dst: IpAddr) -> IpHeader {
     match (src, dst) {
@@ -381,18 +340,6 @@ impl Delta {
 // The lab: a network namespace, the loaded programs, test_run
 // ---------------------------------------------------------------------------------------
 
-/// `__sk_buff` as ctx_in: the fields test_run takes (offsets of the UAPI struct, 192 bytes).
-fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
-    const IFINDEX: usize = 40;
-    const GSO_SEGS: usize = 164;
-    const GSO_SIZE: usize = 176;
-    let mut ctx = [0u8; 192];
-    ctx[IFINDEX..IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
-}
-
 /// Input BPF_PROG_TEST_RUN refuses with EINVAL before the program runs: under 14 bytes, and
 /// (6.18) a frame whose Ethernet type is IPv4 or IPv6 with less than a minimal IP header
 /// behind it. The kernel looks at bytes 12..14 whatever the interface's framing.
@@ -406,48 +353,6 @@ fn kernel_refuses(data: &[u8]) -> bool {
     data.len() < min
 }
 
-/// True when the tests can run; without root: a failure under CI=true, a notice otherwise.
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the test_run tests need root (BPF program loading, BPF_PROG_TEST_RUN, network \
-               namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ip_cmd(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "running `ip {}`: {e} (is iproute2 installed?)",
-            args.join(" ")
-        )
-    });
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name} in the test's network namespace");
-    i
-}
-
-const TUNNEL_L3: IfaceConfig = IfaceConfig {
-    flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
-};
-const UNDERLAY_ETH: IfaceConfig = IfaceConfig {
-    flags: IfaceConfig::UNDERLAY,
-};
 const UNDERLAY_L3: IfaceConfig = IfaceConfig {
     flags: IfaceConfig::UNDERLAY | IfaceConfig::L3,
 };
@@ -470,34 +375,16 @@ impl Lab {
     /// A fresh network namespace for this thread, the programs loaded and attached, the
     /// multihop peer maps written. `None` when not root and not in CI.
     fn new() -> Option<Lab> {
-        if !privileged() {
+        if !common::privileged(
+            "the test_run tests need root (BPF program loading, BPF_PROG_TEST_RUN, network \
+             namespaces)",
+        ) {
             return None;
         }
-        // SAFETY: plain syscall; it moves only the calling thread (this test's) into a new
-        // network namespace, which the commands spawned below inherit.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!(
-                "unshare(CLONE_NEWNET) failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        ip_cmd(&[
-            "link",
-            "add",
-            "name",
-            "ws-under",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ws-unwatched",
-        ]);
-        let under = ifindex("ws-under");
-        let unwatched = ifindex("ws-unwatched");
+        let (under, unwatched) = common::netns_with_veth("ws-under", "ws-unwatched");
         let tun = ifindex("lo");
         assert_eq!(tun, 1);
-        let dp = Datapath::load(EBPF_OBJECT)
-            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
+        let dp = common::load_attached(&[]);
         let mut lab = Lab {
             dp,
             tun,
@@ -583,8 +470,8 @@ impl Lab {
     /// One BPF_PROG_TEST_RUN of the `dir` program on `data` as seen on `ifindex`. Checks the
     /// verdict, that the packet is unchanged and that no map update failed.
     fn run_once(&mut self, what: &str, dir: Dir, ifindex: u32, gso: (u32, u32), data: &[u8]) {
-        let ctx = sk_buff_ctx(ifindex, gso.0, gso.1);
         if kernel_refuses(data) {
+            let ctx = common::sk_buff_ctx(ifindex, gso.0, gso.1);
             // Never reaches the program: check that the kernel still says so.
             let res = self
                 .dp
@@ -605,46 +492,9 @@ impl Lab {
             }
             return;
         }
-        let mut out = vec![0u8; data.len() + 64];
-        let prog = self
-            .dp
-            .program_mut(dir.prog())
-            .unwrap_or_else(|| panic!("no program {}", dir.prog()));
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{what}: test_run of {} on ifindex {ifindex} ({} bytes): {e:?}",
-                    dir.prog(),
-                    data.len()
-                )
-            });
-        assert_eq!(
-            res.return_value as i32,
-            -1,
-            "{what}: {} returned {} on ifindex {ifindex}: an observer must return TC_ACT_UNSPEC",
-            dir.prog(),
-            res.return_value as i32
-        );
-        assert_eq!(
-            res.data_size_out as usize,
-            data.len(),
-            "{what}: {} changed the packet length",
-            dir.prog()
-        );
-        assert!(
-            out[..data.len()] == *data,
-            "{what}: {} changed the packet bytes",
-            dir.prog()
-        );
-        for (map, n) in self.dp.map_update_errors() {
-            assert_eq!(n, 0, "{what}: {n} refused updates of {map}");
-        }
+        let out = common::run_tc(&mut self.dp, what, dir.prog(), ifindex, gso, data);
+        common::assert_unchanged(what, dir.prog(), data, &out);
+        common::assert_no_refused_updates(&self.dp, what);
     }
 
     /// Run and return what the run added to the counters.

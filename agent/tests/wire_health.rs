@@ -8,113 +8,38 @@
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
 //! Run: `cargo test -p wirescope --test wire_health -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr},
-    process::Command,
     sync::{Arc, Mutex, RwLock},
 };
 
 use agent_common::{
-    fixtures::{Framing, wg, wg_ipv4},
-    maps::{HANDSHAKE_TIMEOUT_NS, IfaceConfig, PeerHistKey, log2_bucket, seq},
+    fixtures::wg,
+    maps::{HANDSHAKE_TIMEOUT_NS, PeerHistKey, log2_bucket, seq},
     wireguard::MSG_INITIATION,
 };
-use aya::programs::{TestRun, TestRunOptions};
+use common::{Dir, RELAY, RELAY_V4};
 use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
     health::monotonic_ns,
     inventory::Inventory,
     metrics::{self, wire_health::WireHealthCollector},
-    sync::endpoint_key,
 };
 
-const RELAY: u32 = 1;
-const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
-const RELAY_PORT: u16 = 51820;
-const LISTEN_PORT: u16 = 51821;
 const RELAY_KEY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the wire-health tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name}");
-    i
-}
-
-/// `__sk_buff` as ctx_in: `ifindex`, `gso_segs` and `gso_size` (offsets 40, 164 and 176 of
-/// the UAPI struct), the rest zero.
-fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
-}
-
-#[derive(Clone, Copy)]
-enum Dir {
-    Rx,
-    Tx,
-}
-
-struct Lab {
-    dp: Datapath,
-    under: u32,
-}
+/// `dp` and `under` (wh-under); no tunnel.
+type Lab = common::NetnsLab;
 
 impl Lab {
     fn new() -> Option<Lab> {
-        if !privileged() {
-            return None;
-        }
-        // SAFETY: moves only this test's thread into a new network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!("unshare: {}", std::io::Error::last_os_error());
-        }
-        let out = Command::new("ip")
-            .args([
-                "link", "add", "name", "wh-under", "type", "veth", "peer", "name", "wh-other",
-            ])
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let under = ifindex("wh-under");
-        let mut dp = Datapath::load(EBPF_OBJECT).expect("loading the eBPF programs");
-        dp.attach(
-            "wh-under",
-            under,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
+        Lab::enter(
+            "the wire-health tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+            ("wh-under", "wh-other"),
+            false,
+            &[(RELAY_V4.into(), RELAY)],
         )
-        .expect("attaching");
-        let mut maps = PeerMaps::default();
-        maps.endpoints.insert(
-            endpoint_key(IpAddr::V4(Ipv4Addr::from(RELAY_V4)), RELAY_PORT),
-            RELAY,
-        );
-        maps.wg_ports.insert(LISTEN_PORT, 1);
-        dp.sync_peers(&maps).expect("peer maps");
-        Some(Lab { dp, under })
     }
 
     /// The WireGuard message `msg` between this side and the relay, run through the
@@ -125,35 +50,8 @@ impl Lab {
 
     /// The same as an skb of `gso.0` segments of `gso.1` bytes (UDP GRO on rx).
     fn run_gso(&mut self, dir: Dir, gso: (u32, u32), msg: &[u8]) {
-        let l3 = match dir {
-            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, RELAY_V4, RELAY_PORT, msg),
-            Dir::Rx => wg_ipv4(RELAY_V4, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
-        };
-        let frame = Framing::Ethernet.frame(&l3);
-        let prog = match dir {
-            Dir::Rx => PROG_INGRESS,
-            Dir::Tx => PROG_EGRESS,
-        };
-        let ctx = sk_buff_ctx(self.under, gso.0, gso.1);
-        let mut out = vec![0u8; frame.len() + 64];
-        let res = self
-            .dp
-            .program_mut(prog)
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .expect("test_run");
-        assert_eq!(
-            res.return_value as i32, -1,
-            "an observer returns TC_ACT_UNSPEC"
-        );
-        for (map, n) in self.dp.map_update_errors() {
-            assert_eq!(n, 0, "{n} refused updates of {map}");
-        }
+        self.run_relay("wire health", dir, gso, msg);
+        common::assert_no_refused_updates(&self.dp, "wire health");
     }
 
     fn rtt(&self) -> Vec<(PeerHistKey, u64, u64)> {

@@ -1,0 +1,379 @@
+//! Set-up shared by the agent's integration tests: `mod common;` in a test file. Each test
+//! binary compiles its own copy and uses only part of it, hence `allow(dead_code)`.
+//!
+//! Two parts:
+//! - `BPF_PROG_TEST_RUN` tests (`test_run.rs` explains what test_run does with the input):
+//!   the root check, a fresh network namespace for the test's thread with a veth pair in it,
+//!   the programs loaded and attached there (which writes IFACES) and the peer maps written,
+//!   and one test run of a TC program with its verdict checked.
+//! - Lab tests: the `wirescope` binary started in the lab's client namespace, its log file,
+//!   metric values and deltas between scrapes, pings through the tunnel, waiting for a TCP
+//!   listener.
+
+#![allow(dead_code)]
+
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use agent_common::{
+    fixtures::{Framing, wg_ipv4},
+    maps::{DIR_RX, DIR_TX, IfaceConfig},
+};
+use aya::programs::{TestRun, TestRunOptions};
+use wirescope::{
+    EBPF_OBJECT,
+    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    sync::endpoint_key,
+};
+use xtask::{
+    agent::Agent,
+    lab::{GATEWAY_V4, Lab},
+    scrape::Metrics,
+};
+
+// ---------------------------------------------------------------------------------------
+// BPF_PROG_TEST_RUN
+// ---------------------------------------------------------------------------------------
+
+/// The relay's peer id, in the tests with one relay.
+pub const RELAY: u32 = 1;
+/// The relay's endpoint (IPv4; IPv6 is [`relay_v6`]) and its port.
+pub const RELAY_V4: [u8; 4] = [203, 0, 113, 10];
+pub const RELAY_PORT: u16 = 51820;
+/// This side's underlay address (IPv6: [`local_v6`]) and the local interface's listen port
+/// (WG_PORTS).
+pub const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
+pub const LISTEN_PORT: u16 = 51821;
+
+pub fn v6(s: &str) -> [u8; 16] {
+    s.parse::<Ipv6Addr>().expect("test address").octets()
+}
+pub fn relay_v6() -> [u8; 16] {
+    v6("2001:db8:e::10")
+}
+pub fn local_v6() -> [u8; 16] {
+    v6("2001:db8:c::2")
+}
+/// An address no peer has.
+pub fn stranger_v6() -> [u8; 16] {
+    v6("2001:db8:99::99")
+}
+
+pub const TUNNEL_L3: IfaceConfig = IfaceConfig {
+    flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
+};
+pub const UNDERLAY_ETH: IfaceConfig = IfaceConfig {
+    flags: IfaceConfig::UNDERLAY,
+};
+
+/// True when the tests can run (as root). Without root: a failure under CI=true, else a
+/// notice and false. `why` says which tests need what.
+pub fn privileged(why: &str) -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
+    }
+    eprintln!("skipped: {why}; run them as root");
+    false
+}
+
+/// Runs `ip args` and checks that it succeeded.
+pub fn ip_cmd(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "running `ip {}`: {e} (is iproute2 installed?)",
+            args.join(" ")
+        )
+    });
+    assert!(
+        out.status.success(),
+        "`ip {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("interface name");
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name} in the test's network namespace");
+    i
+}
+
+/// `__sk_buff` as ctx_in: the fields test_run takes (offsets of the UAPI struct, 192 bytes),
+/// the rest zero.
+pub fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
+    const IFINDEX: usize = 40;
+    const GSO_SEGS: usize = 164;
+    const GSO_SIZE: usize = 176;
+    let mut ctx = [0u8; 192];
+    ctx[IFINDEX..IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx
+}
+
+/// Moves this thread (only it: the test's) into a fresh network namespace, which the
+/// commands it spawns inherit, and adds the veth pair `name`/`peer` there, down. Returns
+/// their ifindexes.
+pub fn netns_with_veth(name: &str, peer: &str) -> (u32, u32) {
+    // SAFETY: plain syscall; it moves only the calling thread into a new network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!(
+            "unshare(CLONE_NEWNET) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    ip_cmd(&[
+        "link", "add", "name", name, "type", "veth", "peer", "name", peer,
+    ]);
+    (ifindex(name), ifindex(peer))
+}
+
+/// The eBPF programs loaded and attached to each `(name, ifindex, config)`, in order, as the
+/// agent does it (which writes IFACES).
+pub fn load_attached(ifaces: &[(&str, u32, IfaceConfig)]) -> Datapath {
+    let mut dp =
+        Datapath::load(EBPF_OBJECT).unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
+    for &(name, ifindex, cfg) in ifaces {
+        dp.attach(name, ifindex, cfg)
+            .unwrap_or_else(|e| panic!("attaching to {name}: {e}"));
+    }
+    dp
+}
+
+/// The programs in a network namespace of their own: a test file's `Lab` (with its own
+/// methods added there).
+pub struct NetnsLab {
+    pub dp: Datapath,
+    /// lo: the WireGuard interface (TUNNEL | L3) when there is one.
+    pub tun: u32,
+    /// One end of a veth pair: the underlay (UNDERLAY, Ethernet).
+    pub under: u32,
+}
+
+impl NetnsLab {
+    /// A fresh network namespace for this thread (see [`netns_with_veth`]) where `veth.0`,
+    /// one end of a veth pair, is the underlay and, with `tunnel`, `lo` the WireGuard
+    /// interface; the programs attached to them, the peer maps holding each `(address,
+    /// peer)` of `endpoints` at RELAY_PORT, and LISTEN_PORT as the local listen port. `None`
+    /// when not root and not in CI (`why`: see [`privileged`]).
+    pub fn enter(
+        why: &str,
+        veth: (&str, &str),
+        tunnel: bool,
+        endpoints: &[(IpAddr, u32)],
+    ) -> Option<NetnsLab> {
+        if !privileged(why) {
+            return None;
+        }
+        let (under, _) = netns_with_veth(veth.0, veth.1);
+        let tun = ifindex("lo");
+        let mut ifaces = Vec::new();
+        if tunnel {
+            ifaces.push(("lo", tun, TUNNEL_L3));
+        }
+        ifaces.push((veth.0, under, UNDERLAY_ETH));
+        let mut dp = load_attached(&ifaces);
+        let mut maps = PeerMaps::default();
+        for &(ip, peer) in endpoints {
+            maps.endpoints.insert(endpoint_key(ip, RELAY_PORT), peer);
+        }
+        maps.wg_ports.insert(LISTEN_PORT, 1);
+        dp.sync_peers(&maps).expect("peer maps");
+        Some(NetnsLab { dp, tun, under })
+    }
+
+    /// The WireGuard message `msg` between this side (LOCAL_V4:LISTEN_PORT) and the relay
+    /// (RELAY_V4:RELAY_PORT), run through the program of `dir` on the underlay as an skb of
+    /// `gso` (segments, size); see [`run_tc`].
+    pub fn run_relay(&mut self, what: &str, dir: Dir, gso: (u32, u32), msg: &[u8]) {
+        let (src, dst) = dir.flow((LOCAL_V4, LISTEN_PORT), (RELAY_V4, RELAY_PORT));
+        let frame = Framing::Ethernet.frame(&wg_ipv4(src.0, src.1, dst.0, dst.1, msg));
+        run_tc(&mut self.dp, what, dir.prog(), self.under, gso, &frame);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    Rx,
+    Tx,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::Rx, Dir::Tx];
+
+    /// The program that sees this direction.
+    pub fn prog(self) -> &'static str {
+        match self {
+            Dir::Rx => PROG_INGRESS,
+            Dir::Tx => PROG_EGRESS,
+        }
+    }
+    pub fn code(self) -> u8 {
+        match self {
+            Dir::Rx => DIR_RX,
+            Dir::Tx => DIR_TX,
+        }
+    }
+    /// (source, destination) of a packet between `local` and `remote` in this direction.
+    pub fn flow<T>(self, local: T, remote: T) -> (T, T) {
+        match self {
+            Dir::Tx => (local, remote),
+            Dir::Rx => (remote, local),
+        }
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of the TC program `prog` on `data` as seen on `ifindex`, with `gso`
+/// (segments, size) in the skb; `what` names the run in failures. Checks that the kernel ran
+/// it and that the verdict is TC_ACT_UNSPEC (-1: the programs only observe). Returns the
+/// packet as the program left it.
+pub fn run_tc(
+    dp: &mut Datapath,
+    what: &str,
+    prog: &str,
+    ifindex: u32,
+    gso: (u32, u32),
+    data: &[u8],
+) -> Vec<u8> {
+    let ctx = sk_buff_ctx(ifindex, gso.0, gso.1);
+    let mut out = vec![0u8; data.len() + 64];
+    let res = dp
+        .program_mut(prog)
+        .unwrap_or_else(|| panic!("no program {prog}"))
+        .test_run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{what}: test_run of {prog} on ifindex {ifindex} ({} bytes): {e:?}",
+                data.len()
+            )
+        });
+    assert_eq!(
+        res.return_value as i32, -1,
+        "{what}: {prog} returned {} on ifindex {ifindex}: an observer must return TC_ACT_UNSPEC",
+        res.return_value as i32
+    );
+    out.truncate(res.data_size_out as usize);
+    out
+}
+
+/// `out`, what [`run_tc`] returned, is `data` byte for byte.
+pub fn assert_unchanged(what: &str, prog: &str, data: &[u8], out: &[u8]) {
+    assert_eq!(
+        out.len(),
+        data.len(),
+        "{what}: {prog} changed the packet length"
+    );
+    assert!(out == data, "{what}: {prog} changed the packet bytes");
+}
+
+/// No map update of the programs was refused (MAP_ERRORS is all 0).
+pub fn assert_no_refused_updates(dp: &Datapath, what: &str) {
+    for (map, n) in dp.map_update_errors() {
+        assert_eq!(n, 0, "{what}: {n} refused updates of {map}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The lab
+// ---------------------------------------------------------------------------------------
+
+/// The agent binary under test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_wirescope"))
+}
+
+/// The agent's log file `wirescope-{log}.log` in the temp dir.
+pub fn log_path(log: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("wirescope-{log}.log"))
+}
+
+/// Starts the agent in the client namespace, logging to [`log_path`]`(log)`; it has
+/// answered /healthz when this returns.
+pub fn start(lab: &Lab, log: &str) -> Agent {
+    Agent::start(bin(), &lab.client().netns, &[], &log_path(log)).expect("agent starts")
+}
+
+/// The value of the series `labels` select: exactly one series, or none (0).
+pub fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.get(name, labels).expect("one series")
+}
+
+/// A counter's value, the selector matching exactly one series or none (0).
+pub fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    value(m, name, labels) as u64
+}
+
+/// What a counter gained between two scrapes.
+pub fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    val(after, name, labels) - val(before, name, labels)
+}
+
+/// `count` pings from the client to the in-tunnel gateway, 20 ms apart (`ping -q -i 0.02`,
+/// then the options `extra`). Returns ping's output; its exit status is the caller's to
+/// judge.
+pub fn ping_gateway(lab: &Lab, count: u32, extra: &[&str]) -> Output {
+    xtask::netns::command(&lab.client().netns, "ping")
+        .args(["-q", "-i", "0.02"])
+        .args(extra)
+        .args(["-c", &count.to_string(), &GATEWAY_V4.to_string()])
+        .output()
+        .expect("running ping")
+}
+
+/// [`ping_gateway`], checked: every reply came back or, with `losses_ok` (under
+/// impairment), ping ran to the end (exit status 0 or 1).
+pub fn ping(lab: &Lab, count: u32, extra: &[&str], losses_ok: bool) {
+    let out = ping_gateway(lab, count, extra);
+    let ok = if losses_ok {
+        matches!(out.status.code(), Some(0 | 1))
+    } else {
+        out.status.success()
+    };
+    assert!(
+        ok,
+        "ping in {}: {}{}",
+        lab.client().netns,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits (up to 5 s) until a TCP socket listens on `port` in `ns`, from /proc's socket table.
+pub fn wait_tcp_listening(ns: &str, port: u16) {
+    let want = format!(":{port:04X} ");
+    for _ in 0..250 {
+        let w = want.clone();
+        let listening = xtask::netns::run_in(ns, move || {
+            ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+                .iter()
+                .filter_map(|f| std::fs::read_to_string(f).ok())
+                .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+                // Column 2 is the local address, column 4 the state (0A: LISTEN).
+                .any(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    c.len() > 3
+                        && format!("{} ", &c[1][c[1].len().saturating_sub(5)..]) == w
+                        && c[3] == "0A"
+                })
+        })
+        .expect("reading the socket table");
+        if listening {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on TCP port {port} in {ns}");
+}

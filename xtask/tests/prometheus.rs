@@ -3,7 +3,9 @@
 //! metric name in the rules and the dashboard found in the contract; and end to end, the
 //! Prometheus server from Debian scraping the agent in the multihop lab every second with
 //! `deploy/rules.yml`: after traffic, every recording rule and every dashboard query returns
-//! data through the HTTP API, except those on metrics still to come ([`PENDING`]).
+//! data through the HTTP API, except those on metrics still to come ([`PENDING`]), no
+//! alert fires in the healthy lab but the MTU one (its hop has a small link), and a DNS
+//! datagram outside the tunnel fires the leak alert.
 //!
 //! Needs promtool and prometheus (Debian package `prometheus`, `cargo xtask setup`); the end
 //! to end test also needs root, the lab's tools and the agent built (`cargo build -p
@@ -657,6 +659,31 @@ fn end_to_end_rules_and_dashboard_return_data() {
         if a.state == "firing" && a.name() != "WirescopeMTUMismatch" {
             failures.push(format!("alert firing in the healthy lab: {a:?}"));
         }
+    }
+
+    // Two alerts end to end, through the harness a later test uses to wait for one: the
+    // small-MTU hop (ICMP too-big, outer fragments) fires WirescopeMTUMismatch on the
+    // client's underlay, and a DNS datagram to the hop, outside the tunnel, WirescopeLeak.
+    let underlay = lab.client().underlay().name.clone();
+    let on_underlay = |alerts: &[prometheus::Alert], kind: Option<&str>| {
+        alerts.iter().any(|a| {
+            a.labels.get("interface") == Some(&underlay)
+                && kind.is_none_or(|k| a.labels.get("kind").map(String::as_str) == Some(k))
+                && a.annotations.contains_key("summary")
+                && a.annotations.contains_key("description")
+        })
+    };
+    match p.wait_for_alert("WirescopeMTUMismatch", Duration::from_secs(10)) {
+        Ok(a) if on_underlay(&a, None) => {}
+        Ok(a) => failures.push(format!("WirescopeMTUMismatch not on {underlay}: {a:#?}")),
+        Err(e) => failures.push(format!("{e:#}")),
+    }
+    let hop = lab.hop().expect("the lab has a hop").address();
+    send_udp(&ns, None, SocketAddr::new(hop.into(), 53), &[40]).expect("a datagram to the hop");
+    match p.wait_for_alert("WirescopeLeak", Duration::from_secs(10)) {
+        Ok(a) if on_underlay(&a, Some("dns")) => {}
+        Ok(a) => failures.push(format!("WirescopeLeak not dns on {underlay}: {a:#?}")),
+        Err(e) => failures.push(format!("{e:#}")),
     }
     let checked_at = started.elapsed();
 

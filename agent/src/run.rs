@@ -151,6 +151,28 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .await
         .context("first sync of interfaces and peers")?;
 
+    // Mullvad daemon state (issue 6): written by crate::mullvad::spawn below, read by its
+    // collector and, through probe_target(), by the prober.
+    let mullvad_state = Arc::new(RwLock::new(crate::mullvad::MullvadState::default()));
+
+    // Active probes and path MTU (issue 6): stats shared with the collector and failover.
+    let probe_stats = Arc::new(crate::probe::ProbeStats::new());
+    let pmtu_state = Arc::new(crate::pmtu::PmtuState::new());
+    // Fire (notify_one) on an ICMP too-big seen by the datapath: a path-MTU run soon.
+    let pmtu_trigger = Arc::new(tokio::sync::Notify::new());
+    // Dynamic probe targets: the Mullvad poller's 10.64.0.1@wg0-mullvad while connected.
+    let probe_extra: crate::probe::ExtraTargets = {
+        let mullvad = mullvad_state.clone();
+        Arc::new(move || {
+            mullvad
+                .read()
+                .ok()
+                .and_then(|m| m.probe_target())
+                .into_iter()
+                .collect()
+        })
+    };
+    let probe_labeler = endpoints.clone();
     let datapath_collector = Arc::new(DatapathCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -182,6 +204,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         reasons,
     ));
     registry.register_collector(Box::new(drops_collector.clone()));
+    registry.register_collector(Box::new(crate::metrics::mullvad::MullvadCollector::new(
+        mullvad_state.clone(),
+        inventory.clone(),
+    )));
+    registry.register_collector(Box::new(crate::metrics::probe::ProbeCollector::new(
+        probe_stats.clone(),
+        pmtu_state.clone(),
+    )));
     registry.register_collector(Box::new(AgentCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -247,6 +277,28 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         })
     };
 
+    let probe_task = crate::probe::spawn(
+        cfg.probes.clone(),
+        probe_extra.clone(),
+        probe_stats.clone(),
+        stop_rx.clone(),
+    );
+    let pmtu_task = crate::pmtu::spawn(
+        crate::pmtu::PmtuTask {
+            cfg: cfg.probes.clone(),
+            extra: probe_extra.clone(),
+            inventory: inventory.clone(),
+            labeler: probe_labeler,
+            state: pmtu_state.clone(),
+            trigger: pmtu_trigger.clone(),
+        },
+        stop_rx.clone(),
+    );
+
+    // The Mullvad poller: `<cli> status --json` every --mullvad-interval.
+    let mullvad_task =
+        crate::mullvad::spawn(cfg.mullvad.clone(), mullvad_state.clone(), stop_rx.clone());
+
     let mut stop_http = stop_rx.clone();
     let serve = server.serve(agent, async move {
         let _ = stop_http.changed().await;
@@ -276,6 +328,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = sync_task.await;
+    let _ = mullvad_task.await;
+    let _ = probe_task.await;
+    let _ = pmtu_task.await;
     // Dropping the datapath detaches every program (TCX links are fd-based; clsact filters
     // are removed explicitly by detach()).
     let mut dp = datapath

@@ -48,7 +48,10 @@ impl Collector for FailoverCollector {
             "failover actions run, with result ok or failed",
             outcomes.into_iter().map(|((action, result), n)| {
                 (
-                    vec![("action", action.to_string()), ("result", result.to_string())],
+                    vec![
+                        ("action", action.to_string()),
+                        ("result", result.to_string()),
+                    ],
                     n,
                 )
             }),

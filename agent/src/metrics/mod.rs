@@ -16,8 +16,10 @@ pub mod datapath;
 pub mod drops;
 pub mod failover;
 pub mod leak;
+pub mod mullvad;
 pub mod path;
 pub mod peers;
+pub mod probe;
 pub mod wire_health;
 
 /// The exposition formats /metrics answers in.

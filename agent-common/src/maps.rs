@@ -479,6 +479,14 @@ pub mod transit {
     pub const TRANSIT_SLOTS: &str = "TRANSIT_SLOTS";
     pub const TRANSIT_HIST: &str = "TRANSIT_HIST";
     pub const TRANSIT_ERRORS: &str = "TRANSIT_ERRORS";
+    /// The per-CPU list of queue operations a TC program leaves for `wirescope_transit`.
+    pub const TRANSIT_OPS: &str = "TRANSIT_OPS";
+    /// Holds `wirescope_transit` (index 0) for the TC programs' tail call.
+    pub const TRANSIT_PROG: &str = "TRANSIT_PROG";
+    /// The program the queue work runs in: its own program, reached by a tail call at the
+    /// end of the TC programs, so the verifier checks the queue loops once, not once per
+    /// path through the parsers (which took the TC programs to ~500k instructions).
+    pub const PROG: &str = "wirescope_transit";
 
     /// Slots per (peer, direction): more packets in flight than this (a TUN queue of 500
     /// under load, kernel WireGuard's 1024-packet queues) overwrite the oldest.
@@ -559,6 +567,39 @@ pub mod transit {
         pub left: u64,
     }
     const _: () = assert!(core::mem::size_of::<Slot>() == 40);
+
+    /// `Op.kind`.
+    pub const ENQUEUE: u8 = 1;
+    pub const DEQUEUE: u8 = 2;
+    /// Operations one packet can leave: in multihop, a packet on the tunnel interface is
+    /// both an inner packet of the entry peer and a message of the exit peer.
+    pub const MAX_OPS: usize = 2;
+
+    /// One queue operation, as [`Op`]s in `TRANSIT_OPS`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Op {
+        pub kind: u8,
+        pub dir: u8,
+        /// Dequeue: 1 when the message side matches (tx), 0 when the inner packet does.
+        pub tx: u8,
+        pub _pad: u8,
+        pub peer: u32,
+        pub ifindex: u32,
+        pub len: u32,
+        pub last_len: u32,
+        pub left: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<Op>() == 24);
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Ops {
+        pub n: u32,
+        pub _pad: u32,
+        pub ops: [Op; MAX_OPS],
+    }
+    const _: () = assert!(core::mem::size_of::<Ops>() == 56);
 
     /// Key of `TRANSIT_HIST` (log2 buckets of nanoseconds, as `super::log2_bucket`).
     #[repr(C)]

@@ -35,13 +35,25 @@ const TC_NEXT: i32 = -1;
 
 #[classifier]
 pub fn wirescope_ingress(ctx: TcContext) -> i32 {
+    transit::begin();
     observe(&ctx, DIR_RX);
+    transit::finish(&ctx);
     TC_NEXT
 }
 
 #[classifier]
 pub fn wirescope_egress(ctx: TcContext) -> i32 {
+    transit::begin();
     observe(&ctx, DIR_TX);
+    transit::finish(&ctx);
+    TC_NEXT
+}
+
+/// Reached by tail call from the two above, with the transit-time queue work they left
+/// (`agent_common::maps::transit::PROG`).
+#[classifier]
+pub fn wirescope_transit(_ctx: TcContext) -> i32 {
+    transit::run_ops();
     TC_NEXT
 }
 

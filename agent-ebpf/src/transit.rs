@@ -6,15 +6,17 @@ use crate::count;
 use agent_common::maps::{
     HistValue, log2_bucket,
     transit::{
-        HistKey, LOOKAHEAD, LOOKBEHIND, MAX_TRANSIT_HIST, MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS,
-        Queue, QueueKey, RING, STALE_NS, Slot, SlotKey, error, fits,
+        DEQUEUE, ENQUEUE, HistKey, LOOKAHEAD, LOOKBEHIND, MAX_OPS, MAX_TRANSIT_HIST,
+        MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS, Op, Ops, Queue, QueueKey, RING, STALE_NS, Slot,
+        SlotKey, error, fits,
     },
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    programs::TcContext,
 };
 
 #[map]
@@ -29,6 +31,107 @@ pub static TRANSIT_HIST: PerCpuHashMap<HistKey, HistValue> =
 
 #[map]
 pub static TRANSIT_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+
+/// The operations the current packet left (this CPU's; a TC program runs to its end, tail
+/// call included, without migrating).
+#[map]
+pub static TRANSIT_OPS: PerCpuArray<Ops> = PerCpuArray::with_max_entries(1, 0);
+
+/// `wirescope_transit` at index 0, written by the agent after loading it.
+#[map]
+pub static TRANSIT_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// At the start of every packet: no operations yet.
+#[inline(always)]
+pub fn begin() {
+    if let Some(ops) = TRANSIT_OPS.get_ptr_mut(0) {
+        // SAFETY: this CPU's value.
+        unsafe { (*ops).n = 0 };
+    }
+}
+
+#[inline(always)]
+fn defer(op: Op) {
+    let Some(ops) = TRANSIT_OPS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value.
+    let n = unsafe { (*ops).n } as usize;
+    if n < MAX_OPS {
+        unsafe {
+            (*ops).ops[n] = op;
+            (*ops).n = n as u32 + 1;
+        }
+    }
+}
+
+/// Leaves an [`enqueue`] for `wirescope_transit`.
+#[inline(always)]
+pub fn defer_enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: u32) {
+    defer(Op {
+        kind: ENQUEUE,
+        dir,
+        tx: 0,
+        _pad: 0,
+        peer,
+        ifindex,
+        len,
+        last_len,
+        left,
+    });
+}
+
+/// Leaves a [`dequeue`] for `wirescope_transit`.
+#[inline(always)]
+pub fn defer_dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
+    defer(Op {
+        kind: DEQUEUE,
+        dir,
+        tx: tx as u8,
+        _pad: 0,
+        peer,
+        ifindex,
+        len,
+        last_len: len,
+        left: 0,
+    });
+}
+
+/// At the end of a TC program: jumps to `wirescope_transit` when the packet left work for
+/// it. The tail call does not return; when it cannot happen (no program in the array),
+/// the program goes on to its own verdict.
+#[inline(always)]
+pub fn finish(ctx: &TcContext) {
+    let n = TRANSIT_OPS.get(0).map_or(0, |o| o.n);
+    if n > 0 {
+        // SAFETY: a TC context for a TC program array.
+        unsafe { TRANSIT_PROG.tail_call(ctx, 0) };
+    }
+}
+
+/// The body of `wirescope_transit`: runs the operations left, in order.
+#[inline(always)]
+pub fn run_ops() {
+    let Some(ops) = TRANSIT_OPS.get(0).copied() else {
+        return;
+    };
+    let mut i = 0;
+    while i < MAX_OPS {
+        if i as u32 >= ops.n {
+            break;
+        }
+        let Some(op) = ops.ops.get(i).copied() else {
+            break;
+        };
+        i += 1;
+        if op.kind == ENQUEUE {
+            enqueue(op.peer, op.dir, op.ifindex, op.len, op.last_len, op.left);
+        } else if op.kind == DEQUEUE {
+            dequeue(op.peer, op.dir, op.ifindex, op.len, op.tx != 0);
+        }
+    }
+    begin();
+}
 
 #[inline(always)]
 fn bump(idx: u32) {
@@ -94,11 +197,8 @@ fn queue(key: &QueueKey) -> Option<*mut Queue> {
 
 /// The first half of a pair seen: a packet entering the tunnel (tx) or a data message
 /// arriving (rx). `left` messages are expected of it.
-///
-/// `lens` is the length in its high 32 bits and the last segment's in the low ones (a BPF
-/// call takes at most 5 arguments).
 #[inline(always)]
-pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
+fn enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: u32) {
     let Some(q) = queue(&queue_key(peer, dir)) else {
         return;
     };
@@ -108,8 +208,8 @@ pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
         number,
         start_ns: unsafe { bpf_ktime_get_ns() },
         ifindex,
-        len: (lens >> 32) as u32,
-        last_len: lens as u32,
+        len,
+        last_len,
         _pad: 0,
         left: left as u64,
     };
@@ -129,7 +229,7 @@ pub fn enqueue(peer: u32, dir: u8, ifindex: u32, lens: u64, left: u32) {
 /// only be late (reordered), not lost. Passed-over slots that never match are overwritten
 /// [`RING`] packets later or swept by the agent once stale.
 #[inline(always)]
-pub fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
+fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
     let Some(q) = TRANSIT_SEQ.get_ptr_mut(&queue_key(peer, dir)) else {
         return;
     };

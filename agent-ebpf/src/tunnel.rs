@@ -44,16 +44,10 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_seg
         (ip.l3_len, ip.l3_len)
     };
     if dir == DIR_TX {
-        transit::enqueue(
-            peer,
-            DIR_TX,
-            ifindex,
-            ((len as u64) << 32) | last_len as u64,
-            packets as u32,
-        );
+        transit::defer_enqueue(peer, DIR_TX, ifindex, len, last_len, packets as u32);
     } else if dir == DIR_RX {
         // A GRO packet matches its first message; the others are passed over later.
-        transit::dequeue(peer, DIR_RX, ifindex, len, false);
+        transit::defer_dequeue(peer, DIR_RX, ifindex, len, false);
     }
 }
 

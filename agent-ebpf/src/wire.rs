@@ -74,10 +74,9 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
         if dir == DIR_TX {
             // A batch leaving matches its first message only (one more scan per message
             // would not pass the verifier): its other packets are passed over.
-            transit::dequeue(peer, DIR_TX, ifindex, each, true);
+            transit::defer_dequeue(peer, DIR_TX, ifindex, each, true);
         } else {
-            let lens = ((each as u64) << 32) | last as u64;
-            transit::enqueue(peer, dir, 0, lens, packets as u32);
+            transit::defer_enqueue(peer, dir, 0, each, last, packets as u32);
         }
     }
     match peer {

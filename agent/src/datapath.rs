@@ -147,14 +147,26 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .load(object)
             .map_err(DatapathError::Load)?;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, agent_common::maps::transit::PROG] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
+            let started = std::time::Instant::now();
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
+            // The verifier's work grows with every feature: logged so a slow start (a few
+            // seconds on an emulated CPU) is explained, and growth is seen.
+            let insns = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count());
+            info!(
+                "{name}: verified in {:.1} s ({} instructions processed)",
+                started.elapsed().as_secs_f64(),
+                insns.map_or("?".to_string(), |n| n.to_string())
+            );
         }
         Ok(Self {
             ifaces: take(&mut ebpf, names::IFACES)?,

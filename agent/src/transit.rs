@@ -11,13 +11,15 @@ use std::collections::HashMap as StdHashMap;
 use agent_common::maps::{
     HistValue,
     transit::{
-        HistKey, MAX_TRANSIT_HIST, MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS, Queue, QueueKey, STALE_NS,
-        Slot, SlotKey, TRANSIT_ERRORS, TRANSIT_HIST, TRANSIT_SEQ, TRANSIT_SLOTS, error,
+        HistKey, MAX_TRANSIT_HIST, MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS, PROG, Queue, QueueKey,
+        STALE_NS, Slot, SlotKey, TRANSIT_ERRORS, TRANSIT_HIST, TRANSIT_PROG, TRANSIT_SEQ,
+        TRANSIT_SLOTS, error,
     },
 };
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray},
+    programs::SchedClassifier,
 };
 
 use crate::datapath::{DatapathError, sum_hist, take};
@@ -31,17 +33,35 @@ pub struct TransitMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     hist: PerCpuHashMap<MapData, HistKey, HistValue>,
     errors: PerCpuArray<MapData, u64>,
+    /// Holds `wirescope_transit` for the TC programs' tail call. Kept open: the kernel
+    /// empties a program array when the last user-space reference to it goes.
+    _prog: ProgramArray<MapData>,
     /// Queues found empty by the previous sweep, with their tail then.
     idle: StdHashMap<QueueKey, u64>,
 }
 
 impl TransitMaps {
+    /// Takes the maps and puts the (loaded) `wirescope_transit` into the program array.
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let mut prog: ProgramArray<MapData> = take(ebpf, TRANSIT_PROG)?;
+        let fd = ebpf
+            .program(PROG)
+            .ok_or(DatapathError::Missing(PROG))
+            .and_then(|p| {
+                <&SchedClassifier>::try_from(p)
+                    .and_then(|p| p.fd())
+                    .map_err(|source| DatapathError::Program { name: PROG, source })
+            })?;
+        prog.set(0, fd, 0).map_err(|source| DatapathError::Map {
+            map: TRANSIT_PROG,
+            source,
+        })?;
         Ok(Self {
             seq: take(ebpf, TRANSIT_SEQ)?,
             slots: take(ebpf, TRANSIT_SLOTS)?,
             hist: take(ebpf, TRANSIT_HIST)?,
             errors: take(ebpf, TRANSIT_ERRORS)?,
+            _prog: prog,
             idle: StdHashMap::new(),
         })
     }

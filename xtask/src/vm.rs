@@ -67,6 +67,8 @@ pub const SUITES: &[&str] = &[
     "agent/tests/path.rs",
     "agent/tests/bounded.rs",
     "agent/tests/handshake.rs",
+    "agent/tests/transit.rs",
+    "agent/tests/drops.rs",
 ];
 
 /// A kernel series `vm-test` knows how to install.

@@ -359,3 +359,191 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The paths to judge: every peer of every watched tunnel, with the age of its latest
+/// handshake (at `now`) and the RTT and loss of the probes that go through it. A probe goes
+/// through the peer whose allowed IPs hold its target most specifically, on the probe's
+/// interface (any tunnel when it has none).
+pub fn paths(
+    inv: &crate::inventory::Inventory,
+    probes: &[(crate::config::ProbeTarget, (u64, u64, Vec<Duration>))],
+    now: std::time::SystemTime,
+) -> Vec<PathInput> {
+    let mut out: Vec<PathInput> = Vec::new();
+    for t in &inv.tunnels {
+        for p in &t.peers {
+            out.push(PathInput {
+                interface: t.name.clone(),
+                peer: p.public_key.clone(),
+                rtt: None,
+                loss_percent: None,
+                handshake_age: p
+                    .wg
+                    .last_handshake
+                    .map(|h| now.duration_since(h).unwrap_or_default()),
+            });
+        }
+    }
+    // Sums per path over its probes: (sent, lost, rtt sum, replies).
+    let mut sums: BTreeMap<(String, String), (u64, u64, Duration, u64)> = BTreeMap::new();
+    for (target, (sent, lost, rtts)) in probes {
+        let best = inv
+            .tunnels
+            .iter()
+            .filter(|t| target.iface.as_ref().is_none_or(|i| *i == t.name))
+            .flat_map(|t| {
+                t.peers.iter().filter_map(move |p| {
+                    p.wg.allowed_ips
+                        .iter()
+                        .filter(|n| n.contains(&target.target))
+                        .map(|n| n.prefix_len())
+                        .max()
+                        .map(|len| (len, t.name.clone(), p.public_key.clone()))
+                })
+            })
+            .max_by_key(|(len, _, _)| *len);
+        let Some((_, iface, peer)) = best else {
+            continue;
+        };
+        let s = sums.entry((iface, peer)).or_default();
+        s.0 += sent;
+        s.1 += lost;
+        s.2 += rtts.iter().sum::<Duration>();
+        s.3 += rtts.len() as u64;
+    }
+    for p in &mut out {
+        if let Some((sent, lost, sum, replies)) = sums.get(&(p.interface.clone(), p.peer.clone())) {
+            if *sent > 0 {
+                p.loss_percent = Some(*lost as f64 * 100.0 / *sent as f64);
+            }
+            if *replies > 0 {
+                p.rtt = Some(*sum / *replies as u32);
+            }
+        }
+    }
+    out
+}
+
+/// Everything the failover task reads and writes.
+pub struct FailoverTask {
+    pub cfg: FailoverConfig,
+    pub probes: crate::config::ProbeConfig,
+    pub extra: crate::probe::ExtraTargets,
+    pub stats: Arc<crate::probe::ProbeStats>,
+    pub inventory: Arc<std::sync::RwLock<crate::inventory::Inventory>>,
+    pub state: Arc<Mutex<Failover>>,
+    pub outcomes: Outcomes,
+}
+
+/// Judges the paths every second and runs the action (in its own task, one at a time).
+pub fn spawn(
+    task: FailoverTask,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let targets = crate::probe::target_set(&task.probes, task.extra.as_ref());
+            let probes: Vec<_> = targets
+                .into_iter()
+                .map(|t| {
+                    let w = task.stats.window(&t, task.cfg.window);
+                    (t, w)
+                })
+                .collect();
+            let inputs = match task.inventory.read() {
+                Ok(inv) => paths(&inv, &probes, std::time::SystemTime::now()),
+                Err(_) => continue,
+            };
+            let running = busy.load(std::sync::atomic::Ordering::SeqCst);
+            let event = match task.state.lock() {
+                Ok(mut f) => f.tick(&task.cfg, &inputs, Instant::now(), running),
+                Err(_) => continue,
+            };
+            if let Some(event) = event {
+                busy.store(true, std::sync::atomic::Ordering::SeqCst);
+                let (cfg, outcomes, busy) = (task.cfg.clone(), task.outcomes.clone(), busy.clone());
+                tokio::spawn(async move {
+                    act(&cfg, &event, &outcomes).await;
+                    busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod path_tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{
+        config::ProbeTarget,
+        inventory::{Backend, Inventory, Peer, Tunnel, WgPeer},
+    };
+
+    fn peer(key: &str, allowed: &[&str], handshake: Option<SystemTime>) -> Peer {
+        Peer {
+            id: 1,
+            public_key: key.into(),
+            wg: WgPeer {
+                public_key: [0; 32],
+                endpoint: None,
+                allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+                last_handshake: handshake,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                persistent_keepalive: None,
+            },
+            friendly_name: None,
+            hop: 1,
+            via: String::new(),
+        }
+    }
+
+    #[test]
+    fn probes_go_to_the_most_specific_peer() {
+        let now = SystemTime::now();
+        let inv = Inventory {
+            tunnels: vec![Tunnel {
+                name: "wg0-mullvad".into(),
+                ifindex: 3,
+                mtu: 1380,
+                backend: Backend::Uapi,
+                listen_port: 0,
+                peers: vec![
+                    peer(
+                        "ENTRY",
+                        &["185.0.0.2/32"],
+                        Some(now - Duration::from_secs(10)),
+                    ),
+                    peer("EXIT", &["0.0.0.0/0", "::/0"], None),
+                ],
+            }],
+            ..Inventory::default()
+        };
+        let ms = Duration::from_millis;
+        let probes = vec![(
+            ProbeTarget {
+                target: "10.64.0.1".parse().unwrap(),
+                iface: Some("wg0-mullvad".into()),
+            },
+            (4, 1, vec![ms(10), ms(20), ms(30)]),
+        )];
+        let p = paths(&inv, &probes, now);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].peer, "ENTRY");
+        assert_eq!(p[0].rtt, None);
+        assert_eq!(p[0].handshake_age, Some(Duration::from_secs(10)));
+        assert_eq!(p[1].peer, "EXIT");
+        assert_eq!(p[1].rtt, Some(ms(20)));
+        assert_eq!(p[1].loss_percent, Some(25.0));
+        assert_eq!(p[1].handshake_age, None);
+    }
+}

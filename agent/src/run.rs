@@ -173,6 +173,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         })
     };
     let probe_labeler = endpoints.clone();
+    let failover_state = Arc::new(Mutex::new(crate::failover::Failover::default()));
+    let failover_outcomes = crate::failover::Outcomes::default();
     let datapath_collector = Arc::new(DatapathCollector::new(
         datapath.clone(),
         inventory.clone(),
@@ -208,6 +210,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         mullvad_state.clone(),
         inventory.clone(),
     )));
+    registry.register_collector(Box::new(crate::metrics::failover::FailoverCollector::new(
+        failover_state.clone(),
+        failover_outcomes.clone(),
+    )));
     registry.register_collector(Box::new(crate::metrics::probe::ProbeCollector::new(
         probe_stats.clone(),
         pmtu_state.clone(),
@@ -242,7 +248,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let datapath = datapath.clone();
         let inventory = inventory.clone();
         let mut stop = stop_rx.clone();
+        let pmtu_trigger = pmtu_trigger.clone();
         tokio::spawn(async move {
+            let mut too_big_seen = 0u64;
             let mut tick = tokio::time::interval(SYNC_PERIOD);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -258,6 +266,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     dp.expire_path_state(crate::health::monotonic_ns());
                     // Transit slots of packets never matched, queues of quiet peers.
                     dp.transit.expire(crate::health::monotonic_ns());
+                    // A new ICMP too-big: the path MTU may have changed, measure it soon.
+                    let too_big: u64 = dp
+                        .path()
+                        .icmp_too_big()
+                        .map(|v| v.iter().map(|(_, c)| c.packets).sum())
+                        .unwrap_or(0);
+                    if too_big > too_big_seen {
+                        pmtu_trigger.notify_one();
+                    }
+                    too_big_seen = too_big;
                 }
                 let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
                 match syncer.tick(&datapath, &inventory).await {
@@ -291,6 +309,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             labeler: probe_labeler,
             state: pmtu_state.clone(),
             trigger: pmtu_trigger.clone(),
+        },
+        stop_rx.clone(),
+    );
+
+    // Failover: paths judged every second against the thresholds, the action when one
+    // turns unhealthy.
+    let failover_task = crate::failover::spawn(
+        crate::failover::FailoverTask {
+            cfg: cfg.failover.clone(),
+            probes: cfg.probes.clone(),
+            extra: probe_extra.clone(),
+            stats: probe_stats.clone(),
+            inventory: inventory.clone(),
+            state: failover_state.clone(),
+            outcomes: failover_outcomes.clone(),
         },
         stop_rx.clone(),
     );
@@ -331,6 +364,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let _ = mullvad_task.await;
     let _ = probe_task.await;
     let _ = pmtu_task.await;
+    let _ = failover_task.await;
     // Dropping the datapath detaches every program (TCX links are fd-based; clsact filters
     // are removed explicitly by detach()).
     let mut dp = datapath

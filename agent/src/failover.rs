@@ -360,13 +360,17 @@ mod tests {
     }
 }
 
+/// A probe target's (sent, lost, round trips) over the window, as
+/// [`crate::probe::ProbeStats::window`] gives it.
+pub type ProbeWindow = (u64, u64, Vec<Duration>);
+
 /// The paths to judge: every peer of every watched tunnel, with the age of its latest
 /// handshake (at `now`) and the RTT and loss of the probes that go through it. A probe goes
 /// through the peer whose allowed IPs hold its target most specifically, on the probe's
 /// interface (any tunnel when it has none).
 pub fn paths(
     inv: &crate::inventory::Inventory,
-    probes: &[(crate::config::ProbeTarget, (u64, u64, Vec<Duration>))],
+    probes: &[(crate::config::ProbeTarget, ProbeWindow)],
     now: std::time::SystemTime,
 ) -> Vec<PathInput> {
     let mut out: Vec<PathInput> = Vec::new();

@@ -163,8 +163,26 @@ pub struct StatusArgs {
     pub listen_address: String,
 }
 
-#[derive(Debug, Default, Args)]
-pub struct DoctorArgs {}
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the findings as JSON (`ok`, `problems`, `agent`, `findings`: check, severity,
+    /// message, fix)
+    #[arg(long = "json")]
+    pub json: bool,
+
+    /// A running agent to consult for what only it measures (path MTU, UDP receive errors,
+    /// handshake timeouts, leaks); doctor checks the host alone when none answers
+    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
+    pub listen_address: String,
+
+    /// Directory of WireGuard configuration and key files whose modes are checked
+    #[arg(long = "wireguard-dir", value_name = "DIR", default_value = "/etc/wireguard")]
+    pub wireguard_dir: PathBuf,
+
+    /// The Mullvad CLI (a path, or a name looked up on PATH)
+    #[arg(long = "mullvad-cli", value_name = "PATH", default_value = "mullvad")]
+    pub mullvad_cli: String,
+}
 
 impl Cli {
     /// Parses `std::env::args`; on a usage error clap prints it and exits with status 2

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod datapath;
+pub mod doctor;
 pub mod drops;
 pub mod failover;
 pub mod features;

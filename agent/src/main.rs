@@ -45,7 +45,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status(_) | Command::Doctor(_) => {
+        Command::Doctor(args) => wirescope::doctor::run(&args),
+        Command::Status(_) => {
             eprintln!("wirescope: this command is not implemented yet (see the open issues)");
             ExitCode::from(1)
         }

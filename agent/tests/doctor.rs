@@ -1,0 +1,328 @@
+//! `wirescope doctor`, end to end: the real binary, `--json`, each check made to fail, the
+//! finding asserted with its fix, then the printed fix run (`sh -c FIX`, in the namespace the
+//! doctor ran in) and the finding asserted gone.
+//!
+//! - key files: a 0644 file in a temporary `--wireguard-dir` (no root needed);
+//! - Mullvad: a fake `--mullvad-cli` printing `status --json` (no root needed);
+//! - socket buffers: `net.core.rmem_max` lowered on the host (it is global: read-only inside
+//!   a network namespace on this kernel), restored afterwards whatever happens;
+//! - the lab (prefix "wsy", a single relay behind a hop whose onward link has a 1400-byte
+//!   MTU): with the agent running, the tunnel MTU above the measured path MTU; then, host
+//!   checks only, the persistent keepalive unset, no kill switch (the fix's ruleset must keep
+//!   the tunnel working), and an nftables rule dropping the WireGuard port.
+//!
+//! Needs root for all but the first two; with CI=true a missing prerequisite fails. Run with
+//! `--test-threads=1` (the lab tests share their prefix; `cargo xtask test` does).
+
+mod common;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::{
+    agent::Agent,
+    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+};
+
+use common::{bin, log_path, privileged};
+
+const PREFIX: &str = "wsy";
+const PATH_MTU: u32 = 1400;
+const WG_MTU: u32 = 1420;
+/// Nothing listens here: doctor checks the host only.
+const NO_AGENT: &str = "127.0.0.1:9";
+
+/// `wirescope doctor --json ARGS`, in `ns` when given. Returns the report and the exit code.
+fn doctor(ns: Option<&str>, args: &[&str]) -> (Value, i32) {
+    let b = bin().display().to_string();
+    let mut cmd = match ns {
+        Some(ns) => xtask::netns::command(ns, &b),
+        None => Command::new(&b),
+    };
+    let out = cmd
+        .args(["doctor", "--json"])
+        .args(args)
+        .output()
+        .expect("running wirescope doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json printed no JSON ({e}): {text}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let code = out.status.code().expect("doctor exited");
+    // The exit status is exactly "a problem was found".
+    assert_eq!(v["ok"].as_bool(), Some(code == 0), "{v:#}");
+    assert_eq!(code == 0, v["problems"] == 0, "{v:#}");
+    (v, code)
+}
+
+/// The findings of `check` with `severity` whose message contains `needle`.
+fn findings<'a>(v: &'a Value, check: &str, severity: &str, needle: &str) -> Vec<&'a Value> {
+    v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| {
+            f["check"] == check
+                && f["severity"] == severity
+                && f["message"].as_str().is_some_and(|m| m.contains(needle))
+        })
+        .collect()
+}
+
+/// The one problem of `check` mentioning `needle`; returns its fix.
+fn problem(v: &Value, check: &str, needle: &str) -> String {
+    let f = findings(v, check, "problem", needle);
+    assert_eq!(f.len(), 1, "want one {check} problem mentioning {needle:?}: {v:#}");
+    f[0]["fix"].as_str().expect("a problem has a fix").to_string()
+}
+
+fn no_problem(v: &Value, check: &str, needle: &str) {
+    let f = findings(v, check, "problem", needle);
+    assert!(f.is_empty(), "{check} problem {needle:?} still there: {v:#}");
+}
+
+/// Runs a printed fix with `sh -c`, in `ns` when given.
+fn apply(ns: Option<&str>, fix: &str) {
+    let mut cmd = match ns {
+        Some(ns) => xtask::netns::command(ns, "sh"),
+        None => Command::new("sh"),
+    };
+    let out = cmd.args(["-c", fix]).output().expect("running the fix");
+    assert!(
+        out.status.success(),
+        "the fix `{fix}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wirescope-doctor-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+#[test]
+fn key_file_readable_by_others() {
+    let dir = temp_dir("keys");
+    let conf = dir.join("wg0.conf");
+    std::fs::write(&conf, "[Interface]\nPrivateKey = x\n").expect("write");
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let good = dir.join("wg1.conf");
+    std::fs::write(&good, "[Interface]\n").expect("write");
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let d = dir.display().to_string();
+    let args = ["--wireguard-dir", &d, "--web.listen-address", NO_AGENT];
+
+    let (v, code) = doctor(None, &args);
+    assert_eq!(code, 1);
+    let fix = problem(&v, "key_files", &format!("{} has mode 0644", conf.display()));
+    assert_eq!(fix, format!("chmod 600 {}", conf.display()));
+    no_problem(&v, "key_files", "wg1.conf");
+
+    apply(None, &fix);
+    let (v, _) = doctor(None, &args);
+    no_problem(&v, "key_files", "");
+    assert_eq!(findings(&v, "key_files", "ok", "2 files").len(), 1, "{v:#}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A fake `mullvad` printing `out` for `status --json`.
+fn fake_mullvad(dir: &Path, out: &str) -> String {
+    let p = dir.join("mullvad");
+    std::fs::write(&p, format!("#!/bin/sh\ncat <<'EOF'\n{out}\nEOF\n")).expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p.display().to_string()
+}
+
+#[test]
+fn mullvad_state_relays_and_features() {
+    let dir = temp_dir("mullvad");
+    let connected = r#"{"state":"connected","details":{"endpoint":{"address":"185.213.154.68:51820","protocol":"udp","quantum_resistant":true,"obfuscation":null,"entry_endpoint":{"address":"185.65.135.1:51820","protocol":"udp"},"tunnel_interface":"wg0-mullvad","daita":{"enabled":true}},"location":{"ipv4":"185.213.154.70","hostname":"se-got-wg-101","city":"Gothenburg","country":"Sweden","entry_hostname":"de-fra-wg-001","entry_city":"Frankfurt","entry_country":"Germany","mullvad_exit_ip":true},"feature_indicators":["Multihop","Daita","QuantumResistance"]}}"#;
+    let cli = fake_mullvad(&dir, connected);
+    let args = ["--mullvad-cli", &cli, "--web.listen-address", NO_AGENT];
+    let (v, _) = doctor(None, &args);
+    let f = findings(&v, "mullvad", "info", "state connected");
+    assert_eq!(f.len(), 1, "{v:#}");
+    let m = f[0]["message"].as_str().unwrap_or_default();
+    for want in [
+        "exit se-got-wg-101 (Gothenburg)",
+        "entry de-fra-wg-001 (Frankfurt)",
+        "multihop on",
+        "DAITA on",
+    ] {
+        assert!(m.contains(want), "{want:?} not in {m:?}");
+    }
+
+    let cli = fake_mullvad(
+        &dir,
+        r#"{"state":"error","details":{"cause":"the firewall could not be set up"}}"#,
+    );
+    let (v, code) = doctor(None, &["--mullvad-cli", &cli, "--web.listen-address", NO_AGENT]);
+    assert_eq!(code, 1);
+    assert_eq!(problem(&v, "mullvad", "state error"), "mullvad reconnect");
+
+    let (v, _) = doctor(
+        None,
+        &["--mullvad-cli", "/nonexistent/mullvad", "--web.listen-address", NO_AGENT],
+    );
+    assert_eq!(findings(&v, "mullvad", "info", "not installed").len(), 1, "{v:#}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Puts `net.core.rmem_max` back when dropped.
+struct RestoreRmem(String);
+
+impl Drop for RestoreRmem {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/net/core/rmem_max", &self.0);
+    }
+}
+
+#[test]
+fn rmem_max_below_baseline() {
+    if !privileged("the socket buffer test changes net.core.rmem_max") {
+        return;
+    }
+    let path = "/proc/sys/net/core/rmem_max";
+    let orig = std::fs::read_to_string(path).expect("rmem_max");
+    let _restore = RestoreRmem(orig.trim().to_string());
+    std::fs::write(path, "212992").expect("lowering rmem_max");
+    let args = ["--web.listen-address", NO_AGENT];
+
+    let (v, code) = doctor(None, &args);
+    assert_eq!(code, 1);
+    let fix = problem(&v, "socket_buffers", "net.core.rmem_max = 212992");
+    assert_eq!(fix, "sysctl -w net.core.rmem_max=2621440");
+
+    apply(None, &fix);
+    let (v, _) = doctor(None, &args);
+    no_problem(&v, "socket_buffers", "rmem_max");
+    assert_eq!(
+        findings(&v, "socket_buffers", "ok", "net.core.rmem_max = 2621440").len(),
+        1,
+        "{v:#}"
+    );
+}
+
+/// Polls the agent until `name{labels}` exists.
+fn wait_metric(agent: &Agent, name: &str, labels: &[(&str, &str)], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = agent.scrape().expect("scrape");
+        if m.select(name, labels).count() > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {name}{labels:?} within {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn lab_mtu_keepalive_kill_switch_blocked_port() {
+    if !lab::can_run("lab_mtu_keepalive_kill_switch_blocked_port") {
+        return;
+    }
+    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
+    cfg.hop = true;
+    cfg.path_mtu = Some(PATH_MTU);
+    cfg.wg_mtu = WG_MTU;
+    let lab = Lab::up(cfg).expect("lab up");
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    let ns = lab.client().netns.clone();
+    let ns = Some(ns.as_str());
+    let wg = lab.client().wg().iface.clone();
+    let relay = lab.entry_endpoint();
+    let key = lab.client().wg().peers[0].public_key.clone();
+    let empty = temp_dir("lab-keys");
+    let empty = empty.display().to_string();
+
+    // MTU above the measured path MTU, with the agent measuring it.
+    let probe = format!("{GATEWAY_V4}@{wg}");
+    let agent = Agent::start(
+        bin(),
+        ns.unwrap_or_default(),
+        &["--probe", &probe, "--probe-interval", "200ms", "--pmtu-interval", "1h"],
+        &log_path("doctor"),
+    )
+    .expect("agent starts");
+    let rec = PATH_MTU - 60;
+    wait_metric(
+        &agent,
+        "wirescope_recommended_mtu_bytes",
+        &[("interface", wg.as_str())],
+        Duration::from_secs(60),
+    );
+    let with_agent = ["--web.listen-address", xtask::agent::LISTEN, "--wireguard-dir", &empty];
+    let (v, code) = doctor(ns, &with_agent);
+    assert_eq!(code, 1);
+    assert_eq!(v["agent"], xtask::agent::LISTEN, "{v:#}");
+    let fix = problem(&v, "mtu", &format!("{wg}: MTU {WG_MTU} exceeds the {rec}"));
+    assert_eq!(fix, format!("ip link set dev {wg} mtu {rec}"));
+    apply(ns, &fix);
+    let (v, _) = doctor(ns, &with_agent);
+    no_problem(&v, "mtu", "");
+    assert_eq!(findings(&v, "mtu", "ok", &format!("{wg}: MTU {rec} fits")).len(), 1, "{v:#}");
+    agent.stop().expect("agent stops");
+
+    // Host checks only from here.
+    let host_only = ["--web.listen-address", NO_AGENT, "--wireguard-dir", &empty];
+
+    // Persistent keepalive unset on a peer with an endpoint, from a non-public address.
+    let (v, _) = doctor(ns, &host_only);
+    let fix = problem(&v, "keepalive", &format!("{wg} peer {key} ({relay})"));
+    assert_eq!(fix, format!("wg set {wg} peer {key} persistent-keepalive 25"));
+    apply(ns, &fix);
+    let (v, _) = doctor(ns, &host_only);
+    no_problem(&v, "keepalive", "");
+    assert_eq!(findings(&v, "keepalive", "ok", "persistent keepalive 25 s").len(), 1);
+
+    // An nftables rule dropping the WireGuard port.
+    apply(
+        ns,
+        &format!(
+            "nft 'add table inet wsyblock; add chain inet wsyblock out {{ type filter hook output priority 0; policy accept; }}; add rule inet wsyblock out udp dport {} drop'",
+            relay.port()
+        ),
+    );
+    let (v, _) = doctor(ns, &host_only);
+    let fix = problem(&v, "firewall", &format!("drops UDP port {}", relay.port()));
+    assert!(fix.starts_with("nft delete rule inet wsyblock out handle "), "{fix}");
+    apply(ns, &fix);
+    let (v, _) = doctor(ns, &host_only);
+    no_problem(&v, "firewall", "");
+    apply(ns, "nft delete table inet wsyblock");
+
+    // No kill switch: the fix installs one, and the tunnel still works behind it.
+    let (v, _) = doctor(ns, &host_only);
+    let fix = problem(&v, "kill_switch", &format!("outside {wg}"));
+    assert!(fix.contains("policy drop"), "{fix}");
+    apply(ns, &fix);
+    let (v, _) = doctor(ns, &host_only);
+    no_problem(&v, "kill_switch", "");
+    assert_eq!(findings(&v, "kill_switch", "ok", "wirescope_killswitch/output").len(), 1, "{v:#}");
+    lab.handshake(Duration::from_secs(20))
+        .expect("the tunnel works behind the kill switch");
+    // Outside the tunnel: the hop's address on the underlay is now unreachable.
+    let hop = lab.client().underlay().peer_address.to_string();
+    let out = xtask::netns::command(ns.unwrap_or_default(), "ping")
+        .args(["-c", "1", "-W", "1", &hop])
+        .output()
+        .expect("ping");
+    assert!(!out.status.success(), "ping to {hop} outside the tunnel got through");
+
+    lab.teardown().expect("lab down");
+}

@@ -247,7 +247,10 @@ pub async fn diagnose(args: &DoctorArgs) -> Report {
         Ok(nl) => match nl.links().await {
             Ok(l) => l,
             Err(e) => {
-                f.push(Finding::info("wireguard", format!("listing interfaces: {e}")));
+                f.push(Finding::info(
+                    "wireguard",
+                    format!("listing interfaces: {e}"),
+                ));
                 Vec::new()
             }
         },
@@ -325,10 +328,13 @@ fn fetch_metrics(listen: &str) -> Result<String, String> {
     Ok(rest.to_string())
 }
 
+/// One sample: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
 /// Samples of a Prometheus/OpenMetrics text exposition.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
-    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+    pub samples: Vec<Sample>,
 }
 
 impl Metrics {
@@ -360,7 +366,8 @@ impl Metrics {
     }
 
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.select(name, labels).map(|(_, v)| v).sum()
+        // + 0.0: an empty f64 sum is -0.0.
+        self.select(name, labels).map(|(_, v)| v).sum::<f64>() + 0.0
     }
 
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -368,7 +375,7 @@ impl Metrics {
     }
 }
 
-fn parse_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
+fn parse_sample(line: &str) -> Option<Sample> {
     let line = line.trim();
     let name_end = line.find(['{', ' '])?;
     let name = line[..name_end].to_string();
@@ -782,22 +789,25 @@ fn check_handshakes(f: &mut Vec<Finding>, host: &Host) {
         for p in &dev.peers {
             let Some(ep) = p.endpoint else { continue };
             let key = wg::key_to_base64(&p.public_key);
-            let age = p
-                .last_handshake
-                .and_then(|t| now.duration_since(t).ok());
+            let age = p.last_handshake.and_then(|t| now.duration_since(t).ok());
             let timeouts = host.metrics.as_ref().map(|m| {
                 m.sum(
+                    // Counted on whichever interface carries the handshakes (the underlay).
                     "wirescope_handshake_timeouts_total",
-                    &[("interface", dev.name.as_str()), ("peer", key.as_str())],
+                    &[("peer", key.as_str())],
                 )
             });
             let stale = age.is_none_or(|a| a > REJECT_AFTER);
             let tried = p.tx_bytes > 0 || timeouts.is_some_and(|t| t > 0.0);
             if stale && tried {
                 let age_s = age.map_or("never".to_string(), |a| format!("{} s ago", a.as_secs()));
-                let t = timeouts.map_or(String::new(), |t| {
-                    format!(", {t} initiations unanswered (wirescope_handshake_timeouts_total)")
-                });
+                let t = match timeouts {
+                    Some(t) if t > 0.0 => {
+                        format!(", {t} initiations unanswered (wirescope_handshake_timeouts_total)")
+                    }
+                    Some(_) => ", no initiation timed out yet".to_string(),
+                    None => String::new(),
+                };
                 f.push(Finding::problem(
                     "handshake",
                     format!(
@@ -815,7 +825,11 @@ fn check_handshakes(f: &mut Vec<Finding>, host: &Host) {
             } else if let Some(a) = age {
                 f.push(Finding::ok(
                     "handshake",
-                    format!("{} peer {key}: last handshake {} s ago", dev.name, a.as_secs()),
+                    format!(
+                        "{} peer {key}: last handshake {} s ago",
+                        dev.name,
+                        a.as_secs()
+                    ),
                 ));
             }
         }
@@ -851,12 +865,20 @@ fn check_socket_buffers(f: &mut Vec<Finding>, host: &Host) {
     let errors = host.metrics.as_ref().map(|m| {
         ports
             .iter()
-            .map(|p| m.sum("wirescope_udp_receive_errors_total", &[("port", &p.to_string())]))
+            .map(|p| {
+                m.sum(
+                    "wirescope_udp_receive_errors_total",
+                    &[("port", &p.to_string())],
+                )
+            })
             .sum::<f64>()
     });
     for (name, is_rmem) in [("net.core.rmem_max", true), ("net.core.wmem_max", false)] {
         let Some(cur) = read_sysctl(name) else {
-            f.push(Finding::info("socket_buffers", format!("{name} not readable")));
+            f.push(Finding::info(
+                "socket_buffers",
+                format!("{name} not readable"),
+            ));
             continue;
         };
         let errs = if is_rmem { errors.unwrap_or(0.0) } else { 0.0 };
@@ -917,10 +939,7 @@ fn check_clock(f: &mut Vec<Finding>) {
     } else if clock_synced(ret, tx.status) {
         f.push(Finding::ok(
             "clock",
-            format!(
-                "synchronised (estimated error {} us)",
-                tx.esterror
-            ),
+            format!("synchronised (estimated error {} us)", tx.esterror),
         ));
     } else {
         f.push(Finding::problem(
@@ -995,8 +1014,7 @@ fn check_key_files(f: &mut Vec<Finding>, dir: &Path) {
 /// Quotes a word for a POSIX shell when it needs it.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@,".contains(c))
     {
         s.to_string()
@@ -1069,14 +1087,20 @@ pub fn parse_nft(json: &str, ports: &BTreeSet<u16>) -> Result<NftFacts, String> 
         if s("hook") == "output" {
             output_chains.push((s("family"), s("table"), s("name")));
             if s("policy") == "drop" {
-                facts.kill_switch.push(format!("{}/{}", s("table"), s("name")));
+                facts
+                    .kill_switch
+                    .push(format!("{}/{}", s("table"), s("name")));
             }
         }
     }
     for it in items {
         let Some(r) = it.get("rule") else { continue };
         let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        let exprs = r.get("expr").and_then(Value::as_array).cloned().unwrap_or_default();
+        let exprs = r
+            .get("expr")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         if !exprs.iter().any(is_drop) {
             continue;
         }
@@ -1097,7 +1121,10 @@ pub fn parse_nft(json: &str, ports: &BTreeSet<u16>) -> Result<NftFacts, String> 
             let proto = payload.get("protocol").and_then(Value::as_str);
             let field = payload.get("field").and_then(Value::as_str);
             let op = m.get("op").and_then(Value::as_str).unwrap_or("==");
-            if proto != Some("udp") || !matches!(field, Some("dport" | "sport")) || op != "==" && op != "in" {
+            if proto != Some("udp")
+                || !matches!(field, Some("dport" | "sport"))
+                || op != "==" && op != "in"
+            {
                 continue;
             }
             let hit = m
@@ -1179,13 +1206,21 @@ fn check_firewall(f: &mut Vec<Finding>, host: &Host) {
     endpoints.sort();
     endpoints.dedup();
     let mut ports: BTreeSet<u16> = endpoints.iter().map(SocketAddr::port).collect();
-    ports.extend(host.devices.iter().map(|(d, _)| d.listen_port).filter(|p| *p != 0));
+    ports.extend(
+        host.devices
+            .iter()
+            .map(|(d, _)| d.listen_port)
+            .filter(|p| *p != 0),
+    );
 
     let nft = output_of("nft", &["-j", "list", "ruleset"]);
     let facts = match nft.as_deref().map(|j| parse_nft(j, &ports)) {
         Some(Ok(facts)) => Some(facts),
         Some(Err(e)) => {
-            f.push(Finding::info("firewall", format!("nft ruleset unreadable: {e}")));
+            f.push(Finding::info(
+                "firewall",
+                format!("nft ruleset unreadable: {e}"),
+            ));
             None
         }
         None => None,
@@ -1314,7 +1349,9 @@ async fn check_mullvad(f: &mut Vec<Finding>, cli: &str) {
                     "mullvad",
                     format!(
                         "{msg}: {}",
-                        st.error_cause.as_deref().unwrap_or("the tunnel is in the error state")
+                        st.error_cause
+                            .as_deref()
+                            .unwrap_or("the tunnel is in the error state")
                     ),
                     "mullvad reconnect",
                 )),
@@ -1369,13 +1406,24 @@ mod tests {
         assert!(mode_too_open(0o644));
         assert!(mode_too_open(0o640));
         assert!(mode_too_open(0o602));
-        assert_eq!(shell_quote("/etc/wireguard/wg0.conf"), "/etc/wireguard/wg0.conf");
+        assert_eq!(
+            shell_quote("/etc/wireguard/wg0.conf"),
+            "/etc/wireguard/wg0.conf"
+        );
         assert_eq!(shell_quote("/tmp/a b'c"), "'/tmp/a b'\\''c'");
     }
 
     #[test]
     fn nat_heuristic() {
-        for a in ["10.1.2.3", "192.168.1.2", "172.16.0.1", "100.64.0.1", "198.51.100.2", "fd00::1", "fe80::1"] {
+        for a in [
+            "10.1.2.3",
+            "192.168.1.2",
+            "172.16.0.1",
+            "100.64.0.1",
+            "198.51.100.2",
+            "fd00::1",
+            "fe80::1",
+        ] {
             assert!(behind_nat(a.parse().unwrap()), "{a}");
         }
         for a in ["8.8.8.8", "185.65.135.1", "100.128.0.1", "2a03:1b20::1"] {
@@ -1405,9 +1453,15 @@ mod tests {
              weird{a=\"x\\\"y,z\",b=\"\"} 1.5 1700000000\n\
              plain 3\n# EOF\n",
         );
-        assert_eq!(m.get("wirescope_recommended_mtu_bytes", &[("interface", "wg0")]), Some(1340.0));
+        assert_eq!(
+            m.get("wirescope_recommended_mtu_bytes", &[("interface", "wg0")]),
+            Some(1340.0)
+        );
         assert_eq!(m.sum("wirescope_udp_receive_errors_total", &[]), 9.0);
-        assert_eq!(m.sum("wirescope_udp_receive_errors_total", &[("port", "53")]), 2.0);
+        assert_eq!(
+            m.sum("wirescope_udp_receive_errors_total", &[("port", "53")]),
+            2.0
+        );
         assert_eq!(m.get("weird", &[("a", "x\"y,z"), ("b", "")]), Some(1.5));
         assert_eq!(m.get("plain", &[]), Some(3.0));
         assert_eq!(m.get("absent", &[]), None);
@@ -1415,10 +1469,22 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(connect_addr(":9586"), Some("127.0.0.1:9586".parse().unwrap()));
-        assert_eq!(connect_addr("0.0.0.0:1"), Some("127.0.0.1:1".parse().unwrap()));
-        assert_eq!(connect_addr("[::]:9586"), Some("[::1]:9586".parse().unwrap()));
-        assert_eq!(connect_addr("10.0.0.1:80"), Some("10.0.0.1:80".parse().unwrap()));
+        assert_eq!(
+            connect_addr(":9586"),
+            Some("127.0.0.1:9586".parse().unwrap())
+        );
+        assert_eq!(
+            connect_addr("0.0.0.0:1"),
+            Some("127.0.0.1:1".parse().unwrap())
+        );
+        assert_eq!(
+            connect_addr("[::]:9586"),
+            Some("[::1]:9586".parse().unwrap())
+        );
+        assert_eq!(
+            connect_addr("10.0.0.1:80"),
+            Some("10.0.0.1:80".parse().unwrap())
+        );
         assert_eq!(connect_addr("nonsense"), None);
     }
 
@@ -1438,7 +1504,10 @@ mod tests {
         let f = parse_nft(NFT, &ports).unwrap();
         assert!(f.kill_switch.is_empty());
         assert_eq!(
-            f.blocking.iter().map(|b| (b.chain.as_str(), b.handle, b.port)).collect::<Vec<_>>(),
+            f.blocking
+                .iter()
+                .map(|b| (b.chain.as_str(), b.handle, b.port))
+                .collect::<Vec<_>>(),
             vec![("out", 4, 51820), ("in", 5, 51821)]
         );
         assert!(parse_nft("{}", &ports).is_err());
@@ -1448,13 +1517,24 @@ mod tests {
     #[test]
     fn nft_kill_switch() {
         let policy = r#"{"nftables": [{"chain": {"family": "inet", "table": "mullvad", "name": "output", "hook": "output", "policy": "drop"}}]}"#;
-        assert_eq!(parse_nft(policy, &BTreeSet::new()).unwrap().kill_switch, vec!["mullvad/output"]);
+        assert_eq!(
+            parse_nft(policy, &BTreeSet::new()).unwrap().kill_switch,
+            vec!["mullvad/output"]
+        );
         let rule = r#"{"nftables": [{"chain": {"family": "inet", "table": "t", "name": "o", "hook": "output", "policy": "accept"}},
           {"rule": {"family": "inet", "table": "t", "chain": "o", "handle": 3, "expr": [{"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "wg0"}}, {"reject": {"type": "icmpx"}}]}}]}"#;
-        assert_eq!(parse_nft(rule, &BTreeSet::new()).unwrap().kill_switch, vec!["t/o"]);
+        assert_eq!(
+            parse_nft(rule, &BTreeSet::new()).unwrap().kill_switch,
+            vec!["t/o"]
+        );
         // The same rule in an input chain is no kill switch.
         let input = rule.replace("\"output\"", "\"input\"");
-        assert!(parse_nft(&input, &BTreeSet::new()).unwrap().kill_switch.is_empty());
+        assert!(
+            parse_nft(&input, &BTreeSet::new())
+                .unwrap()
+                .kill_switch
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1463,17 +1543,25 @@ mod tests {
         assert!(iptables_kill_switch(
             "-P OUTPUT ACCEPT\n-A OUTPUT ! -o wg0 -m mark ! --mark 0xca6c -j REJECT --reject-with icmp-port-unreachable\n"
         ));
-        assert!(!iptables_kill_switch("-P OUTPUT ACCEPT\n-A OUTPUT -o wg0 -j DROP\n"));
+        assert!(!iptables_kill_switch(
+            "-P OUTPUT ACCEPT\n-A OUTPUT -o wg0 -j DROP\n"
+        ));
         assert!(!iptables_kill_switch(""));
     }
 
     #[test]
     fn killswitch_fix() {
         let c = killswitch_command(&["wg0".into()], &["192.0.2.1:51820".parse().unwrap()]);
-        assert!(c.starts_with("nft 'add table inet wirescope_killswitch;"), "{c}");
+        assert!(
+            c.starts_with("nft 'add table inet wirescope_killswitch;"),
+            "{c}"
+        );
         assert!(c.contains("policy drop;"));
         assert!(c.contains("oifname \"wg0\" accept"));
-        assert!(c.ends_with("ip daddr 192.0.2.1 udp dport 51820 accept'"), "{c}");
+        assert!(
+            c.ends_with("ip daddr 192.0.2.1 udp dport 51820 accept'"),
+            "{c}"
+        );
     }
 
     #[test]
@@ -1483,7 +1571,11 @@ mod tests {
         assert!(r.render().ends_with("no problems found\n"));
         let r = Report::new(
             None,
-            vec![Finding::problem("key_files", "x has mode 0644", "chmod 600 x")],
+            vec![Finding::problem(
+                "key_files",
+                "x has mode 0644",
+                "chmod 600 x",
+            )],
         );
         assert!(!r.ok);
         assert_eq!(r.problems, 1);

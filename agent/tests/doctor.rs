@@ -80,13 +80,23 @@ fn findings<'a>(v: &'a Value, check: &str, severity: &str, needle: &str) -> Vec<
 /// The one problem of `check` mentioning `needle`; returns its fix.
 fn problem(v: &Value, check: &str, needle: &str) -> String {
     let f = findings(v, check, "problem", needle);
-    assert_eq!(f.len(), 1, "want one {check} problem mentioning {needle:?}: {v:#}");
-    f[0]["fix"].as_str().expect("a problem has a fix").to_string()
+    assert_eq!(
+        f.len(),
+        1,
+        "want one {check} problem mentioning {needle:?}: {v:#}"
+    );
+    f[0]["fix"]
+        .as_str()
+        .expect("a problem has a fix")
+        .to_string()
 }
 
 fn no_problem(v: &Value, check: &str, needle: &str) {
     let f = findings(v, check, "problem", needle);
-    assert!(f.is_empty(), "{check} problem {needle:?} still there: {v:#}");
+    assert!(
+        f.is_empty(),
+        "{check} problem {needle:?} still there: {v:#}"
+    );
 }
 
 /// Runs a printed fix with `sh -c`, in `ns` when given.
@@ -102,6 +112,21 @@ fn apply(ns: Option<&str>, fix: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `wirescope doctor ARGS` (human output), in `ns` when given.
+fn doctor_human(ns: Option<&str>, args: &[&str]) -> String {
+    let b = bin().display().to_string();
+    let mut cmd = match ns {
+        Some(ns) => xtask::netns::command(ns, &b),
+        None => Command::new(&b),
+    };
+    let out = cmd
+        .arg("doctor")
+        .args(args)
+        .output()
+        .expect("running wirescope doctor");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -125,7 +150,11 @@ fn key_file_readable_by_others() {
 
     let (v, code) = doctor(None, &args);
     assert_eq!(code, 1);
-    let fix = problem(&v, "key_files", &format!("{} has mode 0644", conf.display()));
+    let fix = problem(
+        &v,
+        "key_files",
+        &format!("{} has mode 0644", conf.display()),
+    );
     assert_eq!(fix, format!("chmod 600 {}", conf.display()));
     no_problem(&v, "key_files", "wg1.conf");
 
@@ -167,15 +196,27 @@ fn mullvad_state_relays_and_features() {
         &dir,
         r#"{"state":"error","details":{"cause":"the firewall could not be set up"}}"#,
     );
-    let (v, code) = doctor(None, &["--mullvad-cli", &cli, "--web.listen-address", NO_AGENT]);
+    let (v, code) = doctor(
+        None,
+        &["--mullvad-cli", &cli, "--web.listen-address", NO_AGENT],
+    );
     assert_eq!(code, 1);
     assert_eq!(problem(&v, "mullvad", "state error"), "mullvad reconnect");
 
     let (v, _) = doctor(
         None,
-        &["--mullvad-cli", "/nonexistent/mullvad", "--web.listen-address", NO_AGENT],
+        &[
+            "--mullvad-cli",
+            "/nonexistent/mullvad",
+            "--web.listen-address",
+            NO_AGENT,
+        ],
     );
-    assert_eq!(findings(&v, "mullvad", "info", "not installed").len(), 1, "{v:#}");
+    assert_eq!(
+        findings(&v, "mullvad", "info", "not installed").len(),
+        1,
+        "{v:#}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -242,8 +283,8 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     cfg.wg_mtu = WG_MTU;
     let lab = Lab::up(cfg).expect("lab up");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
-    let ns = lab.client().netns.clone();
-    let ns = Some(ns.as_str());
+    let client_ns = lab.client().netns.clone();
+    let ns = Some(client_ns.as_str());
     let wg = lab.client().wg().iface.clone();
     let relay = lab.entry_endpoint();
     let key = lab.client().wg().peers[0].public_key.clone();
@@ -254,8 +295,15 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     let probe = format!("{GATEWAY_V4}@{wg}");
     let agent = Agent::start(
         bin(),
-        ns.unwrap_or_default(),
-        &["--probe", &probe, "--probe-interval", "200ms", "--pmtu-interval", "1h"],
+        &client_ns,
+        &[
+            "--probe",
+            &probe,
+            "--probe-interval",
+            "200ms",
+            "--pmtu-interval",
+            "1h",
+        ],
         &log_path("doctor"),
     )
     .expect("agent starts");
@@ -266,7 +314,12 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
         &[("interface", wg.as_str())],
         Duration::from_secs(60),
     );
-    let with_agent = ["--web.listen-address", xtask::agent::LISTEN, "--wireguard-dir", &empty];
+    let with_agent = [
+        "--web.listen-address",
+        xtask::agent::LISTEN,
+        "--wireguard-dir",
+        &empty,
+    ];
     let (v, code) = doctor(ns, &with_agent);
     assert_eq!(code, 1);
     assert_eq!(v["agent"], xtask::agent::LISTEN, "{v:#}");
@@ -275,7 +328,69 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     apply(ns, &fix);
     let (v, _) = doctor(ns, &with_agent);
     no_problem(&v, "mtu", "");
-    assert_eq!(findings(&v, "mtu", "ok", &format!("{wg}: MTU {rec} fits")).len(), 1, "{v:#}");
+    assert_eq!(
+        findings(&v, "mtu", "ok", &format!("{wg}: MTU {rec} fits")).len(),
+        1,
+        "{v:#}"
+    );
+
+    // No response from the peer: the relay's answers dropped on the path (the hop's
+    // forward chain, which doctor cannot see), and the session forgotten (the peer removed
+    // and added back), so the next packet needs a handshake that gets no answer.
+    let hop_ns = lab.hop().expect("the lab has a hop").netns.clone();
+    let block = format!(
+        "nft 'add table inet wsyblock; add chain inet wsyblock pathblock {{ type filter hook forward priority 0; policy accept; }}; add rule inet wsyblock pathblock udp sport {} drop'",
+        relay.port()
+    );
+    apply(Some(&hop_ns), &block);
+    let allowed = lab.client().wg().peers[0].allowed_ips.join(",");
+    apply(
+        ns,
+        &format!(
+            "wg set {wg} peer {key} remove && wg set {wg} peer {key} endpoint {relay} allowed-ips {allowed}"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gw = GATEWAY_V4.to_string();
+        let _ = xtask::netns::exec(&client_ns, &["ping", "-c1", "-W1", "-q", &gw]);
+        let m = agent.scrape().expect("scrape");
+        if m.sum(
+            "wirescope_handshake_timeouts_total",
+            &[("peer", key.as_str())],
+        ) > 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no handshake timeout counted: {}",
+            agent.log_text()
+        );
+    }
+    let (v, code) = doctor(ns, &with_agent);
+    assert_eq!(code, 1);
+    let fix = problem(&v, "handshake", "no response from peer");
+    assert!(fix.contains(&format!("ping -c 3 {}", relay.ip())), "{fix}");
+    let p = findings(&v, "handshake", "problem", "initiations unanswered");
+    assert_eq!(p.len(), 1, "{v:#}");
+    let msg = p[0]["message"].as_str().unwrap_or_default();
+    let n: f64 = msg
+        .split(" initiations unanswered")
+        .next()
+        .and_then(|b| b.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {msg:?}"));
+    assert!(n >= 1.0, "{msg}");
+    let human = doctor_human(ns, &with_agent);
+    println!("wirescope doctor, the relay's answers dropped on the path, agent running:\n{human}");
+    assert!(human.contains(&format!("fix: {fix}")), "{human}");
+    // The path unblocked: the next handshake completes and the finding goes.
+    apply(Some(&hop_ns), "nft delete table inet wsyblock");
+    lab.handshake(Duration::from_secs(30))
+        .expect("handshake once unblocked");
+    let (v, _) = doctor(ns, &with_agent);
+    no_problem(&v, "handshake", "");
     agent.stop().expect("agent stops");
 
     // Host checks only from here.
@@ -284,11 +399,17 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     // Persistent keepalive unset on a peer with an endpoint, from a non-public address.
     let (v, _) = doctor(ns, &host_only);
     let fix = problem(&v, "keepalive", &format!("{wg} peer {key} ({relay})"));
-    assert_eq!(fix, format!("wg set {wg} peer {key} persistent-keepalive 25"));
+    assert_eq!(
+        fix,
+        format!("wg set {wg} peer {key} persistent-keepalive 25")
+    );
     apply(ns, &fix);
     let (v, _) = doctor(ns, &host_only);
     no_problem(&v, "keepalive", "");
-    assert_eq!(findings(&v, "keepalive", "ok", "persistent keepalive 25 s").len(), 1);
+    assert_eq!(
+        findings(&v, "keepalive", "ok", "persistent keepalive 25 s").len(),
+        1
+    );
 
     // An nftables rule dropping the WireGuard port.
     apply(
@@ -300,7 +421,10 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     );
     let (v, _) = doctor(ns, &host_only);
     let fix = problem(&v, "firewall", &format!("drops UDP port {}", relay.port()));
-    assert!(fix.starts_with("nft delete rule inet wsyblock out handle "), "{fix}");
+    assert!(
+        fix.starts_with("nft delete rule inet wsyblock out handle "),
+        "{fix}"
+    );
     apply(ns, &fix);
     let (v, _) = doctor(ns, &host_only);
     no_problem(&v, "firewall", "");
@@ -313,16 +437,23 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     apply(ns, &fix);
     let (v, _) = doctor(ns, &host_only);
     no_problem(&v, "kill_switch", "");
-    assert_eq!(findings(&v, "kill_switch", "ok", "wirescope_killswitch/output").len(), 1, "{v:#}");
+    assert_eq!(
+        findings(&v, "kill_switch", "ok", "wirescope_killswitch/output").len(),
+        1,
+        "{v:#}"
+    );
     lab.handshake(Duration::from_secs(20))
         .expect("the tunnel works behind the kill switch");
     // Outside the tunnel: the hop's address on the underlay is now unreachable.
     let hop = lab.client().underlay().peer_address.to_string();
-    let out = xtask::netns::command(ns.unwrap_or_default(), "ping")
+    let out = xtask::netns::command(&client_ns, "ping")
         .args(["-c", "1", "-W", "1", &hop])
         .output()
         .expect("ping");
-    assert!(!out.status.success(), "ping to {hop} outside the tunnel got through");
+    assert!(
+        !out.status.success(),
+        "ping to {hop} outside the tunnel got through"
+    );
 
     lab.teardown().expect("lab down");
 }

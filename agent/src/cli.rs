@@ -161,6 +161,14 @@ pub struct StatusArgs {
     /// Address of the running agent
     #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
     pub listen_address: String,
+
+    /// Print the raw JSON snapshot (/api/v1/status) instead of the tables
+    #[arg(long)]
+    pub json: bool,
+
+    /// Redraw every second until Ctrl-C
+    #[arg(long)]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]

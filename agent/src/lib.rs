@@ -22,6 +22,7 @@ pub mod pmtu;
 pub mod probe;
 pub mod run;
 pub mod status;
+pub mod status_view;
 pub mod sync;
 pub mod topology;
 pub mod transit;

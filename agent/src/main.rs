@@ -46,9 +46,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Doctor(args) => wirescope::doctor::run(&args),
-        Command::Status(_) => {
-            eprintln!("wirescope: this command is not implemented yet (see the open issues)");
-            ExitCode::from(1)
-        }
+        Command::Status(args) => ExitCode::from(wirescope::status_view::run(&args)),
     }
 }

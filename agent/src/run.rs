@@ -37,6 +37,16 @@ struct Agent {
     inventory: Arc<RwLock<Inventory>>,
     datapath_collector: Arc<DatapathCollector>,
     drops_collector: Arc<crate::metrics::drops::DropsCollector>,
+    /// What the status shows beyond the counters (issue 9).
+    wire_health: Arc<crate::metrics::wire_health::WireHealthCollector>,
+    leaks: Arc<crate::metrics::leak::LeakCollector>,
+    path: Arc<crate::metrics::path::PathCollector>,
+    probe_stats: Arc<crate::probe::ProbeStats>,
+    pmtu_state: Arc<crate::pmtu::PmtuState>,
+    failover_state: Arc<Mutex<crate::failover::Failover>>,
+    mullvad_state: Arc<RwLock<crate::mullvad::MullvadState>>,
+    labeler: EndpointLabeler,
+    export_endpoints: bool,
 }
 
 impl HttpSource for Agent {
@@ -71,8 +81,40 @@ impl HttpSource for Agent {
         let snapshot = self.datapath_collector.snapshot();
         let drops = self.drops_collector.snapshot();
         let health = self.health();
+        let probes = self
+            .probe_stats
+            .snapshot()
+            .into_iter()
+            .map(|((target, iface), stats)| {
+                let t = crate::config::ProbeTarget {
+                    target,
+                    iface: (!iface.is_empty()).then(|| iface.clone()),
+                };
+                status::ProbeEntry {
+                    target: Some(target),
+                    iface,
+                    stats,
+                    recent: self.probe_stats.window(&t, status::PROBE_WINDOW),
+                }
+            })
+            .collect();
+        let extra = status::Extra {
+            wire: self.wire_health.snapshot(),
+            probes,
+            pmtu: self.pmtu_state.snapshot(),
+            leaks: self.leaks.snapshot(),
+            path: self.path.snapshot(),
+            path_healthy: self
+                .failover_state
+                .lock()
+                .map(|f| f.states())
+                .unwrap_or_default(),
+            mullvad: self.mullvad_state.read().ok().map(|m| m.clone()),
+            labeler: Some(self.labeler.clone()),
+            export_endpoints: self.export_endpoints,
+        };
         match self.inventory.read() {
-            Ok(inv) => status::build(&inv, &snapshot, &drops, health),
+            Ok(inv) => status::build_with(&inv, &snapshot, &drops, health, &extra),
             Err(_) => serde_json::json!({"error": "inventory lock poisoned"}),
         }
     }
@@ -173,6 +215,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         })
     };
     let probe_labeler = endpoints.clone();
+    let status_labeler = endpoints.clone();
     let failover_state = Arc::new(Mutex::new(crate::failover::Failover::default()));
     let failover_outcomes = crate::failover::Outcomes::default();
     let datapath_collector = Arc::new(DatapathCollector::new(
@@ -190,17 +233,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath.clone(),
         inventory.clone(),
     )));
-    registry.register_collector(Box::new(
-        crate::metrics::wire_health::WireHealthCollector::new(datapath.clone(), inventory.clone()),
+    let wire_health = Arc::new(crate::metrics::wire_health::WireHealthCollector::new(
+        datapath.clone(),
+        inventory.clone(),
     ));
-    registry.register_collector(Box::new(crate::metrics::path::PathCollector::new(
+    registry.register_collector(Box::new(wire_health.clone()));
+    let path = Arc::new(crate::metrics::path::PathCollector::new(
         datapath.clone(),
         inventory.clone(),
-    )));
-    registry.register_collector(Box::new(crate::metrics::leak::LeakCollector::new(
+    ));
+    registry.register_collector(Box::new(path.clone()));
+    let leaks = Arc::new(crate::metrics::leak::LeakCollector::new(
         datapath.clone(),
         inventory.clone(),
-    )));
+    ));
+    registry.register_collector(Box::new(leaks.clone()));
     let drops_collector = Arc::new(crate::metrics::drops::DropsCollector::new(
         datapath.clone(),
         reasons,
@@ -229,6 +276,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         inventory: inventory.clone(),
         datapath_collector,
         drops_collector,
+        wire_health,
+        leaks,
+        path,
+        probe_stats: probe_stats.clone(),
+        pmtu_state: pmtu_state.clone(),
+        failover_state: failover_state.clone(),
+        mullvad_state: mullvad_state.clone(),
+        labeler: status_labeler,
+        export_endpoints: cfg.export_endpoints,
     });
 
     let server = http::bind(HttpConfig::new(

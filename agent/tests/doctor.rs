@@ -17,6 +17,7 @@
 mod common;
 
 use std::{
+    io::{Read, Write},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
@@ -127,6 +128,31 @@ fn doctor_human(ns: Option<&str>, args: &[&str]) -> String {
         .output()
         .expect("running wirescope doctor");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Serves `metrics` on `addr` in `ns` as /metrics, forever (a stand-in agent).
+fn fake_agent(ns: &str, addr: &str, metrics: String) {
+    let a = addr.to_string();
+    let listener = xtask::netns::run_in(ns, move || std::net::TcpListener::bind(a))
+        .expect("entering the namespace")
+        .expect("binding the stand-in agent");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n{metrics}"
+            );
+        }
+    });
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -392,6 +418,46 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     let (v, _) = doctor(ns, &with_agent);
     no_problem(&v, "handshake", "");
     agent.stop().expect("agent stops");
+
+    // UDP receive errors counted on the WireGuard port call for a larger rmem_max. A
+    // stand-in agent serves them (real receive-buffer overflows are not reproducible on
+    // demand). rmem_max is global (read-only in a namespace), so the fix runs on the host.
+    let port = lab.client().wg().listen_port;
+    let fake = "127.0.0.1:9587";
+    fake_agent(
+        &client_ns,
+        fake,
+        format!("wirescope_udp_receive_errors_total{{port=\"{port}\"}} 12\n"),
+    );
+    let rmem = "/proc/sys/net/core/rmem_max";
+    let orig = std::fs::read_to_string(rmem).expect("rmem_max");
+    let _restore = RestoreRmem(orig.trim().to_string());
+    std::fs::write(rmem, "4194304").expect("setting rmem_max");
+    let fake_args = ["--web.listen-address", fake, "--wireguard-dir", &empty];
+    let (v, _) = doctor(ns, &fake_args);
+    let fix = problem(
+        &v,
+        "socket_buffers",
+        &format!(
+            "counted 12 UDP datagrams dropped on full receive buffers of WireGuard ports {port}"
+        ),
+    );
+    assert_eq!(fix, "sysctl -w net.core.rmem_max=8388608");
+    apply(None, &fix);
+    let (v, _) = doctor(ns, &fake_args);
+    no_problem(&v, "socket_buffers", "");
+    assert_eq!(
+        findings(
+            &v,
+            "socket_buffers",
+            "info",
+            "although net.core.rmem_max = 8388608"
+        )
+        .len(),
+        1,
+        "{v:#}"
+    );
+    drop(_restore);
 
     // Host checks only from here.
     let host_only = ["--web.listen-address", NO_AGENT, "--wireguard-dir", &empty];

@@ -390,6 +390,10 @@ pub mod leak {
     pub const LEAK_ALLOW_V6: &str = "LEAK_ALLOW_V6";
     pub const LEAKS: &str = "LEAKS";
     pub const LEAK_ERRORS: &str = "LEAK_ERRORS";
+    /// Holds `wirescope_leak` (index 0) for wirescope_egress's tail call.
+    pub const LEAK_PROG: &str = "LEAK_PROG";
+    /// The leak check's own program (see agent-ebpf main.rs for why).
+    pub const PROG: &str = "wirescope_leak";
 
     /// `--leak-allow` CIDRs, per family.
     pub const MAX_LEAK_ALLOW: u32 = 1_024;

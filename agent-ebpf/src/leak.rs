@@ -23,13 +23,36 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::generated::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray, lpm_trie::Key},
+    programs::TcContext,
 };
 
 use crate::{
     maps::{ENDPOINTS, WG_PORTS},
     skb::Skb,
 };
+
+/// `wirescope_leak` at index 0, written by the agent after loading it.
+#[map]
+pub static LEAK_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Whether a watched tunnel is up now (the agent writes until when into `LEAK_CFG`).
+#[inline(always)]
+pub fn tunnel_up() -> bool {
+    let Some(cfg) = LEAK_CFG.get(0) else {
+        return false;
+    };
+    let until = cfg.tunnel_up_until_ns;
+    // SAFETY: a plain helper call.
+    until != 0 && unsafe { bpf_ktime_get_ns() } < until
+}
+
+/// Jumps to `wirescope_leak` (does not return; when the array is empty, goes on).
+#[inline(always)]
+pub fn check(ctx: &TcContext) {
+    // SAFETY: a TC context for a TC program array.
+    unsafe { LEAK_PROG.tail_call(ctx, 0) };
+}
 
 /// One entry: until when (bpf_ktime_get_ns) a tunnel is up.
 #[map]
@@ -71,12 +94,7 @@ pub fn observe(pkt: &Skb, ifindex: u32, ip: &Ip, l4: Option<&L4>, gso_segs: u32)
     if ifindex == LOOPBACK_IFINDEX || ip.frag == frag::LATER {
         return;
     }
-    let Some(cfg) = LEAK_CFG.get(0) else {
-        return;
-    };
-    let until = cfg.tunnel_up_until_ns;
-    // SAFETY: a plain helper call.
-    if until == 0 || unsafe { bpf_ktime_get_ns() } >= until {
+    if !tunnel_up() {
         return;
     }
     if local_destination(ip) {

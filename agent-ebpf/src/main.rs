@@ -36,7 +36,7 @@ const TC_NEXT: i32 = -1;
 #[classifier]
 pub fn wirescope_ingress(ctx: TcContext) -> i32 {
     transit::begin();
-    observe(&ctx, DIR_RX);
+    let _ = observe(&ctx, DIR_RX);
     transit::finish(&ctx);
     TC_NEXT
 }
@@ -44,8 +44,35 @@ pub fn wirescope_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn wirescope_egress(ctx: TcContext) -> i32 {
     transit::begin();
-    observe(&ctx, DIR_TX);
+    let leak_candidate = observe(&ctx, DIR_TX);
+    // A packet that left transit work is WireGuard, hence no leak: the tail call to
+    // wirescope_transit does not come back.
     transit::finish(&ctx);
+    if leak_candidate {
+        leak::check(&ctx);
+    }
+    TC_NEXT
+}
+
+/// Reached by tail call from wirescope_egress for what leaves an underlay while a tunnel is
+/// up: the leak check in its own program, so the verifier walks it once, not once per path
+/// through the egress program (where it cost ~200k instructions on 6.18, ~800k on 6.1).
+#[classifier]
+pub fn wirescope_leak(ctx: TcContext) -> i32 {
+    let pkt = skb::Skb::new(&ctx);
+    let ifindex = pkt.ifindex();
+    let Some(cfg) = maps::iface(ifindex) else {
+        return TC_NEXT;
+    };
+    let Ok(ip) = parse_ip(&pkt, cfg.flags & IfaceConfig::L3 != 0) else {
+        return TC_NEXT;
+    };
+    let (has_l4, l4_value) = match parse_l4(&pkt, &ip) {
+        Ok(Some(l4)) => (true, l4),
+        _ => (false, L4::default()),
+    };
+    let l4 = if has_l4 { Some(&l4_value) } else { None };
+    leak::observe(&pkt, ifindex, &ip, l4, pkt.gso_segs());
     TC_NEXT
 }
 
@@ -93,15 +120,17 @@ pub fn wirescope_udp_fail(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Counts one packet; returns whether it is for the leak check (it left an underlay while a
+/// tunnel is up).
 #[inline(always)]
-fn observe(ctx: &TcContext, dir: u8) {
+fn observe(ctx: &TcContext, dir: u8) -> bool {
     let pkt = skb::Skb::new(ctx);
     let ifindex = pkt.ifindex();
     let Some(cfg) = maps::iface(ifindex) else {
-        return;
+        return false;
     };
     let Ok(ip) = parse_ip(&pkt, cfg.flags & IfaceConfig::L3 != 0) else {
-        return;
+        return false;
     };
     // A malformed transport header still leaves a countable IP packet. Held as a value
     // that is always initialised, and lent as `Option<&L4>` (a pointer): LLVM may move an
@@ -120,17 +149,15 @@ fn observe(ctx: &TcContext, dir: u8) {
     if dir == DIR_RX {
         icmp::observe(&pkt, ifindex, &ip);
     }
-    // Leaks: what leaves an underlay (not a tunnel) outside every tunnel while one is up.
-    if dir == DIR_TX
-        && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
-    {
-        leak::observe(&pkt, ifindex, &ip, l4, gso_segs);
-    }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.
     if let Some(l4) = l4 {
         wire::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }
+    // Leaks: what leaves an underlay (not a tunnel) outside every tunnel while one is up.
+    dir == DIR_TX
+        && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
+        && leak::tunnel_up()
 }
 
 #[cfg(not(test))]

@@ -133,6 +133,28 @@ impl std::fmt::Debug for Datapath {
     }
 }
 
+/// The program array `array` with the (loaded) TC program `prog` at index 0, for a tail
+/// call. The caller keeps the array open: the kernel empties a program array when the last
+/// user-space reference to it goes.
+pub(crate) fn tail_program(
+    ebpf: &mut Ebpf,
+    array: &'static str,
+    prog: &'static str,
+) -> Result<aya::maps::ProgramArray<MapData>, DatapathError> {
+    let mut arr: aya::maps::ProgramArray<MapData> = take(ebpf, array)?;
+    let fd = ebpf
+        .program(prog)
+        .ok_or(DatapathError::Missing(prog))
+        .and_then(|p| {
+            <&SchedClassifier>::try_from(p)
+                .and_then(|p| p.fd())
+                .map_err(|source| DatapathError::Program { name: prog, source })
+        })?;
+    arr.set(0, fd, 0)
+        .map_err(|source| DatapathError::Map { map: array, source })?;
+    Ok(arr)
+}
+
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -147,7 +169,12 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .load(object)
             .map_err(DatapathError::Load)?;
-        for name in [PROG_INGRESS, PROG_EGRESS, agent_common::maps::transit::PROG] {
+        for name in [
+            PROG_INGRESS,
+            PROG_EGRESS,
+            agent_common::maps::transit::PROG,
+            agent_common::maps::leak::PROG,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing(name))?
@@ -998,6 +1025,9 @@ pub struct LeakMaps {
     allow_v6: LpmTrie<MapData, agent_common::maps::leak::AllowV6, u8>,
     leaks: PerCpuHashMap<MapData, agent_common::maps::leak::LeakKey, Counter>,
     errors: PerCpuArray<MapData, u64>,
+    /// Holds `wirescope_leak` for wirescope_egress's tail call (kept open: the kernel
+    /// empties a program array when the last user-space reference to it goes).
+    _prog: aya::maps::ProgramArray<MapData>,
     /// Allowed CIDRs written, per family.
     allowed: (usize, usize),
 }
@@ -1005,7 +1035,9 @@ pub struct LeakMaps {
 impl LeakMaps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
         use agent_common::maps::leak as l;
+        let prog = tail_program(ebpf, l::LEAK_PROG, l::PROG)?;
         Ok(Self {
+            _prog: prog,
             cfg: take(ebpf, l::LEAK_CFG)?,
             allow_v4: take(ebpf, l::LEAK_ALLOW_V4)?,
             allow_v6: take(ebpf, l::LEAK_ALLOW_V6)?,

@@ -19,10 +19,9 @@ use agent_common::maps::{
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray},
-    programs::SchedClassifier,
 };
 
-use crate::datapath::{DatapathError, sum_hist, take};
+use crate::datapath::{DatapathError, sum_hist, tail_program, take};
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
 /// it when the queue passes it again.
@@ -43,19 +42,7 @@ pub struct TransitMaps {
 impl TransitMaps {
     /// Takes the maps and puts the (loaded) `wirescope_transit` into the program array.
     pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let mut prog: ProgramArray<MapData> = take(ebpf, TRANSIT_PROG)?;
-        let fd = ebpf
-            .program(PROG)
-            .ok_or(DatapathError::Missing(PROG))
-            .and_then(|p| {
-                <&SchedClassifier>::try_from(p)
-                    .and_then(|p| p.fd())
-                    .map_err(|source| DatapathError::Program { name: PROG, source })
-            })?;
-        prog.set(0, fd, 0).map_err(|source| DatapathError::Map {
-            map: TRANSIT_PROG,
-            source,
-        })?;
+        let prog = tail_program(ebpf, TRANSIT_PROG, PROG)?;
         Ok(Self {
             seq: take(ebpf, TRANSIT_SEQ)?,
             slots: take(ebpf, TRANSIT_SLOTS)?,

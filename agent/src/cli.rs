@@ -184,7 +184,11 @@ pub struct DoctorArgs {
     pub listen_address: String,
 
     /// Directory of WireGuard configuration and key files whose modes are checked
-    #[arg(long = "wireguard-dir", value_name = "DIR", default_value = "/etc/wireguard")]
+    #[arg(
+        long = "wireguard-dir",
+        value_name = "DIR",
+        default_value = "/etc/wireguard"
+    )]
     pub wireguard_dir: PathBuf,
 
     /// The Mullvad CLI (a path, or a name looked up on PATH)

@@ -513,6 +513,21 @@ fn check_kernel(f: &mut Vec<Finding>, caps: Option<u64>) {
     }
 }
 
+/// The commands that install the agent as the systemd unit of deploy/ (which runs
+/// /usr/local/bin/wirescope with exactly the capabilities it needs).
+fn service_install_command() -> String {
+    const BIN: &str = "/usr/local/bin/wirescope";
+    let unit = "sudo install -m 644 deploy/wirescope.service /etc/systemd/system/ && sudo \
+                systemctl daemon-reload && sudo systemctl enable --now wirescope";
+    match std::env::current_exe() {
+        Ok(exe) if exe != Path::new(BIN) => format!(
+            "sudo install -m 755 {} {BIN} && {unit}",
+            shell_quote(&exe.display().to_string())
+        ),
+        _ => unit.to_string(),
+    }
+}
+
 fn check_permissions(f: &mut Vec<Finding>, caps: Option<u64>) {
     let Some(mask) = caps else {
         f.push(Finding::info(
@@ -531,13 +546,12 @@ fn check_permissions(f: &mut Vec<Finding>, caps: Option<u64>) {
         f.push(Finding::problem(
             "permissions",
             format!(
-                "missing {}: the agent could not load its programs as this user (and doctor \
-                 sees less)",
+                "missing {}: the agent cannot load its programs as this user, and doctor \
+                 sees less (run both as root: sudo wirescope doctor), or the agent as the \
+                 systemd unit in deploy/, which grants exactly these",
                 missing.join(", ")
             ),
-            "sudo wirescope doctor; run the agent as root or as the unit in deploy/: sudo \
-             install -m 644 deploy/wirescope.service /etc/systemd/system/ && sudo systemctl \
-             daemon-reload && sudo systemctl enable --now wirescope",
+            service_install_command(),
         ));
     }
 }
@@ -1321,12 +1335,26 @@ fn check_firewall(f: &mut Vec<Finding>, host: &Host) {
 // Mullvad
 // ---------------------------------------------------------------------------------------
 
+/// Whether an executable file `name` is in a PATH directory (unreadable ones skipped).
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
 async fn check_mullvad(f: &mut Vec<Finding>, cli: &str) {
     let cfg = MullvadConfig {
         cli: cli.to_string(),
         interval: Duration::from_secs(10),
         timeout: Duration::from_secs(5),
     };
+    if !cli.contains('/') && !on_path(cli) {
+        f.push(Finding::info("mullvad", "Mullvad is not installed"));
+        return;
+    }
     match mullvad::poll_once(&cfg).await {
         Err(e) if e.is_not_found() => {
             f.push(Finding::info("mullvad", "Mullvad is not installed"));

@@ -191,6 +191,45 @@ fn key_file_readable_by_others() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn missing_capabilities() {
+    if !privileged("the capabilities test switches to user nobody") {
+        return;
+    }
+    // A copy nobody may run, wherever the build directory is.
+    let dir = temp_dir("caps");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let exe = dir.join("wirescope");
+    std::fs::copy(bin(), &exe).expect("copying the binary");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["doctor", "--json", "--web.listen-address", NO_AGENT])
+        .current_dir(&dir)
+        .output()
+        .expect("running setpriv (util-linux)");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("doctor --json as nobody");
+    assert_eq!(out.status.code(), Some(1));
+    let fix = problem(
+        &v,
+        "permissions",
+        "missing CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_NET_RAW",
+    );
+    assert_eq!(
+        fix,
+        format!(
+            "sudo install -m 755 {} /usr/local/bin/wirescope && sudo install -m 644 \
+             deploy/wirescope.service /etc/systemd/system/ && sudo systemctl daemon-reload && \
+             sudo systemctl enable --now wirescope",
+            exe.display()
+        )
+    );
+    // As root the finding is gone (the unit itself cannot be installed in a test).
+    let (v, _) = doctor(None, &["--web.listen-address", NO_AGENT]);
+    no_problem(&v, "permissions", "");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A fake `mullvad` printing `out` for `status --json`.
 fn fake_mullvad(dir: &Path, out: &str) -> String {
     let p = dir.join("mullvad");

@@ -11,7 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::cmd;
 
 /// Debian packages the lab, the demo and the tests use. iputils-ping is not in a minimal
-/// Debian image and the lab tests ping through the tunnels.
+/// Debian image and the lab tests ping through the tunnels; tmux drives `wirescope status
+/// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit.
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -22,6 +23,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "tcpdump",
     "iputils-ping",
+    "tmux",
+    "systemd",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.

@@ -614,14 +614,7 @@ impl Datapath {
             (map_error::RX_SEQ, names::RX_SEQ),
         ]
         .into_iter()
-        .map(|(idx, name)| {
-            let n = self
-                .map_errors
-                .get(&idx, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            (name, n)
-        })
+        .map(|(idx, name)| (name, refused(&self.map_errors, idx)))
         .chain(self.path.map_update_errors())
         .chain(self.leak.update_errors())
         .chain(self.transit.update_errors())
@@ -769,6 +762,12 @@ fn lpm_v6(&(ifindex, addr, plen): &(u32, [u8; 16], u8)) -> Key<AllowedV6> {
             addr,
         },
     )
+}
+
+/// Updates the kernel refused, as the programs count them in slot `idx` of a per-CPU
+/// error array, summed over CPUs.
+pub(crate) fn refused(errors: &PerCpuArray<MapData, u64>, idx: u32) -> u64 {
+    errors.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
 /// A per-CPU histogram map, summed over CPUs.
@@ -950,14 +949,7 @@ impl PathMaps {
             (error::ICMP_MTU, path::ICMP_MTU),
         ]
         .into_iter()
-        .map(|(idx, name)| {
-            let n = self
-                .errors
-                .get(&idx, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            (name, n)
-        })
+        .map(|(idx, name)| (name, refused(&self.errors, idx)))
         .collect()
     }
 
@@ -1119,12 +1111,7 @@ impl LeakMaps {
     /// Updates the kernel refused, per map name.
     pub fn update_errors(&self) -> Vec<(&'static str, u64)> {
         use agent_common::maps::leak::{LEAKS, error};
-        let n = self
-            .errors
-            .get(&error::LEAKS, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0);
-        vec![(LEAKS, n)]
+        vec![(LEAKS, refused(&self.errors, error::LEAKS))]
     }
 }
 

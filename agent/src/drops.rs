@@ -26,7 +26,7 @@ use btf_rs::Btf;
 
 use crate::{
     btf::{BtfError, member_offset},
-    datapath::{DatapathError, sum_per_cpu, take},
+    datapath::{DatapathError, refused, sum_per_cpu, take},
 };
 
 /// The programs: (program, what it attaches to, feature label).
@@ -244,14 +244,7 @@ impl DropsMaps {
     pub fn update_errors(&self) -> Vec<(&'static str, u64)> {
         [(error::DROPS, DROPS), (error::UDP_ERRORS, UDP_ERRORS)]
             .into_iter()
-            .map(|(idx, name)| {
-                let n = self
-                    .errors
-                    .get(&idx, 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (name, n)
-            })
+            .map(|(idx, name)| (name, refused(&self.errors, idx)))
             .collect()
     }
 }

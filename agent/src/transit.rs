@@ -21,7 +21,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 
-use crate::datapath::{DatapathError, sum_hist, tail_program, take};
+use crate::datapath::{DatapathError, refused, sum_hist, tail_program, take};
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
 /// it when the queue passes it again.
@@ -129,14 +129,7 @@ impl TransitMaps {
             (error::HIST, TRANSIT_HIST),
         ]
         .into_iter()
-        .map(|(idx, name)| {
-            let n = self
-                .errors
-                .get(&idx, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or(0);
-            (name, n)
-        })
+        .map(|(idx, name)| (name, refused(&self.errors, idx)))
         .collect()
     }
 }

@@ -389,6 +389,9 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     assert_eq!(code, 1);
     assert_eq!(v["agent"], xtask::agent::LISTEN, "{v:#}");
     let fix = problem(&v, "mtu", &format!("{wg}: MTU {WG_MTU} exceeds the {rec}"));
+    let human = doctor_human(ns, &with_agent);
+    println!("wirescope doctor in the lab, agent running:\n{human}");
+    assert!(human.contains(&format!("fix: {fix}")), "{human}");
     assert_eq!(fix, format!("ip link set dev {wg} mtu {rec}"));
     apply(ns, &fix);
     let (v, _) = doctor(ns, &with_agent);

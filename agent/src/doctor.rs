@@ -266,12 +266,12 @@ pub async fn diagnose(args: &DoctorArgs) -> Report {
     };
     check_wireguard(&mut f, &mut host);
     check_mtu(&mut f, &host).await;
-    check_keepalive(&mut f, &host);
+    check_keepalive(&mut f, &host).await;
     check_handshakes(&mut f, &host);
     check_socket_buffers(&mut f, &host);
     check_clock(&mut f);
     check_key_files(&mut f, &args.wireguard_dir);
-    check_firewall(&mut f, &host);
+    check_firewall(&mut f, &host).await;
     check_mullvad(&mut f, &args.mullvad_cli).await;
     Report::new(agent, f)
 }
@@ -767,11 +767,36 @@ pub fn keepalive_problem(keepalive: Option<u16>, local_behind_nat: bool) -> Opti
     }
 }
 
-fn check_keepalive(f: &mut Vec<Finding>, host: &Host) {
+async fn check_keepalive(f: &mut Vec<Finding>, host: &Host) {
+    let nl = Netlink::new().ok();
+    // WireGuard interfaces: an endpoint routed through one is a multihop exit.
+    let tunnels: Vec<u32> = host
+        .links
+        .iter()
+        .filter(|l| host.devices.iter().any(|(d, _)| d.name == l.name))
+        .map(|l| l.index)
+        .collect();
     for (dev, _) in &host.devices {
         for p in &dev.peers {
             let Some(ep) = p.endpoint else { continue };
             let key = wg::key_to_base64(&p.public_key);
+            let oif = match &nl {
+                Some(nl) => nl.route_oif(ep.ip()).await.ok().flatten(),
+                None => None,
+            };
+            if let Some(via) = oif.and_then(|i| host.links.iter().find(|l| l.index == i))
+                && tunnels.contains(&via.index)
+            {
+                f.push(Finding::ok(
+                    "keepalive",
+                    format!(
+                        "{} peer {key}: reached through {} (multihop exit): the carrying \
+                         peer's keepalives hold the NAT mapping",
+                        dev.name, via.name
+                    ),
+                ));
+                continue;
+            }
             let nat = local_addr_towards(ep).is_some_and(behind_nat);
             match keepalive_problem(p.persistent_keepalive, nat) {
                 Some(why) => f.push(Finding::problem(
@@ -1227,17 +1252,34 @@ pub fn killswitch_command(tunnels: &[String], endpoints: &[SocketAddr]) -> Strin
     s
 }
 
-fn check_firewall(f: &mut Vec<Finding>, host: &Host) {
+async fn check_firewall(f: &mut Vec<Finding>, host: &Host) {
     let tunnels: Vec<String> = host.devices.iter().map(|(d, _)| d.name.clone()).collect();
-    let mut endpoints: Vec<SocketAddr> = host
+    let mut all: Vec<SocketAddr> = host
         .devices
         .iter()
         .flat_map(|(d, _)| d.peers.iter().filter_map(|p| p.endpoint))
-        // Endpoints reached through a tunnel (multihop exit) need no exception.
         .collect();
-    endpoints.sort();
-    endpoints.dedup();
-    let mut ports: BTreeSet<u16> = endpoints.iter().map(SocketAddr::port).collect();
+    all.sort();
+    all.dedup();
+    let mut ports: BTreeSet<u16> = all.iter().map(SocketAddr::port).collect();
+    // Endpoints reached through a tunnel (multihop exit) need no exception in a kill switch.
+    let tunnel_idx: Vec<u32> = host
+        .links
+        .iter()
+        .filter(|l| tunnels.contains(&l.name))
+        .map(|l| l.index)
+        .collect();
+    let nl = Netlink::new().ok();
+    let mut endpoints = Vec::new();
+    for ep in all {
+        let oif = match &nl {
+            Some(nl) => nl.route_oif(ep.ip()).await.ok().flatten(),
+            None => None,
+        };
+        if !oif.is_some_and(|i| tunnel_idx.contains(&i)) {
+            endpoints.push(ep);
+        }
+    }
     ports.extend(
         host.devices
             .iter()

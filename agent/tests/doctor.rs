@@ -563,5 +563,28 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
         "ping to {hop} outside the tunnel got through"
     );
 
+    // No response from the peer without an agent: initiations sent (the peer's tx bytes)
+    // and no handshake.
+    apply(Some(&hop_ns), &block);
+    apply(
+        ns,
+        &format!(
+            "wg set {wg} peer {key} remove && wg set {wg} peer {key} endpoint {relay} allowed-ips {allowed}"
+        ),
+    );
+    let gw = GATEWAY_V4.to_string();
+    let _ = xtask::netns::exec(&client_ns, &["ping", "-c1", "-W1", "-q", &gw]);
+    let (v, _) = doctor(ns, &host_only);
+    problem(
+        &v,
+        "handshake",
+        "no response from peer: last handshake never;",
+    );
+    apply(Some(&hop_ns), "nft delete table inet wsyblock");
+    lab.handshake(Duration::from_secs(30))
+        .expect("handshake once unblocked");
+    let (v, _) = doctor(ns, &host_only);
+    no_problem(&v, "handshake", "");
+
     lab.teardown().expect("lab down");
 }

@@ -4,12 +4,17 @@
 //!
 //! - key files: a 0644 file in a temporary `--wireguard-dir` (no root needed);
 //! - Mullvad: a fake `--mullvad-cli` printing `status --json` (no root needed);
+//! - permissions: doctor run as user nobody (setpriv); the fix installs a systemd unit, so
+//!   only "gone as root" is checked;
 //! - socket buffers: `net.core.rmem_max` lowered on the host (it is global: read-only inside
 //!   a network namespace on this kernel), restored afterwards whatever happens;
 //! - the lab (prefix "wsy", a single relay behind a hop whose onward link has a 1400-byte
-//!   MTU): with the agent running, the tunnel MTU above the measured path MTU; then, host
-//!   checks only, the persistent keepalive unset, no kill switch (the fix's ruleset must keep
-//!   the tunnel working), and an nftables rule dropping the WireGuard port.
+//!   MTU): with the agent running, the tunnel MTU above the measured path MTU, and no
+//!   response from the peer (its answers dropped in the hop, so handshake timeouts are
+//!   counted); with a stand-in agent, UDP receive errors on the WireGuard port; then, host
+//!   checks only, the persistent keepalive unset, an nftables rule dropping the WireGuard
+//!   port, no kill switch (the fix's ruleset must keep the tunnel working and stop traffic
+//!   outside it), and no response from the peer without an agent.
 //!
 //! Needs root for all but the first two; with CI=true a missing prerequisite fails. Run with
 //! `--test-threads=1` (the lab tests share their prefix; `cargo xtask test` does).

@@ -3,7 +3,8 @@
 //! underlay that is not WireGuard (to a known endpoint, or from a local listen port, and
 //! shaped like a WireGuard message: the wire role's recognition) went around the tunnel.
 //!
-//! Not leaks: anything that is not IP (ARP), IPv6 neighbour discovery and router
+//! Not leaks: anything that is not IP (ARP), ICMP to a known WireGuard endpoint address (the
+//! agent's own path-MTU search to a relay), IPv6 neighbour discovery and router
 //! solicitation/advertisement and redirects (ICMPv6 133-137), DHCP (UDP 67/68) and DHCPv6
 //! (546/547), destinations that never leave the link or the host (127/8, 169.254/16,
 //! 224/4, 255.255.255.255, ::1, fe80::/10, ff00::/8), destinations inside the `--leak-allow`
@@ -16,7 +17,9 @@ use agent_common::{
         Counter, Endpoint,
         leak::{AllowV4, AllowV6, LeakConfig, LeakKey, MAX_LEAK_ALLOW, MAX_LEAKS, error, kind},
     },
-    parse::{IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, L4, Packet, frag, segmented},
+    parse::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, L4, Packet, frag, segmented,
+    },
     wireguard::classify,
 };
 use aya_ebpf::{
@@ -127,6 +130,14 @@ pub fn observe(pkt: &Skb, ifindex: u32, ip: &Ip, l4: Option<&L4>, gso_segs: u32)
             {
                 return;
             }
+            if to_endpoint(ip) {
+                return;
+            }
+        }
+        IPPROTO_ICMP => {
+            if to_endpoint(ip) {
+                return;
+            }
         }
         _ => {}
     }
@@ -143,6 +154,20 @@ pub fn observe(pkt: &Skb, ifindex: u32, ip: &Ip, l4: Option<&L4>, gso_segs: u32)
         packets,
         bytes,
     );
+}
+
+/// ICMP to a WireGuard peer's endpoint address: the agent's own path-MTU search to a relay
+/// (and anyone's ping to it) says nothing the WireGuard traffic to that address does not.
+#[inline(always)]
+fn to_endpoint(ip: &Ip) -> bool {
+    let addr = Endpoint {
+        addr: ip.dst,
+        port: 0,
+        family: ip.family,
+        _pad: 0,
+    };
+    // SAFETY: plain values written by the agent.
+    unsafe { crate::frag::ENDPOINT_ADDRS.get(&addr) }.is_some()
 }
 
 /// Destinations that stay on the host or the link: loopback, link-local, multicast and

@@ -210,6 +210,9 @@ async fn run(command: &str, timeout: Duration, event: &Event) -> &'static str {
         )
         .env("WIRESCOPE_HANDSHAKE_AGE_SECONDS", secs(p.handshake_age))
         .stdin(std::process::Stdio::null())
+        // Its own process group: /bin/sh forks the command's programs, and a timeout must
+        // kill them too, not only the shell.
+        .process_group(0)
         .kill_on_drop(true);
     info!(
         "failover: running `{command}` for {} peer {}",
@@ -222,6 +225,8 @@ async fn run(command: &str, timeout: Duration, event: &Event) -> &'static str {
             return "failed";
         }
     };
+    // The shell leads the group (process_group(0)): its pid is the group's id.
+    let group = child.id();
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(out)) if out.status.success() => {
             info!("failover command finished: {}", out.status);
@@ -241,7 +246,12 @@ async fn run(command: &str, timeout: Duration, event: &Event) -> &'static str {
             "failed"
         }
         Err(_) => {
-            // Dropping the future drops the child, which kill_on_drop kills.
+            // The whole group: the shell and whatever it started. Dropping the future then
+            // drops the child, which kill_on_drop kills (and the runtime reaps).
+            if let Some(pgid) = group {
+                // SAFETY: a plain syscall; the group is the command's own.
+                unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) };
+            }
             warn!(
                 "failover command `{command}` still running after {timeout:?}: killed (raise --failover-timeout if it needs longer)"
             );

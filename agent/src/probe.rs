@@ -82,7 +82,9 @@ impl TargetStats {
         self.sent += 1;
     }
 
-    fn resolve(&mut self, sent_at: Instant, rtt: Option<Duration>) {
+    /// `known_at`: when the outcome became known (a reply's arrival, a loss's timeout), so
+    /// `recent` stays in time order and a loss falls in the window that ends after it.
+    fn resolve(&mut self, known_at: Instant, rtt: Option<Duration>) {
         match rtt {
             Some(d) => {
                 let s = d.as_secs_f64();
@@ -96,7 +98,7 @@ impl TargetStats {
             }
             None => self.lost += 1,
         }
-        self.recent.push_back((sent_at, rtt));
+        self.recent.push_back((known_at, rtt));
         while self.recent.len() > KEEP_OUTCOMES {
             self.recent.pop_front();
         }
@@ -329,8 +331,8 @@ async fn probe_target(
                 if sent {
                     // A sequence number still pending after 65536 probes (a timeout far
                     // longer than the interval) ends as lost first.
-                    if let Some(old) = pending.insert(seq, now) {
-                        stats.with(&key, |s| s.resolve(old, None));
+                    if pending.insert(seq, now).is_some() {
+                        stats.with(&key, |s| s.resolve(Instant::now(), None));
                     }
                 } else {
                     stats.with(&key, |s| s.resolve(now, None));
@@ -346,7 +348,7 @@ async fn probe_target(
                         recv_errors = 0;
                         if let Some(at) = pending.remove(&got) {
                             let rtt = at.elapsed();
-                            stats.with(&key, |s| s.resolve(at, Some(rtt)));
+                            stats.with(&key, |s| s.resolve(Instant::now(), Some(rtt)));
                         }
                     }
                     Ok(None) => recv_errors = 0,
@@ -371,8 +373,8 @@ async fn probe_target(
                     .map(|(s, _)| *s)
                     .collect();
                 for s in expired {
-                    if let Some(at) = pending.remove(&s) {
-                        stats.with(&key, |st| st.resolve(at, None));
+                    if pending.remove(&s).is_some() {
+                        stats.with(&key, |st| st.resolve(Instant::now(), None));
                     }
                 }
             }

@@ -218,6 +218,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let status_labeler = endpoints.clone();
     let failover_state = Arc::new(Mutex::new(crate::failover::Failover::default()));
     let failover_outcomes = crate::failover::Outcomes::default();
+    // Both results of the configured action from the start, at 0: rates are 0, not absent.
+    if cfg.failover.command.is_some() {
+        let action = if cfg.failover.dry_run {
+            "dry_run"
+        } else {
+            "command"
+        };
+        if let Ok(mut o) = failover_outcomes.lock() {
+            for result in ["ok", "failed"] {
+                o.insert((action, result), 0);
+            }
+        }
+    }
     let datapath_collector = Arc::new(DatapathCollector::new(
         datapath.clone(),
         inventory.clone(),

@@ -116,8 +116,8 @@ pub struct RunArgs {
     #[arg(long = "probe-timeout", value_name = "DURATION")]
     pub probe_timeout: Option<String>,
 
-    /// Time between two path-MTU searches to each target (also run on an ICMP too-big)
-    /// [default: 5m]
+    /// Time between two path-MTU searches to each target (also run on an ICMP too-big), or
+    /// `off` for none [default: 5m]
     #[arg(long = "pmtu-interval", value_name = "DURATION")]
     pub pmtu_interval: Option<String>,
 

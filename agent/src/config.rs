@@ -165,6 +165,7 @@ pub struct ProbeConfig {
     pub targets: Vec<ProbeTarget>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Zero: path-MTU searches are off (`--pmtu-interval off`).
     pub pmtu_interval: Duration,
 }
 
@@ -335,12 +336,16 @@ impl RunConfig {
                 file.probe_timeout,
                 DEFAULT_PROBE_TIMEOUT,
             )?,
-            pmtu_interval: duration(
-                "pmtu-interval",
-                &args.pmtu_interval,
-                file.pmtu_interval,
-                DEFAULT_PMTU_INTERVAL,
-            )?,
+            // `off`: no active path-MTU searches (no ICMP to the relays outside the tunnel).
+            pmtu_interval: match pick(&args.pmtu_interval, file.pmtu_interval.clone()) {
+                (Some(v), _) if v.trim() == "off" => Duration::ZERO,
+                _ => duration(
+                    "pmtu-interval",
+                    &args.pmtu_interval,
+                    file.pmtu_interval,
+                    DEFAULT_PMTU_INTERVAL,
+                )?,
+            },
         };
         let failover = FailoverConfig {
             command: pick(&args.failover_command, file.failover_command).0,

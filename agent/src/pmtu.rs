@@ -454,6 +454,10 @@ pub fn spawn(task: PmtuTask, mut stop: watch::Receiver<bool>) -> tokio::task::Jo
                 return;
             }
         };
+        if task.cfg.pmtu_interval.is_zero() {
+            info!("path MTU searches are off (--pmtu-interval off)");
+            return;
+        }
         let interval = task.cfg.pmtu_interval.max(Duration::from_secs(1));
         // Every target of the set at the last run, searched then (whatever the outcome).
         let mut seen: BTreeSet<(String, String)> = BTreeSet::new();

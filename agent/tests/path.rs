@@ -468,13 +468,14 @@ mod lab_test {
 
     use agent_common::wireguard::data_wire_len;
     use xtask::{
+        agent::Agent,
         capture::Capture,
         lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
         scrape::Metrics,
         udp::{UdpEcho, recv_sizes, send_udp},
     };
 
-    use super::common::{start, val};
+    use super::common::{bin, log_path, val};
 
     /// The lab prefix of this file's tests.
     const PREFIX: &str = "fx";
@@ -497,7 +498,15 @@ mod lab_test {
             ..LabConfig::new(Topology::Single, PREFIX)
         })
         .expect("lab up");
-        let agent = start(&lab, "path");
+        // No path-MTU searches of the agent's own: their DF probes through the small-MTU hop
+        // would bring fragmentation-needed messages of their own into the counts.
+        let agent = Agent::start(
+            bin(),
+            &lab.client().netns,
+            &["--pmtu-interval", "off"],
+            &log_path("path"),
+        )
+        .expect("agent starts");
         let c = lab.client();
         let veth = c.underlay().name.clone();
         let relay = lab.exit().address().to_string();

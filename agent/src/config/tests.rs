@@ -555,6 +555,13 @@ fn mullvad_probe_and_failover_options() {
     );
     assert_eq!(c.probes.interval, Duration::from_millis(500));
     assert_eq!(c.probes.pmtu_interval, Duration::from_secs(60));
+    assert!(
+        config(&["--pmtu-interval", "off"])
+            .unwrap()
+            .probes
+            .pmtu_interval
+            .is_zero()
+    );
     assert_eq!(c.failover.command.as_deref(), Some("mullvad reconnect"));
     assert_eq!(c.failover.max_loss_percent, 5.0);
     assert_eq!(c.failover.window, Duration::from_secs(30));

@@ -197,23 +197,15 @@ pub const DEFAULT_FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl RunConfig {
     /// Merges `args` over the `--config` file (if any) and checks everything, including that
-    /// the files named can be read. TLS/basic auth (`--web.config.file`) is validated and
-    /// then refused as not supported yet, rather than silently ignored.
+    /// the files named can be read and, for `--web.config.file`, that its TLS certificate
+    /// and key parse and belong together (so a bad one exits 2 at start, not at the first
+    /// scrape).
     pub fn from_args(args: &RunArgs) -> Result<RunConfig, ConfigError> {
-        let cfg = Self::from_args_allowing_web_config(args)?;
-        if cfg.web_config.is_some() {
-            return Err(ConfigError::Unsupported(
-                "--web.config.file: TLS and basic authentication are not supported yet; \
-                 remove the option (and keep the default 127.0.0.1 listen address), or put \
-                 wirescope behind a reverse proxy that terminates TLS and checks passwords"
-                    .into(),
-            ));
-        }
-        Ok(cfg)
+        Self::from_args_allowing_web_config(args)
     }
 
-    /// [`RunConfig::from_args`] without the final refusal of `--web.config.file`: for the
-    /// day the HTTP server implements it, and for tests.
+    /// The same as [`RunConfig::from_args`] (TLS and basic auth used to be refused here;
+    /// kept for callers of that time).
     pub fn from_args_allowing_web_config(args: &RunArgs) -> Result<RunConfig, ConfigError> {
         let (file, file_origin) = match &args.config {
             Some(path) => (load_toml(path)?, Origin::File(path.clone())),
@@ -701,21 +693,33 @@ impl WebConfig {
                     "client_auth_type RequireAndVerifyClientCert needs client_ca_file".into(),
                 ));
             }
-            // Fields accepted for the format's sake; nothing here acts on them yet.
+            // A restriction that would silently not apply: refused.
+            if t.client_allowed_sans
+                .as_ref()
+                .is_some_and(|s| !s.is_empty())
+            {
+                return Err(bad(
+                    "client_allowed_sans is not supported: every certificate client_ca_file verifies is accepted; remove it or use a CA that signs only the allowed clients".into(),
+                ));
+            }
+            // Accepted for the format's sake: rustls picks among its own (modern) cipher
+            // suites and curves.
             let _ = (
-                t.client_allowed_sans,
                 t.cipher_suites,
                 t.prefer_server_cipher_suites,
                 t.curve_preferences,
             );
-            cfg.tls = Some(TlsConfig {
+            let tls = TlsConfig {
                 cert_file: readable("cert_file", &cert)?,
                 key_file: readable("key_file", &key)?,
                 client_auth_type,
                 client_ca_file,
                 min_version: t.min_version,
                 max_version: t.max_version,
-            });
+            };
+            // Certificate, key, versions and client CA as the server will use them.
+            crate::http::web::server_config(&tls).map_err(bad)?;
+            cfg.tls = Some(tls);
         }
         let _ = raw.http_server_config.map(|h| (h.http2, h.headers));
         for (user, hash) in raw.basic_auth_users.unwrap_or_default() {

@@ -5,6 +5,9 @@
 //! headers must arrive within `header_read_timeout` (this also closes idle keep-alive
 //! connections), headers are capped at 16 KiB, request bodies are never read, and a
 //! connection is retired after `max_connection_age` (its in-flight request still finishes).
+//!
+//! With `--web.config.file` ([`web`]): HTTPS (the TLS handshake must also finish within
+//! `header_read_timeout`) and/or basic auth on every path.
 
 use std::{
     convert::Infallible,
@@ -26,9 +29,16 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 
-use crate::metrics::Format;
+use crate::{config::WebConfig, metrics::Format};
+
+pub mod web;
+pub use web::WebSecurity;
 
 /// What the server shows; the agent implements it over its state.
 pub trait HttpSource: Send + Sync + 'static {
@@ -51,6 +61,8 @@ pub struct HttpConfig {
     pub max_connection_age: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// TLS and basic auth (`--web.config.file`); none by default.
+    pub web: WebSecurity,
 }
 
 impl HttpConfig {
@@ -60,13 +72,25 @@ impl HttpConfig {
             telemetry_path: telemetry_path.into(),
             // Scrapers keep one connection each; this leaves room for a few of them and a
             // human with curl while keeping a flood from exhausting file descriptors.
-            max_connections: 64,
+            // A client holding connections open without sending (slowloris) keeps each
+            // for up to header_read_timeout: room for hundreds of those next to the
+            // scrapers (each costs a socket and a few KiB until then).
+            max_connections: 512,
             header_read_timeout: Duration::from_secs(10),
             // Longer than any sane scrape interval's idle time is cut anyway by the header
             // timeout; this bounds slow readers.
             max_connection_age: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(5),
+            web: WebSecurity::default(),
         }
+    }
+
+    /// Turns on what `web` (the parsed `--web.config.file`) asks for.
+    pub fn with_web_config(mut self, web: Option<&WebConfig>) -> Result<Self, HttpError> {
+        if let Some(w) = web {
+            self.web = WebSecurity::from_config(w).map_err(HttpError::Web)?;
+        }
+        Ok(self)
     }
 }
 
@@ -86,6 +110,8 @@ pub enum HttpError {
     )]
     // Not `source`: the message already says it, and error chains would print it twice.
     Bind { addr: SocketAddr, error: io::Error },
+    #[error("--web.config.file: {0}")]
+    Web(String),
 }
 
 /// A bound, not yet serving, server: binding first lets the caller fail early (exit status)
@@ -143,9 +169,89 @@ pub async fn serve(
 struct Ctx {
     source: Arc<dyn HttpSource>,
     telemetry_path: String,
+    auth: Option<Arc<web::BasicAuth>>,
+}
+
+/// What a plain-HTTP client gets from a TLS listener (as Go's net/http answers it).
+const PLAIN_TO_TLS: &[u8] = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
+
+/// Serves one connection until it ends, the server stops (`stop`) or it reaches `age`.
+async fn drive<I>(
+    builder: http1::Builder,
+    io: I,
+    ctx: Arc<Ctx>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    age: Duration,
+    grace: Duration,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+    });
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!("http: connection from {peer}: {e}");
+            }
+            return;
+        }
+        _ = stop.changed() => {}
+        _ = tokio::time::sleep(age) => {}
+    }
+    // Finish the request in flight, then close.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(grace, conn).await;
+}
+
+/// The TLS handshake on `stream`, within `timeout`; a client that speaks plain HTTP gets
+/// [`PLAIN_TO_TLS`]. None when there is no TLS connection to serve.
+async fn tls_accept(
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stream: TcpStream,
+    timeout: Duration,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let handshake = async {
+        // A TLS connection starts with a handshake record (22); a letter is an HTTP method.
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.ok()? == 0 {
+            return None;
+        }
+        if first[0].is_ascii_alphabetic() {
+            debug!("http: plain HTTP from {peer} to the TLS listener: 400");
+            let _ = stream.write_all(PLAIN_TO_TLS).await;
+            let _ = stream.shutdown().await;
+            return None;
+        }
+        match acceptor.accept(stream).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                debug!("http: TLS handshake with {peer}: {e}");
+                None
+            }
+        }
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .ok()
+        .flatten()
 }
 
 impl Server {
+    /// `https` with TLS configured, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.cfg.web.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -163,7 +269,9 @@ impl Server {
         let ctx = Arc::new(Ctx {
             source,
             telemetry_path: cfg.telemetry_path.clone(),
+            auth: cfg.web.auth.clone(),
         });
+        let tls = cfg.web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         // Each connection holds a permit; taking all of them back at the end waits for the
         // connections to finish.
@@ -198,29 +306,22 @@ impl Server {
                 },
             };
             let ctx = ctx.clone();
-            let svc = service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let mut stop = stop_rx.clone();
+            let stop = stop_rx.clone();
             let (age, grace) = (cfg.max_connection_age, cfg.shutdown_grace);
+            let builder = builder.clone();
+            let tls = tls.clone();
+            let handshake_timeout = cfg.header_read_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!("http: connection from {peer}: {e}");
+                match tls {
+                    None => drive(builder, TokioIo::new(stream), ctx, stop, age, grace, peer).await,
+                    Some(acceptor) => {
+                        if let Some(s) = tls_accept(acceptor, stream, handshake_timeout, peer).await
+                        {
+                            drive(builder, TokioIo::new(s), ctx, stop, age, grace, peer).await
                         }
-                        return;
                     }
-                    _ = stop.changed() => {}
-                    _ = tokio::time::sleep(age) => {}
                 }
-                // Finish the request in flight, then close.
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(grace, conn).await;
             });
         }
 
@@ -256,7 +357,26 @@ fn text(status: StatusCode, body: impl Into<String>) -> Resp {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
+fn unauthorized() -> Resp {
+    let mut r = text(StatusCode::UNAUTHORIZED, "Unauthorized");
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"wirescope\", charset=\"UTF-8\""),
+    );
+    r
+}
+
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    // Every path, known or not, needs the credentials when users are configured.
+    if let Some(auth) = &ctx.auth {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if !auth.check(given).await {
+            return unauthorized();
+        }
+    }
     let path = req.uri().path();
     let known = path == ctx.telemetry_path || matches!(path, "/" | "/healthz" | "/api/v1/status");
     if !known {

@@ -2,6 +2,7 @@
 //! peers it finds, and serves what they count to Prometheus.
 
 pub mod btf;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -300,14 +300,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         export_endpoints: cfg.export_endpoints,
     });
 
-    let server = http::bind(HttpConfig::new(
-        cfg.listen_address,
-        cfg.telemetry_path.clone(),
-    ))
+    let server = http::bind(
+        HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone())
+            .with_web_config(cfg.web_config.as_ref())?,
+    )
     .await
     .context("starting the HTTP server")?;
     info!(
-        "serving metrics on http://{}{}",
+        "serving metrics on {}://{}{}",
+        server.scheme(),
         server.local_addr(),
         cfg.telemetry_path
     );
@@ -320,6 +321,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let pmtu_trigger = pmtu_trigger.clone();
         tokio::spawn(async move {
             let mut too_big_seen = 0u64;
+    // Attached, synced and bound: from here on only what re-attachment needs.
+    let _ = crate::caps::drop_unneeded();
             let mut tick = tokio::time::interval(SYNC_PERIOD);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

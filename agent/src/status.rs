@@ -356,6 +356,7 @@ pub fn build_with(
         "time": now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "healthy": healthy.is_ok(),
         "health_reason": healthy.err(),
+        "capabilities": crate::caps::status(),
         "tunnels": tunnels,
         "underlays": inv.underlays.iter().map(|u| json!({"interface": u.name, "ifindex": u.ifindex})).collect::<Vec<_>>(),
         "drops": drops(d),

@@ -335,11 +335,18 @@ fn toml_file_errors() {
     );
 }
 
+/// A self-signed test certificate (CN=localhost, P-256, valid until 2125) and its key: a
+/// fixture, used nowhere else.
+const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
+const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
+
 #[test]
-fn web_config_is_validated_then_refused() {
+fn web_config_is_validated_and_accepted() {
     let dir = Dir::new("web");
-    dir.file("cert.pem", "-----BEGIN CERTIFICATE-----\n");
-    dir.file("key.pem", "-----BEGIN PRIVATE KEY-----\n");
+    dir.file("cert.pem", TEST_CERT);
+    dir.file("key.pem", TEST_KEY);
+    dir.file("bad-cert.pem", "-----BEGIN CERTIFICATE-----\n");
+    dir.file("other-key.pem", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIOdT1dBvdDb5pvz7WI+IFQ3APa6PTMcR33NFwPBBwQzu\n-----END PRIVATE KEY-----\n");
     let good = dir.file(
         "web.yml",
         &format!(
@@ -357,17 +364,17 @@ fn web_config_is_validated_then_refused() {
     assert_eq!(tls.client_auth_type, "NoClientCert");
     assert_eq!(parsed.basic_auth_users["prometheus"], HASH);
 
-    let err = config(&["--web.config.file", &good]).unwrap_err();
-    assert!(matches!(err, ConfigError::Unsupported(_)));
-    assert!(err.to_string().contains("not supported yet"), "{err}");
-    assert_eq!(err.exit_code(), 2);
+    // Accepted by from_args too (the HTTP server implements it).
+    assert_eq!(
+        config(&["--web.config.file", &good]).unwrap().web_config,
+        RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &good]))
+            .unwrap()
+            .web_config
+    );
 
     // From the TOML file too, relative to it.
     let toml = dir.file("c.toml", "web.config.file = \"web.yml\"\n");
-    assert!(matches!(
-        config(&["--config", &toml]),
-        Err(ConfigError::Unsupported(_))
-    ));
+    assert!(config(&["--config", &toml]).unwrap().web_config.is_some());
 
     let cases: &[(&str, &str)] = &[
         (
@@ -403,6 +410,30 @@ fn web_config_is_validated_then_refused() {
             "unknown field `tls_config`",
         ),
         ("basic_auth_users: [1, 2]\n", "basic_auth_users"),
+        (
+            "tls_server_config:\n  cert_file: bad-cert.pem\n  key_file: key.pem\n",
+            "cert_file",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: bad-cert.pem\n",
+            "key_file",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: other-key.pem\n",
+            "does the key belong to the certificate?",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  max_version: TLS11\n",
+            "no TLS version",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_auth_type: RequireAnyClientCert\n",
+            "not supported",
+        ),
+        (
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  client_allowed_sans: [a.example]\n",
+            "client_allowed_sans is not supported",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = dir.file(&format!("w{i}.yml"), text);
@@ -419,7 +450,7 @@ fn web_config_is_validated_then_refused() {
             "a password must not be echoed: {msg}"
         );
     }
-    // An empty file is valid (it turns nothing on) but is still refused by from_args.
+    // An empty file is valid: it turns nothing on.
     let empty = dir.file("empty.yml", "");
     assert_eq!(
         RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &empty]))

@@ -388,3 +388,207 @@ async fn shutdown_lets_the_request_in_flight_finish() {
     // And nothing listens any more.
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// --web.config.file: TLS and basic auth
+// ---------------------------------------------------------------------------------------
+
+/// A self-signed test certificate (CN=localhost, IP 127.0.0.1, P-256, valid until 2125) and
+/// its key: a fixture, used nowhere else.
+const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
+const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
+
+/// The fixture written to a fresh directory; the web config's TLS part pointing at it.
+fn tls_fixture(name: &str, min: Option<&str>, max: Option<&str>) -> crate::config::TlsConfig {
+    let dir = std::env::temp_dir().join(format!("wirescope-http-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), TEST_CERT).unwrap();
+    std::fs::write(dir.join("key.pem"), TEST_KEY).unwrap();
+    crate::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+        client_auth_type: "NoClientCert".into(),
+        client_ca_file: None,
+        min_version: min.map(str::to_owned),
+        max_version: max.map(str::to_owned),
+    }
+}
+
+fn users() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([(
+        "prometheus".to_string(),
+        bcrypt::hash("s3cret", 4).unwrap(),
+    )])
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// A TLS client trusting only the fixture, limited to `version`.
+fn tls_client(version: &'static rustls::SupportedProtocolVersion) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(TEST_CERT.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// One request over TLS (`Connection: close`); Err when the handshake fails.
+async fn tls_request(
+    addr: SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<Reply, String> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tls_client(version)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("response within 5 s")
+        .map_err(|e| e.to_string())?;
+    Ok(parse(&raw))
+}
+
+/// Every path, known or not, needs the credentials: none or wrong ones get 401 with a
+/// Basic challenge and nothing of the content; the right ones get the content.
+#[tokio::test]
+async fn basic_auth_on_every_path() {
+    let users = users();
+    let srv = start_with(move |c| {
+        c.web.auth = Some(Arc::new(web::BasicAuth::new(users).unwrap()));
+    })
+    .await;
+    for path in ["/metrics", "/", "/healthz", "/api/v1/status", "/nope"] {
+        for creds in [
+            None,
+            Some(basic("prometheus", "wrong")),
+            Some(basic("nobody", "s3cret")),
+            Some(basic("prometheus", "")),
+            Some("Bearer s3cret".to_string()),
+        ] {
+            let extra: Vec<(&str, &str)> = creds
+                .as_deref()
+                .map(|c| ("Authorization", c))
+                .into_iter()
+                .collect();
+            let r = request(srv.addr, "GET", path, &extra).await;
+            assert_eq!(r.status, 401, "{path} with {creds:?}");
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Basic realm=\"wirescope\", charset=\"UTF-8\""),
+                "{path}"
+            );
+            assert!(
+                !r.body.contains("x_total") && !r.body.contains("wg0"),
+                "{path}: {}",
+                r.body
+            );
+        }
+    }
+    let ok = basic("prometheus", "s3cret");
+    let r = request(srv.addr, "GET", "/metrics", &[("Authorization", &ok)]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("x_total 1"), "{}", r.body);
+    let r = request(srv.addr, "GET", "/api/v1/status", &[("Authorization", &ok)]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("wg0"));
+    let r = request(srv.addr, "GET", "/nope", &[("Authorization", &ok)]).await;
+    assert_eq!(r.status, 404);
+    srv.stop().await;
+}
+
+/// HTTPS: TLS 1.3 and 1.2 clients trusting the certificate get the metrics; a plain-HTTP
+/// request gets 400 and nothing else; min_version is enforced; auth works inside TLS.
+#[tokio::test]
+async fn tls_serves_and_refuses_plain_http() {
+    let tls = tls_fixture("tls", None, None);
+    let users = users();
+    let srv = start_with(move |c| {
+        c.web.tls = Some(Arc::new(web::server_config(&tls).unwrap()));
+        c.web.auth = Some(Arc::new(web::BasicAuth::new(users).unwrap()));
+    })
+    .await;
+    let ok = basic("prometheus", "s3cret");
+    for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let r = tls_request(srv.addr, v, "/metrics", &[("Authorization", &ok)])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{v:?}");
+        assert!(r.body.contains("x_total 1"), "{}", r.body);
+        let r = tls_request(srv.addr, v, "/metrics", &[]).await.unwrap();
+        assert_eq!(r.status, 401);
+    }
+    let r = request(srv.addr, "GET", "/metrics", &[("Authorization", &ok)]).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body.contains("HTTP request to an HTTPS server"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("x_total"));
+    srv.stop().await;
+
+    // min_version TLS13: a TLS 1.2-only client is refused.
+    let tls = tls_fixture("tls13", Some("TLS13"), None);
+    let srv = start_with(move |c| {
+        c.web.tls = Some(Arc::new(web::server_config(&tls).unwrap()));
+    })
+    .await;
+    assert!(
+        tls_request(srv.addr, &rustls::version::TLS12, "/", &[])
+            .await
+            .is_err()
+    );
+    let r = tls_request(srv.addr, &rustls::version::TLS13, "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    srv.stop().await;
+}
+
+/// A client that connects to the TLS listener and never starts the handshake is cut off
+/// after header_read_timeout, like a silent plain-HTTP client.
+#[tokio::test]
+async fn silent_tls_clients_are_cut_off() {
+    let tls = tls_fixture("silent", None, None);
+    let srv = start_with(move |c| {
+        c.web.tls = Some(Arc::new(web::server_config(&tls).unwrap()));
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed within 5 s");
+    assert!(n.is_ok_and(|n| n == 0) || buf.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    srv.stop().await;
+}

@@ -300,6 +300,10 @@ impl MullvadState {
                 self.last_error = None;
             }
             Err(e) => {
+                // Not installed means Mullvad is off, not a failed read.
+                if !e.is_not_found() {
+                    crate::source_errors::record(crate::source_errors::MULLVAD);
+                }
                 self.up = false;
                 self.off = e.is_not_found();
                 self.status = None;

@@ -151,6 +151,8 @@ fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropRea
 }
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    // One agent per network namespace: a second one says which agent is already there.
+    crate::instance::claim(cfg.listen_address)?;
     let features = Features::detect();
     info!(
         "wirescope {} on Linux {}: tcx={} tracepoint={} kprobe={} fentry={} btf={} bpf_stats={}",
@@ -192,6 +194,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .tick(&datapath, &inventory)
         .await
         .context("first sync of interfaces and peers")?;
+    // Loading parsed the kernel's BTF and the eBPF object (tens of MB, freed by now): hand
+    // that memory back to the system instead of keeping it in the allocator's free lists.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 
     // Mullvad daemon state (issue 6): written by crate::mullvad::spawn below, read by its
     // collector and, through probe_target(), by the prober.

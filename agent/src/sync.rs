@@ -17,7 +17,7 @@ use crate::{
     datapath::{Datapath, PeerMaps},
     inventory::{Backend, Inventory, Peer, Tunnel, Underlay, WgDevice},
     netlink::{Link, Netlink},
-    topology, wg,
+    source_errors, topology, wg,
 };
 
 /// How long a route lookup is trusted; routes rarely change, peers' endpoints do.
@@ -46,6 +46,10 @@ pub struct Syncer {
     routes: HashMap<IpAddr, (Option<u32>, Instant)>,
     /// Messages already logged, so a persistent problem is logged once, not every second.
     logged: HashSet<String>,
+    /// ifindex -> the UAPI socket name its peer state was last read from. wireguard-go
+    /// names its socket after the interface at start and keeps it when the interface is
+    /// renamed: a renamed device is still read through its old socket.
+    uapi_sockets: HashMap<u32, String>,
 }
 
 impl Syncer {
@@ -57,6 +61,7 @@ impl Syncer {
             next_id: 1,
             routes: HashMap::new(),
             logged: HashSet::new(),
+            uapi_sockets: HashMap::new(),
         }
     }
 
@@ -73,7 +78,10 @@ impl Syncer {
         datapath: &Mutex<Datapath>,
         inventory: &RwLock<Inventory>,
     ) -> anyhow::Result<()> {
-        let links = self.netlink.links().await?;
+        let links = self.netlink.links().await.inspect_err(|e| {
+            source_errors::record(source_errors::RTNETLINK);
+            self.warn_once(format!("reading the interfaces (rtnetlink): {e}"));
+        })?;
         let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
         let link_names: HashMap<u32, String> =
             links.iter().map(|l| (l.index, l.name.clone())).collect();
@@ -86,11 +94,30 @@ impl Syncer {
                 ));
                 continue;
             };
-            let (dev, backend) = match read_device(&name).await {
-                Ok(found) => found,
+            // A renamed userspace device: its socket still has the old name.
+            let read_as = self
+                .uapi_sockets
+                .get(&link.index)
+                .filter(|s| {
+                    **s != name && !wg::uapi_path(&name).exists() && wg::uapi_path(s).exists()
+                })
+                .cloned()
+                .unwrap_or_else(|| name.clone());
+            let (dev, backend) = match read_device(&read_as).await {
+                Ok((mut dev, backend)) => {
+                    if backend == Backend::Uapi {
+                        self.uapi_sockets.insert(link.index, read_as.clone());
+                    }
+                    dev.name = name.clone();
+                    (dev, backend)
+                }
                 Err(e) => {
                     // Datapath counting goes on without peer state (e.g. Mullvad's in-app
                     // WireGuard has no control socket); traffic then shows as peer "unknown".
+                    let kernel = link.kind.as_deref() == Some("wireguard");
+                    if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel) {
+                        source_errors::record(source);
+                    }
                     self.warn_once(format!("{name}: no peer state: {e}"));
                     (
                         WgDevice {
@@ -207,9 +234,21 @@ impl Syncer {
             .filter(|l| l.kind.as_deref() == Some("wireguard"))
             .map(|l| l.name.clone())
             .collect();
-        for s in wg::list_uapi_sockets() {
-            if here.contains(s.as_str()) && !names.contains(&s) {
-                names.push(s);
+        let sockets = wg::list_uapi_sockets();
+        for s in &sockets {
+            if here.contains(s.as_str()) && !names.contains(s) {
+                names.push(s.clone());
+            }
+        }
+        // Renamed userspace devices, still reachable through their old socket.
+        for l in links {
+            if self
+                .uapi_sockets
+                .get(&l.index)
+                .is_some_and(|s| sockets.contains(s))
+                && !names.contains(&l.name)
+            {
+                names.push(l.name.clone());
             }
         }
         names.sort();
@@ -278,6 +317,7 @@ impl Syncer {
                         oif
                     }
                     Err(e) => {
+                        source_errors::record(source_errors::RTNETLINK);
                         self.warn_once(format!("route lookup for a peer endpoint failed: {e}"));
                         None
                     }
@@ -328,6 +368,24 @@ impl Syncer {
                 ifindex: l.index,
             })
             .collect()
+    }
+}
+
+/// Which source a failed [`wg::read_device`] counts against in
+/// `wirescope_source_errors_total`, if any. `kernel`: the link is a kernel WireGuard
+/// interface, so netlink should have answered. No control interface at all for a userspace
+/// device (Mullvad's in-app WireGuard) is not a failed read, nor is a join error.
+pub fn failed_source(err: Option<&wg::WgError>, kernel: bool) -> Option<&'static str> {
+    use wg::WgError::*;
+    match err? {
+        NotFound { .. } => kernel.then_some(source_errors::WIREGUARD_NETLINK),
+        InvalidName(_) => None,
+        Io { .. }
+        | Timeout { .. }
+        | TooLarge { .. }
+        | Truncated { .. }
+        | Malformed { .. }
+        | Errno { .. } => Some(source_errors::WIREGUARD_UAPI),
     }
 }
 
@@ -399,16 +457,198 @@ pub fn endpoint_addr(e: &Endpoint) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, e.port)
 }
 
-/// Log once when an interface appears or disappears: the caller compares inventories.
+/// Logs each change between two syncs once: a tunnel appearing, going, re-created (same
+/// name, new ifindex: a restarted wireguard-go or `ip link del/add`), renamed (same ifindex,
+/// new name), its MTU changed, and peers added, removed or given a new endpoint (the address
+/// itself is not logged: it is private).
 pub fn log_changes(before: &Inventory, after: &Inventory) {
-    let names = |inv: &Inventory| -> HashSet<String> {
-        inv.tunnels.iter().map(|t| t.name.clone()).collect()
-    };
-    let (b, a) = (names(before), names(after));
-    for n in a.difference(&b) {
-        info!("watching tunnel {n}");
+    for line in changes(before, after) {
+        info!("{line}");
     }
-    for n in b.difference(&a) {
-        info!("tunnel {n} is gone");
+}
+
+/// The lines [`log_changes`] logs.
+pub fn changes(before: &Inventory, after: &Inventory) -> Vec<String> {
+    let mut out = Vec::new();
+    let by_name = |inv: &Inventory| -> HashMap<String, Tunnel> {
+        inv.tunnels
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect()
+    };
+    let (b, a) = (by_name(before), by_name(after));
+    let mut renamed_from: HashSet<String> = HashSet::new();
+    let mut names: Vec<&String> = a.keys().collect();
+    names.sort();
+    for n in names {
+        let t = &a[n];
+        let Some(old) = b.get(n) else {
+            // A vanished name with this ifindex: renamed.
+            match b
+                .values()
+                .find(|o| o.ifindex == t.ifindex && !a.contains_key(&o.name))
+            {
+                Some(o) => {
+                    out.push(format!(
+                        "tunnel {} renamed to {n} (ifindex {})",
+                        o.name, t.ifindex
+                    ));
+                    renamed_from.insert(o.name.clone());
+                    peer_changes(&mut out, n, o, t);
+                }
+                None => out.push(format!("watching tunnel {n} (ifindex {})", t.ifindex)),
+            }
+            continue;
+        };
+        if old.ifindex != t.ifindex {
+            out.push(format!(
+                "tunnel {n} re-created (ifindex {} -> {})",
+                old.ifindex, t.ifindex
+            ));
+        }
+        if old.mtu != t.mtu {
+            out.push(format!("tunnel {n}: MTU {} -> {}", old.mtu, t.mtu));
+        }
+        peer_changes(&mut out, n, old, t);
+    }
+    let mut gone: Vec<&String> = b
+        .keys()
+        .filter(|n| !a.contains_key(*n) && !renamed_from.contains(*n))
+        .collect();
+    gone.sort();
+    for n in gone {
+        out.push(format!("tunnel {n} is gone"));
+    }
+    out
+}
+
+fn peer_changes(out: &mut Vec<String>, name: &str, old: &Tunnel, new: &Tunnel) {
+    let keys = |t: &Tunnel| -> HashMap<String, Option<std::net::SocketAddr>> {
+        t.peers
+            .iter()
+            .map(|p| (p.public_key.clone(), p.wg.endpoint))
+            .collect()
+    };
+    let (b, a) = (keys(old), keys(new));
+    let mut added: Vec<&String> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+    let mut removed: Vec<&String> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+    let mut moved: Vec<&String> = a
+        .iter()
+        .filter(|(k, e)| b.get(*k).is_some_and(|old| old != *e && e.is_some()))
+        .map(|(k, _)| k)
+        .collect();
+    added.sort();
+    removed.sort();
+    moved.sort();
+    for k in removed {
+        out.push(format!("tunnel {name}: peer {k} removed"));
+    }
+    for k in added {
+        out.push(format!("tunnel {name}: peer {k} added"));
+    }
+    for k in moved {
+        out.push(format!("tunnel {name}: peer {k} has a new endpoint"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::WgPeer;
+
+    fn peer(key: &str, ep: &str) -> Peer {
+        Peer {
+            id: 1,
+            public_key: key.into(),
+            wg: WgPeer {
+                public_key: [0; 32],
+                endpoint: ep.parse().ok(),
+                allowed_ips: Vec::new(),
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                persistent_keepalive: None,
+            },
+            friendly_name: None,
+            hop: 1,
+            via: String::new(),
+        }
+    }
+
+    fn tun(name: &str, ifindex: u32, mtu: u32, peers: Vec<Peer>) -> Tunnel {
+        Tunnel {
+            name: name.into(),
+            ifindex,
+            mtu,
+            backend: Backend::Uapi,
+            listen_port: 1,
+            peers,
+        }
+    }
+
+    fn inv(tunnels: Vec<Tunnel>) -> Inventory {
+        Inventory {
+            tunnels,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_change_is_one_line() {
+        let a = inv(vec![tun("wg0", 5, 1420, vec![peer("A", "192.0.2.1:1")])]);
+        assert!(changes(&a, &a).is_empty());
+        assert_eq!(
+            changes(&inv(vec![]), &a),
+            ["watching tunnel wg0 (ifindex 5)"]
+        );
+        assert_eq!(changes(&a, &inv(vec![])), ["tunnel wg0 is gone"]);
+        let recreated = inv(vec![tun("wg0", 9, 1420, vec![peer("A", "192.0.2.1:1")])]);
+        assert_eq!(
+            changes(&a, &recreated),
+            ["tunnel wg0 re-created (ifindex 5 -> 9)"]
+        );
+        let renamed = inv(vec![tun("wg1", 5, 1420, vec![peer("A", "192.0.2.1:1")])]);
+        assert_eq!(
+            changes(&a, &renamed),
+            ["tunnel wg0 renamed to wg1 (ifindex 5)"]
+        );
+        let mtu = inv(vec![tun("wg0", 5, 1380, vec![peer("A", "192.0.2.1:1")])]);
+        assert_eq!(changes(&a, &mtu), ["tunnel wg0: MTU 1420 -> 1380"]);
+        let none = inv(vec![tun("wg0", 5, 1420, vec![])]);
+        assert_eq!(changes(&a, &none), ["tunnel wg0: peer A removed"]);
+        assert_eq!(changes(&none, &a), ["tunnel wg0: peer A added"]);
+        let moved = inv(vec![tun("wg0", 5, 1420, vec![peer("A", "192.0.2.9:1")])]);
+        let lines = changes(&a, &moved);
+        assert_eq!(lines, ["tunnel wg0: peer A has a new endpoint"]);
+        assert!(!lines[0].contains("192.0.2"), "no address in the log");
+    }
+
+    #[test]
+    fn failed_reads_count_against_their_source() {
+        let path = std::path::PathBuf::from("/x");
+        let nf = wg::WgError::NotFound {
+            name: "wg0".into(),
+            netlink: "no device".into(),
+            path: path.clone(),
+        };
+        assert_eq!(
+            failed_source(Some(&nf), true),
+            Some(source_errors::WIREGUARD_NETLINK)
+        );
+        assert_eq!(failed_source(Some(&nf), false), None);
+        let t = wg::WgError::Timeout {
+            path: path.clone(),
+            timeout: Duration::from_secs(2),
+        };
+        assert_eq!(
+            failed_source(Some(&t), false),
+            Some(source_errors::WIREGUARD_UAPI)
+        );
+        let big = wg::WgError::TooLarge { path, cap: 1 };
+        assert_eq!(
+            failed_source(Some(&big), true),
+            Some(source_errors::WIREGUARD_UAPI)
+        );
+        assert_eq!(failed_source(None, true), None);
     }
 }

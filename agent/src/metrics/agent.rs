@@ -2,7 +2,7 @@
 //!
 //! Counter families are named without `_total`, which the encoder appends: the exposed names
 //! are `wirescope_bpf_map_update_errors_total`, `wirescope_bpf_runs_total` and
-//! `wirescope_bpf_run_seconds_total`.
+//! `wirescope_bpf_run_seconds_total`, and `wirescope_source_errors_total`.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -60,6 +60,18 @@ impl Collector for AgentCollector {
             )?;
             for (name, on) in features.as_pairs() {
                 ConstGauge::new(on as i64).encode(fam.encode_family(&[("feature", name)])?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "wirescope_source_errors",
+                "failed reads of a state source (WireGuard UAPI socket or netlink, rtnetlink, \
+                 the Mullvad CLI): malformed, too large, slow or refused; the rest keeps flowing",
+                None,
+                MetricType::Counter,
+            )?;
+            for (source, n) in crate::source_errors::snapshot() {
+                ConstCounter::new(n).encode(fam.encode_family(&[("source", source)])?)?;
             }
         }
         let Ok(dp) = self.datapath.lock() else {

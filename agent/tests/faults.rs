@@ -16,7 +16,8 @@
 //!   40 MB.
 //! - `bad_uapi_answers_are_counted`: a fake UAPI socket served by the test answers
 //!   malformed, huge and never: `wirescope_source_errors_total{source="wireguard_uapi"}`
-//!   rises, each failure is logged, and the other metrics keep being served.
+//!   rises, each failure is logged, and the other metrics keep being served; a Mullvad CLI
+//!   printing truncated JSON counts in `{source="mullvad"}` on every poll, logged once.
 //!
 //! Needs root and the lab's tools; with CI=true a missing prerequisite fails. Run:
 //! `cargo test -p wirescope --test faults -- --test-threads=1`.
@@ -577,10 +578,15 @@ fn agents_in_two_namespaces_and_a_refused_second_one() {
 
 /// VmRSS of `pid` in kB.
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status.
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -678,6 +684,13 @@ fn scrape_flood_and_slowloris() {
         max_rss,
         failures.len()
     );
+    // This binary's own pages are part of RSS (a debug build's are several times a
+    // release build's): the split says which part grew.
+    eprintln!(
+        "after the flood: RssAnon {} kB, RssFile {} kB",
+        status_kb(pid, "RssAnon:"),
+        status_kb(pid, "RssFile:")
+    );
     assert!(failures.is_empty(), "failed scrapes: {failures:?}");
     assert!(
         worst <= Duration::from_secs(2),
@@ -773,11 +786,26 @@ fn bad_uapi_answers_are_counted() {
     common::ip_cmd(&["-n", &ns, "link", "set", &iface, "up"]);
     let mode = Arc::new(AtomicU8::new(GOOD));
     fake_daemon(&sock, mode.clone());
+    // A Mullvad CLI whose JSON is cut short.
+    let mullvad_cli =
+        std::env::temp_dir().join(format!("wirescope-faults-mullvad-{}", std::process::id()));
+    std::fs::write(&mullvad_cli, "#!/bin/sh\necho '{\"state\":\"connec'\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&mullvad_cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 
     let agent = Agent::start(
         bin(),
         &ns,
-        &["--tunnel", &iface, "--mullvad-cli", "/nonexistent/mullvad"],
+        &[
+            "--tunnel",
+            &iface,
+            "--mullvad-cli",
+            mullvad_cli.to_str().expect("UTF-8 path"),
+            "--mullvad-interval",
+            "1s",
+        ],
         &log_path("faults-uapi"),
     )
     .expect("agent on the fake");
@@ -887,5 +915,18 @@ fn bad_uapi_answers_are_counted() {
     );
     let (code, body) = agent.get("/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // The truncated Mullvad JSON, polled every second, counted each time and logged once.
+    let mullvad = |m: &Metrics| val(m, "wirescope_source_errors_total", &[("source", "mullvad")]);
+    let (n1, n2) = (mullvad(&m1), mullvad(&m2));
+    eprintln!("mullvad: wirescope_source_errors_total{{source=\"mullvad\"}} {n1} -> {n2} in 3 s");
+    assert!(n1 >= 5 && n2 >= n1 + 2, "mullvad errors {n1} then {n2}");
+    assert_eq!(val(&m2, "mullvad_up", &[]), 0);
+    let log = agent.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("Mullvad:") && l.contains("status --json"))
+        .count();
+    assert_eq!(lines, 1, "the Mullvad failure logged once; log:\n{log}");
     assert!(agent.stop().unwrap().success());
+    let _ = std::fs::remove_file(&mullvad_cli);
 }

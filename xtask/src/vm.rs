@@ -123,7 +123,7 @@ pub struct VmArgs {
     #[arg(long, value_enum, default_value = "6.1")]
     pub kernel: KernelArg,
     /// Give up on a VM after this many seconds (boot and every suite).
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
     /// Only run tests whose name contains this (passed to each test binary).
     #[arg(long)]
@@ -192,7 +192,7 @@ pub fn test_step(series_name: &str) -> (Counts, Result<()>) {
         }
     };
     let res =
-        build_suites().and_then(|suites| run_vm(&tools, &kernels[0], &suites, None, timeout(1200)));
+        build_suites().and_then(|suites| run_vm(&tools, &kernels[0], &suites, None, timeout(1800)));
     match res {
         Ok(report) => {
             print!("{}", report.summary());

@@ -433,6 +433,14 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
         serde_json::error::Category::Data => ParseError::NoState(e.to_string()),
         _ => ParseError::NotJson(e.to_string()),
     })?;
+    // serde also reads a struct from a JSON array (`["connected"]` would be state
+    // "connected"); the status is an object, so valid JSON starting with `[` is an array.
+    if text.trim_start().starts_with('[') {
+        return Err(ParseError::NoState(format!(
+            "an array: {}",
+            short(text.trim())
+        )));
+    }
     let state = match &raw.state {
         Value::String(s) if !s.is_empty() => TunnelState::from_name(s),
         other => return Err(ParseError::NoState(short(&other.to_string()))),
@@ -1092,6 +1100,12 @@ mod tests {
             Err(ParseError::NotJson(_))
         ));
         assert!(matches!(parse_status("[1,2]"), Err(ParseError::NoState(_))));
+        // Found by the fuzzer (fuzz/fuzz_targets/mullvad_json.rs): an array was read as
+        // the fields in order.
+        assert!(matches!(
+            parse_status(r#"["connected"]"#),
+            Err(ParseError::NoState(_))
+        ));
         assert!(matches!(
             parse_status(r#"{"details":{}}"#),
             Err(ParseError::NoState(_))

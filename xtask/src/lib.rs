@@ -7,6 +7,7 @@
 //!   handshake responses) in the hop or between the multihop relays.
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
 //! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
+//! - [`fuzz`]: the cargo-fuzz targets in fuzz/ (`cargo xtask fuzz`, and a step of `test`).
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod build;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod fuzz;
 pub mod impair;
 pub mod lab;
 pub mod netns;

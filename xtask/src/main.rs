@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::impair::{DirRules, Impairment, Place};
 use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
-use xtask::{build, demo, setup, testsuite, vm};
+use xtask::{build, demo, fuzz, setup, testsuite, vm};
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker (idempotent).
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker, cargo-fuzz
+    /// (idempotent).
     Setup,
     /// Build the release agent (with its eBPF object).
     Build,
@@ -32,6 +33,8 @@ enum Cmd {
     /// Run the privileged test suites in QEMU VMs on Debian's 6.1 and/or 6.12 kernels
     /// (installs qemu, the kernels and virtme-ng when missing; needs root).
     VmTest(vm::VmArgs),
+    /// Build the cargo-fuzz targets in fuzz/ and run each for --seconds, two at a time.
+    Fuzz(fuzz::FuzzArgs),
     /// The WireGuard network-namespace lab.
     Lab {
         #[command(subcommand)]
@@ -128,6 +131,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             vm::run(&args)
         }
+        Cmd::Fuzz(args) => fuzz::run(&args),
         Cmd::Lab { command } => match command {
             LabCmd::Up {
                 topology,

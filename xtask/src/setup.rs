@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
-//! the tests, and nothing when everything is there (then it only asks dpkg, rustup and
-//! bpf-linker, in well under a second).
+//! the tests, and nothing when everything is there (then it only asks dpkg, rustup,
+//! bpf-linker and cargo-fuzz, in well under a second).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -30,6 +30,10 @@ pub const APT_PACKAGES: &[&str] = &[
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.
 pub const BPF_LINKER_VERSION: &str = "0.10.4";
 
+/// cargo-fuzz for the fuzz targets in fuzz/ (`cargo xtask fuzz`); built with the stable
+/// toolchain, it drives the nightly one.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Installs whatever is missing; prints one line per thing installed.
 pub fn run() -> Result<()> {
     let start = Instant::now();
@@ -37,6 +41,7 @@ pub fn run() -> Result<()> {
     ensure_apt_packages(&mut installed)?;
     ensure_nightly_rust_src(&mut installed)?;
     ensure_bpf_linker(&mut installed)?;
+    ensure_cargo_fuzz(&mut installed)?;
     let took = start.elapsed().as_secs_f64();
     if installed.is_empty() {
         println!("setup: everything present ({took:.2} s)");
@@ -172,6 +177,46 @@ fn ensure_bpf_linker(installed: &mut Vec<String>) -> Result<()> {
     }
     println!("setup: installed bpf-linker {BPF_LINKER_VERSION} (cargo install)");
     installed.push("bpf-linker".into());
+    Ok(())
+}
+
+fn cargo_fuzz_version() -> Option<String> {
+    let out = Command::new("cargo-fuzz").arg("--version").output().ok()?;
+    // "cargo-fuzz 0.13.2"
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn ensure_cargo_fuzz(installed: &mut Vec<String>) -> Result<()> {
+    if cargo_fuzz_version().as_deref() == Some(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    println!("setup: cargo install cargo-fuzz {CARGO_FUZZ_VERSION} (about two minutes)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ])
+        .status()
+        .with_context(|| format!("running `{cargo} install cargo-fuzz`"))?;
+    if !status.success() {
+        bail!(
+            "`cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked` failed ({status})"
+        );
+    }
+    match cargo_fuzz_version() {
+        Some(v) if v == CARGO_FUZZ_VERSION => {}
+        other => bail!(
+            "installed cargo-fuzz {CARGO_FUZZ_VERSION}, but `cargo-fuzz --version` reports \
+             {other:?}: is another cargo-fuzz earlier on PATH? (`which -a cargo-fuzz`)"
+        ),
+    }
+    println!("setup: installed cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install)");
+    installed.push("cargo-fuzz".into());
     Ok(())
 }
 

@@ -3,8 +3,9 @@
 //! Add a step by adding an entry to [`steps`].
 //!
 //! The steps: everything on the host (its kernel: TCX, wireguard-go where it has no
-//! WireGuard module), then the privileged suites again in a VM on Debian's 6.1 kernel
-//! (clsact, kernel WireGuard, kprobes; see [`crate::vm`]). With CI=true a VM that cannot be
+//! WireGuard module), then each fuzz target for a minute (see [`crate::fuzz`]), then the
+//! privileged suites again in a VM on Debian's 6.1 kernel (clsact, kernel WireGuard,
+//! kprobes; see [`crate::vm`]). With CI=true a VM or a fuzzing prerequisite that cannot be
 //! set up fails the run; without, it is skipped and counted as 1 skipped.
 
 use std::io::{BufRead as _, BufReader};
@@ -58,6 +59,10 @@ pub fn steps() -> Vec<Step> {
                     &["--test-threads=1"],
                 )
             },
+        },
+        Step {
+            name: "fuzz: every cargo-fuzz target for 60 s, two at a time: cargo xtask fuzz --seconds 60",
+            run: crate::fuzz::test_step,
         },
         Step {
             name: "vm 6.1: lab suites and test_run in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",

@@ -23,7 +23,7 @@ pub static CRYPTO_START: HashMap<u64, CryptoStart> = HashMap::with_max_entries(M
 
 #[map]
 pub static CRYPTO_HIST: PerCpuHashMap<HistKey, HistValue> =
-    PerCpuHashMap::with_max_entries(MAX_CRYPTO_HIST, 0);
+    PerCpuHashMap::pinned(MAX_CRYPTO_HIST, 0);
 
 /// Follows `base + off` as a kernel pointer.
 #[inline(always)]

@@ -25,15 +25,14 @@ use crate::count;
 pub static DROPS_CFG: Array<DropsConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static DROPS: PerCpuHashMap<DropKey, Counter> = PerCpuHashMap::with_max_entries(MAX_DROPS, 0);
+pub static DROPS: PerCpuHashMap<DropKey, Counter> = PerCpuHashMap::pinned(MAX_DROPS, 0);
 
 /// Keyed by the local port.
 #[map]
-pub static UDP_ERRORS: PerCpuHashMap<u32, Counter> =
-    PerCpuHashMap::with_max_entries(MAX_UDP_ERRORS, 0);
+pub static UDP_ERRORS: PerCpuHashMap<u32, Counter> = PerCpuHashMap::pinned(MAX_UDP_ERRORS, 0);
 
 #[map]
-pub static DROPS_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+pub static DROPS_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(error::COUNT, 0);
 
 /// `*(T *)(base + off)` in kernel memory.
 #[inline(always)]

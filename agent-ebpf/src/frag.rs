@@ -28,8 +28,7 @@ use crate::maps::WG_PORTS;
 
 /// (ifindex, 0, layer, direction) -> fragments and their L3 bytes.
 #[map]
-pub static FRAGMENTS: PerCpuHashMap<CounterKey, Counter> =
-    PerCpuHashMap::with_max_entries(MAX_FRAGMENTS, 0);
+pub static FRAGMENTS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::pinned(MAX_FRAGMENTS, 0);
 
 /// Known endpoint addresses (`Endpoint` with port 0), written by the agent.
 #[map]
@@ -37,7 +36,7 @@ pub static ENDPOINT_ADDRS: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX
 
 /// Updates refused by the path maps (`path::error`).
 #[map]
-pub static PATH_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+pub static PATH_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(error::COUNT, 0);
 
 #[inline(always)]
 pub fn count(ifindex: u32, dir: u8, flags: u32, ip: &Ip, l4: Option<&L4>) {

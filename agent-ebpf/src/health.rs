@@ -28,7 +28,7 @@ pub static HANDSHAKE_PENDING: HashMap<IndexKey, PendingHandshake> =
 
 #[map]
 pub static HANDSHAKE_RTT: PerCpuHashMap<PeerHistKey, HistValue> =
-    PerCpuHashMap::with_max_entries(MAX_HANDSHAKE_RTT, 0);
+    PerCpuHashMap::pinned(MAX_HANDSHAKE_RTT, 0);
 
 /// Receiving sessions by (interface, receiver index). A shared (not per-CPU) map: one
 /// session's messages are normally received on one CPU, but not always (RPS, a rehashed
@@ -44,7 +44,7 @@ pub static RX_SESSIONS: HashMap<IndexKey, RxSession> =
 /// `seq::LATE`, `Counter.packets` the count.
 #[map]
 pub static RX_SEQ: PerCpuHashMap<CounterKey, agent_common::maps::Counter> =
-    PerCpuHashMap::with_max_entries(MAX_RX_SEQ, 0);
+    PerCpuHashMap::pinned(MAX_RX_SEQ, 0);
 
 #[inline(always)]
 fn bump(idx: u32) {

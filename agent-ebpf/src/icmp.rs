@@ -26,7 +26,7 @@ use crate::{frag::add, skb::Skb};
 /// (ifindex, 0, family 4 or 6, rx) -> messages.
 #[map]
 pub static ICMP_TOO_BIG: PerCpuHashMap<CounterKey, agent_common::maps::Counter> =
-    PerCpuHashMap::with_max_entries(MAX_ICMP_TOO_BIG, 0);
+    PerCpuHashMap::pinned(MAX_ICMP_TOO_BIG, 0);
 
 /// (ifindex, reported MTU) -> bpf_ktime_get_ns of the latest report.
 #[map]

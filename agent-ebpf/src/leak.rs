@@ -70,10 +70,10 @@ pub static LEAK_ALLOW_V6: LpmTrie<AllowV6, u8> = LpmTrie::with_max_entries(MAX_L
 
 /// Packets and L3 bytes per (interface, kind).
 #[map]
-pub static LEAKS: PerCpuHashMap<LeakKey, Counter> = PerCpuHashMap::with_max_entries(MAX_LEAKS, 0);
+pub static LEAKS: PerCpuHashMap<LeakKey, Counter> = PerCpuHashMap::pinned(MAX_LEAKS, 0);
 
 #[map]
-pub static LEAK_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+pub static LEAK_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(error::COUNT, 0);
 
 /// The loopback device's index in every network namespace (LOOPBACK_IFINDEX).
 const LOOPBACK_IFINDEX: u32 = 1;

@@ -1,4 +1,11 @@
 //! The maps, named as `agent_common::maps::names` says.
+//!
+//! Pinning: every map whose contents must survive an agent restart (the counters and
+//! histograms here and in the other modules, and the per-CPU error arrays) is declared with
+//! `pinned` (`PinningType::ByName`); the agent loads them from, or pins them to, its pin
+//! directory (`agent/src/pin.rs`: /sys/fs/bpf/wirescope/<netns>/<layout id>/), so a restarted
+//! agent continues their counts. Maps the agent rewrites on every sync (interfaces, peers,
+//! configuration), program arrays and in-flight state are not pinned.
 
 use agent_common::maps::{
     AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, MAX_ALLOWED_IPS,
@@ -27,15 +34,14 @@ pub static ENDPOINTS: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_END
 pub static WG_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WG_PORTS, 0);
 
 #[map]
-pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
-    PerCpuHashMap::with_max_entries(MAX_COUNTERS, 0);
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);
 
 #[map]
 pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
-    PerCpuHashMap::with_max_entries(MAX_UNKNOWN_WIRE, 0);
+    PerCpuHashMap::pinned(MAX_UNKNOWN_WIRE, 0);
 
 #[map]
-pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(map_error::COUNT, 0);
+pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(map_error::COUNT, 0);
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<IfaceConfig> {

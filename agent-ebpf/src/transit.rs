@@ -27,10 +27,10 @@ pub static TRANSIT_SLOTS: HashMap<SlotKey, Slot> = HashMap::with_max_entries(MAX
 
 #[map]
 pub static TRANSIT_HIST: PerCpuHashMap<HistKey, HistValue> =
-    PerCpuHashMap::with_max_entries(MAX_TRANSIT_HIST, 0);
+    PerCpuHashMap::pinned(MAX_TRANSIT_HIST, 0);
 
 #[map]
-pub static TRANSIT_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(error::COUNT, 0);
+pub static TRANSIT_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(error::COUNT, 0);
 
 /// The operations the current packet left (this CPU's; a TC program runs to its end, tail
 /// call included, without migrating).

@@ -16,7 +16,33 @@ use aya::{
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
     },
 };
-use log::{debug, info};
+use log::{debug, info, warn};
+
+#[path = "pin.rs"]
+pub mod pin;
+
+/// Whether and where [`Datapath::load_with`] pins the counting maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// In /sys/fs/bpf/wirescope/<netns>/<layout id>/ (see [`pin`]).
+    Auto,
+    /// In `<dir>/<netns>/<layout id>/`, `dir` on a bpffs.
+    Under(std::path::PathBuf),
+    /// Not at all: every map starts empty and goes with the agent.
+    Off,
+}
+
+impl Pinning {
+    /// `WIRESCOPE_PIN=off` disables pinning; `WIRESCOPE_PIN=/some/bpffs/dir` pins under that
+    /// directory; anything else (or nothing) is [`Pinning::Auto`].
+    pub fn from_env() -> Self {
+        match std::env::var_os("WIRESCOPE_PIN") {
+            Some(v) if v == "off" || v == "0" => Pinning::Off,
+            Some(v) if v.as_encoded_bytes().starts_with(b"/") => Pinning::Under(v.into()),
+            _ => Pinning::Auto,
+        }
+    }
+}
 
 pub const PROG_INGRESS: &str = "wirescope_ingress";
 pub const PROG_EGRESS: &str = "wirescope_egress";
@@ -42,6 +68,8 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("pinning the maps: {0}")]
+    Pin(#[source] pin::PinError),
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
@@ -164,11 +192,45 @@ where
 }
 
 impl Datapath {
-    /// Load the programs (verifier included) and take the maps. Nothing is attached yet.
+    /// Load the programs (verifier included) and take the maps, the counting ones pinned
+    /// ([`Pinning::Auto`], see [`pin`]): a restarted agent continues their counts. Nothing is
+    /// attached yet.
     pub fn load(object: &[u8]) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(object)
-            .map_err(DatapathError::Load)?;
+        Self::load_with(object, Pinning::from_env())
+    }
+
+    /// [`Datapath::load`] with the pinning chosen by the caller.
+    pub fn load_with(object: &[u8], pinning: Pinning) -> Result<Self, DatapathError> {
+        let prepared = match &pinning {
+            Pinning::Auto => Some(pin::prepare(object)),
+            Pinning::Under(base) => Some(pin::prepare_in(base, object)),
+            Pinning::Off => None,
+        };
+        let unpinned;
+        let mut loader = EbpfLoader::new();
+        let object = match prepared {
+            Some(Ok(dir)) => {
+                info!(
+                    "BPF maps pinned in {} (layout {}): {} of {} reused from a previous run",
+                    dir.path.display(),
+                    dir.layout,
+                    dir.reused,
+                    dir.maps
+                );
+                loader.default_map_pin_directory(&dir.path);
+                object
+            }
+            Some(Err(e)) => {
+                warn!("BPF maps not pinned ({e}): counters restart from zero with the agent");
+                unpinned = pin::unpinned(object).map_err(DatapathError::Pin)?;
+                &unpinned
+            }
+            None => {
+                unpinned = pin::unpinned(object).map_err(DatapathError::Pin)?;
+                &unpinned
+            }
+        };
+        let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
         for name in [
             PROG_INGRESS,
             PROG_EGRESS,

@@ -1,0 +1,324 @@
+//! The agent killed with SIGKILL and restarted (issue 8), in the lab (prefix `wsr`): the
+//! counting maps are pinned under /sys/fs/bpf/wirescope/<netns>/<layout id>/ and reused, so
+//! the counters continue from where they were; stale pins of an incompatible build are
+//! removed with one log line; a real Prometheus scraping through the restart sees
+//! `resets()` = 0 for every datapath counter series.
+//!
+//! What happens to packets while no agent runs depends on the TC hook: TCX links are
+//! fd-based and go with the killed process, so packets in the gap are not counted (and the
+//! counters after the restart are exactly those before plus what came after); clsact
+//! filters stay attached and keep counting into the pinned maps. Either way every packet the
+//! kernel counted survives the restart.
+//!
+//! The agent runs under `ip netns exec`, whose private mount namespace hides the host's
+//! bpffs; the test mounts bpffs at /sys/fs/bpf on the host when it is not there, and the
+//! agent pins in it through its parent's (this test's) mount namespace.
+//!
+//! Needs root and the lab's tools (and `prometheus`); with CI=true a missing prerequisite
+//! fails. Run: `cargo test -p wirescope --test restart -- --test-threads=1`.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::{bin, log_path, val};
+use xtask::{
+    agent::Agent,
+    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    prometheus::{Options, Prometheus},
+    scrape::Metrics,
+    udp::{UdpEcho, recv_sizes, send_udp},
+};
+
+const PREFIX: &str = "wsr";
+const FAMILIES: [&str; 4] = [
+    "wirescope_tunnel_packets_total",
+    "wirescope_tunnel_bytes_total",
+    "wirescope_wire_packets_total",
+    "wirescope_wire_bytes_total",
+];
+
+/// Echoes `n` datagrams from the client through the tunnel to the gateway and back.
+fn echo(lab: &Lab, n: usize, port: u16) {
+    let dst = SocketAddr::new(GATEWAY_V4.into(), port);
+    let payloads: Vec<usize> = (0..n).map(|i| 40 + i).collect();
+    let e = UdpEcho::start(&lab.exit().netns, dst, n, Duration::from_secs(20))
+        .expect("echo on the gateway");
+    let sock = send_udp(&lab.client().netns, None, dst, &payloads).expect("send");
+    let mut got = recv_sizes(&sock, n, Duration::from_secs(15)).expect("echoes");
+    got.sort_unstable();
+    assert_eq!(got, payloads, "every datagram came back");
+    assert_eq!(e.join().expect("echo"), n);
+}
+
+fn start(lab: &Lab, log: &str) -> Agent {
+    Agent::start(bin(), &lab.client().netns, &[], &log_path(log)).expect("agent starts")
+}
+
+/// Scrapes until the tunnel packet series of `peer` exists (the first sync has run).
+fn scrape_synced(agent: &Agent, tun: &str, peer: &str) -> Metrics {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = agent.scrape().expect("scrape");
+        let l = [("interface", tun), ("peer", peer), ("direction", "tx")];
+        if m.get("wirescope_tunnel_packets_total", &l)
+            .is_ok_and(|v| v > 0.0)
+        {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "no tunnel series within 10 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tun_packets(m: &Metrics, tun: &str, peer: &str, dir: &str) -> u64 {
+    val(
+        m,
+        "wirescope_tunnel_packets_total",
+        &[("interface", tun), ("peer", peer), ("direction", dir)],
+    )
+}
+
+fn wire_data(m: &Metrics, peer: &str, dir: &str) -> u64 {
+    m.sum(
+        "wirescope_wire_packets_total",
+        &[("peer", peer), ("direction", dir), ("message", "data")],
+    ) as u64
+}
+
+/// The pin directory the agent logged ("BPF maps pinned in DIR (layout ID): R of N reused").
+fn pinned_line(log: &str) -> (PathBuf, String) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("BPF maps pinned in "))
+        .unwrap_or_else(|| panic!("no pinning line in the agent's log:\n{log}"));
+    let rest = &line[line.find("BPF maps pinned in ").unwrap() + "BPF maps pinned in ".len()..];
+    let dir = rest.split(" (layout").next().unwrap();
+    (PathBuf::from(dir), line.to_string())
+}
+
+/// (packets, bytes) summed over every key and CPU of the pinned COUNTERS map in `dir`.
+fn pinned_totals(dir: &Path) -> (u64, u64) {
+    use agent_common::maps::{Counter, CounterKey};
+    let data = aya::maps::MapData::from_pin(dir.join("COUNTERS")).expect("pinned COUNTERS");
+    let map: aya::maps::PerCpuHashMap<_, CounterKey, Counter> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
+            .expect("COUNTERS is a per-CPU hash");
+    let mut t = (0, 0);
+    for item in map.iter() {
+        let (_, values) = item.expect("COUNTERS entry");
+        for v in values.iter() {
+            t.0 += v.packets;
+            t.1 += v.bytes;
+        }
+    }
+    t
+}
+
+fn ensure_host_bpffs() {
+    let p = Path::new("/sys/fs/bpf");
+    let is_bpffs = || {
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and a statfs buffer.
+        let ok = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &mut st) } == 0;
+        ok && st.f_type as i64 == 0xcafe_4a11
+    };
+    let _ = p;
+    if !is_bpffs() {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("mount");
+        assert!(st.success() && is_bpffs(), "mounting bpffs at /sys/fs/bpf");
+    }
+}
+
+#[test]
+fn sigkill_restart_keeps_counters() {
+    if !lab::can_run("sigkill_restart_keeps_counters") {
+        return;
+    }
+    ensure_host_bpffs();
+    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    let cns = lab.client().netns.clone();
+    let tun = lab.client().wg().iface.clone();
+    let relay = lab.exit().wg().public_key.clone();
+
+    // A real Prometheus in the client's namespace, scraping the agent every second.
+    let prom = Prometheus::start(Options {
+        netns: Some(cns.clone()),
+        config: "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  \
+                 evaluation_interval: 1s\nscrape_configs:\n  - job_name: wirescope\n    \
+                 static_configs:\n      - targets: ['127.0.0.1:9586']\n"
+            .to_string(),
+        rules: None,
+    })
+    .expect("prometheus starts");
+
+    let agent = start(&lab, "restart-1");
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    let (pin_dir, line) = pinned_line(&agent.log_text());
+    assert!(
+        pin_dir.starts_with("/sys/fs/bpf/wirescope")
+            || pin_dir
+                .to_string_lossy()
+                .contains("/root/sys/fs/bpf/wirescope"),
+        "pinned under the host's /sys/fs/bpf/wirescope: {line}"
+    );
+    assert!(pin_dir.is_dir(), "{} exists", pin_dir.display());
+    assert!(pin_dir.join("COUNTERS").exists(), "COUNTERS pinned");
+
+    const N: usize = 20;
+    const M: usize = 7;
+    const K: usize = 9;
+    let b0 = scrape_synced(&agent, &tun, &relay);
+    echo(&lab, N, 7001);
+    let s1 = agent.scrape().expect("scrape");
+    assert_eq!(
+        tun_packets(&s1, &tun, &relay, "tx") - tun_packets(&b0, &tun, &relay, "tx"),
+        N as u64
+    );
+    let base_tx = tun_packets(&s1, &tun, &relay, "tx");
+    let base_rx = tun_packets(&s1, &tun, &relay, "rx");
+    let base_wire_tx = wire_data(&s1, &relay, "tx");
+    prom.wait_scraped(Duration::from_secs(20))
+        .expect("prometheus scrapes the agent");
+    let sel = format!(
+        "wirescope_tunnel_packets_total{{interface=\"{tun}\",direction=\"tx\"}} >= {base_tx}"
+    );
+    prom.wait_for_data(&sel, Duration::from_secs(20))
+        .expect("prometheus saw the first round");
+    let clsact = agent.log_text().contains("with clsact");
+
+    // SIGKILL mid-traffic: a burst of echoed datagrams in flight while the agent dies.
+    const BURST: usize = 200;
+    let burst_dst = SocketAddr::new(GATEWAY_V4.into(), 7009);
+    let burst_echo = UdpEcho::start(&lab.exit().netns, burst_dst, BURST, Duration::from_secs(20))
+        .expect("burst echo");
+    let burst = {
+        let lab_ns = cns.clone();
+        // The socket is kept open to the end, so the echoes never draw ICMP errors.
+        std::thread::spawn(move || send_udp(&lab_ns, None, burst_dst, &vec![100; BURST]))
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    agent.kill().expect("SIGKILL");
+    let burst_sock = burst.join().unwrap().expect("burst sent");
+    let _ = recv_sizes(&burst_sock, BURST, Duration::from_secs(10));
+    let _ = burst_echo.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    // The gap: traffic with no agent running, and what the kernel counted meanwhile, read
+    // from the pinned map itself.
+    let g0 = pinned_totals(&pin_dir);
+    echo(&lab, M, 7002);
+    std::thread::sleep(Duration::from_millis(200));
+    let g1 = pinned_totals(&pin_dir);
+    eprintln!("pinned COUNTERS (packets, bytes) over the gap: {g0:?} -> {g1:?}");
+
+    // A stale pin directory from an incompatible build, beside ours.
+    let ns_dir = pin_dir.parent().unwrap().to_path_buf();
+    let stale = ns_dir.join("00000000deadbeef");
+    std::fs::create_dir_all(&stale).expect("stale dir");
+    std::os::unix::fs::symlink("/nonexistent-old-map", stale.join("COUNTERS"))
+        .expect("bogus map file");
+
+    let agent = start(&lab, "restart-2");
+    let log = agent.log_text();
+    let removals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("removing pinned maps of an incompatible build"))
+        .collect();
+    assert_eq!(removals.len(), 1, "one removal line:\n{log}");
+    assert!(removals[0].contains("00000000deadbeef"), "{}", removals[0]);
+    assert!(!stale.exists(), "the stale directory is gone");
+    let (pin_dir2, line2) = pinned_line(&log);
+    assert_eq!(pin_dir2, pin_dir, "the same pin directory");
+    let reused: Vec<&str> = line2.rsplit(": ").next().unwrap().split(' ').collect();
+    assert_eq!(reused[0], reused[2], "every pinned map reused: {line2}");
+
+    let s2 = scrape_synced(&agent, &tun, &relay);
+    let tx2 = tun_packets(&s2, &tun, &relay, "tx");
+    let rx2 = tun_packets(&s2, &tun, &relay, "rx");
+    eprintln!(
+        "hook {}: before the kill tx {base_tx} rx {base_rx}; after the restart tx {tx2} rx {rx2} \
+         (burst 200 + gap {M} sent meanwhile)",
+        if clsact { "clsact" } else { "tcx" }
+    );
+    assert!(tx2 >= base_tx && rx2 >= base_rx, "nothing lost");
+    if clsact {
+        // The filters stayed: the burst and the gap were counted into the pinned maps.
+        assert!(
+            g1.0 >= g0.0 + 2 * M as u64,
+            "clsact: counted through the gap"
+        );
+        assert_eq!(
+            tx2,
+            base_tx + (BURST + M) as u64,
+            "clsact: counted through the gap"
+        );
+        assert_eq!(
+            rx2,
+            base_rx + (BURST + M) as u64,
+            "clsact: counted through the gap"
+        );
+    } else {
+        // TCX links went with the process: nothing at all was counted in the gap, and the
+        // burst only up to the kill.
+        assert_eq!(g1, g0, "tcx: nothing counted in the gap");
+        assert!(tx2 <= base_tx + BURST as u64, "tcx: {tx2}");
+        assert!(rx2 <= base_rx + BURST as u64, "tcx: {rx2}");
+    }
+    assert!(wire_data(&s2, &relay, "tx") >= base_wire_tx);
+
+    echo(&lab, K, 7003);
+    let s3 = agent.scrape().expect("scrape");
+    assert_eq!(
+        tun_packets(&s3, &tun, &relay, "tx"),
+        tx2 + K as u64,
+        "exact after restart"
+    );
+    assert_eq!(
+        tun_packets(&s3, &tun, &relay, "rx"),
+        rx2 + K as u64,
+        "exact after restart"
+    );
+    for f in FAMILIES {
+        for (l, v) in s1.select(f, &[]) {
+            let now = s3.select(f, &[]).find(|(l3, _)| *l3 == l).map(|x| x.1);
+            assert!(now.is_some_and(|n| n >= v), "{f} {l:?}: {v} -> {now:?}");
+        }
+    }
+
+    // Prometheus, scraping through the restart: no counter reset.
+    let last = tun_packets(&s3, &tun, &relay, "tx");
+    let sel =
+        format!("wirescope_tunnel_packets_total{{interface=\"{tun}\",direction=\"tx\"}} >= {last}");
+    prom.wait_for_data(&sel, Duration::from_secs(20))
+        .expect("prometheus saw the last round");
+    for f in FAMILIES {
+        let resets = prom
+            .query(&format!("resets({f}[5m])"))
+            .expect("resets query");
+        assert!(!resets.is_empty(), "{f}: no series in Prometheus");
+        for s in &resets {
+            assert_eq!(s.value, 0.0, "{f} {:?} reset {} times", s.labels, s.value);
+        }
+    }
+    let up = prom
+        .query("changes(up{job=\"wirescope\"}[5m])")
+        .expect("up query");
+    eprintln!("prometheus up changes through the restart: {up:?}");
+
+    agent.stop().expect("clean stop");
+    assert!(
+        pin_dir.join("COUNTERS").exists(),
+        "a clean stop keeps the pins"
+    );
+    prom.stop().expect("prometheus stops");
+    // The lab's namespace goes with the lab: its pins would only be collected by the next
+    // agent's start; remove them now.
+    std::fs::remove_dir_all(&ns_dir).expect("removing the test's pins");
+}

@@ -321,6 +321,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         server.local_addr(),
         cfg.telemetry_path
     );
+    // Attached, synced and bound: from here on only what re-attachment needs.
+    let _ = crate::caps::drop_unneeded();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sync_task = {
@@ -330,8 +332,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let pmtu_trigger = pmtu_trigger.clone();
         tokio::spawn(async move {
             let mut too_big_seen = 0u64;
-    // Attached, synced and bound: from here on only what re-attachment needs.
-    let _ = crate::caps::drop_unneeded();
             let mut tick = tokio::time::interval(SYNC_PERIOD);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -46,6 +46,9 @@ impl std::fmt::Display for Counts {
 pub struct Step {
     pub name: &'static str,
     pub run: fn() -> (Counts, Result<()>),
+    /// Runs beside the steps after it (in a thread) instead of before them: the fuzzers
+    /// share the CPU with the VM's emulation rather than adding minutes of their own.
+    pub background: bool,
 }
 
 /// The steps of `cargo xtask test`, in order.
@@ -59,26 +62,65 @@ pub fn steps() -> Vec<Step> {
                     &["--test-threads=1"],
                 )
             },
+            background: false,
         },
         Step {
             name: "fuzz: every cargo-fuzz target for 60 s, two at a time: cargo xtask fuzz --seconds 60",
             run: crate::fuzz::test_step,
+            background: true,
         },
         Step {
             name: "vm 6.1: lab suites and test_run in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",
             run: || crate::vm::test_step("6.1"),
+            background: false,
         },
     ]
 }
 
 pub fn run() -> Result<()> {
-    let mut results = Vec::new();
+    type Outcome = (&'static str, Counts, Result<()>, Duration);
+    let mut results: Vec<Option<Outcome>> = Vec::new();
+    let mut background = Vec::new();
     for step in steps() {
-        println!("==> {}", step.name);
+        println!(
+            "==> {}{}",
+            step.name,
+            if step.background {
+                " (in the background)"
+            } else {
+                ""
+            }
+        );
         let start = Instant::now();
+        if step.background {
+            let slot = results.len();
+            results.push(None);
+            let run = step.run;
+            let handle = std::thread::spawn(move || {
+                let (counts, res) = run();
+                (counts, res, start.elapsed())
+            });
+            background.push((slot, step.name, handle));
+            continue;
+        }
         let (counts, res) = (step.run)();
-        results.push((step.name, counts, res, start.elapsed()));
+        results.push(Some((step.name, counts, res, start.elapsed())));
     }
+    for (slot, name, handle) in background {
+        let outcome = match handle.join() {
+            Ok((counts, res, took)) => (name, counts, res, took),
+            Err(_) => (
+                name,
+                Counts::default(),
+                Err(anyhow::anyhow!("the step panicked")),
+                Duration::ZERO,
+            ),
+        };
+        if let Some(r) = results.get_mut(slot) {
+            *r = Some(outcome);
+        }
+    }
+    let results: Vec<Outcome> = results.into_iter().flatten().collect();
 
     println!("\n==> summary");
     let mut total = Counts::default();

@@ -69,6 +69,7 @@ pub const SUITES: &[&str] = &[
     "agent/tests/handshake.rs",
     "agent/tests/transit.rs",
     "agent/tests/drops.rs",
+    "agent/tests/restart.rs",
 ];
 
 /// A kernel series `vm-test` knows how to install.

@@ -35,7 +35,7 @@ use xtask::{
     lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
 };
 
-use common::{bin, log_path, privileged};
+use common::{bin, log_path, privileged, wait_series};
 
 const PREFIX: &str = "wsy";
 const PATH_MTU: u32 = 1400;
@@ -325,23 +325,6 @@ fn rmem_max_below_baseline() {
     );
 }
 
-/// Polls the agent until `name{labels}` exists.
-fn wait_metric(agent: &Agent, name: &str, labels: &[(&str, &str)], timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let m = agent.scrape().expect("scrape");
-        if m.select(name, labels).count() > 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {name}{labels:?} within {timeout:?}; agent log:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn lab_mtu_keepalive_kill_switch_blocked_port() {
     if !lab::can_run("lab_mtu_keepalive_kill_switch_blocked_port") {
@@ -378,7 +361,7 @@ fn lab_mtu_keepalive_kill_switch_blocked_port() {
     )
     .expect("agent starts");
     let rec = PATH_MTU - 60;
-    wait_metric(
+    let _ = wait_series(
         &agent,
         "wirescope_recommended_mtu_bytes",
         &[("interface", wg.as_str())],

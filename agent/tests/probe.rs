@@ -14,10 +14,11 @@
 //! Needs root and the lab tools (`cargo xtask setup`); with CI=true a missing prerequisite
 //! fails the test. Run with `--test-threads=1` (`cargo xtask test` does).
 
-use std::{
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{bin, log_path, val, wait_series};
 
 use xtask::{
     agent::Agent,
@@ -31,18 +32,6 @@ const PATH_MTU: u32 = 1400;
 const WG_MTU: u32 = 1420;
 const INTERVAL: Duration = Duration::from_millis(200);
 const TIMEOUT: Duration = Duration::from_secs(1);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wirescope-{test}.log"))
-}
-
-fn val(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
-    m.get(name, labels).expect("one series") as u64
-}
 
 /// (sent, replies, lost) of the probe series `l`.
 fn counts(m: &Metrics, l: &[(&str, &str)]) -> (u64, u64, u64) {
@@ -73,23 +62,6 @@ fn settled(agent: &Agent, ls: &[&[(&str, &str)]]) -> (Metrics, (u64, u64, u64)) 
             agent.log_text()
         );
         std::thread::sleep(Duration::from_millis(30));
-    }
-}
-
-/// Waits until `name{labels}` exists.
-fn wait_series(agent: &Agent, name: &str, labels: &[(&str, &str)], timeout: Duration) -> Metrics {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let m = agent.scrape().expect("scrape");
-        if m.select(name, labels).next().is_some() {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {name}{labels:?} after {timeout:?}\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -8,8 +8,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread::sleep,
@@ -20,7 +19,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::Value;
 
-use crate::netns;
+use crate::{netns, scrape};
 
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> PathBuf {
@@ -223,8 +222,11 @@ impl Prometheus {
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         let (addr, path) = (self.addr, path.to_owned());
         match &self.ns {
-            Some(ns) => netns::run_in(ns, move || http_get(addr, &path))?,
-            None => http_get(addr, &path),
+            // Queries over a long range can take a while: 30 s.
+            Some(ns) => netns::run_in(ns, move || {
+                scrape::get(addr, &path, Duration::from_secs(30))
+            })?,
+            None => scrape::get(addr, &path, Duration::from_secs(30)),
         }
     }
 
@@ -451,26 +453,6 @@ impl Alert {
     pub fn name(&self) -> &str {
         self.labels.get("alertname").map_or("", String::as_str)
     }
-}
-
-/// Plain HTTP/1.0 GET (Prometheus then answers without chunking): (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no end of headers in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-    Ok((status, body.to_string()))
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.

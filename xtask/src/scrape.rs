@@ -15,24 +15,28 @@ use crate::netns;
 /// `GET path` on `addr` from inside `ns`: (status, body).
 pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let path = path.to_string();
-    netns::run_in(ns, move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8(raw).context("response is not UTF-8")?;
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("no end of headers in {text:?}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-        Ok((status, body.to_string()))
-    })?
+    netns::run_in(ns, move || get(addr, &path, Duration::from_secs(10)))?
+}
+
+/// Plain HTTP/1.0 GET from the current namespace (the server then answers without
+/// chunking), reading for at most `read_timeout`: (status, body).
+pub fn get(addr: SocketAddr, path: &str, read_timeout: Duration) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no end of headers in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
 }
 
 /// Every sample of a scrape, keyed by metric name and sorted labels.

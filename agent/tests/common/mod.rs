@@ -16,7 +16,7 @@ use std::{
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Command, Output},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -376,4 +376,27 @@ pub fn wait_tcp_listening(ns: &str, port: u16) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("nothing listens on TCP port {port} in {ns}");
+}
+
+/// Scrapes the agent until a series `name{labels}` exists (returning that scrape), failing
+/// with the agent's log after `timeout`.
+pub fn wait_series(
+    agent: &Agent,
+    name: &str,
+    labels: &[(&str, &str)],
+    timeout: Duration,
+) -> Metrics {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = agent.scrape().expect("scrape");
+        if m.select(name, labels).next().is_some() {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {name}{labels:?} within {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -15,8 +15,13 @@ fuzz_target!(|data: &[u8]| {
     let mut state = MullvadState::default();
     match res {
         Ok(status) => {
-            let v: serde_json::Value =
-                serde_json::from_str(text.trim_end()).expect("accepted output is JSON");
+            let v: serde_json::Value = match serde_json::from_str(text.trim_end()) {
+                Ok(v) => v,
+                // Valid JSON with a number no f64 holds (1e400) in a field the reader
+                // ignores: accepted rightly, but a Value cannot represent it.
+                Err(e) if e.to_string().contains("number out of range") => return,
+                Err(e) => panic!("accepted output is not JSON: {e}"),
+            };
             let name = v["state"]
                 .as_str()
                 .expect("accepted output has a string state");

@@ -8,9 +8,11 @@
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
 //! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
 //! - [`fuzz`]: the cargo-fuzz targets in fuzz/ (`cargo xtask fuzz`, and a step of `test`).
+//! - [`bench`]: what the agent costs (`cargo xtask bench`).
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
 
 pub mod agent;
+pub mod bench;
 pub mod build;
 pub mod capture;
 pub mod cmd;

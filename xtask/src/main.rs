@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::impair::{DirRules, Impairment, Place};
 use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
-use xtask::{build, demo, fuzz, setup, testsuite, vm};
+use xtask::{bench, build, demo, fuzz, setup, testsuite, vm};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,9 @@ enum Cmd {
     /// Run the privileged test suites in QEMU VMs on Debian's 6.1 and/or 6.12 kernels
     /// (installs qemu, the kernels and virtme-ng when missing; needs root).
     VmTest(vm::VmArgs),
+    /// Measure what the agent costs (per packet, throughput, 10k-peer scale, at rest) side by
+    /// side with the baselines; writes bench/REPORT.md and bench/report.json (needs root).
+    Bench(bench::BenchArgs),
     /// Build the cargo-fuzz targets in fuzz/ and run each for --seconds, two at a time.
     Fuzz(fuzz::FuzzArgs),
     /// The WireGuard network-namespace lab.
@@ -132,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             vm::run(&args)
         }
         Cmd::Fuzz(args) => fuzz::run(&args),
+        Cmd::Bench(args) => bench::run(&args),
         Cmd::Lab { command } => match command {
             LabCmd::Up {
                 topology,

@@ -222,6 +222,6 @@ mod tests {
         assert!(md.contains("| cost: ingress data | 41.5 ns | <= 40 ns | **not met** |"), "{md}");
         assert!(md.contains("| cost: egress data | 12.3 ns | <= 40 ns | met |"), "{md}");
         assert!(md.contains("## scale\n"), "{md}");
-        assert!(md.contains("| rss | 20 MB |  | |"), "{md}");
+        assert!(md.contains("| rss | 20 MB |   |  |"), "{md}");
     }
 }

@@ -3,10 +3,11 @@
 //! Add a step by adding an entry to [`steps`].
 //!
 //! The steps: everything on the host (its kernel: TCX, wireguard-go where it has no
-//! WireGuard module), then each fuzz target for a minute (see [`crate::fuzz`]), then the
-//! privileged suites again in a VM on Debian's 6.1 kernel (clsact, kernel WireGuard,
-//! kprobes; see [`crate::vm`]). With CI=true a VM or a fuzzing prerequisite that cannot be
-//! set up fails the run; without, it is skipped and counted as 1 skipped.
+//! WireGuard module); then the privileged suites again in a VM on Debian's 6.1 kernel
+//! (clsact, kernel WireGuard, kprobes; see [`crate::vm`]), and beside it, on the host, each
+//! fuzz target for a minute (see [`crate::fuzz`]) followed by `bench --quick` (see
+//! [`crate::bench`]). With CI=true a VM, fuzzing or bench prerequisite that cannot be set up
+//! fails the run; without, it is skipped and counted as 1 skipped.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
@@ -46,8 +47,9 @@ impl std::fmt::Display for Counts {
 pub struct Step {
     pub name: &'static str,
     pub run: fn() -> (Counts, Result<()>),
-    /// Runs beside the steps after it (in a thread) instead of before them: the fuzzers
-    /// share the CPU with the VM's emulation rather than adding minutes of their own.
+    /// Runs beside the steps after it (in a thread) instead of before them: the fuzzers and
+    /// the bench smoke share the CPU with the VM's emulation rather than adding minutes of
+    /// their own (consecutive background steps run one after another).
     pub background: bool,
 }
 
@@ -70,6 +72,11 @@ pub fn steps() -> Vec<Step> {
             background: true,
         },
         Step {
+            name: "bench smoke: every figure of cargo xtask bench is produced (small counts): cargo xtask bench --quick",
+            run: crate::bench::test_step,
+            background: true,
+        },
+        Step {
             name: "vm 6.1: lab suites and test_run in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",
             run: || crate::vm::test_step("6.1"),
             background: false,
@@ -79,45 +86,64 @@ pub fn steps() -> Vec<Step> {
 
 pub fn run() -> Result<()> {
     type Outcome = (&'static str, Counts, Result<()>, Duration);
+    type GroupResult = Vec<(Counts, Result<()>, Duration)>;
+    preflight_disk()?;
     let mut results: Vec<Option<Outcome>> = Vec::new();
-    let mut background = Vec::new();
-    for step in steps() {
-        println!(
-            "==> {}{}",
-            step.name,
-            if step.background {
-                " (in the background)"
-            } else {
-                ""
-            }
-        );
-        let start = Instant::now();
-        if step.background {
-            let slot = results.len();
-            results.push(None);
-            let run = step.run;
-            let handle = std::thread::spawn(move || {
-                let (counts, res) = run();
-                (counts, res, start.elapsed())
-            });
-            background.push((slot, step.name, handle));
+    let mut groups: Vec<(
+        Vec<(usize, &'static str)>,
+        std::thread::JoinHandle<GroupResult>,
+    )> = Vec::new();
+    let mut steps = steps().into_iter().peekable();
+    while let Some(step) = steps.next() {
+        if !step.background {
+            println!("==> {}", step.name);
+            let start = Instant::now();
+            let (counts, res) = (step.run)();
+            results.push(Some((step.name, counts, res, start.elapsed())));
             continue;
         }
-        let (counts, res) = (step.run)();
-        results.push(Some((step.name, counts, res, start.elapsed())));
+        // Consecutive background steps run one after another in one thread: they share the
+        // CPU with the foreground steps, not with each other.
+        let mut group = vec![step];
+        while let Some(next) = steps.next_if(|s| s.background) {
+            group.push(next);
+        }
+        let mut slots = Vec::new();
+        for s in &group {
+            println!("==> {} (in the background)", s.name);
+            slots.push((results.len(), s.name));
+            results.push(None);
+        }
+        let runs: Vec<fn() -> (Counts, Result<()>)> = group.iter().map(|s| s.run).collect();
+        let handle = std::thread::spawn(move || {
+            runs.into_iter()
+                .map(|run| {
+                    let start = Instant::now();
+                    let (counts, res) = run();
+                    (counts, res, start.elapsed())
+                })
+                .collect()
+        });
+        groups.push((slots, handle));
     }
-    for (slot, name, handle) in background {
-        let outcome = match handle.join() {
-            Ok((counts, res, took)) => (name, counts, res, took),
-            Err(_) => (
-                name,
-                Counts::default(),
-                Err(anyhow::anyhow!("the step panicked")),
-                Duration::ZERO,
-            ),
-        };
-        if let Some(r) = results.get_mut(slot) {
-            *r = Some(outcome);
+    for (slots, handle) in groups {
+        let outcomes: GroupResult = handle.join().unwrap_or_default();
+        let mut outcomes = outcomes.into_iter();
+        for (slot, name) in slots {
+            let outcome = match outcomes.next() {
+                Some((counts, res, took)) => (name, counts, res, took),
+                None => (
+                    name,
+                    Counts::default(),
+                    Err(anyhow::anyhow!(
+                        "the background thread panicked before this step ended"
+                    )),
+                    Duration::ZERO,
+                ),
+            };
+            if let Some(r) = results.get_mut(slot) {
+                *r = Some(outcome);
+            }
         }
     }
     let results: Vec<Outcome> = results.into_iter().flatten().collect();
@@ -144,6 +170,34 @@ pub fn run() -> Result<()> {
     println!("summary: {total}");
     if failed_steps > 0 {
         bail!("{failed_steps} of {} test steps failed", results.len());
+    }
+    Ok(())
+}
+
+/// Space a full run needs on the target directory's file system: the host test binaries,
+/// the VM's, the fuzz targets' and the bench's release build came to about 6 GB.
+const DISK_NEEDED_GB: f64 = 8.0;
+
+/// Fails early, naming the fix, when the disk cannot hold a run: a full disk otherwise shows
+/// up minutes later as a compile error in whichever step ran out first.
+fn preflight_disk() -> Result<()> {
+    let target = crate::bench::target_dir()?;
+    let probe = if target.exists() {
+        target.clone()
+    } else {
+        std::env::current_dir()?
+    };
+    let st = nix::sys::statvfs::statvfs(&probe)
+        .with_context(|| format!("statvfs {}", probe.display()))?;
+    let free_gb = st.blocks_available() as f64 * st.fragment_size() as f64 / 1e9;
+    println!("test: {free_gb:.1} GB free for {}", target.display());
+    if free_gb < DISK_NEEDED_GB {
+        bail!(
+            "only {free_gb:.1} GB free on the file system of {}; a full run needs about \
+             {DISK_NEEDED_GB:.0} GB: free space (old target/ directories, `cargo clean` in other \
+             clones) and run again",
+            target.display()
+        );
     }
     Ok(())
 }

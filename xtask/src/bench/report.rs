@@ -58,7 +58,11 @@ impl Meta {
             memory_gib,
             quick,
             seconds: took.as_secs_f64(),
-            commit: if dirty { format!("{commit}-dirty") } else { commit },
+            commit: if dirty {
+                format!("{commit}-dirty")
+            } else {
+                commit
+            },
         })
     }
 }
@@ -187,7 +191,11 @@ pub fn print_goals(figures: &[Figure]) {
     for f in figures.iter().filter(|f| f.goal.is_some()) {
         println!(
             "goal {:>8}: {}: {} = {} {} ({})",
-            if f.met() == Some(true) { "met" } else { "NOT MET" },
+            if f.met() == Some(true) {
+                "met"
+            } else {
+                "NOT MET"
+            },
             f.section,
             f.name,
             fmt_value(f.value),
@@ -219,8 +227,14 @@ mod tests {
             Figure::new("scale", "rss", 20.0, "MB"),
         ];
         let md = markdown(&meta, &figs);
-        assert!(md.contains("| cost: ingress data | 41.5 ns | <= 40 ns | **not met** |"), "{md}");
-        assert!(md.contains("| cost: egress data | 12.3 ns | <= 40 ns | met |"), "{md}");
+        assert!(
+            md.contains("| cost: ingress data | 41.5 ns | <= 40 ns | **not met** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| cost: egress data | 12.3 ns | <= 40 ns | met |"),
+            "{md}"
+        );
         assert!(md.contains("## scale\n"), "{md}");
         assert!(md.contains("| rss | 20 MB |   |  |"), "{md}");
     }

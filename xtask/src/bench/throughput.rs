@@ -21,24 +21,26 @@
 //! packets per second mean little); UDP is the packets per second the receiver got
 //! (`packets - lost_packets` of iperf3's `sum_received`), 64-byte payloads.
 //!
-//! What makes the UDP figure mean something: the agent's cost must land on the CPU that
-//! limits the rate.
-//! - veth: iperf3 -A pins the sender to CPU 0 and the receiver to CPU 1. The sender's CPU does
-//!   the sendmsg, our TC egress program, the veth and the whole receive path up to the socket
-//!   (veth delivers through the sender's softirq), the receiver's only the recvmsg; so with
-//!   `-b 0` the sender's CPU is the limit and our per-packet cost shows in full. A large
-//!   receive buffer (`-w`, up to net.core.rmem_max) lets the receiver ride out scheduling
-//!   gaps instead of dropping.
-//! - tunnel: wireguard-go (both ends, floating over both CPUs) is the limit, and an iperf3
-//!   sender flooding at `-b 0` both starves it and, worse, makes the figure blind: CPU our
-//!   program takes from the sender's context is then CPU the sender no longer spends on
-//!   packets wireguard-go drops anyway. So the sender is paced "just above what fits": a
-//!   calibration without the agent first runs `-b 0`, then a few offered rates above what the
-//!   receiver got, and keeps the offered rate that got the most packets through while still
-//!   losing some (at least [`SATURATED_LOSS_PCT`]): the tunnel is saturated, and every
-//!   nanosecond we spend is taken from a fixed budget of two CPUs.
-//!   (The same calibration runs for veth; there `-b 0` loses nothing on a quiet machine and is
-//!   kept.)
+//! What makes the UDP figure mean something: the agent's cost must land on a CPU budget that
+//! limits the rate, and the limit must be stable.
+//! - veth: iperf3 -A pins sender and receiver to the same CPU (0), with `-b 0`. That one CPU
+//!   then does all the flow's work (sendmsg, our TC egress program, the veth, the receive path
+//!   that veth runs in the sender's softirq, recvmsg), and the receiver gets its share of it,
+//!   so the sender cannot outrun it much (little loss): packets per second = 1 / per-packet CPU
+//!   time, and our per-packet time shows in full. The other CPU takes whatever else runs.
+//!   Sender and receiver on different CPUs was worse here: the receiver, woken across CPUs for
+//!   every few packets, limits the rate at some 350 kpps while dropping 10 to 30 % of a sender
+//!   that is faster, and noise decides how much.
+//! - tunnel: wireguard-go (both ends, left to the scheduler with iperf3 on both CPUs) is the
+//!   limit, and an iperf3 sender flooding at `-b 0` both starves it (the received rate drops
+//!   to two thirds) and makes the figure blind: CPU our program takes in the sender's context
+//!   is then CPU the sender no longer spends on packets wireguard-go would drop anyway. So the
+//!   sender is paced "just above what fits": a calibration without the agent first runs
+//!   `-b 0`, then a few offered rates above what the receiver got there, and keeps the offered
+//!   rate that got the most packets through while still losing some (at least
+//!   [`SATURATED_LOSS_PCT`]): the tunnel is saturated, and every nanosecond we spend comes out
+//!   of a fixed budget of two CPUs. (Much further above, the rate collapses: wireguard-go
+//!   drops more than it carries.)
 //!
 //! During one extra with-agent run of each UDP case, [`cost::LiveProbe`] measures the live
 //! per-packet margin of our programs over an empty program on the same interfaces; its
@@ -70,8 +72,11 @@ const UDP_PAYLOAD: u32 = 64;
 /// A UDP run losing at least this share of what was sent was limited by the path, not by the
 /// sender.
 pub const SATURATED_LOSS_PCT: f64 = 3.0;
-/// Offered rates the calibration tries, as multiples of what the receiver got at `-b 0`.
-const CALIBRATION_FACTORS: [f64; 3] = [1.2, 1.5, 1.8];
+/// The calibration's first offered rate, as a multiple of what the receiver got at `-b 0`;
+/// each next one is this much higher, at most this many of them.
+const CALIBRATION_FIRST: f64 = 1.2;
+const CALIBRATION_STEP: f64 = 1.2;
+const CALIBRATION_STEPS: usize = 8;
 /// Largest UDP socket buffer asked of iperf3 (`-w`); less when net.core.rmem_max is smaller.
 const UDP_BUFFER: u64 = 4 << 20;
 
@@ -144,9 +149,9 @@ impl Case {
         }
     }
 
-    /// Pin the iperf3 sender to CPU 0 and the receiver to CPU 1 (`-A`). On veth this puts the
-    /// agent's egress cost on the limiting CPU (see the module docs). Through the tunnel
-    /// wireguard-go is the limit and is better left to the scheduler with everything else.
+    /// Pin the iperf3 sender and receiver both to CPU 0 (`-A 0`). On veth this makes one CPU
+    /// carry the whole flow (see the module docs). Through the tunnel wireguard-go is the
+    /// limit and is better left to the scheduler with everything else.
     fn pinned(self) -> bool {
         self.way == Way::Veth
     }
@@ -318,9 +323,10 @@ impl<'a> Env<'a> {
 }
 
 fn measure_case(env: &Env, case: Case, plan: &Plan) -> Result<Vec<Figure>> {
-    let (load, how) = match case.proto {
-        Proto::Tcp => (Load { rate_bps: None }, String::new()),
-        Proto::Udp => calibrate(env, case, plan.calibration_seconds)?,
+    // Only the tunnel's UDP is paced (see the module docs); TCP and veth UDP go flat out.
+    let (load, how) = match (case.proto, case.way) {
+        (Proto::Udp, Way::Tunnel) => calibrate(env, case, plan.calibration_seconds)?,
+        _ => (Load { rate_bps: None }, String::new()),
     };
     let mut without = Vec::new();
     let mut with = Vec::new();
@@ -409,7 +415,7 @@ fn figures(
                  {:.1} % without, {:.1} % with{}",
                 load.describe(),
                 if case.pinned() {
-                    ", -A sender CPU 0, receiver CPU 1"
+                    ", -A 0 on both sender and receiver (one CPU)"
                 } else {
                     ""
                 },
@@ -427,7 +433,7 @@ fn figures(
             how_run.push_str(&format!(
                 "; received Mbit/s of one TCP stream{}",
                 if case.pinned() {
-                    ", -A sender CPU 0, receiver CPU 1"
+                    ", -A 0 on both sender and receiver (one CPU)"
                 } else {
                     ""
                 }
@@ -501,9 +507,15 @@ fn calibrate(env: &Env, case: Case, seconds: u32) -> Result<(Load, String)> {
         "-b 0: {:.0} pps, {:.0} % lost",
         s0.value, s0.loss_pct
     )];
-    for k in CALIBRATION_FACTORS {
+    // Up from a little above what got through while flooding, until past the peak (saturated
+    // and getting less through than the best so far), or as fast as the flood itself went.
+    let mut pps = s0.value * CALIBRATION_FIRST;
+    for _ in 0..CALIBRATION_STEPS {
+        if pps >= s0.sent_pps {
+            break;
+        }
         let load = Load {
-            rate_bps: Some((s0.value * k * bits) as u64),
+            rate_bps: Some((pps * bits) as u64),
         };
         let s = iperf(env, case, load, seconds, "calibrate")?;
         println!(
@@ -519,9 +531,14 @@ fn calibrate(env: &Env, case: Case, seconds: u32) -> Result<(Load, String)> {
             s.value,
             s.loss_pct
         ));
-        if s.loss_pct >= SATURATED_LOSS_PCT && best.is_none_or(|(_, b)| s.value > b.value) {
-            best = Some((load, s));
+        let saturated = s.loss_pct >= SATURATED_LOSS_PCT;
+        match best {
+            Some((_, b)) if saturated && s.value < b.value => break,
+            Some((_, b)) if s.value <= b.value => {}
+            _ if saturated => best = Some((load, s)),
+            _ => {}
         }
+        pps *= CALIBRATION_STEP;
     }
     Ok(match best {
         Some((load, _)) => (
@@ -532,12 +549,11 @@ fn calibrate(env: &Env, case: Case, seconds: u32) -> Result<(Load, String)> {
                 tried.join(", ")
             ),
         ),
-        // Even the highest paced rate fitted: the path is faster than pacing gets to, so the
-        // sender's flood is the limit after all.
+        // Every paced rate fitted, up to what the flood sent: the sender is the limit.
         None => (
             flood,
             format!(
-                "calibration: every paced rate fitted ({}), so -b 0",
+                "calibration: every paced rate up to the flood's fitted ({}), so -b 0",
                 tried.join(", ")
             ),
         ),
@@ -782,7 +798,7 @@ fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) -> Result<S
     let mut server_cmd = netns::command(&env.relay_ns, "iperf3");
     server_cmd.args(["-s", "-1", "-B", &dst, "-p", &port]);
     if case.pinned() {
-        server_cmd.args(["-A", "1"]);
+        server_cmd.args(["-A", "0"]);
     }
     let mut server = Guard(
         server_cmd

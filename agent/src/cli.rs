@@ -158,9 +158,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Address of the running agent
-    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
-    pub listen_address: String,
+    #[command(flatten)]
+    pub agent: crate::client::AgentAddr,
 
     /// Print the raw JSON snapshot (/api/v1/status) instead of the tables
     #[arg(long)]
@@ -180,8 +179,8 @@ pub struct DoctorArgs {
 
     /// A running agent to consult for what only it measures (path MTU, UDP receive errors,
     /// handshake timeouts, leaks); doctor checks the host alone when none answers
-    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
-    pub listen_address: String,
+    #[command(flatten)]
+    pub agent: crate::client::AgentAddr,
 
     /// Directory of WireGuard configuration and key files whose modes are checked
     #[arg(
@@ -267,14 +266,14 @@ mod tests {
         let Command::Status(s) = parse(&["status"]).unwrap().command else {
             panic!()
         };
-        assert_eq!(s.listen_address, DEFAULT_LISTEN_ADDRESS);
+        assert_eq!(s.agent.listen_address, DEFAULT_LISTEN_ADDRESS);
         let Command::Status(s) = parse(&["status", "--web.listen-address", "10.0.0.1:1"])
             .unwrap()
             .command
         else {
             panic!()
         };
-        assert_eq!(s.listen_address, "10.0.0.1:1");
+        assert_eq!(s.agent.listen_address, "10.0.0.1:1");
         assert!(matches!(
             parse(&["doctor"]).unwrap().command,
             Command::Doctor(_)

@@ -12,8 +12,7 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -25,6 +24,7 @@ use serde_json::Value;
 
 use crate::{
     cli::DoctorArgs,
+    client::{AgentAddr, AgentClient, ClientError},
     config::MullvadConfig,
     features::Features,
     inventory::WgDevice,
@@ -214,17 +214,17 @@ struct Host {
 pub async fn diagnose(args: &DoctorArgs) -> Report {
     let mut f = Vec::new();
 
-    let (metrics, agent_note) = match fetch_metrics(&args.listen_address) {
+    let (metrics, agent_note) = match fetch_metrics(&args.agent) {
         Ok(text) => (Some(Metrics::parse(&text)), None),
         Err(e) => (None, Some(e)),
     };
-    let agent = metrics.as_ref().map(|_| args.listen_address.clone());
+    let agent = metrics.as_ref().map(|_| args.agent.listen_address.clone());
     match &agent_note {
         None => f.push(Finding::ok(
             "agent",
             format!(
                 "agent answering on {}: its measurements are used below",
-                args.listen_address
+                args.agent.listen_address
             ),
         )),
         Some(e) => f.push(Finding::info(
@@ -232,7 +232,7 @@ pub async fn diagnose(args: &DoctorArgs) -> Report {
             format!(
                 "no agent answering on {} ({e}): host checks only (path MTU, UDP receive \
                  errors, handshake timeouts and leaks need `wirescope run`)",
-                args.listen_address
+                args.agent.listen_address
             ),
         )),
     }
@@ -280,52 +280,22 @@ pub async fn diagnose(args: &DoctorArgs) -> Report {
 // The agent
 // ---------------------------------------------------------------------------------------
 
-/// Where to connect for a `--web.listen-address` value: `:PORT` and unspecified addresses
-/// mean this host's loopback.
-pub fn connect_addr(listen: &str) -> Option<SocketAddr> {
-    let s = listen.trim();
-    let s = if let Some(port) = s.strip_prefix(':') {
-        format!("127.0.0.1:{port}")
-    } else {
-        s.to_string()
-    };
-    let addr = s.to_socket_addrs().ok()?.next()?;
-    Some(match addr.ip() {
-        IpAddr::V4(a) if a.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(a) if a.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    })
-}
-
-/// GET /metrics from the agent (plain HTTP; one second to connect, five for the answer).
-fn fetch_metrics(listen: &str) -> Result<String, String> {
-    let addr = connect_addr(listen).ok_or_else(|| format!("{listen:?} is not an address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-        .map_err(|e| format!("connecting: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-    write!(
-        s,
-        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAccept: text/plain;version=0.0.4\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("sending: {e}"))?;
-    let mut body = Vec::new();
-    s.take(64 << 20)
-        .read_to_end(&mut body)
-        .map_err(|e| format!("reading: {e}"))?;
-    let text = String::from_utf8_lossy(&body);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "not an HTTP answer (TLS? doctor speaks plain HTTP)".to_string())?;
-    let status = head.split_whitespace().nth(1).unwrap_or("?");
-    if status != "200" {
-        return Err(format!("HTTP status {status} for /metrics"));
+/// GET /metrics from the agent (HTTP or HTTPS, see [`crate::client`]).
+fn fetch_metrics(agent: &AgentAddr) -> Result<String, String> {
+    let client = AgentClient::new(agent).map_err(|e| e.to_string())?;
+    let (code, body) = client
+        .get("/metrics", "text/plain;version=0.0.4", 64 << 20)
+        .map_err(|e| match e {
+            ClientError::Unreachable { cause, hint, .. } => format!("{cause}; {hint}"),
+            e => e.to_string(),
+        })?;
+    if code != 200 {
+        return Err(format!(
+            "HTTP status {code} for /metrics: {}",
+            client.status_hint(code)
+        ));
     }
-    Ok(rest.to_string())
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// One sample: name, labels, value.
@@ -1552,27 +1522,6 @@ mod tests {
         assert_eq!(m.get("weird", &[("a", "x\"y,z"), ("b", "")]), Some(1.5));
         assert_eq!(m.get("plain", &[]), Some(3.0));
         assert_eq!(m.get("absent", &[]), None);
-    }
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            connect_addr(":9586"),
-            Some("127.0.0.1:9586".parse().unwrap())
-        );
-        assert_eq!(
-            connect_addr("0.0.0.0:1"),
-            Some("127.0.0.1:1".parse().unwrap())
-        );
-        assert_eq!(
-            connect_addr("[::]:9586"),
-            Some("[::1]:9586".parse().unwrap())
-        );
-        assert_eq!(
-            connect_addr("10.0.0.1:80"),
-            Some("10.0.0.1:80".parse().unwrap())
-        );
-        assert_eq!(connect_addr("nonsense"), None);
     }
 
     const NFT: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod caps;
+pub mod client;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -8,14 +8,16 @@
 
 use std::{
     fmt::Write as _,
-    io::{IsTerminal, Read, Write},
-    net::{SocketAddr, TcpStream, ToSocketAddrs},
+    io::{IsTerminal, Write},
     time::Duration,
 };
 
 use serde_json::Value;
 
-use crate::cli::StatusArgs;
+use crate::{
+    cli::StatusArgs,
+    client::{AgentClient, ClientError},
+};
 
 /// The width every line fits in.
 pub const WIDTH: usize = 80;
@@ -25,184 +27,48 @@ const STALE_HANDSHAKE_S: f64 = 180.0;
 const LOSS_WARN_PERCENT: f64 = 1.0;
 /// Where the status lives on the agent.
 const PATH: &str = "/api/v1/status";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Larger answers are refused (a status is a few KiB per peer).
-const MAX_BODY: usize = 64 << 20;
+const MAX_BODY: u64 = 64 << 20;
 
 /// Why the snapshot could not be had; the message names the address and what to try.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("--web.listen-address {0}")]
-    BadAddress(String),
-    #[error(
-        "cannot reach the agent at {addr}: {cause}: is `wirescope run` running there? try --web.listen-address ADDR"
-    )]
-    Unreachable { addr: String, cause: String },
-    #[error(
-        "the agent at {addr} answered {PATH} with HTTP {code}{body}: is {addr} a wirescope agent? try --web.listen-address ADDR"
-    )]
+    /// A bad address, CA file or missing password, or no answer at all.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("the agent at {addr} answered {PATH} with HTTP {code}{body}: {hint}")]
     Http {
         addr: String,
         code: u16,
         body: String,
+        hint: &'static str,
     },
     #[error(
-        "the answer from {addr}{PATH} is not a wirescope status snapshot ({cause}): is {addr} a wirescope agent (plain HTTP)? try --web.listen-address ADDR"
+        "the answer from {addr}{PATH} is not a wirescope status snapshot ({cause}): is {addr} a wirescope agent? try --web.listen-address ADDR"
     )]
     BadAnswer { addr: String, cause: String },
 }
 
-/// The addresses to try for `--web.listen-address ADDR`: the forms `run` accepts (IP:PORT,
-/// [IPv6]:PORT, host:PORT, :PORT), an unspecified address meaning this host's loopback.
-pub fn resolve(addr: &str) -> Result<Vec<SocketAddr>, String> {
-    let a = addr.trim();
-    let a = a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/');
-    let a = if a.starts_with(':') {
-        format!("127.0.0.1{a}")
-    } else {
-        a.to_string()
-    };
-    let addrs: Vec<SocketAddr> = a
-        .to_socket_addrs()
-        .map_err(|e| {
-            format!(
-                "{addr:?} is not an address: {e} (use IP:PORT, [IPv6]:PORT, HOST:PORT or :PORT)"
-            )
-        })?
-        .map(|mut s| {
-            if s.ip().is_unspecified() {
-                s.set_ip(if s.is_ipv4() {
-                    std::net::Ipv4Addr::LOCALHOST.into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                });
-            }
-            s
-        })
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("{addr:?} names no address"));
-    }
-    Ok(addrs)
-}
-
-/// Decodes a chunked HTTP/1.1 body.
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&b[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        b = &b[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size {
-            return Err("truncated chunk".into());
-        }
-        out.extend_from_slice(&b[..size]);
-        b = b.get(size + 2..).ok_or("truncated chunk")?;
-    }
-}
-
-/// Splits a raw HTTP/1.1 response into (status code, body).
-pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let head_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no HTTP header (a TLS-only listener?)")?;
-    let head = String::from_utf8_lossy(&raw[..head_end]);
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap_or("");
-    let mut parts = status.split_whitespace();
-    if !parts.next().unwrap_or("").starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP response: {:?}", truncate(status, 40)));
-    }
-    let code: u16 = parts
-        .next()
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line {:?}", truncate(status, 40)))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = &raw[head_end + 4..];
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok((code, body))
-}
-
-/// GET `path` from the agent at `addr` (plain HTTP/1.1, one request per connection).
-fn get(addr: &str, path: &str) -> Result<(u16, Vec<u8>), FetchError> {
-    let unreachable = |cause: String| FetchError::Unreachable {
-        addr: addr.to_string(),
-        cause,
-    };
-    let addrs = resolve(addr).map_err(FetchError::BadAddress)?;
-    let mut last = String::new();
-    let mut stream = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                stream = Some((s, *a));
-                break;
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    let Some((mut s, peer)) = stream else {
-        return Err(unreachable(last));
-    };
-    let io = |e: std::io::Error| unreachable(e.to_string());
-    s.set_read_timeout(Some(READ_TIMEOUT)).map_err(io)?;
-    s.set_write_timeout(Some(READ_TIMEOUT)).map_err(io)?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {peer}\r\nAccept: application/json\r\nUser-Agent: wirescope-status/{}\r\nConnection: close\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    s.write_all(req.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
-    s.take(MAX_BODY as u64 + 1)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
-    if raw.len() > MAX_BODY {
-        return Err(FetchError::BadAnswer {
-            addr: addr.to_string(),
-            cause: format!("larger than {MAX_BODY} bytes"),
-        });
-    }
-    parse_response(&raw).map_err(|cause| FetchError::BadAnswer {
-        addr: addr.to_string(),
-        cause,
-    })
-}
-
-/// The agent's `/api/v1/status` snapshot at `addr`, checked to be one.
-pub fn fetch(addr: &str) -> Result<Value, FetchError> {
-    let (code, body) = get(addr, PATH)?;
+/// The agent's `/api/v1/status` snapshot, checked to be one.
+pub fn fetch(client: &AgentClient) -> Result<Value, FetchError> {
+    let addr = client.base().to_string();
+    let (code, body) = client.get(PATH, "application/json", MAX_BODY)?;
     if code != 200 {
         let text = String::from_utf8_lossy(&body);
         let text = text.trim();
         return Err(FetchError::Http {
-            addr: addr.to_string(),
+            addr,
             code,
             body: if text.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", truncate(text, 80))
             },
+            hint: client.status_hint(code),
         });
     }
     let bad = |cause: String| FetchError::BadAnswer {
-        addr: addr.to_string(),
+        addr: addr.clone(),
         cause,
     };
     let v: Value = serde_json::from_slice(&body).map_err(|e| bad(format!("bad JSON: {e}")))?;
@@ -220,12 +86,16 @@ pub fn fetch(addr: &str) -> Result<Value, FetchError> {
 pub fn run(args: &StatusArgs) -> u8 {
     let color = std::io::stdout().is_terminal();
     let mut out = std::io::stdout();
-    if let Err(e) = resolve(&args.listen_address) {
-        eprintln!("wirescope: {}", FetchError::BadAddress(e));
-        return 2;
-    }
+    // A bad address, CA file or missing password is a usage error: exit 2, as clap's.
+    let client = match AgentClient::new(&args.agent) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wirescope: {e}");
+            return 2;
+        }
+    };
     if !args.watch {
-        return match fetch(&args.listen_address) {
+        return match fetch(&client) {
             Ok(v) => {
                 let text = if args.json {
                     serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -246,7 +116,7 @@ pub fn run(args: &StatusArgs) -> u8 {
     // --watch: redraw in place every second until interrupted (SIGINT ends the process);
     // a failed read is shown in place of the tables and retried.
     loop {
-        let text = match fetch(&args.listen_address) {
+        let text = match fetch(&client) {
             Ok(v) if args.json => serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
             Ok(v) => render(&v, color),
             Err(e) => {
@@ -994,6 +864,9 @@ pub fn render(v: &Value, color: bool) -> String {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use std::io::Read as _;
+
+    use crate::client::AgentAddr;
 
     use super::*;
 
@@ -1269,38 +1142,6 @@ mod tests {
         assert!(w[1].starts_with("    word"));
     }
 
-    #[test]
-    fn addresses_and_http() {
-        assert_eq!(
-            resolve(":9586").unwrap(),
-            vec!["127.0.0.1:9586".parse::<SocketAddr>().unwrap()]
-        );
-        assert_eq!(
-            resolve("0.0.0.0:1").unwrap(),
-            vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]
-        );
-        assert_eq!(
-            resolve("[::]:1").unwrap(),
-            vec!["[::1]:1".parse::<SocketAddr>().unwrap()]
-        );
-        assert_eq!(
-            resolve("http://127.0.0.1:2/").unwrap(),
-            vec!["127.0.0.1:2".parse::<SocketAddr>().unwrap()]
-        );
-        assert!(resolve("nonsense").is_err());
-        let e = fetch("nonsense").unwrap_err().to_string();
-        assert!(
-            e.starts_with("--web.listen-address \"nonsense\" is not an address"),
-            "{e}"
-        );
-        let (code, body) = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((code, body.as_slice()), (200, &b"{\"a\":1}"[..]));
-        assert!(parse_response(b"\x16\x03\x01garbage").is_err());
-    }
-
     /// Serves `answer` to one connection on a loopback port; returns the address.
     fn serve_once(answer: &'static [u8]) -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1315,16 +1156,27 @@ mod tests {
         addr
     }
 
+    /// `fetch` from the agent at `addr` (plain HTTP).
+    fn fetch_at(addr: &str) -> Result<Value, FetchError> {
+        fetch(&AgentClient::new(&AgentAddr::plain(addr))?)
+    }
+
     #[test]
     fn errors_name_the_address_and_the_fix() {
+        let e = fetch_at("nonsense").unwrap_err().to_string();
+        assert!(
+            e.starts_with("--web.listen-address \"nonsense\" is not an address"),
+            "{e}"
+        );
+
         // A port nothing listens on: bind, learn the port, close.
         let addr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        let e = fetch(&addr).unwrap_err().to_string();
+        let e = fetch_at(&addr).unwrap_err().to_string();
         assert!(
-            e.contains(&format!("cannot reach the agent at {addr}")),
+            e.contains(&format!("cannot reach the agent at http://{addr}")),
             "{e}"
         );
         assert!(
@@ -1333,19 +1185,37 @@ mod tests {
         );
 
         let addr = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nnot json");
-        let e = fetch(&addr).unwrap_err().to_string();
+        let e = fetch_at(&addr).unwrap_err().to_string();
         assert!(e.contains(&addr) && e.contains("bad JSON"), "{e}");
         assert!(e.contains("try --web.listen-address"), "{e}");
 
         let addr = serve_once(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n");
-        let e = fetch(&addr).unwrap_err().to_string();
+        let e = fetch_at(&addr).unwrap_err().to_string();
         assert!(e.contains("HTTP 404 (not found)"), "{e}");
 
+        // Basic auth wanted: the message names the flag and the variable.
+        let addr = serve_once(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"wirescope\"\r\nContent-Length: 0\r\n\r\n",
+        );
+        let e = fetch_at(&addr).unwrap_err().to_string();
+        assert!(
+            e.contains("HTTP 401")
+                && e.contains("--web.user")
+                && e.contains("WIRESCOPE_WEB_PASSWORD"),
+            "{e}"
+        );
+
+        // A chunked answer is read whole.
+        let addr = serve_once(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"t\r\nc\r\nunnels\": []}\r\n0\r\n\r\n",
+        );
+        assert_eq!(fetch_at(&addr).unwrap()["tunnels"], json!([]));
+
         let addr = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"a\": 1}\n");
-        let e = fetch(&addr).unwrap_err().to_string();
+        let e = fetch_at(&addr).unwrap_err().to_string();
         assert!(e.contains("no \"tunnels\" list"), "{e}");
 
         let addr = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"tunnels\": []}");
-        assert_eq!(fetch(&addr).unwrap()["tunnels"], json!([]));
+        assert_eq!(fetch_at(&addr).unwrap()["tunnels"], json!([]));
     }
 }

@@ -342,8 +342,8 @@ fn assert_caps_dropped(pid: u32) {
 
 /// `--web.config.file` with TLS and basic auth, against curl: wrong or missing credentials
 /// 401 with a Basic challenge on every path, plain HTTP refused, a TLS 1.1 client refused,
-/// the right credentials 200 and the metrics; `wirescope status` cannot read a TLS agent
-/// and says so. The agent runs in a namespace of its own, without tunnels; it holds only
+/// the right credentials 200 and the metrics; `wirescope status` and `doctor` read it with
+/// --web.ca-file, --web.user and WIRESCOPE_WEB_PASSWORD, and each wrong setting is named. The agent runs in a namespace of its own, without tunnels; it holds only
 /// the kept capabilities on every thread.
 #[test]
 fn tls_and_basic_auth() {
@@ -465,22 +465,75 @@ fn tls_and_basic_auth() {
     assert_eq!(kept, want, "{status}");
     assert_caps_dropped(agent.pid());
 
-    // `wirescope status` speaks plain HTTP only: against TLS it fails and says why.
-    let o = run(netns::command(BARE_NS, &bin().display().to_string()).args([
-        "status",
-        "--web.listen-address",
-        LISTEN,
-    ]));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    // `wirescope status` and `doctor` over TLS with basic auth: the CA and the user on the
+    // command line, the password in the environment.
+    let https = format!("https://{LISTEN}");
+    let client = |args: &[&str], password: Option<&str>| {
+        let mut cmd = netns::command(BARE_NS, &bin().display().to_string());
+        cmd.args(args);
+        match password {
+            Some(p) => cmd.env("WIRESCOPE_WEB_PASSWORD", p),
+            None => cmd.env_remove("WIRESCOPE_WEB_PASSWORD"),
+        };
+        let o = run(&mut cmd);
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), said)
+    };
+    let tls_args = |cmd: &'static str| -> Vec<String> {
+        vec![
+            cmd.into(),
+            "--web.listen-address".into(),
+            https.clone(),
+            "--web.ca-file".into(),
+            ca.clone(),
+            "--web.user".into(),
+            USER.into(),
+        ]
+    };
+    let status_args = tls_args("status");
+    let status_args: Vec<&str> = status_args.iter().map(String::as_str).collect();
+    let (code, said) = client(&status_args, Some(PASSWORD));
+    assert_eq!(code, Some(0), "status over TLS: {said}");
+    assert!(said.contains("wirescope status"), "{said}");
+    let (code, said) = client(&[&status_args[..], &["--json"]].concat(), Some(PASSWORD));
+    assert_eq!(code, Some(0), "status --json over TLS: {said}");
+    let v: serde_json::Value = serde_json::from_str(&said).expect("status --json");
+    assert!(v["tunnels"].is_array(), "{said}");
+    // The wrong password: 401, and the message names what to check.
+    let (code, said) = client(&status_args, Some("wrong"));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("HTTP 401") && said.contains("WIRESCOPE_WEB_PASSWORD"),
+        "{said}"
     );
-    eprintln!(
-        "wirescope status against the TLS agent: {:?}: {said}",
-        o.status
+    // A user without a password in the environment: a usage error naming the variable.
+    let (code, said) = client(&status_args, None);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("WIRESCOPE_WEB_PASSWORD"), "{said}");
+    // Without the CA the certificate is refused, and the message says to give it.
+    let (code, said) = client(
+        &["status", "--web.listen-address", &https, "--web.user", USER],
+        Some(PASSWORD),
     );
-    assert!(!o.status.success(), "{said}");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("--web.ca-file"), "{said}");
+    // Plain HTTP to the TLS listener: the message points to https://.
+    let (code, said) = client(&["status", "--web.listen-address", LISTEN], None);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("HTTP 400") && said.contains("https://"),
+        "{said}"
+    );
+    // doctor reads the agent's metrics the same way.
+    let doctor_args = tls_args("doctor");
+    let doctor_args: Vec<&str> = doctor_args.iter().map(String::as_str).collect();
+    let (_, said) = client(&[&doctor_args[..], &["--json"]].concat(), Some(PASSWORD));
+    let v: serde_json::Value = serde_json::from_str(&said).expect("doctor --json");
+    assert_eq!(v["agent"], serde_json::json!(https), "{said}");
 
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -314,7 +314,7 @@ fn status_against_the_lab_agent() {
     let (code, out, err) = status(&ns, &["--web.listen-address", "127.0.0.1:1"]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        err.contains("cannot reach the agent at 127.0.0.1:1")
+        err.contains("cannot reach the agent at http://127.0.0.1:1")
             && err.contains("is `wirescope run` running there? try --web.listen-address"),
         "{err}"
     );

@@ -2,7 +2,9 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, Result, bail};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, anyhow, bail};
 
 /// Package name of the agent.
 pub const AGENT_PACKAGE: &str = "wirescope";
@@ -24,4 +26,15 @@ pub fn run() -> Result<()> {
     }
     println!("build: target/release/{AGENT_PACKAGE}");
     Ok(())
+}
+
+/// The cargo target directory (`cargo metadata`), where the release agent is built.
+pub fn target_dir() -> Result<PathBuf> {
+    let out = crate::cmd::run(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `cargo metadata`")?;
+    v["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("`cargo metadata` printed no target_directory"))
 }

@@ -23,7 +23,7 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -72,7 +72,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     install_signal_handlers()?;
 
     build::run()?;
-    let target = target_dir()?;
+    let target = build::target_dir()?;
     let bin = target.join("release").join(build::AGENT_PACKAGE);
     let logs = target.join("wirescope-demo");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -867,18 +867,6 @@ fn wait_tcp_listening(ns: &str, addr: &str, server: &mut Child, log: &Path) -> R
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The cargo target directory (`cargo metadata`), where the release agent is built.
-fn target_dir() -> Result<PathBuf> {
-    let out =
-        crate::cmd::run(build::cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `cargo metadata`")?;
-    v["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("`cargo metadata` printed no target_directory"))
 }
 
 /// A command that prints the agent's metrics from inside `ns`, with whichever HTTP client

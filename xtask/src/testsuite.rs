@@ -181,7 +181,7 @@ const DISK_NEEDED_GB: f64 = 8.0;
 /// Fails early, naming the fix, when the disk cannot hold a run: a full disk otherwise shows
 /// up minutes later as a compile error in whichever step ran out first.
 fn preflight_disk() -> Result<()> {
-    let target = crate::bench::target_dir()?;
+    let target = crate::build::target_dir()?;
     let probe = if target.exists() {
         target.clone()
     } else {

@@ -132,7 +132,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let ctx = prepare(args.quick)?;
     let out = match &args.out {
         Some(d) => d.clone(),
-        None if args.quick => target_dir()?.join("bench-quick"),
+        None if args.quick => build::target_dir()?.join("bench-quick"),
         None => PathBuf::from("bench"),
     };
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
@@ -210,7 +210,7 @@ fn prepare(quick: bool) -> Result<Ctx> {
     if !status.success() {
         bail!("`cargo build --release --example bench_packet_cost` failed ({status})");
     }
-    let target = target_dir()?;
+    let target = build::target_dir()?;
     let work = target.join("wirescope-bench");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     Ok(Ctx {
@@ -222,18 +222,6 @@ fn prepare(quick: bool) -> Result<Ctx> {
             .join("bench_packet_cost"),
         work,
     })
-}
-
-/// The cargo target directory (`cargo metadata`).
-pub fn target_dir() -> Result<PathBuf> {
-    let out =
-        crate::cmd::run(build::cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `cargo metadata`")?;
-    v["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow::anyhow!("`cargo metadata` printed no target_directory"))
 }
 
 /// The median of `v` (sorted in place); NaN when empty.

@@ -162,11 +162,16 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
     }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.
-    if let Some(l4) = l4 {
-        wire::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
-    }
+    let wireguard = match l4 {
+        Some(l4) => wire::count(&pkt, ifindex, dir, &ip, l4, gso_segs),
+        None => false,
+    };
     // Leaks: what leaves an underlay (not a tunnel) outside every tunnel while one is up.
-    dir == DIR_TX
+    // A message just counted as WireGuard is none: on egress the wire role's recognition
+    // (known endpoint or local listen port, and the message's shape) is exactly the leak
+    // check's, so the tail call and its second parse (~110 ns) are skipped for it.
+    !wireguard
+        && dir == DIR_TX
         && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
         && leak::tunnel_up()
 }

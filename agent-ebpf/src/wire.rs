@@ -15,10 +15,12 @@ use crate::{
     transit,
 };
 
+/// Counts the packet if it is a WireGuard message (to or from a known endpoint, or on a
+/// local listen port, and shaped like one); returns whether it was.
 #[inline(always)]
-pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) {
+pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) -> bool {
     if ip.proto != IPPROTO_UDP {
-        return;
+        return false;
     }
     let (remote_addr, remote_port, local_port) = if dir == DIR_TX {
         (&ip.dst, l4.dport, l4.sport)
@@ -34,10 +36,10 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
     // SAFETY: values are plain u32/u8 written by the agent.
     let peer = unsafe { ENDPOINTS.get(&endpoint) }.copied();
     if peer.is_none() && unsafe { WG_PORTS.get(&local_port) }.is_none() {
-        return;
+        return false;
     }
     let Some(msg) = classify(pkt, ip.l4_off + 8, l4.udp_payload_len) else {
-        return;
+        return false;
     };
     let (packets, bytes) = if ip.frag == frag::FIRST {
         // An outer datagram split by IP: count the message once, here where its UDP header
@@ -101,4 +103,5 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
             count::add(&UNKNOWN_WIRE, &key, packets, bytes, UNKNOWN_WIRE_ERR);
         }
     }
+    true
 }

@@ -13,7 +13,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, PerCpuHashMap},
 };
@@ -45,6 +45,9 @@ pub static RX_SESSIONS: HashMap<IndexKey, RxSession> =
 #[map]
 pub static RX_SEQ: PerCpuHashMap<CounterKey, agent_common::maps::Counter> =
     PerCpuHashMap::pinned(MAX_RX_SEQ, 0);
+
+/// How stale a session's `last_ns` may get before a message refreshes it.
+const LAST_NS_REFRESH_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn bump(idx: u32) {
@@ -132,14 +135,14 @@ fn response_received(ifindex: u32, receiver: u32) {
 #[inline(always)]
 fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
     let key = IndexKey { ifindex, index };
-    let now = unsafe { bpf_ktime_get_ns() };
     // A GRO skb of n messages carries counters `counter` .. `counter + n - 1` (assumed in
     // order: only the first header is visible).
     let last = counter.saturating_add(segs.saturating_sub(1));
     let Some(s) = RX_SESSIONS.get_ptr_mut(&key) else {
         let fresh = RxSession {
             highest: last,
-            last_ns: now,
+            // SAFETY: a plain helper call.
+            last_ns: unsafe { bpf_ktime_get_ns() },
             peer,
             _pad: 0,
         };
@@ -158,7 +161,16 @@ fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
     };
     // SAFETY: a value of a shared map; the race between CPUs is described at RX_SESSIONS.
     let highest = unsafe { (*s).highest };
-    unsafe { (*s).last_ns = now };
+    // `last_ns` only serves the agent's idle expiry (RX_SESSION_IDLE_NS, 180 s), so it is
+    // refreshed when a second old rather than on every message: the coarse clock is read
+    // from memory, the precise one from the clock source (~30 ns on a VM, the largest part
+    // of this function). The coarse clock lags by a tick at most, so it never refreshes
+    // early, and a session's `last_ns` is at most LAST_NS_REFRESH_NS + a tick behind.
+    // SAFETY: plain helper calls.
+    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
+    if coarse.saturating_sub(unsafe { (*s).last_ns }) >= LAST_NS_REFRESH_NS {
+        unsafe { (*s).last_ns = bpf_ktime_get_ns() };
+    }
     if last > highest {
         unsafe { (*s).highest = last };
     }

@@ -12,24 +12,26 @@
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
 //! Run: `cargo test -p wirescope --test transit -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
 use agent_common::{
     fixtures::{Framing, tcp_ipv4, udp_ipv4, udp_ipv6, wg, wg_ipv4},
     maps::{
-        DIR_RX, DIR_TX, IfaceConfig, log2_bucket,
+        DIR_RX, DIR_TX, log2_bucket,
         transit::{STALE_NS, Slot},
     },
 };
-use aya::programs::{TestRun, TestRunOptions};
+use common::{
+    Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, TUNNEL_L3, UNDERLAY_ETH, ifindex, ip_cmd, v6,
+};
 use wirescope::{
-    EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    datapath::{Datapath, PeerMaps},
     health::monotonic_ns,
     sync::endpoint_key,
 };
@@ -48,82 +50,20 @@ const NOBODY_HOST: [u8; 4] = [10, 3, 0, 5];
 const CLIENT_V4: [u8; 4] = [10, 64, 1, 2];
 /// P's allowed IPs also hold fd00:1::/32.
 fn p_host_v6() -> [u8; 16] {
-    "fd00:1::5".parse::<Ipv6Addr>().expect("address").octets()
+    v6("fd00:1::5")
 }
 fn client_v6() -> [u8; 16] {
-    "fd00:40::2".parse::<Ipv6Addr>().expect("address").octets()
+    v6("fd00:40::2")
 }
 
-const P_ENDPOINT: [u8; 4] = [203, 0, 113, 10];
+const P_ENDPOINT: [u8; 4] = common::RELAY_V4;
 const Q_ENDPOINT: [u8; 4] = [203, 0, 113, 20];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
-const RELAY_PORT: u16 = 51820;
-const LISTEN_PORT: u16 = 51821;
 /// The tunnel MTU the data messages are padded for.
 const MTU: u32 = 1420;
 
 /// A slot older than this at a sweep is deleted by `TransitMaps::expire` (STALE_NS plus the
 /// agent's 1 s margin).
 const SWEEP_AGE_NS: u64 = STALE_NS + 1_000_000_000;
-
-fn privileged() -> bool {
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = "the transit tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{why}; CI=true, so this is a failure, not a skip: run the tests as root");
-    }
-    eprintln!("skipped: {why}; run them as root");
-    false
-}
-
-fn ip_cmd(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "running `ip {}`: {e} (is iproute2 installed?)",
-            args.join(" ")
-        )
-    });
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("interface name");
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    assert_ne!(i, 0, "no interface {name} in the test's network namespace");
-    i
-}
-
-/// `__sk_buff` as ctx_in: `ifindex`, `gso_segs` and `gso_size` (offsets 40, 164 and 176 of
-/// the UAPI struct), the rest zero.
-fn sk_buff_ctx(ifindex: u32, gso_segs: u32, gso_size: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dir {
-    Rx,
-    Tx,
-}
-
-impl Dir {
-    fn prog(self) -> &'static str {
-        match self {
-            Dir::Rx => PROG_INGRESS,
-            Dir::Tx => PROG_EGRESS,
-        }
-    }
-}
 
 /// A peer as the tests see it: a host in its allowed IPs, its endpoint.
 #[derive(Clone, Copy)]
@@ -154,46 +94,34 @@ struct Lab {
 
 impl Lab {
     fn new() -> Option<Lab> {
-        if !privileged() {
+        if !common::privileged(
+            "the transit tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+        ) {
             return None;
-        }
-        // SAFETY: moves only this test's thread into a new network namespace, which the
-        // commands spawned below inherit.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
         }
         // veth pairs (the kernels these tests run on may lack the dummy driver); the
         // other ends are not watched.
-        for (name, other) in [("trn-tun", "trn-tun-o"), ("trn-under", "trn-under-o")] {
-            ip_cmd(&[
-                "link", "add", "name", name, "type", "veth", "peer", "name", other,
-            ]);
-        }
-        let tun = ifindex("trn-tun");
-        let under = ifindex("trn-under");
-        let mut dp = Datapath::load(EBPF_OBJECT)
-            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
-        dp.attach(
-            "trn-tun",
-            tun,
-            IfaceConfig {
-                flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
-            },
-        )
-        .unwrap_or_else(|e| panic!("attaching to trn-tun: {e}"));
-        dp.attach(
+        let (tun, _) = common::netns_with_veth("trn-tun", "trn-tun-o");
+        ip_cmd(&[
+            "link",
+            "add",
+            "name",
             "trn-under",
-            under,
-            IfaceConfig {
-                flags: IfaceConfig::UNDERLAY,
-            },
-        )
-        .unwrap_or_else(|e| panic!("attaching to trn-under: {e}"));
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "trn-under-o",
+        ]);
+        let under = ifindex("trn-under");
+        let mut dp = common::load_attached(&[
+            ("trn-tun", tun, TUNNEL_L3),
+            ("trn-under", under, UNDERLAY_ETH),
+        ]);
         let mut maps = PeerMaps::default();
         maps.allowed_v4.insert((tun, [10, 1, 0, 0], 16), P);
         maps.allowed_v4.insert((tun, [10, 2, 0, 0], 16), Q);
-        let p_net_v6 = "fd00:1::".parse::<Ipv6Addr>().expect("address").octets();
-        maps.allowed_v6.insert((tun, p_net_v6, 32), P);
+        maps.allowed_v6.insert((tun, v6("fd00:1::"), 32), P);
         maps.endpoints.insert(
             endpoint_key(IpAddr::V4(Ipv4Addr::from(P_ENDPOINT)), RELAY_PORT),
             P,
@@ -216,43 +144,17 @@ impl Lab {
     /// checks every run gets: the observer's verdict, the packet unchanged, no refused map
     /// update.
     fn run(&mut self, dir: Dir, ifindex: u32, gso: (u32, u32), data: &[u8]) {
-        let ctx = sk_buff_ctx(ifindex, gso.0, gso.1);
-        let mut out = vec![0u8; data.len() + 64];
-        let res = self
-            .dp
-            .program_mut(dir.prog())
-            .expect("program")
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::new()
-            })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "test_run of {} on ifindex {ifindex} ({} bytes): {e:?}",
-                    dir.prog(),
-                    data.len()
-                )
-            });
-        assert_eq!(
-            res.return_value as i32, -1,
-            "an observer returns TC_ACT_UNSPEC"
-        );
-        assert_eq!(res.data_size_out as usize, data.len());
-        assert!(out[..data.len()] == *data, "the packet was changed");
-        for (map, n) in self.dp.map_update_errors() {
-            assert_eq!(n, 0, "{n} refused updates of {map}");
-        }
+        let what = "transit";
+        let out = common::run_tc(&mut self.dp, what, dir.prog(), ifindex, gso, data);
+        common::assert_unchanged(what, dir.prog(), data, &out);
+        common::assert_no_refused_updates(&self.dp, what);
     }
 
     /// An inner IPv4/UDP packet of exactly `len` bytes between this host and `peer`'s host,
     /// on the tunnel in direction `dir`.
     fn inner(&mut self, dir: Dir, peer: Peer, len: usize) {
-        let pkt = match dir {
-            Dir::Tx => udp_ipv4(CLIENT_V4, 40000, peer.host, 443, len),
-            Dir::Rx => udp_ipv4(peer.host, 443, CLIENT_V4, 40000, len),
-        };
+        let (src, dst) = dir.flow((CLIENT_V4, 40000), (peer.host, 443));
+        let pkt = udp_ipv4(src.0, src.1, dst.0, dst.1, len);
         assert_eq!(pkt.len(), len);
         let tun = self.tun;
         self.run(dir, tun, (0, 0), &pkt);
@@ -260,11 +162,8 @@ impl Lab {
 
     /// The UDP payload `msg` between this host and `peer`'s endpoint on the underlay.
     fn wire(&mut self, dir: Dir, peer: Peer, gso: (u32, u32), msg: &[u8]) {
-        let l3 = match dir {
-            Dir::Tx => wg_ipv4(LOCAL_V4, LISTEN_PORT, peer.endpoint, RELAY_PORT, msg),
-            Dir::Rx => wg_ipv4(peer.endpoint, RELAY_PORT, LOCAL_V4, LISTEN_PORT, msg),
-        };
-        let frame = Framing::Ethernet.frame(&l3);
+        let (src, dst) = dir.flow((LOCAL_V4, LISTEN_PORT), (peer.endpoint, RELAY_PORT));
+        let frame = Framing::Ethernet.frame(&wg_ipv4(src.0, src.1, dst.0, dst.1, msg));
         let under = self.under;
         self.run(dir, under, gso, &frame);
     }

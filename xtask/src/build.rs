@@ -28,6 +28,14 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// The repository's root (xtask/ lies in it): where README.md, bench/ and deploy/ are.
+pub fn repo_root() -> PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map_or_else(|| manifest.join(".."), std::path::Path::to_path_buf)
+}
+
 /// The cargo target directory (`cargo metadata`), where the release agent is built.
 pub fn target_dir() -> Result<PathBuf> {
     let out = crate::cmd::run(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;

@@ -119,15 +119,8 @@ pub fn test_step() -> (Counts, Result<()>) {
     (counts, res)
 }
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lies in the repository")
-        .to_path_buf()
-}
-
 fn fuzz_dir() -> PathBuf {
-    repo_root().join("fuzz")
+    crate::build::repo_root().join("fuzz")
 }
 
 /// `rustup run nightly PROGRAM`, without the variables of the cargo that runs xtask (stable),
@@ -144,7 +137,8 @@ fn nightly(program: &str) -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd.current_dir(repo_root()).stdin(Stdio::null());
+    cmd.current_dir(crate::build::repo_root())
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -181,7 +175,7 @@ const BUILD_FLAGS: &[&str] = &[
 /// agent/build.rs builds the eBPF object into fuzz/target once (the agent library embeds
 /// it; the targets never load it).
 pub fn build() -> Result<()> {
-    let lock = repo_root().join("Cargo.lock");
+    let lock = crate::build::repo_root().join("Cargo.lock");
     fs::copy(&lock, fuzz_dir().join("Cargo.lock"))
         .with_context(|| format!("copying {} to fuzz/", lock.display()))?;
     let mut cmd = nightly("cargo");

@@ -23,12 +23,7 @@ use crate::{netns, scrape};
 
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// The workspace root.
-pub fn repo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    crate::build::repo_root().join("deploy")
 }
 
 /// `deploy/prometheus.yml` made for a test: scrape and rule evaluation every `interval`

@@ -43,10 +43,13 @@ impl std::fmt::Display for Counts {
     }
 }
 
+/// What a step runs: the tests it counted, and whether it succeeded.
+pub type StepFn = fn() -> (Counts, Result<()>);
+
 /// One step: what it ran, and whether it succeeded.
 pub struct Step {
     pub name: &'static str,
-    pub run: fn() -> (Counts, Result<()>),
+    pub run: StepFn,
     /// Runs beside the steps after it (in a thread) instead of before them: the fuzzers and
     /// the bench smoke share the CPU with the VM's emulation rather than adding minutes of
     /// their own (consecutive background steps run one after another).
@@ -87,12 +90,13 @@ pub fn steps() -> Vec<Step> {
 pub fn run() -> Result<()> {
     type Outcome = (&'static str, Counts, Result<()>, Duration);
     type GroupResult = Vec<(Counts, Result<()>, Duration)>;
-    preflight_disk()?;
-    let mut results: Vec<Option<Outcome>> = Vec::new();
-    let mut groups: Vec<(
+    type Group = (
         Vec<(usize, &'static str)>,
         std::thread::JoinHandle<GroupResult>,
-    )> = Vec::new();
+    );
+    preflight_disk()?;
+    let mut results: Vec<Option<Outcome>> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     let mut steps = steps().into_iter().peekable();
     while let Some(step) = steps.next() {
         if !step.background {
@@ -114,7 +118,7 @@ pub fn run() -> Result<()> {
             slots.push((results.len(), s.name));
             results.push(None);
         }
-        let runs: Vec<fn() -> (Counts, Result<()>)> = group.iter().map(|s| s.run).collect();
+        let runs: Vec<StepFn> = group.iter().map(|s| s.run).collect();
         let handle = std::thread::spawn(move || {
             runs.into_iter()
                 .map(|run| {

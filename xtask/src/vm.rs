@@ -671,7 +671,7 @@ pub fn build_suites() -> Result<Vec<Suite>> {
     if !out.status.success() {
         bail!("`{}` failed ({})", cmd::describe(&c), out.status);
     }
-    let root = workspace_root()?;
+    let root = crate::build::repo_root();
     let suites = parse_artifacts(&String::from_utf8_lossy(&out.stdout), &root);
     let mut picked = Vec::new();
     for want in SUITES {
@@ -682,14 +682,6 @@ pub fn build_suites() -> Result<Vec<Suite>> {
         picked.push(s.clone());
     }
     Ok(picked)
-}
-
-fn workspace_root() -> Result<PathBuf> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("xtask's manifest dir has no parent"))
 }
 
 /// The test executables in cargo's JSON messages, labelled by their source path relative to
@@ -1031,7 +1023,7 @@ pub fn run_vm(
     filter: Option<&str>,
     timeout: Duration,
 ) -> Result<VmReport> {
-    let root = workspace_root()?;
+    let root = crate::build::repo_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));

@@ -126,11 +126,11 @@ fn promtool(args: &[&str]) -> String {
 fn contract_names() -> BTreeSet<String> {
     let contract = std::env::var_os("WIRESCOPE_CONTRACT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| prometheus::repo_dir().join("../shared/CONTRACT.md"));
+        .unwrap_or_else(|| xtask::build::repo_root().join("../shared/CONTRACT.md"));
     match std::fs::read_to_string(&contract) {
         Ok(text) => documented_metric_names(&text),
         Err(_) => {
-            let readme = std::fs::read_to_string(prometheus::repo_dir().join("README.md"))
+            let readme = std::fs::read_to_string(xtask::build::repo_root().join("README.md"))
                 .expect("README.md");
             let mut n = documented_metric_names(&readme);
             n.extend(BEYOND_README.iter().map(|s| s.to_string()));
@@ -396,7 +396,7 @@ fn agent_bin() -> Option<PathBuf> {
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| prometheus::repo_dir().join("target"));
+        .unwrap_or_else(|| xtask::build::repo_root().join("target"));
     ["debug", "release"]
         .iter()
         .map(|p| target.join(p).join("wirescope"))

@@ -133,7 +133,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let out = match &args.out {
         Some(d) => d.clone(),
         None if args.quick => build::target_dir()?.join("bench-quick"),
-        None => PathBuf::from("bench"),
+        None => build::repo_root().join("bench"),
     };
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
     let mut figures = Vec::new();
@@ -176,6 +176,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let meta = report::Meta::collect(args.quick, started.elapsed())?;
     report::write(&out, &meta, &figures)?;
+    // The README shows the latest full run of every part, written where the report is.
+    if !args.quick && args.out.is_none() && args.only.is_empty() {
+        report::update_readme(&build::repo_root().join("README.md"), &meta, &figures)?;
+        println!("bench: README.md's table updated");
+    }
     report::print_goals(&figures);
     println!(
         "bench: {} figures in {:.0} s; report in {}",

@@ -186,6 +186,64 @@ pub fn markdown(meta: &Meta, figures: &[Figure]) -> String {
     s
 }
 
+/// Where README.md keeps the latest full run's goals table.
+pub const README_START: &str = "<!-- bench:start (written by cargo xtask bench) -->";
+pub const README_END: &str = "<!-- bench:end -->";
+
+/// The goals table, with when and where it was measured, for README.md.
+pub fn readme_section(meta: &Meta, figures: &[Figure]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Measured {} on commit {}: Linux {}, {} ({} CPUs), {:.0} GiB, by `cargo xtask bench` \
+         in {:.0} s. Every figure is a difference or ratio of two measurements of the same run; \
+         the whole report (every packet kind, peer count and case) is \
+         [bench/REPORT.md](bench/REPORT.md).\n",
+        meta.date, meta.commit, meta.kernel, meta.cpu, meta.cpus, meta.memory_gib, meta.seconds
+    );
+    let _ = writeln!(s, "| goal | measured | target | |");
+    let _ = writeln!(s, "|---|---:|---|---|");
+    for f in figures.iter().filter(|f| f.goal.is_some()) {
+        let _ = writeln!(
+            s,
+            "| {}: {} | {} {} | {} | {} |",
+            f.section,
+            f.name,
+            fmt_value(f.value),
+            f.unit,
+            fmt_goal(f.goal, &f.unit),
+            verdict(f)
+        );
+    }
+    s
+}
+
+/// Replaces what lies between [`README_START`] and [`README_END`] in `readme` with
+/// [`readme_section`]; the markers must be there.
+pub fn update_readme(readme: &Path, meta: &Meta, figures: &[Figure]) -> Result<()> {
+    let text =
+        std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(a), Some(b)) = (text.find(README_START), text.find(README_END)) else {
+        anyhow::bail!(
+            "{} lacks the markers {README_START} and {README_END}: put them where the bench table goes",
+            readme.display()
+        );
+    };
+    if b < a {
+        anyhow::bail!(
+            "{}: {README_END} comes before {README_START}",
+            readme.display()
+        );
+    }
+    let new = format!(
+        "{}{README_START}\n{}{}",
+        &text[..a],
+        readme_section(meta, figures),
+        &text[b..]
+    );
+    std::fs::write(readme, new).with_context(|| format!("writing {}", readme.display()))
+}
+
 /// Prints each goal as met or not, with its figure.
 pub fn print_goals(figures: &[Figure]) {
     for f in figures.iter().filter(|f| f.goal.is_some()) {
@@ -237,5 +295,26 @@ mod tests {
         );
         assert!(md.contains("## scale\n"), "{md}");
         assert!(md.contains("| rss | 20 MB |   |  |"), "{md}");
+
+        let dir = std::env::temp_dir().join(format!("wirescope-readme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let readme = dir.join("README.md");
+        std::fs::write(
+            &readme,
+            format!("# x\n{README_START}\nold\n{README_END}\nrest\n"),
+        )
+        .unwrap();
+        update_readme(&readme, &meta, &figs).unwrap();
+        let text = std::fs::read_to_string(&readme).unwrap();
+        assert!(!text.contains("old"), "{text}");
+        assert!(
+            text.contains("| cost: ingress data | 41.5 ns | <= 40 ns | **not met** |"),
+            "{text}"
+        );
+        assert!(text.ends_with(&format!("{README_END}\nrest\n")), "{text}");
+        assert!(!text.contains("| rss |"), "only goals: {text}");
+        std::fs::write(&readme, "no markers").unwrap();
+        assert!(update_readme(&readme, &meta, &figs).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -44,7 +44,10 @@ use agent_common::{
     wireguard::{classify, data_wire_len},
 };
 use aya::programs::{TestRun, TestRunOptions};
-use common::{Dir, TUNNEL_L3, UNDERLAY_ETH, ifindex, local_v6, stranger_v6, v6};
+use common::{
+    Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, TUNNEL_L3, UNDERLAY_ETH, ifindex, local_v6,
+    stranger_v6, v6,
+};
 use wirescope::{
     datapath::{Datapath, PeerMaps},
     sync::endpoint_key,
@@ -66,14 +69,10 @@ const EXIT_V6: u32 = 4;
 const CLIENT_V4: [u8; 4] = [10, 64, 1, 2];
 const GATEWAY_V4: [u8; 4] = [10, 64, 0, 1];
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
-const ENTRY_RELAY_V4: [u8; 4] = [203, 0, 113, 10];
+const ENTRY_RELAY_V4: [u8; 4] = common::RELAY_V4;
 const EXIT_RELAY_V4: [u8; 4] = [198, 51, 100, 7];
-const LOCAL_V4: [u8; 4] = [192, 0, 2, 2];
 const STRANGER_V4: [u8; 4] = [192, 0, 2, 99];
 
-const RELAY_PORT: u16 = 51820;
-/// The local interface's listen port (WG_PORTS).
-const LISTEN_PORT: u16 = 51821;
 const STRANGER_PORT: u16 = 40000;
 /// A local port that is not a listen port.
 const OTHER_PORT: u16 = 40001;
@@ -85,7 +84,7 @@ fn remote_v6() -> [u8; 16] {
     v6("2001:db8:ffff::34")
 }
 fn entry_relay_v6() -> [u8; 16] {
-    v6("2001:db8:e::10")
+    common::relay_v6()
 }
 fn exit_relay_v6() -> [u8; 16] {
     v6("2001:db8:7::7")
@@ -140,6 +139,16 @@ fn base_hdr(ip: IpAddr) -> u64 {
 fn udp_flow(dir: Dir, local: (IpAddr, u16), remote: (IpAddr, u16), payload: &[u8]) -> Vec<u8> {
     let (src, dst) = dir.flow(local, remote);
     ip_header(src.0, dst.0).build(IPPROTO_UDP, &udp(src.1, dst.1, payload))
+}
+
+/// `fixtures::udp_ipv4` (`udp_ipv6`) of `len` bytes from port 1 to port 2 between `local`
+/// and `remote` in direction `dir`.
+fn udp_between(dir: Dir, local: IpAddr, remote: IpAddr, len: usize) -> Vec<u8> {
+    match dir.flow(local, remote) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => fixtures::udp_ipv4(s.octets(), 1, d.octets(), 2, len),
+        (IpAddr::V6(s), IpAddr::V6(d)) => fixtures::udp_ipv6(s.octets(), 1, d.octets(), 2, len),
+        _ => panic!("mixed families"),
+    }
 }
 
 /// The WireGuard messages of every kind, with the kind the programs must count them as.
@@ -827,26 +836,16 @@ fn tunnel_longest_prefix_match_v4_v6() {
         }
     }
     // The direction picks the address: tx looks at the destination only, rx at the source.
+    // From the exit relay's address to the internet (tx) / the reverse (rx): EXIT.
     for dir in Dir::BOTH {
-        // From the exit relay's address to the internet (tx) / the reverse (rx): EXIT.
-        let (src, dst) = dir.flow(EXIT_RELAY_V4, REMOTE_V4);
-        let pkt = fixtures::udp_ipv4(src, 1, dst, 2, 64);
-        lab.expect(
-            "v4 direction",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, EXIT, dir, 1, 64),
-        );
-        let (src, dst) = dir.flow(exit_relay_v6(), remote_v6());
-        let pkt = fixtures::udp_ipv6(src, 1, dst, 2, 64);
-        lab.expect(
-            "v6 direction",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, EXIT, dir, 1, 64),
-        );
+        for (what, local, remote) in [
+            ("v4 direction", ip4(EXIT_RELAY_V4), ip4(REMOTE_V4)),
+            ("v6 direction", ip6(exit_relay_v6()), ip6(remote_v6())),
+        ] {
+            let pkt = udp_between(dir, local, remote, 64);
+            let want = Delta::none().tunnel(tun, EXIT, dir, 1, 64);
+            lab.expect(what, dir, tun, &pkt, want);
+        }
     }
     // Counts accumulate in one entry per (interface, peer, kind, direction).
     let pkt = fixtures::udp_ipv4(CLIENT_V4, 1, REMOTE_V4, 2, 500);
@@ -874,62 +873,39 @@ fn tunnel_unmatched_foreign_and_unwatched_interfaces() {
         .allowed_v6
         .insert((tun, v6("fc00:bbbb::"), 32), EXIT);
     lab.set_maps(partial);
+    // (what, local, remote: the addresses of a UDP packet, the peer it counts for)
+    let (client4, client6) = (ip4(CLIENT_V4), ip6(client_v6()));
     for dir in Dir::BOTH {
-        let (s, d) = dir.flow(CLIENT_V4, REMOTE_V4);
-        let pkt = fixtures::udp_ipv4(s, 1, d, 2, 120);
-        lab.expect(
-            "v4 unmatched",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, PEER_UNKNOWN, dir, 1, 120),
-        );
-        let (s, d) = dir.flow(CLIENT_V4, EXIT_RELAY_V4);
-        let pkt = fixtures::udp_ipv4(s, 1, d, 2, 120);
-        lab.expect(
-            "v4 exit relay, /32 gone",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, PEER_UNKNOWN, dir, 1, 120),
-        );
-        let (s, d) = dir.flow(CLIENT_V4, GATEWAY_V4);
-        let pkt = fixtures::udp_ipv4(s, 1, d, 2, 120);
-        lab.expect(
-            "v4 in-tunnel",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, EXIT, dir, 1, 120),
-        );
-        let (s, d) = dir.flow(client_v6(), remote_v6());
-        let pkt = fixtures::udp_ipv6(s, 1, d, 2, 120);
-        lab.expect(
-            "v6 unmatched",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, PEER_UNKNOWN, dir, 1, 120),
-        );
-        let (s, d) = dir.flow(client_v6(), v6("fc00:bbbb:bbbb:bb01::1"));
-        let pkt = fixtures::udp_ipv6(s, 1, d, 2, 120);
-        lab.expect(
-            "v6 in-tunnel",
-            dir,
-            tun,
-            &pkt,
-            Delta::none().tunnel(tun, EXIT, dir, 1, 120),
-        );
+        for (what, local, remote, peer) in [
+            ("v4 unmatched", client4, ip4(REMOTE_V4), PEER_UNKNOWN),
+            (
+                "v4 exit relay, /32 gone",
+                client4,
+                ip4(EXIT_RELAY_V4),
+                PEER_UNKNOWN,
+            ),
+            ("v4 in-tunnel", client4, ip4(GATEWAY_V4), EXIT),
+            ("v6 unmatched", client6, ip6(remote_v6()), PEER_UNKNOWN),
+            (
+                "v6 in-tunnel",
+                client6,
+                ip6(v6("fc00:bbbb:bbbb:bb01::1")),
+                EXIT,
+            ),
+        ] {
+            let pkt = udp_between(dir, local, remote, 120);
+            let want = Delta::none().tunnel(tun, peer, dir, 1, 120);
+            lab.expect(what, dir, tun, &pkt, want);
+        }
     }
     lab.set_maps(multihop_maps(tun));
 
     // Everything that counts on the watched interfaces, offered to the unwatched one.
     let mut everything: Vec<(String, Vec<u8>)> = Vec::new();
     for dir in Dir::BOTH {
-        let (s, d) = dir.flow(CLIENT_V4, REMOTE_V4);
         everything.push((
             format!("{dir:?} tunnel v4"),
-            fixtures::udp_ipv4(s, 1, d, 2, 100),
+            udp_between(dir, client4, ip4(REMOTE_V4), 100),
         ));
         let (s, d) = dir.flow(client_v6(), remote_v6());
         everything.push((
@@ -962,24 +938,14 @@ fn tunnel_unmatched_foreign_and_unwatched_interfaces() {
     // A second tunnel: the first one's allowed IPs (0.0.0.0/0 included) do not apply to it.
     lab.set_iface("ws-unwatched", other, Some(TUNNEL_L3));
     for dir in Dir::BOTH {
-        let (s, d) = dir.flow(CLIENT_V4, EXIT_RELAY_V4);
-        let pkt = fixtures::udp_ipv4(s, 1, d, 2, 100);
-        lab.expect(
-            "second tunnel v4",
-            dir,
-            other,
-            &pkt,
-            Delta::none().tunnel(other, PEER_UNKNOWN, dir, 1, 100),
-        );
-        let (s, d) = dir.flow(client_v6(), remote_v6());
-        let pkt = fixtures::udp_ipv6(s, 1, d, 2, 100);
-        lab.expect(
-            "second tunnel v6",
-            dir,
-            other,
-            &pkt,
-            Delta::none().tunnel(other, PEER_UNKNOWN, dir, 1, 100),
-        );
+        for (what, local, remote) in [
+            ("second tunnel v4", client4, ip4(EXIT_RELAY_V4)),
+            ("second tunnel v6", client6, ip6(remote_v6())),
+        ] {
+            let pkt = udp_between(dir, local, remote, 100);
+            let want = Delta::none().tunnel(other, PEER_UNKNOWN, dir, 1, 100);
+            lab.expect(what, dir, other, &pkt, want);
+        }
     }
     // Detached again: IFACES forgets it, nothing counts.
     lab.set_iface("ws-unwatched", other, None);

@@ -22,7 +22,9 @@ use xtask::{
     udp::{UdpEcho, recv_sizes, send_udp},
 };
 
-use common::{bin, delta, start, val, wait_tcp_listening};
+use common::{
+    Names, bin, delta, lab_up, late_interface_attached, start, stop, val, wait_tcp_listening,
+};
 
 const PREFIX: &str = "wsa";
 const WG_MTU: u32 = 1420;
@@ -189,14 +191,19 @@ fn assert_peer_state_matches_wg(lab: &Lab, agent: &Agent) {
 
 #[test]
 fn single_hop_counts_are_exact() {
-    if !lab::can_run("single_hop_counts_are_exact") {
+    let Some(lab) = lab_up(
+        "single_hop_counts_are_exact",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
+    let Names {
+        tun,
+        veth,
+        exit: relay,
+        ..
+    } = Names::of(&lab);
     let agent = start(&lab, "single");
-    let tun = lab.client().wg().iface.clone();
-    let veth = lab.client().underlay().name.clone();
-    let relay = lab.exit().wg().public_key.clone();
 
     // The agent is watching before the first packet: the handshake is counted by type.
     lab.handshake(Duration::from_secs(20)).expect("handshake");
@@ -292,22 +299,23 @@ fn single_hop_counts_are_exact() {
     }
     assert_peer_state_matches_wg(&lab, &agent);
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     lab.teardown().unwrap();
 }
 
 #[test]
 fn multihop_counts_each_layer_exactly() {
-    if !lab::can_run("multihop_counts_each_layer_exactly") {
+    let Some(lab) = lab_up(
+        "multihop_counts_each_layer_exactly",
+        LabConfig::new(Topology::Multihop, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Multihop, PREFIX)).expect("lab up");
+    };
+    let Names {
+        tun, veth, exit, ..
+    } = Names::of(&lab);
     let agent = start(&lab, "multihop");
-    let tun = lab.client().wg().iface.clone();
-    let veth = lab.client().underlay().name.clone();
     let entry = lab.entry().expect("entry relay").wg().public_key.clone();
-    let exit = lab.exit().wg().public_key.clone();
 
     lab.handshake(Duration::from_secs(20)).expect("handshakes");
     let m = agent.scrape().unwrap();
@@ -392,8 +400,7 @@ fn multihop_counts_each_layer_exactly() {
     }
     assert_peer_state_matches_wg(&lab, &agent);
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -402,14 +409,19 @@ fn multihop_counts_each_layer_exactly() {
 /// bytes plus 0..15 of padding.
 #[test]
 fn tcp_overhead_per_packet_within_formula_bounds() {
-    if !lab::can_run("tcp_overhead_per_packet_within_formula_bounds") {
+    let Some(lab) = lab_up(
+        "tcp_overhead_per_packet_within_formula_bounds",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
+    let Names {
+        tun,
+        veth,
+        exit: relay,
+        ..
+    } = Names::of(&lab);
     let agent = start(&lab, "tcp");
-    let tun = lab.client().wg().iface.clone();
-    let veth = lab.client().underlay().name.clone();
-    let relay = lab.exit().wg().public_key.clone();
     lab.handshake(Duration::from_secs(20)).expect("handshake");
 
     // Transit time at rest: one ping at a time, every packet matched with its message.
@@ -498,8 +510,7 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
             );
         }
     }
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success());
+    stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -537,14 +548,18 @@ fn blast(lab: &Lab, dst: SocketAddr, n: usize, payload: usize) {
 /// after a crashed one works; a clean stop detaches everything.
 #[test]
 fn resync_reattach_and_coexistence() {
-    if !lab::can_run("resync_reattach_and_coexistence") {
+    let Some(lab) = lab_up(
+        "resync_reattach_and_coexistence",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
-    let cns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
-    let veth = lab.client().underlay().name.clone();
-    let relay = lab.exit().wg().public_key.clone();
+    };
+    let Names {
+        cns,
+        tun,
+        veth,
+        exit: relay,
+    } = Names::of(&lab);
     let agent = start(&lab, "resync");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
     let tx = |peer: &str| {
@@ -654,32 +669,7 @@ fn resync_reattach_and_coexistence() {
     );
 
     // An interface that appears later is attached within 2 s.
-    let late = format!("{PREFIX}late0");
-    let mut late_go = xtask::netns::command(&cns, "wireguard-go");
-    late_go
-        .arg("-f")
-        .arg(&late)
-        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut late_go = late_go.spawn().expect("wireguard-go for a late interface");
-    let mut attached = false;
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(100));
-        let m = agent.scrape().unwrap();
-        if val(
-            &m,
-            "wirescope_attach_info",
-            &[("interface", &late), ("direction", "tx")],
-        ) == 1
-        {
-            attached = true;
-            break;
-        }
-    }
-    let _ = late_go.kill();
-    let _ = late_go.wait();
-    let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
+    let (late, attached) = late_interface_attached(&agent, &cns, PREFIX);
     assert!(attached, "{late} attached within 4 s of appearing");
 
     // A second agent in the same namespace refuses to start (exit 1), naming the running
@@ -734,15 +724,15 @@ fn ping(lab: &Lab, count: u32) {
 #[test]
 fn wire_health_under_impairment() {
     use xtask::impair::{DirRules, Impairment};
-    if !lab::can_run("wire_health_under_impairment") {
-        return;
-    }
     let mut cfg = LabConfig::new(Topology::Single, PREFIX);
     cfg.hop = true;
-    let lab = Lab::up(cfg).expect("lab up");
+    let Some(lab) = lab_up("wire_health_under_impairment", cfg) else {
+        return;
+    };
+    let Names {
+        veth, exit: relay, ..
+    } = Names::of(&lab);
     let agent = start(&lab, "wire-health");
-    let veth = lab.client().underlay().name.clone();
-    let relay = lab.exit().wg().public_key.clone();
     let l = [("interface", veth.as_str()), ("peer", relay.as_str())];
 
     lab.handshake(Duration::from_secs(20)).expect("handshake");

@@ -31,7 +31,7 @@ use wirescope::{
 };
 use xtask::{
     agent::Agent,
-    lab::{GATEWAY_V4, Lab},
+    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
     scrape::Metrics,
 };
 
@@ -190,6 +190,12 @@ impl NetnsLab {
         Some(NetnsLab { dp, tun, under })
     }
 
+    /// [`NetnsLab::enter`] without a tunnel: only the underlay, the relay (RELAY_V4) its one
+    /// endpoint, as peer RELAY.
+    pub fn underlay_to_relay(why: &str, veth: (&str, &str)) -> Option<NetnsLab> {
+        Self::enter(why, veth, false, &[(RELAY_V4.into(), RELAY)])
+    }
+
     /// The WireGuard message `msg` between this side (LOCAL_V4:LISTEN_PORT) and the relay
     /// (RELAY_V4:RELAY_PORT), run through the program of `dir` on the underlay as an skb of
     /// `gso` (segments, size); see [`run_tc`].
@@ -289,6 +295,88 @@ pub fn assert_no_refused_updates(dp: &Datapath, what: &str) {
 // ---------------------------------------------------------------------------------------
 // The lab
 // ---------------------------------------------------------------------------------------
+
+/// The lab of `cfg` up, after `xtask::lab::can_run(test)`: `None` (the test returns at
+/// once) where the lab cannot run here and CI is not set.
+pub fn lab_up(test: &str, cfg: LabConfig) -> Option<Lab> {
+    if !lab::can_run(test) {
+        return None;
+    }
+    Some(Lab::up(cfg).expect("lab up"))
+}
+
+/// A single-hop lab whose hop (a kernel router) forwards onward over a link of MTU
+/// `path_mtu`, its WireGuard interfaces at `wg_mtu`.
+pub fn small_mtu_hop(prefix: &str, path_mtu: u32, wg_mtu: u32) -> LabConfig {
+    LabConfig {
+        hop: true,
+        path_mtu: Some(path_mtu),
+        wg_mtu,
+        ..LabConfig::new(Topology::Single, prefix)
+    }
+}
+
+/// The names lab tests use most, cloned out of the lab.
+pub struct Names {
+    /// The client's network namespace.
+    pub cns: String,
+    /// The client's WireGuard interface.
+    pub tun: String,
+    /// The client's underlay veth.
+    pub veth: String,
+    /// The exit relay's public key (the single hop's relay).
+    pub exit: String,
+}
+
+impl Names {
+    pub fn of(lab: &Lab) -> Names {
+        Names {
+            cns: lab.client().netns.clone(),
+            tun: lab.client().wg().iface.clone(),
+            veth: lab.client().underlay().name.clone(),
+            exit: lab.exit().wg().public_key.clone(),
+        }
+    }
+}
+
+/// Stops the agent (SIGINT); it must exit cleanly (status 0).
+pub fn stop(agent: Agent) {
+    let status = agent.stop().expect("agent stops");
+    assert!(status.success(), "clean exit after SIGINT: {status}");
+}
+
+/// Starts wireguard-go for a new interface `{prefix}late0` in `ns`, waits up to 4 s for the
+/// agent to show it attached (`wirescope_attach_info`, tx), then stops it and removes its
+/// socket. Returns the interface's name and whether it was attached in time.
+pub fn late_interface_attached(agent: &Agent, ns: &str, prefix: &str) -> (String, bool) {
+    let late = format!("{prefix}late0");
+    let mut late_go = xtask::netns::command(ns, "wireguard-go");
+    late_go
+        .arg("-f")
+        .arg(&late)
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut late_go = late_go.spawn().expect("wireguard-go for a late interface");
+    let mut attached = false;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        let m = agent.scrape().expect("scrape");
+        if val(
+            &m,
+            "wirescope_attach_info",
+            &[("interface", &late), ("direction", "tx")],
+        ) == 1
+        {
+            attached = true;
+            break;
+        }
+    }
+    let _ = late_go.kill();
+    let _ = late_go.wait();
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
+    (late, attached)
+}
 
 /// The agent binary under test.
 pub fn bin() -> &'static Path {

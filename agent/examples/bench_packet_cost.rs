@@ -12,7 +12,11 @@
 //!   program with `BPF_PROG_TEST_RUN`, `repeat` N. The kernel times the whole loop and
 //!   reports the mean per run; the margin is ours minus the empty program's on the same
 //!   packet and context, and the median over R rounds is printed (the CPU is shared, so
-//!   single rounds are noisy).
+//!   single rounds are noisy). Each measurement starts from empty transit queues, and a
+//!   repeated packet runs in the state its own repetitions make: a data message arriving is
+//!   late after its first run (same counter); a tunnel packet leaving fills its peer's
+//!   transit queue, while a data message leaving finds none (no inner packet went before
+//!   it), so the matching of transit pairs is measured only live.
 //!
 //! - `live [--iface IF ...]`, run inside the agent's network namespace (`ip netns exec`):
 //!   turns the kernel's BPF run statistics on (BPF_ENABLE_STATS: reference-counted and
@@ -364,6 +368,12 @@ fn test_run(object: &[u8], repeat: u32, peers: &[u32], rounds: u32) -> Result<Te
                 let mut base = Vec::new();
                 let mut margins = Vec::new();
                 for _ in 0..rounds {
+                    // Every measurement from empty transit queues: what a kind measured
+                    // before left (slots of the same peer) would otherwise be matched here
+                    // or found stale, making the figure depend on the order and pace of
+                    // the run. (Two sweeps: slots, then the queues found empty twice.)
+                    dp.transit.expire(u64::MAX);
+                    dp.transit.expire(u64::MAX);
                     // Ours and the empty program back to back, so both see the same load.
                     let a = time(&mut dp, program, data, &ctx, repeat)?;
                     let b = time(&mut dp, PROG_BASELINE, data, &ctx, repeat)?;

@@ -36,10 +36,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{bin, log_path, start, val};
+use common::{COUNTER_FAMILIES, Names, bin, lab_up, log_path, start, stop, val};
 use xtask::{
     agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
+    lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
     netns,
     scrape::{Metrics, http_get},
     udp::{UdpEcho, recv_sizes, send_udp},
@@ -47,13 +47,6 @@ use xtask::{
 };
 
 const PREFIX: &str = "wsz";
-/// The datapath counter families whose series must never go backwards.
-const FAMILIES: [&str; 4] = [
-    "wirescope_tunnel_packets_total",
-    "wirescope_tunnel_bytes_total",
-    "wirescope_wire_packets_total",
-    "wirescope_wire_bytes_total",
-];
 /// Re-attachment deadline after an interface is back.
 const REATTACH: Duration = Duration::from_secs(2);
 
@@ -81,11 +74,11 @@ fn tunnel_delta(b: &Metrics, a: &Metrics, tun: &str, peer: &str, dir: &str) -> i
         - val(b, "wirescope_tunnel_packets_total", &l) as i64
 }
 
-/// Every series of [`FAMILIES`], keyed by family and labels; `rename` maps an old interface
+/// Every series of [`COUNTER_FAMILIES`], keyed by family and labels; `rename` maps an old interface
 /// name to its new one (the series continues under the new name).
 fn series(m: &Metrics, rename: Option<(&str, &str)>) -> BTreeMap<(String, String), f64> {
     let mut out = BTreeMap::new();
-    for f in FAMILIES {
+    for f in COUNTER_FAMILIES {
         for (labels, v) in m.select(f, &[]) {
             let mut labels = labels.clone();
             if let (Some((old, new)), Some(i)) = (rename, labels.get_mut("interface"))
@@ -275,13 +268,15 @@ fn check_recovery(
 
 #[test]
 fn tunnel_faults_are_survived() {
-    if !lab::can_run("tunnel_faults_are_survived") {
+    let Some(lab) = lab_up(
+        "tunnel_faults_are_survived",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
-    let cns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
-    let relay = lab.exit().wg().public_key.clone();
+    };
+    let Names {
+        cns, tun, relay, ..
+    } = Names::of(&lab);
     let agent = start(&lab, "faults");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
     let (b, a) = echo_round(&lab, &agent, 5);
@@ -364,6 +359,15 @@ fn tunnel_faults_are_survived() {
     // name.
     // Not `{PREFIX}r0`: that is the relay's interface (its socket is in the same directory).
     let renamed = format!("{PREFIX}q0");
+    // The client's routes through the tunnel, added again through the device `name`.
+    let restore_routes = |name: &str| {
+        for r in lab.client().routes.iter().filter(|r| r.contains(&tun)) {
+            let r = r.replace(&tun, name);
+            let mut all = vec!["ip"];
+            all.extend(r.split_whitespace());
+            let _ = lab.exec(&cns, &all);
+        }
+    };
     let before = agent.scrape().unwrap();
     let from = log_len(&agent);
     let idx = ifindex_in(&cns, &tun).expect("ifindex");
@@ -371,12 +375,7 @@ fn tunnel_faults_are_survived() {
     exec(&["ip", "link", "set", "dev", &tun, "name", &renamed]);
     exec(&["ip", "link", "set", "dev", &renamed, "up"]);
     // Routes through the device went with `down`.
-    for r in lab.client().routes.iter().filter(|r| r.contains(&tun)) {
-        let r = r.replace(&tun, &renamed);
-        let mut all = vec!["ip"];
-        all.extend(r.split_whitespace());
-        let _ = lab.exec(&cns, &all);
-    }
+    restore_routes(&renamed);
     let back = Instant::now();
     let took = wait_attached(&agent, &cns, &renamed, back);
     eprintln!(
@@ -409,11 +408,7 @@ fn tunnel_faults_are_survived() {
     exec(&["ip", "link", "set", "dev", &renamed, "down"]);
     exec(&["ip", "link", "set", "dev", &renamed, "name", &tun]);
     exec(&["ip", "link", "set", "dev", &tun, "up"]);
-    for r in lab.client().routes.iter().filter(|r| r.contains(&tun)) {
-        let mut all = vec!["ip"];
-        all.extend(r.split_whitespace());
-        let _ = lab.exec(&cns, &all);
-    }
+    restore_routes(&tun);
     let back = Instant::now();
     let from = log_len(&agent);
     check_recovery(
@@ -429,53 +424,23 @@ fn tunnel_faults_are_survived() {
         Some((&renamed, &tun)),
     );
 
-    // (b) Deleted and re-created.
+    // The tunnel taken away by `remove`, then brought back from `conf` 2.5 s after it is
+    // gone (a killed daemon leaves its socket behind; the restart replaces it): the agent
+    // logs it gone and watches it anew.
     let conf = String::from_utf8_lossy(&lab.exec(&cns, &["wg", "showconf", &tun]).unwrap().stdout)
         .into_owned();
-    let before = agent.scrape().unwrap();
-    let from = log_len(&agent);
-    exec(&["ip", "link", "del", "dev", &tun]);
-    wait_gone(&cns, &tun);
-    std::thread::sleep(Duration::from_millis(2500));
-    // The 2 s run from the start of the re-creation (device, configuration, addresses).
-    let back = Instant::now();
-    bring_back(&lab, &tun, &conf);
-    let idx = ifindex_in(&cns, &tun).expect("re-created");
-    check_recovery(
-        "deleted and re-created",
-        &lab,
-        &agent,
-        &tun,
-        &relay,
-        back,
-        &before,
-        from,
-        &[
-            format!("tunnel {tun} is gone"),
-            format!("watching tunnel {tun} (ifindex {idx})"),
-        ],
-        None,
-    );
-
-    // (a) wireguard-go killed (SIGKILL) and restarted.
-    if lab.wireguard == WgImpl::Userspace {
-        let pids = xtask::procs::wireguard_go_pids(|i| i == tun).expect("wireguard-go pids");
-        assert_eq!(pids.len(), 1, "one wireguard-go for {tun}: {pids:?}");
+    let gone_and_back = |what: &str, remove: &dyn Fn()| {
         let before = agent.scrape().unwrap();
         let from = log_len(&agent);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pids[0] as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill wireguard-go");
+        remove();
         wait_gone(&cns, &tun);
-        // A killed daemon leaves its socket behind; the restart replaces it.
         std::thread::sleep(Duration::from_millis(2500));
+        // The 2 s run from the start of the re-creation (device, configuration, addresses).
         let back = Instant::now();
         bring_back(&lab, &tun, &conf);
-        let idx = ifindex_in(&cns, &tun).expect("restarted");
+        let idx = ifindex_in(&cns, &tun).unwrap_or_else(|| panic!("{what}: no ifindex"));
         check_recovery(
-            "wireguard-go killed and restarted",
+            what,
             &lab,
             &agent,
             &tun,
@@ -489,12 +454,29 @@ fn tunnel_faults_are_survived() {
             ],
             None,
         );
+    };
+
+    // (b) Deleted and re-created.
+    gone_and_back("deleted and re-created", &|| {
+        exec(&["ip", "link", "del", "dev", &tun])
+    });
+
+    // (a) wireguard-go killed (SIGKILL) and restarted.
+    if lab.wireguard == WgImpl::Userspace {
+        let pids = xtask::procs::wireguard_go_pids(|i| i == tun).expect("wireguard-go pids");
+        assert_eq!(pids.len(), 1, "one wireguard-go for {tun}: {pids:?}");
+        gone_and_back("wireguard-go killed and restarted", &|| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pids[0] as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill wireguard-go");
+        });
     } else {
         eprintln!("kernel WireGuard: no daemon to kill (the re-creation above covers it)");
     }
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean stop: {status}");
+    stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -513,15 +495,20 @@ fn agent_pid(ns: &str) -> u32 {
 
 #[test]
 fn agents_in_two_namespaces_and_a_refused_second_one() {
-    if !lab::can_run("agents_in_two_namespaces_and_a_refused_second_one") {
+    let Some(lab) = lab_up(
+        "agents_in_two_namespaces_and_a_refused_second_one",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
-    let cns = lab.client().netns.clone();
+    };
+    let Names {
+        cns,
+        tun: ctun,
+        relay,
+        ..
+    } = Names::of(&lab);
     let rns = lab.exit().netns.clone();
-    let ctun = lab.client().wg().iface.clone();
     let rtun = lab.exit().wg().iface.clone();
-    let relay = lab.exit().wg().public_key.clone();
     let client = lab.client().wg().public_key.clone();
     let a1 = start(&lab, "faults-ns1");
     let a2 = Agent::start(bin(), &rns, &[], &log_path("faults-ns2")).expect("agent in the relay");
@@ -593,10 +580,12 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 
 #[test]
 fn scrape_flood_and_slowloris() {
-    if !lab::can_run("scrape_flood_and_slowloris") {
+    let Some(lab) = lab_up(
+        "scrape_flood_and_slowloris",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
     let cns = lab.client().netns.clone();
     let agent = start(&lab, "faults-scrape");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
@@ -701,7 +690,7 @@ fn scrape_flood_and_slowloris() {
     let (code, _) = agent.get("/healthz").unwrap();
     assert_eq!(code, 200);
     drop(held);
-    assert!(agent.stop().unwrap().success());
+    common::stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -927,6 +916,6 @@ fn bad_uapi_answers_are_counted() {
         .filter(|l| l.contains("Mullvad:") && l.contains("status --json"))
         .count();
     assert_eq!(lines, 1, "the Mullvad failure logged once; log:\n{log}");
-    assert!(agent.stop().unwrap().success());
+    stop(agent);
     let _ = std::fs::remove_file(&mullvad_cli);
 }

@@ -198,10 +198,7 @@ fn single_hop_counts_are_exact() {
         return;
     };
     let Names {
-        tun,
-        veth,
-        exit: relay,
-        ..
+        tun, veth, relay, ..
     } = Names::of(&lab);
     let agent = start(&lab, "single");
 
@@ -312,7 +309,10 @@ fn multihop_counts_each_layer_exactly() {
         return;
     };
     let Names {
-        tun, veth, exit, ..
+        tun,
+        veth,
+        relay: exit,
+        ..
     } = Names::of(&lab);
     let agent = start(&lab, "multihop");
     let entry = lab.entry().expect("entry relay").wg().public_key.clone();
@@ -416,10 +416,7 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
         return;
     };
     let Names {
-        tun,
-        veth,
-        exit: relay,
-        ..
+        tun, veth, relay, ..
     } = Names::of(&lab);
     let agent = start(&lab, "tcp");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
@@ -558,7 +555,7 @@ fn resync_reattach_and_coexistence() {
         cns,
         tun,
         veth,
-        exit: relay,
+        relay,
     } = Names::of(&lab);
     let agent = start(&lab, "resync");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
@@ -729,9 +726,7 @@ fn wire_health_under_impairment() {
     let Some(lab) = lab_up("wire_health_under_impairment", cfg) else {
         return;
     };
-    let Names {
-        veth, exit: relay, ..
-    } = Names::of(&lab);
+    let Names { veth, relay, .. } = Names::of(&lab);
     let agent = start(&lab, "wire-health");
     let l = [("interface", veth.as_str()), ("peer", relay.as_str())];
 

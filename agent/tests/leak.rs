@@ -28,11 +28,14 @@ use agent_common::{
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
-use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
+use common::{
+    Dir, LISTEN_PORT, LOCAL_V4, Names, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, lab_up, relay_v6, stop,
+    v6,
+};
 use wirescope::health::monotonic_ns;
 use xtask::{
     agent::Agent,
-    lab::{self, Lab, LabConfig, Topology},
+    lab::{LabConfig, Topology},
     scrape::Metrics,
     udp::send_udp,
 };
@@ -381,12 +384,13 @@ fn wait_tunnel_up(agent: &Agent) {
 /// else leaves the veth but WireGuard to the relay's endpoint.)
 #[test]
 fn lab_dns_and_udp_around_the_tunnel_count_once() {
-    if !lab::can_run("lab_dns_and_udp_around_the_tunnel_count_once") {
+    let Some(lab) = lab_up(
+        "lab_dns_and_udp_around_the_tunnel_count_once",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
-    let cns = lab.client().netns.clone();
-    let veth = lab.client().underlay().name.clone();
+    };
+    let Names { cns, veth, .. } = Names::of(&lab);
     let relay_ip = IpAddr::from(lab.exit().address());
     assert!(
         lab.exit().address().octets()[..3] == [198, 51, 100],
@@ -453,7 +457,7 @@ fn lab_dns_and_udp_around_the_tunnel_count_once() {
         [(0, 0), (1, 20 + 8 + 10), (0, 0)],
         "first agent: (packets, bytes) of dns, ipv4, ipv6"
     );
-    assert!(agent.stop().expect("stops").success());
+    stop(agent);
 
     let allowing = Agent::start_on(
         common::bin(),

@@ -22,11 +22,11 @@ use serde_json::Value;
 use wirescope::status_view::{WIDTH, abbrev, columns};
 use xtask::{
     agent::{Agent, LISTEN},
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    lab::{GATEWAY_V4, Lab, LabConfig, Topology},
     udp::{UdpEcho, recv_sizes, send_udp},
 };
 
-use common::{bin, log_path, val};
+use common::{Names, bin, lab_up, log_path, val};
 
 const PREFIX: &str = "wss";
 const PAYLOADS: [usize; 6] = [0, 1, 100, 555, 1000, 1300];
@@ -180,15 +180,19 @@ fn identity(v: &Value) -> Vec<Value> {
 
 #[test]
 fn status_against_the_lab_agent() {
-    if !lab::can_run("status_against_the_lab_agent") {
+    let Some(lab) = lab_up(
+        "status_against_the_lab_agent",
+        LabConfig::new(Topology::Multihop, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Multihop, PREFIX)).expect("lab up");
-    let ns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
-    let veth = lab.client().underlay().name.clone();
+    };
+    let Names {
+        cns: ns,
+        tun,
+        veth,
+        relay: exit,
+    } = Names::of(&lab);
     let entry = lab.entry().expect("entry relay").wg().public_key.clone();
-    let exit = lab.exit().wg().public_key.clone();
     let probe = format!("{GATEWAY_V4}@{tun}");
     let agent = Agent::start(
         bin(),

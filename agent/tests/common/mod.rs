@@ -324,8 +324,8 @@ pub struct Names {
     pub tun: String,
     /// The client's underlay veth.
     pub veth: String,
-    /// The exit relay's public key (the single hop's relay).
-    pub exit: String,
+    /// The exit relay's public key (in single hop the relay).
+    pub relay: String,
 }
 
 impl Names {
@@ -334,7 +334,7 @@ impl Names {
             cns: lab.client().netns.clone(),
             tun: lab.client().wg().iface.clone(),
             veth: lab.client().underlay().name.clone(),
-            exit: lab.exit().wg().public_key.clone(),
+            relay: lab.exit().wg().public_key.clone(),
         }
     }
 }
@@ -377,6 +377,14 @@ pub fn late_interface_attached(agent: &Agent, ns: &str, prefix: &str) -> (String
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
     (late, attached)
 }
+
+/// The datapath counter families, whose series must never go backwards.
+pub const COUNTER_FAMILIES: [&str; 4] = [
+    "wirescope_tunnel_packets_total",
+    "wirescope_tunnel_bytes_total",
+    "wirescope_wire_packets_total",
+    "wirescope_wire_bytes_total",
+];
 
 /// The agent binary under test.
 pub fn bin() -> &'static Path {

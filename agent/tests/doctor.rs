@@ -30,12 +30,9 @@ use std::{
 };
 
 use serde_json::Value;
-use xtask::{
-    agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
-};
+use xtask::{agent::Agent, lab::GATEWAY_V4};
 
-use common::{bin, log_path, privileged, wait_series};
+use common::{Names, bin, lab_up, log_path, privileged, small_mtu_hop, wait_series};
 
 const PREFIX: &str = "wsy";
 const PATH_MTU: u32 = 1400;
@@ -327,18 +324,17 @@ fn rmem_max_below_baseline() {
 
 #[test]
 fn lab_mtu_keepalive_kill_switch_blocked_port() {
-    if !lab::can_run("lab_mtu_keepalive_kill_switch_blocked_port") {
+    let cfg = small_mtu_hop(PREFIX, PATH_MTU, WG_MTU);
+    let Some(lab) = lab_up("lab_mtu_keepalive_kill_switch_blocked_port", cfg) else {
         return;
-    }
-    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
-    cfg.hop = true;
-    cfg.path_mtu = Some(PATH_MTU);
-    cfg.wg_mtu = WG_MTU;
-    let lab = Lab::up(cfg).expect("lab up");
+    };
+    let Names {
+        cns: client_ns,
+        tun: wg,
+        ..
+    } = Names::of(&lab);
     lab.handshake(Duration::from_secs(20)).expect("handshake");
-    let client_ns = lab.client().netns.clone();
     let ns = Some(client_ns.as_str());
-    let wg = lab.client().wg().iface.clone();
     let relay = lab.entry_endpoint();
     let key = lab.client().wg().peers[0].public_key.clone();
     let empty = temp_dir("lab-keys");

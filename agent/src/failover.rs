@@ -84,8 +84,11 @@ pub struct Event {
 
 #[derive(Debug, Default)]
 pub struct Failover {
-    /// By (interface, peer): healthy or not.
-    healthy: BTreeMap<(String, String), bool>,
+    /// By interface, then peer: healthy or not, and the round that last judged it. Nested
+    /// and updated in place so that a round allocates nothing for known paths (a relay
+    /// judges every one of its thousands of peers every second).
+    healthy: BTreeMap<String, BTreeMap<String, (bool, u64)>>,
+    round: u64,
     last_action: Option<Instant>,
 }
 
@@ -101,10 +104,14 @@ impl Failover {
         busy: bool,
     ) -> Option<Event> {
         let mut event = None;
-        let mut seen = BTreeMap::new();
+        self.round += 1;
+        let round = self.round;
         for p in paths {
-            let key = (p.interface.clone(), p.peer.clone());
-            let was = self.healthy.get(&key).copied().unwrap_or(true);
+            let was = self
+                .healthy
+                .get(&p.interface)
+                .and_then(|m| m.get(&p.peer))
+                .is_none_or(|(h, _)| *h);
             let reason = judge(cfg, p, was);
             let is = reason.is_none();
             if was && !is {
@@ -128,9 +135,22 @@ impl Failover {
             } else if !was && is {
                 info!("path {} peer {} is healthy again", p.interface, p.peer);
             }
-            seen.insert(key, is);
+            let by_peer = match self.healthy.get_mut(&p.interface) {
+                Some(m) => m,
+                None => self.healthy.entry(p.interface.clone()).or_default(),
+            };
+            match by_peer.get_mut(&p.peer) {
+                Some(state) => *state = (is, round),
+                None => {
+                    by_peer.insert(p.peer.clone(), (is, round));
+                }
+            }
         }
-        self.healthy = seen;
+        // Paths no longer given are forgotten.
+        for by_peer in self.healthy.values_mut() {
+            by_peer.retain(|_, (_, r)| *r == round);
+        }
+        self.healthy.retain(|_, by_peer| !by_peer.is_empty());
         let cooled = self
             .last_action
             .is_none_or(|t| now.duration_since(t) >= cfg.cooldown);
@@ -162,7 +182,11 @@ impl Failover {
     pub fn states(&self) -> Vec<(String, String, bool)> {
         self.healthy
             .iter()
-            .map(|((i, p), h)| (i.clone(), p.clone(), *h))
+            .flat_map(|(i, by_peer)| {
+                by_peer
+                    .iter()
+                    .map(move |(p, (h, _))| (i.clone(), p.clone(), *h))
+            })
             .collect()
     }
 }

@@ -1,7 +1,11 @@
 //! What the agent knows about the tunnels it watches, rebuilt by the sync loop and read by
 //! the collectors and the status API.
 
-use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
 
 use ipnet::IpNet;
 
@@ -83,4 +87,7 @@ pub struct Inventory {
     pub last_error: Option<String>,
     /// When the last sync completed.
     pub synced_at: Option<SystemTime>,
+    /// How long the last sync round took, start to end: interfaces, peers (control
+    /// interface), routes and the BPF peer maps (`wirescope_peer_sync_duration_seconds`).
+    pub sync_duration: Option<Duration>,
 }

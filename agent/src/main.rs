@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 .filter_module("wirescope", cfg.log_level)
                 .format_target(false)
                 .init();
+            tune_malloc();
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -47,5 +48,22 @@ fn main() -> ExitCode {
         }
         Command::Doctor(args) => wirescope::doctor::run(&args),
         Command::Status(args) => ExitCode::from(wirescope::status_view::run(&args)),
+    }
+}
+
+/// glibc's malloc, tuned for a long-running agent whose big buffers (a UAPI answer, a
+/// /metrics body: megabytes at 10,000 peers) are made and freed every second on whichever
+/// thread runs the task. By default glibc raises its mmap threshold after such a buffer is
+/// freed, so later ones come from the heap and stay there, and gives each thread its own
+/// arena that keeps its own free memory: measured at 10,000 peers, 84 MB resident instead
+/// of about 30. A fixed threshold sends every buffer above 128 KiB to mmap (returned on
+/// free); one arena shares the freed memory between threads (the agent allocates little
+/// concurrently). Set before the runtime starts its threads.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; nothing is allocated concurrently yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

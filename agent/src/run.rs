@@ -24,7 +24,7 @@ use crate::{
     netlink::Netlink,
     peer_label::EndpointLabeler,
     status,
-    sync::{self, SyncOptions, Syncer},
+    sync::{SyncOptions, Syncer},
 };
 
 /// How often interfaces, peers and maps are re-synced: changes show within two periods.
@@ -358,13 +358,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     }
                     too_big_seen = too_big;
                 }
-                let before = inventory.read().map(|i| i.clone()).unwrap_or_default();
+                // (The round logs what changed since the previous one.)
                 match syncer.tick(&datapath, &inventory).await {
-                    Ok(()) => {
-                        if let Ok(after) = inventory.read() {
-                            sync::log_changes(&before, &after);
-                        }
-                    }
+                    Ok(()) => {}
                     Err(e) => {
                         warn!("sync failed: {e:#}");
                         if let Ok(mut inv) = inventory.write() {

@@ -41,7 +41,9 @@ pub struct SyncOptions {
 pub struct Syncer {
     netlink: Netlink,
     opts: SyncOptions,
-    ids: HashMap<(String, [u8; 32]), u32>,
+    /// Interface name -> public key -> map id. Nested so that a round looks ids up
+    /// without allocating a key per peer.
+    ids: HashMap<String, HashMap<[u8; 32], u32>>,
     next_id: u32,
     routes: HashMap<IpAddr, (Option<u32>, Instant)>,
     /// Messages already logged, so a persistent problem is logged once, not every second.
@@ -50,6 +52,11 @@ pub struct Syncer {
     /// names its socket after the interface at start and keeps it when the interface is
     /// renamed: a renamed device is still read through its old socket.
     uapi_sockets: HashMap<u32, String>,
+    /// Peers counted by the last round, so "peers synced" is logged when the number
+    /// changes (and at the first round), not every second.
+    logged_peer_count: Option<usize>,
+    /// Rounds completed.
+    rounds: u64,
 }
 
 impl Syncer {
@@ -62,6 +69,8 @@ impl Syncer {
             routes: HashMap::new(),
             logged: HashSet::new(),
             uapi_sockets: HashMap::new(),
+            logged_peer_count: None,
+            rounds: 0,
         }
     }
 
@@ -78,6 +87,7 @@ impl Syncer {
         datapath: &Mutex<Datapath>,
         inventory: &RwLock<Inventory>,
     ) -> anyhow::Result<()> {
+        let started = Instant::now();
         let links = self.netlink.links().await.inspect_err(|e| {
             source_errors::record(source_errors::RTNETLINK);
             self.warn_once(format!("reading the interfaces (rtnetlink): {e}"));
@@ -132,8 +142,11 @@ impl Syncer {
             };
             tunnels.push(self.tunnel(link, dev, backend));
         }
+        let read_took = started.elapsed();
 
+        let routes_started = Instant::now();
         let routes = self.route_endpoints(&tunnels).await;
+        let routes_took = routes_started.elapsed();
         topology::resolve(&mut tunnels, &routes, &link_names);
         let underlays = self.underlays(&links, &tunnels, &routes);
 
@@ -143,18 +156,27 @@ impl Syncer {
             let mut inv = inventory
                 .write()
                 .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
+            // Written only when new or changed: at 10,000 peers, rewriting them every second
+            // cost two allocations per peer per round.
             for t in &tunnels {
-                inv.iface_names.insert(t.ifindex, t.name.clone());
+                set_label(&mut inv.iface_names, t.ifindex, &t.name);
                 for p in &t.peers {
-                    inv.peer_labels
-                        .insert(p.id, (t.name.clone(), p.public_key.clone()));
+                    let same = inv
+                        .peer_labels
+                        .get(&p.id)
+                        .is_some_and(|(i, k)| *i == t.name && *k == p.public_key);
+                    if !same {
+                        inv.peer_labels
+                            .insert(p.id, (t.name.clone(), p.public_key.clone()));
+                    }
                 }
             }
             for u in &underlays {
-                inv.iface_names.insert(u.ifindex, u.name.clone());
+                set_label(&mut inv.iface_names, u.ifindex, &u.name);
             }
         }
         let maps_result;
+        let maps_took;
         {
             let mut dp = datapath
                 .lock()
@@ -186,7 +208,9 @@ impl Syncer {
                     }
                 }
             }
+            let maps_started = Instant::now();
             maps_result = dp.sync_peers(&want);
+            maps_took = maps_started.elapsed();
             // Leak detection is on while a handshake is less than 180 s old.
             let up_until = crate::metrics::leak::tunnel_up_until_ns(
                 &tunnels,
@@ -210,15 +234,46 @@ impl Syncer {
             self.warn_once(format!("updating the peer maps: {e}"));
         }
 
-        let mut inv = inventory
-            .write()
-            .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
-        inv.tunnels = tunnels;
-        inv.underlays = underlays;
-        inv.last_error = maps_result
-            .err()
-            .map(|e| format!("updating the peer maps: {e}"));
-        inv.synced_at = Some(SystemTime::now());
+        let peers: usize = tunnels.iter().map(|t| t.peers.len()).sum();
+        let took = started.elapsed();
+        // The first round writes every peer into the maps: its duration is the time a
+        // (re)started agent needs before it counts every peer.
+        if self.logged_peer_count != Some(peers) {
+            self.logged_peer_count = Some(peers);
+            info!(
+                "peers synced: {peers} peers on {} tunnel(s) in {:.1} ms (control interfaces \
+                 {:.1} ms, routes {:.1} ms, BPF maps {:.1} ms)",
+                tunnels.len(),
+                took.as_secs_f64() * 1e3,
+                read_took.as_secs_f64() * 1e3,
+                routes_took.as_secs_f64() * 1e3,
+                maps_took.as_secs_f64() * 1e3,
+            );
+        }
+        let before = {
+            let mut inv = inventory
+                .write()
+                .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
+            inv.sync_duration = Some(took);
+            let before = std::mem::replace(&mut inv.tunnels, tunnels);
+            inv.underlays = underlays;
+            inv.last_error = maps_result
+                .err()
+                .map(|e| format!("updating the peer maps: {e}"));
+            inv.synced_at = Some(SystemTime::now());
+            before
+        };
+        // Changes are logged from the second round on (the first one finds everything), and
+        // compared with the tunnels this round replaced rather than with a copy of the
+        // inventory taken beforehand: at 10,000 peers that copy cost more than the rest.
+        if self.rounds > 0
+            && let Ok(inv) = inventory.read()
+        {
+            for line in tunnel_changes(&before, &inv.tunnels) {
+                info!("{line}");
+            }
+        }
+        self.rounds += 1;
         Ok(())
     }
 
@@ -257,11 +312,12 @@ impl Syncer {
 
     fn tunnel(&mut self, link: &Link, dev: WgDevice, backend: Backend) -> Tunnel {
         let mut peers = Vec::with_capacity(dev.peers.len());
+        let next_id = &mut self.next_id;
+        let ids = self.ids.entry(link.name.clone()).or_default();
         for p in dev.peers {
-            let key = (link.name.clone(), p.public_key);
-            let id = *self.ids.entry(key).or_insert_with(|| {
-                let id = self.next_id;
-                self.next_id += 1;
+            let id = *ids.entry(p.public_key).or_insert_with(|| {
+                let id = *next_id;
+                *next_id += 1;
                 id
             });
             let public_key = wg::key_to_base64(&p.public_key);
@@ -457,43 +513,45 @@ pub fn endpoint_addr(e: &Endpoint) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, e.port)
 }
 
-/// Logs each change between two syncs once: a tunnel appearing, going, re-created (same
-/// name, new ifindex: a restarted wireguard-go or `ip link del/add`), renamed (same ifindex,
-/// new name), its MTU changed, and peers added, removed or given a new endpoint (the address
-/// itself is not logged: it is private).
-pub fn log_changes(before: &Inventory, after: &Inventory) {
-    for line in changes(before, after) {
-        info!("{line}");
+/// `map[index] = name`, allocating only when it is new or changed.
+fn set_label(map: &mut HashMap<u32, String>, index: u32, name: &str) {
+    if map.get(&index).is_none_or(|n| n != name) {
+        map.insert(index, name.to_owned());
     }
 }
 
-/// The lines [`log_changes`] logs.
+/// Each change between two syncs, one line each (the sync loop logs them): a tunnel
+/// appearing, going, re-created (same name, new ifindex: a restarted wireguard-go or `ip link
+/// del/add`), renamed (same ifindex, new name), its MTU changed, and peers added, removed or
+/// given a new endpoint (the address itself is not logged: it is private).
 pub fn changes(before: &Inventory, after: &Inventory) -> Vec<String> {
+    tunnel_changes(&before.tunnels, &after.tunnels)
+}
+
+/// [`changes`] between two lists of tunnels.
+pub fn tunnel_changes(before: &[Tunnel], after: &[Tunnel]) -> Vec<String> {
     let mut out = Vec::new();
-    let by_name = |inv: &Inventory| -> HashMap<String, Tunnel> {
-        inv.tunnels
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect()
-    };
+    fn by_name(tunnels: &[Tunnel]) -> HashMap<&str, &Tunnel> {
+        tunnels.iter().map(|t| (t.name.as_str(), t)).collect()
+    }
     let (b, a) = (by_name(before), by_name(after));
-    let mut renamed_from: HashSet<String> = HashSet::new();
-    let mut names: Vec<&String> = a.keys().collect();
+    let mut renamed_from: HashSet<&str> = HashSet::new();
+    let mut names: Vec<&str> = a.keys().copied().collect();
     names.sort();
     for n in names {
-        let t = &a[n];
+        let t = a[n];
         let Some(old) = b.get(n) else {
             // A vanished name with this ifindex: renamed.
             match b
                 .values()
-                .find(|o| o.ifindex == t.ifindex && !a.contains_key(&o.name))
+                .find(|o| o.ifindex == t.ifindex && !a.contains_key(o.name.as_str()))
             {
                 Some(o) => {
                     out.push(format!(
                         "tunnel {} renamed to {n} (ifindex {})",
                         o.name, t.ifindex
                     ));
-                    renamed_from.insert(o.name.clone());
+                    renamed_from.insert(o.name.as_str());
                     peer_changes(&mut out, n, o, t);
                 }
                 None => out.push(format!("watching tunnel {n} (ifindex {})", t.ifindex)),
@@ -511,9 +569,10 @@ pub fn changes(before: &Inventory, after: &Inventory) -> Vec<String> {
         }
         peer_changes(&mut out, n, old, t);
     }
-    let mut gone: Vec<&String> = b
+    let mut gone: Vec<&str> = b
         .keys()
-        .filter(|n| !a.contains_key(*n) && !renamed_from.contains(*n))
+        .copied()
+        .filter(|n| !a.contains_key(n) && !renamed_from.contains(n))
         .collect();
     gone.sort();
     for n in gone {
@@ -522,20 +581,43 @@ pub fn changes(before: &Inventory, after: &Inventory) -> Vec<String> {
     out
 }
 
+/// Whether both list the same peers with the same endpoints, in any order: the common case,
+/// checked without building maps of keys (wireguard-go lists its peers in a different order
+/// on every read). Peers are paired through their map ids, sorted; a false "different" only
+/// costs the full comparison.
+fn same_peers(old: &Tunnel, new: &Tunnel) -> bool {
+    if old.peers.len() != new.peers.len() {
+        return false;
+    }
+    let by_id = |t: &Tunnel| {
+        let mut v: Vec<(u32, u32)> = (0u32..).zip(&t.peers).map(|(i, p)| (p.id, i)).collect();
+        v.sort_unstable();
+        v
+    };
+    let (a, b) = (by_id(old), by_id(new));
+    a.iter().zip(&b).all(|(&(_, i), &(_, j))| {
+        let (p, q) = (&old.peers[i as usize], &new.peers[j as usize]);
+        p.id == q.id && p.wg.public_key == q.wg.public_key && p.wg.endpoint == q.wg.endpoint
+    })
+}
+
 fn peer_changes(out: &mut Vec<String>, name: &str, old: &Tunnel, new: &Tunnel) {
-    let keys = |t: &Tunnel| -> HashMap<String, Option<std::net::SocketAddr>> {
+    if same_peers(old, new) {
+        return;
+    }
+    fn keys(t: &Tunnel) -> HashMap<&str, Option<std::net::SocketAddr>> {
         t.peers
             .iter()
-            .map(|p| (p.public_key.clone(), p.wg.endpoint))
+            .map(|p| (p.public_key.as_str(), p.wg.endpoint))
             .collect()
-    };
+    }
     let (b, a) = (keys(old), keys(new));
-    let mut added: Vec<&String> = a.keys().filter(|k| !b.contains_key(*k)).collect();
-    let mut removed: Vec<&String> = b.keys().filter(|k| !a.contains_key(*k)).collect();
-    let mut moved: Vec<&String> = a
+    let mut added: Vec<&str> = a.keys().copied().filter(|k| !b.contains_key(k)).collect();
+    let mut removed: Vec<&str> = b.keys().copied().filter(|k| !a.contains_key(k)).collect();
+    let mut moved: Vec<&str> = a
         .iter()
         .filter(|(k, e)| b.get(*k).is_some_and(|old| old != *e && e.is_some()))
-        .map(|(k, _)| k)
+        .map(|(k, _)| *k)
         .collect();
     added.sort();
     removed.sort();

@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
 //! the tests, and nothing when everything is there (then it only asks dpkg, rustup,
-//! bpf-linker and cargo-fuzz, in well under a second).
+//! bpf-linker, cargo-fuzz and prometheus_wireguard_exporter, in well under a second).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -34,6 +34,11 @@ pub const BPF_LINKER_VERSION: &str = "0.10.4";
 /// toolchain, it drives the nightly one.
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// prometheus_wireguard_exporter, which `cargo xtask bench` scrapes beside the agent on the
+/// same interface (the agent is drop-in compatible with this version's metrics).
+pub const EXPORTER_VERSION: &str = "3.6.6";
+pub const EXPORTER_BIN: &str = "prometheus_wireguard_exporter";
+
 /// Installs whatever is missing; prints one line per thing installed.
 pub fn run() -> Result<()> {
     let start = Instant::now();
@@ -42,6 +47,7 @@ pub fn run() -> Result<()> {
     ensure_nightly_rust_src(&mut installed)?;
     ensure_bpf_linker(&mut installed)?;
     ensure_cargo_fuzz(&mut installed)?;
+    ensure_wireguard_exporter(&mut installed)?;
     let took = start.elapsed().as_secs_f64();
     if installed.is_empty() {
         println!("setup: everything present ({took:.2} s)");
@@ -217,6 +223,73 @@ fn ensure_cargo_fuzz(installed: &mut Vec<String>) -> Result<()> {
     }
     println!("setup: installed cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install)");
     installed.push("cargo-fuzz".into());
+    Ok(())
+}
+
+/// The version a `prometheus_wireguard_exporter` binary reports
+/// (`prometheus_wireguard_exporter 3.6.6`), None when it does not run.
+fn exporter_version(bin: &std::path::Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// Where `cargo install` puts binaries: $CARGO_HOME/bin, else ~/.cargo/bin.
+fn cargo_bin_dir() -> Option<std::path::PathBuf> {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return Some(std::path::PathBuf::from(home).join("bin"));
+    }
+    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo").join("bin"))
+}
+
+/// prometheus_wireguard_exporter [`EXPORTER_VERSION`]: on PATH or in cargo's bin directory
+/// (which `sudo` or a service manager may leave off PATH), None when neither has that
+/// version.
+pub fn wireguard_exporter() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(cargo_bin_dir())
+        .map(|d| d.join(EXPORTER_BIN))
+        .filter(|b| b.is_file())
+        .find(|b| exporter_version(b).as_deref() == Some(EXPORTER_VERSION))
+}
+
+fn ensure_wireguard_exporter(installed: &mut Vec<String>) -> Result<()> {
+    if wireguard_exporter().is_some() {
+        return Ok(());
+    }
+    println!(
+        "setup: cargo install {EXPORTER_BIN} {EXPORTER_VERSION} (about 80 s; the bench \
+         compares the agent with it)"
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "install",
+            EXPORTER_BIN,
+            "--version",
+            EXPORTER_VERSION,
+            "--locked",
+        ])
+        .status()
+        .with_context(|| format!("running `{cargo} install {EXPORTER_BIN}`"))?;
+    if !status.success() {
+        bail!(
+            "`cargo install {EXPORTER_BIN} --version {EXPORTER_VERSION} --locked` failed ({status})"
+        );
+    }
+    if wireguard_exporter().is_none() {
+        bail!(
+            "installed {EXPORTER_BIN} {EXPORTER_VERSION}, but no binary of that version is on \
+             PATH or in {}: is CARGO_INSTALL_ROOT set elsewhere?",
+            cargo_bin_dir().map_or("cargo's bin directory".into(), |d| d.display().to_string())
+        );
+    }
+    println!("setup: installed {EXPORTER_BIN} {EXPORTER_VERSION} (cargo install)");
+    installed.push(EXPORTER_BIN.into());
     Ok(())
 }
 

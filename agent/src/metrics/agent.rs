@@ -74,6 +74,18 @@ impl Collector for AgentCollector {
                 ConstCounter::new(n).encode(fam.encode_family(&[("source", source)])?)?;
             }
         }
+        let sync_duration = self.inventory.read().ok().and_then(|i| i.sync_duration);
+        if let Some(d) = sync_duration {
+            let mut fam = encoder.encode_descriptor(
+                "wirescope_peer_sync_duration_seconds",
+                "how long the last sync round took: interfaces, peers from the control \
+                 interfaces, routes and the BPF peer maps",
+                None,
+                MetricType::Gauge,
+            )?;
+            let no_labels: [(&str, &str); 0] = [];
+            ConstGauge::new(d.as_secs_f64()).encode(fam.encode_family(&no_labels)?)?;
+        }
         let Ok(dp) = self.datapath.lock() else {
             return Ok(());
         };

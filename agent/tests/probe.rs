@@ -18,12 +18,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bin, log_path, val, wait_series};
+use common::{Names, bin, lab_up, log_path, small_mtu_hop, val, wait_series};
 
 use xtask::{
     agent::Agent,
     impair::{DirRules, Impairment},
-    lab::{self, GATEWAY_V4, GATEWAY_V6, Lab, LabConfig, Topology},
+    lab::{GATEWAY_V4, GATEWAY_V6},
     scrape::Metrics,
 };
 
@@ -67,16 +67,16 @@ fn settled(agent: &Agent, ls: &[&[(&str, &str)]]) -> (Metrics, (u64, u64, u64)) 
 
 #[test]
 fn probes_and_path_mtu_through_a_small_mtu_hop() {
-    if !lab::can_run("probes_and_path_mtu_through_a_small_mtu_hop") {
+    let cfg = small_mtu_hop(PREFIX, PATH_MTU, WG_MTU);
+    let Some(lab) = lab_up("probes_and_path_mtu_through_a_small_mtu_hop", cfg) else {
         return;
-    }
-    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
-    cfg.hop = true;
-    cfg.path_mtu = Some(PATH_MTU);
-    cfg.wg_mtu = WG_MTU;
-    let lab = Lab::up(cfg).expect("lab up");
+    };
+    let Names {
+        tun: wg,
+        veth: underlay,
+        ..
+    } = Names::of(&lab);
     lab.handshake(Duration::from_secs(20)).expect("handshake");
-    let wg = lab.client().wg().iface.clone();
     let probe = format!("{GATEWAY_V4}@{wg}");
     let probe6 = format!("{GATEWAY_V6}@{wg}");
     let relay_endpoint = format!("endpoint:{}", lab.entry_endpoint());
@@ -111,7 +111,6 @@ fn probes_and_path_mtu_through_a_small_mtu_hop() {
     // Path MTU through the underlay to the relay: the hop's 1400-byte link, exactly; the
     // tunnel's MTU through the tunnel (WireGuard's outer packets are not DF-limited).
     // Bound to the client's underlay, the interface the relay's peer is reached over.
-    let underlay = lab.client().underlay().name.clone();
     let lr = [
         ("target", relay_endpoint.as_str()),
         ("interface", underlay.as_str()),

@@ -17,11 +17,11 @@ use std::{
 use base64::Engine as _;
 use xtask::{
     agent::Agent,
-    lab::{self, Lab, LabConfig, Role, Topology},
+    lab::{Lab, LabConfig, Role, Topology},
     netns,
 };
 
-use common::{bin, log_path, privileged, val};
+use common::{bin, lab_up, late_interface_attached, log_path, privileged, stop};
 
 const PREFIX: &str = "wse";
 /// The namespace of the tests without a lab: the agent alone, no tunnel.
@@ -654,32 +654,14 @@ fn set_psk(lab: &Lab, relay: Role) {
     let c = lab.client();
     let r = lab.host(relay).expect("relay host");
     let fs = f.display().to_string();
-    lab.exec(
-        &c.netns,
-        &[
-            "wg",
-            "set",
-            &c.wg().iface,
-            "peer",
-            &r.wg().public_key,
-            "preshared-key",
-            &fs,
-        ],
-    )
-    .expect("psk on the client");
-    lab.exec(
-        &r.netns,
-        &[
-            "wg",
-            "set",
-            &r.wg().iface,
-            "peer",
-            &c.wg().public_key,
-            "preshared-key",
-            &fs,
-        ],
-    )
-    .expect("psk on the relay");
+    for (host, other, what) in [(c, r, "psk on the client"), (r, c, "psk on the relay")] {
+        let (iface, key) = (&host.wg().iface, &other.wg().public_key);
+        lab.exec(
+            &host.netns,
+            &["wg", "set", iface, "peer", key, "preshared-key", &fs],
+        )
+        .expect(what);
+    }
     let _ = std::fs::remove_file(&f);
 }
 
@@ -690,10 +672,12 @@ fn set_psk(lab: &Lab, relay: Role) {
 /// interface created after the drop.
 #[test]
 fn nothing_private_is_exported() {
-    if !lab::can_run("nothing_private_is_exported") {
+    let Some(lab) = lab_up(
+        "nothing_private_is_exported",
+        LabConfig::new(Topology::Multihop, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Multihop, PREFIX)).expect("lab up");
+    };
     set_psk(&lab, Role::Entry);
     set_psk(&lab, Role::Exit);
     let secrets = lab_secrets(&lab);
@@ -740,38 +724,13 @@ fn nothing_private_is_exported() {
     );
 
     // An interface created after the drop is attached within 4 s.
-    let late = format!("{PREFIX}late0");
-    let mut late_go = netns::command(&cns, "wireguard-go");
-    late_go
-        .arg("-f")
-        .arg(&late)
-        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut late_go = late_go.spawn().expect("wireguard-go for a late interface");
-    let mut attached = false;
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(100));
-        let m = agent.scrape().expect("scrape");
-        if val(
-            &m,
-            "wirescope_attach_info",
-            &[("interface", &late), ("direction", "tx")],
-        ) == 1
-        {
-            attached = true;
-            break;
-        }
-    }
-    let _ = late_go.kill();
-    let _ = late_go.wait();
-    let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
+    let (late, attached) = late_interface_attached(&agent, &cns, PREFIX);
     assert!(
         attached,
         "{late} attached within 4 s after the capability drop; log:\n{}",
         agent.log_text()
     );
-    assert!(agent.stop().expect("stops").success());
+    stop(agent);
 
     // --export-endpoints: the relays' endpoints are there, keys still not.
     let agent = Agent::start(
@@ -797,7 +756,7 @@ fn nothing_private_is_exported() {
             assert!(!all.contains(&s), "a key ({s}) is exported:\n{all}");
         }
     }
-    assert!(agent.stop().expect("stops").success());
+    stop(agent);
     lab.teardown().expect("lab down");
 }
 

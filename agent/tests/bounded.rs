@@ -30,7 +30,7 @@ use agent_common::{
         HANDSHAKE_TIMEOUT_NS, MAX_HANDSHAKE_PENDING, MAX_RX_SESSIONS, RX_SESSION_IDLE_NS, names,
     },
 };
-use common::{Dir, RELAY, RELAY_V4};
+use common::{Dir, RELAY};
 use wirescope::{
     features::Features,
     health::monotonic_ns,
@@ -54,11 +54,9 @@ type Lab = common::NetnsLab;
 
 impl Lab {
     fn new() -> Option<Lab> {
-        Lab::enter(
+        Lab::underlay_to_relay(
             "the bounded-state tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
             ("bd-under", "bd-other"),
-            false,
-            &[(RELAY_V4.into(), RELAY)],
         )
     }
 
@@ -245,23 +243,44 @@ fn map_lines(map: &str, entries: u64, cap: u32, errors: u64) -> Vec<String> {
     ]
 }
 
+/// Fills `map`, of capacity `cap`, with `add(lab, first, cap)` (`what` it adds): all fit.
+/// Then E more: the map stays full, and exactly those E are refused and counted, only in
+/// that map.
+fn overfill(
+    lab: &mut Lab,
+    map: &'static str,
+    what: &str,
+    add: fn(&mut Lab, u32, u32) -> Duration,
+    first: u32,
+    cap: u32,
+) {
+    let took = add(lab, first, cap);
+    eprintln!("{cap} {what} in {took:?}");
+    assert_eq!(lab.update_errors(), HashMap::new(), "all fitted");
+    assert_eq!(lab.usage(map), cap as u64);
+
+    add(lab, first + cap, E as u32);
+    assert_eq!(lab.usage(map), cap as u64);
+    assert_eq!(
+        lab.update_errors(),
+        HashMap::from([(map, E)]),
+        "exactly the refused {what}, and only in that map"
+    );
+}
+
 #[test]
 fn a_full_map_is_reported() {
     let Some(mut lab) = Lab::new() else { return };
     let cap = MAX_HANDSHAKE_PENDING;
     let first = 0x3000_0000;
-    let took = lab.initiations(first, cap);
-    eprintln!("{cap} initiations in {took:?}");
-    assert_eq!(lab.update_errors(), HashMap::new(), "all fitted");
-    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), cap as u64);
-
-    // E more distinct initiations: the map is full, each one is refused and counted.
-    lab.initiations(first + cap, E as u32);
-    assert_eq!(lab.usage(names::HANDSHAKE_PENDING), cap as u64);
-    assert_eq!(
-        lab.update_errors(),
-        HashMap::from([(names::HANDSHAKE_PENDING, E)]),
-        "exactly the refused initiations, and only in that map"
+    // E more distinct initiations than fit: the map is full, each one is refused and counted.
+    overfill(
+        &mut lab,
+        names::HANDSHAKE_PENDING,
+        "initiations",
+        Lab::initiations,
+        first,
+        cap,
     );
     let idx: HashSet<u32> = lab
         .dp
@@ -309,17 +328,13 @@ fn a_full_rx_sessions_map_is_reported() {
     let Some(mut lab) = Lab::new() else { return };
     let cap = MAX_RX_SESSIONS;
     let first = 0x4000_0000;
-    let took = lab.sessions(first, cap);
-    eprintln!("{cap} sessions in {took:?}");
-    assert_eq!(lab.update_errors(), HashMap::new(), "all fitted");
-    assert_eq!(lab.usage(names::RX_SESSIONS), cap as u64);
-
-    lab.sessions(first + cap, E as u32);
-    assert_eq!(lab.usage(names::RX_SESSIONS), cap as u64);
-    assert_eq!(
-        lab.update_errors(),
-        HashMap::from([(names::RX_SESSIONS, E)]),
-        "exactly the refused sessions, and only in that map"
+    overfill(
+        &mut lab,
+        names::RX_SESSIONS,
+        "sessions",
+        Lab::sessions,
+        first,
+        cap,
     );
     // A session already tracked goes on in a full map: its next message is no error.
     lab.run(Dir::Rx, &wg::data(first, 1, 100, 1420));

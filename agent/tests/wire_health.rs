@@ -20,7 +20,7 @@ use agent_common::{
     maps::{HANDSHAKE_TIMEOUT_NS, PeerHistKey, log2_bucket, seq},
     wireguard::MSG_INITIATION,
 };
-use common::{Dir, RELAY, RELAY_V4};
+use common::{Dir, RELAY};
 use wirescope::{
     health::monotonic_ns,
     inventory::Inventory,
@@ -34,11 +34,9 @@ type Lab = common::NetnsLab;
 
 impl Lab {
     fn new() -> Option<Lab> {
-        Lab::enter(
+        Lab::underlay_to_relay(
             "the wire-health tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
             ("wh-under", "wh-other"),
-            false,
-            &[(RELAY_V4.into(), RELAY)],
         )
     }
 

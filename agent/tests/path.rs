@@ -93,6 +93,22 @@ impl TestLab {
         diff(&before, &self.fragments())
     }
 
+    /// The fragments `first` and `later` each count one fragment on `ifindex`, of the layers
+    /// `layers` (first's, later's).
+    #[track_caller]
+    fn expect_fragments(
+        &mut self,
+        dir: Dir,
+        ifindex: u32,
+        (first, later): (Vec<u8>, Vec<u8>),
+        layers: (u8, u8),
+    ) {
+        let got = self.frag_delta(dir, ifindex, &first);
+        assert_eq!(got, one(ifindex, dir, layers.0), "first fragment");
+        let got = self.frag_delta(dir, ifindex, &later);
+        assert_eq!(got, one(ifindex, dir, layers.1), "later fragment");
+    }
+
     fn icmp_delta(&mut self, dir: Dir, ifindex: u32, l3: &[u8]) -> Counts {
         let before = self.too_big();
         self.run(dir, ifindex, l3);
@@ -163,89 +179,35 @@ fn fragments_by_layer() {
     let (tun, under) = (lab.tun, lab.under);
     for dir in Dir::BOTH {
         // Underlay, to or from the endpoint: first and later fragments are outer, v4 and v6.
-        let (first, later) = v4_fragments(dir, (LOCAL_V4, LISTEN_PORT), (RELAY_V4, RELAY_PORT));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OUTER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OUTER)
-        );
-        let (first, later) = v6_fragments(dir, (local_v6(), LISTEN_PORT), (relay_v6(), RELAY_PORT));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OUTER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OUTER)
-        );
+        let outer = (layer::OUTER, layer::OUTER);
+        let frags = v4_fragments(dir, (LOCAL_V4, LISTEN_PORT), (RELAY_V4, RELAY_PORT));
+        lab.expect_fragments(dir, under, frags, outer);
+        let frags = v6_fragments(dir, (local_v6(), LISTEN_PORT), (relay_v6(), RELAY_PORT));
+        lab.expect_fragments(dir, under, frags, outer);
         // The endpoint's address on another port, from a port that is not ours: still outer
         // (fragments carry no ports, so the address decides).
-        let (first, later) = v4_fragments(dir, (LOCAL_V4, OTHER_PORT), (RELAY_V4, 9999));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OUTER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OUTER)
-        );
+        let frags = v4_fragments(dir, (LOCAL_V4, OTHER_PORT), (RELAY_V4, 9999));
+        lab.expect_fragments(dir, under, frags, outer);
 
         // An unknown remote: other, unless a first fragment shows our listen port.
-        let (first, later) = v4_fragments(dir, (LOCAL_V4, LISTEN_PORT), (STRANGER_V4, RELAY_PORT));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OUTER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OTHER)
-        );
-        let (first, later) = v4_fragments(dir, (LOCAL_V4, OTHER_PORT), (STRANGER_V4, 9999));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OTHER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OTHER)
-        );
-        let (first, later) = v6_fragments(dir, (local_v6(), OTHER_PORT), (stranger_v6(), 9999));
-        assert_eq!(
-            lab.frag_delta(dir, under, &first),
-            one(under, dir, layer::OTHER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, under, &later),
-            one(under, dir, layer::OTHER)
-        );
+        let frags = v4_fragments(dir, (LOCAL_V4, LISTEN_PORT), (STRANGER_V4, RELAY_PORT));
+        lab.expect_fragments(dir, under, frags, (layer::OUTER, layer::OTHER));
+        let other = (layer::OTHER, layer::OTHER);
+        let frags = v4_fragments(dir, (LOCAL_V4, OTHER_PORT), (STRANGER_V4, 9999));
+        lab.expect_fragments(dir, under, frags, other);
+        let frags = v6_fragments(dir, (local_v6(), OTHER_PORT), (stranger_v6(), 9999));
+        lab.expect_fragments(dir, under, frags, other);
 
         // On the tunnel every fragment is inner, whatever the addresses.
+        let inner = (layer::INNER, layer::INNER);
         for (local, remote) in [
             ((LOCAL_V4, LISTEN_PORT), (RELAY_V4, RELAY_PORT)),
             ((LOCAL_V4, OTHER_PORT), (STRANGER_V4, 9999)),
         ] {
-            let (first, later) = v4_fragments(dir, local, remote);
-            assert_eq!(
-                lab.frag_delta(dir, tun, &first),
-                one(tun, dir, layer::INNER)
-            );
-            assert_eq!(
-                lab.frag_delta(dir, tun, &later),
-                one(tun, dir, layer::INNER)
-            );
+            lab.expect_fragments(dir, tun, v4_fragments(dir, local, remote), inner);
         }
-        let (first, later) = v6_fragments(dir, (local_v6(), OTHER_PORT), (stranger_v6(), 9999));
-        assert_eq!(
-            lab.frag_delta(dir, tun, &first),
-            one(tun, dir, layer::INNER)
-        );
-        assert_eq!(
-            lab.frag_delta(dir, tun, &later),
-            one(tun, dir, layer::INNER)
-        );
+        let frags = v6_fragments(dir, (local_v6(), OTHER_PORT), (stranger_v6(), 9999));
+        lab.expect_fragments(dir, tun, frags, inner);
 
         // Not fragments: whole packets, an IPv6 atomic fragment, DF set.
         let ((s, sp), (d, dp)) = dir.flow((LOCAL_V4, LISTEN_PORT), (RELAY_V4, RELAY_PORT));

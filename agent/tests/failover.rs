@@ -29,7 +29,7 @@ use xtask::{
     scrape::Metrics,
 };
 
-use common::{bin, log_path, val};
+use common::{bin, log_path, stop, val};
 
 const PREFIX: &str = "wsf";
 /// One way, on the hop: round trips of 200 ms and more against a 100 ms limit.
@@ -277,8 +277,7 @@ fn rtt_turn_runs_the_command_once_within_the_cool_down() {
     );
 
     imp.set(Impairment::none());
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     drop(imp);
     lab.teardown().expect("lab down");
     let _ = std::fs::remove_dir_all(&dir);
@@ -288,6 +287,44 @@ fn rtt_turn_runs_the_command_once_within_the_cool_down() {
          again {turned2:?}; {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// What became of a hook that hangs, its process marked with `tag`.
+struct Hang {
+    /// Its processes, seen running (waited for up to 3 s).
+    running: Vec<u32>,
+    /// The first scrape with an outcome counted (waited for up to 5 s) ...
+    m: Metrics,
+    /// ... and when it came, after the processes were seen.
+    counted_after: Duration,
+    /// The processes were gone within 2 s of that.
+    gone: bool,
+    /// The processes left then (killed since).
+    left: Vec<u32>,
+}
+
+fn hang(agent: &Agent, tag: &str) -> Hang {
+    let t = Instant::now();
+    while marked(tag).is_empty() && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let running = marked(tag);
+    let (m, counted_after) = wait_until(
+        agent,
+        "the hanging command counted",
+        Duration::from_secs(5),
+        |m| !nonzero_outcomes(m).is_empty(),
+    );
+    let gone = wait_unmarked(tag, Duration::from_secs(2));
+    let left = marked(tag);
+    kill_marked(tag);
+    Hang {
+        running,
+        m,
+        counted_after,
+        gone,
+        left,
+    }
 }
 
 #[test]
@@ -322,7 +359,7 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
     let m = agent.scrape().expect("scrape");
     assert_eq!(nonzero_outcomes(&m), outcome("command", "failed", 1));
     assert!(agent.log_text().contains("failover command failed"));
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
 
     // A command that hangs: killed after the 1 s timeout, counted as failed, no process left.
     let tag = format!("hang-{}", std::process::id());
@@ -340,22 +377,14 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
         Duration::from_secs(15),
         unhealthy,
     );
-    // The command runs (its process carries the marker) ...
-    let t = Instant::now();
-    while marked(&tag).is_empty() && t.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let running = marked(&tag);
-    // ... until the timeout.
-    let (m, killed_after) = wait_until(
-        &agent,
-        "the hanging command counted",
-        Duration::from_secs(5),
-        |m| !nonzero_outcomes(m).is_empty(),
-    );
-    let gone = wait_unmarked(&tag, Duration::from_secs(2));
-    let left = marked(&tag);
-    kill_marked(&tag);
+    // The command runs (its process carries the marker) until the timeout.
+    let Hang {
+        running,
+        m,
+        counted_after: killed_after,
+        gone,
+        left,
+    } = hang(&agent, &tag);
     assert!(!running.is_empty(), "the hook's `sleep 60` never ran");
     assert_eq!(nonzero_outcomes(&m), outcome("command", "failed", 1));
     // Checked at the end, so that the dry run below is checked too.
@@ -374,7 +403,7 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
     let m = agent.scrape().expect("scrape");
     assert_eq!(nonzero_outcomes(&m), outcome("command", "failed", 1));
     assert!(agent.log_text().contains("still running after 1s: killed"));
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
 
     // --dry-run: counted as dry_run, nothing runs.
     let file = dir.join("dry");
@@ -410,7 +439,7 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
             .count(),
         1
     );
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
 
     drop(imp);
     lab.teardown().expect("lab down");
@@ -453,20 +482,13 @@ fn hanging_compound_command_leaves_nothing_running() {
     wait_until(&agent, "unhealthy", Duration::from_secs(15), |m| {
         healthy(m, &path) == Some(0.0)
     });
-    let t = Instant::now();
-    while marked(&tag).is_empty() && t.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let running = marked(&tag);
-    let (m, _) = wait_until(
-        &agent,
-        "the hanging command counted",
-        Duration::from_secs(5),
-        |m| !nonzero_outcomes(m).is_empty(),
-    );
-    let gone = wait_unmarked(&tag, Duration::from_secs(2));
-    let left = marked(&tag);
-    kill_marked(&tag);
+    let Hang {
+        running,
+        m,
+        gone,
+        left,
+        ..
+    } = hang(&agent, &tag);
     let status = agent.stop().expect("agent stops");
     drop(imp);
     lab.teardown().expect("lab down");

@@ -21,7 +21,7 @@ use xtask::{
     scrape::Metrics,
 };
 
-use common::{start, value as val};
+use common::{start, stop, value as val};
 
 const PREFIX: &str = "wsh";
 const RTT: &str = "wirescope_handshake_rtt_seconds";
@@ -75,6 +75,26 @@ fn hist_delta(before: &Hist, after: &Hist) -> Hist {
         sum: after.sum - before.sum,
         buckets,
     }
+}
+
+/// Handshake initiations to `peer` the agent saw leave `iface` between two scrapes.
+fn initiations_seen((b, a): (&Metrics, &Metrics), iface: &str, peer: &str) -> f64 {
+    let w = [
+        ("interface", iface),
+        ("peer", peer),
+        ("direction", "tx"),
+        ("message", "handshake_initiation"),
+    ];
+    val(a, "wirescope_wire_packets_total", &w) - val(b, "wirescope_wire_packets_total", &w)
+}
+
+/// (initiations to the relay, responses to the client) the impairing relay passed between
+/// its stats `s0` and `s1`.
+fn handshake_messages(s0: &ImpairStats, s1: &ImpairStats) -> (u64, u64) {
+    (
+        s1.to_relay.messages[1] - s0.to_relay.messages[1],
+        s1.to_client.messages[2] - s0.to_client.messages[2],
+    )
 }
 
 /// The handshake round trip of `(interface, peer)` observed between two scrapes: exactly one
@@ -229,21 +249,13 @@ fn rtt_with_40ms_delay_each_way() {
     lab.handshake(Duration::from_secs(20)).expect("handshake");
     let (s1, after) = (imp.stats(), agent.scrape().unwrap());
     // The one handshake went through the delay both ways.
-    let msgs = |s: &ImpairStats| (s.to_relay.messages[1], s.to_client.messages[2]);
     assert_eq!(
-        (msgs(&s1).0 - msgs(&s0).0, msgs(&s1).1 - msgs(&s0).1),
+        handshake_messages(&s0, &s1),
         (1, 1),
         "(initiations to the relay, responses to the client) through the impairing relay: \
          {s0:?} -> {s1:?}"
     );
-    let w = [
-        ("interface", veth.as_str()),
-        ("peer", relay.as_str()),
-        ("direction", "tx"),
-        ("message", "handshake_initiation"),
-    ];
-    let inits = val(&after, "wirescope_wire_packets_total", &w)
-        - val(&before, "wirescope_wire_packets_total", &w);
+    let inits = initiations_seen((&before, &after), &veth, &relay);
     assert_eq!(inits, 1.0, "initiations the agent saw leave {veth}");
 
     let rtt = one_rtt("40 ms each way", (&before, &after), &veth, &relay);
@@ -277,8 +289,7 @@ fn rtt_with_40ms_delay_each_way() {
         t0.elapsed().as_secs_f64()
     );
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     drop(imp);
     lab.teardown().unwrap();
 }
@@ -339,22 +350,12 @@ fn multihop_exit_rtt_exceeds_entry_by_the_relay_delay() {
         "both layers have a session"
     );
     assert_eq!(
-        (
-            s1.to_relay.messages[1] - s0.to_relay.messages[1],
-            s1.to_client.messages[2] - s0.to_client.messages[2]
-        ),
+        handshake_messages(&s0, &s1),
         (1, 1),
         "the exit layer's one handshake crossed the relay between the relays: {s0:?} -> {s1:?}"
     );
     for (iface, peer) in [(&veth, &entry), (&tun, &exit)] {
-        let w = [
-            ("interface", iface.as_str()),
-            ("peer", peer.as_str()),
-            ("direction", "tx"),
-            ("message", "handshake_initiation"),
-        ];
-        let n = val(&after, "wirescope_wire_packets_total", &w)
-            - val(&before, "wirescope_wire_packets_total", &w);
+        let n = initiations_seen((&before, &after), iface, peer);
         assert_eq!(n, 1.0, "initiations of {peer} seen leaving {iface}");
     }
 
@@ -386,8 +387,7 @@ fn multihop_exit_rtt_exceeds_entry_by_the_relay_delay() {
         t0.elapsed().as_secs_f64()
     );
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     drop(imp);
     lab.teardown().unwrap();
 }
@@ -469,14 +469,7 @@ fn dropped_responses_count_each_retried_initiation() {
     let (s1, after) = (imp.stats(), agent.scrape().unwrap());
 
     let l = [("interface", veth.as_str()), ("peer", relay.as_str())];
-    let w = [
-        ("interface", veth.as_str()),
-        ("peer", relay.as_str()),
-        ("direction", "tx"),
-        ("message", "handshake_initiation"),
-    ];
-    let initiations = val(&after, "wirescope_wire_packets_total", &w)
-        - val(&before, "wirescope_wire_packets_total", &w);
+    let initiations = initiations_seen((&before, &after), &veth, &relay);
     let timeouts = val(&after, TIMEOUTS, &l) - val(&before, TIMEOUTS, &l);
     let rtt = hist_delta(&hist(&before, RTT, &l), &hist(&after, RTT, &l));
     let dropped = (s1.to_client.dropped_handshake_responses
@@ -523,8 +516,7 @@ fn dropped_responses_count_each_retried_initiation() {
         t0.elapsed().as_secs_f64()
     );
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     drop(imp);
     lab.teardown().unwrap();
 }

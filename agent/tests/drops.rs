@@ -22,7 +22,7 @@ use xtask::{
     scrape::Metrics,
 };
 
-use common::val;
+use common::{Names, stop, val};
 
 const PREFIX: &str = "wsd";
 /// Packets the nftables rule drops.
@@ -61,6 +61,11 @@ fn can_run(test: &str) -> bool {
     }
     eprintln!("skipping {test}: {why}");
     false
+}
+
+/// The single-hop lab up, when [`can_run`]`(test)`.
+fn lab_up(test: &str) -> Option<Lab> {
+    can_run(test).then(|| Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up"))
 }
 
 /// Starts the agent in the client namespace (it waits for /healthz) and checks that both
@@ -259,13 +264,11 @@ fn assert_reasons_named(m: &Metrics) {
 
 #[test]
 fn netfilter_drops_on_the_tunnel_input_count_exactly() {
-    if !can_run("netfilter_drops_on_the_tunnel_input_count_exactly") {
+    let Some(lab) = lab_up("netfilter_drops_on_the_tunnel_input_count_exactly") else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
+    let Names { cns, tun, .. } = Names::of(&lab);
     let agent = start(&lab, "netfilter");
-    let cns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
     lab.handshake(Duration::from_secs(20)).expect("handshake");
 
     let l = [("interface", tun.as_str()), ("reason", "NETFILTER_DROP")];
@@ -292,7 +295,7 @@ fn netfilter_drops_on_the_tunnel_input_count_exactly() {
     assert_eq!(val(&c, DROPS, &l), val(&a, DROPS, &l), "after the rule");
     assert_reasons_named(&c);
 
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -303,10 +306,9 @@ fn ping_answered(lab: &Lab) {
 
 #[test]
 fn udp_receive_errors_equal_the_kernels_rcvbuf_errors() {
-    if !can_run("udp_receive_errors_equal_the_kernels_rcvbuf_errors") {
+    let Some(lab) = lab_up("udp_receive_errors_equal_the_kernels_rcvbuf_errors") else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
     let agent = start(&lab, "rcvbuf");
     let cns = lab.client().netns.clone();
     let port = PORT.to_string();
@@ -337,16 +339,15 @@ fn udp_receive_errors_equal_the_kernels_rcvbuf_errors() {
     assert_eq!(sum(&a, DROPS, &r) - sum(&b, DROPS, &r), kernel);
     assert_reasons_named(&a);
 
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
     lab.teardown().unwrap();
 }
 
 #[test]
 fn another_namespaces_drops_are_not_counted() {
-    if !can_run("another_namespaces_drops_are_not_counted") {
+    let Some(lab) = lab_up("another_namespaces_drops_are_not_counted") else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
     let agent = start(&lab, "other-netns");
     let cns = lab.client().netns.clone();
     let rns = lab.exit().netns.clone();
@@ -398,7 +399,7 @@ fn another_namespaces_drops_are_not_counted() {
     assert_eq!(val(&c, UDP_ERRORS, &p) - val(&a, UDP_ERRORS, &p), ka - kb);
     assert!(ka - kb > 100);
 
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
     lab.teardown().unwrap();
 }
 
@@ -406,13 +407,11 @@ fn another_namespaces_drops_are_not_counted() {
 /// this kernel's enum (or `unknown_N`), and the two provoked ones are there.
 #[test]
 fn reason_names_exist_in_this_kernels_btf() {
-    if !can_run("reason_names_exist_in_this_kernels_btf") {
+    let Some(lab) = lab_up("reason_names_exist_in_this_kernels_btf") else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
+    let Names { cns, tun, .. } = Names::of(&lab);
     let agent = start(&lab, "names");
-    let cns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
     lab.handshake(Duration::from_secs(20)).expect("handshake");
 
     let rule = NftDrop::add(&lab, &cns, &tun, "echo-reply");
@@ -436,7 +435,7 @@ fn reason_names_exist_in_this_kernels_btf() {
         );
     }
 
-    assert!(agent.stop().expect("agent stops").success());
+    stop(agent);
     lab.teardown().unwrap();
 }
 

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{bin, log_path, val};
+use common::{COUNTER_FAMILIES, bin, log_path, val};
 use xtask::{
     agent::Agent,
     lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
@@ -35,12 +35,6 @@ use xtask::{
 };
 
 const PREFIX: &str = "wsr";
-const FAMILIES: [&str; 4] = [
-    "wirescope_tunnel_packets_total",
-    "wirescope_tunnel_bytes_total",
-    "wirescope_wire_packets_total",
-    "wirescope_wire_bytes_total",
-];
 
 /// Echoes `n` datagrams from the client through the tunnel to the gateway and back.
 fn echo(lab: &Lab, n: usize, port: u16) {
@@ -285,7 +279,7 @@ fn sigkill_restart_keeps_counters() {
         rx2 + K as u64,
         "exact after restart"
     );
-    for f in FAMILIES {
+    for f in COUNTER_FAMILIES {
         for (l, v) in s1.select(f, &[]) {
             let now = s3.select(f, &[]).find(|(l3, _)| *l3 == l).map(|x| x.1);
             assert!(now.is_some_and(|n| n >= v), "{f} {l:?}: {v} -> {now:?}");
@@ -298,7 +292,7 @@ fn sigkill_restart_keeps_counters() {
         format!("wirescope_tunnel_packets_total{{interface=\"{tun}\",direction=\"tx\"}} >= {last}");
     prom.wait_for_data(&sel, Duration::from_secs(20))
         .expect("prometheus saw the last round");
-    for f in FAMILIES {
+    for f in COUNTER_FAMILIES {
         let resets = prom
             .query(&format!("resets({f}[5m])"))
             .expect("resets query");

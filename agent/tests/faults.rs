@@ -36,13 +36,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{COUNTER_FAMILIES, Names, bin, lab_up, log_path, start, stop, val};
+use common::{COUNTER_FAMILIES, Names, bin, echo_via_tunnel, lab_up, log_path, start, stop, val};
 use xtask::{
     agent::Agent,
     lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
     netns,
     scrape::{Metrics, http_get},
-    udp::{UdpEcho, recv_sizes, send_udp},
     wg,
 };
 
@@ -55,16 +54,10 @@ const REATTACH: Duration = Duration::from_secs(2);
 fn echo_round(lab: &Lab, agent: &Agent, n: usize) -> (Metrics, Metrics) {
     let dst = SocketAddr::new(GATEWAY_V4.into(), 7000);
     let payloads: Vec<usize> = (0..n).map(|i| 20 + i).collect();
-    let echo = UdpEcho::start(&lab.exit().netns, dst, n, Duration::from_secs(20))
-        .expect("echo on the gateway");
-    let before = agent.scrape().expect("scrape before");
-    let sock = send_udp(&lab.client().netns, None, dst, &payloads).expect("send");
-    let mut got = recv_sizes(&sock, n, Duration::from_secs(15)).expect("echoes");
-    got.sort_unstable();
-    assert_eq!(got, payloads, "every datagram came back");
-    assert_eq!(echo.join().expect("echo"), n);
-    let after = agent.scrape().expect("scrape after");
-    (before, after)
+    let before = echo_via_tunnel(lab, dst, &payloads, || {
+        agent.scrape().expect("scrape before")
+    });
+    (before, agent.scrape().expect("scrape after"))
 }
 
 /// Packets of `peer` on tunnel `tun` in `dir` gained between two scrapes.

@@ -19,11 +19,11 @@ use xtask::{
     agent::Agent,
     lab::{self, GATEWAY_V4, GATEWAY_V6, Lab, LabConfig, Role, Topology},
     scrape::Metrics,
-    udp::{UdpEcho, recv_sizes, send_udp},
 };
 
 use common::{
-    Names, bin, delta, lab_up, late_interface_attached, start, stop, val, wait_tcp_listening,
+    Names, bin, delta, echo_via_tunnel, lab_up, late_interface_attached, start, stop, val,
+    wait_tcp_listening,
 };
 
 const PREFIX: &str = "wsa";
@@ -34,24 +34,10 @@ const OUTER_V4: u32 = 20;
 /// Sends datagrams of `payloads` bytes to an echo on `dst` in the exit namespace and waits
 /// for every echo, between two scrapes. Returns (before, after).
 fn echo_round(lab: &Lab, agent: &Agent, dst: SocketAddr, payloads: &[usize]) -> (Metrics, Metrics) {
-    let echo = UdpEcho::start(
-        &lab.exit().netns,
-        dst,
-        payloads.len(),
-        Duration::from_secs(15),
-    )
-    .expect("echo on the gateway");
-    let before = agent.scrape().expect("scrape before");
-    let sock = send_udp(&lab.client().netns, None, dst, payloads).expect("send");
-    let got = recv_sizes(&sock, payloads.len(), Duration::from_secs(10)).expect("echoes");
-    // Kernel WireGuard decrypts on several CPUs: echoes may come back reordered.
-    let (mut got, mut sent) = (got, payloads.to_vec());
-    got.sort_unstable();
-    sent.sort_unstable();
-    assert_eq!(got, sent, "every datagram came back");
-    assert_eq!(echo.join().expect("echo"), payloads.len());
-    let after = agent.scrape().expect("scrape after");
-    (before, after)
+    let before = echo_via_tunnel(lab, dst, payloads, || {
+        agent.scrape().expect("scrape before")
+    });
+    (before, agent.scrape().expect("scrape after"))
 }
 
 /// Inner L3 length of a UDP datagram with this payload to `dst`.

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{COUNTER_FAMILIES, bin, log_path, val};
+use common::{COUNTER_FAMILIES, bin, echo_via_tunnel, log_path, val};
 use xtask::{
     agent::Agent,
     lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
@@ -40,13 +40,7 @@ const PREFIX: &str = "wsr";
 fn echo(lab: &Lab, n: usize, port: u16) {
     let dst = SocketAddr::new(GATEWAY_V4.into(), port);
     let payloads: Vec<usize> = (0..n).map(|i| 40 + i).collect();
-    let e = UdpEcho::start(&lab.exit().netns, dst, n, Duration::from_secs(20))
-        .expect("echo on the gateway");
-    let sock = send_udp(&lab.client().netns, None, dst, &payloads).expect("send");
-    let mut got = recv_sizes(&sock, n, Duration::from_secs(15)).expect("echoes");
-    got.sort_unstable();
-    assert_eq!(got, payloads, "every datagram came back");
-    assert_eq!(e.join().expect("echo"), n);
+    echo_via_tunnel(lab, dst, &payloads, || ());
 }
 
 fn start(lab: &Lab, log: &str) -> Agent {

@@ -23,10 +23,9 @@ use wirescope::status_view::{WIDTH, abbrev, columns};
 use xtask::{
     agent::{Agent, LISTEN},
     lab::{GATEWAY_V4, Lab, LabConfig, Topology},
-    udp::{UdpEcho, recv_sizes, send_udp},
 };
 
-use common::{Names, bin, lab_up, log_path, val};
+use common::{Names, bin, echo_via_tunnel, lab_up, log_path, val};
 
 const PREFIX: &str = "wss";
 const PAYLOADS: [usize; 6] = [0, 1, 100, 555, 1000, 1300];
@@ -108,17 +107,7 @@ fn parse(text: &str, iface: &str) -> Vec<Shown> {
 /// Sends the payloads to an echo behind the exit relay and waits for every echo.
 fn echo(lab: &Lab) {
     let dst = SocketAddr::new(GATEWAY_V4.into(), 7100);
-    let e = UdpEcho::start(
-        &lab.exit().netns,
-        dst,
-        PAYLOADS.len(),
-        Duration::from_secs(15),
-    )
-    .expect("echo on the gateway");
-    let sock = send_udp(&lab.client().netns, None, dst, &PAYLOADS).expect("send");
-    let got = recv_sizes(&sock, PAYLOADS.len(), Duration::from_secs(10)).expect("echoes");
-    assert_eq!(got.len(), PAYLOADS.len());
-    assert_eq!(e.join().expect("echo"), PAYLOADS.len());
+    echo_via_tunnel(lab, dst, &PAYLOADS, || ());
 }
 
 fn check_width(what: &str, text: &str) {

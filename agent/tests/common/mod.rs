@@ -6,14 +6,15 @@
 //!   the root check, a fresh network namespace for the test's thread with a veth pair in it,
 //!   the programs loaded and attached there (which writes IFACES) and the peer maps written,
 //!   and one test run of a TC program with its verdict checked.
-//! - Lab tests: the `wirescope` binary started in the lab's client namespace, its log file,
-//!   metric values and deltas between scrapes, pings through the tunnel, waiting for a TCP
-//!   listener.
+//! - Lab tests: the lab up (or the test skipped where it cannot run), the names tests use
+//!   most, the `wirescope` binary started in the lab's client namespace and stopped, its log
+//!   file, metric values and deltas between scrapes, pings and echoes through the tunnel,
+//!   waiting for a TCP listener or a series, an interface that appears late.
 
 #![allow(dead_code)]
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::{Duration, Instant},
@@ -31,8 +32,10 @@ use wirescope::{
 };
 use xtask::{
     agent::Agent,
+    impair::{ImpairHandle, Impairment},
     lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
     scrape::Metrics,
+    udp::{UdpEcho, recv_sizes, send_udp},
 };
 
 // ---------------------------------------------------------------------------------------
@@ -316,6 +319,18 @@ pub fn small_mtu_hop(prefix: &str, path_mtu: u32, wg_mtu: u32) -> LabConfig {
     }
 }
 
+/// The single-relay lab with a hop, the impairing relay there (its rules `rules`) carrying
+/// the client's WireGuard. It starts before any packet, so that the client's endpoint of the
+/// relay is the hop's relay from the start and the relay never has to learn a new client
+/// address.
+pub fn impaired_single(prefix: &str, rules: Impairment) -> (Lab, ImpairHandle) {
+    let mut cfg = LabConfig::new(Topology::Single, prefix);
+    cfg.hop = true;
+    let lab = Lab::up(cfg).expect("lab up");
+    let imp = lab.start_impairment(rules).expect("impairing relay");
+    (lab, imp)
+}
+
 /// The names lab tests use most, cloned out of the lab.
 pub struct Names {
     /// The client's network namespace.
@@ -445,6 +460,30 @@ pub fn ping(lab: &Lab, count: u32, extra: &[&str], losses_ok: bool) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Datagrams of `payloads` bytes from the client through the tunnel to an echo on `dst` in
+/// the exit relay's namespace, and back; `before` runs once the echo listens, before the
+/// first datagram leaves, and what it returns is returned. Every datagram must come back (in
+/// any order: kernel WireGuard decrypts on several CPUs).
+pub fn echo_via_tunnel<T>(
+    lab: &Lab,
+    dst: SocketAddr,
+    payloads: &[usize],
+    before: impl FnOnce() -> T,
+) -> T {
+    let n = payloads.len();
+    let echo = UdpEcho::start(&lab.exit().netns, dst, n, Duration::from_secs(20))
+        .expect("echo on the gateway");
+    let t = before();
+    let sock = send_udp(&lab.client().netns, None, dst, payloads).expect("send");
+    let mut got = recv_sizes(&sock, n, Duration::from_secs(15)).expect("echoes");
+    let mut sent = payloads.to_vec();
+    got.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(got, sent, "every datagram came back");
+    assert_eq!(echo.join().expect("echo"), n);
+    t
 }
 
 /// Waits (up to 5 s) until a TCP socket listens on `port` in `ns`, from /proc's socket table.

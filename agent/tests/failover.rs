@@ -25,11 +25,11 @@ use std::{
 use xtask::{
     agent::Agent,
     impair::{ImpairHandle, Impairment},
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    lab::{self, GATEWAY_V4, Lab},
     scrape::Metrics,
 };
 
-use common::{bin, log_path, stop, val};
+use common::{bin, impaired_single, log_path, stop, val};
 
 const PREFIX: &str = "wsf";
 /// One way, on the hop: round trips of 200 ms and more against a 100 ms limit.
@@ -57,15 +57,10 @@ fn base_args(probe: &str) -> Vec<String> {
     .collect()
 }
 
-/// The single-relay lab with a hop, the impairing relay there (its rules `rules`) carrying
-/// the client's WireGuard, and a handshake through it.
+/// [`impaired_single`] (the relay never has to learn a new client address while probes
+/// run), and a handshake through the impairing relay.
 fn lab_with_relay(rules: Impairment) -> (Lab, ImpairHandle) {
-    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
-    cfg.hop = true;
-    let lab = Lab::up(cfg).expect("lab up");
-    // Before any packet: the client's endpoint of the relay becomes the hop's relay, so
-    // that the relay never has to learn a new client address while probes run.
-    let imp = lab.start_impairment(rules).expect("impairing relay");
+    let (lab, imp) = impaired_single(PREFIX, rules);
     lab.handshake(Duration::from_secs(20)).expect("handshake");
     (lab, imp)
 }
@@ -341,22 +336,26 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
     let probe = format!("{GATEWAY_V4}@{wg}");
     let dir = scratch("failover-actions");
     let unhealthy = |m: &Metrics| healthy(m, &path) == Some(0.0);
+    // The agent with `args` (its log `log`) once unhealthy (15 s at most), its first outcome
+    // counted (5 s), and 2 s more for a second one that must not come: the agent and its
+    // scrape then.
+    let act = |log: &str, what: &str, args: &[String]| {
+        let agent = start_agent(&lab, log, args);
+        let unhealthy_what = format!("unhealthy ({what})");
+        wait_until(&agent, &unhealthy_what, Duration::from_secs(15), unhealthy);
+        let counted = format!("an outcome of {what} counted");
+        wait_until(&agent, &counted, Duration::from_secs(5), |m| {
+            !nonzero_outcomes(m).is_empty()
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let m = agent.scrape().expect("scrape");
+        (agent, m)
+    };
 
     // A command that fails: counted as failed.
     let mut args = base_args(&probe);
     args.extend(["--failover-command".into(), "exit 3".into()]);
-    let agent = start_agent(&lab, "failover-fail", &args);
-    wait_until(
-        &agent,
-        "unhealthy (exit 3)",
-        Duration::from_secs(15),
-        unhealthy,
-    );
-    let (_, _) = wait_until(&agent, "the failure counted", Duration::from_secs(5), |m| {
-        !nonzero_outcomes(m).is_empty()
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let m = agent.scrape().expect("scrape");
+    let (agent, m) = act("failover-fail", "exit 3", &args);
     assert_eq!(nonzero_outcomes(&m), outcome("command", "failed", 1));
     assert!(agent.log_text().contains("failover command failed"));
     stop(agent);
@@ -413,18 +412,7 @@ fn failing_hanging_and_dry_run_actions_are_counted() {
         format!("echo ran >> {}", file.display()),
         "--dry-run".into(),
     ]);
-    let agent = start_agent(&lab, "failover-dry", &args);
-    wait_until(
-        &agent,
-        "unhealthy (dry run)",
-        Duration::from_secs(15),
-        unhealthy,
-    );
-    let (_, _) = wait_until(&agent, "the dry run counted", Duration::from_secs(5), |m| {
-        !nonzero_outcomes(m).is_empty()
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let m = agent.scrape().expect("scrape");
+    let (agent, m) = act("failover-dry", "dry run", &args);
     assert_eq!(nonzero_outcomes(&m), outcome("dry_run", "ok", 1));
     assert!(
         outcomes(&m).iter().all(|o| o.0 == "dry_run"),

@@ -21,7 +21,7 @@ use xtask::{
     scrape::Metrics,
 };
 
-use common::{start, stop, value as val};
+use common::{impaired_single, start, stop, value as val};
 
 const PREFIX: &str = "wsh";
 const RTT: &str = "wirescope_handshake_rtt_seconds";
@@ -223,14 +223,8 @@ fn rtt_with_40ms_delay_each_way() {
         return;
     }
     let t0 = Instant::now();
-    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
-    cfg.hop = true;
-    let lab = Lab::up(cfg).expect("lab up");
     const D: Duration = Duration::from_millis(40);
-    // Before any packet: the client's endpoint of the relay becomes the hop's relay.
-    let imp = lab
-        .start_impairment(Impairment::delay(D))
-        .expect("impairing relay");
+    let (lab, imp) = impaired_single(PREFIX, Impairment::delay(D));
     let agent = start(&lab, "handshake-delay");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();
@@ -413,18 +407,14 @@ fn dropped_responses_count_each_retried_initiation() {
         return;
     }
     let t0 = Instant::now();
-    let mut cfg = LabConfig::new(Topology::Single, PREFIX);
-    cfg.hop = true;
-    let lab = Lab::up(cfg).expect("lab up");
-    let imp = lab
-        .start_impairment(Impairment {
-            to_client: DirRules {
-                drop_handshake_responses: true,
-                ..Default::default()
-            },
+    let drop_responses = Impairment {
+        to_client: DirRules {
+            drop_handshake_responses: true,
             ..Default::default()
-        })
-        .expect("impairing relay");
+        },
+        ..Default::default()
+    };
+    let (lab, imp) = impaired_single(PREFIX, drop_responses);
     let agent = start(&lab, "handshake-dropped");
     let veth = lab.client().underlay().name.clone();
     let relay = lab.exit().wg().public_key.clone();

@@ -10,6 +10,8 @@
 //! pass, except with CI=true, where they fail. Lab prefix `wsm`; run with
 //! `cargo test -p wirescope --test mullvad -- --test-threads=1`.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt as _,
@@ -20,9 +22,11 @@ use std::{
 
 use xtask::{
     agent::Agent,
-    lab::{self, Lab, LabConfig, Topology},
+    lab::{LabConfig, Topology},
     scrape::Metrics,
 };
+
+use common::{Names, bin, lab_up, log_path, stop};
 
 const PREFIX: &str = "wsm";
 /// The agent's default timeout for one call (config::MULLVAD_TIMEOUT).
@@ -38,14 +42,6 @@ const STATES: [&str; 5] = [
 /// The relays of connected_multihop.json, replaced by the lab's.
 const FIXTURE_EXIT: &str = "185.213.154.69:51820";
 const FIXTURE_ENTRY: &str = "185.65.135.117:3228";
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
-}
-
-fn log_path(test: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("wirescope-mullvad-{test}.log"))
-}
 
 fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -224,13 +220,18 @@ fn exited(pid: &str) -> bool {
 
 #[test]
 fn mullvad_states_through_the_real_command() {
-    if !lab::can_run("mullvad_states_through_the_real_command") {
+    let Some(lab) = lab_up(
+        "mullvad_states_through_the_real_command",
+        LabConfig::new(Topology::Multihop, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Multihop, PREFIX)).expect("lab up");
-    let tun = lab.client().wg().iface.clone();
+    };
+    let Names {
+        tun,
+        relay: exit_key,
+        ..
+    } = Names::of(&lab);
     let entry_key = lab.entry().expect("entry relay").wg().public_key.clone();
-    let exit_key = lab.exit().wg().public_key.clone();
     let entry_ep = lab.entry_endpoint().to_string();
     let exit_ep = lab.exit_endpoint().to_string();
 
@@ -248,7 +249,7 @@ fn mullvad_states_through_the_real_command() {
         bin(),
         &lab.client().netns,
         &["--mullvad-cli", &cli_arg, "--mullvad-interval", INTERVAL],
-        &log_path("states"),
+        &log_path("mullvad-states"),
     )
     .expect("agent starts");
     let short = Duration::from_secs(10);
@@ -416,17 +417,18 @@ fn mullvad_states_through_the_real_command() {
         "the rest of the agent still works"
     );
 
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     lab.teardown().unwrap();
 }
 
 #[test]
 fn nonexistent_cli_leaves_the_agent_running() {
-    if !lab::can_run("nonexistent_cli_leaves_the_agent_running") {
+    let Some(lab) = lab_up(
+        "nonexistent_cli_leaves_the_agent_running",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
         return;
-    }
-    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    };
     let agent = Agent::start(
         bin(),
         &lab.client().netns,
@@ -436,7 +438,7 @@ fn nonexistent_cli_leaves_the_agent_running() {
             "--mullvad-interval",
             INTERVAL,
         ],
-        &log_path("nonexistent"),
+        &log_path("mullvad-nonexistent"),
     )
     .expect("agent starts");
     wait_log(
@@ -454,7 +456,6 @@ fn nonexistent_cli_leaves_the_agent_running() {
         1,
         "logged once; the log:\n{log}"
     );
-    let status = agent.stop().expect("agent stops");
-    assert!(status.success(), "clean exit after SIGINT: {status}");
+    stop(agent);
     lab.teardown().unwrap();
 }

@@ -21,6 +21,12 @@
 //! packets per second mean little); UDP is the packets per second the receiver got
 //! (`packets - lost_packets` of iperf3's `sum_received`), 64-byte payloads.
 //!
+//! Beside each ratio, as context without a goal: the same ratio per CPU-second the flow's
+//! processes got (iperf3's client and server, wireguard-go, the agent). On a machine shared
+//! with other work, a run that lost CPU to other processes drops in rate but not in rate per
+//! CPU-second; when the two ratios differ much, the machine was not quiet. On a quiet one they
+//! agree.
+//!
 //! What makes the UDP figure mean something: the agent's cost must land on a CPU budget that
 //! limits the rate, and the limit must be stable.
 //! - veth: iperf3 -A pins sender and receiver to the same CPU (0), with `-b 0`. That one CPU

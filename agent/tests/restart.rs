@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{COUNTER_FAMILIES, bin, echo_via_tunnel, log_path, val};
+use common::{COUNTER_FAMILIES, Names, echo_via_tunnel, start, val};
 use xtask::{
     agent::Agent,
     lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
@@ -41,10 +41,6 @@ fn echo(lab: &Lab, n: usize, port: u16) {
     let dst = SocketAddr::new(GATEWAY_V4.into(), port);
     let payloads: Vec<usize> = (0..n).map(|i| 40 + i).collect();
     echo_via_tunnel(lab, dst, &payloads, || ());
-}
-
-fn start(lab: &Lab, log: &str) -> Agent {
-    Agent::start(bin(), &lab.client().netns, &[], &log_path(log)).expect("agent starts")
 }
 
 /// Scrapes until the tunnel packet series of `peer` exists (the first sync has run).
@@ -132,9 +128,9 @@ fn sigkill_restart_keeps_counters() {
     }
     ensure_host_bpffs();
     let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
-    let cns = lab.client().netns.clone();
-    let tun = lab.client().wg().iface.clone();
-    let relay = lab.exit().wg().public_key.clone();
+    let Names {
+        cns, tun, relay, ..
+    } = Names::of(&lab);
 
     // A real Prometheus in the client's namespace, scraping the agent every second.
     let prom = Prometheus::start(Options {

@@ -132,6 +132,8 @@ pub struct RunConfig {
     /// Base64 public key -> friendly name, read from `wg_configs` at start.
     pub friendly_names: HashMap<String, String>,
     pub export_endpoints: bool,
+    /// `--transit-time`: time packets through WireGuard (on by default).
+    pub transit_time: bool,
     pub log_level: log::LevelFilter,
     pub state_dir: PathBuf,
     /// `--leak-allow`: destinations where traffic outside the tunnels is not a leak.
@@ -390,6 +392,22 @@ impl RunConfig {
             wg_configs,
             friendly_names,
             export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
+            transit_time: match pick(&args.transit_time, file.transit_time) {
+                (None, _) => true,
+                (Some(v), origin) => match v.trim() {
+                    "on" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            key: "transit-time",
+                            origin,
+                            value: v,
+                            problem: "is neither on nor off".into(),
+                            accepted: "accepted: on (the default) or off".into(),
+                        });
+                    }
+                },
+            },
             log_level,
             leak_allow,
             mullvad,
@@ -412,6 +430,7 @@ struct FileConfig {
     underlay: Option<Vec<String>>,
     wg_config: Option<Vec<PathBuf>>,
     export_endpoints: Option<bool>,
+    transit_time: Option<String>,
     log_level: Option<String>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,

@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     EBPF_OBJECT,
     config::RunConfig,
-    datapath::Datapath,
+    datapath::{Datapath, LoadOptions, Pinning},
     drops::DropReasons,
     features::Features,
     http::{self, HttpConfig, HttpSource},
@@ -165,7 +165,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         features.btf,
         features.bpf_stats
     );
-    let mut datapath = Datapath::load(EBPF_OBJECT).context("loading the eBPF programs")?;
+    let options = LoadOptions {
+        transit_time: cfg.transit_time,
+    };
+    if !options.transit_time {
+        info!(
+            "transit time off (--transit-time off): wirescope_tunnel_transit_seconds stays empty"
+        );
+    }
+    let mut datapath = Datapath::load_with_options(EBPF_OBJECT, Pinning::from_env(), options)
+        .context("loading the eBPF programs")?;
     datapath
         .leak
         .set_allowed(&cfg.leak_allow)

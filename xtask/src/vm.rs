@@ -68,6 +68,7 @@ pub const SUITES: &[&str] = &[
     "agent/tests/bounded.rs",
     "agent/tests/handshake.rs",
     "agent/tests/transit.rs",
+    "agent/tests/transit_off.rs",
     "agent/tests/drops.rs",
     "agent/tests/restart.rs",
 ];

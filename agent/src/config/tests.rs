@@ -628,3 +628,23 @@ fn mullvad_probe_and_failover_options() {
     assert_eq!(c.failover.max_rtt, Duration::from_millis(150));
     assert!(c.failover.dry_run);
 }
+
+#[test]
+fn transit_time_on_off() {
+    assert!(config(&[]).unwrap().transit_time);
+    assert!(config(&["--transit-time", "on"]).unwrap().transit_time);
+    assert!(!config(&["--transit-time", "off"]).unwrap().transit_time);
+    let e = config(&["--transit-time", "no"]).unwrap_err().to_string();
+    assert!(
+        e.contains("--transit-time: \"no\" is neither on nor off")
+            && e.contains("accepted: on (the default) or off"),
+        "{e}"
+    );
+    let d = Dir::new("transit-toml");
+    let f = d.file("c.toml", "transit-time = \"off\"\n");
+    let c = config(&["--config", &f]).unwrap();
+    assert!(!c.transit_time);
+    // The command line wins over the file.
+    let c = config(&["--config", &f, "--transit-time", "on"]).unwrap();
+    assert!(c.transit_time);
+}

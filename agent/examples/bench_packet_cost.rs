@@ -49,7 +49,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use wirescope::{
     EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps, Pinning, pin},
+    datapath::{Datapath, LoadOptions, PROG_EGRESS, PROG_INGRESS, PeerMaps, Pinning, pin},
     sync::endpoint_key,
 };
 
@@ -82,6 +82,9 @@ enum Mode {
         /// compare two builds; its maps must be laid out as this agent expects).
         #[arg(long, value_name = "PATH")]
         object: Option<std::path::PathBuf>,
+        /// Load the programs as `wirescope run --transit-time off` does.
+        #[arg(long = "transit-time-off")]
+        transit_time_off: bool,
     },
     /// Run statistics of the agent's attached programs against an empty program beside them.
     Live {
@@ -100,12 +103,22 @@ fn main() -> Result<()> {
             peers,
             rounds,
             object,
+            transit_time_off,
         } => {
             let object = match object {
                 Some(p) => std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
                 None => EBPF_OBJECT.to_vec(),
             };
-            serde_json::to_string_pretty(&test_run(&object, repeat, &peers, rounds.max(1))?)?
+            let options = LoadOptions {
+                transit_time: !transit_time_off,
+            };
+            serde_json::to_string_pretty(&test_run(
+                &object,
+                options,
+                repeat,
+                &peers,
+                rounds.max(1),
+            )?)?
         }
         Mode::Live { ifaces } => serde_json::to_string_pretty(&live(&ifaces)?)?,
     };
@@ -284,7 +297,13 @@ struct Measurement {
     margins: Vec<f64>,
 }
 
-fn test_run(object: &[u8], repeat: u32, peers: &[u32], rounds: u32) -> Result<TestRunReport> {
+fn test_run(
+    object: &[u8],
+    options: LoadOptions,
+    repeat: u32,
+    peers: &[u32],
+    rounds: u32,
+) -> Result<TestRunReport> {
     if peers.is_empty() {
         bail!("--peers: at least one peer count");
     }
@@ -305,7 +324,8 @@ fn test_run(object: &[u8], repeat: u32, peers: &[u32], rounds: u32) -> Result<Te
     }
     let tun = ifindex("lo")?;
     let under = ifindex("bcu0")?;
-    let mut dp = Datapath::load_with(object, Pinning::Off).context("loading the eBPF programs")?;
+    let mut dp = Datapath::load_with_options(object, Pinning::Off, options)
+        .context("loading the eBPF programs")?;
     // As the agent does it: IFACES written, programs attached (the interfaces are down, so
     // only the test runs reach them).
     let tunnel_cfg = IfaceConfig {

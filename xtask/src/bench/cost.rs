@@ -21,6 +21,7 @@ use super::{Ctx, Figure, Goal};
 
 /// Section names of the figures this part produces.
 pub const SECTION_TEST_RUN: &str = "per-packet cost (test_run)";
+pub const SECTION_TEST_RUN_TRANSIT_OFF: &str = "per-packet cost (test_run, --transit-time off)";
 pub const SECTION_LIVE: &str = "per-packet cost (live)";
 
 /// The goals of issue 7, per packet at 10,000 peers, as the margin over an empty program.
@@ -67,12 +68,34 @@ struct LiveProgram {
 }
 
 pub fn run(ctx: &Ctx) -> Result<Vec<Figure>> {
-    let (repeat, rounds, peers) = if ctx.quick {
-        (100_000, 2, "1,100,10000")
+    let (repeat, rounds) = if ctx.quick {
+        (100_000, 2)
     } else {
-        (1_000_000, 5, "1,100,10000")
+        (1_000_000, 5)
     };
-    let out = crate::cmd::run(Command::new(&ctx.cost_bin).args([
+    let mut figures = test_run(ctx, repeat, rounds, "1,100,10000", false)?;
+    // The same at the goals' peer count with transit timing off (`--transit-time off`):
+    // what the rest of the work costs.
+    figures.extend(test_run(
+        ctx,
+        repeat,
+        rounds,
+        &GOAL_PEERS.to_string(),
+        true,
+    )?);
+    Ok(figures)
+}
+
+/// One `bench_packet_cost test-run`, as figures.
+fn test_run(
+    ctx: &Ctx,
+    repeat: u32,
+    rounds: u32,
+    peers: &str,
+    transit_off: bool,
+) -> Result<Vec<Figure>> {
+    let mut cmd = Command::new(&ctx.cost_bin);
+    cmd.args([
         "test-run",
         "--repeat",
         &repeat.to_string(),
@@ -80,10 +103,19 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Figure>> {
         &rounds.to_string(),
         "--peers",
         peers,
-    ]))?;
+    ]);
+    if transit_off {
+        cmd.arg("--transit-time-off");
+    }
+    let out = crate::cmd::run(&mut cmd)?;
     let report: TestRunReport = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("parsing what `{} test-run` printed", ctx.cost_bin.display()))?;
-    let figures = test_run_figures(&report);
+    let section = if transit_off {
+        SECTION_TEST_RUN_TRANSIT_OFF
+    } else {
+        SECTION_TEST_RUN
+    };
+    let figures = test_run_figures(&report, section);
     if figures.is_empty() {
         bail!("`bench_packet_cost test-run` measured nothing");
     }
@@ -104,7 +136,7 @@ fn peers_label(n: u32) -> String {
     }
 }
 
-fn test_run_figures(r: &TestRunReport) -> Vec<Figure> {
+fn test_run_figures(r: &TestRunReport, section: &str) -> Vec<Figure> {
     r.results
         .iter()
         .map(|m| {
@@ -122,7 +154,7 @@ fn test_run_figures(r: &TestRunReport) -> Vec<Figure> {
             };
             // The figure is the median of the per-round differences; the two absolute
             // times are medians of their own, shown so the empty program's is on record.
-            let fig = Figure::new(SECTION_TEST_RUN, name, m.margin_ns, "ns").note(format!(
+            let fig = Figure::new(section, name, m.margin_ns, "ns").note(format!(
                 "ours {:.0} ns, empty program {:.0} ns (medians of {} rounds of {} runs)",
                 m.ns, m.baseline_ns, r.rounds, r.repeat
             ));
@@ -304,7 +336,7 @@ mod tests {
                 m(1, "tunnel", "IPv4", "wirescope_ingress"),
             ],
         };
-        let f = test_run_figures(&r);
+        let f = test_run_figures(&r, SECTION_TEST_RUN);
         assert_eq!(f[0].name, "wire ingress, WireGuard data, 10000 peers");
         assert_eq!(f[0].goal, Some(Goal::AtMost(40.0)));
         assert_eq!(f[1].goal, Some(Goal::AtMost(40.0)));

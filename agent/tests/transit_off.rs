@@ -75,7 +75,7 @@ fn traffic(dp: &mut Datapath, tun: u32, under: u32) {
     for (n, dir) in Dir::BOTH.into_iter().enumerate() {
         let (src, dst) = dir.flow((CLIENT_V4, 40000), (PEER_HOST, 443));
         let inner = agent_common::fixtures::Ipv4::new(src.0, dst.0)
-            .build(17, &udp(src.1, dst.1, &vec![0; INNER - 28]));
+            .build(17, &udp(src.1, dst.1, &[0; INNER - 28]));
         assert_eq!(inner.len(), INNER);
         let msg = wg::data_with_plaintext(0x5151_0000, n as u64 + 1, padded);
         let (s, d) = dir.flow((LOCAL_V4, LISTEN_PORT), (ENDPOINT, RELAY_PORT));

@@ -20,6 +20,7 @@ pub mod names {
     pub const HANDSHAKE_RTT: &str = "HANDSHAKE_RTT";
     pub const RX_SESSIONS: &str = "RX_SESSIONS";
     pub const RX_SEQ: &str = "RX_SEQ";
+    pub const PEER_IDS: &str = "PEER_IDS";
 }
 
 /// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
@@ -31,6 +32,8 @@ pub const MAX_WG_PORTS: u32 = 256;
 /// interface, but only kinds that occur get an entry (tunnel + data + keepalive + handshakes).
 pub const MAX_COUNTERS: u32 = 131_072;
 pub const MAX_UNKNOWN_WIRE: u32 = 4_096;
+/// (interface name, public key) -> peer id, for every peer the agent numbered.
+pub const MAX_PEER_IDS: u32 = 65_536;
 /// Encryptions or decryptions in flight at once: one per crypto worker thread.
 pub const MAX_CRYPTO_START: u32 = 4_096;
 /// (interface, direction, bucket).
@@ -119,6 +122,19 @@ pub mod kind {
 
 pub const DIR_RX: u8 = 0;
 pub const DIR_TX: u8 = 1;
+
+/// Key of `PEER_IDS`: the peer ids the agent gave, pinned beside the counters that are keyed
+/// by them, so that a restarted agent gives every peer its id again (wireguard-go lists
+/// peers in a different order on every read: numbering them anew would swap their counts).
+/// No program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIdKey {
+    /// The tunnel interface's name, NUL-padded (IFNAMSIZ).
+    pub ifname: [u8; 16],
+    pub public_key: [u8; 32],
+}
+const _: () = assert!(core::mem::size_of::<PeerIdKey>() == 48);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -297,6 +313,7 @@ mod pod {
     unsafe impl aya::Pod for AllowedV6 {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for PeerIdKey {}
     unsafe impl aya::Pod for UnknownWireKey {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for CryptoConfig {}

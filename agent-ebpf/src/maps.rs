@@ -9,10 +9,11 @@
 
 use agent_common::maps::{
     AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, MAX_ALLOWED_IPS,
-    MAX_COUNTERS, MAX_ENDPOINTS, MAX_IFACES, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey,
-    map_error,
+    MAX_COUNTERS, MAX_ENDPOINTS, MAX_IFACES, MAX_PEER_IDS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS,
+    PeerIdKey, UnknownWireKey, map_error,
 };
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
@@ -42,6 +43,13 @@ pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
 
 #[map]
 pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(map_error::COUNT, 0);
+
+/// The agent's peer numbering, pinned with the counters keyed by it (see
+/// `agent_common::maps::PeerIdKey`); only the agent reads and writes it. Not preallocated: a
+/// few hundred bytes per peer rather than 65,536 entries up front.
+#[map]
+pub static PEER_IDS: HashMap<PeerIdKey, u32> =
+    HashMap::pinned(MAX_PEER_IDS, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<IfaceConfig> {

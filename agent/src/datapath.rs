@@ -5,8 +5,8 @@ use std::{collections::HashMap as StdHashMap, hash::Hash};
 
 use agent_common::maps::{
     AllowedV4, AllowedV6, Counter, CounterKey, CryptoConfig, Endpoint, HistKey, HistValue,
-    IfaceConfig, IndexKey, PeerHistKey, PendingHandshake, RxSession, UnknownWireKey, map_error,
-    names,
+    IfaceConfig, IndexKey, PeerHistKey, PeerIdKey, PendingHandshake, RxSession, UnknownWireKey,
+    map_error, names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -152,6 +152,11 @@ pub struct Datapath {
     handshake_rtt: PerCpuHashMap<MapData, PeerHistKey, HistValue>,
     rx_sessions: HashMap<MapData, IndexKey, RxSession>,
     rx_seq: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// The peer numbering, pinned with the counters (see [`Datapath::saved_peer_ids`]).
+    peer_ids: HashMap<MapData, PeerIdKey, u32>,
+    /// Entries in `peer_ids`, counted as they are read and written (walking the map on
+    /// every scrape would cost a syscall per peer).
+    peer_ids_len: u64,
     /// Fragments and ICMP too-big ([`PathMaps`]).
     path: PathMaps,
     /// Leak detection ([`LeakMaps`]).
@@ -301,6 +306,8 @@ impl Datapath {
             handshake_rtt: take(&mut ebpf, names::HANDSHAKE_RTT)?,
             rx_sessions: take(&mut ebpf, names::RX_SESSIONS)?,
             rx_seq: take(&mut ebpf, names::RX_SEQ)?,
+            peer_ids: take(&mut ebpf, names::PEER_IDS)?,
+            peer_ids_len: 0,
             path: PathMaps::take(&mut ebpf)?,
             leak: LeakMaps::take(&mut ebpf)?,
             transit: crate::transit::TransitMaps::take(&mut ebpf)?,
@@ -752,6 +759,7 @@ impl Datapath {
                 self.unknown_wire.keys().count() as u64,
                 MAX_UNKNOWN_WIRE as u64,
             ),
+            (names::PEER_IDS, self.peer_ids_len, MAX_PEER_IDS as u64),
             (
                 names::CRYPTO_HIST,
                 self.crypto_hist.keys().count() as u64,
@@ -784,6 +792,57 @@ impl Datapath {
         .chain(self.transit.usage())
         .chain(self.drops.usage())
         .collect()
+    }
+
+    /// The peer ids given by this agent or, through the pinned map, by the one before it:
+    /// (interface name, public key, id). The sync hands them out again, so a restarted agent
+    /// continues each peer's counters under the same id.
+    pub fn saved_peer_ids(&mut self) -> Vec<(String, [u8; 32], u32)> {
+        let saved: Vec<_> = self
+            .peer_ids
+            .iter()
+            .flatten()
+            .map(|(k, id)| {
+                let len = k
+                    .ifname
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(k.ifname.len());
+                (
+                    String::from_utf8_lossy(&k.ifname[..len]).into_owned(),
+                    k.public_key,
+                    id,
+                )
+            })
+            .collect();
+        self.peer_ids_len = saved.len() as u64;
+        saved
+    }
+
+    /// Saves newly given peer ids (see [`Datapath::saved_peer_ids`]); tries every one and
+    /// returns the first refusal (a full map: the id still holds for this agent's life).
+    pub fn save_peer_ids(&mut self, ids: &[(String, [u8; 32], u32)]) -> Result<(), DatapathError> {
+        let mut first = Ok(());
+        for (iface, key, id) in ids {
+            let mut ifname = [0u8; 16];
+            let n = iface.len().min(ifname.len());
+            ifname[..n].copy_from_slice(&iface.as_bytes()[..n]);
+            let k = PeerIdKey {
+                ifname,
+                public_key: *key,
+            };
+            match self.peer_ids.insert(k, *id, 0) {
+                Ok(()) => self.peer_ids_len += 1,
+                Err(source) if first.is_ok() => {
+                    first = Err(DatapathError::Map {
+                        map: names::PEER_IDS,
+                        source,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        first
     }
 
     /// (program name, run count, run time) from the kernel's statistics; zero unless

@@ -198,6 +198,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             crypto_kprobes,
         },
     );
+    // Peers keep the ids their pinned counters are keyed by (see sync::PeerIds).
+    let saved_ids = datapath
+        .lock()
+        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
+        .saved_peer_ids();
+    if !saved_ids.is_empty() {
+        info!(
+            "{} peer ids continued from the pinned maps",
+            saved_ids.len()
+        );
+    }
+    syncer.seed_peer_ids(saved_ids);
     // The first round runs before serving, so the first scrape already sees the tunnels.
     syncer
         .tick(&datapath, &inventory)

@@ -38,13 +38,68 @@ pub struct SyncOptions {
     pub crypto_kprobes: bool,
 }
 
+/// Peer ids: interface name -> public key -> id, each given once and kept (across restarts
+/// too, through the pinned PEER_IDS map). Ids are unique over all interfaces and start at 1
+/// (0 is `PEER_UNKNOWN`).
+#[derive(Debug)]
+pub struct PeerIds {
+    /// Nested so that a round looks ids up without allocating a key per peer.
+    ids: HashMap<String, HashMap<[u8; 32], u32>>,
+    next: u32,
+    /// Given since the last [`PeerIds::take_new`], to be saved.
+    new: Vec<(String, [u8; 32], u32)>,
+}
+
+impl Default for PeerIds {
+    fn default() -> Self {
+        PeerIds {
+            ids: HashMap::new(),
+            next: 1,
+            new: Vec::new(),
+        }
+    }
+}
+
+impl PeerIds {
+    /// Ids given before (by an agent that ran earlier); new ones continue above the highest.
+    pub fn seeded(saved: impl IntoIterator<Item = (String, [u8; 32], u32)>) -> PeerIds {
+        let mut p = PeerIds::default();
+        for (iface, key, id) in saved {
+            if id == 0 {
+                continue;
+            }
+            p.next = p.next.max(id.saturating_add(1));
+            p.ids.entry(iface).or_default().insert(key, id);
+        }
+        p
+    }
+
+    /// The id of `key` on `iface`, given now if it has none.
+    pub fn get(&mut self, iface: &str, key: &[u8; 32]) -> u32 {
+        if let Some(id) = self.ids.get(iface).and_then(|m| m.get(key)) {
+            return *id;
+        }
+        let id = self.next;
+        self.next = self.next.saturating_add(1);
+        self.ids
+            .entry(iface.to_string())
+            .or_default()
+            .insert(*key, id);
+        self.new.push((iface.to_string(), *key, id));
+        id
+    }
+
+    /// The ids given since the last call.
+    pub fn take_new(&mut self) -> Vec<(String, [u8; 32], u32)> {
+        std::mem::take(&mut self.new)
+    }
+}
+
 pub struct Syncer {
     netlink: Netlink,
     opts: SyncOptions,
-    /// Interface name -> public key -> map id. Nested so that a round looks ids up
-    /// without allocating a key per peer.
-    ids: HashMap<String, HashMap<[u8; 32], u32>>,
-    next_id: u32,
+    /// The ids peers are counted under in the maps.
+    ids: PeerIds,
     routes: HashMap<IpAddr, (Option<u32>, Instant)>,
     /// Messages already logged, so a persistent problem is logged once, not every second.
     logged: HashSet<String>,
@@ -64,14 +119,20 @@ impl Syncer {
         Self {
             netlink,
             opts,
-            ids: HashMap::new(),
-            next_id: 1,
+            ids: PeerIds::default(),
             routes: HashMap::new(),
             logged: HashSet::new(),
             uapi_sockets: HashMap::new(),
             logged_peer_count: None,
             rounds: 0,
         }
+    }
+
+    /// Hands out `saved` ids (from [`crate::datapath::Datapath::saved_peer_ids`]) again to
+    /// their peers, and new ids above them: a restarted agent counts every peer under its
+    /// old id, whatever order the peers are read in. Call before the first [`Syncer::tick`].
+    pub fn seed_peer_ids(&mut self, saved: Vec<(String, [u8; 32], u32)>) {
+        self.ids = PeerIds::seeded(saved);
     }
 
     fn warn_once(&mut self, msg: String) {
@@ -209,6 +270,13 @@ impl Syncer {
                 }
             }
             let maps_started = Instant::now();
+            // Ids given this round are saved before any packet is counted under them.
+            let new_ids = self.ids.take_new();
+            if let Err(e) = dp.save_peer_ids(&new_ids) {
+                self.warn_once(format!(
+                    "saving peer ids: {e} (a restarted agent may count those peers anew)"
+                ));
+            }
             maps_result = dp.sync_peers(&want);
             maps_took = maps_started.elapsed();
             // Leak detection is on while a handshake is less than 180 s old.
@@ -312,14 +380,8 @@ impl Syncer {
 
     fn tunnel(&mut self, link: &Link, dev: WgDevice, backend: Backend) -> Tunnel {
         let mut peers = Vec::with_capacity(dev.peers.len());
-        let next_id = &mut self.next_id;
-        let ids = self.ids.entry(link.name.clone()).or_default();
         for p in dev.peers {
-            let id = *ids.entry(p.public_key).or_insert_with(|| {
-                let id = *next_id;
-                *next_id += 1;
-                id
-            });
+            let id = self.ids.get(&link.name, &p.public_key);
             let public_key = wg::key_to_base64(&p.public_key);
             peers.push(Peer {
                 id,
@@ -732,5 +794,30 @@ mod tests {
             Some(source_errors::WIREGUARD_UAPI)
         );
         assert_eq!(failed_source(None, true), None);
+    }
+
+    #[test]
+    fn peer_ids_are_kept_whatever_the_read_order() {
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let mut ids = PeerIds::default();
+        assert_eq!((ids.get("wg0", &a), ids.get("wg0", &b)), (1, 2));
+        // The same peers read in the other order keep their ids; none is new.
+        assert_eq!((ids.get("wg0", &b), ids.get("wg0", &a)), (2, 1));
+        let saved = ids.take_new();
+        assert_eq!(saved.len(), 2);
+        assert!(ids.take_new().is_empty());
+
+        // A restarted agent, seeded with what was saved, reads the peers in another order
+        // and meets a new one: the old ids again, the new one above them.
+        let mut again = PeerIds::seeded(saved);
+        assert_eq!(again.get("wg0", &c), 3);
+        assert_eq!(again.get("wg0", &b), 2);
+        assert_eq!(again.get("wg0", &a), 1);
+        assert_eq!(again.take_new(), vec![("wg0".to_string(), c, 3)]);
+        // The same key on another interface is another peer (ids are unique over all).
+        assert_eq!(again.get("wg1", &a), 4);
+        // Nonsense in the map (id 0, PEER_UNKNOWN) is not handed out.
+        let mut odd = PeerIds::seeded([("wg0".to_string(), a, 0)]);
+        assert_eq!(odd.get("wg0", &a), 1);
     }
 }

@@ -36,6 +36,64 @@ use xtask::{
 
 const PREFIX: &str = "wsr";
 
+/// A second peer of the client: a fixed key, allowed IPs 10.99.0.0/24 (routed into the
+/// tunnel), an endpoint on the relay's address at a port nothing listens on (so kernel
+/// WireGuard queues its packets rather than refusing them for want of an endpoint).
+const GHOST: &str = "R2hvc3RQZWVyS2V5Rm9yVGhlUmVzdGFydFRlc3QwMDA=";
+const GHOST_HOST: [u8; 4] = [10, 99, 0, 1];
+
+fn add_ghost_peer(lab: &Lab, cns: &str, tun: &str) {
+    let out = lab
+        .exec(cns, &["wg", "show", tun, "endpoints"])
+        .expect("wg show endpoints");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let relay_ip = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|ep| ep.parse::<SocketAddr>().ok())
+        .map(|ep| ep.ip().to_string())
+        .unwrap_or_else(|| panic!("the relay's endpoint in {text:?}"));
+    let endpoint = format!("{relay_ip}:51999");
+    for args in [
+        vec![
+            "wg",
+            "set",
+            tun,
+            "peer",
+            GHOST,
+            "allowed-ips",
+            "10.99.0.0/24",
+            "endpoint",
+            &endpoint,
+        ],
+        vec!["ip", "route", "replace", "10.99.0.0/24", "dev", tun],
+    ] {
+        let o = lab.exec(cns, &args).expect("lab exec");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Scrapes until the agent lists `peer` (its allowed IPs are then in the maps).
+fn wait_peer_known(agent: &Agent, peer: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent
+        .scrape()
+        .expect("scrape")
+        .sum("wirescope_peer_info", &[("peer", peer)])
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "peer {peer} not synced within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Echoes `n` datagrams from the client through the tunnel to the gateway and back.
 fn echo(lab: &Lab, n: usize, port: u16) {
     let dst = SocketAddr::new(GATEWAY_V4.into(), port);
@@ -169,6 +227,27 @@ fn sigkill_restart_keeps_counters() {
     let base_tx = tun_packets(&s1, &tun, &relay, "tx");
     let base_rx = tun_packets(&s1, &tun, &relay, "rx");
     let base_wire_tx = wire_data(&s1, &relay, "tx");
+
+    // A second peer on the client's interface, with G datagrams counted under it.
+    // wireguard-go lists peers in another order on every read: the restarted agent must
+    // give each peer its old id (pinned), or the two peers' counts swap.
+    const G: usize = 5;
+    add_ghost_peer(&lab, &cns, &tun);
+    wait_peer_known(&agent, GHOST);
+    send_udp(
+        &cns,
+        None,
+        SocketAddr::new(GHOST_HOST.into(), 9),
+        &vec![60; G],
+    )
+    .expect("datagrams to the second peer");
+    std::thread::sleep(Duration::from_millis(300));
+    let s1 = agent.scrape().expect("scrape");
+    assert_eq!(
+        tun_packets(&s1, &tun, GHOST, "tx"),
+        G as u64,
+        "the second peer's packets"
+    );
     prom.wait_scraped(Duration::from_secs(20))
         .expect("prometheus scrapes the agent");
     let sel = format!(
@@ -224,6 +303,20 @@ fn sigkill_restart_keeps_counters() {
     assert_eq!(reused[0], reused[2], "every pinned map reused: {line2}");
 
     let s2 = scrape_synced(&agent, &tun, &relay);
+    assert!(
+        log.contains("2 peer ids continued from the pinned maps")
+            || agent
+                .log_text()
+                .contains("2 peer ids continued from the pinned maps"),
+        "both peers' ids read back:\n{}",
+        agent.log_text()
+    );
+    // Each peer's counts under its own key, whatever order the peers were read in.
+    assert_eq!(
+        tun_packets(&s2, &tun, GHOST, "tx"),
+        G as u64,
+        "the second peer keeps its count (and its id)"
+    );
     let tx2 = tun_packets(&s2, &tun, &relay, "tx");
     let rx2 = tun_packets(&s2, &tun, &relay, "rx");
     eprintln!(

@@ -238,7 +238,7 @@ fn sigkill_restart_keeps_counters() {
         &cns,
         None,
         SocketAddr::new(GHOST_HOST.into(), 9),
-        &vec![60; G],
+        &[60; G],
     )
     .expect("datagrams to the second peer");
     std::thread::sleep(Duration::from_millis(300));

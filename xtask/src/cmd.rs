@@ -84,6 +84,11 @@ fn check(cmd: &Command, output: Output) -> Result<Output> {
     )
 }
 
+/// Creates (or empties) an output file, naming it when that fails.
+pub fn new_file(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,6 @@
 //! agent did not stop cleanly. Ctrl-C (SIGINT) or SIGTERM at any point stops the agent and
 //! tears the lab down; during the traffic it is an error, while serving it is the normal end.
 
-use std::fs::File;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -34,6 +33,7 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 
 use crate::agent::{self, Agent};
 use crate::lab::{GATEWAY_V4, Lab, LabConfig, Topology};
+use crate::procs::ChildGuard;
 use crate::scrape::Metrics;
 use crate::{build, netns, udp};
 
@@ -770,8 +770,8 @@ fn iperf3(lab: &Lab, logs: &Path) -> Result<String> {
     let gw = GATEWAY_V4.to_string();
     let port = IPERF_PORT.to_string();
     let server_log = logs.join("iperf3-server.log");
-    let server_out = new_file(&server_log)?;
-    let mut server = Guard(
+    let server_out = crate::cmd::new_file(&server_log)?;
+    let mut server = ChildGuard(
         netns::command(exit, "iperf3")
             .args(["-s", "-1", "-B", &gw, "-p", &port])
             .stdin(Stdio::null())
@@ -784,11 +784,11 @@ fn iperf3(lab: &Lab, logs: &Path) -> Result<String> {
 
     let out_path = logs.join("iperf3-client.json");
     let seconds = IPERF_SECONDS.to_string();
-    let mut client_proc = Guard(
+    let mut client_proc = ChildGuard(
         netns::command(client, "iperf3")
             .args(["-c", &gw, "-p", &port, "-t", &seconds, "-J"])
             .stdin(Stdio::null())
-            .stdout(new_file(&out_path)?)
+            .stdout(crate::cmd::new_file(&out_path)?)
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the iperf3 client")?,
@@ -824,23 +824,6 @@ fn iperf3(lab: &Lab, logs: &Path) -> Result<String> {
         f(&sent["retransmits"]),
         f(&received["bits_per_second"]) / 1e6
     ))
-}
-
-/// Kills and reaps a child when dropped (unless it has exited already).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// Creates (or empties) an output file of this run.
-fn new_file(path: &Path) -> Result<File> {
-    File::create(path).with_context(|| format!("creating {}", path.display()))
 }
 
 /// Waits until something listens on TCP `addr` in `ns` (`ss`), failing early if `server`

@@ -138,6 +138,19 @@ pub fn in_netns(ns: &str) -> Result<Option<Vec<u32>>> {
     netns_pids(ns).map(Some)
 }
 
+/// A child process killed (unless it has exited already) and reaped when dropped, so an
+/// error path leaves no process behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

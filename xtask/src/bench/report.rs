@@ -109,6 +109,20 @@ fn fmt_goal(g: Option<Goal>, unit: &str) -> String {
     }
 }
 
+/// A row of a goals table: figure, measured, goal, verdict.
+fn goal_row(s: &mut String, f: &Figure) {
+    let _ = writeln!(
+        s,
+        "| {}: {} | {} {} | {} | {} |",
+        f.section,
+        f.name,
+        fmt_value(f.value),
+        f.unit,
+        fmt_goal(f.goal, &f.unit),
+        verdict(f)
+    );
+}
+
 fn verdict(f: &Figure) -> &'static str {
     match f.met() {
         None => "",
@@ -146,16 +160,7 @@ pub fn markdown(meta: &Meta, figures: &[Figure]) -> String {
         let _ = writeln!(s, "| figure | measured | goal | |");
         let _ = writeln!(s, "|---|---:|---|---|");
         for f in goals {
-            let _ = writeln!(
-                s,
-                "| {}: {} | {} {} | {} | {} |",
-                f.section,
-                f.name,
-                fmt_value(f.value),
-                f.unit,
-                fmt_goal(f.goal, &f.unit),
-                verdict(f)
-            );
+            goal_row(&mut s, f);
         }
         s.push('\n');
     }
@@ -204,16 +209,7 @@ pub fn readme_section(meta: &Meta, figures: &[Figure]) -> String {
     let _ = writeln!(s, "| goal | measured | target | |");
     let _ = writeln!(s, "|---|---:|---|---|");
     for f in figures.iter().filter(|f| f.goal.is_some()) {
-        let _ = writeln!(
-            s,
-            "| {}: {} | {} {} | {} | {} |",
-            f.section,
-            f.name,
-            fmt_value(f.value),
-            f.unit,
-            fmt_goal(f.goal, &f.unit),
-            verdict(f)
-        );
+        goal_row(&mut s, f);
     }
     s
 }

@@ -58,7 +58,6 @@
 //! no value (NaN) whose note holds the error: the bench fails at the end naming it, and the
 //! throughput figures measured before are kept.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -68,6 +67,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use super::{Ctx, Figure, Goal, cost, median};
 use crate::agent::Agent;
 use crate::lab::{self, GATEWAY_V4, Lab, LabConfig, Topology, WgImpl};
+use crate::procs::ChildGuard;
 use crate::{netns, procs};
 
 /// Lab prefix of this part: namespaces bt-cli and bt-relay.
@@ -859,22 +859,6 @@ fn bpf_stats_enabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0")
 }
 
-/// Kills and reaps a child when dropped, unless it has exited already.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn new_file(path: &Path) -> Result<File> {
-    File::create(path).with_context(|| format!("creating {}", path.display()))
-}
-
 /// One iperf3 run of `seconds` against a fresh one-shot server; both processes are gone when
 /// this returns, also on error.
 fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) -> Result<Sample> {
@@ -882,13 +866,13 @@ fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) -> Result<S
     let port = PORT.to_string();
     let base = env.dir.join(format!("{}-{tag}", case.slug()));
     let server_log = base.with_extension("server.log");
-    let out = new_file(&server_log)?;
+    let out = crate::cmd::new_file(&server_log)?;
     let mut server_cmd = netns::command(&env.relay_ns, "iperf3");
     server_cmd.args(["-s", "-1", "-B", &dst, "-p", &port]);
     if case.pinned() {
         server_cmd.args(["-A", "0"]);
     }
-    let mut server = Guard(
+    let mut server = ChildGuard(
         server_cmd
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -927,11 +911,11 @@ fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) -> Result<S
     }
     let lab_cpu = LabCpu::snapshot(&[&env.client_ns, &env.relay_ns])?;
     let started = Instant::now();
-    let mut client = Guard(
+    let mut client = ChildGuard(
         client_cmd
             .stdin(Stdio::null())
-            .stdout(new_file(&json_path)?)
-            .stderr(new_file(&base.with_extension("client.err"))?)
+            .stdout(crate::cmd::new_file(&json_path)?)
+            .stderr(crate::cmd::new_file(&base.with_extension("client.err"))?)
             .spawn()
             .context("starting the iperf3 client")?,
     );

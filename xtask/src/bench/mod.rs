@@ -50,7 +50,7 @@ pub struct BenchArgs {
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub quick: bool,
-    /// The agent binary (release; the dev build with --quick).
+    /// The release agent binary.
     pub agent_bin: PathBuf,
     /// The `bench_packet_cost` example of the agent crate (test_run and live run
     /// statistics; see agent/examples/bench_packet_cost.rs).
@@ -198,27 +198,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds the agent and the cost example (release; dev with --quick); makes the scratch
-/// directory.
+/// Builds the release agent and the cost example; makes the scratch directory.
 fn prepare(quick: bool) -> Result<Ctx> {
-    // --quick checks that every figure is produced, not what it says: the dev build (which
-    // `cargo test` has just made in `cargo xtask test`) spares minutes of release build. The
-    // eBPF object is the same either way (agent/build.rs always builds it optimised).
-    let profile = if quick { "debug" } else { "release" };
-    let mut args = vec!["build"];
-    if !quick {
-        args.push("--release");
-    }
-    args.extend([
+    // Release builds, --quick too: in `cargo xtask test` the quick run goes beside the VM,
+    // which runs target/debug's binaries; a dev build here would relink them under it (with
+    // other features than `cargo test` unified), and the agent died of SIGSEGV in the VM.
+    let args = [
+        "build",
+        "--release",
         "-p",
         build::AGENT_PACKAGE,
         "--bin",
         build::AGENT_PACKAGE,
         "--example",
         "bench_packet_cost",
-    ]);
+    ];
     let status = build::cargo()
-        .args(&args)
+        .args(args)
         .status()
         .context("running cargo build")?;
     if !status.success() {
@@ -233,9 +229,9 @@ fn prepare(quick: bool) -> Result<Ctx> {
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     Ok(Ctx {
         quick,
-        agent_bin: target.join(profile).join(build::AGENT_PACKAGE),
+        agent_bin: target.join("release").join(build::AGENT_PACKAGE),
         cost_bin: target
-            .join(profile)
+            .join("release")
             .join("examples")
             .join("bench_packet_cost"),
         work,

@@ -48,8 +48,7 @@ pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(map_error::COUNT, 
 /// `agent_common::maps::PeerIdKey`); only the agent reads and writes it. Not preallocated: a
 /// few hundred bytes per peer rather than 65,536 entries up front.
 #[map]
-pub static PEER_IDS: HashMap<PeerIdKey, u32> =
-    HashMap::pinned(MAX_PEER_IDS, BPF_F_NO_PREALLOC);
+pub static PEER_IDS: HashMap<PeerIdKey, u32> = HashMap::pinned(MAX_PEER_IDS, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<IfaceConfig> {

@@ -3,8 +3,8 @@
 
 pub mod btf;
 pub mod caps;
-pub mod client;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod datapath;

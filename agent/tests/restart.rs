@@ -234,13 +234,8 @@ fn sigkill_restart_keeps_counters() {
     const G: usize = 5;
     add_ghost_peer(&lab, &cns, &tun);
     wait_peer_known(&agent, GHOST);
-    send_udp(
-        &cns,
-        None,
-        SocketAddr::new(GHOST_HOST.into(), 9),
-        &[60; G],
-    )
-    .expect("datagrams to the second peer");
+    send_udp(&cns, None, SocketAddr::new(GHOST_HOST.into(), 9), &[60; G])
+        .expect("datagrams to the second peer");
     std::thread::sleep(Duration::from_millis(300));
     let s1 = agent.scrape().expect("scrape");
     assert_eq!(

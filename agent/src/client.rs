@@ -13,7 +13,7 @@ use base64::Engine as _;
 use clap::Args;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
-use crate::cli::DEFAULT_LISTEN_ADDRESS;
+use crate::config::cli::DEFAULT_LISTEN_ADDRESS;
 
 /// Where the password for `--web.user` comes from: the environment, since a command line is
 /// visible to every user through `ps`.

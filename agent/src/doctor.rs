@@ -23,14 +23,14 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    cli::DoctorArgs,
     client::{AgentAddr, AgentClient, ClientError},
     config::MullvadConfig,
-    features::Features,
-    inventory::WgDevice,
-    mullvad::{self, TunnelState},
-    netlink::{Link, Netlink},
-    wg,
+    config::cli::DoctorArgs,
+    datapath::features::Features,
+    sources::mullvad::{self, TunnelState},
+    sources::netlink::{Link, Netlink},
+    sources::wg,
+    sync::inventory::WgDevice,
 };
 
 /// Socket buffer maximum below which UDP bursts are dropped on a busy tunnel (2.5 MiB, what
@@ -565,7 +565,7 @@ fn check_wireguard(f: &mut Vec<Finding>, host: &mut Host) {
         match wg::read_device(&name) {
             Ok((dev, backend)) => {
                 let how = match backend {
-                    crate::inventory::Backend::Netlink => "kernel WireGuard",
+                    crate::sync::inventory::Backend::Netlink => "kernel WireGuard",
                     _ => "userspace WireGuard (UAPI socket)",
                 };
                 f.push(Finding::info(

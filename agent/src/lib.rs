@@ -1,36 +1,35 @@
 //! wirescope, the agent: loads the TC programs, keeps their maps in sync with the WireGuard
 //! peers it finds, and serves what they count to Prometheus.
+//!
+//! The modules follow the data, each layer importing only from the ones before it:
+//!
+//! - [`config`]: the command line and the TOML file, checked into a [`config::RunConfig`].
+//! - [`sources`]: where state comes from: WireGuard (netlink, UAPI), rtnetlink, the Mullvad
+//!   CLI, the kernel's BTF, wg-quick files.
+//! - [`datapath`]: the eBPF programs as the agent holds them: load, attach, pin, and one
+//!   module per feature with its maps.
+//! - [`sync`]: the model ([`sync::inventory`]) and the loop that keeps it and the maps in step
+//!   with the sources.
+//! - [`probes`]: what the agent measures actively: ICMP probes, path MTU, failover.
+//! - [`metrics`]: Prometheus collectors, read-only over the datapath, the model and probes.
+//! - [`serve`]: the HTTP server, TLS and auth, and the status document.
+//! - [`ops`]: `wirescope status` and `wirescope doctor`, clients of a running agent.
+//! - [`run`]: `wirescope run`, which wires the layers together.
 
-pub mod btf;
 pub mod caps;
-pub mod cli;
 pub mod client;
 pub mod config;
-pub mod crypto;
 pub mod datapath;
 pub mod doctor;
-pub mod drops;
-pub mod failover;
-pub mod features;
-pub mod friendly;
-pub mod health;
-pub mod http;
 pub mod instance;
-pub mod inventory;
 pub mod metrics;
-pub mod mullvad;
-pub mod netlink;
-pub mod peer_label;
-pub mod pmtu;
-pub mod probe;
+pub mod probes;
 pub mod run;
-pub mod source_errors;
+pub mod serve;
+pub mod sources;
 pub mod status;
 pub mod status_view;
 pub mod sync;
-pub mod topology;
-pub mod transit;
-pub mod wg;
 
 /// The compiled eBPF object (agent-ebpf, built by build.rs).
 pub static EBPF_OBJECT: &[u8] =

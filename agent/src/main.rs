@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use wirescope::{
-    cli::{Cli, Command},
     config::RunConfig,
+    config::cli::{Cli, Command},
 };
 
 fn main() -> ExitCode {

@@ -13,17 +13,17 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     EBPF_OBJECT,
     config::RunConfig,
+    datapath::drops::DropReasons,
+    datapath::features::Features,
     datapath::{Datapath, LoadOptions, Pinning},
-    drops::DropReasons,
-    features::Features,
-    http::{self, HttpConfig, HttpSource},
-    inventory::Inventory,
     metrics::{
         self, Format, agent::AgentCollector, datapath::DatapathCollector, peers::PeerCollector,
     },
-    netlink::Netlink,
-    peer_label::EndpointLabeler,
+    serve::{self, HttpConfig, HttpSource},
+    sources::netlink::Netlink,
     status,
+    sync::inventory::Inventory,
+    sync::peer_label::EndpointLabeler,
     sync::{SyncOptions, Syncer},
 };
 
@@ -38,13 +38,13 @@ struct Agent {
     datapath_collector: Arc<DatapathCollector>,
     drops_collector: Arc<crate::metrics::drops::DropsCollector>,
     /// What the status shows beyond the counters (issue 9).
-    wire_health: Arc<crate::metrics::wire_health::WireHealthCollector>,
+    wire_health: Arc<crate::metrics::health::WireHealthCollector>,
     leaks: Arc<crate::metrics::leak::LeakCollector>,
     path: Arc<crate::metrics::path::PathCollector>,
-    probe_stats: Arc<crate::probe::ProbeStats>,
-    pmtu_state: Arc<crate::pmtu::PmtuState>,
-    failover_state: Arc<Mutex<crate::failover::Failover>>,
-    mullvad_state: Arc<RwLock<crate::mullvad::MullvadState>>,
+    probe_stats: Arc<crate::probes::icmp::ProbeStats>,
+    pmtu_state: Arc<crate::probes::pmtu::PmtuState>,
+    failover_state: Arc<Mutex<crate::probes::failover::Failover>>,
+    mullvad_state: Arc<RwLock<crate::sources::mullvad::MullvadState>>,
     labeler: EndpointLabeler,
     export_endpoints: bool,
 }
@@ -123,13 +123,13 @@ impl HttpSource for Agent {
 /// Attaches the drop tracepoints where the kernel allows, recording each outcome in
 /// `features`; returns the kernel's drop reason names (empty when unreadable).
 fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropReasons> {
-    let (cfg, reasons) = match crate::drops::prepare() {
+    let (cfg, reasons) = match crate::datapath::drops::prepare() {
         Ok(v) => v,
         Err(e) => {
             warn!("kernel drops are not counted: {e}");
             features.attached = vec![
-                (crate::drops::KFREE_SKB.2, false),
-                (crate::drops::UDP_FAIL.2, false),
+                (crate::datapath::drops::KFREE_SKB.2, false),
+                (crate::datapath::drops::UDP_FAIL.2, false),
             ];
             return Arc::new(DropReasons::default());
         }
@@ -223,17 +223,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         libc::malloc_trim(0);
     }
 
-    // Mullvad daemon state (issue 6): written by crate::mullvad::spawn below, read by its
+    // Mullvad daemon state (issue 6): written by crate::sources::mullvad::spawn below, read by its
     // collector and, through probe_target(), by the prober.
-    let mullvad_state = Arc::new(RwLock::new(crate::mullvad::MullvadState::default()));
+    let mullvad_state = Arc::new(RwLock::new(crate::sources::mullvad::MullvadState::default()));
 
     // Active probes and path MTU (issue 6): stats shared with the collector and failover.
-    let probe_stats = Arc::new(crate::probe::ProbeStats::new());
-    let pmtu_state = Arc::new(crate::pmtu::PmtuState::new());
+    let probe_stats = Arc::new(crate::probes::icmp::ProbeStats::new());
+    let pmtu_state = Arc::new(crate::probes::pmtu::PmtuState::new());
     // Fire (notify_one) on an ICMP too-big seen by the datapath: a path-MTU run soon.
     let pmtu_trigger = Arc::new(tokio::sync::Notify::new());
     // Dynamic probe targets: the Mullvad poller's 10.64.0.1@wg0-mullvad while connected.
-    let probe_extra: crate::probe::ExtraTargets = {
+    let probe_extra: crate::probes::icmp::ExtraTargets = {
         let mullvad = mullvad_state.clone();
         Arc::new(move || {
             mullvad
@@ -246,8 +246,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     };
     let probe_labeler = endpoints.clone();
     let status_labeler = endpoints.clone();
-    let failover_state = Arc::new(Mutex::new(crate::failover::Failover::default()));
-    let failover_outcomes = crate::failover::Outcomes::default();
+    let failover_state = Arc::new(Mutex::new(crate::probes::failover::Failover::default()));
+    let failover_outcomes = crate::probes::failover::Outcomes::default();
     // Both results of the configured action from the start, at 0: rates are 0, not absent.
     if cfg.failover.command.is_some() {
         let action = if cfg.failover.dry_run {
@@ -276,7 +276,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         datapath.clone(),
         inventory.clone(),
     )));
-    let wire_health = Arc::new(crate::metrics::wire_health::WireHealthCollector::new(
+    let wire_health = Arc::new(crate::metrics::health::WireHealthCollector::new(
         datapath.clone(),
         inventory.clone(),
     ));
@@ -330,7 +330,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         export_endpoints: cfg.export_endpoints,
     });
 
-    let server = http::bind(
+    let server = serve::bind(
         HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone())
             .with_web_config(cfg.web_config.as_ref())?,
     )
@@ -363,11 +363,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 // Unanswered initiations become timeouts, idle sessions go: both maps
                 // stay bounded, and a timeout shows within a second of its 5 s.
                 if let Ok(mut dp) = datapath.lock() {
-                    dp.expire_wire_state(crate::health::monotonic_ns());
+                    dp.expire_wire_state(crate::datapath::health::monotonic_ns());
                     // Reported MTUs older than the 10-minute window go.
-                    dp.expire_path_state(crate::health::monotonic_ns());
+                    dp.expire_path_state(crate::datapath::health::monotonic_ns());
                     // Transit slots of packets never matched, queues of quiet peers.
-                    dp.transit.expire(crate::health::monotonic_ns());
+                    dp.transit.expire(crate::datapath::health::monotonic_ns());
                     // A new ICMP too-big: the path MTU may have changed, measure it soon.
                     let too_big: u64 = dp
                         .path()
@@ -393,14 +393,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         })
     };
 
-    let probe_task = crate::probe::spawn(
+    let probe_task = crate::probes::icmp::spawn(
         cfg.probes.clone(),
         probe_extra.clone(),
         probe_stats.clone(),
         stop_rx.clone(),
     );
-    let pmtu_task = crate::pmtu::spawn(
-        crate::pmtu::PmtuTask {
+    let pmtu_task = crate::probes::pmtu::spawn(
+        crate::probes::pmtu::PmtuTask {
             cfg: cfg.probes.clone(),
             extra: probe_extra.clone(),
             inventory: inventory.clone(),
@@ -413,8 +413,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     // Failover: paths judged every second against the thresholds, the action when one
     // turns unhealthy.
-    let failover_task = crate::failover::spawn(
-        crate::failover::FailoverTask {
+    let failover_task = crate::probes::failover::spawn(
+        crate::probes::failover::FailoverTask {
             cfg: cfg.failover.clone(),
             probes: cfg.probes.clone(),
             extra: probe_extra.clone(),
@@ -428,7 +428,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     // The Mullvad poller: `<cli> status --json` every --mullvad-interval.
     let mullvad_task =
-        crate::mullvad::spawn(cfg.mullvad.clone(), mullvad_state.clone(), stop_rx.clone());
+        crate::sources::mullvad::spawn(cfg.mullvad.clone(), mullvad_state.clone(), stop_rx.clone());
 
     let mut stop_http = stop_rx.clone();
     let serve = server.serve(agent, async move {

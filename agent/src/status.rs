@@ -14,16 +14,16 @@ use agent_common::maps::Counter;
 use serde_json::{Value, json};
 
 use crate::{
-    failover::ProbeWindow,
-    inventory::{Inventory, Peer},
     metrics::{
-        datapath::Snapshot, drops::Snapshot as Drops, path::Snapshot as PathSnapshot,
-        wire_health::Snapshot as WireHealth,
+        datapath::Snapshot, drops::Snapshot as Drops, health::Snapshot as WireHealth,
+        path::Snapshot as PathSnapshot,
     },
-    mullvad::MullvadState,
-    peer_label::EndpointLabeler,
-    pmtu::Measured,
-    probe::TargetStats,
+    probes::failover::ProbeWindow,
+    probes::icmp::TargetStats,
+    probes::pmtu::Measured,
+    sources::mullvad::MullvadState,
+    sync::inventory::{Inventory, Peer},
+    sync::peer_label::EndpointLabeler,
 };
 
 /// One probe target: its lifetime counters and its recent window.
@@ -311,7 +311,7 @@ pub fn build_with(
                 "friendly_name": p.friendly_name,
                 "hop": p.hop,
                 "via": p.via,
-                "allowed_ips": crate::topology::join_allowed_ips(&p.wg.allowed_ips),
+                "allowed_ips": crate::sync::topology::join_allowed_ips(&p.wg.allowed_ips),
                 "latest_handshake_age_seconds": handshake_age,
                 "rx_bytes": p.wg.rx_bytes,
                 "tx_bytes": p.wg.tx_bytes,
@@ -454,11 +454,11 @@ mod tests {
         );
 
         let mut inv = Inventory::default();
-        inv.tunnels.push(crate::inventory::Tunnel {
+        inv.tunnels.push(crate::sync::inventory::Tunnel {
             name: "wg0".into(),
             ifindex: 3,
             mtu: 1420,
-            backend: crate::inventory::Backend::Uapi,
+            backend: crate::sync::inventory::Backend::Uapi,
             listen_port: 51820,
             peers: Vec::new(),
         });
@@ -476,8 +476,8 @@ mod extra_tests {
 
     use super::*;
     use crate::{
-        inventory::{Backend, Peer, Tunnel, Underlay, WgPeer},
         metrics::crypto::Series,
+        sync::inventory::{Backend, Peer, Tunnel, Underlay, WgPeer},
     };
 
     const ENTRY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -635,7 +635,7 @@ mod extra_tests {
         let inv = inventory();
         let mut m = MullvadState::default();
         let text = r#"{"state":"connected","details":{"endpoint":{"address":"10.0.0.2:51820","protocol":"udp","quantum_resistant":true,"obfuscation":null,"entry_endpoint":{"address":"198.51.100.7:51820","protocol":"udp"},"tunnel_interface":"wg0","daita":{}},"location":{"hostname":"se-got-wg-101","city":"Gothenburg","country":"Sweden","entry_hostname":"de-fra-wg-001","entry_city":"Frankfurt","entry_country":"Germany"},"feature_indicators":["Multihop","QuantumResistance"]}}"#;
-        m.record(Ok(crate::mullvad::parse_status(text).unwrap()));
+        m.record(Ok(crate::sources::mullvad::parse_status(text).unwrap()));
         let x = Extra {
             mullvad: Some(m),
             ..Extra::default()

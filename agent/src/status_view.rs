@@ -15,8 +15,8 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    cli::StatusArgs,
     client::{AgentClient, ClientError},
+    config::cli::StatusArgs,
 };
 
 /// The width every line fits in.

@@ -1,7 +1,7 @@
 use clap::Parser as _;
 
 use super::*;
-use crate::cli::{Cli, Command};
+use crate::config::cli::{Cli, Command};
 
 const KEY: &str = "mDxDGAVBTKDEfGUqmcNYb09lq8QouG6gXvOqIDzLmTQ=";
 const HASH: &str = "$2y$10$X0h1gDsPszWURQaxFN.Dc.O1.7uE6iO6N5SeAHBAxjjtwiu9oWxRy";

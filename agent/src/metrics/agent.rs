@@ -12,7 +12,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::{datapath::Datapath, features::Features, inventory::Inventory};
+use crate::{datapath::Datapath, datapath::features::Features, sync::inventory::Inventory};
 
 #[derive(Debug)]
 pub struct AgentCollector {
@@ -70,7 +70,7 @@ impl Collector for AgentCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (source, n) in crate::source_errors::snapshot() {
+            for (source, n) in crate::sources::errors::snapshot() {
                 ConstCounter::new(n).encode(fam.encode_family(&[("source", source)])?)?;
             }
         }

@@ -15,7 +15,9 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 
-use crate::{datapath::Datapath, inventory::Inventory, peer_label::EndpointLabeler, sync};
+use crate::{
+    datapath::Datapath, sync, sync::inventory::Inventory, sync::peer_label::EndpointLabeler,
+};
 
 #[derive(Debug)]
 pub struct DatapathCollector {

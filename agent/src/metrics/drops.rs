@@ -16,7 +16,7 @@ use agent_common::maps::drops::{DropKey, NO_DEVICE};
 use log::warn;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use crate::{datapath::Datapath, drops::DropReasons, metrics::encode_counters};
+use crate::{datapath::Datapath, datapath::drops::DropReasons, metrics::encode_counters};
 
 #[derive(Debug, Default)]
 struct State {

@@ -9,8 +9,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    failover::{Failover, Outcomes},
     metrics::encode_counters,
+    probes::failover::{Failover, Outcomes},
 };
 
 #[derive(Debug)]

@@ -18,8 +18,8 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use crate::{
     datapath::Datapath,
-    inventory::{Inventory, Tunnel},
     metrics::{Labels, encode_counters},
+    sync::inventory::{Inventory, Tunnel},
 };
 
 /// The `kind` label of a `LeakKey.kind`.
@@ -125,7 +125,7 @@ impl Collector for LeakCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{Backend, Peer, WgPeer};
+    use crate::sync::inventory::{Backend, Peer, WgPeer};
 
     fn tunnel(handshakes: &[Option<SystemTime>]) -> Tunnel {
         Tunnel {

@@ -15,12 +15,12 @@ pub mod crypto;
 pub mod datapath;
 pub mod drops;
 pub mod failover;
+pub mod health;
 pub mod leak;
 pub mod mullvad;
 pub mod path;
 pub mod peers;
 pub mod probe;
-pub mod wire_health;
 
 /// The exposition formats /metrics answers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! The Mullvad daemon's state (CONTRACT.md "Mullvad daemon"), from what the poller
-//! ([`crate::mullvad::spawn`]) last read:
+//! ([`crate::sources::mullvad::spawn`]) last read:
 //!
 //! - `mullvad_up`: 1 when the last `mullvad status --json` call succeeded.
 //! - `mullvad_tunnel_state{state}`: one series per known state, 1 for the current one and 0
@@ -16,9 +16,9 @@ use std::sync::{Arc, RwLock};
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use crate::{
-    inventory::Inventory,
     metrics::{Labels, encode_gauges},
-    mullvad::{MullvadState, TunnelState},
+    sources::mullvad::{MullvadState, TunnelState},
+    sync::inventory::Inventory,
 };
 
 #[derive(Debug)]
@@ -159,9 +159,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        inventory::{Backend, Peer, Tunnel, WgPeer},
         metrics::{Format, encode},
-        mullvad::{MullvadError, parse_status},
+        sources::mullvad::{MullvadError, parse_status},
+        sync::inventory::{Backend, Peer, Tunnel, WgPeer},
     };
 
     fn fixture(name: &str) -> String {

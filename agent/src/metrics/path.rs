@@ -19,8 +19,8 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use crate::{
     datapath::Datapath,
-    inventory::Inventory,
     metrics::{Labels, encode_counters, encode_gauges},
+    sync::inventory::Inventory,
 };
 
 #[derive(Debug)]
@@ -106,7 +106,7 @@ impl PathCollector {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot_at(crate::health::monotonic_ns())
+        self.snapshot_at(crate::datapath::health::monotonic_ns())
     }
 }
 

@@ -27,8 +27,8 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use super::{Labels, encode_counters, encode_gauges};
 use crate::{
-    inventory::{Backend, Inventory},
-    wg::format_allowed_ips,
+    sources::wg::format_allowed_ips,
+    sync::inventory::{Backend, Inventory},
 };
 
 #[derive(Debug)]
@@ -155,8 +155,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        inventory::{Peer, Tunnel, WgPeer},
         metrics::{Format, encode},
+        sync::inventory::{Peer, Tunnel, WgPeer},
     };
 
     const K_ENTRY: &str = "2S7mA0vEMethCNQrJpJKE81/JmhgtB+tHHLYQhgM6kk=";

@@ -15,8 +15,8 @@ use prometheus_client::{
 
 use crate::{
     metrics::{Labels, encode_counters, encode_gauges},
-    pmtu::PmtuState,
-    probe::{ProbeStats, TargetKey},
+    probes::icmp::{ProbeStats, TargetKey},
+    probes::pmtu::PmtuState,
 };
 
 #[derive(Debug)]

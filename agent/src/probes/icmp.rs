@@ -20,7 +20,7 @@
 //! target and tags its echoes with a random identifier and a random 8-byte token at the start
 //! of the payload, so replies to other sockets (a raw socket sees every ICMP packet of the
 //! namespace: ping, the path-MTU search) are never counted. The path-MTU search
-//! ([`crate::pmtu`]) uses the same sockets with don't-fragment probing on.
+//! ([`crate::probes::pmtu`]) uses the same sockets with don't-fragment probing on.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},

@@ -40,6 +40,8 @@
 //! whatever directory the agent starts in. A flag on the command line overrides the file;
 //! a repeatable flag given at least once replaces the file's whole list.
 
+pub mod cli;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
@@ -53,8 +55,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
-    cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs},
-    friendly,
+    config::cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs},
+    sources::friendly,
 };
 
 /// The exit status for bad usage or configuration (CONTRACT.md).
@@ -416,7 +418,7 @@ impl RunConfig {
             state_dir: match (&args.state_dir, file.state_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(p)) => base.join(p),
-                (None, None) => PathBuf::from(crate::peer_label::DEFAULT_STATE_DIR),
+                (None, None) => PathBuf::from(crate::sync::peer_label::DEFAULT_STATE_DIR),
             },
         })
     }
@@ -578,7 +580,7 @@ fn check_ifaces(
 ) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
-        if crate::wg::validate_ifname(&name).is_err() {
+        if crate::sources::wg::validate_ifname(&name).is_err() {
             return Err(ConfigError::Invalid {
                 key,
                 origin: origin.clone(),
@@ -737,7 +739,7 @@ impl WebConfig {
                 max_version: t.max_version,
             };
             // Certificate, key, versions and client CA as the server will use them.
-            crate::http::web::server_config(&tls).map_err(bad)?;
+            crate::serve::web::server_config(&tls).map_err(bad)?;
             cfg.tls = Some(tls);
         }
         let _ = raw.http_server_config.map(|h| (h.http2, h.headers));

@@ -24,13 +24,13 @@ pub const PROBES: [(&str, &str, &str); 2] = [
     ),
 ];
 
-pub use crate::btf::BtfError as CryptoError;
-use crate::btf::member_offset;
+pub use crate::sources::btf::BtfError as CryptoError;
+use crate::sources::btf::member_offset;
 
 /// Reads the offsets from `vmlinux` and the wireguard module's split BTF.
 pub fn offsets_from(vmlinux: &Path, module: &Path) -> Result<CryptoConfig, CryptoError> {
-    let base = crate::btf::read(vmlinux)?;
-    let wg = crate::btf::read_split(module, &base).map_err(|e| match e {
+    let base = crate::sources::btf::read(vmlinux)?;
+    let wg = crate::sources::btf::read_split(module, &base).map_err(|e| match e {
         CryptoError::Read { path, reason } => CryptoError::Read {
             path,
             reason: format!("{reason} (is the wireguard module loaded?)"),
@@ -48,7 +48,7 @@ pub fn offsets_from(vmlinux: &Path, module: &Path) -> Result<CryptoConfig, Crypt
         netdev_ifindex: member_offset(&base, "net_device", "ifindex")?,
         netdev_net: member_offset(&base, "net_device", "nd_net")?,
         net_inum: member_offset(&base, "net", "ns")? + member_offset(&base, "ns_common", "inum")?,
-        netns_inum: crate::btf::own_netns_inum()?,
+        netns_inum: crate::sources::btf::own_netns_inum()?,
     })
 }
 
@@ -76,7 +76,7 @@ mod tests {
             );
             return;
         }
-        let btf = crate::btf::read(vmlinux).unwrap();
+        let btf = crate::sources::btf::read(vmlinux).unwrap();
         let off = member_offset(&btf, "net_device", "ifindex").unwrap();
         member_offset(&btf, "net_device", "nd_net").unwrap();
         member_offset(&btf, "ns_common", "inum").unwrap();

@@ -17,8 +17,8 @@ use prometheus_client::{
 
 use crate::{
     datapath::Datapath,
-    inventory::Inventory,
     metrics::{Labels, crypto::Series, encode_counters},
+    sync::inventory::Inventory,
 };
 
 /// Exported round-trip bounds: 2^14 ns (16 us) to 2^33 ns (8.6 s), doubling. Round trips

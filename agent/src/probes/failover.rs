@@ -395,7 +395,7 @@ mod tests {
 }
 
 /// A probe target's (sent, lost, round trips) over the window, as
-/// [`crate::probe::ProbeStats::window`] gives it.
+/// [`crate::probes::icmp::ProbeStats::window`] gives it.
 pub type ProbeWindow = (u64, u64, Vec<Duration>);
 
 /// The paths to judge: every peer of every watched tunnel, with the age of its latest
@@ -403,7 +403,7 @@ pub type ProbeWindow = (u64, u64, Vec<Duration>);
 /// through the peer whose allowed IPs hold its target most specifically, on the probe's
 /// interface (any tunnel when it has none).
 pub fn paths(
-    inv: &crate::inventory::Inventory,
+    inv: &crate::sync::inventory::Inventory,
     probes: &[(crate::config::ProbeTarget, ProbeWindow)],
     now: std::time::SystemTime,
 ) -> Vec<PathInput> {
@@ -466,9 +466,9 @@ pub fn paths(
 pub struct FailoverTask {
     pub cfg: FailoverConfig,
     pub probes: crate::config::ProbeConfig,
-    pub extra: crate::probe::ExtraTargets,
-    pub stats: Arc<crate::probe::ProbeStats>,
-    pub inventory: Arc<std::sync::RwLock<crate::inventory::Inventory>>,
+    pub extra: crate::probes::icmp::ExtraTargets,
+    pub stats: Arc<crate::probes::icmp::ProbeStats>,
+    pub inventory: Arc<std::sync::RwLock<crate::sync::inventory::Inventory>>,
     pub state: Arc<Mutex<Failover>>,
     pub outcomes: Outcomes,
 }
@@ -487,7 +487,7 @@ pub fn spawn(
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            let targets = crate::probe::target_set(&task.probes, task.extra.as_ref());
+            let targets = crate::probes::icmp::target_set(&task.probes, task.extra.as_ref());
             let probes: Vec<_> = targets
                 .into_iter()
                 .map(|t| {
@@ -523,7 +523,7 @@ mod path_tests {
     use super::*;
     use crate::{
         config::ProbeTarget,
-        inventory::{Backend, Inventory, Peer, Tunnel, WgPeer},
+        sync::inventory::{Backend, Inventory, Peer, Tunnel, WgPeer},
     };
 
     fn peer(key: &str, allowed: &[&str], handshake: Option<SystemTime>) -> Peer {

@@ -67,7 +67,7 @@ impl TransitMaps {
         self.seq.iter().flatten().collect()
     }
 
-    /// Run on every sync tick with `now_ns` = [`crate::health::monotonic_ns`]. Returns
+    /// Run on every sync tick with `now_ns` = [`crate::datapath::health::monotonic_ns`]. Returns
     /// (slots deleted, queues deleted).
     pub fn expire(&mut self, now_ns: u64) -> (u64, u64) {
         let mut slots = 0;

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
 
-use crate::inventory::Tunnel;
+use crate::sync::inventory::Tunnel;
 
 /// Where the route to an endpoint leaves: the interface index, if any route exists.
 pub type RouteOif = HashMap<IpAddr, Option<u32>>;
@@ -101,7 +101,7 @@ pub fn join_allowed_ips(nets: &[IpNet]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::{Backend, Peer, WgPeer};
+    use crate::sync::inventory::{Backend, Peer, WgPeer};
 
     fn peer(key: &str, endpoint: Option<&str>, allowed: &[&str]) -> Peer {
         Peer {

@@ -2,6 +2,10 @@
 //! the programs to new interfaces, unhook vanished ones, and bring the peer maps up to date.
 //! It runs every second, so a change shows in the maps within two.
 
+pub mod inventory;
+pub mod peer_label;
+pub mod topology;
+
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
@@ -15,9 +19,10 @@ use log::{info, warn};
 
 use crate::{
     datapath::{Datapath, PeerMaps},
-    inventory::{Backend, Inventory, Peer, Tunnel, Underlay, WgDevice},
-    netlink::{Link, Netlink},
-    source_errors, topology, wg,
+    sources::errors,
+    sources::netlink::{Link, Netlink},
+    sources::wg,
+    sync::inventory::{Backend, Inventory, Peer, Tunnel, Underlay, WgDevice},
 };
 
 /// How long a route lookup is trusted; routes rarely change, peers' endpoints do.
@@ -150,7 +155,7 @@ impl Syncer {
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         let links = self.netlink.links().await.inspect_err(|e| {
-            source_errors::record(source_errors::RTNETLINK);
+            errors::record(errors::RTNETLINK);
             self.warn_once(format!("reading the interfaces (rtnetlink): {e}"));
         })?;
         let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
@@ -187,7 +192,7 @@ impl Syncer {
                     // WireGuard has no control socket); traffic then shows as peer "unknown".
                     let kernel = link.kind.as_deref() == Some("wireguard");
                     if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel) {
-                        source_errors::record(source);
+                        errors::record(source);
                     }
                     self.warn_once(format!("{name}: no peer state: {e}"));
                     (
@@ -283,14 +288,14 @@ impl Syncer {
             let up_until = crate::metrics::leak::tunnel_up_until_ns(
                 &tunnels,
                 SystemTime::now(),
-                crate::health::monotonic_ns(),
+                crate::datapath::health::monotonic_ns(),
             );
             if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
                 self.warn_once(format!("leak detection: {e}"));
             }
             let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
             if self.opts.crypto_kprobes && kernel_wg && !dp.crypto_attached() {
-                let attached = crate::crypto::offsets()
+                let attached = crate::datapath::crypto::offsets()
                     .map_err(|e| e.to_string())
                     .and_then(|cfg| dp.attach_crypto(cfg).map_err(|e| e.to_string()));
                 if let Err(e) = attached {
@@ -435,7 +440,7 @@ impl Syncer {
                         oif
                     }
                     Err(e) => {
-                        source_errors::record(source_errors::RTNETLINK);
+                        errors::record(errors::RTNETLINK);
                         self.warn_once(format!("route lookup for a peer endpoint failed: {e}"));
                         None
                     }
@@ -496,14 +501,14 @@ impl Syncer {
 pub fn failed_source(err: Option<&wg::WgError>, kernel: bool) -> Option<&'static str> {
     use wg::WgError::*;
     match err? {
-        NotFound { .. } => kernel.then_some(source_errors::WIREGUARD_NETLINK),
+        NotFound { .. } => kernel.then_some(errors::WIREGUARD_NETLINK),
         InvalidName(_) => None,
         Io { .. }
         | Timeout { .. }
         | TooLarge { .. }
         | Truncated { .. }
         | Malformed { .. }
-        | Errno { .. } => Some(source_errors::WIREGUARD_UAPI),
+        | Errno { .. } => Some(errors::WIREGUARD_UAPI),
     }
 }
 
@@ -698,7 +703,7 @@ fn peer_changes(out: &mut Vec<String>, name: &str, old: &Tunnel, new: &Tunnel) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::WgPeer;
+    use crate::sync::inventory::WgPeer;
 
     fn peer(key: &str, ep: &str) -> Peer {
         Peer {
@@ -777,21 +782,18 @@ mod tests {
         };
         assert_eq!(
             failed_source(Some(&nf), true),
-            Some(source_errors::WIREGUARD_NETLINK)
+            Some(errors::WIREGUARD_NETLINK)
         );
         assert_eq!(failed_source(Some(&nf), false), None);
         let t = wg::WgError::Timeout {
             path: path.clone(),
             timeout: Duration::from_secs(2),
         };
-        assert_eq!(
-            failed_source(Some(&t), false),
-            Some(source_errors::WIREGUARD_UAPI)
-        );
+        assert_eq!(failed_source(Some(&t), false), Some(errors::WIREGUARD_UAPI));
         let big = wg::WgError::TooLarge { path, cap: 1 };
         assert_eq!(
             failed_source(Some(&big), true),
-            Some(source_errors::WIREGUARD_UAPI)
+            Some(errors::WIREGUARD_UAPI)
         );
         assert_eq!(failed_source(None, true), None);
     }

@@ -1,7 +1,7 @@
 //! Path MTU: a don't-fragment binary search of ICMP echo sizes to each target, and the tunnel
 //! MTU that follows from it.
 //!
-//! Targets: the probe targets (static `--probe` and the dynamic ones, see [`crate::probe`]),
+//! Targets: the probe targets (static `--probe` and the dynamic ones, see [`crate::probes::icmp`]),
 //! through their interface when given; and every tunnel's hop-1 peer endpoints, through the
 //! underlay (the relay's address answers echo; WireGuard's UDP port cannot be probed).
 //!
@@ -54,10 +54,10 @@ use tokio::{
 
 use crate::{
     config::ProbeConfig,
-    inventory::{Inventory, Peer, Tunnel, Underlay},
-    netlink::Netlink,
-    peer_label::EndpointLabeler,
-    probe::{ExtraTargets, IcmpSocket, target_set},
+    probes::icmp::{ExtraTargets, IcmpSocket, target_set},
+    sources::netlink::Netlink,
+    sync::inventory::{Inventory, Peer, Tunnel, Underlay},
+    sync::peer_label::EndpointLabeler,
 };
 
 /// The smallest size searched: the IPv6 minimum MTU (and what WireGuard needs for IPv6).
@@ -316,7 +316,7 @@ async fn passes(sock: &IcmpSocket, seq: &mut u16, size: u32, timeout: Duration) 
                 // unless the socket keeps failing.
                 Ok(Err(e)) => {
                     errors += 1;
-                    if errors >= crate::probe::MAX_RECV_ERRORS {
+                    if errors >= crate::probes::icmp::MAX_RECV_ERRORS {
                         debug!("path MTU probe of {size} bytes: receive: {e}");
                         break;
                     }
@@ -515,7 +515,7 @@ mod tests {
     use std::{net::SocketAddr, time::SystemTime};
 
     use super::*;
-    use crate::inventory::{Backend, WgPeer};
+    use crate::sync::inventory::{Backend, WgPeer};
 
     /// Sizes asked, in order, with the answer of a path that passes up to `mtu`.
     fn run(floor: u32, ceiling: u32, mtu: Option<u32>) -> (Option<u32>, Vec<u32>) {

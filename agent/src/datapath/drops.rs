@@ -25,8 +25,8 @@ use aya::{
 use btf_rs::Btf;
 
 use crate::{
-    btf::{BtfError, member_offset},
     datapath::{DatapathError, refused, sum_per_cpu, take},
+    sources::btf::{BtfError, member_offset},
 };
 
 /// The programs: (program, what it attaches to, feature label).
@@ -65,7 +65,7 @@ pub struct DropReasons {
 }
 
 impl DropReasons {
-    /// From the enum's values, as [`crate::btf::enum_values`] reads them.
+    /// From the enum's values, as [`crate::sources::btf::enum_values`] reads them.
     pub fn from_values(values: BTreeMap<u32, String>) -> Self {
         let find = |name: &str| {
             values
@@ -89,7 +89,7 @@ impl DropReasons {
     }
 
     pub fn from_btf(btf: &Btf) -> Result<Self, BtfError> {
-        Ok(Self::from_values(crate::btf::enum_values(
+        Ok(Self::from_values(crate::sources::btf::enum_values(
             btf,
             "skb_drop_reason",
         )?))
@@ -177,14 +177,14 @@ pub fn config(btf: &Btf, format: &str, reasons: &DropReasons) -> Result<DropsCon
         sk_num: member_offset(btf, "sock", "__sk_common")?
             + member_offset(btf, "sock_common", "skc_num")?,
         net_inum: member_offset(btf, "net", "ns")? + member_offset(btf, "ns_common", "inum")?,
-        netns_inum: crate::btf::own_netns_inum()?,
+        netns_inum: crate::sources::btf::own_netns_inum()?,
         _pad: 0,
     })
 }
 
 /// Reads everything [`config`] needs from this machine.
 pub fn prepare() -> Result<(DropsConfig, DropReasons), DropsError> {
-    let btf = crate::btf::read(Path::new(crate::btf::VMLINUX))?;
+    let btf = crate::sources::btf::read(Path::new(crate::sources::btf::VMLINUX))?;
     let reasons = DropReasons::from_btf(&btf)?;
     let path = tracefs()?.join("events/skb/kfree_skb/format");
     let format = std::fs::read_to_string(&path).map_err(|e| DropsError::Format {

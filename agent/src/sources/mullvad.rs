@@ -302,7 +302,7 @@ impl MullvadState {
             Err(e) => {
                 // Not installed means Mullvad is off, not a failed read.
                 if !e.is_not_found() {
-                    crate::source_errors::record(crate::source_errors::MULLVAD);
+                    crate::sources::errors::record(crate::sources::errors::MULLVAD);
                 }
                 self.up = false;
                 self.off = e.is_not_found();

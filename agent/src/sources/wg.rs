@@ -21,7 +21,7 @@ use base64::Engine as _;
 use ipnet::IpNet;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::inventory::{Backend, WgDevice, WgPeer};
+use crate::sync::inventory::{Backend, WgDevice, WgPeer};
 
 /// Where userspace WireGuard implementations (wireguard-go, boringtun) put their sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";

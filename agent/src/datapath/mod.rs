@@ -18,8 +18,12 @@ use aya::{
 };
 use log::{debug, info, warn};
 
-#[path = "pin.rs"]
+pub mod crypto;
+pub mod drops;
+pub mod features;
+pub mod health;
 pub mod pin;
+pub mod transit;
 
 /// Whether and where [`Datapath::load_with`] pins the counting maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,10 +165,10 @@ pub struct Datapath {
     path: PathMaps,
     /// Leak detection ([`LeakMaps`]).
     pub leak: LeakMaps,
-    /// Encrypt/decrypt transit time ([`crate::transit::TransitMaps`]).
-    pub transit: crate::transit::TransitMaps,
-    /// Kernel drops and UDP receive errors ([`crate::drops::DropsMaps`]).
-    pub drops: crate::drops::DropsMaps,
+    /// Encrypt/decrypt transit time ([`crate::datapath::transit::TransitMaps`]).
+    pub transit: crate::datapath::transit::TransitMaps,
+    /// Kernel drops and UDP receive errors ([`crate::datapath::drops::DropsMaps`]).
+    pub drops: crate::datapath::drops::DropsMaps,
     /// Handshake timeouts counted by [`Datapath::expire_wire_state`], per (ifindex, peer).
     handshake_timeouts: StdHashMap<(u32, u32), u64>,
     /// Whether the crypto kprobes are attached.
@@ -310,8 +314,8 @@ impl Datapath {
             peer_ids_len: 0,
             path: PathMaps::take(&mut ebpf)?,
             leak: LeakMaps::take(&mut ebpf)?,
-            transit: crate::transit::TransitMaps::take(&mut ebpf)?,
-            drops: crate::drops::DropsMaps::take(&mut ebpf)?,
+            transit: crate::datapath::transit::TransitMaps::take(&mut ebpf)?,
+            drops: crate::datapath::drops::DropsMaps::take(&mut ebpf)?,
             handshake_timeouts: StdHashMap::new(),
             crypto_attached: false,
             ebpf,
@@ -531,7 +535,7 @@ impl Datapath {
         cfg: agent_common::maps::drops::DropsConfig,
     ) -> Result<Vec<AttachOutcome>, DatapathError> {
         self.drops.set_config(cfg)?;
-        let (prog, tp, feature) = crate::drops::KFREE_SKB;
+        let (prog, tp, feature) = crate::datapath::drops::KFREE_SKB;
         let kfree = self
             .ebpf
             .program_mut(prog)
@@ -548,7 +552,7 @@ impl Datapath {
                 source,
             });
         let mut out = vec![(feature, kfree)];
-        let (prog, tp, feature) = crate::drops::UDP_FAIL;
+        let (prog, tp, feature) = crate::datapath::drops::UDP_FAIL;
         let udp = self
             .ebpf
             .program_mut(prog)
@@ -586,7 +590,7 @@ impl Datapath {
             })?;
         let mut done: Vec<(&'static str, aya::programs::kprobe::KProbeLinkId)> = Vec::new();
         let mut result = Ok(());
-        'probes: for (func, enter, exit) in crate::crypto::PROBES {
+        'probes: for (func, enter, exit) in crate::datapath::crypto::PROBES {
             for name in [enter, exit] {
                 let attached = self
                     .ebpf
@@ -657,9 +661,9 @@ impl Datapath {
         self.rx_sessions.iter().flatten().collect()
     }
 
-    /// Run on every sync tick with `now_ns` = [`crate::health::monotonic_ns`]: initiations
+    /// Run on every sync tick with `now_ns` = [`crate::datapath::health::monotonic_ns`]: initiations
     /// unanswered for 5 s become timeouts (counted only when this delete wins against the
-    /// programs' own, see [`crate::health::expired_handshakes`]) and sessions idle for 180 s
+    /// programs' own, see [`crate::datapath::health::expired_handshakes`]) and sessions idle for 180 s
     /// are dropped, so both maps stay bounded. Returns (timeouts counted, sessions dropped).
     pub fn expire_wire_state(&mut self, now_ns: u64) -> (u64, u64) {
         let pending = self.pending_handshakes();
@@ -669,7 +673,7 @@ impl Datapath {
                 .entry((k.ifindex, p.peer))
                 .or_default();
         }
-        let expired = crate::health::expired_handshakes(pending, now_ns);
+        let expired = crate::datapath::health::expired_handshakes(pending, now_ns);
         let mut timeouts = 0;
         for (k, p) in expired {
             if self.handshake_pending.remove(&k).is_ok() {
@@ -680,7 +684,7 @@ impl Datapath {
                 timeouts += 1;
             }
         }
-        let idle = crate::health::idle_sessions(self.rx_sessions(), now_ns);
+        let idle = crate::datapath::health::idle_sessions(self.rx_sessions(), now_ns);
         let mut dropped = 0;
         for k in idle {
             if self.rx_sessions.remove(&k).is_ok() {

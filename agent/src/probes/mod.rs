@@ -1,0 +1,7 @@
+//! What the agent measures actively rather than by watching packets: ICMP echo probes
+//! ([`icmp`]), the path-MTU search ([`pmtu`]), and failover ([`failover`]), which judges the
+//! paths on what the probes and the datapath saw and runs the operator's action.
+
+pub mod failover;
+pub mod icmp;
+pub mod pmtu;

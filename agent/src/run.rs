@@ -202,6 +202,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let saved_ids = datapath
         .lock()
         .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
+        .tunnel
         .saved_peer_ids();
     if !saved_ids.is_empty() {
         info!(
@@ -363,14 +364,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 // Unanswered initiations become timeouts, idle sessions go: both maps
                 // stay bounded, and a timeout shows within a second of its 5 s.
                 if let Ok(mut dp) = datapath.lock() {
-                    dp.expire_wire_state(crate::datapath::health::monotonic_ns());
+                    dp.health.expire(crate::datapath::monotonic_ns());
                     // Reported MTUs older than the 10-minute window go.
-                    dp.expire_path_state(crate::datapath::health::monotonic_ns());
+                    dp.path.expire(crate::datapath::monotonic_ns());
                     // Transit slots of packets never matched, queues of quiet peers.
-                    dp.transit.expire(crate::datapath::health::monotonic_ns());
+                    dp.transit.expire(crate::datapath::monotonic_ns());
                     // A new ICMP too-big: the path MTU may have changed, measure it soon.
                     let too_big: u64 = dp
-                        .path()
+                        .path
                         .icmp_too_big()
                         .map(|v| v.iter().map(|(_, c)| c.packets).sum())
                         .unwrap_or(0);

@@ -6,9 +6,20 @@
 //! object), so kprobes it is; `wirescope_feature_available{feature="fentry"}` still reports
 //! whether the kernel allows fentry at all.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
-use agent_common::maps::CryptoConfig;
+use agent_common::maps::{CryptoConfig, HistKey, HistValue, MAX_CRYPTO_HIST, map_error, names};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, PerCpuHashMap},
+    programs::{KProbe, ProgramError, kprobe::KProbeLinkId},
+};
+use log::info;
+
+use super::{
+    DatapathError,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, take},
+};
 
 /// The kernel functions probed: (function, entry program, return program, direction label).
 pub const PROBES: [(&str, &str, &str); 2] = [
@@ -58,6 +69,108 @@ pub fn offsets() -> Result<CryptoConfig, CryptoError> {
         Path::new("/sys/kernel/btf/vmlinux"),
         Path::new("/sys/kernel/btf/wireguard"),
     )
+}
+
+/// The kprobes' configuration (the offsets above) and their duration histogram.
+pub struct CryptoMaps {
+    cfg: Array<MapData, CryptoConfig>,
+    hist: PerCpuHashMap<MapData, HistKey, HistValue>,
+    /// Whether the kprobes are attached.
+    attached: bool,
+    errors: Arc<ErrorSlots>,
+}
+
+impl CryptoMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf, errors: Arc<ErrorSlots>) -> Result<Self, DatapathError> {
+        Ok(Self {
+            cfg: take(ebpf, names::CRYPTO_CFG)?,
+            hist: take(ebpf, names::CRYPTO_HIST)?,
+            attached: false,
+            errors,
+        })
+    }
+
+    pub fn attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Loads and attaches the kprobes that time kernel WireGuard's crypto, after writing
+    /// the structure offsets they follow. All four or none: a half-attached pair would
+    /// leave start times that never end.
+    pub(crate) fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        cfg: CryptoConfig,
+    ) -> Result<(), DatapathError> {
+        if self.attached {
+            return Ok(());
+        }
+        self.cfg
+            .set(0, cfg, 0)
+            .map_err(DatapathError::map(names::CRYPTO_CFG))?;
+        let mut done: Vec<(&'static str, KProbeLinkId)> = Vec::new();
+        let mut result = Ok(());
+        'probes: for (func, enter, exit) in PROBES {
+            for name in [enter, exit] {
+                let attached = ebpf
+                    .program_mut(name)
+                    .ok_or(ProgramError::NotLoaded)
+                    .and_then(<&mut KProbe>::try_from)
+                    .and_then(|p| {
+                        if p.fd().is_err() {
+                            p.load()?;
+                        }
+                        p.attach(func, 0)
+                    });
+                match attached {
+                    Ok(id) => done.push((name, id)),
+                    Err(source) => {
+                        result = Err(DatapathError::Attach {
+                            iface: format!("kprobe {func}"),
+                            dir: name,
+                            source,
+                        });
+                        break 'probes;
+                    }
+                }
+            }
+        }
+        if result.is_err() {
+            for (name, id) in done {
+                if let Some(p) = ebpf.program_mut(name)
+                    && let Ok(p) = <&mut KProbe>::try_from(p)
+                {
+                    let _ = p.detach(id);
+                }
+            }
+            return result;
+        }
+        self.attached = true;
+        info!("timing kernel WireGuard encryption and decryption with kprobes");
+        Ok(())
+    }
+
+    /// The crypto duration histogram, summed over CPUs.
+    pub fn hist(&self) -> Result<Vec<(HistKey, HistValue)>, DatapathError> {
+        sum_hist(&self.hist, names::CRYPTO_HIST)
+    }
+}
+
+impl FeatureMaps for CryptoMaps {
+    fn usage(&self) -> Vec<MapUsage> {
+        vec![(
+            names::CRYPTO_HIST,
+            self.hist.keys().count() as u64,
+            MAX_CRYPTO_HIST as u64,
+        )]
+    }
+
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors.list(&[
+            (map_error::CRYPTO_START, names::CRYPTO_START),
+            (map_error::CRYPTO_HIST, names::CRYPTO_HIST),
+        ])
+    }
 }
 
 #[cfg(test)]

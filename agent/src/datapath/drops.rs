@@ -20,14 +20,16 @@ use agent_common::maps::{
 };
 use aya::{
     Ebpf,
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, MapData, PerCpuHashMap},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use btf_rs::Btf;
 
-use crate::{
-    datapath::{DatapathError, refused, sum_per_cpu, take},
-    sources::btf::{BtfError, member_offset},
+use super::{
+    AttachOutcome, DatapathError,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, take},
 };
+use crate::sources::btf::{BtfError, member_offset};
 
 /// The programs: (program, what it attaches to, feature label).
 pub const KFREE_SKB: (&str, &str, &str) = (
@@ -198,7 +200,7 @@ pub struct DropsMaps {
     cfg: Array<MapData, DropsConfig>,
     drops: PerCpuHashMap<MapData, DropKey, Counter>,
     udp: PerCpuHashMap<MapData, u32, Counter>,
-    errors: PerCpuArray<MapData, u64>,
+    errors: ErrorSlots,
 }
 
 impl DropsMaps {
@@ -207,7 +209,7 @@ impl DropsMaps {
             cfg: take(ebpf, DROPS_CFG)?,
             drops: take(ebpf, DROPS)?,
             udp: take(ebpf, UDP_ERRORS)?,
-            errors: take(ebpf, DROPS_ERRORS)?,
+            errors: ErrorSlots(take(ebpf, DROPS_ERRORS)?),
         })
     }
 
@@ -230,7 +232,49 @@ impl DropsMaps {
         sum_per_cpu(&self.udp, UDP_ERRORS)
     }
 
-    pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
+    /// Writes the drop programs' configuration, then loads and attaches each; one failing
+    /// leaves the other attached. Returns, per program, its feature label and the outcome.
+    pub(crate) fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        cfg: DropsConfig,
+    ) -> Result<Vec<AttachOutcome>, DatapathError> {
+        self.set_config(cfg)?;
+        let (prog, tp, feature) = KFREE_SKB;
+        let kfree = ebpf
+            .program_mut(prog)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(<&mut TracePoint>::try_from)
+            .and_then(|p| {
+                p.load()?;
+                let (category, name) = tp.split_once(':').unwrap_or(("skb", tp));
+                p.attach(category, name).map(|_| ())
+            })
+            .map_err(|source| DatapathError::Attach {
+                iface: format!("tracepoint {tp}"),
+                dir: prog,
+                source,
+            });
+        let (prog, tp, udp_feature) = UDP_FAIL;
+        let udp = ebpf
+            .program_mut(prog)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(<&mut RawTracePoint>::try_from)
+            .and_then(|p| {
+                p.load()?;
+                p.attach(tp).map(|_| ())
+            })
+            .map_err(|source| DatapathError::Attach {
+                iface: format!("raw tracepoint {tp}"),
+                dir: prog,
+                source,
+            });
+        Ok(vec![(feature, kfree), (udp_feature, udp)])
+    }
+}
+
+impl FeatureMaps for DropsMaps {
+    fn usage(&self) -> Vec<MapUsage> {
         vec![
             (DROPS, self.drops.keys().count() as u64, MAX_DROPS as u64),
             (
@@ -241,11 +285,9 @@ impl DropsMaps {
         ]
     }
 
-    pub fn update_errors(&self) -> Vec<(&'static str, u64)> {
-        [(error::DROPS, DROPS), (error::UDP_ERRORS, UDP_ERRORS)]
-            .into_iter()
-            .map(|(idx, name)| (name, refused(&self.errors, idx)))
-            .collect()
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors
+            .list(&[(error::DROPS, DROPS), (error::UDP_ERRORS, UDP_ERRORS)])
     }
 }
 

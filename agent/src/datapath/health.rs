@@ -1,11 +1,136 @@
-//! Expiry of the wire-health state the TC programs leave in the kernel: initiations that got
-//! no response within 5 s become handshake timeouts, receiving sessions idle for 180 s are
-//! dropped. Pure functions over the maps' contents and a `now`, so tests can move the clock;
-//! `Datapath::expire_wire_state` applies them.
+//! Wire health (agent-ebpf health.rs): the handshake initiations waiting for a response,
+//! the handshake round-trip histogram, the receiving sessions and their counter gaps and
+//! late messages, and the expiry of that state: initiations that got no response within 5 s
+//! become handshake timeouts, receiving sessions idle for 180 s are dropped. The expiry
+//! rules are pure functions over the maps' contents and a `now`, so tests can move the
+//! clock; [`HealthMaps::expire`] applies them.
+
+use std::{collections::HashMap as StdHashMap, sync::Arc};
 
 use agent_common::maps::{
-    HANDSHAKE_TIMEOUT_NS, IndexKey, PendingHandshake, RX_SESSION_IDLE_NS, RxSession,
+    Counter, CounterKey, HANDSHAKE_TIMEOUT_NS, HistValue, IndexKey, MAX_HANDSHAKE_PENDING,
+    MAX_HANDSHAKE_RTT, MAX_RX_SEQ, MAX_RX_SESSIONS, PeerHistKey, PendingHandshake,
+    RX_SESSION_IDLE_NS, RxSession, map_error, names,
 };
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuHashMap},
+};
+
+use super::{
+    DatapathError,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, sum_per_cpu, take},
+};
+
+pub struct HealthMaps {
+    pending: HashMap<MapData, IndexKey, PendingHandshake>,
+    rtt: PerCpuHashMap<MapData, PeerHistKey, HistValue>,
+    sessions: HashMap<MapData, IndexKey, RxSession>,
+    seq: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// Handshake timeouts counted by [`HealthMaps::expire`], per (ifindex, peer).
+    timeouts: StdHashMap<(u32, u32), u64>,
+    errors: Arc<ErrorSlots>,
+}
+
+impl HealthMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf, errors: Arc<ErrorSlots>) -> Result<Self, DatapathError> {
+        Ok(Self {
+            pending: take(ebpf, names::HANDSHAKE_PENDING)?,
+            rtt: take(ebpf, names::HANDSHAKE_RTT)?,
+            sessions: take(ebpf, names::RX_SESSIONS)?,
+            seq: take(ebpf, names::RX_SEQ)?,
+            timeouts: StdHashMap::new(),
+            errors,
+        })
+    }
+
+    /// The handshake round-trip histogram, summed over CPUs.
+    pub fn handshake_rtt(&self) -> Result<Vec<(PeerHistKey, HistValue)>, DatapathError> {
+        sum_hist(&self.rtt, names::HANDSHAKE_RTT)
+    }
+
+    /// Gaps and late messages (`kind` is `seq::GAPS` / `seq::LATE`, `packets` the count).
+    pub fn rx_seq(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.seq, names::RX_SEQ)
+    }
+
+    /// Handshake timeouts so far, per (ifindex, peer).
+    pub fn handshake_timeouts(&self) -> StdHashMap<(u32, u32), u64> {
+        self.timeouts.clone()
+    }
+
+    /// The initiations waiting for a response (for tests and the status of the maps).
+    pub fn pending_handshakes(&self) -> Vec<(IndexKey, PendingHandshake)> {
+        self.pending.iter().flatten().collect()
+    }
+
+    /// The receiving sessions tracked.
+    pub fn rx_sessions(&self) -> Vec<(IndexKey, RxSession)> {
+        self.sessions.iter().flatten().collect()
+    }
+
+    /// Run on every sync tick with `now_ns` = [`super::monotonic_ns`]: initiations
+    /// unanswered for 5 s become timeouts (counted only when this delete wins against the
+    /// programs' own, see [`expired_handshakes`]) and sessions idle for 180 s are dropped,
+    /// so both maps stay bounded. Returns (timeouts counted, sessions dropped).
+    pub fn expire(&mut self, now_ns: u64) -> (u64, u64) {
+        let pending = self.pending_handshakes();
+        // A peer we initiate to has a timeout series from its first initiation on, at 0.
+        for (k, p) in &pending {
+            self.timeouts.entry((k.ifindex, p.peer)).or_default();
+        }
+        let mut timeouts = 0;
+        for (k, p) in expired_handshakes(pending, now_ns) {
+            if self.pending.remove(&k).is_ok() {
+                *self.timeouts.entry((k.ifindex, p.peer)).or_default() += 1;
+                timeouts += 1;
+            }
+        }
+        let mut dropped = 0;
+        for k in idle_sessions(self.rx_sessions(), now_ns) {
+            if self.sessions.remove(&k).is_ok() {
+                dropped += 1;
+            }
+        }
+        (timeouts, dropped)
+    }
+}
+
+impl FeatureMaps for HealthMaps {
+    fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            (
+                names::HANDSHAKE_PENDING,
+                self.pending.keys().count() as u64,
+                MAX_HANDSHAKE_PENDING as u64,
+            ),
+            (
+                names::HANDSHAKE_RTT,
+                self.rtt.keys().count() as u64,
+                MAX_HANDSHAKE_RTT as u64,
+            ),
+            (
+                names::RX_SESSIONS,
+                self.sessions.keys().count() as u64,
+                MAX_RX_SESSIONS as u64,
+            ),
+            (
+                names::RX_SEQ,
+                self.seq.keys().count() as u64,
+                MAX_RX_SEQ as u64,
+            ),
+        ]
+    }
+
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors.list(&[
+            (map_error::HANDSHAKE_PENDING, names::HANDSHAKE_PENDING),
+            (map_error::HANDSHAKE_RTT, names::HANDSHAKE_RTT),
+            (map_error::RX_SESSIONS, names::RX_SESSIONS),
+            (map_error::RX_SEQ, names::RX_SEQ),
+        ])
+    }
+}
 
 /// The pending initiations older than [`HANDSHAKE_TIMEOUT_NS`] at `now_ns` (the kernel's
 /// CLOCK_MONOTONIC, as `bpf_ktime_get_ns` reads it).
@@ -38,17 +163,6 @@ pub fn idle_sessions(
         .filter(|(_, s)| now_ns.saturating_sub(s.last_ns) > RX_SESSION_IDLE_NS)
         .map(|(k, _)| k)
         .collect()
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

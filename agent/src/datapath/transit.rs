@@ -18,10 +18,13 @@ use agent_common::maps::{
 };
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{HashMap, MapData, PerCpuHashMap, ProgramArray},
 };
 
-use crate::datapath::{DatapathError, refused, sum_hist, tail_program, take};
+use super::{
+    DatapathError,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, tail_program, take},
+};
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
 /// it when the queue passes it again.
@@ -31,7 +34,7 @@ pub struct TransitMaps {
     seq: HashMap<MapData, QueueKey, Queue>,
     slots: HashMap<MapData, SlotKey, Slot>,
     hist: PerCpuHashMap<MapData, HistKey, HistValue>,
-    errors: PerCpuArray<MapData, u64>,
+    errors: ErrorSlots,
     /// Holds `wirescope_transit` for the TC programs' tail call. Kept open: the kernel
     /// empties a program array when the last user-space reference to it goes.
     _prog: ProgramArray<MapData>,
@@ -47,7 +50,7 @@ impl TransitMaps {
             seq: take(ebpf, TRANSIT_SEQ)?,
             slots: take(ebpf, TRANSIT_SLOTS)?,
             hist: take(ebpf, TRANSIT_HIST)?,
-            errors: take(ebpf, TRANSIT_ERRORS)?,
+            errors: ErrorSlots(take(ebpf, TRANSIT_ERRORS)?),
             _prog: prog,
             idle: StdHashMap::new(),
         })
@@ -67,7 +70,7 @@ impl TransitMaps {
         self.seq.iter().flatten().collect()
     }
 
-    /// Run on every sync tick with `now_ns` = [`crate::datapath::health::monotonic_ns`]. Returns
+    /// Run on every sync tick with `now_ns` = [`crate::datapath::monotonic_ns`]. Returns
     /// (slots deleted, queues deleted).
     pub fn expire(&mut self, now_ns: u64) -> (u64, u64) {
         let mut slots = 0;
@@ -99,9 +102,10 @@ impl TransitMaps {
         self.idle = idle;
         (slots, queues)
     }
+}
 
-    /// (map name, entries, capacity).
-    pub fn usage(&self) -> Vec<(&'static str, u64, u64)> {
+impl FeatureMaps for TransitMaps {
+    fn usage(&self) -> Vec<MapUsage> {
         vec![
             (
                 TRANSIT_SEQ,
@@ -121,16 +125,12 @@ impl TransitMaps {
         ]
     }
 
-    /// Updates the kernel refused, per map name.
-    pub fn update_errors(&self) -> Vec<(&'static str, u64)> {
-        [
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors.list(&[
             (error::SEQ, TRANSIT_SEQ),
             (error::SLOTS, TRANSIT_SLOTS),
             (error::HIST, TRANSIT_HIST),
-        ]
-        .into_iter()
-        .map(|(idx, name)| (name, refused(&self.errors, idx)))
-        .collect()
+        ])
     }
 }
 

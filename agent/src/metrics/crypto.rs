@@ -89,7 +89,7 @@ impl Series {
 impl Collector for CryptoCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let hist = match self.datapath.lock() {
-            Ok(dp) if dp.crypto_attached() => dp.crypto_hist().unwrap_or_else(|e| {
+            Ok(dp) if dp.crypto.attached() => dp.crypto.hist().unwrap_or_else(|e| {
                 warn!("reading the crypto histogram: {e}");
                 Vec::new()
             }),

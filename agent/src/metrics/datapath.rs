@@ -15,9 +15,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 
-use crate::{
-    datapath::Datapath, sync, sync::inventory::Inventory, sync::peer_label::EndpointLabeler,
-};
+use crate::{datapath::Datapath, sync::inventory::Inventory, sync::peer_label::EndpointLabeler};
 
 #[derive(Debug)]
 pub struct DatapathCollector {
@@ -77,11 +75,11 @@ impl DatapathCollector {
             let Ok(dp) = self.datapath.lock() else {
                 return Snapshot::default();
             };
-            let counters = dp.counters().unwrap_or_else(|e| {
+            let counters = dp.tunnel.counters().unwrap_or_else(|e| {
                 warn!("reading counters: {e}");
                 Vec::new()
             });
-            let unknown = dp.unknown_wire().unwrap_or_else(|e| {
+            let unknown = dp.wire.unknown_wire().unwrap_or_else(|e| {
                 warn!("reading counters: {e}");
                 Vec::new()
             });
@@ -123,7 +121,9 @@ impl DatapathCollector {
         }
         for (k, v) in unknown {
             let Some(msg) = message(k.kind) else { continue };
-            let peer = self.endpoints.label(sync::endpoint_addr(&k.endpoint));
+            let peer = self
+                .endpoints
+                .label(crate::datapath::wire::endpoint_addr(&k.endpoint));
             add(
                 s.wire
                     .entry((iface(k.ifindex), peer, direction(k.dir), msg))

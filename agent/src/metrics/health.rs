@@ -64,11 +64,11 @@ impl WireHealthCollector {
             let Ok(dp) = self.datapath.lock() else {
                 return Snapshot::default();
             };
-            let rtt = dp.handshake_rtt().unwrap_or_else(|e| {
+            let rtt = dp.health.handshake_rtt().unwrap_or_else(|e| {
                 warn!("reading handshake round trips: {e}");
                 Vec::new()
             });
-            let seqs = dp.rx_seq().unwrap_or_else(|e| {
+            let seqs = dp.health.rx_seq().unwrap_or_else(|e| {
                 warn!("reading counter gaps: {e}");
                 Vec::new()
             });
@@ -76,7 +76,7 @@ impl WireHealthCollector {
                 warn!("reading transit times: {e}");
                 Vec::new()
             });
-            (rtt, seqs, dp.handshake_timeouts(), transit)
+            (rtt, seqs, dp.health.handshake_timeouts(), transit)
         };
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();

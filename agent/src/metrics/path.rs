@@ -63,7 +63,7 @@ impl PathCollector {
             let Ok(dp) = self.datapath.lock() else {
                 return Snapshot::default();
             };
-            let p = dp.path();
+            let p = &dp.path;
             let frags = p.fragments().unwrap_or_else(|e| {
                 warn!("reading fragments: {e}");
                 Vec::new()
@@ -106,7 +106,7 @@ impl PathCollector {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        self.snapshot_at(crate::datapath::health::monotonic_ns())
+        self.snapshot_at(crate::datapath::monotonic_ns())
     }
 }
 

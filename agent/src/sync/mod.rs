@@ -277,7 +277,7 @@ impl Syncer {
             let maps_started = Instant::now();
             // Ids given this round are saved before any packet is counted under them.
             let new_ids = self.ids.take_new();
-            if let Err(e) = dp.save_peer_ids(&new_ids) {
+            if let Err(e) = dp.tunnel.save_peer_ids(&new_ids) {
                 self.warn_once(format!(
                     "saving peer ids: {e} (a restarted agent may count those peers anew)"
                 ));
@@ -288,13 +288,13 @@ impl Syncer {
             let up_until = crate::metrics::leak::tunnel_up_until_ns(
                 &tunnels,
                 SystemTime::now(),
-                crate::datapath::health::monotonic_ns(),
+                crate::datapath::monotonic_ns(),
             );
             if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
                 self.warn_once(format!("leak detection: {e}"));
             }
             let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
-            if self.opts.crypto_kprobes && kernel_wg && !dp.crypto_attached() {
+            if self.opts.crypto_kprobes && kernel_wg && !dp.crypto.attached() {
                 let attached = crate::datapath::crypto::offsets()
                     .map_err(|e| e.to_string())
                     .and_then(|cfg| dp.attach_crypto(cfg).map_err(|e| e.to_string()));
@@ -569,15 +569,6 @@ pub fn endpoint_key(ip: IpAddr, port: u16) -> Endpoint {
         family,
         _pad: 0,
     }
-}
-
-pub fn endpoint_addr(e: &Endpoint) -> std::net::SocketAddr {
-    let ip: IpAddr = if e.family == 4 {
-        std::net::Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]).into()
-    } else {
-        std::net::Ipv6Addr::from(e.addr).into()
-    };
-    std::net::SocketAddr::new(ip, e.port)
 }
 
 /// `map[index] = name`, allocating only when it is new or changed.

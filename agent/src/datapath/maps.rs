@@ -1,0 +1,214 @@
+//! What every feature's maps have in common, written once: taking a map out of the loaded
+//! object, folding a per-CPU map over CPUs, bringing a kernel map to a wanted content, and
+//! the [`FeatureMaps`] trait through which [`super::Datapath`] lists each map's usage and
+//! refused updates for `wirescope_bpf_map_*`.
+
+use std::{collections::HashMap, hash::Hash, sync::Arc};
+
+use agent_common::maps::{Counter, HistValue};
+use aya::{
+    Ebpf,
+    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, ProgramArray},
+    programs::SchedClassifier,
+};
+
+use super::DatapathError;
+
+/// (map name, entries, capacity).
+pub type MapUsage = (&'static str, u64, u64);
+
+/// One feature's maps as the agent's self-metrics see them. `Datapath::map_usage` and
+/// `Datapath::map_update_errors` chain these lists over the features, so a feature's maps
+/// are reported by implementing this and nothing else.
+pub trait FeatureMaps {
+    /// (map name, entries, capacity) for each of the feature's maps.
+    fn usage(&self) -> Vec<MapUsage>;
+    /// Updates the kernel refused, per map name, summed over CPUs.
+    fn update_errors(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// A per-CPU array in which the programs count the map updates the kernel refused, one
+/// slot per map (`agent_common::maps::map_error` and each feature's `error` module). The
+/// shared `MAP_ERRORS` array is held by several features at once, hence the `Arc`.
+pub struct ErrorSlots(pub(super) PerCpuArray<MapData, u64>);
+
+impl ErrorSlots {
+    pub fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Arc<Self>, DatapathError> {
+        Ok(Arc::new(Self(take(ebpf, name)?)))
+    }
+
+    /// Updates refused in slot `idx`, summed over CPUs.
+    pub fn refused(&self, idx: u32) -> u64 {
+        self.0.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// (map name, refused) for each (slot, map name).
+    pub fn list(&self, slots: &[(u32, &'static str)]) -> Vec<(&'static str, u64)> {
+        slots
+            .iter()
+            .map(|&(idx, name)| (name, self.refused(idx)))
+            .collect()
+    }
+}
+
+/// Takes map `name` out of the loaded object, typed.
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(DatapathError::map(name))
+}
+
+/// The program array `array` with the (loaded) TC program `prog` at index 0, for a tail
+/// call. The caller keeps the array open: the kernel empties a program array when the last
+/// user-space reference to it goes.
+pub(crate) fn tail_program(
+    ebpf: &mut Ebpf,
+    array: &'static str,
+    prog: &'static str,
+) -> Result<ProgramArray<MapData>, DatapathError> {
+    let mut arr: ProgramArray<MapData> = take(ebpf, array)?;
+    let fd = ebpf
+        .program(prog)
+        .ok_or(DatapathError::Missing(prog))
+        .and_then(|p| {
+            <&SchedClassifier>::try_from(p)
+                .and_then(|p| p.fd())
+                .map_err(|source| DatapathError::Program { name: prog, source })
+        })?;
+    arr.set(0, fd, 0).map_err(DatapathError::map(array))?;
+    Ok(arr)
+}
+
+/// A per-CPU counter map, summed over CPUs.
+pub(crate) fn sum_per_cpu<K: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, Counter>,
+    name: &'static str,
+) -> Result<Vec<(K, Counter)>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
+        let mut sum = Counter::default();
+        for c in per_cpu.iter() {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+        }
+        out.push((k, sum));
+    }
+    Ok(out)
+}
+
+/// A per-CPU histogram map, summed over CPUs.
+pub(crate) fn sum_hist<K: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, HistValue>,
+    name: &'static str,
+) -> Result<Vec<(K, HistValue)>, DatapathError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
+        let mut sum = HistValue::default();
+        for v in per_cpu.iter() {
+            sum.count += v.count;
+            sum.sum_ns += v.sum_ns;
+        }
+        out.push((k, sum));
+    }
+    Ok(out)
+}
+
+/// Makes `applied` (what the kernel map holds) equal to `want` through `write`, which
+/// inserts `Some(value)` or removes on `None`; returns the first refusal after trying every
+/// entry. Stale entries go first, so a nearly full map makes room; a refused entry stays
+/// out of `applied` and is retried on the next call.
+pub(crate) fn apply<K: Eq + Hash + Clone, V: PartialEq + Clone>(
+    applied: &mut HashMap<K, V>,
+    want: &HashMap<K, V>,
+    mut write: impl FnMut(&K, Option<&V>) -> Result<(), MapError>,
+) -> Result<(), MapError> {
+    let stale: Vec<K> = applied
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .cloned()
+        .collect();
+    for k in stale {
+        // Already gone (never inserted, or removed by someone) is what we wanted.
+        let _ = write(&k, None);
+        applied.remove(&k);
+    }
+    let mut first_err = None;
+    for (k, v) in want {
+        if applied.get(k) == Some(v) {
+            continue;
+        }
+        match write(k, Some(v)) {
+            Ok(()) => {
+                applied.insert(k.clone(), v.clone());
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake kernel map that refuses inserts past `cap` entries, like a full BPF map.
+    fn run(
+        kernel: &mut HashMap<u32, u32>,
+        cap: usize,
+        applied: &mut HashMap<u32, u32>,
+        want: &HashMap<u32, u32>,
+    ) -> bool {
+        apply(applied, want, |k, v| match v {
+            Some(v) if kernel.len() >= cap && !kernel.contains_key(k) => {
+                let _ = v;
+                Err(MapError::OutOfBounds {
+                    index: *k,
+                    max_entries: cap as u32,
+                })
+            }
+            Some(v) => {
+                kernel.insert(*k, *v);
+                Ok(())
+            }
+            None => {
+                kernel.remove(k);
+                Ok(())
+            }
+        })
+        .is_ok()
+    }
+
+    #[test]
+    fn stale_entries_go_first_and_refusals_are_retried() {
+        let mut kernel = HashMap::new();
+        let mut applied = HashMap::new();
+        let first: HashMap<u32, u32> = [(1, 10), (2, 20)].into();
+        assert!(run(&mut kernel, 2, &mut applied, &first));
+        assert_eq!(kernel, first);
+        // Replacing both entries fits only because the stale ones are removed first.
+        let second: HashMap<u32, u32> = [(3, 30), (4, 40)].into();
+        assert!(run(&mut kernel, 2, &mut applied, &second));
+        assert_eq!(kernel, second);
+        // One more than fits: an error, what fitted is in, and `applied` says exactly that.
+        let third: HashMap<u32, u32> = [(3, 31), (4, 40), (5, 50)].into();
+        assert!(!run(&mut kernel, 2, &mut applied, &third));
+        assert_eq!(
+            kernel.get(&3),
+            Some(&31),
+            "a changed value is still written"
+        );
+        assert_eq!(
+            applied, kernel,
+            "only what the kernel holds counts as applied"
+        );
+        // Room again: the refused entry goes in on the next sync.
+        assert!(run(&mut kernel, 3, &mut applied, &third));
+        assert_eq!(kernel, third);
+    }
+}

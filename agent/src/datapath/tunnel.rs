@@ -1,0 +1,170 @@
+//! The tunnel role's maps (agent-ebpf tunnel.rs): the allowed-IP tries that tell which peer
+//! a packet on a WireGuard interface belongs to, `COUNTERS` (packets and bytes per
+//! interface, peer, kind and direction: the tunnel role counts kind `TUNNEL`, the wire role
+//! its WireGuard message kinds) and `PEER_IDS`, the peer numbering pinned beside them.
+
+use std::{collections::HashMap as StdHashMap, sync::Arc};
+
+use agent_common::maps::{
+    AllowedV4, AllowedV6, Counter, CounterKey, MAX_ALLOWED_IPS, MAX_COUNTERS, MAX_PEER_IDS,
+    PeerIdKey, map_error, names,
+};
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, MapData, PerCpuHashMap, lpm_trie::Key},
+};
+
+use super::{
+    DatapathError, PeerMaps,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+};
+
+pub struct TunnelMaps {
+    allowed_v4: LpmTrie<MapData, AllowedV4, u32>,
+    allowed_v6: LpmTrie<MapData, AllowedV6, u32>,
+    counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// The peer numbering, pinned with the counters (see [`TunnelMaps::saved_peer_ids`]).
+    peer_ids: HashMap<MapData, PeerIdKey, u32>,
+    /// Entries in `peer_ids`, counted as they are read and written (walking the map on
+    /// every scrape would cost a syscall per peer).
+    peer_ids_len: u64,
+    /// What was last written to the allowed-IP tries, so a sync only touches what changed.
+    applied_v4: StdHashMap<(u32, [u8; 4], u8), u32>,
+    applied_v6: StdHashMap<(u32, [u8; 16], u8), u32>,
+    errors: Arc<ErrorSlots>,
+}
+
+impl TunnelMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf, errors: Arc<ErrorSlots>) -> Result<Self, DatapathError> {
+        Ok(Self {
+            allowed_v4: take(ebpf, names::ALLOWED_V4)?,
+            allowed_v6: take(ebpf, names::ALLOWED_V6)?,
+            counters: take(ebpf, names::COUNTERS)?,
+            peer_ids: take(ebpf, names::PEER_IDS)?,
+            peer_ids_len: 0,
+            applied_v4: StdHashMap::new(),
+            applied_v6: StdHashMap::new(),
+            errors,
+        })
+    }
+
+    /// Brings the allowed-IP tries to `want`; returns each trie's first refusal.
+    pub(crate) fn sync(&mut self, want: &PeerMaps) -> [Result<(), DatapathError>; 2] {
+        let (v4, v6) = (&mut self.allowed_v4, &mut self.allowed_v6);
+        [
+            apply(&mut self.applied_v4, &want.allowed_v4, |k, v| match v {
+                Some(v) => v4.insert(&lpm_v4(k), *v, 0),
+                None => v4.remove(&lpm_v4(k)),
+            })
+            .map_err(DatapathError::map(names::ALLOWED_V4)),
+            apply(&mut self.applied_v6, &want.allowed_v6, |k, v| match v {
+                Some(v) => v6.insert(&lpm_v6(k), *v, 0),
+                None => v6.remove(&lpm_v6(k)),
+            })
+            .map_err(DatapathError::map(names::ALLOWED_V6)),
+        ]
+    }
+
+    /// Every counter (tunnel and wire kinds), summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(CounterKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.counters, names::COUNTERS)
+    }
+
+    /// The peer ids given by this agent or, through the pinned map, by the one before it:
+    /// (interface name, public key, id). The sync hands them out again, so a restarted agent
+    /// continues each peer's counters under the same id.
+    pub fn saved_peer_ids(&mut self) -> Vec<(String, [u8; 32], u32)> {
+        let saved: Vec<_> = self
+            .peer_ids
+            .iter()
+            .flatten()
+            .map(|(k, id)| {
+                let len = k
+                    .ifname
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(k.ifname.len());
+                (
+                    String::from_utf8_lossy(&k.ifname[..len]).into_owned(),
+                    k.public_key,
+                    id,
+                )
+            })
+            .collect();
+        self.peer_ids_len = saved.len() as u64;
+        saved
+    }
+
+    /// Saves newly given peer ids (see [`TunnelMaps::saved_peer_ids`]); tries every one and
+    /// returns the first refusal (a full map: the id still holds for this agent's life).
+    pub fn save_peer_ids(&mut self, ids: &[(String, [u8; 32], u32)]) -> Result<(), DatapathError> {
+        let mut first = Ok(());
+        for (iface, key, id) in ids {
+            let mut ifname = [0u8; 16];
+            let n = iface.len().min(ifname.len());
+            ifname[..n].copy_from_slice(&iface.as_bytes()[..n]);
+            let k = PeerIdKey {
+                ifname,
+                public_key: *key,
+            };
+            match self.peer_ids.insert(k, *id, 0) {
+                Ok(()) => self.peer_ids_len += 1,
+                Err(source) if first.is_ok() => {
+                    first = Err(DatapathError::Map {
+                        map: names::PEER_IDS,
+                        source,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        first
+    }
+}
+
+impl FeatureMaps for TunnelMaps {
+    fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            (
+                names::ALLOWED_V4,
+                self.applied_v4.len() as u64,
+                MAX_ALLOWED_IPS as u64,
+            ),
+            (
+                names::ALLOWED_V6,
+                self.applied_v6.len() as u64,
+                MAX_ALLOWED_IPS as u64,
+            ),
+            (
+                names::COUNTERS,
+                self.counters.keys().count() as u64,
+                MAX_COUNTERS as u64,
+            ),
+            (names::PEER_IDS, self.peer_ids_len, MAX_PEER_IDS as u64),
+        ]
+    }
+
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors.list(&[(map_error::COUNTERS, names::COUNTERS)])
+    }
+}
+
+fn lpm_v4(&(ifindex, addr, plen): &(u32, [u8; 4], u8)) -> Key<AllowedV4> {
+    Key::new(
+        32 + plen as u32,
+        AllowedV4 {
+            ifindex_be: ifindex.to_be(),
+            addr,
+        },
+    )
+}
+
+fn lpm_v6(&(ifindex, addr, plen): &(u32, [u8; 16], u8)) -> Key<AllowedV6> {
+    Key::new(
+        32 + plen as u32,
+        AllowedV6 {
+            ifindex_be: ifindex.to_be(),
+            addr,
+        },
+    )
+}

@@ -1,0 +1,106 @@
+//! The wire role's maps (agent-ebpf wire.rs): the peers' endpoints and the local listen
+//! ports that make a UDP datagram on an underlay WireGuard, and `UNKNOWN_WIRE`, the
+//! WireGuard traffic whose endpoint matches no known peer. Its counts per known peer go to
+//! `COUNTERS` ([`super::tunnel`]) under the message kinds.
+
+use std::{collections::HashMap as StdHashMap, net::SocketAddr, sync::Arc};
+
+use agent_common::maps::{
+    Counter, Endpoint, MAX_ENDPOINTS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey, map_error,
+    names,
+};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuHashMap},
+};
+
+use super::{
+    DatapathError, PeerMaps,
+    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+};
+
+pub struct WireMaps {
+    endpoints: HashMap<MapData, Endpoint, u32>,
+    wg_ports: HashMap<MapData, u16, u8>,
+    unknown_wire: PerCpuHashMap<MapData, UnknownWireKey, Counter>,
+    /// What was last written, so a sync only touches what changed.
+    applied_endpoints: StdHashMap<Endpoint, u32>,
+    applied_ports: StdHashMap<u16, u8>,
+    errors: Arc<ErrorSlots>,
+}
+
+impl WireMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf, errors: Arc<ErrorSlots>) -> Result<Self, DatapathError> {
+        Ok(Self {
+            endpoints: take(ebpf, names::ENDPOINTS)?,
+            wg_ports: take(ebpf, names::WG_PORTS)?,
+            unknown_wire: take(ebpf, names::UNKNOWN_WIRE)?,
+            applied_endpoints: StdHashMap::new(),
+            applied_ports: StdHashMap::new(),
+            errors,
+        })
+    }
+
+    /// Brings the endpoints and listen ports to `want`; returns each map's first refusal.
+    pub(crate) fn sync(&mut self, want: &PeerMaps) -> [Result<(), DatapathError>; 2] {
+        let (eps, ports) = (&mut self.endpoints, &mut self.wg_ports);
+        [
+            apply(
+                &mut self.applied_endpoints,
+                &want.endpoints,
+                |k, v| match v {
+                    Some(v) => eps.insert(k, v, 0),
+                    None => eps.remove(k),
+                },
+            )
+            .map_err(DatapathError::map(names::ENDPOINTS)),
+            apply(&mut self.applied_ports, &want.wg_ports, |k, v| match v {
+                Some(v) => ports.insert(k, v, 0),
+                None => ports.remove(k),
+            })
+            .map_err(DatapathError::map(names::WG_PORTS)),
+        ]
+    }
+
+    /// WireGuard traffic from or to endpoints of no known peer, summed over CPUs.
+    pub fn unknown_wire(&self) -> Result<Vec<(UnknownWireKey, Counter)>, DatapathError> {
+        sum_per_cpu(&self.unknown_wire, names::UNKNOWN_WIRE)
+    }
+}
+
+impl FeatureMaps for WireMaps {
+    fn usage(&self) -> Vec<MapUsage> {
+        vec![
+            (
+                names::ENDPOINTS,
+                self.applied_endpoints.len() as u64,
+                MAX_ENDPOINTS as u64,
+            ),
+            (
+                names::WG_PORTS,
+                self.applied_ports.len() as u64,
+                MAX_WG_PORTS as u64,
+            ),
+            (
+                names::UNKNOWN_WIRE,
+                self.unknown_wire.keys().count() as u64,
+                MAX_UNKNOWN_WIRE as u64,
+            ),
+        ]
+    }
+
+    fn update_errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors
+            .list(&[(map_error::UNKNOWN_WIRE, names::UNKNOWN_WIRE)])
+    }
+}
+
+/// The socket address of an endpoint key.
+pub fn endpoint_addr(e: &Endpoint) -> SocketAddr {
+    let ip: std::net::IpAddr = if e.family == 4 {
+        std::net::Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(e.addr).into()
+    };
+    SocketAddr::new(ip, e.port)
+}

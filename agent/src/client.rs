@@ -10,10 +10,9 @@ use std::{
 };
 
 use base64::Engine as _;
-use clap::Args;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
 
-use crate::config::cli::DEFAULT_LISTEN_ADDRESS;
+use crate::config::cli::AgentAddr;
 
 /// Where the password for `--web.user` comes from: the environment, since a command line is
 /// visible to every user through `ps`.
@@ -21,36 +20,6 @@ pub const PASSWORD_ENV: &str = "WIRESCOPE_WEB_PASSWORD";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const TOTAL_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The agent to talk to, as `status` and `doctor` take it on the command line.
-#[derive(Debug, Clone, Args)]
-pub struct AgentAddr {
-    /// Address of the running agent: IP:PORT, [IPv6]:PORT, HOST:PORT or :PORT; prefix
-    /// https:// when it serves TLS
-    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
-    pub listen_address: String,
-
-    /// PEM certificates to trust for an agent serving TLS: its own cert_file when
-    /// self-signed, or the CA that signed it (implies https)
-    #[arg(long = "web.ca-file", value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
-
-    /// Basic-auth user, for an agent with basic_auth_users; the password is read from the
-    /// environment variable WIRESCOPE_WEB_PASSWORD
-    #[arg(long = "web.user", value_name = "USER")]
-    pub user: Option<String>,
-}
-
-impl AgentAddr {
-    /// The agent at `listen_address`, plain HTTP, no user.
-    pub fn plain(listen_address: &str) -> AgentAddr {
-        AgentAddr {
-            listen_address: listen_address.to_string(),
-            ca_file: None,
-            user: None,
-        }
-    }
-}
 
 /// Why a request could not even be made or answered; each names the fix.
 #[derive(Debug, thiserror::Error)]

@@ -23,8 +23,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    client::{AgentAddr, AgentClient, ClientError},
+    client::{AgentClient, ClientError},
     config::MullvadConfig,
+    config::cli::AgentAddr,
     config::cli::DoctorArgs,
     datapath::features::Features,
     sources::mullvad::{self, TunnelState},

@@ -866,7 +866,7 @@ mod tests {
     use serde_json::json;
     use std::io::Read as _;
 
-    use crate::client::AgentAddr;
+    use crate::config::cli::AgentAddr;
 
     use super::*;
 

@@ -164,7 +164,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
-    pub agent: crate::client::AgentAddr,
+    pub agent: AgentAddr,
 
     /// Print the raw JSON snapshot (/api/v1/status) instead of the tables
     #[arg(long)]
@@ -185,7 +185,7 @@ pub struct DoctorArgs {
     /// A running agent to consult for what only it measures (path MTU, UDP receive errors,
     /// handshake timeouts, leaks); doctor checks the host alone when none answers
     #[command(flatten)]
-    pub agent: crate::client::AgentAddr,
+    pub agent: AgentAddr,
 
     /// Directory of WireGuard configuration and key files whose modes are checked
     #[arg(
@@ -297,6 +297,36 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert_ne!(err.kind(), ErrorKind::DisplayHelp, "{args:?}");
             assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
+    }
+}
+
+/// The agent to talk to, as `status` and `doctor` take it on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct AgentAddr {
+    /// Address of the running agent: IP:PORT, [IPv6]:PORT, HOST:PORT or :PORT; prefix
+    /// https:// when it serves TLS
+    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
+    pub listen_address: String,
+
+    /// PEM certificates to trust for an agent serving TLS: its own cert_file when
+    /// self-signed, or the CA that signed it (implies https)
+    #[arg(long = "web.ca-file", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Basic-auth user, for an agent with basic_auth_users; the password is read from the
+    /// environment variable WIRESCOPE_WEB_PASSWORD
+    #[arg(long = "web.user", value_name = "USER")]
+    pub user: Option<String>,
+}
+
+impl AgentAddr {
+    /// The agent at `listen_address`, plain HTTP, no user.
+    pub fn plain(listen_address: &str) -> AgentAddr {
+        AgentAddr {
+            listen_address: listen_address.to_string(),
+            ca_file: None,
+            user: None,
         }
     }
 }

@@ -41,6 +41,8 @@
 //! a repeatable flag given at least once replaces the file's whole list.
 
 pub mod cli;
+pub mod friendly;
+pub mod web;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -54,10 +56,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{
-    config::cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs},
-    sources::friendly,
-};
+use cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs};
 
 /// The exit status for bad usage or configuration (CONTRACT.md).
 pub const EXIT_USAGE: i32 = 2;
@@ -418,7 +417,7 @@ impl RunConfig {
             state_dir: match (&args.state_dir, file.state_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(p)) => base.join(p),
-                (None, None) => PathBuf::from(crate::sync::peer_label::DEFAULT_STATE_DIR),
+                (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
             },
         })
     }
@@ -580,7 +579,7 @@ fn check_ifaces(
 ) -> Result<Vec<String>, ConfigError> {
     let mut out: Vec<String> = Vec::with_capacity(names.len());
     for name in names {
-        if crate::sources::wg::validate_ifname(&name).is_err() {
+        if !is_ifname(&name) {
             return Err(ConfigError::Invalid {
                 key,
                 origin: origin.clone(),
@@ -739,7 +738,7 @@ impl WebConfig {
                 max_version: t.max_version,
             };
             // Certificate, key, versions and client CA as the server will use them.
-            crate::serve::web::server_config(&tls).map_err(bad)?;
+            crate::config::web::server_config(&tls).map_err(bad)?;
             cfg.tls = Some(tls);
         }
         let _ = raw.http_server_config.map(|h| (h.http2, h.headers));
@@ -862,6 +861,24 @@ fn parse_cidrs(
         }
     }
     Ok(out)
+}
+
+/// Where the agent keeps what must survive it (the endpoint salt), unless `--state-dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/wirescope";
+
+/// The longest Linux interface name (IFNAMSIZ less the NUL).
+const IFNAME_MAX: usize = 15;
+
+/// Whether `name` can be a Linux interface name. Checked before a name is used in a path
+/// (a UAPI socket is /var/run/wireguard/NAME.sock), so no name can point outside it.
+pub fn is_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= IFNAME_MAX
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Leak detection (agent-ebpf leak.rs): until when the tunnels count as up, the
 //! `--leak-allow` CIDRs, and the leaks counted per (interface, kind). When a tunnel counts as
-//! up is the sync loop's call (`crate::sync::leak`); this module only writes it.
+//! up is the sync loop's call (sync/leak.rs); this module only writes it.
 
 use agent_common::maps::Counter;
 use aya::{

@@ -35,10 +35,13 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{config::WebConfig, metrics::Format};
-
-pub mod web;
-pub use web::WebSecurity;
+use crate::{
+    config::{
+        WebConfig,
+        web::{self, WebSecurity},
+    },
+    metrics::Format,
+};
 
 /// What the server shows; the agent implements it over its state.
 pub trait HttpSource: Send + Sync + 'static {

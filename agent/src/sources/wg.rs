@@ -21,7 +21,37 @@ use base64::Engine as _;
 use ipnet::IpNet;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::sync::inventory::{Backend, WgDevice, WgPeer};
+/// Where peer state came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The kernel's WireGuard generic netlink family.
+    Netlink,
+    /// A userspace implementation's UAPI socket (/var/run/wireguard/IFACE.sock).
+    Uapi,
+    /// No control interface could be read (e.g. Mullvad's in-app WireGuard): datapath only.
+    None,
+}
+
+/// A peer as the control interface reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgPeer {
+    pub public_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// An interface as the control interface reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgDevice {
+    pub name: String,
+    pub listen_port: u16,
+    pub public_key: Option<[u8; 32]>,
+    pub peers: Vec<WgPeer>,
+}
 
 /// Where userspace WireGuard implementations (wireguard-go, boringtun) put their sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
@@ -36,7 +66,6 @@ pub const UAPI_TIMEOUT: Duration = Duration::from_secs(2);
 pub const UAPI_MAX_BYTES: usize = 8 << 20;
 
 /// Linux's IFNAMSIZ minus the terminating NUL.
-const IFNAME_MAX: usize = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
@@ -176,14 +205,7 @@ pub fn list_uapi_sockets_in(dir: &Path) -> Vec<String> {
 /// Rejects names that are not Linux interface names, so a name can never make the socket
 /// path point outside UAPI_DIR.
 pub fn validate_ifname(name: &str) -> Result<(), WgError> {
-    let ok = !name.is_empty()
-        && name.len() <= IFNAME_MAX
-        && name != "."
-        && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace());
-    if ok {
+    if crate::config::is_ifname(name) {
         Ok(())
     } else {
         Err(WgError::InvalidName(name.to_owned()))

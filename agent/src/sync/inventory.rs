@@ -3,43 +3,12 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
-use ipnet::IpNet;
-
-/// Where peer state came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
-    /// The kernel's WireGuard generic netlink family.
-    Netlink,
-    /// A userspace implementation's UAPI socket (/var/run/wireguard/IFACE.sock).
-    Uapi,
-    /// No control interface could be read (e.g. Mullvad's in-app WireGuard): datapath only.
-    None,
-}
-
-/// A peer as the control interface reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WgPeer {
-    pub public_key: [u8; 32],
-    pub endpoint: Option<SocketAddr>,
-    pub allowed_ips: Vec<IpNet>,
-    pub last_handshake: Option<SystemTime>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub persistent_keepalive: Option<u16>,
-}
-
-/// An interface as the control interface reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WgDevice {
-    pub name: String,
-    pub listen_port: u16,
-    pub public_key: Option<[u8; 32]>,
-    pub peers: Vec<WgPeer>,
-}
+// What a control interface reports is part of the model as read: a `Peer` holds its
+// `WgPeer`, a `Tunnel` its `Backend`.
+pub use crate::sources::wg::{Backend, WgDevice, WgPeer};
 
 /// A watched tunnel interface.
 #[derive(Clone, Debug)]

@@ -3,6 +3,7 @@
 //! It runs every second, so a change shows in the maps within two.
 
 pub mod inventory;
+pub mod leak;
 pub mod peer_label;
 pub mod topology;
 
@@ -285,7 +286,7 @@ impl Syncer {
             maps_result = dp.sync_peers(&want);
             maps_took = maps_started.elapsed();
             // Leak detection is on while a handshake is less than 180 s old.
-            let up_until = crate::metrics::leak::tunnel_up_until_ns(
+            let up_until = leak::tunnel_up_until_ns(
                 &tunnels,
                 SystemTime::now(),
                 crate::datapath::monotonic_ns(),

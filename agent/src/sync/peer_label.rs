@@ -12,7 +12,6 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/wirescope";
 const SALT_FILE: &str = "endpoint-salt";
 
 #[derive(Clone)]

@@ -14,8 +14,9 @@
 
 use agent_common::{
     maps::{
-        Counter, CounterKey, DIR_TX, Endpoint, IfaceConfig,
+        Counter, CounterKey, DIR_TX, IfaceConfig,
         path::{MAX_ENDPOINT_ADDRS, MAX_FRAGMENTS, error, layer},
+        wire::Endpoint,
     },
     parse::{IPPROTO_UDP, Ip, L4, frag},
 };

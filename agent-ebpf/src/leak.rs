@@ -14,8 +14,9 @@
 
 use agent_common::{
     maps::{
-        Counter, Endpoint,
+        Counter,
         leak::{AllowV4, AllowV6, LeakConfig, LeakKey, MAX_LEAK_ALLOW, MAX_LEAKS, error, kind},
+        wire::Endpoint,
     },
     parse::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, L4, Packet, frag, segmented,

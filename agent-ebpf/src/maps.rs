@@ -8,9 +8,9 @@
 //! configuration), program arrays and in-flight state are not pinned.
 
 use agent_common::maps::{
-    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, MAX_ALLOWED_IPS,
-    MAX_COUNTERS, MAX_ENDPOINTS, MAX_IFACES, MAX_PEER_IDS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS,
-    PeerIdKey, UnknownWireKey, map_error,
+    Counter, CounterKey, IfaceConfig, MAX_COUNTERS, MAX_IFACES, MAX_PEER_IDS, PeerIdKey, map_error,
+    tunnel::{AllowedV4, AllowedV6, MAX_ALLOWED_IPS},
+    wire::{Endpoint, MAX_ENDPOINTS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey},
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

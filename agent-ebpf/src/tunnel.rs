@@ -2,7 +2,10 @@
 //! of the destination (tx) or source (rx) in the peers' allowed IPs.
 
 use agent_common::{
-    maps::{AllowedV4, AllowedV6, CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind},
+    maps::{
+        CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind,
+        tunnel::{AllowedV4, AllowedV6},
+    },
     parse::{Ip, L4, Packet, segmented},
 };
 use aya_ebpf::maps::lpm_trie::Key;

@@ -2,7 +2,10 @@
 //! its endpoint.
 
 use agent_common::{
-    maps::{CounterKey, DIR_TX, Endpoint, UnknownWireKey},
+    maps::{
+        CounterKey, DIR_TX,
+        wire::{Endpoint, UnknownWireKey},
+    },
     parse::{IPPROTO_UDP, Ip, L4, Packet, frag, segmented},
     wireguard::classify,
 };

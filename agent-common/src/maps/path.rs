@@ -17,7 +17,7 @@ pub const MAX_ICMP_TOO_BIG: u32 = 1_024;
 pub const MAX_ICMP_MTU: u32 = 4_096;
 /// Addresses of the known WireGuard endpoints (any port), for fragments that carry no
 /// ports. One per endpoint at most.
-pub const MAX_ENDPOINT_ADDRS: u32 = super::MAX_ENDPOINTS;
+pub const MAX_ENDPOINT_ADDRS: u32 = super::wire::MAX_ENDPOINTS;
 
 /// `wirescope_icmp_reported_mtu_bytes` is the lowest MTU reported within this window.
 pub const MTU_WINDOW_NS: u64 = 600_000_000_000;

@@ -168,7 +168,7 @@ fn to_endpoint(ip: &Ip) -> bool {
         _pad: 0,
     };
     // SAFETY: plain values written by the agent.
-    unsafe { crate::frag::ENDPOINT_ADDRS.get(&addr) }.is_some()
+    unsafe { crate::path::ENDPOINT_ADDRS.get(&addr) }.is_some()
 }
 
 /// Destinations that stay on the host or the link: loopback, link-local, multicast and

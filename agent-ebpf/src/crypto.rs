@@ -3,8 +3,9 @@
 //! Debian's kernels keep out of line). Only where the kernel has kprobes; the agent decides.
 
 use agent_common::maps::{
-    CryptoConfig, CryptoStart, HistKey, HistValue, MAX_CRYPTO_HIST, MAX_CRYPTO_START, log2_bucket,
-    map_error,
+    HistValue,
+    crypto::{CryptoConfig, CryptoStart, HistKey, MAX_CRYPTO_HIST, MAX_CRYPTO_START},
+    log2_bucket, map_error,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_ktime_get_ns},

@@ -5,9 +5,12 @@
 
 use agent_common::{
     maps::{
-        CounterKey, DIR_RX, DIR_TX, HANDSHAKE_TIMEOUT_NS, HistValue, IndexKey,
-        MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ, MAX_RX_SESSIONS, PeerHistKey,
-        PendingHandshake, RxSession, kind, log2_bucket, map_error, seq,
+        CounterKey, DIR_RX, DIR_TX, HistValue,
+        health::{
+            HANDSHAKE_TIMEOUT_NS, IndexKey, MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ,
+            MAX_RX_SESSIONS, PeerHistKey, PendingHandshake, RxSession, seq,
+        },
+        kind, log2_bucket, map_error,
     },
     wireguard::Message,
 };

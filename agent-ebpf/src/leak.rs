@@ -14,8 +14,9 @@
 
 use agent_common::{
     maps::{
-        Counter, Endpoint,
+        Counter,
         leak::{AllowV4, AllowV6, LeakConfig, LeakKey, MAX_LEAK_ALLOW, MAX_LEAKS, error, kind},
+        wire::Endpoint,
     },
     parse::{
         IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ip, L4, Packet, frag, segmented,
@@ -167,7 +168,7 @@ fn to_endpoint(ip: &Ip) -> bool {
         _pad: 0,
     };
     // SAFETY: plain values written by the agent.
-    unsafe { crate::frag::ENDPOINT_ADDRS.get(&addr) }.is_some()
+    unsafe { crate::path::ENDPOINT_ADDRS.get(&addr) }.is_some()
 }
 
 /// Destinations that stay on the host or the link: loopback, link-local, multicast and

@@ -11,11 +11,10 @@
 mod count;
 mod crypto;
 mod drops;
-mod frag;
 mod health;
-mod icmp;
 mod leak;
 mod maps;
+mod path;
 mod skb;
 mod transit;
 mod tunnel;
@@ -156,9 +155,9 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
         tunnel::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }
     // Path-MTU signals: IP fragments per layer, ICMP too-big messages arriving.
-    frag::count(ifindex, dir, cfg.flags, &ip, l4);
+    path::count_fragment(ifindex, dir, cfg.flags, &ip, l4);
     if dir == DIR_RX {
-        icmp::observe(&pkt, ifindex, &ip);
+        path::observe_too_big(&pkt, ifindex, &ip);
     }
     // WireGuard messages are looked for on tunnel interfaces too: in multihop the exit
     // layer's messages travel inside the entry layer's tunnel.

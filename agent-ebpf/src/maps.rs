@@ -1,4 +1,5 @@
-//! The maps, named as `agent_common::maps::names` says.
+//! The maps more than one feature uses, named as `agent_common::maps::names` says; a map
+//! only one feature uses is declared in that feature's file.
 //!
 //! Pinning: every map whose contents must survive an agent restart (the counters and
 //! histograms here and in the other modules, and the per-CPU error arrays) is declared with
@@ -8,24 +9,17 @@
 //! configuration), program arrays and in-flight state are not pinned.
 
 use agent_common::maps::{
-    AllowedV4, AllowedV6, Counter, CounterKey, Endpoint, IfaceConfig, MAX_ALLOWED_IPS,
-    MAX_COUNTERS, MAX_ENDPOINTS, MAX_IFACES, MAX_PEER_IDS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS,
-    PeerIdKey, UnknownWireKey, map_error,
+    Counter, CounterKey, IfaceConfig, MAX_COUNTERS, MAX_IFACES, MAX_PEER_IDS, PeerIdKey, map_error,
+    wire::{Endpoint, MAX_ENDPOINTS, MAX_WG_PORTS},
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 
 #[map]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::with_max_entries(MAX_IFACES, 0);
-
-#[map]
-pub static ALLOWED_V4: LpmTrie<AllowedV4, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
-
-#[map]
-pub static ALLOWED_V6: LpmTrie<AllowedV6, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
 
 #[map]
 pub static ENDPOINTS: HashMap<Endpoint, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
@@ -36,10 +30,6 @@ pub static WG_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WG_PORTS, 
 
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::pinned(MAX_COUNTERS, 0);
-
-#[map]
-pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
-    PerCpuHashMap::pinned(MAX_UNKNOWN_WIRE, 0);
 
 #[map]
 pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(map_error::COUNT, 0);

@@ -2,17 +2,30 @@
 //! of the destination (tx) or source (rx) in the peers' allowed IPs.
 
 use agent_common::{
-    maps::{AllowedV4, AllowedV6, CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind},
+    maps::{
+        CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind,
+        tunnel::{AllowedV4, AllowedV6, MAX_ALLOWED_IPS},
+    },
     parse::{Ip, L4, Packet, segmented},
 };
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{
+    macros::map,
+    maps::{LpmTrie, lpm_trie::Key},
+};
 
 use crate::{
     count::{self, COUNTERS_ERR},
-    maps::{ALLOWED_V4, ALLOWED_V6, COUNTERS},
+    maps::COUNTERS,
     skb::Skb,
     transit,
 };
+
+/// The peers' allowed IPs -> peer id, written by the agent.
+#[map]
+pub static ALLOWED_V4: LpmTrie<AllowedV4, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
+
+#[map]
+pub static ALLOWED_V6: LpmTrie<AllowedV6, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
 
 #[inline(always)]
 pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_segs: u32) {

@@ -2,18 +2,27 @@
 //! its endpoint.
 
 use agent_common::{
-    maps::{CounterKey, DIR_TX, Endpoint, UnknownWireKey},
+    maps::{
+        Counter, CounterKey, DIR_TX,
+        wire::{Endpoint, MAX_UNKNOWN_WIRE, UnknownWireKey},
+    },
     parse::{IPPROTO_UDP, Ip, L4, Packet, frag, segmented},
     wireguard::classify,
 };
+use aya_ebpf::{macros::map, maps::PerCpuHashMap};
 
 use crate::{
     count::{self, COUNTERS_ERR, UNKNOWN_WIRE_ERR},
     health,
-    maps::{COUNTERS, ENDPOINTS, UNKNOWN_WIRE, WG_PORTS},
+    maps::{COUNTERS, ENDPOINTS, WG_PORTS},
     skb::Skb,
     transit,
 };
+
+/// Messages to or from endpoints not (yet) mapped to a peer.
+#[map]
+pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
+    PerCpuHashMap::pinned(MAX_UNKNOWN_WIRE, 0);
 
 /// Counts the packet if it is a WireGuard message (to or from a known endpoint, or on a
 /// local listen port, and shaped like one); returns whether it was.

@@ -1,0 +1,184 @@
+//! Keys and values of the BPF maps, as both sides see them.
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding: padding bytes with garbage make
+//! hash lookups miss and the verifier reject uninitialised stack reads.
+//!
+//! Here: what every feature shares (the interfaces, peers, directions, the `COUNTERS` key
+//! and value, the `MAP_ERRORS` indexes, log2 histograms). Each feature's own keys, values,
+//! limits and constants are in its module, named as its eBPF file in agent-ebpf.
+
+pub mod crypto;
+pub mod drops;
+pub mod health;
+pub mod leak;
+pub mod path;
+pub mod transit;
+pub mod tunnel;
+pub mod wire;
+
+// Moved to their feature's module; re-exported so that the agent's paths keep working.
+pub use crypto::{CryptoConfig, CryptoStart, HistKey, MAX_CRYPTO_HIST, MAX_CRYPTO_START};
+pub use health::{
+    HANDSHAKE_TIMEOUT_NS, IndexKey, MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ,
+    MAX_RX_SESSIONS, PeerHistKey, PendingHandshake, RX_SESSION_IDLE_NS, RxSession, seq,
+};
+pub use tunnel::{AllowedV4, AllowedV6, MAX_ALLOWED_IPS};
+pub use wire::{Endpoint, MAX_ENDPOINTS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey};
+
+/// Names of the maps in the eBPF object, so the agent never spells them twice.
+pub mod names {
+    pub const IFACES: &str = "IFACES";
+    pub const ALLOWED_V4: &str = "ALLOWED_V4";
+    pub const ALLOWED_V6: &str = "ALLOWED_V6";
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const WG_PORTS: &str = "WG_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const UNKNOWN_WIRE: &str = "UNKNOWN_WIRE";
+    pub const MAP_ERRORS: &str = "MAP_ERRORS";
+    pub const CRYPTO_CFG: &str = "CRYPTO_CFG";
+    pub const CRYPTO_START: &str = "CRYPTO_START";
+    pub const CRYPTO_HIST: &str = "CRYPTO_HIST";
+    pub const HANDSHAKE_PENDING: &str = "HANDSHAKE_PENDING";
+    pub const HANDSHAKE_RTT: &str = "HANDSHAKE_RTT";
+    pub const RX_SESSIONS: &str = "RX_SESSIONS";
+    pub const RX_SEQ: &str = "RX_SEQ";
+    pub const PEER_IDS: &str = "PEER_IDS";
+}
+
+/// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
+pub const MAX_IFACES: u32 = 256;
+/// (ifindex, peer, kind, direction): 10k peers x 2 directions x 6 kinds would not fit on one
+/// interface, but only kinds that occur get an entry (tunnel + data + keepalive + handshakes).
+pub const MAX_COUNTERS: u32 = 131_072;
+/// (interface name, public key) -> peer id, for every peer the agent numbered.
+pub const MAX_PEER_IDS: u32 = 65_536;
+
+/// Per-interface configuration written by the agent before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConfig {
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 4);
+
+impl IfaceConfig {
+    /// Packets start at the IP header (WireGuard, TUN): no Ethernet header.
+    pub const L3: u32 = 1 << 0;
+    /// A WireGuard interface: count inner IP packets per peer.
+    pub const TUNNEL: u32 = 1 << 1;
+    /// A carrier interface (NIC, veth).
+    pub const UNDERLAY: u32 = 1 << 2;
+}
+
+/// Peer ids are allocated by the agent, starting at 1. 0 means "no peer matched".
+pub const PEER_UNKNOWN: u32 = 0;
+
+/// What a counter counts.
+pub mod kind {
+    /// An inner IP packet on a tunnel interface.
+    pub const TUNNEL: u8 = 0;
+    pub const HANDSHAKE_INITIATION: u8 = 1;
+    pub const HANDSHAKE_RESPONSE: u8 = 2;
+    pub const COOKIE_REPLY: u8 = 3;
+    pub const DATA: u8 = 4;
+    pub const KEEPALIVE: u8 = 5;
+    pub const COUNT: usize = 6;
+}
+
+pub const DIR_RX: u8 = 0;
+pub const DIR_TX: u8 = 1;
+
+/// Key of `PEER_IDS`: the peer ids the agent gave, pinned beside the counters that are keyed
+/// by them, so that a restarted agent gives every peer its id again (wireguard-go lists
+/// peers in a different order on every read: numbering them anew would swap their counts).
+/// No program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIdKey {
+    /// The tunnel interface's name, NUL-padded (IFNAMSIZ).
+    pub ifname: [u8; 16],
+    pub public_key: [u8; 32],
+}
+const _: () = assert!(core::mem::size_of::<PeerIdKey>() == 48);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub ifindex: u32,
+    pub peer: u32,
+    pub kind: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+/// Indexes of the `MAP_ERRORS` per-CPU array: updates the kernel refused, per map.
+pub mod map_error {
+    pub const COUNTERS: u32 = 0;
+    pub const UNKNOWN_WIRE: u32 = 1;
+    pub const CRYPTO_START: u32 = 2;
+    pub const CRYPTO_HIST: u32 = 3;
+    pub const HANDSHAKE_PENDING: u32 = 4;
+    pub const HANDSHAKE_RTT: u32 = 5;
+    pub const RX_SESSIONS: u32 = 6;
+    pub const RX_SEQ: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// Highest bucket: 2^40 ns (18 min) and above land here.
+pub const HIST_MAX_BUCKET: u8 = 40;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistValue {
+    pub count: u64,
+    pub sum_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<HistValue>() == 16);
+
+/// floor(log2(ns)), capped at HIST_MAX_BUCKET; 0 for 0 and 1. A bounded loop, no clz
+/// instruction needed on BPF.
+#[inline(always)]
+pub fn log2_bucket(ns: u64) -> u8 {
+    let mut b: u8 = 0;
+    let mut v = ns >> 1;
+    while v != 0 && b < HIST_MAX_BUCKET {
+        v >>= 1;
+        b += 1;
+    }
+    b
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for IfaceConfig {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for PeerIdKey {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for HistValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_buckets() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        assert_eq!(log2_bucket(2), 1);
+        assert_eq!(log2_bucket(3), 1);
+        assert_eq!(log2_bucket(1023), 9);
+        assert_eq!(log2_bucket(1024), 10);
+        assert_eq!(log2_bucket(u64::MAX), HIST_MAX_BUCKET);
+    }
+}

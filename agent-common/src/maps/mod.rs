@@ -16,15 +16,6 @@ pub mod transit;
 pub mod tunnel;
 pub mod wire;
 
-// Moved to their feature's module; re-exported so that the agent's paths keep working.
-pub use crypto::{CryptoConfig, CryptoStart, HistKey, MAX_CRYPTO_HIST, MAX_CRYPTO_START};
-pub use health::{
-    HANDSHAKE_TIMEOUT_NS, IndexKey, MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ,
-    MAX_RX_SESSIONS, PeerHistKey, PendingHandshake, RX_SESSION_IDLE_NS, RxSession, seq,
-};
-pub use tunnel::{AllowedV4, AllowedV6, MAX_ALLOWED_IPS};
-pub use wire::{Endpoint, MAX_ENDPOINTS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey};
-
 /// Names of the maps in the eBPF object, so the agent never spells them twice.
 pub mod names {
     pub const IFACES: &str = "IFACES";

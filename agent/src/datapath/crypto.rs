@@ -8,7 +8,9 @@
 
 use std::{path::Path, sync::Arc};
 
-use agent_common::maps::{CryptoConfig, HistKey, HistValue, MAX_CRYPTO_HIST, map_error, names};
+use agent_common::maps::{
+    HistValue, crypto::CryptoConfig, crypto::HistKey, crypto::MAX_CRYPTO_HIST, map_error, names,
+};
 use aya::{
     Ebpf,
     maps::{Array, MapData, PerCpuHashMap},

@@ -8,9 +8,10 @@
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
 use agent_common::maps::{
-    Counter, CounterKey, HANDSHAKE_TIMEOUT_NS, HistValue, IndexKey, MAX_HANDSHAKE_PENDING,
-    MAX_HANDSHAKE_RTT, MAX_RX_SEQ, MAX_RX_SESSIONS, PeerHistKey, PendingHandshake,
-    RX_SESSION_IDLE_NS, RxSession, map_error, names,
+    Counter, CounterKey, HistValue, health::HANDSHAKE_TIMEOUT_NS, health::IndexKey,
+    health::MAX_HANDSHAKE_PENDING, health::MAX_HANDSHAKE_RTT, health::MAX_RX_SEQ,
+    health::MAX_RX_SESSIONS, health::PeerHistKey, health::PendingHandshake,
+    health::RX_SESSION_IDLE_NS, health::RxSession, map_error, names,
 };
 use aya::{
     Ebpf,

@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
-use agent_common::maps::{CryptoConfig, Endpoint, IfaceConfig, MAX_IFACES, names};
+use agent_common::maps::{IfaceConfig, MAX_IFACES, crypto::CryptoConfig, names, wire::Endpoint};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap as StdHashMap;
 
-use agent_common::maps::{Counter, CounterKey, Endpoint};
+use agent_common::maps::{Counter, CounterKey, wire::Endpoint};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuHashMap},
@@ -15,7 +15,7 @@ use super::{
     maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
 };
 
-/// The maps of the path-MTU signals (agent-ebpf frag.rs and icmp.rs): fragments per layer,
+/// The maps of the path-MTU signals (agent-ebpf path.rs): fragments per layer,
 /// ICMP too-big messages and the MTUs they reported, and the endpoint addresses (any port)
 /// that make a fragment `outer`.
 pub struct PathMaps {

@@ -6,8 +6,8 @@
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
 use agent_common::maps::{
-    AllowedV4, AllowedV6, Counter, CounterKey, MAX_ALLOWED_IPS, MAX_COUNTERS, MAX_PEER_IDS,
-    PeerIdKey, map_error, names,
+    Counter, CounterKey, MAX_COUNTERS, MAX_PEER_IDS, PeerIdKey, map_error, names,
+    tunnel::AllowedV4, tunnel::AllowedV6, tunnel::MAX_ALLOWED_IPS,
 };
 use aya::{
     Ebpf,

@@ -6,8 +6,8 @@
 use std::{collections::HashMap as StdHashMap, net::SocketAddr, sync::Arc};
 
 use agent_common::maps::{
-    Counter, Endpoint, MAX_ENDPOINTS, MAX_UNKNOWN_WIRE, MAX_WG_PORTS, UnknownWireKey, map_error,
-    names,
+    Counter, map_error, names, wire::Endpoint, wire::MAX_ENDPOINTS, wire::MAX_UNKNOWN_WIRE,
+    wire::MAX_WG_PORTS, wire::UnknownWireKey,
 };
 use aya::{
     Ebpf,

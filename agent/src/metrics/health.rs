@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::{PEER_UNKNOWN, seq};
+use agent_common::maps::{PEER_UNKNOWN, health::seq};
 use log::warn;
 use prometheus_client::{
     collector::Collector,

@@ -1,7 +1,7 @@
 //! Path-MTU signals, passive: `wirescope_fragments_total{interface,direction,layer}`,
 //! `wirescope_icmp_too_big_total{interface,family}` and
 //! `wirescope_icmp_reported_mtu_bytes{interface}`, read from the TC programs' maps on every
-//! scrape (see agent-ebpf frag.rs and icmp.rs for what counts).
+//! scrape (see agent-ebpf path.rs for what counts).
 //!
 //! The reported MTU is exact over its 10-minute window: the programs keep, per (interface,
 //! reported MTU), the time of the latest report; the gauge is the lowest MTU whose latest

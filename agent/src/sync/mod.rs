@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::maps::{Endpoint, IfaceConfig};
+use agent_common::maps::{IfaceConfig, wire::Endpoint};
 use ipnet::IpNet;
 use log::{info, warn};
 

@@ -1,4 +1,9 @@
 //! `wirescope run`: load and attach, sync every second, serve until SIGINT/SIGTERM, detach.
+//!
+//! This file only wires the layers together, in the order a start needs: the datapath
+//! (loaded, drop tracepoints attached), the model (first sync before serving, so the first
+//! scrape already sees the tunnels), the probes and the Mullvad poller, the collectors over
+//! all of them, then the server and the background tasks until a signal.
 
 use std::{
     sync::{Arc, Mutex, RwLock},
@@ -8,23 +13,31 @@ use std::{
 use anyhow::Context as _;
 use log::{error, info, warn};
 use prometheus_client::registry::Registry;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     EBPF_OBJECT,
     config::RunConfig,
-    datapath::drops::DropReasons,
-    datapath::features::Features,
-    datapath::{Datapath, LoadOptions, Pinning},
+    datapath::{Datapath, LoadOptions, Pinning, drops::DropReasons, features::Features},
     metrics::{
-        self, Format, agent::AgentCollector, datapath::DatapathCollector, peers::PeerCollector,
+        self, Format, agent::AgentCollector, crypto::CryptoCollector, datapath::DatapathCollector,
+        drops::DropsCollector, failover::FailoverCollector, health::WireHealthCollector,
+        leak::LeakCollector, mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
+        probe::ProbeCollector,
+    },
+    probes::{
+        failover::{self, Failover, FailoverTask, Outcomes},
+        icmp::{self, ExtraTargets, ProbeStats},
+        pmtu::{self, PmtuState, PmtuTask},
     },
     serve::{self, HttpConfig, HttpSource},
-    sources::netlink::Netlink,
+    sources::{mullvad::MullvadState, netlink::Netlink},
     status,
-    sync::inventory::Inventory,
-    sync::peer_label::EndpointLabeler,
-    sync::{SyncOptions, Syncer},
+    sync::{SyncOptions, Syncer, inventory::Inventory, peer_label::EndpointLabeler},
 };
 
 /// How often interfaces, peers and maps are re-synced: changes show within two periods.
@@ -153,69 +166,13 @@ fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropRea
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // One agent per network namespace: a second one says which agent is already there.
     crate::instance::claim(cfg.listen_address)?;
-    let features = Features::detect();
-    info!(
-        "wirescope {} on Linux {}: tcx={} tracepoint={} kprobe={} fentry={} btf={} bpf_stats={}",
-        env!("CARGO_PKG_VERSION"),
-        features.kernel,
-        features.tcx,
-        features.tracepoint,
-        features.kprobe,
-        features.fentry,
-        features.btf,
-        features.bpf_stats
-    );
-    let options = LoadOptions {
-        transit_time: cfg.transit_time,
-    };
-    if !options.transit_time {
-        info!(
-            "transit time off (--transit-time off): wirescope_tunnel_transit_seconds stays empty"
-        );
-    }
-    let mut datapath = Datapath::load_with_options(EBPF_OBJECT, Pinning::from_env(), options)
-        .context("loading the eBPF programs")?;
-    datapath
-        .leak
-        .set_allowed(&cfg.leak_allow)
-        .context("writing the --leak-allow CIDRs into the eBPF map")?;
-    let crypto_kprobes = features.kprobe;
-    // Kernel drops and UDP receive errors: optional, reported, never fatal.
-    let mut features = features;
-    let reasons = attach_drops(&mut datapath, &mut features);
-    let datapath = Arc::new(Mutex::new(datapath));
+    let mut features = Features::detect();
+    log_features(&features);
+    let (datapath, reasons) = load_datapath(&cfg, &mut features)?;
     let inventory = Arc::new(RwLock::new(Inventory::default()));
     let endpoints = EndpointLabeler::load(&cfg.state_dir, cfg.export_endpoints)
         .context("preparing the endpoint-label salt")?;
-
-    let netlink = Netlink::new().context("opening rtnetlink")?;
-    let mut syncer = Syncer::new(
-        netlink,
-        SyncOptions {
-            tunnels: cfg.tunnels.clone(),
-            underlays: cfg.underlays.clone(),
-            friendly_names: cfg.friendly_names.clone(),
-            crypto_kprobes,
-        },
-    );
-    // Peers keep the ids their pinned counters are keyed by (see sync::PeerIds).
-    let saved_ids = datapath
-        .lock()
-        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
-        .tunnel
-        .saved_peer_ids();
-    if !saved_ids.is_empty() {
-        info!(
-            "{} peer ids continued from the pinned maps",
-            saved_ids.len()
-        );
-    }
-    syncer.seed_peer_ids(saved_ids);
-    // The first round runs before serving, so the first scrape already sees the tunnels.
-    syncer
-        .tick(&datapath, &inventory)
-        .await
-        .context("first sync of interfaces and peers")?;
+    let mut syncer = first_sync(&cfg, &features, &datapath, &inventory).await?;
     // Loading parsed the kernel's BTF and the eBPF object (tens of MB, freed by now): hand
     // that memory back to the system instead of keeping it in the allocator's free lists.
     #[cfg(target_env = "gnu")]
@@ -223,113 +180,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     unsafe {
         libc::malloc_trim(0);
     }
-
-    // Mullvad daemon state (issue 6): written by crate::sources::mullvad::spawn below, read by its
-    // collector and, through probe_target(), by the prober.
-    let mullvad_state = Arc::new(RwLock::new(crate::sources::mullvad::MullvadState::default()));
-
-    // Active probes and path MTU (issue 6): stats shared with the collector and failover.
-    let probe_stats = Arc::new(crate::probes::icmp::ProbeStats::new());
-    let pmtu_state = Arc::new(crate::probes::pmtu::PmtuState::new());
-    // Fire (notify_one) on an ICMP too-big seen by the datapath: a path-MTU run soon.
-    let pmtu_trigger = Arc::new(tokio::sync::Notify::new());
-    // Dynamic probe targets: the Mullvad poller's 10.64.0.1@wg0-mullvad while connected.
-    let probe_extra: crate::probes::icmp::ExtraTargets = {
-        let mullvad = mullvad_state.clone();
-        Arc::new(move || {
-            mullvad
-                .read()
-                .ok()
-                .and_then(|m| m.probe_target())
-                .into_iter()
-                .collect()
-        })
-    };
-    let probe_labeler = endpoints.clone();
-    let status_labeler = endpoints.clone();
-    let failover_state = Arc::new(Mutex::new(crate::probes::failover::Failover::default()));
-    let failover_outcomes = crate::probes::failover::Outcomes::default();
-    // Both results of the configured action from the start, at 0: rates are 0, not absent.
-    if cfg.failover.command.is_some() {
-        let action = if cfg.failover.dry_run {
-            "dry_run"
-        } else {
-            "command"
-        };
-        if let Ok(mut o) = failover_outcomes.lock() {
-            for result in ["ok", "failed"] {
-                o.insert((action, result), 0);
-            }
-        }
-    }
-    let datapath_collector = Arc::new(DatapathCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-        endpoints,
-    ));
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(PeerCollector::new(
-        inventory.clone(),
-        cfg.export_endpoints,
-    )));
-    registry.register_collector(Box::new(datapath_collector.clone()));
-    registry.register_collector(Box::new(crate::metrics::crypto::CryptoCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-    )));
-    let wire_health = Arc::new(crate::metrics::health::WireHealthCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-    ));
-    registry.register_collector(Box::new(wire_health.clone()));
-    let path = Arc::new(crate::metrics::path::PathCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-    ));
-    registry.register_collector(Box::new(path.clone()));
-    let leaks = Arc::new(crate::metrics::leak::LeakCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-    ));
-    registry.register_collector(Box::new(leaks.clone()));
-    let drops_collector = Arc::new(crate::metrics::drops::DropsCollector::new(
-        datapath.clone(),
+    let probing = Probing::new(&cfg);
+    let agent = collectors(
+        &cfg,
+        features,
         reasons,
-    ));
-    registry.register_collector(Box::new(drops_collector.clone()));
-    registry.register_collector(Box::new(crate::metrics::mullvad::MullvadCollector::new(
-        mullvad_state.clone(),
-        inventory.clone(),
-    )));
-    registry.register_collector(Box::new(crate::metrics::failover::FailoverCollector::new(
-        failover_state.clone(),
-        failover_outcomes.clone(),
-    )));
-    registry.register_collector(Box::new(crate::metrics::probe::ProbeCollector::new(
-        probe_stats.clone(),
-        pmtu_state.clone(),
-    )));
-    registry.register_collector(Box::new(AgentCollector::new(
-        datapath.clone(),
-        inventory.clone(),
-        Arc::new(RwLock::new(features)),
-    )));
-    let agent = Arc::new(Agent {
-        registry,
-        datapath: datapath.clone(),
-        inventory: inventory.clone(),
-        datapath_collector,
-        drops_collector,
-        wire_health,
-        leaks,
-        path,
-        probe_stats: probe_stats.clone(),
-        pmtu_state: pmtu_state.clone(),
-        failover_state: failover_state.clone(),
-        mullvad_state: mullvad_state.clone(),
-        labeler: status_labeler,
-        export_endpoints: cfg.export_endpoints,
-    });
+        &datapath,
+        &inventory,
+        &probing,
+        endpoints.clone(),
+    );
 
     let server = serve::bind(
         HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone())
@@ -346,111 +206,25 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // Attached, synced and bound: from here on only what re-attachment needs.
     let _ = crate::caps::drop_unneeded();
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sync_task = {
-        let datapath = datapath.clone();
-        let inventory = inventory.clone();
-        let mut stop = stop_rx.clone();
-        let pmtu_trigger = pmtu_trigger.clone();
-        tokio::spawn(async move {
-            let mut too_big_seen = 0u64;
-            let mut tick = tokio::time::interval(SYNC_PERIOD);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                // Unanswered initiations become timeouts, idle sessions go: both maps
-                // stay bounded, and a timeout shows within a second of its 5 s.
-                if let Ok(mut dp) = datapath.lock() {
-                    dp.health.expire(crate::datapath::monotonic_ns());
-                    // Reported MTUs older than the 10-minute window go.
-                    dp.path.expire(crate::datapath::monotonic_ns());
-                    // Transit slots of packets never matched, queues of quiet peers.
-                    dp.transit.expire(crate::datapath::monotonic_ns());
-                    // A new ICMP too-big: the path MTU may have changed, measure it soon.
-                    let too_big: u64 = dp
-                        .path
-                        .icmp_too_big()
-                        .map(|v| v.iter().map(|(_, c)| c.packets).sum())
-                        .unwrap_or(0);
-                    if too_big > too_big_seen {
-                        pmtu_trigger.notify_one();
-                    }
-                    too_big_seen = too_big;
-                }
-                // (The round logs what changed since the previous one.)
-                match syncer.tick(&datapath, &inventory).await {
-                    Ok(()) => {}
-                    Err(e) => {
-                        warn!("sync failed: {e:#}");
-                        if let Ok(mut inv) = inventory.write() {
-                            inv.last_error = Some(format!("{e:#}"));
-                        }
-                    }
-                }
-            }
-        })
-    };
-
-    let probe_task = crate::probes::icmp::spawn(
-        cfg.probes.clone(),
-        probe_extra.clone(),
-        probe_stats.clone(),
-        stop_rx.clone(),
-    );
-    let pmtu_task = crate::probes::pmtu::spawn(
-        crate::probes::pmtu::PmtuTask {
-            cfg: cfg.probes.clone(),
-            extra: probe_extra.clone(),
-            inventory: inventory.clone(),
-            labeler: probe_labeler,
-            state: pmtu_state.clone(),
-            trigger: pmtu_trigger.clone(),
-        },
-        stop_rx.clone(),
-    );
-
-    // Failover: paths judged every second against the thresholds, the action when one
-    // turns unhealthy.
-    let failover_task = crate::probes::failover::spawn(
-        crate::probes::failover::FailoverTask {
-            cfg: cfg.failover.clone(),
-            probes: cfg.probes.clone(),
-            extra: probe_extra.clone(),
-            stats: probe_stats.clone(),
-            inventory: inventory.clone(),
-            state: failover_state.clone(),
-            outcomes: failover_outcomes.clone(),
-        },
-        stop_rx.clone(),
-    );
-
-    // The Mullvad poller: `<cli> status --json` every --mullvad-interval.
-    let mullvad_task =
-        crate::sources::mullvad::spawn(cfg.mullvad.clone(), mullvad_state.clone(), stop_rx.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = vec![tokio::spawn({
+        let (datapath, inventory) = (datapath.clone(), inventory.clone());
+        let (trigger, stop) = (probing.pmtu_trigger.clone(), stop_rx.clone());
+        async move { sync_loop(&mut syncer, &datapath, &inventory, &trigger, stop).await }
+    })];
+    tasks.extend(probing.spawn(&cfg, &inventory, endpoints, &stop_rx));
 
     let mut stop_http = stop_rx.clone();
     let serve = server.serve(agent, async move {
         let _ = stop_http.changed().await;
     });
-    let signals = async {
-        let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: stopping"),
-            _ = int.recv() => info!("SIGINT: stopping"),
-        }
-        anyhow::Ok(())
-    };
     tokio::pin!(serve);
     tokio::select! {
         r = &mut serve => {
             // The server only returns on its own when it failed.
             r.context("HTTP server")?;
         }
-        r = signals => {
+        r = signals() => {
             r?;
             let _ = stop_tx.send(true);
             if let Err(e) = serve.await {
@@ -459,13 +233,313 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    let _ = sync_task.await;
-    let _ = mullvad_task.await;
-    let _ = probe_task.await;
-    let _ = pmtu_task.await;
-    let _ = failover_task.await;
-    // Dropping the datapath detaches every program (TCX links are fd-based; clsact filters
-    // are removed explicitly by detach()).
+    for task in tasks {
+        let _ = task.await;
+    }
+    detach_all(&datapath)
+}
+
+fn log_features(features: &Features) {
+    info!(
+        "wirescope {} on Linux {}: tcx={} tracepoint={} kprobe={} fentry={} btf={} bpf_stats={}",
+        env!("CARGO_PKG_VERSION"),
+        features.kernel,
+        features.tcx,
+        features.tracepoint,
+        features.kprobe,
+        features.fentry,
+        features.btf,
+        features.bpf_stats
+    );
+}
+
+/// Loads the programs (pinning the counting maps), writes the `--leak-allow` CIDRs and
+/// attaches the optional drop tracepoints, recording their outcome in `features`.
+fn load_datapath(
+    cfg: &RunConfig,
+    features: &mut Features,
+) -> anyhow::Result<(Arc<Mutex<Datapath>>, Arc<DropReasons>)> {
+    let options = LoadOptions {
+        transit_time: cfg.transit_time,
+    };
+    if !options.transit_time {
+        info!(
+            "transit time off (--transit-time off): wirescope_tunnel_transit_seconds stays empty"
+        );
+    }
+    let mut datapath = Datapath::load_with_options(EBPF_OBJECT, Pinning::from_env(), options)
+        .context("loading the eBPF programs")?;
+    datapath
+        .leak
+        .set_allowed(&cfg.leak_allow)
+        .context("writing the --leak-allow CIDRs into the eBPF map")?;
+    // Kernel drops and UDP receive errors: optional, reported, never fatal.
+    let reasons = attach_drops(&mut datapath, features);
+    Ok((Arc::new(Mutex::new(datapath)), reasons))
+}
+
+/// The sync loop's first round, run before serving. Peers keep the ids their pinned
+/// counters are keyed by (see sync::PeerIds).
+async fn first_sync(
+    cfg: &RunConfig,
+    features: &Features,
+    datapath: &Arc<Mutex<Datapath>>,
+    inventory: &Arc<RwLock<Inventory>>,
+) -> anyhow::Result<Syncer> {
+    let netlink = Netlink::new().context("opening rtnetlink")?;
+    let mut syncer = Syncer::new(
+        netlink,
+        SyncOptions {
+            tunnels: cfg.tunnels.clone(),
+            underlays: cfg.underlays.clone(),
+            friendly_names: cfg.friendly_names.clone(),
+            crypto_kprobes: features.kprobe,
+        },
+    );
+    let saved_ids = datapath
+        .lock()
+        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
+        .tunnel
+        .saved_peer_ids();
+    if !saved_ids.is_empty() {
+        info!(
+            "{} peer ids continued from the pinned maps",
+            saved_ids.len()
+        );
+    }
+    syncer.seed_peer_ids(saved_ids);
+    syncer
+        .tick(datapath, inventory)
+        .await
+        .context("first sync of interfaces and peers")?;
+    Ok(syncer)
+}
+
+/// Every second until `stop`: expire what the programs leave in the kernel, nudge the
+/// path-MTU search on a new ICMP too-big, and sync (the round logs what changed).
+async fn sync_loop(
+    syncer: &mut Syncer,
+    datapath: &Arc<Mutex<Datapath>>,
+    inventory: &Arc<RwLock<Inventory>>,
+    pmtu_trigger: &Notify,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut too_big_seen = 0u64;
+    let mut tick = tokio::time::interval(SYNC_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if let Ok(mut dp) = datapath.lock() {
+            // Unanswered initiations become timeouts, idle sessions go: both maps stay
+            // bounded, and a timeout shows within a second of its 5 s.
+            dp.health.expire(crate::datapath::monotonic_ns());
+            // Reported MTUs older than the 10-minute window go.
+            dp.path.expire(crate::datapath::monotonic_ns());
+            // Transit slots of packets never matched, queues of quiet peers.
+            dp.transit.expire(crate::datapath::monotonic_ns());
+            // A new ICMP too-big: the path MTU may have changed, measure it soon.
+            let too_big: u64 = dp
+                .path
+                .icmp_too_big()
+                .map(|v| v.iter().map(|(_, c)| c.packets).sum())
+                .unwrap_or(0);
+            if too_big > too_big_seen {
+                pmtu_trigger.notify_one();
+            }
+            too_big_seen = too_big;
+        }
+        if let Err(e) = syncer.tick(datapath, inventory).await {
+            warn!("sync failed: {e:#}");
+            if let Ok(mut inv) = inventory.write() {
+                inv.last_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// What the active side shares with the collectors: the Mullvad daemon's state, probe
+/// statistics, path MTUs and failover state.
+struct Probing {
+    /// Written by the Mullvad poller; read by its collector and, through probe_target(),
+    /// by the prober.
+    mullvad: Arc<RwLock<MullvadState>>,
+    stats: Arc<ProbeStats>,
+    pmtu: Arc<PmtuState>,
+    /// Fired (notify_one) on an ICMP too-big seen by the datapath: a path-MTU run soon.
+    pmtu_trigger: Arc<Notify>,
+    /// Dynamic probe targets: the Mullvad poller's 10.64.0.1@wg0-mullvad while connected.
+    extra: ExtraTargets,
+    failover: Arc<Mutex<Failover>>,
+    outcomes: Outcomes,
+}
+
+impl Probing {
+    fn new(cfg: &RunConfig) -> Self {
+        let mullvad = Arc::new(RwLock::new(MullvadState::default()));
+        let extra: ExtraTargets = {
+            let mullvad = mullvad.clone();
+            Arc::new(move || {
+                mullvad
+                    .read()
+                    .ok()
+                    .and_then(|m| m.probe_target())
+                    .into_iter()
+                    .collect()
+            })
+        };
+        let outcomes = Outcomes::default();
+        // Both results of the configured action from the start, at 0: rates are 0, not
+        // absent.
+        if cfg.failover.command.is_some() {
+            let action = if cfg.failover.dry_run {
+                "dry_run"
+            } else {
+                "command"
+            };
+            if let Ok(mut o) = outcomes.lock() {
+                for result in ["ok", "failed"] {
+                    o.insert((action, result), 0);
+                }
+            }
+        }
+        Probing {
+            mullvad,
+            stats: Arc::new(ProbeStats::new()),
+            pmtu: Arc::new(PmtuState::new()),
+            pmtu_trigger: Arc::new(Notify::new()),
+            extra,
+            failover: Arc::new(Mutex::new(Failover::default())),
+            outcomes,
+        }
+    }
+
+    /// The probes, the path-MTU search, failover (paths judged every second, the action
+    /// when one turns unhealthy) and the Mullvad poller (`<cli> status --json` every
+    /// --mullvad-interval), each until `stop`.
+    fn spawn(
+        &self,
+        cfg: &RunConfig,
+        inventory: &Arc<RwLock<Inventory>>,
+        labeler: EndpointLabeler,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let probe = icmp::spawn(
+            cfg.probes.clone(),
+            self.extra.clone(),
+            self.stats.clone(),
+            stop.clone(),
+        );
+        let pmtu = pmtu::spawn(
+            PmtuTask {
+                cfg: cfg.probes.clone(),
+                extra: self.extra.clone(),
+                inventory: inventory.clone(),
+                labeler,
+                state: self.pmtu.clone(),
+                trigger: self.pmtu_trigger.clone(),
+            },
+            stop.clone(),
+        );
+        let failover = failover::spawn(
+            FailoverTask {
+                cfg: cfg.failover.clone(),
+                probes: cfg.probes.clone(),
+                extra: self.extra.clone(),
+                stats: self.stats.clone(),
+                inventory: inventory.clone(),
+                state: self.failover.clone(),
+                outcomes: self.outcomes.clone(),
+            },
+            stop.clone(),
+        );
+        let mullvad =
+            crate::sources::mullvad::spawn(cfg.mullvad.clone(), self.mullvad.clone(), stop.clone());
+        vec![mullvad, probe, pmtu, failover]
+    }
+}
+
+/// Registers every collector and returns what the HTTP endpoints read.
+fn collectors(
+    cfg: &RunConfig,
+    features: Features,
+    reasons: Arc<DropReasons>,
+    datapath: &Arc<Mutex<Datapath>>,
+    inventory: &Arc<RwLock<Inventory>>,
+    probing: &Probing,
+    endpoints: EndpointLabeler,
+) -> Arc<Agent> {
+    let (dp, inv) = (datapath, inventory);
+    let datapath_collector = Arc::new(DatapathCollector::new(
+        dp.clone(),
+        inv.clone(),
+        endpoints.clone(),
+    ));
+    let wire_health = Arc::new(WireHealthCollector::new(dp.clone(), inv.clone()));
+    let path = Arc::new(PathCollector::new(dp.clone(), inv.clone()));
+    let leaks = Arc::new(LeakCollector::new(dp.clone(), inv.clone()));
+    let drops_collector = Arc::new(DropsCollector::new(dp.clone(), reasons));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PeerCollector::new(
+        inv.clone(),
+        cfg.export_endpoints,
+    )));
+    registry.register_collector(Box::new(datapath_collector.clone()));
+    registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
+    registry.register_collector(Box::new(wire_health.clone()));
+    registry.register_collector(Box::new(path.clone()));
+    registry.register_collector(Box::new(leaks.clone()));
+    registry.register_collector(Box::new(drops_collector.clone()));
+    registry.register_collector(Box::new(MullvadCollector::new(
+        probing.mullvad.clone(),
+        inv.clone(),
+    )));
+    registry.register_collector(Box::new(FailoverCollector::new(
+        probing.failover.clone(),
+        probing.outcomes.clone(),
+    )));
+    registry.register_collector(Box::new(ProbeCollector::new(
+        probing.stats.clone(),
+        probing.pmtu.clone(),
+    )));
+    registry.register_collector(Box::new(AgentCollector::new(
+        dp.clone(),
+        inv.clone(),
+        Arc::new(RwLock::new(features)),
+    )));
+    Arc::new(Agent {
+        registry,
+        datapath: dp.clone(),
+        inventory: inv.clone(),
+        datapath_collector,
+        drops_collector,
+        wire_health,
+        leaks,
+        path,
+        probe_stats: probing.stats.clone(),
+        pmtu_state: probing.pmtu.clone(),
+        failover_state: probing.failover.clone(),
+        mullvad_state: probing.mullvad.clone(),
+        labeler: endpoints,
+        export_endpoints: cfg.export_endpoints,
+    })
+}
+
+async fn signals() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
+/// Dropping the datapath would detach every program too (TCX links are fd-based), but
+/// clsact filters must be removed explicitly by detach().
+fn detach_all(datapath: &Mutex<Datapath>) -> anyhow::Result<()> {
     let mut dp = datapath
         .lock()
         .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;

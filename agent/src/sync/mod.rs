@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use log::{info, warn};
 
 use crate::{
-    datapath::{Datapath, PeerMaps},
+    datapath::{Datapath, DatapathError, PeerMaps},
     sources::errors,
     sources::netlink::{Link, Netlink},
     sources::wg,
@@ -171,43 +171,7 @@ impl Syncer {
                 ));
                 continue;
             };
-            // A renamed userspace device: its socket still has the old name.
-            let read_as = self
-                .uapi_sockets
-                .get(&link.index)
-                .filter(|s| {
-                    **s != name && !wg::uapi_path(&name).exists() && wg::uapi_path(s).exists()
-                })
-                .cloned()
-                .unwrap_or_else(|| name.clone());
-            let (dev, backend) = match read_device(&read_as).await {
-                Ok((mut dev, backend)) => {
-                    if backend == Backend::Uapi {
-                        self.uapi_sockets.insert(link.index, read_as.clone());
-                    }
-                    dev.name = name.clone();
-                    (dev, backend)
-                }
-                Err(e) => {
-                    // Datapath counting goes on without peer state (e.g. Mullvad's in-app
-                    // WireGuard has no control socket); traffic then shows as peer "unknown".
-                    let kernel = link.kind.as_deref() == Some("wireguard");
-                    if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel) {
-                        errors::record(source);
-                    }
-                    self.warn_once(format!("{name}: no peer state: {e}"));
-                    (
-                        WgDevice {
-                            name: name.clone(),
-                            listen_port: 0,
-                            public_key: None,
-                            peers: Vec::new(),
-                        },
-                        Backend::None,
-                    )
-                }
-            };
-            tunnels.push(self.tunnel(link, dev, backend));
+            tunnels.push(self.read_tunnel(link, name).await);
         }
         let read_took = started.elapsed();
 
@@ -219,97 +183,145 @@ impl Syncer {
 
         let want = peer_maps(&tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
-        {
-            let mut inv = inventory
-                .write()
-                .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
-            // Written only when new or changed: at 10,000 peers, rewriting them every second
-            // cost two allocations per peer per round.
-            for t in &tunnels {
-                set_label(&mut inv.iface_names, t.ifindex, &t.name);
-                for p in &t.peers {
-                    let same = inv
-                        .peer_labels
-                        .get(&p.id)
-                        .is_some_and(|(i, k)| *i == t.name && *k == p.public_key);
-                    if !same {
-                        inv.peer_labels
-                            .insert(p.id, (t.name.clone(), p.public_key.clone()));
-                    }
-                }
-            }
-            for u in &underlays {
-                set_label(&mut inv.iface_names, u.ifindex, &u.name);
-            }
-        }
-        let maps_result;
-        let maps_took;
-        {
+        write_labels(inventory, &tunnels, &underlays)?;
+        let (maps_result, maps_took) = {
             let mut dp = datapath
                 .lock()
                 .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-            let mut watched: HashMap<u32, (String, IfaceConfig)> = HashMap::new();
-            for u in &underlays {
-                let l3 = by_name.get(u.name.as_str()).is_some_and(|l| l.l3);
-                let flags = IfaceConfig::UNDERLAY | if l3 { IfaceConfig::L3 } else { 0 };
-                watched.insert(u.ifindex, (u.name.clone(), IfaceConfig { flags }));
-            }
-            for t in &tunnels {
-                let l3 = by_name.get(t.name.as_str()).is_none_or(|l| l.l3);
-                let flags = IfaceConfig::TUNNEL | if l3 { IfaceConfig::L3 } else { 0 };
-                watched.insert(t.ifindex, (t.name.clone(), IfaceConfig { flags }));
-            }
-            let gone: Vec<u32> = dp
-                .attachments()
-                .map(|(i, _)| *i)
-                .filter(|i| !watched.contains_key(i))
-                .collect();
-            for i in gone {
-                dp.detach(i);
-            }
-            for (ifindex, (name, cfg)) in &watched {
-                if let Err(e) = dp.attach(name, *ifindex, *cfg) {
-                    let msg = format!("{e}");
-                    if self.logged.insert(msg.clone()) {
-                        warn!("{msg}");
-                    }
-                }
-            }
-            let maps_started = Instant::now();
-            // Ids given this round are saved before any packet is counted under them.
-            let new_ids = self.ids.take_new();
-            if let Err(e) = dp.tunnel.save_peer_ids(&new_ids) {
-                self.warn_once(format!(
-                    "saving peer ids: {e} (a restarted agent may count those peers anew)"
-                ));
-            }
-            maps_result = dp.sync_peers(&want);
-            maps_took = maps_started.elapsed();
-            // Leak detection is on while a handshake is less than 180 s old.
-            let up_until = leak::tunnel_up_until_ns(
-                &tunnels,
-                SystemTime::now(),
-                crate::datapath::monotonic_ns(),
-            );
-            if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
-                self.warn_once(format!("leak detection: {e}"));
-            }
-            let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
-            if self.opts.crypto_kprobes && kernel_wg && !dp.crypto.attached() {
-                let attached = crate::datapath::crypto::offsets()
-                    .map_err(|e| e.to_string())
-                    .and_then(|cfg| dp.attach_crypto(cfg).map_err(|e| e.to_string()));
-                if let Err(e) = attached {
-                    self.warn_once(format!("no crypto timing: {e}"));
-                }
-            }
-        }
+            self.watch(&mut dp, &by_name, &tunnels, &underlays);
+            self.write_maps(&mut dp, &tunnels, &want)
+        };
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));
         }
+        let times = [started.elapsed(), read_took, routes_took, maps_took];
+        self.publish(inventory, tunnels, underlays, maps_result, times)
+    }
 
+    /// One tunnel's peers from its control interface. On failure counting goes on without
+    /// peer state (e.g. Mullvad's in-app WireGuard has no control socket); traffic then
+    /// shows as peer "unknown".
+    async fn read_tunnel(&mut self, link: &Link, name: String) -> Tunnel {
+        // A renamed userspace device: its socket still has the old name.
+        let read_as = self
+            .uapi_sockets
+            .get(&link.index)
+            .filter(|s| **s != name && !wg::uapi_path(&name).exists() && wg::uapi_path(s).exists())
+            .cloned()
+            .unwrap_or_else(|| name.clone());
+        let (dev, backend) = match read_device(&read_as).await {
+            Ok((mut dev, backend)) => {
+                if backend == Backend::Uapi {
+                    self.uapi_sockets.insert(link.index, read_as.clone());
+                }
+                dev.name = name.clone();
+                (dev, backend)
+            }
+            Err(e) => {
+                let kernel = link.kind.as_deref() == Some("wireguard");
+                if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel) {
+                    errors::record(source);
+                }
+                self.warn_once(format!("{name}: no peer state: {e}"));
+                (
+                    WgDevice {
+                        name: name.clone(),
+                        listen_port: 0,
+                        public_key: None,
+                        peers: Vec::new(),
+                    },
+                    Backend::None,
+                )
+            }
+        };
+        self.tunnel(link, dev, backend)
+    }
+
+    /// Attaches the programs to every watched interface with its role and framing, and
+    /// detaches them from the interfaces no longer watched.
+    fn watch(
+        &mut self,
+        dp: &mut Datapath,
+        by_name: &HashMap<&str, &Link>,
+        tunnels: &[Tunnel],
+        underlays: &[Underlay],
+    ) {
+        let mut watched: HashMap<u32, (String, IfaceConfig)> = HashMap::new();
+        for u in underlays {
+            let l3 = by_name.get(u.name.as_str()).is_some_and(|l| l.l3);
+            let flags = IfaceConfig::UNDERLAY | if l3 { IfaceConfig::L3 } else { 0 };
+            watched.insert(u.ifindex, (u.name.clone(), IfaceConfig { flags }));
+        }
+        for t in tunnels {
+            let l3 = by_name.get(t.name.as_str()).is_none_or(|l| l.l3);
+            let flags = IfaceConfig::TUNNEL | if l3 { IfaceConfig::L3 } else { 0 };
+            watched.insert(t.ifindex, (t.name.clone(), IfaceConfig { flags }));
+        }
+        let gone: Vec<u32> = dp
+            .attachments()
+            .map(|(i, _)| *i)
+            .filter(|i| !watched.contains_key(i))
+            .collect();
+        for i in gone {
+            dp.detach(i);
+        }
+        for (ifindex, (name, cfg)) in &watched {
+            if let Err(e) = dp.attach(name, *ifindex, *cfg) {
+                let msg = format!("{e}");
+                if self.logged.insert(msg.clone()) {
+                    warn!("{msg}");
+                }
+            }
+        }
+    }
+
+    /// Brings the peer maps, the leak window and the crypto kprobes up to date; returns the
+    /// peer maps' outcome and how long writing them took.
+    fn write_maps(
+        &mut self,
+        dp: &mut Datapath,
+        tunnels: &[Tunnel],
+        want: &PeerMaps,
+    ) -> (Result<(), DatapathError>, Duration) {
+        let maps_started = Instant::now();
+        // Ids given this round are saved before any packet is counted under them.
+        let new_ids = self.ids.take_new();
+        if let Err(e) = dp.tunnel.save_peer_ids(&new_ids) {
+            self.warn_once(format!(
+                "saving peer ids: {e} (a restarted agent may count those peers anew)"
+            ));
+        }
+        let maps_result = dp.sync_peers(want);
+        let maps_took = maps_started.elapsed();
+        // Leak detection is on while a handshake is less than 180 s old.
+        let up_until =
+            leak::tunnel_up_until_ns(tunnels, SystemTime::now(), crate::datapath::monotonic_ns());
+        if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
+            self.warn_once(format!("leak detection: {e}"));
+        }
+        let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);
+        if self.opts.crypto_kprobes && kernel_wg && !dp.crypto.attached() {
+            let attached = crate::datapath::crypto::offsets()
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| dp.attach_crypto(cfg).map_err(|e| e.to_string()));
+            if let Err(e) = attached {
+                self.warn_once(format!("no crypto timing: {e}"));
+            }
+        }
+        (maps_result, maps_took)
+    }
+
+    /// Replaces the inventory's tunnels and underlays with this round's, and logs what
+    /// changed. `times`: the whole round, reading the control interfaces, routes, BPF maps.
+    fn publish(
+        &mut self,
+        inventory: &RwLock<Inventory>,
+        tunnels: Vec<Tunnel>,
+        underlays: Vec<Underlay>,
+        maps_result: Result<(), DatapathError>,
+        [took, read_took, routes_took, maps_took]: [Duration; 4],
+    ) -> anyhow::Result<()> {
         let peers: usize = tunnels.iter().map(|t| t.peers.len()).sum();
-        let took = started.elapsed();
         // The first round writes every peer into the maps: its duration is the time a
         // (re)started agent needs before it counts every peer.
         if self.logged_peer_count != Some(peers) {
@@ -570,6 +582,36 @@ pub fn endpoint_key(ip: IpAddr, port: u16) -> Endpoint {
         family,
         _pad: 0,
     }
+}
+
+/// The interface and peer names the collectors need for this round's ids, written only
+/// when new or changed: at 10,000 peers, rewriting them every second cost two allocations
+/// per peer per round.
+fn write_labels(
+    inventory: &RwLock<Inventory>,
+    tunnels: &[Tunnel],
+    underlays: &[Underlay],
+) -> anyhow::Result<()> {
+    let mut inv = inventory
+        .write()
+        .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
+    for t in tunnels {
+        set_label(&mut inv.iface_names, t.ifindex, &t.name);
+        for p in &t.peers {
+            let same = inv
+                .peer_labels
+                .get(&p.id)
+                .is_some_and(|(i, k)| *i == t.name && *k == p.public_key);
+            if !same {
+                inv.peer_labels
+                    .insert(p.id, (t.name.clone(), p.public_key.clone()));
+            }
+        }
+    }
+    for u in underlays {
+        set_label(&mut inv.iface_names, u.ifindex, &u.name);
+    }
+    Ok(())
 }
 
 /// `map[index] = name`, allocating only when it is new or changed.

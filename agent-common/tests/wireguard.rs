@@ -313,7 +313,7 @@ fn data_wire_len_hand_computed() {
 
 #[test]
 fn data_wire_len_matches_the_contract_formula_and_the_fixtures() {
-    // CONTRACT.md: per IPv4-carried packet of L3 length L the overhead is
+    // docs/CONTRACT.md: per IPv4-carried packet of L3 length L the overhead is
     // 20 + 8 + 16 + 16 + (L rounded up to a multiple of 16, but not past the MTU) - L.
     for mtu in [576u32, 1280, 1380, 1420, 1500] {
         for l in 0..=mtu {

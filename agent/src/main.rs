@@ -1,5 +1,5 @@
 //! The `wirescope` binary: parse the command line, set up logging, and hand over.
-//! Exit status per CONTRACT.md: 0 clean stop, 2 bad usage or configuration, 1 anything else.
+//! Exit status per docs/CONTRACT.md: 0 clean stop, 2 bad usage or configuration, 1 anything else.
 
 use std::process::ExitCode;
 

@@ -240,7 +240,7 @@ fn fragments_by_layer() {
     }
     assert_eq!(all.len(), 6, "{all:?}");
 
-    // The collector's series, labelled as CONTRACT.md says.
+    // The collector's series, labelled as docs/CONTRACT.md says.
     let mut inv = Inventory::default();
     inv.iface_names.insert(under, "fx-under".into());
     inv.iface_names.insert(tun, "lo".into());

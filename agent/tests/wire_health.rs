@@ -201,7 +201,7 @@ fn counter_gaps_and_late_messages_per_session() {
     lab.run(Dir::Rx, &data(0x5151, 4));
     assert_eq!(lab.seq(), (3, 3), "first message of a fresh session");
 
-    // The collector's view, labelled as CONTRACT.md says.
+    // The collector's view, labelled as docs/CONTRACT.md says.
     let mut inv = Inventory::default();
     inv.iface_names.insert(lab.under, "wh-under".into());
     inv.peer_labels

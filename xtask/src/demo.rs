@@ -8,7 +8,7 @@
 //!    handshaken;
 //! 2. exactly [`UDP_COUNT`] UDP datagrams per size in [`UDP_PAYLOADS`], echoed by a server on
 //!    10.64.0.1 in the exit relay, measured as the difference of two scrapes, so that every
-//!    layer's overhead is exact and checked against the formula of CONTRACT.md;
+//!    layer's overhead is exact and checked against the formula of docs/CONTRACT.md;
 //! 3. [`IPERF_SECONDS`] of iperf3 TCP from the client to an iperf3 server on 10.64.0.1.
 //!
 //! How the multihop counters fit together (all on the client): the exit peer (hop 2) has its
@@ -472,7 +472,7 @@ fn print_udp(hops: &[Hop], phases: &[(usize, Metrics, Metrics)]) -> Result<bool>
         "UDP, exact: deltas of two scrapes around {UDP_COUNT} echoed datagrams per payload size."
     );
     println!(
-        "Formula (CONTRACT.md): a layer turns a packet of L bytes into 20 + 8 + 32 + pad16(L) \
+        "Formula (docs/CONTRACT.md): a layer turns a packet of L bytes into 20 + 8 + 32 + pad16(L) \
          bytes; the exit layer wraps the app's packet, the entry layer the exit layer's."
     );
     println!(

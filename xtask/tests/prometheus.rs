@@ -45,7 +45,7 @@ const PREFIX: &str = "wsx";
 const PENDING: &[&str] = &[];
 
 /// Contract metrics the README's table may not list yet (issue 6), for clones without
-/// `../shared/CONTRACT.md`.
+/// `docs/CONTRACT.md`.
 const BEYOND_README: &[&str] = &[
     "wirescope_probe_rtt_seconds",
     "wirescope_probe_sent_total",
@@ -120,13 +120,13 @@ fn promtool(args: &[&str]) -> String {
     text
 }
 
-/// The contract's metric names: `../shared/CONTRACT.md` beside the repository (or
+/// The contract's metric names: `docs/CONTRACT.md` in the repository (or
 /// `WIRESCOPE_CONTRACT`); on a clone without it, the README's table of metrics implemented
 /// plus [`BEYOND_README`] and [`PENDING`].
 fn contract_names() -> BTreeSet<String> {
     let contract = std::env::var_os("WIRESCOPE_CONTRACT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| xtask::build::repo_root().join("../shared/CONTRACT.md"));
+        .unwrap_or_else(|| xtask::build::repo_root().join("docs/CONTRACT.md"));
     match std::fs::read_to_string(&contract) {
         Ok(text) => documented_metric_names(&text),
         Err(_) => {

@@ -1,4 +1,4 @@
-//! The command line (CONTRACT.md): `wirescope run|status|doctor`.
+//! The command line (docs/CONTRACT.md): `wirescope run|status|doctor`.
 //!
 //! Values are taken as strings here and checked in [`crate::config`], so a bad value gets the
 //! same message whether it came from a flag or from the `--config` file. clap's own usage

@@ -58,7 +58,7 @@ use serde::Deserialize;
 
 use cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs};
 
-/// The exit status for bad usage or configuration (CONTRACT.md).
+/// The exit status for bad usage or configuration (docs/CONTRACT.md).
 pub const EXIT_USAGE: i32 = 2;
 
 /// Config files are small; a bigger one is a mistake (a device, a log file).

@@ -1,4 +1,4 @@
-//! The Mullvad daemon's state (CONTRACT.md "Mullvad daemon"), from what the poller
+//! The Mullvad daemon's state (docs/CONTRACT.md "Mullvad daemon"), from what the poller
 //! ([`crate::sources::mullvad::spawn`]) last read:
 //!
 //! - `mullvad_up`: 1 when the last `mullvad status --json` call succeeded.

@@ -3,7 +3,7 @@
 //! for the collector (`mullvad_*` metrics), the prober ([`MullvadState::probe_target`]) and
 //! whoever names the entry and exit peers ([`MullvadState::relay_roles`]).
 //!
-//! The JSON shape (CONTRACT.md, "Facts") is read from the client's source, not captured live,
+//! The JSON shape (docs/CONTRACT.md, "Facts") is read from the client's source, not captured live,
 //! so nothing here insists on more than `state`: unknown fields are ignored, every other field
 //! is optional, a field of an unexpected type is left out and noted in
 //! [`MullvadStatus::unreadable`], and a state this code does not know keeps its name
@@ -31,7 +31,7 @@ use tokio::{io::AsyncReadExt as _, process::Command, sync::watch, task::JoinHand
 
 use crate::config::{MullvadConfig, ProbeTarget};
 
-/// Mullvad's in-tunnel gateway (CONTRACT.md): the default probe target while connected.
+/// Mullvad's in-tunnel gateway (docs/CONTRACT.md): the default probe target while connected.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 1);
 /// Mullvad's tunnel interface on Linux, when the daemon does not name it.
 pub const DEFAULT_TUNNEL_INTERFACE: &str = "wg0-mullvad";
@@ -54,7 +54,7 @@ pub enum TunnelState {
 }
 
 impl TunnelState {
-    /// The states CONTRACT.md names, each with its own `mullvad_tunnel_state` series.
+    /// The states docs/CONTRACT.md names, each with its own `mullvad_tunnel_state` series.
     pub const KNOWN: [TunnelState; 5] = [
         TunnelState::Connected,
         TunnelState::Connecting,

@@ -219,7 +219,7 @@ fn endpoint(e: RawEndpoint, notes: &mut Vec<String>) -> Endpoint {
             Some("unknown".into())
         }
     };
-    // The app's source has a boolean; CONTRACT.md shows an object (settings): an object
+    // The app's source has a boolean; docs/CONTRACT.md shows an object (settings): an object
     // counts as on unless it says `"enabled": false`.
     let daita = match e.daita {
         None | Some(Value::Null) => false,

@@ -24,10 +24,10 @@ use crate::{
     config::RunConfig,
     datapath::{Datapath, LoadOptions, Pinning, drops::DropReasons, features::Features},
     metrics::{
-        self, Format, agent::AgentCollector, crypto::CryptoCollector, datapath::DatapathCollector,
-        drops::DropsCollector, failover::FailoverCollector, health::WireHealthCollector,
-        leak::LeakCollector, mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
-        probe::ProbeCollector,
+        self, Format, agent::AgentCollector, crypto::CryptoCollector, drops::DropsCollector,
+        failover::FailoverCollector, health::WireHealthCollector, leak::LeakCollector,
+        mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
+        probe::ProbeCollector, tunnel::TunnelCollector,
     },
     probes::{
         failover::{self, Failover, FailoverTask, Outcomes},
@@ -48,7 +48,7 @@ struct Agent {
     registry: Registry,
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
-    datapath_collector: Arc<DatapathCollector>,
+    tunnel_collector: Arc<TunnelCollector>,
     drops_collector: Arc<crate::metrics::drops::DropsCollector>,
     /// What the status shows beyond the counters (issue 9).
     wire_health: Arc<crate::metrics::health::WireHealthCollector>,
@@ -91,7 +91,7 @@ impl HttpSource for Agent {
     }
 
     fn status(&self) -> serde_json::Value {
-        let snapshot = self.datapath_collector.snapshot();
+        let snapshot = self.tunnel_collector.snapshot();
         let drops = self.drops_collector.snapshot();
         let health = self.health();
         let probes = self
@@ -472,7 +472,7 @@ fn collectors(
     endpoints: EndpointLabeler,
 ) -> Arc<Agent> {
     let (dp, inv) = (datapath, inventory);
-    let datapath_collector = Arc::new(DatapathCollector::new(
+    let tunnel_collector = Arc::new(TunnelCollector::new(
         dp.clone(),
         inv.clone(),
         endpoints.clone(),
@@ -486,7 +486,7 @@ fn collectors(
         inv.clone(),
         cfg.export_endpoints,
     )));
-    registry.register_collector(Box::new(datapath_collector.clone()));
+    registry.register_collector(Box::new(tunnel_collector.clone()));
     registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
     registry.register_collector(Box::new(wire_health.clone()));
     registry.register_collector(Box::new(path.clone()));
@@ -513,7 +513,7 @@ fn collectors(
         registry,
         datapath: dp.clone(),
         inventory: inv.clone(),
-        datapath_collector,
+        tunnel_collector,
         drops_collector,
         wire_health,
         leaks,

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::{
     metrics::{
-        datapath::Snapshot, drops::Snapshot as Drops, health::Snapshot as WireHealth,
-        path::Snapshot as PathSnapshot,
+        drops::Snapshot as Drops, health::Snapshot as WireHealth, path::Snapshot as PathSnapshot,
+        tunnel::Snapshot,
     },
     probes::failover::ProbeWindow,
     probes::icmp::TargetStats,

@@ -14,7 +14,7 @@ use prometheus_client::{
     metrics::MetricType,
 };
 
-use crate::{datapath::Datapath, metrics::datapath::direction, sync::inventory::Inventory};
+use crate::{datapath::Datapath, metrics::direction, sync::inventory::Inventory};
 
 /// Exported bucket bounds: 2^8 ns (256 ns) to 2^26 ns (67 ms), doubling.
 const FIRST_BOUND_LOG2: u8 = 8;

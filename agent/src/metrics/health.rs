@@ -88,7 +88,7 @@ impl WireHealthCollector {
                 .unwrap_or_else(|| format!("ifindex{i}"))
         };
         // A peer id the inventory cannot name yet is left out until it can (as in
-        // metrics::datapath); 0 is traffic of an endpoint no peer has.
+        // metrics::tunnel); 0 is traffic of an endpoint no peer has.
         let peer = |p: u32| -> Option<String> {
             if p == PEER_UNKNOWN {
                 Some("unknown".to_string())

@@ -12,7 +12,6 @@ use prometheus_client::{
 
 pub mod agent;
 pub mod crypto;
-pub mod datapath;
 pub mod drops;
 pub mod failover;
 pub mod health;
@@ -21,6 +20,8 @@ pub mod mullvad;
 pub mod path;
 pub mod peers;
 pub mod probe;
+pub mod tunnel;
+pub mod wire;
 
 /// The exposition formats /metrics answers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,5 +246,14 @@ mod tests {
              # HELP demo_empty Nothing.\n\
              # TYPE demo_empty gauge\n"
         );
+    }
+}
+
+/// The `direction` label of a `DIR_RX`/`DIR_TX`.
+pub fn direction(dir: u8) -> &'static str {
+    if dir == agent_common::maps::DIR_TX {
+        "tx"
+    } else {
+        "rx"
     }
 }

@@ -1,13 +1,16 @@
-//! `wirescope_tunnel_*` and `wirescope_wire_*`: the TC programs' counters, read from the
-//! maps on every scrape and summed by label set, so an interface that is re-created (new
-//! ifindex, same name) continues its series instead of resetting it.
+//! `wirescope_tunnel_packets_total` and `wirescope_tunnel_bytes_total`: the tunnel role's
+//! counters, read from `COUNTERS` on every scrape and summed by label set, so an interface
+//! that is re-created (new ifindex, same name) continues its series instead of resetting it.
+//!
+//! The wire role counts into the same map under its message kinds, so the one read here
+//! also yields the wire families, which [`super::wire`] folds and encodes.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::{Counter, DIR_TX, PEER_UNKNOWN, kind};
+use agent_common::maps::{Counter, PEER_UNKNOWN, kind};
 use log::warn;
 use prometheus_client::{
     collector::Collector,
@@ -15,16 +18,17 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 
+use super::{direction, wire};
 use crate::{datapath::Datapath, sync::inventory::Inventory, sync::peer_label::EndpointLabeler};
 
 #[derive(Debug)]
-pub struct DatapathCollector {
+pub struct TunnelCollector {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
     endpoints: EndpointLabeler,
 }
 
-impl DatapathCollector {
+impl TunnelCollector {
     pub fn new(
         datapath: Arc<Mutex<Datapath>>,
         inventory: Arc<RwLock<Inventory>>,
@@ -38,38 +42,22 @@ impl DatapathCollector {
     }
 }
 
-pub fn direction(dir: u8) -> &'static str {
-    if dir == DIR_TX { "tx" } else { "rx" }
-}
-
-pub fn message(k: u8) -> Option<&'static str> {
-    Some(match k {
-        kind::HANDSHAKE_INITIATION => "handshake_initiation",
-        kind::HANDSHAKE_RESPONSE => "handshake_response",
-        kind::COOKIE_REPLY => "cookie_reply",
-        kind::DATA => "data",
-        kind::KEEPALIVE => "keepalive",
-        _ => return None,
-    })
-}
-
-/// (interface, peer, direction) and (interface, peer, direction, message).
+/// (interface, peer, direction).
 type TunnelKey = (String, String, &'static str);
-type WireKey = (String, String, &'static str, &'static str);
 
 /// The counters as label sets, summed.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub tunnel: BTreeMap<TunnelKey, Counter>,
-    pub wire: BTreeMap<WireKey, Counter>,
+    pub wire: BTreeMap<wire::WireKey, Counter>,
 }
 
-fn add(c: &mut Counter, v: &Counter) {
+pub(super) fn add(c: &mut Counter, v: &Counter) {
     c.packets += v.packets;
     c.bytes += v.bytes;
 }
 
-impl DatapathCollector {
+impl TunnelCollector {
     pub fn snapshot(&self) -> Snapshot {
         let (counters, unknown) = {
             let Ok(dp) = self.datapath.lock() else {
@@ -110,7 +98,7 @@ impl DatapathCollector {
                     s.tunnel.entry((iface(k.ifindex), peer, dir)).or_default(),
                     &v,
                 );
-            } else if let Some(msg) = message(k.kind) {
+            } else if let Some(msg) = wire::message(k.kind) {
                 add(
                     s.wire
                         .entry((iface(k.ifindex), peer, dir, msg))
@@ -119,23 +107,12 @@ impl DatapathCollector {
                 );
             }
         }
-        for (k, v) in unknown {
-            let Some(msg) = message(k.kind) else { continue };
-            let peer = self
-                .endpoints
-                .label(crate::datapath::wire::endpoint_addr(&k.endpoint));
-            add(
-                s.wire
-                    .entry((iface(k.ifindex), peer, direction(k.dir), msg))
-                    .or_default(),
-                &v,
-            );
-        }
+        wire::add_unknown(&mut s.wire, unknown, &self.endpoints, iface);
         s
     }
 }
 
-impl Collector for DatapathCollector {
+impl Collector for TunnelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.snapshot();
         let families: [(&str, &str, bool); 2] = [
@@ -162,31 +139,6 @@ impl Collector for DatapathCollector {
                 ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
             }
         }
-        let families: [(&str, &str, bool); 2] = [
-            (
-                "wirescope_wire_packets",
-                "WireGuard UDP messages seen on a watched interface, by message type",
-                true,
-            ),
-            (
-                "wirescope_wire_bytes",
-                "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
-                false,
-            ),
-        ];
-        for (name, help, packets) in families {
-            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((interface, peer, dir, msg), c) in &s.wire {
-                let labels = [
-                    ("interface", interface.as_str()),
-                    ("peer", peer.as_str()),
-                    ("direction", dir),
-                    ("message", msg),
-                ];
-                let v = if packets { c.packets } else { c.bytes };
-                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        wire::encode(&mut encoder, &s.wire)
     }
 }

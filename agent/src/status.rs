@@ -673,3 +673,258 @@ mod extra_tests {
         assert_eq!(v["mullvad"], Value::Null);
     }
 }
+
+/// The document's exact JSON, pinned: a rich snapshot (every part filled, every null and
+/// absent case present) and a bare one, serialized as the server does.
+#[cfg(test)]
+mod golden_tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use super::*;
+    use crate::{
+        inventory::{Backend, Peer, Tunnel, Underlay, WgPeer},
+        metrics::crypto::Series,
+    };
+
+    const ENTRY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const EXIT: &str = "aAg5tydAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const LONE: &str = "bG9uZQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn peer(key: &str, hop: u32, via: &str, ep: Option<&str>, allowed: &[&str]) -> Peer {
+        Peer {
+            id: 1,
+            public_key: key.into(),
+            wg: WgPeer {
+                public_key: [0; 32],
+                endpoint: ep.map(|e| e.parse().unwrap()),
+                allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+                last_handshake: ep.map(|_| SystemTime::now() - Duration::from_secs(30)),
+                rx_bytes: 123_456,
+                tx_bytes: 654_321,
+                persistent_keepalive: Some(25),
+            },
+            friendly_name: None,
+            hop,
+            via: via.into(),
+        }
+    }
+
+    fn series(count: u64, sum_ns: u64) -> Series {
+        Series {
+            count,
+            sum_ns,
+            ..Series::default()
+        }
+    }
+
+    fn c(packets: u64, bytes: u64) -> Counter {
+        Counter { packets, bytes }
+    }
+
+    /// Two tunnels (a multihop one, a userspace one with a peer that has no endpoint and no
+    /// handshake), everything measured, Mullvad connected, endpoints exported, unhealthy.
+    fn rich() -> Value {
+        let mut inv = Inventory::default();
+        let mut exit = peer(
+            EXIT,
+            2,
+            ENTRY,
+            Some("10.0.0.2:51820"),
+            &["0.0.0.0/0", "::/0"],
+        );
+        exit.friendly_name = Some("exit relay".into());
+        inv.tunnels.push(Tunnel {
+            name: "wg0".into(),
+            ifindex: 3,
+            mtu: 1420,
+            backend: Backend::Netlink,
+            listen_port: 51820,
+            peers: vec![
+                peer(
+                    ENTRY,
+                    1,
+                    "eth0",
+                    Some("198.51.100.7:51820"),
+                    &["10.0.0.2/32"],
+                ),
+                exit,
+            ],
+        });
+        inv.tunnels.push(Tunnel {
+            name: "wg1".into(),
+            ifindex: 7,
+            mtu: 1280,
+            backend: Backend::Uapi,
+            listen_port: 0,
+            peers: vec![peer(LONE, 1, "", None, &["192.168.9.0/24"])],
+        });
+        for (name, ifindex) in [("eth0", 2), ("eth1", 4)] {
+            inv.underlays.push(Underlay {
+                name: name.into(),
+                ifindex,
+            });
+        }
+
+        let mut s = Snapshot::default();
+        let t = |i: &str, p: &str, d| (i.to_string(), p.to_string(), d);
+        s.tunnel.insert(t("wg0", ENTRY, "tx"), c(200, 37_600));
+        s.tunnel.insert(t("wg0", ENTRY, "rx"), c(10, 5_000));
+        s.tunnel.insert(t("wg0", EXIT, "tx"), c(0, 100));
+        s.tunnel.insert(t("wg0", EXIT, "rx"), c(3, 0));
+        let w = |i: &str, p: &str, d, m| (i.to_string(), p.to_string(), d, m);
+        s.wire
+            .insert(w("eth0", ENTRY, "tx", "data"), c(200, 50_400));
+        s.wire.insert(w("eth1", ENTRY, "tx", "data"), c(1, 77));
+        s.wire.insert(w("eth0", ENTRY, "rx", "data"), c(10, 4_000));
+        s.wire
+            .insert(w("eth0", ENTRY, "tx", "initiation"), c(2, 296));
+        s.wire.insert(w("wg0", EXIT, "tx", "data"), c(0, 160));
+        s.wire.insert(w("wg0", EXIT, "rx", "data"), c(88, 8_800));
+
+        let mut d = Drops::default();
+        d.drops.insert(("wg0".into(), "NO_SOCKET".into()), 9);
+        d.drops.insert(("lo".into(), "SOCKET_RCVBUFF".into()), 199);
+        d.udp_errors.insert(51820, 3);
+        d.udp_errors.insert(5353, 1);
+
+        let labeler = EndpointLabeler::with_salt([7; 32], false);
+        let mut x = Extra {
+            labeler: Some(labeler.clone()),
+            export_endpoints: true,
+            ..Extra::default()
+        };
+        let k = |i: &str, p: &str| (i.to_string(), p.to_string());
+        x.wire.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
+        x.wire.rtt.insert(k("wg0", EXIT), series(3, 5_000_000));
+        x.wire.gaps.insert(k("wg0", EXIT), 12);
+        x.wire.late.insert(k("wg0", EXIT), 2);
+        x.wire.timeouts.insert(k("eth0", ENTRY), 3);
+        x.wire
+            .transit
+            .insert(("wg0".into(), EXIT.into(), "tx"), series(4, 400_000));
+        x.wire
+            .transit
+            .insert(("eth0".into(), ENTRY.into(), "rx"), series(7, 1_234_567));
+        let mut stats = TargetStats::default();
+        stats.sent = 10;
+        stats.lost = 1;
+        stats.replies = 9;
+        stats.rtt_sum = 0.09;
+        x.probes.push(ProbeEntry {
+            target: Some("10.64.0.1".parse().unwrap()),
+            iface: "wg0".into(),
+            stats,
+            recent: (
+                4,
+                1,
+                vec![Duration::from_millis(8), Duration::from_millis(12)],
+            ),
+        });
+        x.probes.push(ProbeEntry {
+            target: Some("10.0.0.2".parse().unwrap()),
+            iface: String::new(),
+            stats: TargetStats::default(),
+            recent: (0, 0, Vec::new()),
+        });
+        x.probes.push(ProbeEntry {
+            target: None,
+            ..ProbeEntry::default()
+        });
+        let ep: SocketAddr = "198.51.100.7:51820".parse().unwrap();
+        x.pmtu.path.insert((labeler.label(ep), "eth0".into()), 1400);
+        x.pmtu
+            .path
+            .insert(("10.64.0.1".into(), String::new()), 1380);
+        x.pmtu.recommended.insert("wg0".into(), 1280);
+        x.path_healthy = vec![
+            ("wg0".into(), EXIT.into(), false),
+            ("wg0".into(), ENTRY.into(), true),
+        ];
+        x.leaks.insert(("eth0".into(), "dns"), (3, 180));
+        x.leaks.insert(("eth1".into(), "ipv6"), (0, 0));
+        x.path.fragments.insert(("eth0".into(), "tx", "outer"), 4);
+        x.path.too_big.insert(("eth0".into(), "ipv4"), 2);
+        x.path.reported_mtu.insert("eth0".into(), 1400);
+        let mut m = MullvadState::default();
+        let text = r#"{"state":"connected","details":{"endpoint":{"address":"10.0.0.2:51820","protocol":"udp","quantum_resistant":true,"obfuscation":null,"entry_endpoint":{"address":"198.51.100.7:51820","protocol":"udp"},"tunnel_interface":"wg0","daita":{}},"location":{"hostname":"se-got-wg-101","city":"Gothenburg","country":"Sweden","entry_hostname":"de-fra-wg-001","entry_city":"Frankfurt","entry_country":"Germany"},"feature_indicators":["Multihop","QuantumResistance"]}}"#;
+        m.record(Ok(crate::mullvad::parse_status(text).unwrap()));
+        x.mullvad = Some(m);
+
+        build_with(&inv, &s, &d, Err("no collection yet".into()), &x)
+    }
+
+    /// No tunnel, nothing measured, a Mullvad daemon that cannot be read.
+    fn bare() -> Value {
+        let x = Extra {
+            mullvad: Some(MullvadState {
+                polled_at: Some(SystemTime::now()),
+                last_error: Some("timed out".into()),
+                ..MullvadState::default()
+            }),
+            ..Extra::default()
+        };
+        build_with(
+            &Inventory::default(),
+            &Snapshot::default(),
+            &Drops::default(),
+            Ok(()),
+            &x,
+        )
+    }
+
+    /// What depends on the clock, fixed: the time and the handshake ages.
+    fn pin_clock(mut v: Value) -> Value {
+        v["time"] = json!(1_790_000_000u64);
+        if let Some(ts) = v["tunnels"].as_array_mut() {
+            for t in ts {
+                if let Some(ps) = t["peers"].as_array_mut() {
+                    for p in ps {
+                        if p["latest_handshake_age_seconds"].is_number() {
+                            p["latest_handshake_age_seconds"] = json!(30.5);
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The rich snapshot's JSON, as the server emits it (`to_string_pretty` and a newline).
+    const RICH: &str = include_str!("status.golden.json");
+
+    const BARE: &str = r#"{
+  "capabilities": null,
+  "drops": [],
+  "export_endpoints": false,
+  "health_reason": null,
+  "healthy": true,
+  "leaks": [],
+  "mullvad": {
+    "error": "timed out",
+    "state": null,
+    "up": false
+  },
+  "path": {
+    "fragments": [],
+    "icmp_reported_mtu": [],
+    "icmp_too_big": [],
+    "mtu": []
+  },
+  "time": 1790000000,
+  "tunnels": [],
+  "udp_receive_errors": [],
+  "underlays": []
+}
+"#;
+
+    /// The body the server sends for `v`.
+    fn body(v: &Value) -> String {
+        serde_json::to_string_pretty(v).unwrap() + "\n"
+    }
+
+    #[test]
+    fn the_json_is_exactly_the_golden_one() {
+        assert_eq!(body(&pin_clock(rich())), RICH);
+        assert_eq!(body(&pin_clock(bare())), BARE);
+    }
+}

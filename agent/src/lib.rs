@@ -26,6 +26,7 @@ pub mod probe;
 pub mod run;
 pub mod source_errors;
 pub mod status;
+pub mod status_doc;
 pub mod status_view;
 pub mod sync;
 pub mod topology;

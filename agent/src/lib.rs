@@ -28,6 +28,7 @@ pub mod run;
 pub mod serve;
 pub mod sources;
 pub mod status;
+pub mod status_doc;
 pub mod status_view;
 pub mod sync;
 

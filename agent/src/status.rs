@@ -1,8 +1,8 @@
 //! The `/api/v1/status` snapshot: every tunnel, peer and hop with traffic and overhead,
 //! built from the inventory and the datapath counters of the same moment, with what the
 //! other parts of the agent measured ([`Extra`]: wire health, probes, path MTU, leaks,
-//! ICMP and fragments, failover, Mullvad). `wirescope status` renders it
-//! ([`crate::status_view`]).
+//! ICMP and fragments, failover, Mullvad). The document's types are in
+//! [`crate::status_doc`]; `wirescope status` renders it ([`crate::status_view`]).
 
 use std::{
     collections::BTreeMap,
@@ -11,19 +11,20 @@ use std::{
 };
 
 use agent_common::maps::Counter;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     metrics::{
         drops::Snapshot as Drops, health::Snapshot as WireHealth, path::Snapshot as PathSnapshot,
         tunnel::Snapshot,
     },
-    probes::failover::ProbeWindow,
-    probes::icmp::TargetStats,
-    probes::pmtu::Measured,
+    probes::{failover::ProbeWindow, icmp::TargetStats, pmtu::Measured},
     sources::mullvad::MullvadState,
-    sync::inventory::{Inventory, Peer},
-    sync::peer_label::EndpointLabeler,
+    status_doc as doc,
+    sync::{
+        inventory::{Inventory, Peer},
+        peer_label::EndpointLabeler,
+    },
 };
 
 /// One probe target: its lifetime counters and its recent window.
@@ -58,37 +59,65 @@ pub struct Extra {
     pub export_endpoints: bool,
 }
 
-fn pair(c: Option<&Counter>) -> Value {
+fn pair(c: Option<&Counter>) -> doc::Count {
     let c = c.copied().unwrap_or_default();
-    json!({ "packets": c.packets, "bytes": c.bytes })
+    doc::Count {
+        packets: c.packets,
+        bytes: c.bytes,
+    }
 }
 
 /// Overhead of a peer in one direction: wire data bytes minus the tunnel bytes they carry.
-fn overhead(wire: Option<&Counter>, tunnel: Option<&Counter>) -> Value {
+fn overhead(wire: Option<&Counter>, tunnel: Option<&Counter>) -> Option<doc::Overhead> {
     let (Some(w), Some(t)) = (wire, tunnel) else {
-        return Value::Null;
+        return None;
     };
     if t.bytes == 0 || w.bytes < t.bytes {
-        return Value::Null;
+        return None;
     }
     let extra = w.bytes - t.bytes;
-    json!({
-        "bytes": extra,
-        "bytes_per_packet": if t.packets > 0 { extra as f64 / t.packets as f64 } else { 0.0 },
-        "percent": extra as f64 * 100.0 / t.bytes as f64,
+    Some(doc::Overhead {
+        bytes: extra,
+        bytes_per_packet: if t.packets > 0 {
+            extra as f64 / t.packets as f64
+        } else {
+            0.0
+        },
+        percent: extra as f64 * 100.0 / t.bytes as f64,
     })
 }
 
+/// The snapshot of the inventory and the counters alone, as JSON.
 pub fn build(inv: &Inventory, s: &Snapshot, d: &Drops, healthy: Result<(), String>) -> Value {
     build_with(inv, s, d, healthy, &Extra::default())
 }
 
-/// Mean of a histogram series in seconds, with its count; null when empty.
-fn hist(sum_ns: u64, count: u64) -> Value {
-    if count == 0 {
-        return Value::Null;
-    }
-    json!({"count": count, "mean_seconds": sum_ns as f64 / 1e9 / count as f64})
+/// The full snapshot ([`document`]) as the JSON the server sends: through a `Value`, so
+/// every object's keys are sorted, as they always were.
+pub fn build_with(
+    inv: &Inventory,
+    s: &Snapshot,
+    d: &Drops,
+    healthy: Result<(), String>,
+    x: &Extra,
+) -> Value {
+    to_json(&document(inv, s, d, healthy, x))
+}
+
+/// `doc` as JSON. It cannot fail (no map has keys other than strings); if it ever did, the
+/// answer says why, as for a poisoned lock.
+pub fn to_json(doc: &doc::StatusDoc) -> Value {
+    serde_json::to_value(doc).unwrap_or_else(
+        |e| serde_json::json!({"error": format!("status snapshot not serializable: {e}")}),
+    )
+}
+
+/// Mean of a histogram series in seconds, with its count; none when empty.
+fn hist(sum_ns: u64, count: u64) -> Option<doc::MeanTime> {
+    (count > 0).then(|| doc::MeanTime {
+        count,
+        mean_seconds: sum_ns as f64 / 1e9 / count as f64,
+    })
 }
 
 /// The peer (tunnel, key) a probe to `target` goes through: the one whose allowed IPs hold
@@ -112,28 +141,28 @@ fn probe_peer(inv: &Inventory, target: IpAddr, iface: &str) -> Option<(String, S
         .map(|(_, t, p)| (t, p))
 }
 
-fn probe_json(e: &ProbeEntry) -> Value {
+fn probe_doc(e: &ProbeEntry) -> doc::Probe {
     let s = &e.stats;
     let (sent, lost, rtts) = &e.recent;
     let recent_mean = (!rtts.is_empty())
         .then(|| rtts.iter().map(|d| d.as_secs_f64()).sum::<f64>() / rtts.len() as f64);
-    json!({
-        "target": e.target.map(|t| t.to_string()),
-        "interface": e.iface,
-        "sent": s.sent,
-        "lost": s.lost,
-        "replies": s.replies,
-        "loss_percent": (s.sent > 0).then(|| s.lost as f64 * 100.0 / s.sent as f64),
-        "rtt_mean_seconds": (s.replies > 0).then(|| s.rtt_sum / s.replies as f64),
-        "recent": {
-            "window_seconds": PROBE_WINDOW.as_secs(),
-            "sent": sent,
-            "lost": lost,
-            "loss_percent": (*sent > 0).then(|| *lost as f64 * 100.0 / *sent as f64),
-            "rtt_mean_seconds": recent_mean,
-            "rtt_last_seconds": rtts.last().map(|d| d.as_secs_f64()),
+    doc::Probe {
+        target: e.target.map(|t| t.to_string()),
+        interface: e.iface.clone(),
+        sent: s.sent,
+        lost: s.lost,
+        replies: s.replies,
+        loss_percent: (s.sent > 0).then(|| s.lost as f64 * 100.0 / s.sent as f64),
+        rtt_mean_seconds: (s.replies > 0).then(|| s.rtt_sum / s.replies as f64),
+        recent: doc::ProbeRecent {
+            window_seconds: PROBE_WINDOW.as_secs(),
+            sent: *sent,
+            lost: *lost,
+            loss_percent: (*sent > 0).then(|| *lost as f64 * 100.0 / *sent as f64),
+            rtt_mean_seconds: recent_mean,
+            rtt_last_seconds: rtts.last().map(|d| d.as_secs_f64()),
         },
-    })
+    }
 }
 
 /// The (target, interface) key under which the path-MTU search keeps a hop-1 peer's
@@ -152,8 +181,18 @@ fn endpoint_pmtu_key(inv: &Inventory, p: &Peer, l: &EndpointLabeler) -> Option<(
 }
 
 /// Everything the wire-health snapshot has for `peer`, summed over the interfaces it was
-/// seen on (the underlay for hop 1, the carrying tunnel for deeper hops).
-fn wire_health(w: &WireHealth, peer: &str, rx_data_packets: u64) -> (Value, Value, Value, u64) {
+/// seen on (the underlay for hop 1, the carrying tunnel for deeper hops): handshake RTT,
+/// loss, transit time and handshake timeouts.
+fn wire_health(
+    w: &WireHealth,
+    peer: &str,
+    rx_data_packets: u64,
+) -> (
+    Option<doc::MeanTime>,
+    doc::TransitLoss,
+    doc::TransitTime,
+    u64,
+) {
     let (mut rtt_n, mut rtt_sum) = (0u64, 0u64);
     for ((_, p), series) in &w.rtt {
         if p == peer {
@@ -169,15 +208,14 @@ fn wire_health(w: &WireHealth, peer: &str, rx_data_packets: u64) -> (Value, Valu
     };
     let (gaps, late, timeouts) = (sum(&w.gaps), sum(&w.late), sum(&w.timeouts));
     let missing = gaps.saturating_sub(late);
-    let loss = json!({
-        "gaps": gaps,
-        "late": late,
-        "rx_data_packets": rx_data_packets,
-        "loss_percent": (rx_data_packets + missing > 0)
+    let loss = doc::TransitLoss {
+        gaps,
+        late,
+        rx_data_packets,
+        loss_percent: (rx_data_packets + missing > 0)
             .then(|| missing as f64 * 100.0 / (rx_data_packets + missing) as f64),
-    });
-    let mut transit = serde_json::Map::new();
-    for dir in ["rx", "tx"] {
+    };
+    let transit = |dir: &str| {
         let (mut n, mut sum_ns) = (0u64, 0u64);
         for ((_, p, d), series) in &w.transit {
             if p == peer && *d == dir {
@@ -185,57 +223,75 @@ fn wire_health(w: &WireHealth, peer: &str, rx_data_packets: u64) -> (Value, Valu
                 sum_ns += series.sum_ns;
             }
         }
-        transit.insert(dir.to_string(), hist(sum_ns, n));
-    }
-    (hist(rtt_sum, rtt_n), loss, Value::Object(transit), timeouts)
+        hist(sum_ns, n)
+    };
+    let transit = doc::TransitTime {
+        rx: transit("rx"),
+        tx: transit("tx"),
+    };
+    (hist(rtt_sum, rtt_n), loss, transit, timeouts)
 }
 
-fn mullvad_json(m: &MullvadState) -> Value {
+/// What the Mullvad poller knows; none when the daemon is off or was never polled.
+fn mullvad_doc(m: &MullvadState) -> Option<doc::Mullvad> {
     if m.off || m.polled_at.is_none() {
-        return Value::Null;
+        return None;
     }
     let Some(s) = m.current() else {
-        return json!({"up": false, "state": Value::Null, "error": m.last_error});
+        return Some(doc::Mullvad {
+            up: false,
+            state: None,
+            error: m.last_error.clone(),
+            connection: None,
+        });
     };
     let loc = s.location.clone().unwrap_or_default();
     let relay = |h: &Option<String>, c: &Option<String>, k: &Option<String>| {
-        if h.is_none() && c.is_none() && k.is_none() {
-            Value::Null
-        } else {
-            json!({"hostname": h, "city": c, "country": k})
-        }
+        (h.is_some() || c.is_some() || k.is_some()).then(|| doc::MullvadLocation {
+            hostname: h.clone(),
+            city: c.clone(),
+            country: k.clone(),
+        })
     };
-    json!({
-        "up": true,
-        "state": s.state.name(),
-        "error": s.error_cause,
-        "exit": relay(&loc.hostname, &loc.city, &loc.country),
-        "entry": relay(&loc.entry_hostname, &loc.entry_city, &loc.entry_country),
-        "multihop": s.multihop(),
-        "daita": s.daita(),
-        "quantum_resistant": s.quantum_resistant(),
-        "obfuscation": s.endpoint.as_ref().and_then(|e| e.obfuscation.clone()),
-        "tunnel_interface": s.endpoint.as_ref().and_then(|e| e.tunnel_interface.clone()),
-        "features": s.feature_indicators,
-        "locked_down": s.locked_down,
+    Some(doc::Mullvad {
+        up: true,
+        state: Some(s.state.name().to_string()),
+        error: s.error_cause.clone(),
+        connection: Some(doc::MullvadConnection {
+            exit: relay(&loc.hostname, &loc.city, &loc.country),
+            entry: relay(&loc.entry_hostname, &loc.entry_city, &loc.entry_country),
+            multihop: s.multihop(),
+            daita: s.daita(),
+            quantum_resistant: s.quantum_resistant(),
+            obfuscation: s.endpoint.as_ref().and_then(|e| e.obfuscation.clone()),
+            tunnel_interface: s.endpoint.as_ref().and_then(|e| e.tunnel_interface.clone()),
+            features: s.feature_indicators.clone(),
+            locked_down: s.locked_down,
+        }),
     })
 }
 
-/// The full snapshot: [`build`] plus what `x` holds.
-pub fn build_with(
+/// The capability drop's outcome, read back from [`crate::caps::status`] (null until the
+/// drop happened, and then always of this shape).
+fn capabilities() -> Option<doc::Capabilities> {
+    serde_json::from_value(crate::caps::status()).ok().flatten()
+}
+
+/// The full snapshot: the inventory and the counters plus what `x` holds.
+pub fn document(
     inv: &Inventory,
     s: &Snapshot,
     d: &Drops,
     healthy: Result<(), String>,
     x: &Extra,
-) -> Value {
+) -> doc::StatusDoc {
     let now = SystemTime::now();
     // Probes by the path they go through.
-    let mut probes_of: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    let mut probes_of: BTreeMap<(String, String), Vec<doc::Probe>> = BTreeMap::new();
     for e in &x.probes {
         let Some(t) = e.target else { continue };
         if let Some(k) = probe_peer(inv, t, &e.iface) {
-            probes_of.entry(k).or_default().push(probe_json(e));
+            probes_of.entry(k).or_default().push(probe_doc(e));
         }
     }
     let roles = x
@@ -248,8 +304,7 @@ pub fn build_with(
         let mut peers = Vec::new();
         let mut tunnel_path_mtu: Option<u32> = None;
         for p in &t.peers {
-            let mut dirs = serde_json::Map::new();
-            for dir in ["rx", "tx"] {
+            let direction = |dir: &str| {
                 let tun_key = (t.name.clone(), p.public_key.clone(), dir);
                 let tunnel = s.tunnel.get(&tun_key);
                 // The peer's data messages are counted wherever they were seen: on the
@@ -264,15 +319,16 @@ pub fn build_with(
                     }
                 }
                 let wire = seen.then_some(wire);
-                dirs.insert(
-                    dir.to_string(),
-                    json!({
-                        "tunnel": pair(tunnel),
-                        "wire_data": pair(wire.as_ref()),
-                        "overhead": overhead(wire.as_ref(), tunnel),
-                    }),
-                );
-            }
+                doc::DirectionTraffic {
+                    tunnel: pair(tunnel),
+                    wire_data: pair(wire.as_ref()),
+                    overhead: overhead(wire.as_ref(), tunnel),
+                }
+            };
+            let traffic = doc::Traffic {
+                rx: direction("rx"),
+                tx: direction("tx"),
+            };
             let handshake_age =
                 p.wg.last_handshake
                     .and_then(|h| now.duration_since(h).ok())
@@ -304,108 +360,161 @@ pub fn build_with(
                 roles
                     .iter()
                     .find(|r| r.0 == e.ip().to_canonical())
-                    .map(|r| json!({"role": r.1, "hostname": r.2, "country": r.3, "city": r.4}))
+                    .map(|r| doc::MullvadRelay {
+                        role: r.1.to_string(),
+                        hostname: r.2.clone(),
+                        country: r.3.clone(),
+                        city: r.4.clone(),
+                    })
             });
-            let mut peer = json!({
-                "public_key": p.public_key,
-                "friendly_name": p.friendly_name,
-                "hop": p.hop,
-                "via": p.via,
-                "allowed_ips": crate::sync::topology::join_allowed_ips(&p.wg.allowed_ips),
-                "latest_handshake_age_seconds": handshake_age,
-                "rx_bytes": p.wg.rx_bytes,
-                "tx_bytes": p.wg.tx_bytes,
-                "traffic": dirs,
-                "handshake_rtt": hs_rtt,
-                "handshake_timeouts": timeouts,
-                "transit_loss": loss,
-                "transit_time": transit,
-                "probes": probes_of.remove(&key).unwrap_or_default(),
-                "path_mtu_bytes": path_mtu,
-                "path_healthy": healthy,
-                "mullvad_relay": relay,
+            peers.push(doc::Peer {
+                public_key: p.public_key.clone(),
+                friendly_name: p.friendly_name.clone(),
+                hop: p.hop,
+                via: p.via.clone(),
+                allowed_ips: crate::sync::topology::join_allowed_ips(&p.wg.allowed_ips),
+                latest_handshake_age_seconds: handshake_age,
+                rx_bytes: p.wg.rx_bytes,
+                tx_bytes: p.wg.tx_bytes,
+                traffic,
+                handshake_rtt: hs_rtt,
+                handshake_timeouts: timeouts,
+                transit_loss: loss,
+                transit_time: transit,
+                probes: probes_of.remove(&key).unwrap_or_default(),
+                path_mtu_bytes: path_mtu,
+                path_healthy: healthy,
+                mullvad_relay: relay,
+                endpoint: x
+                    .export_endpoints
+                    .then(|| p.wg.endpoint.map(|e| e.to_string())),
             });
-            if x.export_endpoints
-                && let Some(obj) = peer.as_object_mut()
-            {
-                obj.insert(
-                    "endpoint".into(),
-                    json!(p.wg.endpoint.map(|e| e.to_string())),
-                );
-            }
-            peers.push(peer);
         }
-        tunnels.push(json!({
-            "interface": t.name,
-            "ifindex": t.ifindex,
-            "mtu": t.mtu,
-            "listen_port": t.listen_port,
-            "backend": format!("{:?}", t.backend).to_lowercase(),
-            "path_mtu_bytes": tunnel_path_mtu,
-            "recommended_mtu": x.pmtu.recommended.get(&t.name),
-            "peers": peers,
-        }));
+        tunnels.push(doc::Tunnel {
+            interface: t.name.clone(),
+            ifindex: t.ifindex,
+            mtu: t.mtu,
+            listen_port: t.listen_port,
+            backend: format!("{:?}", t.backend).to_lowercase(),
+            path_mtu_bytes: tunnel_path_mtu,
+            recommended_mtu: x.pmtu.recommended.get(&t.name).copied(),
+            peers,
+        });
     }
-    let probe_mtus: Vec<Value> = x
-        .pmtu
-        .path
-        .iter()
-        .map(|((target, iface), b)| json!({"target": target, "interface": iface, "bytes": b}))
-        .collect();
-    json!({
-        "time": now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        "healthy": healthy.is_ok(),
-        "health_reason": healthy.err(),
-        "capabilities": crate::caps::status(),
-        "tunnels": tunnels,
-        "underlays": inv.underlays.iter().map(|u| json!({"interface": u.name, "ifindex": u.ifindex})).collect::<Vec<_>>(),
-        "drops": drops(d),
-        "udp_receive_errors": udp_errors(inv, d),
-        "leaks": x.leaks.iter().map(|((i, k), (p, b))| json!({"interface": i, "kind": k, "packets": p, "bytes": b})).collect::<Vec<_>>(),
-        "path": {
-            "mtu": probe_mtus,
-            "fragments": x.path.fragments.iter().map(|((i, d, l), n)| json!({"interface": i, "direction": d, "layer": l, "packets": n})).collect::<Vec<_>>(),
-            "icmp_too_big": x.path.too_big.iter().map(|((i, f), n)| json!({"interface": i, "family": f, "messages": n})).collect::<Vec<_>>(),
-            "icmp_reported_mtu": x.path.reported_mtu.iter().map(|(i, m)| json!({"interface": i, "bytes": m})).collect::<Vec<_>>(),
-        },
-        "mullvad": x.mullvad.as_ref().map_or(Value::Null, mullvad_json),
-        "export_endpoints": x.export_endpoints,
-    })
+    doc::StatusDoc {
+        time: now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        healthy: healthy.is_ok(),
+        health_reason: healthy.err(),
+        capabilities: capabilities(),
+        tunnels,
+        underlays: inv
+            .underlays
+            .iter()
+            .map(|u| doc::Underlay {
+                interface: u.name.clone(),
+                ifindex: u.ifindex,
+            })
+            .collect(),
+        drops: drops(d),
+        udp_receive_errors: udp_errors(inv, d),
+        leaks: x
+            .leaks
+            .iter()
+            .map(|((i, k), (p, b))| doc::Leak {
+                interface: i.clone(),
+                kind: k.to_string(),
+                packets: *p,
+                bytes: *b,
+            })
+            .collect(),
+        path: path(x),
+        mullvad: x.mullvad.as_ref().and_then(mullvad_doc),
+        export_endpoints: x.export_endpoints,
+    }
+}
+
+/// The path MTUs measured, and the fragments and ICMP too-big messages seen.
+fn path(x: &Extra) -> doc::PathReport {
+    let p = &x.path;
+    doc::PathReport {
+        mtu: x
+            .pmtu
+            .path
+            .iter()
+            .map(|((target, iface), b)| doc::ProbeMtu {
+                target: target.clone(),
+                interface: iface.clone(),
+                bytes: *b,
+            })
+            .collect(),
+        fragments: p
+            .fragments
+            .iter()
+            .map(|((i, d, l), n)| doc::Fragments {
+                interface: i.clone(),
+                direction: d.to_string(),
+                layer: l.to_string(),
+                packets: *n,
+            })
+            .collect(),
+        icmp_too_big: p
+            .too_big
+            .iter()
+            .map(|((i, f), n)| doc::IcmpTooBig {
+                interface: i.clone(),
+                family: f.to_string(),
+                messages: *n,
+            })
+            .collect(),
+        icmp_reported_mtu: p
+            .reported_mtu
+            .iter()
+            .map(|(i, m)| doc::IcmpReportedMtu {
+                interface: i.clone(),
+                bytes: *m,
+            })
+            .collect(),
+    }
 }
 
 /// How many reasons per interface the status shows.
 const TOP_REASONS: usize = 5;
 
 /// Per interface (busiest first), its drops and their top reasons.
-fn drops(d: &Drops) -> Value {
-    let mut per_iface: std::collections::BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
+fn drops(d: &Drops) -> Vec<doc::InterfaceDrops> {
+    let mut per_iface: BTreeMap<&str, Vec<(&str, u64)>> = Default::default();
     for ((iface, reason), n) in &d.drops {
         if *n > 0 {
             per_iface.entry(iface).or_default().push((reason, *n));
         }
     }
-    let mut out: Vec<(u64, Value)> = per_iface
+    let mut out: Vec<doc::InterfaceDrops> = per_iface
         .into_iter()
         .map(|(iface, mut reasons)| {
             reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-            let total: u64 = reasons.iter().map(|r| r.1).sum();
-            let top: Vec<Value> = reasons
-                .iter()
-                .take(TOP_REASONS)
-                .map(|(r, n)| json!({"reason": r, "packets": n}))
-                .collect();
-            (
-                total,
-                json!({"interface": iface, "packets": total, "top_reasons": top}),
-            )
+            doc::InterfaceDrops {
+                interface: iface.to_string(),
+                packets: reasons.iter().map(|r| r.1).sum(),
+                top_reasons: reasons
+                    .iter()
+                    .take(TOP_REASONS)
+                    .map(|(r, n)| doc::DropReason {
+                        reason: r.to_string(),
+                        packets: *n,
+                    })
+                    .collect(),
+            }
         })
         .collect();
-    out.sort_by_key(|o| std::cmp::Reverse(o.0));
-    Value::Array(out.into_iter().map(|(_, v)| v).collect())
+    out.sort_by_key(|o| std::cmp::Reverse(o.packets));
+    out
 }
 
 /// Failed UDP receives per local port, marking the ports WireGuard listens on.
-fn udp_errors(inv: &Inventory, d: &Drops) -> Value {
+fn udp_errors(inv: &Inventory, d: &Drops) -> Vec<doc::UdpReceiveErrors> {
     d.udp_errors
         .iter()
         .map(|(port, n)| {
@@ -414,262 +523,15 @@ fn udp_errors(inv: &Inventory, d: &Drops) -> Value {
                 .iter()
                 .find(|t| t.listen_port != 0 && t.listen_port == *port)
                 .map(|t| t.name.clone());
-            json!({"port": port, "errors": n, "wireguard": wg.is_some(), "interface": wg})
+            doc::UdpReceiveErrors {
+                port: *port,
+                errors: *n,
+                wireguard: wg.is_some(),
+                interface: wg,
+            }
         })
         .collect()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drops_busiest_interface_first_top_reasons_by_count() {
-        let mut d = Drops::default();
-        for (iface, reason, n) in [
-            ("wg0", "NETFILTER_DROP", 7),
-            ("wg0", "NO_SOCKET", 9),
-            ("wg0", "PKT_TOO_SMALL", 0),
-            ("lo", "SOCKET_RCVBUFF", 199),
-            ("", "QUEUE_PURGE", 1),
-        ] {
-            d.drops.insert((iface.into(), reason.into()), n);
-        }
-        d.udp_errors.insert(51820, 3);
-        d.udp_errors.insert(5555, 199);
-        let v = drops(&d);
-        let ifaces: Vec<&str> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["interface"].as_str().unwrap())
-            .collect();
-        assert_eq!(ifaces, ["lo", "wg0", ""]);
-        assert_eq!(v[1]["packets"], 16);
-        assert_eq!(v[1]["top_reasons"][0]["reason"], "NO_SOCKET");
-        assert_eq!(
-            v[1]["top_reasons"].as_array().unwrap().len(),
-            2,
-            "zeros left out"
-        );
-
-        let mut inv = Inventory::default();
-        inv.tunnels.push(crate::sync::inventory::Tunnel {
-            name: "wg0".into(),
-            ifindex: 3,
-            mtu: 1420,
-            backend: crate::sync::inventory::Backend::Uapi,
-            listen_port: 51820,
-            peers: Vec::new(),
-        });
-        let u = udp_errors(&inv, &d);
-        assert_eq!(u[0]["port"], 5555);
-        assert_eq!(u[0]["wireguard"], false);
-        assert_eq!(u[1]["wireguard"], true);
-        assert_eq!(u[1]["interface"], "wg0");
-    }
-}
-
-#[cfg(test)]
-mod extra_tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::{
-        metrics::crypto::Series,
-        sync::inventory::{Backend, Peer, Tunnel, Underlay, WgPeer},
-    };
-
-    const ENTRY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    const EXIT: &str = "aAg5tydAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-
-    fn peer(id: u32, key: &str, hop: u32, via: &str, ep: &str, allowed: &str) -> Peer {
-        Peer {
-            id,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [0; 32],
-                endpoint: Some(ep.parse().unwrap()),
-                allowed_ips: vec![allowed.parse().unwrap()],
-                last_handshake: Some(SystemTime::now() - Duration::from_secs(30)),
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
-            hop,
-            via: via.into(),
-        }
-    }
-
-    fn inventory() -> Inventory {
-        let mut inv = Inventory::default();
-        inv.tunnels.push(Tunnel {
-            name: "wg0".into(),
-            ifindex: 3,
-            mtu: 1420,
-            backend: Backend::Netlink,
-            listen_port: 51820,
-            peers: vec![
-                peer(1, ENTRY, 1, "eth0", "198.51.100.7:51820", "10.0.0.2/32"),
-                peer(2, EXIT, 2, ENTRY, "10.0.0.2:51820", "0.0.0.0/0"),
-            ],
-        });
-        inv.underlays.push(Underlay {
-            name: "eth0".into(),
-            ifindex: 2,
-        });
-        inv
-    }
-
-    fn series(count: u64, sum_ns: u64) -> Series {
-        Series {
-            count,
-            sum_ns,
-            ..Series::default()
-        }
-    }
-
-    #[test]
-    fn everything_measured_lands_on_its_peer() {
-        let inv = inventory();
-        let labeler = EndpointLabeler::with_salt([7; 32], false);
-        let mut x = Extra {
-            labeler: Some(labeler.clone()),
-            ..Extra::default()
-        };
-        let k = |i: &str, p: &str| (i.to_string(), p.to_string());
-        x.wire.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
-        x.wire.rtt.insert(k("wg0", EXIT), series(1, 5_000_000));
-        x.wire.gaps.insert(k("wg0", EXIT), 12);
-        x.wire.late.insert(k("wg0", EXIT), 2);
-        x.wire.timeouts.insert(k("eth0", ENTRY), 3);
-        x.wire
-            .transit
-            .insert(("wg0".into(), EXIT.into(), "tx"), series(4, 400_000));
-        // A probe of 10.64.0.1 through wg0 goes through the exit peer (0.0.0.0/0).
-        let mut stats = TargetStats::default();
-        stats.sent = 10;
-        stats.lost = 1;
-        stats.replies = 9;
-        stats.rtt_sum = 0.09;
-        stats.buckets[0] = 9;
-        x.probes.push(ProbeEntry {
-            target: Some("10.64.0.1".parse().unwrap()),
-            iface: "wg0".into(),
-            stats,
-            recent: (
-                4,
-                1,
-                vec![Duration::from_millis(8), Duration::from_millis(12)],
-            ),
-        });
-        let ep: std::net::SocketAddr = "198.51.100.7:51820".parse().unwrap();
-        x.pmtu.path.insert((labeler.label(ep), "eth0".into()), 1400);
-        x.pmtu.recommended.insert("wg0".into(), 1280);
-        x.path_healthy = vec![("wg0".into(), EXIT.into(), false)];
-        x.leaks.insert(("eth0".into(), "dns"), (3, 180));
-
-        let mut s = Snapshot::default();
-        s.wire.insert(
-            ("eth0".into(), ENTRY.into(), "rx", "data"),
-            Counter {
-                packets: 0,
-                bytes: 0,
-            },
-        );
-        s.wire.insert(
-            ("wg0".into(), EXIT.into(), "rx", "data"),
-            Counter {
-                packets: 88,
-                bytes: 8800,
-            },
-        );
-        let v = build_with(&inv, &s, &Drops::default(), Ok(()), &x);
-        let t = &v["tunnels"][0];
-        assert_eq!(t["path_mtu_bytes"], 1400);
-        assert_eq!(t["recommended_mtu"], 1280);
-        let (e, x2) = (&t["peers"][0], &t["peers"][1]);
-        assert_eq!(e["handshake_rtt"]["count"], 2);
-        assert_eq!(e["handshake_rtt"]["mean_seconds"], 0.001);
-        assert_eq!(e["handshake_timeouts"], 3);
-        assert_eq!(e["path_mtu_bytes"], 1400);
-        assert_eq!(e["probes"], json!([]));
-        assert!(e.get("endpoint").is_none(), "endpoints only when exported");
-        assert_eq!(x2["handshake_rtt"]["mean_seconds"], 0.005);
-        assert_eq!(x2["transit_loss"]["gaps"], 12);
-        assert_eq!(x2["transit_loss"]["late"], 2);
-        assert_eq!(x2["transit_loss"]["rx_data_packets"], 88);
-        // 10 never arrived of 98 sent.
-        let loss = x2["transit_loss"]["loss_percent"].as_f64().unwrap();
-        assert!((loss - 1000.0 / 98.0).abs() < 1e-9, "{loss}");
-        assert_eq!(x2["transit_time"]["tx"]["mean_seconds"], 0.0001);
-        assert_eq!(x2["transit_time"]["rx"], Value::Null);
-        assert_eq!(x2["path_healthy"], false);
-        assert_eq!(e["path_healthy"], Value::Null);
-        let p = &x2["probes"][0];
-        assert_eq!(p["target"], "10.64.0.1");
-        assert_eq!(
-            (p["sent"].clone(), p["lost"].clone()),
-            (json!(10), json!(1))
-        );
-        assert_eq!(p["loss_percent"], 10.0);
-        assert!((p["rtt_mean_seconds"].as_f64().unwrap() - 0.01).abs() < 1e-12);
-        assert_eq!(p["recent"]["rtt_last_seconds"], 0.012);
-        assert_eq!(p["recent"]["loss_percent"], 25.0);
-        assert_eq!(v["leaks"][0]["packets"], 3);
-        assert_eq!(v["mullvad"], Value::Null);
-        assert_eq!(v["export_endpoints"], false);
-
-        // With --export-endpoints: the endpoint is there.
-        x.export_endpoints = true;
-        let v = build_with(&inv, &s, &Drops::default(), Ok(()), &x);
-        assert_eq!(
-            v["tunnels"][0]["peers"][0]["endpoint"],
-            "198.51.100.7:51820"
-        );
-    }
-
-    #[test]
-    fn mullvad_object_when_the_poller_has_one() {
-        let inv = inventory();
-        let mut m = MullvadState::default();
-        let text = r#"{"state":"connected","details":{"endpoint":{"address":"10.0.0.2:51820","protocol":"udp","quantum_resistant":true,"obfuscation":null,"entry_endpoint":{"address":"198.51.100.7:51820","protocol":"udp"},"tunnel_interface":"wg0","daita":{}},"location":{"hostname":"se-got-wg-101","city":"Gothenburg","country":"Sweden","entry_hostname":"de-fra-wg-001","entry_city":"Frankfurt","entry_country":"Germany"},"feature_indicators":["Multihop","QuantumResistance"]}}"#;
-        m.record(Ok(crate::sources::mullvad::parse_status(text).unwrap()));
-        let x = Extra {
-            mullvad: Some(m),
-            ..Extra::default()
-        };
-        let v = build_with(&inv, &Snapshot::default(), &Drops::default(), Ok(()), &x);
-        let mv = &v["mullvad"];
-        assert_eq!(mv["state"], "connected");
-        assert_eq!(mv["exit"]["hostname"], "se-got-wg-101");
-        assert_eq!(mv["entry"]["city"], "Frankfurt");
-        assert_eq!(mv["multihop"], true);
-        assert_eq!(mv["features"], json!(["Multihop", "QuantumResistance"]));
-        let peers = &v["tunnels"][0]["peers"];
-        assert_eq!(peers[0]["mullvad_relay"]["role"], "entry");
-        assert_eq!(peers[1]["mullvad_relay"]["hostname"], "se-got-wg-101");
-
-        // A daemon that cannot be read: said so; one that is not installed: nothing.
-        let mut m = MullvadState {
-            polled_at: Some(SystemTime::now()),
-            last_error: Some("timed out".into()),
-            ..MullvadState::default()
-        };
-        let x = Extra {
-            mullvad: Some(m.clone()),
-            ..Extra::default()
-        };
-        let v = build_with(&inv, &Snapshot::default(), &Drops::default(), Ok(()), &x);
-        assert_eq!(v["mullvad"]["up"], false);
-        assert_eq!(v["mullvad"]["error"], "timed out");
-        m.off = true;
-        let x = Extra {
-            mullvad: Some(m),
-            ..Extra::default()
-        };
-        let v = build_with(&inv, &Snapshot::default(), &Drops::default(), Ok(()), &x);
-        assert_eq!(v["mullvad"], Value::Null);
-    }
-}
+mod tests;

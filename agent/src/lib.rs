@@ -17,19 +17,15 @@
 //! - [`run`]: `wirescope run`, which wires the layers together.
 
 pub mod caps;
-pub mod client;
 pub mod config;
 pub mod datapath;
-pub mod doctor;
 pub mod instance;
 pub mod metrics;
+pub mod ops;
 pub mod probes;
 pub mod run;
 pub mod serve;
 pub mod sources;
-pub mod status;
-pub mod status_doc;
-pub mod status_view;
 pub mod sync;
 
 /// The compiled eBPF object (agent-ebpf, built by build.rs).

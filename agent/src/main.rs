@@ -46,8 +46,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Doctor(args) => wirescope::doctor::run(&args),
-        Command::Status(args) => ExitCode::from(wirescope::status_view::run(&args)),
+        Command::Doctor(args) => wirescope::ops::doctor::run(&args),
+        Command::Status(args) => ExitCode::from(wirescope::ops::status::run(&args)),
     }
 }
 

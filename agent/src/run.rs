@@ -34,9 +34,9 @@ use crate::{
         icmp::{self, ExtraTargets, ProbeStats},
         pmtu::{self, PmtuState, PmtuTask},
     },
+    serve::status,
     serve::{self, HttpConfig, HttpSource},
     sources::{mullvad::MullvadState, netlink::Netlink},
-    status,
     sync::{SyncOptions, Syncer, inventory::Inventory, peer_label::EndpointLabeler},
 };
 

@@ -35,6 +35,8 @@ use tokio::{
     sync::Semaphore,
 };
 
+pub mod status;
+
 use crate::{
     config::{
         WebConfig,

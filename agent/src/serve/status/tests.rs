@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use super::*;
 use crate::{
     metrics::crypto::Series,
-    status_doc::StatusDoc,
+    serve::status::doc::StatusDoc,
     sync::inventory::{Backend, Peer, Tunnel, Underlay, WgPeer},
 };
 
@@ -491,7 +491,8 @@ fn capabilities_read_back_as_the_drop_reports_them() {
         "dropped": dropped.dropped,
         "bounding": dropped.bounding,
     });
-    let c: crate::status_doc::Capabilities = serde_json::from_value(served.clone()).unwrap();
+    let c: crate::serve::status::doc::Capabilities =
+        serde_json::from_value(served.clone()).unwrap();
     assert_eq!(c.kept, dropped.kept);
     assert_eq!(serde_json::to_value(&c).unwrap(), served);
     assert_eq!(capabilities(), None, "no drop in a unit test");

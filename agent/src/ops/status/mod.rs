@@ -30,9 +30,9 @@ pub use self::{
     render::{columns, render},
 };
 use crate::{
-    client::{AgentClient, ClientError},
     config::cli::StatusArgs,
-    status_doc::StatusDoc,
+    ops::client::{AgentClient, ClientError},
+    serve::status::doc::StatusDoc,
 };
 
 /// Where the status lives on the agent.

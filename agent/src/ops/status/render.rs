@@ -9,7 +9,7 @@ use super::format::{
     BOLD, CYAN, DIM, GREEN, RED, abbrev, cell, fmt_age, fmt_bytes, fmt_secs, fmt_utc, pack, paint,
     truncate, wrap,
 };
-use crate::status_doc::{MeanTime, Mullvad, MullvadLocation, Peer, StatusDoc, TransitLoss};
+use crate::serve::status::doc::{MeanTime, Mullvad, MullvadLocation, Peer, StatusDoc, TransitLoss};
 
 /// Handshakes older than this mean the session is gone (WireGuard rejects after 180 s).
 const STALE_HANDSHAKE_S: f64 = 180.0;
@@ -506,7 +506,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::status_view::format::WIDTH;
+    use crate::ops::status::format::WIDTH;
 
     const EXIT: &str = "aAg5tydAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     const ENTRY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -743,7 +743,7 @@ mod tests {
     /// Decodes `v` as `wirescope status` does and renders it.
     fn render_json(v: &Value) -> Result<String, String> {
         let body = serde_json::to_vec(v).unwrap();
-        crate::status_view::decode(&body).map(|s| render(&s.doc, false))
+        crate::ops::status::decode(&body).map(|s| render(&s.doc, false))
     }
 
     #[test]

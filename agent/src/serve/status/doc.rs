@@ -1,5 +1,5 @@
 //! The `/api/v1/status` document as types: what the agent serves (built in
-//! [`crate::status`]) and what `wirescope status` reads back, so both sides agree on one
+//! [`super`]) and what `wirescope status` reads back, so both sides agree on one
 //! definition instead of string paths into JSON.
 //!
 //! The wire shape is the contract, kept exactly: the field names, the nesting, which fields

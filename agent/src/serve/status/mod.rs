@@ -2,7 +2,9 @@
 //! built from the inventory and the datapath counters of the same moment, with what the
 //! other parts of the agent measured ([`Extra`]: wire health, probes, path MTU, leaks,
 //! ICMP and fragments, failover, Mullvad). The document's types are in
-//! [`crate::status_doc`]; `wirescope status` renders it ([`crate::status_view`]).
+//! [`doc`], shared with `wirescope status`, which renders it ([`crate::ops::status`]).
+
+pub mod doc;
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +22,6 @@ use crate::{
     },
     probes::{failover::ProbeWindow, icmp::TargetStats, pmtu::Measured},
     sources::mullvad::MullvadState,
-    status_doc as doc,
     sync::{
         inventory::{Inventory, Peer},
         peer_label::EndpointLabeler,

@@ -2,11 +2,11 @@
 //! what only it measures (path MTU, UDP receive errors, handshake timeouts, leaks).
 
 use crate::{
-    client::{AgentClient, ClientError},
     config::cli::AgentAddr,
+    ops::client::{AgentClient, ClientError},
 };
 
-/// GET /metrics from the agent (HTTP or HTTPS, see [`crate::client`]).
+/// GET /metrics from the agent (HTTP or HTTPS, see [`crate::ops::client`]).
 pub(super) fn fetch_metrics(agent: &AgentAddr) -> Result<String, String> {
     let client = AgentClient::new(agent).map_err(|e| e.to_string())?;
     let (code, body) = client

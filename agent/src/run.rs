@@ -25,9 +25,9 @@ use crate::{
     datapath::{Datapath, LoadOptions, Pinning, drops::DropReasons, features::Features},
     metrics::{
         self, Format, agent::AgentCollector, crypto::CryptoCollector, drops::DropsCollector,
-        failover::FailoverCollector, health::WireHealthCollector, leak::LeakCollector,
+        failover::FailoverCollector, health::HealthCollector, leak::LeakCollector,
         mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
-        probe::ProbeCollector, tunnel::TunnelCollector,
+        probe::ProbeCollector, transit::TransitCollector, tunnel::TunnelCollector,
     },
     probes::{
         failover::{self, Failover, FailoverTask, Outcomes},
@@ -51,7 +51,8 @@ struct Agent {
     tunnel_collector: Arc<TunnelCollector>,
     drops_collector: Arc<crate::metrics::drops::DropsCollector>,
     /// What the status shows beyond the counters (issue 9).
-    wire_health: Arc<crate::metrics::health::WireHealthCollector>,
+    health: Arc<HealthCollector>,
+    transit: Arc<TransitCollector>,
     leaks: Arc<crate::metrics::leak::LeakCollector>,
     path: Arc<crate::metrics::path::PathCollector>,
     probe_stats: Arc<crate::probes::icmp::ProbeStats>,
@@ -112,7 +113,8 @@ impl HttpSource for Agent {
             })
             .collect();
         let extra = status::Extra {
-            wire: self.wire_health.snapshot(),
+            health: self.health.snapshot(),
+            transit: self.transit.snapshot(),
             probes,
             pmtu: self.pmtu_state.snapshot(),
             leaks: self.leaks.snapshot(),
@@ -477,7 +479,8 @@ fn collectors(
         inv.clone(),
         endpoints.clone(),
     ));
-    let wire_health = Arc::new(WireHealthCollector::new(dp.clone(), inv.clone()));
+    let health = Arc::new(HealthCollector::new(dp.clone(), inv.clone()));
+    let transit = Arc::new(TransitCollector::new(dp.clone(), inv.clone()));
     let path = Arc::new(PathCollector::new(dp.clone(), inv.clone()));
     let leaks = Arc::new(LeakCollector::new(dp.clone(), inv.clone()));
     let drops_collector = Arc::new(DropsCollector::new(dp.clone(), reasons));
@@ -488,7 +491,8 @@ fn collectors(
     )));
     registry.register_collector(Box::new(tunnel_collector.clone()));
     registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
-    registry.register_collector(Box::new(wire_health.clone()));
+    registry.register_collector(Box::new(health.clone()));
+    registry.register_collector(Box::new(transit.clone()));
     registry.register_collector(Box::new(path.clone()));
     registry.register_collector(Box::new(leaks.clone()));
     registry.register_collector(Box::new(drops_collector.clone()));
@@ -515,7 +519,8 @@ fn collectors(
         inventory: inv.clone(),
         tunnel_collector,
         drops_collector,
-        wire_health,
+        health,
+        transit,
         leaks,
         path,
         probe_stats: probing.stats.clone(),

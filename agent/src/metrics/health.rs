@@ -1,6 +1,7 @@
 //! Wire health, passive: `wirescope_handshake_rtt_seconds`, `wirescope_handshake_timeouts_total`,
-//! `wirescope_rx_counter_gaps_total` and `wirescope_rx_late_packets_total`, read from the TC
-//! programs' maps (and the agent's timeout counts) on every scrape, summed by label set.
+//! `wirescope_rx_counter_gaps_total` and `wirescope_rx_late_packets_total`, read from the
+//! health maps (and the agent's timeout counts, [`crate::datapath::health`]) on every
+//! scrape, summed by label set.
 
 use std::{
     collections::BTreeMap,
@@ -25,18 +26,14 @@ use crate::{
 /// above 5 s are timeouts, never observed.
 const FIRST_BOUND_LOG2: u8 = 14;
 const LAST_BOUND_LOG2: u8 = 33;
-/// Exported transit bounds: 2^10 ns (1 us) to 2^31 ns (2.1 s), doubling; a packet not
-/// matched within 2 s is taken for lost.
-const TRANSIT_FIRST_BOUND_LOG2: u8 = 10;
-const TRANSIT_LAST_BOUND_LOG2: u8 = 31;
 
 #[derive(Debug)]
-pub struct WireHealthCollector {
+pub struct HealthCollector {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
 }
 
-impl WireHealthCollector {
+impl HealthCollector {
     pub fn new(datapath: Arc<Mutex<Datapath>>, inventory: Arc<RwLock<Inventory>>) -> Self {
         Self {
             datapath,
@@ -54,13 +51,11 @@ pub struct Snapshot {
     pub timeouts: BTreeMap<Key, u64>,
     pub gaps: BTreeMap<Key, u64>,
     pub late: BTreeMap<Key, u64>,
-    /// By (interface, peer, direction).
-    pub transit: BTreeMap<(String, String, &'static str), Series>,
 }
 
-impl WireHealthCollector {
+impl HealthCollector {
     pub fn snapshot(&self) -> Snapshot {
-        let (rtt, seqs, timeouts, transit) = {
+        let (rtt, seqs, timeouts) = {
             let Ok(dp) = self.datapath.lock() else {
                 return Snapshot::default();
             };
@@ -72,11 +67,7 @@ impl WireHealthCollector {
                 warn!("reading counter gaps: {e}");
                 Vec::new()
             });
-            let transit = dp.transit.hist().unwrap_or_else(|e| {
-                warn!("reading transit times: {e}");
-                Vec::new()
-            });
-            (rtt, seqs, dp.health.handshake_timeouts(), transit)
+            (rtt, seqs, dp.health.handshake_timeouts())
         };
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();
@@ -123,20 +114,6 @@ impl WireHealthCollector {
             };
             *map.entry((iface(k.ifindex), p)).or_default() += c.packets;
         }
-        for (k, v) in transit {
-            let Some(p) = peer(k.peer) else { continue };
-            let dir = if k.dir == agent_common::maps::DIR_TX {
-                "tx"
-            } else {
-                "rx"
-            };
-            let series = s.transit.entry((iface(k.ifindex), p, dir)).or_default();
-            if let Some(b) = series.buckets.get_mut(k.bucket as usize) {
-                *b += v.count;
-            }
-            series.count += v.count;
-            series.sum_ns += v.sum_ns;
-        }
         s
     }
 }
@@ -145,7 +122,7 @@ fn labels((interface, peer): &Key) -> Labels {
     vec![("interface", interface.clone()), ("peer", peer.clone())]
 }
 
-impl Collector for WireHealthCollector {
+impl Collector for HealthCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.snapshot();
         {
@@ -163,27 +140,6 @@ impl Collector for WireHealthCollector {
                         &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
                         None,
                     )?;
-            }
-        }
-        {
-            let mut fam = encoder.encode_descriptor(
-                "wirescope_tunnel_transit_seconds",
-                "time between an IP packet on the tunnel interface and its encrypted (tx) or decrypted (rx) WireGuard message on the carrying interface",
-                None,
-                MetricType::Histogram,
-            )?;
-            for ((interface, peer, dir), series) in &s.transit {
-                let l: Labels = vec![
-                    ("interface", interface.clone()),
-                    ("peer", peer.clone()),
-                    ("direction", dir.to_string()),
-                ];
-                fam.encode_family(&l)?.encode_histogram::<NoLabelSet>(
-                    series.sum_ns as f64 / 1e9,
-                    series.count,
-                    &series.encoder_buckets(TRANSIT_FIRST_BOUND_LOG2, TRANSIT_LAST_BOUND_LOG2),
-                    None,
-                )?;
             }
         }
         encode_counters(

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     metrics::{
-        drops::Snapshot as Drops, health::Snapshot as WireHealth, path::Snapshot as PathSnapshot,
+        drops::Snapshot as Drops, health::Snapshot as Health, path::Snapshot as PathSnapshot,
         tunnel::Snapshot,
     },
     probes::{failover::ProbeWindow, icmp::TargetStats, pmtu::Measured},
@@ -46,7 +46,8 @@ pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60)
 /// when that part of the agent has nothing (yet).
 #[derive(Default)]
 pub struct Extra {
-    pub wire: WireHealth,
+    pub health: Health,
+    pub transit: crate::metrics::transit::Snapshot,
     pub probes: Vec<ProbeEntry>,
     pub pmtu: Measured,
     /// (underlay, kind) -> (packets, bytes).
@@ -181,11 +182,12 @@ fn endpoint_pmtu_key(inv: &Inventory, p: &Peer, l: &EndpointLabeler) -> Option<(
     Some((l.label(e), iface))
 }
 
-/// Everything the wire-health snapshot has for `peer`, summed over the interfaces it was
-/// seen on (the underlay for hop 1, the carrying tunnel for deeper hops): handshake RTT,
-/// loss, transit time and handshake timeouts.
+/// Everything the wire-health and transit snapshots have for `peer`, summed over the
+/// interfaces it was seen on (the underlay for hop 1, the carrying tunnel for deeper hops):
+/// handshake RTT, loss, transit time and handshake timeouts.
 fn wire_health(
-    w: &WireHealth,
+    w: &Health,
+    transit: &crate::metrics::transit::Snapshot,
     peer: &str,
     rx_data_packets: u64,
 ) -> (
@@ -218,7 +220,7 @@ fn wire_health(
     };
     let transit = |dir: &str| {
         let (mut n, mut sum_ns) = (0u64, 0u64);
-        for ((_, p, d), series) in &w.transit {
+        for ((_, p, d), series) in transit {
             if p == peer && *d == dir {
                 n += series.count;
                 sum_ns += series.sum_ns;
@@ -342,7 +344,8 @@ pub fn document(
                 })
                 .map(|(_, c)| c.packets)
                 .sum();
-            let (hs_rtt, loss, transit, timeouts) = wire_health(&x.wire, &p.public_key, rx_data);
+            let (hs_rtt, loss, transit, timeouts) =
+                wire_health(&x.health, &x.transit, &p.public_key, rx_data);
             let key = (t.name.clone(), p.public_key.clone());
             let path_mtu = x
                 .labeler

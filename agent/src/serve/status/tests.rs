@@ -127,13 +127,12 @@ fn everything_measured_lands_on_its_peer() {
         ..Extra::default()
     };
     let k = |i: &str, p: &str| (i.to_string(), p.to_string());
-    x.wire.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
-    x.wire.rtt.insert(k("wg0", EXIT), series(1, 5_000_000));
-    x.wire.gaps.insert(k("wg0", EXIT), 12);
-    x.wire.late.insert(k("wg0", EXIT), 2);
-    x.wire.timeouts.insert(k("eth0", ENTRY), 3);
-    x.wire
-        .transit
+    x.health.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
+    x.health.rtt.insert(k("wg0", EXIT), series(1, 5_000_000));
+    x.health.gaps.insert(k("wg0", EXIT), 12);
+    x.health.late.insert(k("wg0", EXIT), 2);
+    x.health.timeouts.insert(k("eth0", ENTRY), 3);
+    x.transit
         .insert(("wg0".into(), EXIT.into(), "tx"), series(4, 400_000));
     // A probe of 10.64.0.1 through wg0 goes through the exit peer (0.0.0.0/0).
     let mut stats = TargetStats::default();
@@ -300,16 +299,14 @@ fn rich() -> StatusDoc {
         ..Extra::default()
     };
     let k = |i: &str, p: &str| (i.to_string(), p.to_string());
-    x.wire.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
-    x.wire.rtt.insert(k("wg0", EXIT), series(3, 5_000_000));
-    x.wire.gaps.insert(k("wg0", EXIT), 12);
-    x.wire.late.insert(k("wg0", EXIT), 2);
-    x.wire.timeouts.insert(k("eth0", ENTRY), 3);
-    x.wire
-        .transit
+    x.health.rtt.insert(k("eth0", ENTRY), series(2, 2_000_000));
+    x.health.rtt.insert(k("wg0", EXIT), series(3, 5_000_000));
+    x.health.gaps.insert(k("wg0", EXIT), 12);
+    x.health.late.insert(k("wg0", EXIT), 2);
+    x.health.timeouts.insert(k("eth0", ENTRY), 3);
+    x.transit
         .insert(("wg0".into(), EXIT.into(), "tx"), series(4, 400_000));
-    x.wire
-        .transit
+    x.transit
         .insert(("eth0".into(), ENTRY.into(), "rx"), series(7, 1_234_567));
     let mut stats = TargetStats::default();
     stats.sent = 10;

@@ -9,9 +9,8 @@ use std::{path::PathBuf, sync::OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use wirescope::{
-    cli::RunArgs,
-    config::{EXIT_USAGE, RunConfig},
-    wg::validate_ifname,
+    config::{EXIT_USAGE, RunConfig, cli::RunArgs},
+    sources::wg::validate_ifname,
 };
 
 /// The file the input is written to, in a directory of this process's own.

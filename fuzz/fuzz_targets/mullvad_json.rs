@@ -1,11 +1,11 @@
-//! The Mullvad JSON reader, `wirescope::mullvad::parse_status` (`mullvad status --json`),
+//! The Mullvad JSON reader, `wirescope::sources::mullvad::parse_status` (`mullvad status --json`),
 //! and what the agent does with its result (the state the poller keeps, the probe target,
 //! the relay roles, the messages). Nothing may panic; an accepted status is JSON whose
 //! `state` string is the state read; parsing is deterministic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wirescope::mullvad::{MullvadError, MullvadState, ParseError, TunnelState, parse_status};
+use wirescope::sources::mullvad::{MullvadError, MullvadState, ParseError, TunnelState, parse_status};
 
 fuzz_target!(|data: &[u8]| {
     // The poller reads the output lossily.

@@ -1,10 +1,10 @@
-//! The WireGuard control-socket (UAPI) parser, `wirescope::wg::parse_uapi`, over arbitrary
+//! The WireGuard control-socket (UAPI) parser, `wirescope::sources::wg::parse_uapi`, over arbitrary
 //! `get=1` answers. Nothing may panic; an answer is accepted only with `errno=0`; a parse is
 //! deterministic; and no error message quotes a private or preshared key.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wirescope::wg::{WgError, format_allowed_ips, key_to_base64, parse_uapi};
+use wirescope::sources::wg::{WgError, format_allowed_ips, key_to_base64, parse_uapi};
 
 fuzz_target!(|data: &[u8]| {
     // read_uapi_at refuses non-UTF-8 answers before parsing.

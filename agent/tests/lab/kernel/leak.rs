@@ -1,12 +1,13 @@
 //! Leak detection in the lab: the agent in the client namespace, where a DNS query and a
 //! UDP datagram sent out the client's veth around the tunnel each count once with their
 //! kind and L3 bytes, and WireGuard never does. Lab prefix `lkt`. (The `BPF_PROG_TEST_RUN`
-//! tests of leak detection are in the datapath tier, `datapath/leak.rs`.)
+//! tests of leak detection are the datapath tier's `leak`.)
 //!
 //! Needs root and the lab tools; without them the test prints why and passes, except with
-//! CI=true, where it fails. Run: `cargo test -p wirescope --test leak -- --test-threads=1`.
+//! CI=true, where it fails. Run: `cargo test -p wirescope --test lab -- --test-threads=1
+//! kernel::leak::`.
 
-mod common;
+use crate::common;
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -17,8 +17,8 @@
 //! read-only with writable overlays (/tmp, /etc, /var, ...; /run is a tmpfs), so the test
 //! binaries under target/ run where cargo built them. The guest runs a script written to
 //! `target/vm/SERIES/run.sh`: it loads tun, wireguard and sch_netem, mounts tracefs and
-//! bpffs where missing, prints what the kernel has, then runs each suite of [`SUITES`] with
-//! `--test-threads=1` from its package directory. Everything it prints goes to
+//! bpffs where missing, prints what the kernel has, then runs the test binary of each tier
+//! of [`TIERS`] with `--test-threads=1` and the tier's filter from its package directory. Everything it prints goes to
 //! `target/vm/SERIES/guest.log` (a writable share; the serial console lost output under
 //! load), which is echoed here as it grows; the agent's logs (/tmp/wirescope-*.log) are
 //! copied to `target/vm/SERIES/tmp/`, the VM's console goes to
@@ -55,22 +55,66 @@ pub const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/wirescope-backports
 pub const VM_CPUS: u32 = 2;
 pub const VM_MEMORY: &str = "2G";
 
-/// The test suites run in each VM, by source path in the workspace. All need root; the lab
-/// suites run the lab with the kernel's WireGuard where the module loads.
-pub const SUITES: &[&str] = &[
-    "xtask/tests/lab.rs",
-    "xtask/tests/impair.rs",
-    "agent/tests/lab.rs",
-    "agent/tests/test_run.rs",
-    "agent/tests/wire_health.rs",
-    "agent/tests/leak.rs",
-    "agent/tests/path.rs",
-    "agent/tests/bounded.rs",
-    "agent/tests/handshake.rs",
-    "agent/tests/transit.rs",
-    "agent/tests/transit_off.rs",
-    "agent/tests/drops.rs",
-    "agent/tests/restart.rs",
+/// A tier of tests the VM runs: one test binary, named as `cargo test -p PACKAGE --test
+/// TEST` names it (`tests/TEST.rs` or `tests/TEST/main.rs`), and the libtest filter that
+/// picks its tests when not all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// The package's directory in the workspace, e.g. `agent`.
+    pub package: &'static str,
+    /// The test target's name, e.g. `lab`.
+    pub test: &'static str,
+    /// Only the tests whose names contain this (a module path, e.g. `kernel::`).
+    pub filter: Option<&'static str>,
+}
+
+impl Tier {
+    /// How the guest log and the summary name it (no whitespace): `agent/tests/datapath`, or
+    /// with a filter `agent/tests/lab[kernel::]`.
+    pub fn label(&self) -> String {
+        let Tier {
+            package,
+            test,
+            filter,
+        } = self;
+        match filter {
+            Some(f) => format!("{package}/tests/{test}[{f}]"),
+            None => format!("{package}/tests/{test}"),
+        }
+    }
+}
+
+/// The lab tier's group of tests that depend on the kernel and its WireGuard: the module
+/// `kernel` of `agent/tests/lab/main.rs`.
+pub const LAB_KERNEL: &str = "kernel::";
+
+/// The tiers run in each VM: the tests whose results depend on the kernel, and no more (VM
+/// time under software emulation is what a full run waits for). All need root; the lab ones
+/// run the lab with the kernel's WireGuard where the module loads. xtask's own lab and
+/// impairing relay (not its Prometheus end to end), the agent's whole datapath tier
+/// (`BPF_PROG_TEST_RUN`), and of the agent's lab tier the modules under `kernel` (not the
+/// commands, the endpoint, faults, failover, probes or Mullvad, which run on the host).
+pub const TIERS: &[Tier] = &[
+    Tier {
+        package: "xtask",
+        test: "lab",
+        filter: None,
+    },
+    Tier {
+        package: "xtask",
+        test: "impair",
+        filter: None,
+    },
+    Tier {
+        package: "agent",
+        test: "datapath",
+        filter: None,
+    },
+    Tier {
+        package: "agent",
+        test: "lab",
+        filter: Some(LAB_KERNEL),
+    },
 ];
 
 /// A kernel series `vm-test` knows how to install.
@@ -127,7 +171,8 @@ pub struct VmArgs {
     /// Give up on a VM after this many seconds (boot and every suite).
     #[arg(long, default_value_t = 1800)]
     pub timeout: u64,
-    /// Only run tests whose name contains this (passed to each test binary).
+    /// Only run tests whose name contains this (passed to each test binary; within a tier
+    /// that has a filter of its own, the tests that match both).
     #[arg(long)]
     pub filter: Option<String>,
 }
@@ -138,16 +183,10 @@ pub struct VmArgs {
 pub fn run(args: &VmArgs) -> Result<()> {
     let series = args.kernel.series();
     let (tools, kernels) = prepare(&series)?;
-    let suites = build_suites()?;
+    let suites = build_suites(args.filter.as_deref())?;
     let mut reports = Vec::new();
     for k in &kernels {
-        let report = run_vm(
-            &tools,
-            k,
-            &suites,
-            args.filter.as_deref(),
-            timeout(args.timeout),
-        )?;
+        let report = run_vm(&tools, k, &suites, timeout(args.timeout))?;
         reports.push(report);
     }
     println!("\n==> vm-test summary");
@@ -194,7 +233,7 @@ pub fn test_step(series_name: &str) -> (Counts, Result<()>) {
         }
     };
     let res =
-        build_suites().and_then(|suites| run_vm(&tools, &kernels[0], &suites, None, timeout(1800)));
+        build_suites(None).and_then(|suites| run_vm(&tools, &kernels[0], &suites, timeout(1800)));
     match res {
         Ok(report) => {
             print!("{}", report.summary());
@@ -643,19 +682,35 @@ fn ensure_vng(installed: &mut Vec<String>) -> Result<Tools> {
     Ok(Tools { bin })
 }
 
-/// A test binary to run in the VM.
-#[derive(Debug, Clone)]
-pub struct Suite {
-    /// Source path in the workspace, e.g. `agent/tests/lab.rs`.
-    pub label: String,
+/// An integration test binary cargo built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    /// The package's directory relative to the workspace, e.g. `agent`.
+    pub package: String,
+    /// The test target's name, e.g. `lab`.
+    pub test: String,
     pub exe: PathBuf,
     /// The package's directory (cargo runs tests there).
     pub cwd: PathBuf,
 }
 
+/// A test binary to run in the VM: a tier's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suite {
+    /// The tier's [`Tier::label`], e.g. `agent/tests/lab[kernel::]`.
+    pub label: String,
+    pub exe: PathBuf,
+    /// The package's directory (cargo runs tests there).
+    pub cwd: PathBuf,
+    /// The libtest arguments after `--test-threads=1` that pick its tests (filters, or
+    /// `--exact` and names).
+    pub args: Vec<String>,
+}
+
 /// Builds every test binary as the host's `cargo test --workspace` does (so nothing is
-/// rebuilt after it) and returns those of [`SUITES`].
-pub fn build_suites() -> Result<Vec<Suite>> {
+/// rebuilt after it) and returns those of [`TIERS`], each with the arguments that pick its
+/// tests: the tier's filter and `filter` (see [`test_args`]).
+pub fn build_suites(filter: Option<&str>) -> Result<Vec<Suite>> {
     println!("vm-test: building the test binaries on the host");
     let mut c = cargo();
     c.args([
@@ -673,35 +728,117 @@ pub fn build_suites() -> Result<Vec<Suite>> {
         bail!("`{}` failed ({})", cmd::describe(&c), out.status);
     }
     let root = crate::build::repo_root();
-    let suites = parse_artifacts(&String::from_utf8_lossy(&out.stdout), &root);
-    let mut picked = Vec::new();
-    for want in SUITES {
-        let s = suites
-            .iter()
-            .find(|s| s.label == *want)
-            .ok_or_else(|| anyhow!("cargo built no test binary for {want}"))?;
-        picked.push(s.clone());
+    let artifacts = parse_artifacts(&String::from_utf8_lossy(&out.stdout), &root);
+    let mut suites = Vec::new();
+    for (tier, a) in pick_tiers(TIERS, &artifacts)? {
+        let args = test_args(tier, filter, || list_tests(a))?;
+        suites.push(Suite {
+            label: tier.label(),
+            exe: a.exe.clone(),
+            cwd: a.cwd.clone(),
+            args,
+        });
     }
-    Ok(picked)
+    Ok(suites)
 }
 
-/// The test executables in cargo's JSON messages, labelled by their source path relative to
-/// `root`.
-pub fn parse_artifacts(json_lines: &str, root: &Path) -> Vec<Suite> {
+/// The integration test executables (test targets, not the unit tests of a library or
+/// binary) in cargo's JSON messages, by package directory relative to `root` and target
+/// name: `tests/NAME.rs` and `tests/NAME/main.rs` alike.
+pub fn parse_artifacts(json_lines: &str, root: &Path) -> Vec<Artifact> {
     json_lines
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["reason"] == "compiler-artifact" && v["profile"]["test"] == true)
+        .filter(|v| {
+            v["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
         .filter_map(|v| {
             let exe = PathBuf::from(v["executable"].as_str()?);
-            let src = Path::new(v["target"]["src_path"].as_str()?);
-            let label = src.strip_prefix(root).unwrap_or(src).display().to_string();
+            let test = v["target"]["name"].as_str()?.to_owned();
             let cwd = Path::new(v["manifest_path"].as_str()?)
                 .parent()?
                 .to_path_buf();
-            Some(Suite { label, exe, cwd })
+            let package = cwd.strip_prefix(root).unwrap_or(&cwd).display().to_string();
+            Some(Artifact {
+                package,
+                test,
+                exe,
+                cwd,
+            })
         })
         .collect()
+}
+
+/// The built binary of each tier, in the tiers' order; fails naming a tier cargo built no
+/// binary for.
+pub fn pick_tiers<'a>(
+    tiers: &'a [Tier],
+    artifacts: &'a [Artifact],
+) -> Result<Vec<(&'a Tier, &'a Artifact)>> {
+    tiers
+        .iter()
+        .map(|t| {
+            artifacts
+                .iter()
+                .find(|a| a.package == t.package && a.test == t.test)
+                .map(|a| (t, a))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "cargo built no test binary for {} (`cargo test -p {} --test {}`)",
+                        t.label(),
+                        t.package,
+                        t.test
+                    )
+                })
+        })
+        .collect()
+}
+
+/// The libtest arguments that pick a tier's tests, given the user's `filter`: the tier's
+/// filter or the user's (libtest takes either as a substring of the test's name), none for
+/// all. With both, libtest would run the tests matching either, so the tier's binary lists
+/// its tests on the host (`list`: its `--list` output) and the arguments are `--exact` and
+/// the names that contain both; when no name does, `--exact` and the tier's filter, which
+/// names no test (a module path), so the binary runs none.
+pub fn test_args(
+    tier: &Tier,
+    filter: Option<&str>,
+    list: impl FnOnce() -> Result<String>,
+) -> Result<Vec<String>> {
+    Ok(match (tier.filter, filter) {
+        (None, None) => Vec::new(),
+        (Some(f), None) | (None, Some(f)) => vec![f.to_owned()],
+        (Some(t), Some(u)) => {
+            let names: Vec<String> = list()?
+                .lines()
+                .filter_map(|l| l.strip_suffix(": test"))
+                .filter(|n| n.contains(t) && n.contains(u))
+                .map(str::to_owned)
+                .collect();
+            let mut args = vec!["--exact".to_owned()];
+            if names.is_empty() {
+                args.push(t.to_owned());
+            }
+            args.extend(names);
+            args
+        }
+    })
+}
+
+/// `EXE --list` of a test binary, run on the host in its package directory.
+fn list_tests(a: &Artifact) -> Result<String> {
+    let mut c = Command::new(&a.exe);
+    c.arg("--list").current_dir(&a.cwd).stdin(Stdio::null());
+    let out = c
+        .output()
+        .with_context(|| format!("running `{}`", cmd::describe(&c)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", cmd::describe(&c), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Marker lines the guest script prints, `@@wirescope-vm KIND ARGS...`.
@@ -712,12 +849,7 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The script the guest runs.
-pub fn guest_script(
-    out: &Path,
-    suites: &[Suite],
-    filter: Option<&str>,
-    env: &[(&str, String)],
-) -> String {
+pub fn guest_script(out: &Path, suites: &[Suite], env: &[(&str, String)]) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let mut s = String::new();
     let _ = writeln!(
@@ -752,15 +884,17 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 fact tun "$(yesno test -e /dev/net/tun)"
 ulimit -l unlimited 2>/dev/null"#
     );
-    let filter = filter
-        .map(|f| format!(" {}", shell_quote(f)))
-        .unwrap_or_default();
     for suite in suites {
         let label = &suite.label;
+        let args: String = suite
+            .args
+            .iter()
+            .map(|a| format!(" {}", shell_quote(a)))
+            .collect();
         let _ = writeln!(
             s,
             r#"echo "{MARK} suite-start {label} $(cut -d' ' -f1 /proc/uptime)"
-cd {cwd} && {exe} --test-threads=1{filter}
+cd {cwd} && {exe} --test-threads=1{args}
 rc=$?
 cp -f /tmp/wirescope-*.log {tmp}/ 2>/dev/null
 echo "{MARK} suite-end {label} $rc $(cut -d' ' -f1 /proc/uptime)""#,
@@ -1021,7 +1155,6 @@ pub fn run_vm(
     tools: &Tools,
     kernel: &Kernel,
     suites: &[Suite],
-    filter: Option<&str>,
     timeout: Duration,
 ) -> Result<VmReport> {
     let root = crate::build::repo_root();
@@ -1040,7 +1173,7 @@ pub fn run_vm(
         env.push((WG_IMPL_ENV, v));
     }
     let script = out.join("run.sh");
-    std::fs::write(&script, guest_script(&out, suites, filter, &env))
+    std::fs::write(&script, guest_script(&out, suites, &env))
         .with_context(|| format!("writing {}", script.display()))?;
     let guest_log = out.join("guest.log");
     std::fs::write(&guest_log, "").with_context(|| format!("creating {}", guest_log.display()))?;
@@ -1259,23 +1392,114 @@ mod tests {
         assert!(series("5.10").is_err());
     }
 
-    #[test]
-    fn artifacts() {
-        let json = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/agent#wirescope@0.1.0","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["test"],"name":"lab","src_path":"/w/agent/tests/lab.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/lab-1"}
+    /// cargo's messages for both layouts of a test target (`tests/NAME/main.rs`,
+    /// `tests/NAME.rs`), a unit-test binary and a plain binary.
+    const ARTIFACTS: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/agent#wirescope@0.1.0","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["test"],"name":"lab","src_path":"/w/agent/tests/lab/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/lab-1"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/agent#wirescope@0.1.0","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["test"],"name":"datapath","src_path":"/w/agent/tests/datapath/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/datapath-2"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["test"],"name":"lab","src_path":"/w/xtask/tests/lab.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/lab-3"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["test"],"name":"impair","src_path":"/w/xtask/tests/impair.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/impair-4"}
+{"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["lib"],"name":"xtask","src_path":"/w/xtask/src/lib.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/xtask-5"}
 {"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["bin"],"name":"wirescope","src_path":"/w/agent/src/main.rs"},"profile":{"test":false},"executable":"/w/target/debug/wirescope"}
 {"reason":"build-finished","success":true}"#;
-        let s = parse_artifacts(json, Path::new("/w"));
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].label, "agent/tests/lab.rs");
-        assert_eq!(s[0].exe, Path::new("/w/target/debug/deps/lab-1"));
-        assert_eq!(s[0].cwd, Path::new("/w/agent"));
+
+    #[test]
+    fn artifacts() {
+        let a = parse_artifacts(ARTIFACTS, Path::new("/w"));
+        let names: Vec<(&str, &str)> = a
+            .iter()
+            .map(|a| (a.package.as_str(), a.test.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("agent", "lab"),
+                ("agent", "datapath"),
+                ("xtask", "lab"),
+                ("xtask", "impair")
+            ],
+            "test targets only, by package directory"
+        );
+        assert_eq!(a[0].exe, Path::new("/w/target/debug/deps/lab-1"));
+        assert_eq!(a[0].cwd, Path::new("/w/agent"));
+    }
+
+    #[test]
+    fn tiers() {
+        let labels: Vec<String> = TIERS.iter().map(Tier::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "xtask/tests/lab",
+                "xtask/tests/impair",
+                "agent/tests/datapath",
+                "agent/tests/lab[kernel::]"
+            ]
+        );
+        // The guest log's markers split on whitespace.
+        assert!(labels.iter().all(|l| !l.contains(char::is_whitespace)));
+        let a = parse_artifacts(ARTIFACTS, Path::new("/w"));
+        let picked = pick_tiers(TIERS, &a).unwrap();
+        let exes: Vec<&Path> = picked.iter().map(|(_, a)| a.exe.as_path()).collect();
+        assert_eq!(
+            exes,
+            [
+                "/w/target/debug/deps/lab-3",
+                "/w/target/debug/deps/impair-4",
+                "/w/target/debug/deps/datapath-2",
+                "/w/target/debug/deps/lab-1"
+            ]
+            .map(Path::new)
+        );
+        let e = pick_tiers(TIERS, &a[1..]).unwrap_err().to_string();
+        assert!(e.contains("agent/tests/lab[kernel::]"), "{e}");
+    }
+
+    #[test]
+    fn tier_filters() {
+        let lab = TIERS[3];
+        let datapath = TIERS[2];
+        let list = "kernel::health::rtt_with_40ms_delay_each_way: test\n\
+                    kernel::tunnel::single_hop_counts_are_exact: test\n\
+                    doctor::missing_capabilities: test\n\
+                    probe::probes_and_path_mtu_through_a_small_mtu_hop: test\n\
+                    \n\
+                    4 tests, 0 benchmarks\n";
+        let unlisted = || -> Result<String> { panic!("listed without need") };
+        let listed = || Ok(list.to_owned());
+        assert_eq!(
+            test_args(&datapath, None, unlisted).unwrap(),
+            [] as [&str; 0]
+        );
+        assert_eq!(
+            test_args(&datapath, Some("wire::"), unlisted).unwrap(),
+            ["wire::"]
+        );
+        assert_eq!(test_args(&lab, None, unlisted).unwrap(), ["kernel::"]);
+        // Both: the tier's tests that match the user's filter, exactly.
+        assert_eq!(
+            test_args(&lab, Some("rtt"), listed).unwrap(),
+            ["--exact", "kernel::health::rtt_with_40ms_delay_each_way"]
+        );
+        assert_eq!(
+            test_args(&lab, Some("_"), listed).unwrap(),
+            [
+                "--exact",
+                "kernel::health::rtt_with_40ms_delay_each_way",
+                "kernel::tunnel::single_hop_counts_are_exact"
+            ]
+        );
+        // None of them: a name no test has.
+        assert_eq!(
+            test_args(&lab, Some("probe"), listed).unwrap(),
+            ["--exact", "kernel::"]
+        );
     }
 
     #[test]
     fn guest_log() {
         let log = "@@wirescope-vm booted 6.1.0-56-amd64 9.81\n\
                    @@wirescope-vm fact kernel_wireguard yes\n\
-                   @@wirescope-vm suite-start xtask/tests/lab.rs 10.00\n\
+                   @@wirescope-vm suite-start xtask/tests/lab 10.00\n\
                    running 2 tests\n\
                    test a ... ok\n\
                    test b ... FAILED\n\
@@ -1292,8 +1516,8 @@ mod tests {
                    \x20   c\n\
                    \n\
                    test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s\n\
-                   @@wirescope-vm suite-end xtask/tests/lab.rs 101 12.50\n\
-                   @@wirescope-vm suite-start agent/tests/lab.rs 12.50\n\
+                   @@wirescope-vm suite-end xtask/tests/lab 101 12.50\n\
+                   @@wirescope-vm suite-start agent/tests/lab[kernel::] 12.50\n\
                    test result: ok. 4 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.00s\n";
         let r = parse_guest_log(log);
         assert_eq!(r.release.as_deref(), Some("6.1.0-56-amd64"));
@@ -1320,7 +1544,7 @@ mod tests {
             guest: r,
             error: None,
             out_dir: PathBuf::from("/w/target/vm/6.1"),
-            expected_suites: vec!["xtask/tests/lab.rs".into(), "agent/tests/lab.rs".into()],
+            expected_suites: vec!["xtask/tests/lab".into(), "agent/tests/lab[kernel::]".into()],
         };
         assert!(!report.ok());
         assert_eq!(report.counts().passed, 5);
@@ -1333,15 +1557,23 @@ mod tests {
 
     #[test]
     fn script_runs_every_suite() {
-        let suites = [Suite {
-            label: "agent/tests/lab.rs".into(),
-            exe: "/w/target/debug/deps/lab-1".into(),
-            cwd: "/w/agent".into(),
-        }];
+        let suites = [
+            Suite {
+                label: "agent/tests/datapath".into(),
+                exe: "/w/target/debug/deps/datapath-2".into(),
+                cwd: "/w/agent".into(),
+                args: Vec::new(),
+            },
+            Suite {
+                label: "agent/tests/lab[kernel::]".into(),
+                exe: "/w/target/debug/deps/lab-1".into(),
+                cwd: "/w/agent".into(),
+                args: vec!["kernel::".into()],
+            },
+        ];
         let s = guest_script(
             Path::new("/w/target/vm/6.1"),
             &suites,
-            Some("single"),
             &[("CI", "true".into())],
         );
         assert!(
@@ -1350,9 +1582,24 @@ mod tests {
         );
         assert!(s.contains("export CI='true'"), "{s}");
         assert!(
-            s.contains("cd '/w/agent' && '/w/target/debug/deps/lab-1' --test-threads=1 'single'"),
+            s.contains("cd '/w/agent' && '/w/target/debug/deps/datapath-2' --test-threads=1\n"),
             "{s}"
         );
+        assert!(
+            s.contains(
+                "cd '/w/agent' && '/w/target/debug/deps/lab-1' --test-threads=1 'kernel::'\n"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("@@wirescope-vm suite-start agent/tests/lab[kernel::] $(cut"),
+            "{s}"
+        );
+        let r = parse_guest_log(
+            "@@wirescope-vm suite-start agent/tests/lab[kernel::] 1.0\n\
+             @@wirescope-vm suite-end agent/tests/lab[kernel::] 0 2.0\n",
+        );
+        assert_eq!(r.suites[0].label, "agent/tests/lab[kernel::]");
         assert!(s.contains("@@wirescope-vm done"), "{s}");
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
     }

@@ -80,7 +80,7 @@ pub fn steps() -> Vec<Step> {
             background: true,
         },
         Step {
-            name: "vm 6.1: lab suites and test_run in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",
+            name: "vm 6.1: the kernel-dependent tiers (xtask lab and impair, agent datapath, agent lab kernel::) in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",
             run: || crate::vm::test_step("6.1"),
             background: false,
         },

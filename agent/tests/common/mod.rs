@@ -1,11 +1,13 @@
-//! Set-up shared by the agent's integration tests: `mod common;` in a test file. Each test
-//! binary compiles its own copy and uses only part of it, hence `allow(dead_code)`.
+//! Set-up shared by the agent's two integration test binaries, `datapath` and `lab`: each
+//! includes this file with `#[path = "../common/mod.rs"] mod common;` in its `main.rs`, and
+//! a module uses it as `crate::common`. Each binary uses only part of it, hence
+//! `allow(dead_code)`.
 //!
 //! Two parts:
-//! - `BPF_PROG_TEST_RUN` tests (`test_run.rs` explains what test_run does with the input):
-//!   the root check, a fresh network namespace for the test's thread with a veth pair in it,
-//!   the programs loaded and attached there (which writes IFACES) and the peer maps written,
-//!   and one test run of a TC program with its verdict checked.
+//! - `BPF_PROG_TEST_RUN` tests (`datapath/main.rs` explains what test_run does with the
+//!   input): the root check, a fresh network namespace for the test's thread with a veth
+//!   pair in it, the programs loaded and attached there (which writes IFACES) and the peer
+//!   maps written, and one test run of a TC program with its verdict checked.
 //! - Lab tests: the lab up (or the test skipped where it cannot run), the names tests use
 //!   most, the `wirescope` binary started in the lab's client namespace and stopped, its log
 //!   file, metric values and deltas between scrapes, pings and echoes through the tunnel,
@@ -14,6 +16,7 @@
 #![allow(dead_code)]
 
 use std::{
+    marker::PhantomData,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -151,17 +154,20 @@ pub fn load_attached(ifaces: &[(&str, u32, IfaceConfig)]) -> Datapath {
     dp
 }
 
-/// The programs in a network namespace of their own: a test file's `Lab` (with its own
-/// methods added there).
-pub struct NetnsLab {
+/// The programs in a network namespace of their own: a test module's `Lab` (with its own
+/// methods added there). `Tests` is a marker type of that module (`struct Health;`, `type
+/// Lab = NetnsLab<Health>;`): several modules share one test binary, and each adds methods
+/// of the same names (`new`, `run`) to its own `NetnsLab<...>` without clashing.
+pub struct NetnsLab<Tests> {
     pub dp: Datapath,
     /// lo: the WireGuard interface (TUNNEL | L3) when there is one.
     pub tun: u32,
     /// One end of a veth pair: the underlay (UNDERLAY, Ethernet).
     pub under: u32,
+    pub tests: PhantomData<Tests>,
 }
 
-impl NetnsLab {
+impl<Tests> NetnsLab<Tests> {
     /// A fresh network namespace for this thread (see [`netns_with_veth`]) where `veth.0`,
     /// one end of a veth pair, is the underlay and, with `tunnel`, `lo` the WireGuard
     /// interface; the programs attached to them, the peer maps holding each `(address,
@@ -172,7 +178,7 @@ impl NetnsLab {
         veth: (&str, &str),
         tunnel: bool,
         endpoints: &[(IpAddr, u32)],
-    ) -> Option<NetnsLab> {
+    ) -> Option<Self> {
         if !privileged(why) {
             return None;
         }
@@ -190,12 +196,17 @@ impl NetnsLab {
         }
         maps.wg_ports.insert(LISTEN_PORT, 1);
         dp.sync_peers(&maps).expect("peer maps");
-        Some(NetnsLab { dp, tun, under })
+        Some(NetnsLab {
+            dp,
+            tun,
+            under,
+            tests: PhantomData,
+        })
     }
 
     /// [`NetnsLab::enter`] without a tunnel: only the underlay, the relay (RELAY_V4) its one
     /// endpoint, as peer RELAY.
-    pub fn underlay_to_relay(why: &str, veth: (&str, &str)) -> Option<NetnsLab> {
+    pub fn underlay_to_relay(why: &str, veth: (&str, &str)) -> Option<Self> {
         Self::enter(why, veth, false, &[(RELAY_V4.into(), RELAY)])
     }
 

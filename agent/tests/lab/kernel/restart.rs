@@ -15,9 +15,9 @@
 //! agent pins in it through its parent's (this test's) mount namespace.
 //!
 //! Needs root and the lab's tools (and `prometheus`); with CI=true a missing prerequisite
-//! fails. Run: `cargo test -p wirescope --test restart -- --test-threads=1`.
+//! fails. Run: `cargo test -p wirescope --test lab -- --test-threads=1 kernel::restart::`.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

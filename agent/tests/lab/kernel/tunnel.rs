@@ -4,9 +4,10 @@
 //!
 //! Needs root, wireguard-go and the lab tools (`cargo xtask setup`); with CI=true a missing
 //! prerequisite fails the test. The tests share one lab prefix: run them with
-//! `--test-threads=1` (`cargo xtask test` does).
+//! `--test-threads=1` (`cargo xtask test` does): `cargo test -p wirescope --test lab --
+//! --test-threads=1 kernel::tunnel::`.
 
-mod common;
+use crate::common;
 
 use std::{
     net::{IpAddr, SocketAddr},

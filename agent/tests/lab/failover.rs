@@ -12,10 +12,10 @@
 //!
 //! Needs root, the lab tools (`cargo xtask setup`) and wireguard-go or kernel WireGuard;
 //! with CI=true a missing prerequisite fails the test. The tests share one lab prefix: run
-//! them with `--test-threads=1` (`cargo test -p wirescope --test failover --
-//! --test-threads=1`).
+//! them with `--test-threads=1` (`cargo test -p wirescope --test lab -- --test-threads=1
+//! failover::`).
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

@@ -4,9 +4,10 @@
 //!
 //! Needs root, curl and openssl; the lab test also wireguard-go and the lab tools (`cargo
 //! xtask setup`). With CI=true a missing prerequisite fails the test. The lab tests share
-//! the prefix `wse`: run them with `--test-threads=1` (`cargo xtask test` does).
+//! the prefix `wse`: run them with `--test-threads=1` (`cargo xtask test` does): `cargo
+//! test -p wirescope --test lab -- --test-threads=1 endpoint::`.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,14 +1,14 @@
 //! `BPF_PROG_TEST_RUN` tests of the wire-health state the TC programs keep (handshake round
 //! trips, counter gaps and late messages) and of the agent's expiry of it, with a fake
-//! clock. Same approach as `test_run.rs` (whose header explains what test_run does with the
+//! clock. Same approach as the whole tier (`main.rs` explains what test_run does with the
 //! input): each test enters a fresh network namespace on its own thread, where one end of a
 //! veth pair is the watched underlay (Ethernet) and the programs are attached through
 //! `Datapath::attach`; the interfaces are down, so only the test runs reach the programs.
 //!
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
-//! Run: `cargo test -p wirescope --test wire_health -- --test-threads=1`.
+//! Run: `cargo test -p wirescope --test datapath -- --test-threads=1 health::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,
@@ -30,7 +30,9 @@ use wirescope::{
 const RELAY_KEY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
 /// `dp` and `under` (wh-under); no tunnel.
-type Lab = common::NetnsLab;
+type Lab = common::NetnsLab<Health>;
+/// This module's marker (see [`common::NetnsLab`]).
+struct Health;
 
 impl Lab {
     fn new() -> Option<Lab> {

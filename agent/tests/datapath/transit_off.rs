@@ -6,9 +6,9 @@
 //! (6.18 on the host, 6.1 in the VM) accepts the programs both ways.
 //!
 //! Needs root and BPF; without root it prints why and passes, except with CI=true.
-//! Run: `cargo test -p wirescope --test transit_off -- --test-threads=1`.
+//! Run: `cargo test -p wirescope --test datapath -- --test-threads=1 transit_off::`.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr};
 

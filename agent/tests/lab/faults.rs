@@ -20,9 +20,9 @@
 //!   printing truncated JSON counts in `{source="mullvad"}` on every poll, logged once.
 //!
 //! Needs root and the lab's tools; with CI=true a missing prerequisite fails. Run:
-//! `cargo test -p wirescope --test faults -- --test-threads=1`.
+//! `cargo test -p wirescope --test lab -- --test-threads=1 faults::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

@@ -8,15 +8,15 @@
 //! moved past the limits (`bpf_ktime_get_ns` is CLOCK_MONOTONIC, so "now" is
 //! `health::monotonic_ns()` plus the time that should have passed).
 //!
-//! Same set-up as `wire_health.rs` (and `test_run.rs`, whose header explains what test_run
-//! does with the input): each test enters a fresh network namespace on its own thread, where
+//! Same set-up as `health.rs` (and the whole tier: `main.rs` explains what test_run does with
+//! the input): each test enters a fresh network namespace on its own thread, where
 //! one end of a veth pair is the watched underlay (Ethernet) and the programs are attached
 //! through `Datapath::attach`; the interfaces are down, so only the test runs reach them.
 //!
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
-//! Run: `cargo test -p wirescope --test bounded -- --test-threads=1`.
+//! Run: `cargo test -p wirescope --test datapath -- --test-threads=1 bounded::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -50,7 +50,9 @@ const _: () = assert!(M * ROUNDS > MAX_RX_SESSIONS && M <= MAX_RX_SESSIONS);
 const E: u64 = 10;
 
 /// `dp` and `under` (bd-under); no tunnel.
-type Lab = common::NetnsLab;
+type Lab = common::NetnsLab<Bounded>;
+/// This module's marker (see [`common::NetnsLab`]).
+struct Bounded;
 
 impl Lab {
     fn new() -> Option<Lab> {
@@ -113,7 +115,12 @@ impl Lab {
     /// The agent's metrics text (`AgentCollector`, which exports the map entries, capacities
     /// and update errors), rendered as a scrape would.
     fn agent_metrics(self) -> (Lab, String) {
-        let Lab { dp, tun, under } = self;
+        let Lab {
+            dp,
+            tun,
+            under,
+            tests,
+        } = self;
         let dp = Arc::new(Mutex::new(dp));
         let text = {
             let mut registry = prometheus_client::registry::Registry::default();
@@ -128,7 +135,15 @@ impl Lab {
             .expect("the registry is gone")
             .into_inner()
             .expect("not poisoned");
-        (Lab { dp, tun, under }, text)
+        (
+            Lab {
+                dp,
+                tun,
+                under,
+                tests,
+            },
+            text,
+        )
     }
 }
 

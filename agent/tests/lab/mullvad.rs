@@ -8,9 +8,9 @@
 //!
 //! Needs root and the lab tools (`cargo xtask setup`); without them the tests print why and
 //! pass, except with CI=true, where they fail. Lab prefix `wsm`; run with
-//! `cargo test -p wirescope --test mullvad -- --test-threads=1`.
+//! `cargo test -p wirescope --test lab -- --test-threads=1 mullvad::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

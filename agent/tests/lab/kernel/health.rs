@@ -5,9 +5,11 @@
 //!
 //! Needs root, wireguard-go and the lab tools (`cargo xtask setup`); with CI=true a missing
 //! prerequisite fails the test. The tests share one lab prefix: run them with
-//! `--test-threads=1`.
+//! `--test-threads=1` (`cargo test -p wirescope --test lab -- --test-threads=1
+//! kernel::health::`). The same state on fixtures, through `BPF_PROG_TEST_RUN`, is the
+//! datapath tier's `health`.
 
-mod common;
+use crate::common;
 
 use std::{
     process::{Child, Stdio},

@@ -7,9 +7,9 @@
 //!
 //! Needs root, wireguard-go and the lab tools (`cargo xtask setup`), and tmux for the
 //! `--watch` part (skipped with a notice without it). Run:
-//! `cargo test -p wirescope --test status -- --test-threads=1`.
+//! `cargo test -p wirescope --test lab -- --test-threads=1 status::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeSet,

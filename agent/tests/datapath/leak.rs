@@ -1,24 +1,19 @@
 //! Leak detection, exact: `BPF_PROG_TEST_RUN` of the compiled TC programs on byte fixtures
-//! (as in `test_run.rs`, whose header explains what test_run does with the input), and the
-//! agent in the lab, where a DNS query and a UDP datagram sent out the client's veth around
-//! the tunnel each count once with their kind and L3 bytes, and WireGuard never does.
+//! (`main.rs` explains what test_run does with the input): what leaves an underlay outside
+//! the tunnel while it is up counts once with its kind and L3 bytes, and what is no leak
+//! (WireGuard, the tunnel's own traffic, a tunnel that is down) never does. The agent in
+//! the lab is the lab tier's `kernel::leak`.
 //!
-//! The test_run tests each enter a fresh network namespace on their own thread: `lo`
-//! (ifindex 1) plays the WireGuard interface (TUNNEL | L3), one end of a veth pair the
-//! underlay (UNDERLAY, Ethernet); the interfaces are down, so only the test runs reach the
-//! programs. The lab test uses the lab prefix `lkt`.
+//! Each test enters a fresh network namespace on its own thread: `lo` (ifindex 1) plays the
+//! WireGuard interface (TUNNEL | L3), one end of a veth pair the underlay (UNDERLAY,
+//! Ethernet); the interfaces are down, so only the test runs reach the programs.
 //!
-//! Needs root and BPF (and the lab tools for the lab test); without them the tests print
-//! why and pass, except with CI=true, where they fail.
-//! Run: `cargo test -p wirescope --test leak -- --test-threads=1`.
+//! Needs root and BPF; without them the tests print why and pass, except with CI=true,
+//! where they fail. Run: `cargo test -p wirescope --test datapath -- --test-threads=1 leak::`.
 
-mod common;
+use crate::common;
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::collections::HashMap;
 
 use agent_common::{
     fixtures::{ETH_P_ARP, Framing, Ipv4, Ipv6, arp_request, tcp, udp, wg, wg_ipv4},
@@ -28,17 +23,8 @@ use agent_common::{
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
-use common::{
-    Dir, LISTEN_PORT, LOCAL_V4, Names, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, lab_up, relay_v6, stop,
-    v6,
-};
+use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
 use wirescope::health::monotonic_ns;
-use xtask::{
-    agent::Agent,
-    lab::{LabConfig, Topology},
-    scrape::Metrics,
-    udp::send_udp,
-};
 
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
 const RESOLVER_V4: [u8; 4] = [9, 9, 9, 9];
@@ -49,14 +35,16 @@ const EPHEMERAL: u16 = 40000;
 type Leaks = HashMap<(u32, u8), (u64, u64)>;
 
 /// `dp`, `tun` (lo) and `under` (lk-under).
-type Lab0 = common::NetnsLab;
+type Lab = common::NetnsLab<Leak>;
+/// This module's marker (see [`common::NetnsLab`]).
+struct Leak;
 
-impl Lab0 {
+impl Lab {
     /// A fresh network namespace for this thread, the programs attached to `lo` (tunnel)
     /// and `lk-under` (underlay), one peer with endpoint RELAY:51820 and the local listen
     /// port 51821, the tunnel up. `None` when not root and not in CI.
-    fn new() -> Option<Lab0> {
-        let mut lab = Lab0::enter(
+    fn new() -> Option<Lab> {
+        let mut lab = Lab::enter(
             "the leak tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
             ("lk-under", "lk-other"),
             true,
@@ -137,7 +125,7 @@ fn icmp6(dst: &str, icmp_type: u8) -> Vec<u8> {
 /// same packets count nothing while it is down.
 #[test]
 fn leaks_by_kind_while_the_tunnel_is_up() {
-    let Some(mut lab) = Lab0::new() else { return };
+    let Some(mut lab) = Lab::new() else { return };
     let dns = udp4(LOCAL_V4, EPHEMERAL, RESOLVER_V4, 53, 30);
     lab.expect_tx("UDP to port 53", &dns, Some((kind::DNS, 20 + 8 + 30)));
     lab.expect_tx("again", &dns, Some((kind::DNS, 58)));
@@ -212,7 +200,7 @@ fn leaks_by_kind_while_the_tunnel_is_up() {
 /// never count.
 #[test]
 fn what_is_not_a_leak() {
-    let Some(mut lab) = Lab0::new() else { return };
+    let Some(mut lab) = Lab::new() else { return };
     for (what, msg) in [
         ("initiation", wg::initiation(1)),
         ("response", wg::response(2, 1)),
@@ -337,148 +325,4 @@ fn what_is_not_a_leak() {
     );
     // The same packet on the real underlay still does (the setup was right).
     lab.expect_tx("control", &dns, Some((kind::DNS, 58)));
-}
-
-// ---------------------------------------------------------------------------------------
-// The lab
-// ---------------------------------------------------------------------------------------
-
-const PREFIX: &str = "lkt";
-
-fn leaked(m: &Metrics, iface: &str, kind: &str) -> (u64, u64) {
-    let l = [("interface", iface), ("kind", kind)];
-    (
-        m.get("wirescope_leaked_packets_total", &l)
-            .expect("one series") as u64,
-        m.get("wirescope_leaked_bytes_total", &l)
-            .expect("one series") as u64,
-    )
-}
-
-/// (packets, bytes) per kind between two scrapes.
-fn leak_delta(b: &Metrics, a: &Metrics, iface: &str) -> [(u64, u64); 3] {
-    ["dns", "ipv4", "ipv6"].map(|k| {
-        let (bp, bb) = leaked(b, iface, k);
-        let (ap, ab) = leaked(a, iface, k);
-        (ap - bp, ab - bb)
-    })
-}
-
-/// Waits (up to 5 s) until the agent's sync has read the handshake: the same tick writes
-/// the "tunnel up" time into the programs' map, before the peer state the scrape shows.
-fn wait_tunnel_up(agent: &Agent) {
-    for _ in 0..50 {
-        let m = agent.scrape().unwrap();
-        if m.sum("wireguard_latest_handshake_seconds", &[]) > 0.0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("the agent saw no handshake within 5 s");
-}
-
-/// With the tunnel up, a DNS query and a plain UDP datagram sent around it out of the
-/// client's veth (its default route) each count once, with their kind and L3 bytes;
-/// WireGuard traffic counts nothing; an agent started with `--leak-allow` for the relay's
-/// subnet counts neither. (IPv6 is off on the lab's veths and ARP is not IP, so nothing
-/// else leaves the veth but WireGuard to the relay's endpoint.)
-#[test]
-fn lab_dns_and_udp_around_the_tunnel_count_once() {
-    let Some(lab) = lab_up(
-        "lab_dns_and_udp_around_the_tunnel_count_once",
-        LabConfig::new(Topology::Single, PREFIX),
-    ) else {
-        return;
-    };
-    let Names { cns, veth, .. } = Names::of(&lab);
-    let relay_ip = IpAddr::from(lab.exit().address());
-    assert!(
-        lab.exit().address().octets()[..3] == [198, 51, 100],
-        "the relay's veth is in 198.51.100.0/24: {}",
-        lab.exit().address()
-    );
-    let agent = common::start(&lab, "leak-lab");
-    lab.handshake(Duration::from_secs(20)).expect("handshake");
-    wait_tunnel_up(&agent);
-
-    // WireGuard only: pings through the tunnel.
-    let b = agent.scrape().unwrap();
-    common::ping(&lab, 10, &[], false);
-    let a = agent.scrape().unwrap();
-    assert_eq!(
-        leak_delta(&b, &a, &veth),
-        [(0, 0); 3],
-        "WireGuard is no leak"
-    );
-    let w = [
-        ("interface", veth.as_str()),
-        ("direction", "tx"),
-        ("message", "data"),
-    ];
-    assert!(
-        a.sum("wirescope_wire_packets_total", &w) - b.sum("wirescope_wire_packets_total", &w)
-            >= 10.0,
-        "the pings went through the tunnel on {veth}"
-    );
-    // Every series is there from the start.
-    for k in ["dns", "ipv4", "ipv6"] {
-        let l = [("interface", veth.as_str()), ("kind", k)];
-        assert_eq!(
-            a.select("wirescope_leaked_packets_total", &l).count(),
-            1,
-            "{k}"
-        );
-    }
-
-    // A DNS query to the relay's veth address (not its WireGuard port), a plain datagram,
-    // and a destination outside 198.51.100.0/24 by the default route. One agent per network
-    // namespace (a second one refuses to start): the agent with --leak-allow runs after the
-    // first has stopped, and gets the same traffic.
-    let elsewhere: SocketAddr = "192.0.2.77:9".parse().unwrap();
-    let around = |agent: &Agent| {
-        let b = agent.scrape().unwrap();
-        send_udp(&cns, None, SocketAddr::new(relay_ip, 53), &[40]).expect("DNS query");
-        send_udp(&cns, None, SocketAddr::new(relay_ip, 9999), &[100]).expect("UDP datagram");
-        std::thread::sleep(Duration::from_millis(200));
-        let a = agent.scrape().unwrap();
-        send_udp(&cns, None, elsewhere, &[10]).expect("UDP datagram elsewhere");
-        std::thread::sleep(Duration::from_millis(200));
-        let e = agent.scrape().unwrap();
-        (leak_delta(&b, &a, &veth), leak_delta(&a, &e, &veth))
-    };
-    let (to_relay, to_elsewhere) = around(&agent);
-    assert_eq!(
-        to_relay,
-        [(1, 20 + 8 + 40), (1, 20 + 8 + 100), (0, 0)],
-        "(packets, bytes) of dns, ipv4, ipv6"
-    );
-    assert_eq!(
-        to_elsewhere,
-        [(0, 0), (1, 20 + 8 + 10), (0, 0)],
-        "first agent: (packets, bytes) of dns, ipv4, ipv6"
-    );
-    stop(agent);
-
-    let allowing = Agent::start_on(
-        common::bin(),
-        &cns,
-        "127.0.0.1:9587",
-        &["--leak-allow", "198.51.100.0/24"],
-        &common::log_path("leak-allow"),
-    )
-    .expect("agent with --leak-allow");
-    wait_tunnel_up(&allowing);
-    let (to_relay, to_elsewhere) = around(&allowing);
-    assert_eq!(
-        to_relay,
-        [(0, 0); 3],
-        "--leak-allow 198.51.100.0/24: nothing"
-    );
-    assert_eq!(
-        to_elsewhere,
-        [(0, 0), (1, 20 + 8 + 10), (0, 0)],
-        "allowing agent: (packets, bytes) of dns, ipv4, ipv6"
-    );
-    assert!(allowing.stop().expect("stops").success());
-    lab.teardown().unwrap();
 }

@@ -1,8 +1,8 @@
 //! `BPF_PROG_TEST_RUN` tests of the transit-time matching (`wirescope_tunnel_transit_seconds`,
 //! `agent_common::maps::transit`): an inner packet on the tunnel interface is matched with
 //! its WireGuard data message on the underlay, per (peer, direction), in order, by padded
-//! length. Same approach as `test_run.rs` (whose header explains what test_run does with the
-//! input) and `wire_health.rs`: each test enters a fresh network namespace on its own thread,
+//! length. Same approach as the whole tier (`main.rs` explains what test_run does with the
+//! input) and `health.rs`: each test enters a fresh network namespace on its own thread,
 //! where one end of a veth pair is the WireGuard interface (TUNNEL | L3) and one end of
 //! another the underlay (UNDERLAY, Ethernet), attached through `Datapath::attach` (veth,
 //! not dummy: kernels without the dummy driver are common in CI); the interfaces are
@@ -10,9 +10,9 @@
 //! histogram counts (summed per (ifindex, peer, direction)) and the slots left in flight.
 //!
 //! Needs root and BPF; without root the tests print why and pass, except with CI=true.
-//! Run: `cargo test -p wirescope --test transit -- --test-threads=1`.
+//! Run: `cargo test -p wirescope --test datapath -- --test-threads=1 transit::`.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

@@ -17,9 +17,10 @@
 //!   outside it), and no response from the peer without an agent.
 //!
 //! Needs root for all but the first two; with CI=true a missing prerequisite fails. Run with
-//! `--test-threads=1` (the lab tests share their prefix; `cargo xtask test` does).
+//! `--test-threads=1` (the lab tests share their prefix; `cargo xtask test` does): `cargo
+//! test -p wirescope --test lab -- --test-threads=1 doctor::`.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{Read, Write},

@@ -12,9 +12,10 @@
 //! small-MTU router is 1400, the recommended MTU of the client's interface 1400 - 60 = 1340.
 //!
 //! Needs root and the lab tools (`cargo xtask setup`); with CI=true a missing prerequisite
-//! fails the test. Run with `--test-threads=1` (`cargo xtask test` does).
+//! fails the test. Run with `--test-threads=1` (`cargo xtask test` does): `cargo test -p
+//! wirescope --test lab -- --test-threads=1 probe::`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -8,9 +8,9 @@
 //! Needs root, the lab tools (`cargo xtask setup`) and `nft`; with CI=true a missing
 //! prerequisite fails the test. The lab tests share the lab prefix `wsd`: run them with
 //! `--test-threads=1`.
-//! Run: `cargo test -p wirescope --test drops -- --test-threads=1`.
+//! Run: `cargo test -p wirescope --test lab -- --test-threads=1 kernel::drops::`.
 
-mod common;
+use crate::common;
 
 use std::{net::UdpSocket, path::Path, process::Output, time::Duration};
 

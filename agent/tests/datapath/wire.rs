@@ -1,0 +1,310 @@
+//! The wire role: WireGuard messages on the underlay, counted per peer by their remote
+//! endpoint and per kind, with the outer L3 length, over Ethernet, VLAN tags and bare IP;
+//! messages of endpoints nobody knows through a local listen port in UNKNOWN_WIRE; and
+//! nothing for what is not a WireGuard message (sizes, types, reserved bytes, TCP, later
+//! fragments, non-IP frames), while a first fragment counts its whole datagram once.
+
+use std::net::IpAddr;
+
+use agent_common::{
+    fixtures::{self, ETH_P_ARP, Ext, Framing, Ipv4, Ipv6, arp_request, tcp, udp, wg},
+    maps::kind,
+    parse::{IPPROTO_TCP, IPPROTO_UDP},
+};
+
+use crate::client::{
+    Delta, ENTRY, ENTRY_RELAY_V4, Lab, OTHER_PORT, base_hdr, ep, families, ip_header, ip4,
+    messages, udp_flow, underlay_for,
+};
+use crate::common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT};
+
+/// UDP payloads sent to a WireGuard endpoint that are not WireGuard messages.
+fn not_wireguard() -> Vec<(String, Vec<u8>)> {
+    let resized = |mut m: Vec<u8>, len: usize| {
+        m.resize(len, 0x55);
+        m
+    };
+    let with = |mut m: Vec<u8>, at: usize, v: u8| {
+        m[at] = v;
+        m
+    };
+    let mut out: Vec<(String, Vec<u8>)> = [
+        ("empty", vec![]),
+        ("15 bytes", resized(wg::keepalive(1, 0), 15)),
+        ("16-byte data header only", resized(wg::keepalive(1, 0), 16)),
+        ("data of 31", resized(wg::keepalive(1, 0), 31)),
+        ("data plaintext 1", wg::data_with_plaintext(1, 0, 1)),
+        ("data plaintext 8", wg::data_with_plaintext(1, 0, 8)),
+        ("data plaintext 17", wg::data_with_plaintext(1, 0, 17)),
+        ("data plaintext 67", wg::data_with_plaintext(1, 0, 67)),
+        ("initiation of 147", resized(wg::initiation(1), 147)),
+        ("initiation of 149", resized(wg::initiation(1), 149)),
+        ("response of 91", resized(wg::response(1, 2), 91)),
+        ("response of 93", resized(wg::response(1, 2), 93)),
+        ("cookie of 63", resized(wg::cookie_reply(1), 63)),
+        ("cookie of 65", resized(wg::cookie_reply(1), 65)),
+        ("type 0", with(wg::initiation(1), 0, 0)),
+        ("type 5", with(wg::initiation(1), 0, 5)),
+        ("type 255 at data size", with(wg::keepalive(1, 0), 0, 0xff)),
+        ("type 2 at initiation size", with(wg::initiation(1), 0, 2)),
+        ("type 1 at cookie size", with(wg::cookie_reply(1), 0, 1)),
+        ("DNS-looking", fixtures::payload(40)),
+    ]
+    .into_iter()
+    .map(|(n, p)| (n.to_string(), p))
+    .collect();
+    for (name, msg) in [
+        ("initiation", wg::initiation(1)),
+        ("response", wg::response(1, 2)),
+        ("cookie", wg::cookie_reply(1)),
+        ("data", wg::data(1, 2, 100, 1420)),
+        ("keepalive", wg::keepalive(1, 2)),
+    ] {
+        for at in 1..4 {
+            out.push((
+                format!("{name} reserved byte {at}"),
+                with(msg.clone(), at, 1),
+            ));
+        }
+    }
+    out
+}
+
+/// Every message type to and from a known endpoint: that peer, that kind, bytes = the outer
+/// L3 length; over Ethernet, one and two VLAN tags, and bare IP; from the listen port or
+/// any other local port.
+#[test]
+fn messages_of_known_endpoints() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    for framing in Framing::ALL {
+        underlay_for(&mut lab, framing);
+        for (fam, local, known, peer, _) in families() {
+            for lport in [LISTEN_PORT, OTHER_PORT] {
+                for (name, msg, k) in messages() {
+                    let what = format!("{fam} {name} {framing:?} from port {lport}");
+                    for dir in Dir::BOTH {
+                        let l3 = udp_flow(dir, (local, lport), known, &msg);
+                        let l3_len = base_hdr(local) + 8 + msg.len() as u64;
+                        assert_eq!(l3.len() as u64, l3_len);
+                        let frame = framing.frame(&l3);
+                        let want = Delta::none().counter(under, peer, k, dir, 1, l3_len);
+                        lab.expect(&what, dir, under, &frame, want);
+                        lab.expect_truncations_count_nothing(&what, dir, under, &frame);
+                    }
+                }
+            }
+        }
+    }
+    // Ethernet padding after a short packet (a keepalive over IPv4 is 60 bytes, the
+    // minimum frame; a cookie reply plus 30 bytes of padding) does not count.
+    underlay_for(&mut lab, Framing::Ethernet);
+    for dir in Dir::BOTH {
+        let l3 = udp_flow(
+            dir,
+            (ip4(LOCAL_V4), LISTEN_PORT),
+            (ip4(ENTRY_RELAY_V4), RELAY_PORT),
+            &wg::cookie_reply(5),
+        );
+        let mut frame = Framing::Ethernet.frame(&l3);
+        frame.extend_from_slice(&[0u8; 30]);
+        let want = Delta::none().counter(under, ENTRY, kind::COOKIE_REPLY, dir, 1, 20 + 8 + 64);
+        lab.expect("padded frame", dir, under, &frame, want);
+    }
+}
+
+/// Not a known endpoint, but the local side is a listen port: UNKNOWN_WIRE, keyed by the
+/// remote endpoint. Neither: nothing. The direction decides which side is local.
+#[test]
+fn unknown_endpoints_and_listen_ports() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    for framing in [Framing::Ethernet, Framing::Vlan(7), Framing::L3] {
+        underlay_for(&mut lab, framing);
+        for (fam, local, known, _, stranger) in families() {
+            for (name, msg, k) in messages() {
+                let what = format!("{fam} {name} {framing:?}");
+                for dir in Dir::BOTH {
+                    let l3_len = base_hdr(local) + 8 + msg.len() as u64;
+                    // From/to the listen port: counted for the endpoint.
+                    let l3 = udp_flow(dir, (local, LISTEN_PORT), stranger, &msg);
+                    let frame = framing.frame(&l3);
+                    let endpoint = ep(stranger.0, stranger.1);
+                    let want = Delta::none().unknown(under, endpoint, k, dir, 1, l3_len);
+                    lab.expect(&format!("{what} listen port"), dir, under, &frame, want);
+                    lab.expect_truncations_count_nothing(&what, dir, under, &frame);
+                    // Neither side known.
+                    let l3 = udp_flow(dir, (local, OTHER_PORT), stranger, &msg);
+                    lab.expect(
+                        &format!("{what} neither"),
+                        dir,
+                        under,
+                        &framing.frame(&l3),
+                        Delta::none(),
+                    );
+                    // The listen port on the remote side is not ours.
+                    let l3 = udp_flow(dir, (local, OTHER_PORT), (stranger.0, LISTEN_PORT), &msg);
+                    lab.expect(
+                        &format!("{what} remote listen port"),
+                        dir,
+                        under,
+                        &framing.frame(&l3),
+                        Delta::none(),
+                    );
+                    // A known endpoint on the local side is not the remote one.
+                    let l3 = udp_flow(dir, known, (local, OTHER_PORT), &msg);
+                    lab.expect(
+                        &format!("{what} endpoint on the wrong side"),
+                        dir,
+                        under,
+                        &framing.frame(&l3),
+                        Delta::none(),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// UDP to a known endpoint that is not WireGuard (sizes, reserved bytes, types), TCP, later
+/// fragments, ARP and other non-IP frames: nothing.
+#[test]
+fn rejects_what_is_not_wireguard() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    underlay_for(&mut lab, Framing::Ethernet);
+    for (fam, local, known, _, _) in families() {
+        for (name, payload) in not_wireguard() {
+            for dir in Dir::BOTH {
+                for framing in [Framing::Ethernet, Framing::QinQ(1, 2)] {
+                    let what = format!("{fam} {name} {framing:?}");
+                    let frame =
+                        framing.frame(&udp_flow(dir, (local, LISTEN_PORT), known, &payload));
+                    lab.expect(&what, dir, under, &frame, Delta::none());
+                }
+            }
+        }
+        for (name, msg, _) in messages() {
+            for dir in Dir::BOTH {
+                let ((src, sport), (dst, dport)) = dir.flow((local, LISTEN_PORT), known);
+                // The same bytes over TCP.
+                let hdr = ip_header(src, dst);
+                let seg = hdr.build(IPPROTO_TCP, &tcp(sport, dport, 0, &msg));
+                let what = format!("{fam} {name} over tcp");
+                lab.expect(
+                    &what,
+                    dir,
+                    under,
+                    &Framing::Ethernet.frame(&seg),
+                    Delta::none(),
+                );
+                // A later fragment whose payload starts like a UDP datagram with a valid
+                // message: its bytes are the middle of some other datagram.
+                let dgram = udp(sport, dport, &msg);
+                let later: Vec<Vec<u8>> = match (src, dst) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => vec![
+                        Ipv4::new(s.octets(), d.octets())
+                            .frag_offset(185)
+                            .build(IPPROTO_UDP, &dgram),
+                        Ipv4::new(s.octets(), d.octets())
+                            .mf(true)
+                            .frag_offset(1)
+                            .build(IPPROTO_UDP, &dgram),
+                    ],
+                    (IpAddr::V6(s), IpAddr::V6(d)) => vec![
+                        Ipv6::new(s.octets(), d.octets())
+                            .ext(Ext::Fragment {
+                                offset: 185,
+                                more: false,
+                                id: 3,
+                            })
+                            .build(IPPROTO_UDP, &dgram),
+                        Ipv6::new(s.octets(), d.octets())
+                            .ext(Ext::Fragment {
+                                offset: 1,
+                                more: true,
+                                id: 3,
+                            })
+                            .build(IPPROTO_UDP, &dgram),
+                    ],
+                    _ => unreachable!(),
+                };
+                for (i, l3) in later.iter().enumerate() {
+                    let what = format!("{fam} {name} as later fragment {i}");
+                    lab.expect(
+                        &what,
+                        dir,
+                        under,
+                        &Framing::Ethernet.frame(l3),
+                        Delta::none(),
+                    );
+                }
+            }
+        }
+    }
+    // Not IP at all.
+    let arp = Framing::Ethernet.frame_ethertype(ETH_P_ARP, &arp_request(LOCAL_V4, ENTRY_RELAY_V4));
+    let arp_vlan =
+        Framing::Vlan(5).frame_ethertype(ETH_P_ARP, &arp_request(LOCAL_V4, ENTRY_RELAY_V4));
+    // A valid WireGuard packet behind LLDP's ethertype, and behind three VLAN tags.
+    let wg_l3 = udp_flow(
+        Dir::Tx,
+        (ip4(LOCAL_V4), LISTEN_PORT),
+        (ip4(ENTRY_RELAY_V4), RELAY_PORT),
+        &wg::initiation(1),
+    );
+    let lldp = Framing::Ethernet.frame_ethertype(0x88cc, &wg_l3);
+    let mut three_tags = Framing::QinQ(1, 2).frame(&wg_l3);
+    three_tags.splice(20..20, [0x81, 0x00, 0x00, 0x03]);
+    for (what, frame) in [
+        ("arp", arp),
+        ("arp vlan", arp_vlan),
+        ("lldp", lldp),
+        ("three vlan tags", three_tags),
+    ] {
+        for dir in Dir::BOTH {
+            lab.expect(what, dir, under, &frame, Delta::none());
+        }
+    }
+    // The same on the tunnel interface (bare IP): ARP bytes are no IP packet.
+    let arp = arp_request(LOCAL_V4, ENTRY_RELAY_V4);
+    let tun = lab.tun;
+    for dir in Dir::BOTH {
+        lab.expect("arp bytes on the tunnel", dir, tun, &arp, Delta::none());
+    }
+}
+
+/// A first fragment of a WireGuard datagram carries the message's type, reserved bytes and
+/// the UDP length of the whole datagram: it counts as that message, once, with the size of the
+/// whole datagram (the later fragments carry no ports and are not attributed).
+#[test]
+fn first_fragment_counts_the_message_once() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    for dir in Dir::BOTH {
+        let msg = wg::data(0x1122_3344, 1, 1400, 1420);
+        let ((s, sp), (d, dp)) = dir.flow((LOCAL_V4, LISTEN_PORT), (ENTRY_RELAY_V4, RELAY_PORT));
+        let dgram = udp(sp, dp, &msg);
+        let first = Ipv4::new(s, d).mf(true).build(IPPROTO_UDP, &dgram[..1000]);
+        let rest = Ipv4::new(s, d)
+            .frag_offset(125)
+            .build(IPPROTO_UDP, &dgram[1000..]);
+        // The whole datagram once: one outer IP header + UDP header + message.
+        let whole = (20 + dgram.len()) as u64;
+        let want = Delta::none().counter(under, ENTRY, kind::DATA, dir, 1, whole);
+        lab.expect(
+            "first fragment",
+            dir,
+            under,
+            &Framing::Ethernet.frame(&first),
+            want,
+        );
+        lab.expect(
+            "last fragment",
+            dir,
+            under,
+            &Framing::Ethernet.frame(&rest),
+            Delta::none(),
+        );
+    }
+}

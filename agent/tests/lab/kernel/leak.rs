@@ -1,0 +1,163 @@
+//! Leak detection in the lab: the agent in the client namespace, where a DNS query and a
+//! UDP datagram sent out the client's veth around the tunnel each count once with their
+//! kind and L3 bytes, and WireGuard never does. Lab prefix `lkt`. (The `BPF_PROG_TEST_RUN`
+//! tests of leak detection are the datapath tier's `leak`.)
+//!
+//! Needs root and the lab tools; without them the test prints why and passes, except with
+//! CI=true, where it fails. Run: `cargo test -p wirescope --test lab -- --test-threads=1
+//! kernel::leak::`.
+
+use crate::common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use common::{Names, lab_up, stop};
+use xtask::{
+    agent::Agent,
+    lab::{LabConfig, Topology},
+    scrape::Metrics,
+    udp::send_udp,
+};
+
+const PREFIX: &str = "lkt";
+
+fn leaked(m: &Metrics, iface: &str, kind: &str) -> (u64, u64) {
+    let l = [("interface", iface), ("kind", kind)];
+    (
+        m.get("wirescope_leaked_packets_total", &l)
+            .expect("one series") as u64,
+        m.get("wirescope_leaked_bytes_total", &l)
+            .expect("one series") as u64,
+    )
+}
+
+/// (packets, bytes) per kind between two scrapes.
+fn leak_delta(b: &Metrics, a: &Metrics, iface: &str) -> [(u64, u64); 3] {
+    ["dns", "ipv4", "ipv6"].map(|k| {
+        let (bp, bb) = leaked(b, iface, k);
+        let (ap, ab) = leaked(a, iface, k);
+        (ap - bp, ab - bb)
+    })
+}
+
+/// Waits (up to 5 s) until the agent's sync has read the handshake: the same tick writes
+/// the "tunnel up" time into the programs' map, before the peer state the scrape shows.
+fn wait_tunnel_up(agent: &Agent) {
+    for _ in 0..50 {
+        let m = agent.scrape().unwrap();
+        if m.sum("wireguard_latest_handshake_seconds", &[]) > 0.0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the agent saw no handshake within 5 s");
+}
+
+/// With the tunnel up, a DNS query and a plain UDP datagram sent around it out of the
+/// client's veth (its default route) each count once, with their kind and L3 bytes;
+/// WireGuard traffic counts nothing; an agent started with `--leak-allow` for the relay's
+/// subnet counts neither. (IPv6 is off on the lab's veths and ARP is not IP, so nothing
+/// else leaves the veth but WireGuard to the relay's endpoint.)
+#[test]
+fn lab_dns_and_udp_around_the_tunnel_count_once() {
+    let Some(lab) = lab_up(
+        "lab_dns_and_udp_around_the_tunnel_count_once",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
+        return;
+    };
+    let Names { cns, veth, .. } = Names::of(&lab);
+    let relay_ip = IpAddr::from(lab.exit().address());
+    assert!(
+        lab.exit().address().octets()[..3] == [198, 51, 100],
+        "the relay's veth is in 198.51.100.0/24: {}",
+        lab.exit().address()
+    );
+    let agent = common::start(&lab, "leak-lab");
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    wait_tunnel_up(&agent);
+
+    // WireGuard only: pings through the tunnel.
+    let b = agent.scrape().unwrap();
+    common::ping(&lab, 10, &[], false);
+    let a = agent.scrape().unwrap();
+    assert_eq!(
+        leak_delta(&b, &a, &veth),
+        [(0, 0); 3],
+        "WireGuard is no leak"
+    );
+    let w = [
+        ("interface", veth.as_str()),
+        ("direction", "tx"),
+        ("message", "data"),
+    ];
+    assert!(
+        a.sum("wirescope_wire_packets_total", &w) - b.sum("wirescope_wire_packets_total", &w)
+            >= 10.0,
+        "the pings went through the tunnel on {veth}"
+    );
+    // Every series is there from the start.
+    for k in ["dns", "ipv4", "ipv6"] {
+        let l = [("interface", veth.as_str()), ("kind", k)];
+        assert_eq!(
+            a.select("wirescope_leaked_packets_total", &l).count(),
+            1,
+            "{k}"
+        );
+    }
+
+    // A DNS query to the relay's veth address (not its WireGuard port), a plain datagram,
+    // and a destination outside 198.51.100.0/24 by the default route. One agent per network
+    // namespace (a second one refuses to start): the agent with --leak-allow runs after the
+    // first has stopped, and gets the same traffic.
+    let elsewhere: SocketAddr = "192.0.2.77:9".parse().unwrap();
+    let around = |agent: &Agent| {
+        let b = agent.scrape().unwrap();
+        send_udp(&cns, None, SocketAddr::new(relay_ip, 53), &[40]).expect("DNS query");
+        send_udp(&cns, None, SocketAddr::new(relay_ip, 9999), &[100]).expect("UDP datagram");
+        std::thread::sleep(Duration::from_millis(200));
+        let a = agent.scrape().unwrap();
+        send_udp(&cns, None, elsewhere, &[10]).expect("UDP datagram elsewhere");
+        std::thread::sleep(Duration::from_millis(200));
+        let e = agent.scrape().unwrap();
+        (leak_delta(&b, &a, &veth), leak_delta(&a, &e, &veth))
+    };
+    let (to_relay, to_elsewhere) = around(&agent);
+    assert_eq!(
+        to_relay,
+        [(1, 20 + 8 + 40), (1, 20 + 8 + 100), (0, 0)],
+        "(packets, bytes) of dns, ipv4, ipv6"
+    );
+    assert_eq!(
+        to_elsewhere,
+        [(0, 0), (1, 20 + 8 + 10), (0, 0)],
+        "first agent: (packets, bytes) of dns, ipv4, ipv6"
+    );
+    stop(agent);
+
+    let allowing = Agent::start_on(
+        common::bin(),
+        &cns,
+        "127.0.0.1:9587",
+        &["--leak-allow", "198.51.100.0/24"],
+        &common::log_path("leak-allow"),
+    )
+    .expect("agent with --leak-allow");
+    wait_tunnel_up(&allowing);
+    let (to_relay, to_elsewhere) = around(&allowing);
+    assert_eq!(
+        to_relay,
+        [(0, 0); 3],
+        "--leak-allow 198.51.100.0/24: nothing"
+    );
+    assert_eq!(
+        to_elsewhere,
+        [(0, 0), (1, 20 + 8 + 10), (0, 0)],
+        "allowing agent: (packets, bytes) of dns, ipv4, ipv6"
+    );
+    assert!(allowing.stop().expect("stops").success());
+    lab.teardown().unwrap();
+}

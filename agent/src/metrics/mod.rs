@@ -133,6 +133,15 @@ pub fn encode_gauges<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGa
 /// A label set built at scrape time: (name, value) pairs in exposition order.
 pub type Labels = Vec<(&'static str, String)>;
 
+/// The `direction` label of a `DIR_RX`/`DIR_TX`.
+pub fn direction(dir: u8) -> &'static str {
+    if dir == agent_common::maps::DIR_TX {
+        "tx"
+    } else {
+        "rx"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,14 +256,5 @@ mod tests {
              # HELP demo_empty Nothing.\n\
              # TYPE demo_empty gauge\n"
         );
-    }
-}
-
-/// The `direction` label of a `DIR_RX`/`DIR_TX`.
-pub fn direction(dir: u8) -> &'static str {
-    if dir == agent_common::maps::DIR_TX {
-        "tx"
-    } else {
-        "rx"
     }
 }

@@ -27,15 +27,16 @@ use std::{
 use agent_common::{
     fixtures::wg,
     maps::{
-        HANDSHAKE_TIMEOUT_NS, MAX_HANDSHAKE_PENDING, MAX_RX_SESSIONS, RX_SESSION_IDLE_NS, names,
+        health::HANDSHAKE_TIMEOUT_NS, health::MAX_HANDSHAKE_PENDING, health::MAX_RX_SESSIONS,
+        health::RX_SESSION_IDLE_NS, names,
     },
 };
 use common::{Dir, RELAY};
 use wirescope::{
-    features::Features,
-    health::monotonic_ns,
-    inventory::Inventory,
+    datapath::features::Features,
+    datapath::monotonic_ns,
     metrics::{self, agent::AgentCollector},
+    sync::inventory::Inventory,
 };
 
 /// Initiations and sessions per round of the compressed long run, and its rounds: over the
@@ -109,7 +110,7 @@ impl Lab {
     }
 
     fn timeouts(&self) -> u64 {
-        self.dp.handshake_timeouts().values().sum()
+        self.dp.health.handshake_timeouts().values().sum()
     }
 
     /// The agent's metrics text (`AgentCollector`, which exports the map entries, capacities
@@ -184,7 +185,7 @@ fn expired_state_is_dropped() {
         // Exactly one entry per initiation and per session, each of this interface and peer.
         assert_eq!(lab.usage(names::HANDSHAKE_PENDING), K as u64);
         assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
-        let pending = lab.dp.pending_handshakes();
+        let pending = lab.dp.health.pending_handshakes();
         let idx: HashSet<u32> = pending.iter().map(|(k, _)| k.index).collect();
         assert_eq!(idx, (tx_first..tx_first + K).collect());
         assert!(
@@ -193,7 +194,7 @@ fn expired_state_is_dropped() {
                 .all(|(k, p)| (k.ifindex, p.peer) == (under, RELAY) && p.start_ns >= t0),
             "every initiation of the relay on the underlay, started during this round"
         );
-        let sessions = lab.dp.rx_sessions();
+        let sessions = lab.dp.health.rx_sessions();
         let idx: HashSet<u32> = sessions.iter().map(|(k, _)| k.index).collect();
         assert_eq!(idx, (rx_first..rx_first + M).collect());
         assert!(
@@ -205,10 +206,10 @@ fn expired_state_is_dropped() {
         // Nothing started before t0, so at t0 + 5 s no initiation is over the limit yet
         // (the limit is strict: a timeout is older than 5 s).
         let timeouts = lab.timeouts();
-        assert_eq!(lab.dp.expire_wire_state(t0 + HANDSHAKE_TIMEOUT_NS), (0, 0));
+        assert_eq!(lab.dp.health.expire(t0 + HANDSHAKE_TIMEOUT_NS), (0, 0));
         assert_eq!(lab.usage(names::HANDSHAKE_PENDING), K as u64);
         assert_eq!(
-            lab.dp.handshake_timeouts(),
+            lab.dp.health.handshake_timeouts(),
             HashMap::from([((under, RELAY), timeouts)]),
             "one series, for the relay on the underlay"
         );
@@ -217,25 +218,25 @@ fn expired_state_is_dropped() {
         // gone; the sessions are not idle long enough.
         let now = monotonic_ns();
         assert_eq!(
-            lab.dp.expire_wire_state(now + HANDSHAKE_TIMEOUT_NS + 1),
+            lab.dp.health.expire(now + HANDSHAKE_TIMEOUT_NS + 1),
             (K as u64, 0)
         );
         assert_eq!(lab.usage(names::HANDSHAKE_PENDING), 0);
-        assert!(lab.dp.pending_handshakes().is_empty());
+        assert!(lab.dp.health.pending_handshakes().is_empty());
         assert_eq!(lab.timeouts(), timeouts + K as u64);
         assert_eq!(lab.timeouts(), (round + 1) as u64 * K as u64);
         assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
 
         // Sessions: not at t0 + 180 s (idle for more than 180 s is the limit), but at
         // now + 180 s + 1 ns every one; no timeout is counted twice.
-        assert_eq!(lab.dp.expire_wire_state(t0 + RX_SESSION_IDLE_NS), (0, 0));
+        assert_eq!(lab.dp.health.expire(t0 + RX_SESSION_IDLE_NS), (0, 0));
         assert_eq!(lab.usage(names::RX_SESSIONS), M as u64);
         assert_eq!(
-            lab.dp.expire_wire_state(now + RX_SESSION_IDLE_NS + 1),
+            lab.dp.health.expire(now + RX_SESSION_IDLE_NS + 1),
             (0, M as u64)
         );
         assert_eq!(lab.usage(names::RX_SESSIONS), 0);
-        assert!(lab.dp.rx_sessions().is_empty());
+        assert!(lab.dp.health.rx_sessions().is_empty());
         assert_eq!(lab.timeouts(), (round + 1) as u64 * K as u64);
         assert_eq!(lab.update_errors(), HashMap::new());
 
@@ -299,6 +300,7 @@ fn a_full_map_is_reported() {
     );
     let idx: HashSet<u32> = lab
         .dp
+        .health
         .pending_handshakes()
         .iter()
         .map(|(k, _)| k.index)
@@ -321,7 +323,7 @@ fn a_full_map_is_reported() {
     let now = monotonic_ns();
     let t = Instant::now();
     assert_eq!(
-        lab.dp.expire_wire_state(now + HANDSHAKE_TIMEOUT_NS + 1),
+        lab.dp.health.expire(now + HANDSHAKE_TIMEOUT_NS + 1),
         (cap as u64, 0)
     );
     eprintln!("expiring {cap} initiations took {:?}", t.elapsed());
@@ -362,7 +364,7 @@ fn a_full_rx_sessions_map_is_reported() {
     let now = monotonic_ns();
     let t = Instant::now();
     assert_eq!(
-        lab.dp.expire_wire_state(now + RX_SESSION_IDLE_NS + 1),
+        lab.dp.health.expire(now + RX_SESSION_IDLE_NS + 1),
         (0, cap as u64)
     );
     eprintln!("expiring {cap} sessions took {:?}", t.elapsed());

@@ -17,7 +17,9 @@ use std::{
 
 use agent_common::{
     fixtures::{self, Framing, IpHeader, Ipv4, Ipv6, udp, wg},
-    maps::{Counter, CounterKey, Endpoint, IfaceConfig, PEER_UNKNOWN, UnknownWireKey, kind},
+    maps::{
+        Counter, CounterKey, IfaceConfig, PEER_UNKNOWN, kind, wire::Endpoint, wire::UnknownWireKey,
+    },
     parse::{IPPROTO_UDP, parse_ip, parse_l4, segmented},
     wireguard::classify,
 };
@@ -363,8 +365,8 @@ impl Lab {
         HashMap<CounterKey, Counter>,
         HashMap<UnknownWireKey, Counter>,
     ) {
-        let c = self.dp.counters().expect("reading COUNTERS");
-        let u = self.dp.unknown_wire().expect("reading UNKNOWN_WIRE");
+        let c = self.dp.tunnel.counters().expect("reading COUNTERS");
+        let u = self.dp.wire.unknown_wire().expect("reading UNKNOWN_WIRE");
         (c.into_iter().collect(), u.into_iter().collect())
     }
 

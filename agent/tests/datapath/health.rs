@@ -17,14 +17,14 @@ use std::{
 
 use agent_common::{
     fixtures::wg,
-    maps::{HANDSHAKE_TIMEOUT_NS, PeerHistKey, log2_bucket, seq},
+    maps::{health::HANDSHAKE_TIMEOUT_NS, health::PeerHistKey, health::seq, log2_bucket},
     wireguard::MSG_INITIATION,
 };
 use common::{Dir, RELAY};
 use wirescope::{
-    health::monotonic_ns,
-    inventory::Inventory,
-    metrics::{self, wire_health::WireHealthCollector},
+    datapath::monotonic_ns,
+    metrics::{self, health::HealthCollector},
+    sync::inventory::Inventory,
 };
 
 const RELAY_KEY: &str = "FXUjJ9fcAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -57,6 +57,7 @@ impl Lab {
     fn rtt(&self) -> Vec<(PeerHistKey, u64, u64)> {
         let mut v: Vec<_> = self
             .dp
+            .health
             .handshake_rtt()
             .expect("HANDSHAKE_RTT")
             .into_iter()
@@ -70,7 +71,7 @@ impl Lab {
     fn seq(&self) -> (u64, u64) {
         let mut gaps = 0;
         let mut late = 0;
-        for (k, c) in self.dp.rx_seq().expect("RX_SEQ") {
+        for (k, c) in self.dp.health.rx_seq().expect("RX_SEQ") {
             assert_eq!((k.ifindex, k.peer), (self.under, RELAY), "{k:?}");
             match k.kind {
                 seq::GAPS => gaps += c.packets,
@@ -87,11 +88,15 @@ fn handshake_round_trip_is_matched_by_index() {
     let Some(mut lab) = Lab::new() else { return };
     assert_eq!(wg::initiation(1)[0], MSG_INITIATION);
     lab.run(Dir::Tx, &wg::initiation(0xA1A1));
-    assert_eq!(lab.dp.pending_handshakes().len(), 1, "the initiation waits");
+    assert_eq!(
+        lab.dp.health.pending_handshakes().len(),
+        1,
+        "the initiation waits"
+    );
     // A response to some other initiation: nothing.
     lab.run(Dir::Rx, &wg::response(0xB2B2, 0xDEAD));
     assert!(lab.rtt().is_empty());
-    assert_eq!(lab.dp.pending_handshakes().len(), 1);
+    assert_eq!(lab.dp.health.pending_handshakes().len(), 1);
     // The response to ours: one round trip, in a plausible bucket, and nothing pending.
     lab.run(Dir::Rx, &wg::response(0xB2B2, 0xA1A1));
     let rtt = lab.rtt();
@@ -104,7 +109,7 @@ fn handshake_round_trip_is_matched_by_index() {
         log2_bucket(sum_ns),
         "bucket of the one observation"
     );
-    assert!(lab.dp.pending_handshakes().is_empty());
+    assert!(lab.dp.health.pending_handshakes().is_empty());
     // The same response again (a duplicate): already matched, nothing more.
     lab.run(Dir::Rx, &wg::response(0xB2B2, 0xA1A1));
     assert_eq!(lab.rtt().iter().map(|r| r.1).sum::<u64>(), 1);
@@ -113,7 +118,7 @@ fn handshake_round_trip_is_matched_by_index() {
     lab.run(Dir::Tx, &wg::response(0xD4D4, 0xC3C3));
     lab.run(Dir::Rx, &wg::response(0xE5E5, 0xC3C3));
     assert_eq!(lab.rtt().iter().map(|r| r.1).sum::<u64>(), 1);
-    assert!(lab.dp.pending_handshakes().is_empty());
+    assert!(lab.dp.health.pending_handshakes().is_empty());
 }
 
 #[test]
@@ -121,31 +126,31 @@ fn unanswered_initiation_times_out_after_5_s() {
     let Some(mut lab) = Lab::new() else { return };
     lab.run(Dir::Tx, &wg::initiation(0x0F0F));
     let now = monotonic_ns();
-    assert_eq!(lab.dp.expire_wire_state(now).0, 0, "not yet 5 s old");
-    assert_eq!(lab.dp.pending_handshakes().len(), 1);
+    assert_eq!(lab.dp.health.expire(now).0, 0, "not yet 5 s old");
+    assert_eq!(lab.dp.health.pending_handshakes().len(), 1);
     assert_eq!(
-        lab.dp.handshake_timeouts(),
+        lab.dp.health.handshake_timeouts(),
         HashMap::from([((lab.under, RELAY), 0)]),
         "a series at 0 from the first initiation on"
     );
-    assert_eq!(lab.dp.expire_wire_state(now + 6_000_000_000).0, 1);
-    assert!(lab.dp.pending_handshakes().is_empty(), "the entry is gone");
+    assert_eq!(lab.dp.health.expire(now + 6_000_000_000).0, 1);
+    assert!(
+        lab.dp.health.pending_handshakes().is_empty(),
+        "the entry is gone"
+    );
     assert_eq!(
-        lab.dp.handshake_timeouts(),
+        lab.dp.health.handshake_timeouts(),
         HashMap::from([((lab.under, RELAY), 1)])
     );
     // Its response after all: no round trip (the initiation already counted as a timeout),
     // and a second expiry counts nothing more.
     lab.run(Dir::Rx, &wg::response(0x1010, 0x0F0F));
     assert!(lab.rtt().is_empty());
-    assert_eq!(lab.dp.expire_wire_state(now + 12_000_000_000).0, 0);
+    assert_eq!(lab.dp.health.expire(now + 12_000_000_000).0, 0);
     // A retried initiation (new sender index) is a timeout of its own.
     lab.run(Dir::Tx, &wg::initiation(0x1111));
-    assert_eq!(
-        lab.dp.expire_wire_state(monotonic_ns() + 6_000_000_000).0,
-        1
-    );
-    assert_eq!(lab.dp.handshake_timeouts()[&(lab.under, RELAY)], 2);
+    assert_eq!(lab.dp.health.expire(monotonic_ns() + 6_000_000_000).0, 1);
+    assert_eq!(lab.dp.health.handshake_timeouts()[&(lab.under, RELAY)], 2);
 }
 
 #[test]
@@ -153,7 +158,7 @@ fn counter_gaps_and_late_messages_per_session() {
     let Some(mut lab) = Lab::new() else { return };
     let data = |index, counter| wg::data(index, counter, 100, 1420);
     lab.run(Dir::Rx, &data(0x5151, 0));
-    let zeros = lab.dp.rx_seq().expect("RX_SEQ");
+    let zeros = lab.dp.health.rx_seq().expect("RX_SEQ");
     assert_eq!(
         zeros.len(),
         2,
@@ -182,7 +187,7 @@ fn counter_gaps_and_late_messages_per_session() {
     lab.run(Dir::Rx, &data(0x5252, 101));
     lab.run(Dir::Rx, &data(0x5151, 10));
     assert_eq!(lab.seq(), (3, 2));
-    assert_eq!(lab.dp.rx_sessions().len(), 2);
+    assert_eq!(lab.dp.health.rx_sessions().len(), 2);
     // A GRO skb of 3 messages from counter 11 carries 11, 12 and 13 (in order, as far as
     // anyone can tell from the first header): 14 is next, no gap, and 13 is late.
     lab.run_gso(Dir::Rx, (3, 148), &data(0x5151, 11));
@@ -194,12 +199,12 @@ fn counter_gaps_and_late_messages_per_session() {
     lab.run(Dir::Tx, &data(0x6161, 0));
     lab.run(Dir::Tx, &data(0x6161, 50));
     assert_eq!(lab.seq(), (3, 3));
-    assert_eq!(lab.dp.rx_sessions().len(), 2);
+    assert_eq!(lab.dp.health.rx_sessions().len(), 2);
     // Idle for 180 s: the agent drops the sessions; a message then starts afresh.
     let now = monotonic_ns();
-    assert_eq!(lab.dp.expire_wire_state(now).1, 0);
-    assert_eq!(lab.dp.expire_wire_state(now + 181_000_000_000).1, 2);
-    assert!(lab.dp.rx_sessions().is_empty());
+    assert_eq!(lab.dp.health.expire(now).1, 0);
+    assert_eq!(lab.dp.health.expire(now + 181_000_000_000).1, 2);
+    assert!(lab.dp.health.rx_sessions().is_empty());
     lab.run(Dir::Rx, &data(0x5151, 4));
     assert_eq!(lab.seq(), (3, 3), "first message of a fresh session");
 
@@ -212,7 +217,7 @@ fn counter_gaps_and_late_messages_per_session() {
     lab.run(Dir::Rx, &wg::response(0x8888, 0x7777));
     let dp = Arc::new(Mutex::new(lab.dp));
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(WireHealthCollector::new(
+    registry.register_collector(Box::new(HealthCollector::new(
         dp,
         Arc::new(RwLock::new(inv)),
     )));

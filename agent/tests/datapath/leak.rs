@@ -24,7 +24,7 @@ use agent_common::{
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
-use wirescope::health::monotonic_ns;
+use wirescope::datapath::monotonic_ns;
 
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
 const RESOLVER_V4: [u8; 4] = [9, 9, 9, 9];

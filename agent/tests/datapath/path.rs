@@ -31,9 +31,9 @@ use common::{
 };
 use wirescope::{
     datapath::Datapath,
-    health::monotonic_ns,
-    inventory::Inventory,
+    datapath::monotonic_ns,
     metrics::{self, path::PathCollector},
+    sync::inventory::Inventory,
 };
 
 const STRANGER_V4: [u8; 4] = [192, 0, 2, 99];
@@ -75,12 +75,12 @@ impl TestLab {
 
     /// (ifindex, dir, layer) -> fragments.
     fn fragments(&self) -> Counts {
-        collect(self.dp.path().fragments().expect("FRAGMENTS"))
+        collect(self.dp.path.fragments().expect("FRAGMENTS"))
     }
 
     /// (ifindex, dir, family) -> messages.
     fn too_big(&self) -> Counts {
-        collect(self.dp.path().icmp_too_big().expect("ICMP_TOO_BIG"))
+        collect(self.dp.path.icmp_too_big().expect("ICMP_TOO_BIG"))
     }
 
     /// Runs `l3` and returns what it added to the fragment counts.
@@ -285,7 +285,7 @@ fn packet_too_big(router: [u8; 16], to: [u8; 16], mtu: u32) -> Vec<u8> {
 }
 
 fn mtus(lab: &TestLab, now: u64) -> HashMap<u32, u32> {
-    lab.dp.path().lowest_mtus(now)
+    lab.dp.path.lowest_mtus(now)
 }
 
 #[test]
@@ -320,7 +320,7 @@ fn icmp_too_big_and_the_reported_mtu() {
     );
 
     // Malformed, truncated or other ICMP: nothing at all.
-    let before = lab.dp.path().icmp_mtus();
+    let before = lab.dp.path.icmp_mtus();
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     let header_only = Ipv4::new(ROUTER_V4, LOCAL_V4).build(IPPROTO_ICMP, &[3, 4, 0, 0, 0, 0, 4, 0]);
     cases.push(("ICMPv4 without the quoted header", header_only));
@@ -371,7 +371,7 @@ fn icmp_too_big_and_the_reported_mtu() {
             assert_eq!(lab.fragments(), frags, "{name}");
         }
     }
-    assert_eq!(lab.dp.path().icmp_mtus(), before, "no MTU recorded");
+    assert_eq!(lab.dp.path.icmp_mtus(), before, "no MTU recorded");
 
     // The series.
     let now = monotonic_ns();
@@ -382,12 +382,11 @@ fn icmp_too_big_and_the_reported_mtu() {
     // the map; the counters stay.
     assert!(mtus(&lab, now + MTU_WINDOW_NS + 1_000_000_000).is_empty());
     assert_eq!(
-        lab.dp
-            .expire_path_state(now + MTU_WINDOW_NS + 1_000_000_000),
+        lab.dp.path.expire(now + MTU_WINDOW_NS + 1_000_000_000),
         4,
         "1400, 1280, 1450 on the underlay and 1300 on the tunnel"
     );
-    assert!(lab.dp.path().icmp_mtus().is_empty());
+    assert!(lab.dp.path.icmp_mtus().is_empty());
     // A report after that counts alone.
     let msg = frag_needed(ROUTER_V4, LOCAL_V4, 1400);
     assert_eq!(lab.icmp_delta(Dir::Rx, under, &msg), ipv4(under));

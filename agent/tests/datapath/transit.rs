@@ -31,8 +31,8 @@ use common::{
     Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, TUNNEL_L3, UNDERLAY_ETH, ifindex, ip_cmd, v6,
 };
 use wirescope::{
+    datapath::monotonic_ns,
     datapath::{Datapath, PeerMaps},
-    health::monotonic_ns,
     sync::endpoint_key,
 };
 

@@ -94,6 +94,7 @@ fn traffic(dp: &mut Datapath, tun: u32, under: u32) {
 /// (tunnel packets counted, transit observations, queues, slots).
 fn state(dp: &Datapath, tun: u32) -> (u64, u64, usize, usize) {
     let tunnel_packets = dp
+        .tunnel
         .counters()
         .expect("COUNTERS")
         .into_iter()

@@ -19,7 +19,7 @@ use std::{
 };
 
 use serde_json::Value;
-use wirescope::status_view::{WIDTH, abbrev, columns};
+use wirescope::ops::status::{WIDTH, abbrev, columns};
 use xtask::{
     agent::{Agent, LISTEN},
     lab::{GATEWAY_V4, Lab, LabConfig, Topology},

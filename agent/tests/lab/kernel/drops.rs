@@ -15,7 +15,7 @@ use crate::common;
 use std::{net::UdpSocket, path::Path, process::Output, time::Duration};
 
 use btf_rs::Btf;
-use wirescope::drops::DropReasons;
+use wirescope::datapath::drops::DropReasons;
 use xtask::{
     agent::Agent,
     lab::{self, Lab, LabConfig, Topology},
@@ -243,8 +243,9 @@ fn settle() {
 /// Every `reason` of `wirescope_drops_total` is `unknown_N` or, with `SKB_DROP_REASON_`
 /// before it, a member of this kernel's `enum skb_drop_reason`.
 fn assert_reasons_named(m: &Metrics) {
-    let btf = wirescope::btf::read(Path::new(wirescope::btf::VMLINUX)).expect("kernel BTF");
-    let members = wirescope::btf::enum_values(&btf, "skb_drop_reason").expect("enum");
+    let btf = wirescope::sources::btf::read(Path::new(wirescope::sources::btf::VMLINUX))
+        .expect("kernel BTF");
+    let members = wirescope::sources::btf::enum_values(&btf, "skb_drop_reason").expect("enum");
     let mut seen = 0;
     for (labels, _) in m.select(DROPS, &[]) {
         let reason = labels.get("reason").expect("a reason label");

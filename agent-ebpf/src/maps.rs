@@ -4,7 +4,7 @@
 //! Pinning: every map whose contents must survive an agent restart (the counters and
 //! histograms here and in the other modules, and the per-CPU error arrays) is declared with
 //! `pinned` (`PinningType::ByName`); the agent loads them from, or pins them to, its pin
-//! directory (`agent/src/pin.rs`: /sys/fs/bpf/wirescope/<netns>/<layout id>/), so a restarted
+//! directory (`agent/src/datapath/pin.rs`: /sys/fs/bpf/wirescope/<netns>/<layout id>/), so a restarted
 //! agent continues their counts. Maps the agent rewrites on every sync (interfaces, peers,
 //! configuration), program arrays and in-flight state are not pinned.
 

@@ -99,11 +99,7 @@ impl CryptoMaps {
     /// Loads and attaches the kprobes that time kernel WireGuard's crypto, after writing
     /// the structure offsets they follow. All four or none: a half-attached pair would
     /// leave start times that never end.
-    pub(crate) fn attach(
-        &mut self,
-        ebpf: &mut Ebpf,
-        cfg: CryptoConfig,
-    ) -> Result<(), DatapathError> {
+    pub fn attach(&mut self, ebpf: &mut Ebpf, cfg: CryptoConfig) -> Result<(), DatapathError> {
         if self.attached {
             return Ok(());
         }

@@ -234,7 +234,7 @@ impl DropsMaps {
 
     /// Writes the drop programs' configuration, then loads and attaches each; one failing
     /// leaves the other attached. Returns, per program, its feature label and the outcome.
-    pub(crate) fn attach(
+    pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         cfg: DropsConfig,

@@ -134,7 +134,7 @@ impl Syncer {
         }
     }
 
-    /// Hands out `saved` ids (from [`crate::datapath::Datapath::saved_peer_ids`]) again to
+    /// Hands out `saved` ids (from [`crate::datapath::tunnel::TunnelMaps::saved_peer_ids`]) again to
     /// their peers, and new ids above them: a restarted agent counts every peer under its
     /// old id, whatever order the peers are read in. Call before the first [`Syncer::tick`].
     pub fn seed_peer_ids(&mut self, saved: Vec<(String, [u8; 32], u32)>) {

@@ -1,6 +1,6 @@
 //! `BPF_PROG_TEST_RUN` tests that the per-handshake and per-session state of the TC programs
 //! stays bounded under a long run (issue 4): initiations never answered and sessions gone
-//! idle are dropped by the agent's expiry (`Datapath::expire_wire_state`, run on every sync
+//! idle are dropped by the agent's expiry (`HealthMaps::expire`, run on every sync
 //! tick), and a map that fills anyway says so in `wirescope_bpf_map_update_errors_total`.
 //!
 //! A long run is compressed in time: thousands of distinct initiations (tx) and sessions

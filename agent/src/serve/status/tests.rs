@@ -410,7 +410,7 @@ const BARE: &str = r#"{
 }
 "#;
 
-/// The body the server sends for `v` (see `http.rs`).
+/// The body the server sends for `v` (see `serve/mod.rs`).
 fn body(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap() + "\n"
 }

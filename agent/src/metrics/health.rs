@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::{PEER_UNKNOWN, health::seq};
+use agent_common::maps::health::seq;
 use log::warn;
 use prometheus_client::{
     collector::Collector,
@@ -72,21 +72,8 @@ impl HealthCollector {
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();
         };
-        let iface = |i: u32| {
-            inv.iface_names
-                .get(&i)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex{i}"))
-        };
-        // A peer id the inventory cannot name yet is left out until it can (as in
-        // metrics::tunnel); 0 is traffic of an endpoint no peer has.
-        let peer = |p: u32| -> Option<String> {
-            if p == PEER_UNKNOWN {
-                Some("unknown".to_string())
-            } else {
-                inv.peer_labels.get(&p).map(|(_, key)| key.clone())
-            }
-        };
+        let iface = |i: u32| inv.iface_name(i);
+        let peer = |p: u32| inv.peer_label(p);
         let mut s = Snapshot::default();
         for (k, v) in rtt {
             let Some(p) = peer(k.peer) else { continue };

@@ -65,11 +65,7 @@ impl LeakCollector {
             let Some(name) = kind_name(k.kind) else {
                 continue;
             };
-            let iface = inv
-                .iface_names
-                .get(&k.ifindex)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex{}", k.ifindex));
+            let iface = inv.iface_name(k.ifindex);
             let e = out.entry((iface, name)).or_insert((0, 0));
             e.0 += c.packets;
             e.1 += c.bytes;

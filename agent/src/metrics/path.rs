@@ -77,12 +77,7 @@ impl PathCollector {
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();
         };
-        let iface = |i: u32| {
-            inv.iface_names
-                .get(&i)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex{i}"))
-        };
+        let iface = |i: u32| inv.iface_name(i);
         let mut s = Snapshot::default();
         for (k, c) in frags {
             let Some(l) = layer_name(k.kind) else {

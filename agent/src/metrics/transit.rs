@@ -8,7 +8,6 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::PEER_UNKNOWN;
 use log::warn;
 use prometheus_client::{
     collector::Collector,
@@ -59,20 +58,10 @@ impl TransitCollector {
         };
         let mut s = Snapshot::default();
         for (k, v) in hist {
-            // A peer id the inventory cannot name yet is left out until it can.
-            let peer = if k.peer == PEER_UNKNOWN {
-                "unknown".to_string()
-            } else {
-                match inv.peer_labels.get(&k.peer) {
-                    Some((_, key)) => key.clone(),
-                    None => continue,
-                }
+            let Some(peer) = inv.peer_label(k.peer) else {
+                continue;
             };
-            let iface = inv
-                .iface_names
-                .get(&k.ifindex)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex{}", k.ifindex));
+            let iface = inv.iface_name(k.ifindex);
             let series = s.entry((iface, peer, direction(k.dir))).or_default();
             if let Some(b) = series.buckets.get_mut(k.bucket as usize) {
                 *b += v.count;

@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::{Counter, PEER_UNKNOWN, kind};
+use agent_common::maps::{Counter, kind};
 use log::warn;
 use prometheus_client::{
     collector::Collector,
@@ -76,21 +76,11 @@ impl TunnelCollector {
         let Ok(inv) = self.inventory.read() else {
             return Snapshot::default();
         };
-        let iface = |i: u32| {
-            inv.iface_names
-                .get(&i)
-                .cloned()
-                .unwrap_or_else(|| format!("ifindex{i}"))
-        };
+        let iface = |i: u32| inv.iface_name(i);
         let mut s = Snapshot::default();
         for (k, v) in counters {
-            let peer = if k.peer == PEER_UNKNOWN {
-                "unknown".to_string()
-            } else {
-                match inv.peer_labels.get(&k.peer) {
-                    Some((_, key)) => key.clone(),
-                    None => continue,
-                }
+            let Some(peer) = inv.peer_label(k.peer) else {
+                continue;
             };
             let dir = direction(k.dir);
             if k.kind == kind::TUNNEL {

@@ -60,3 +60,23 @@ pub struct Inventory {
     /// interface), routes and the BPF peer maps (`wirescope_peer_sync_duration_seconds`).
     pub sync_duration: Option<Duration>,
 }
+
+impl Inventory {
+    /// The `interface` label of an ifindex: its latest name, `ifindexN` if it never had one.
+    pub fn iface_name(&self, ifindex: u32) -> String {
+        self.iface_names
+            .get(&ifindex)
+            .cloned()
+            .unwrap_or_else(|| format!("ifindex{ifindex}"))
+    }
+
+    /// The `peer` label of a peer id: its base64 key, `unknown` for traffic of an endpoint
+    /// no peer has, None for an id this inventory cannot name yet (a scrape between the
+    /// maps' and the labels' update): its counts wait until it can.
+    pub fn peer_label(&self, id: u32) -> Option<String> {
+        if id == agent_common::maps::PEER_UNKNOWN {
+            return Some("unknown".to_string());
+        }
+        self.peer_labels.get(&id).map(|(_, key)| key.clone())
+    }
+}

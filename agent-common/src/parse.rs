@@ -342,6 +342,22 @@ pub fn parse_l4<P: Packet>(pkt: &P, ip: &Ip) -> Result<Option<L4>, ParseError> {
     }
 }
 
+/// The segment count of an skb, for [`segmented`]. A GSO skb that a userspace program
+/// wrote to a TUN device with a virtio-net header (wireguard-go since 0.0.20230223 hands the
+/// kernel coalesced packets so) has `gso_size` set and `gso_segs` still 0: the kernel
+/// computes it only when it segments. Then the count is the payload after the IP and
+/// transport headers in `gso_size` pieces, the last one shorter. Otherwise `gso_segs` as is.
+#[inline(always)]
+pub fn gso_segments(ip: &Ip, l4_hdr_len: u32, skb_len: u32, gso_segs: u32, gso_size: u32) -> u32 {
+    if gso_segs != 0 || gso_size == 0 {
+        return gso_segs;
+    }
+    let hdr = ip.l4_off.saturating_sub(ip.l3_off) + l4_hdr_len;
+    let payload = skb_len.saturating_sub(ip.l3_off).saturating_sub(hdr);
+    // At most 64 KiB of payload: no overflow.
+    payload.div_ceil(gso_size)
+}
+
 /// Packets and L3 bytes an skb stands for once segmented: GSO skbs count once per segment,
 /// and every segment carries its own copy of the IP and transport headers.
 ///

@@ -8,8 +8,8 @@ use agent_common::{
         fix_ipv4_checksum, payload, tcp, udp,
     },
     parse::{
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4, Packet, ParseError, frag, l3_offset, parse_ip,
-        parse_l4, segmented,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4, Packet, ParseError, frag, gso_segments,
+        l3_offset, parse_ip, parse_l4, segmented,
     },
 };
 use common::*;
@@ -732,6 +732,39 @@ fn segmented_udp_gso_of_wireguard_messages() {
         bytes,
         3 * agent_common::wireguard::data_wire_len(1420, 1420, 20) as u64
     );
+}
+
+#[test]
+fn gso_segments_counted_when_the_kernel_left_them_at_0() {
+    // wireguard-go >= 0.0.20230223 writes coalesced TCP to its TUN device with a virtio-net
+    // header: gso_size set, gso_segs 0 until the kernel segments. 2 x 1448 + 1000 bytes
+    // behind IPv4 (20) + TCP with timestamps (32) are 3 segments.
+    for framing in Framing::ALL {
+        let l3 = fixtures::tcp_ipv4(A4, 1, B4, 2, 12, 2 * 1448 + 1000);
+        let pkt = framing.frame(&l3);
+        let ip = parse_ip(&pkt.as_slice(), framing.is_l3()).unwrap();
+        let l4 = parse_l4(&pkt.as_slice(), &ip).unwrap().unwrap();
+        let len = pkt.len() as u32;
+        assert_eq!(gso_segments(&ip, l4.hdr_len, len, 0, 1448), 3);
+        let (packets, bytes) = segmented(&ip, l4.hdr_len, len, 3);
+        assert_eq!((packets, bytes), (3, 3 * (20 + 32) + 2 * 1448 + 1000));
+        // Exactly full segments: no extra one.
+        let l3 = fixtures::tcp_ipv4(A4, 1, B4, 2, 12, 2 * 1448);
+        let ip = parse_ip(&l3.as_slice(), true).unwrap();
+        assert_eq!(gso_segments(&ip, 32, l3.len() as u32, 0, 1448), 2);
+        // A count the kernel gave is kept; no gso_size is no GSO.
+        assert_eq!(gso_segments(&ip, 32, l3.len() as u32, 5, 1448), 5);
+        assert_eq!(gso_segments(&ip, 32, l3.len() as u32, 0, 0), 0);
+        assert_eq!(gso_segments(&ip, 32, l3.len() as u32, 1, 0), 1);
+    }
+    // IPv6 with an extension header: 4 x 1000 of UDP payload in 1000-byte pieces.
+    let l3 = v6()
+        .ext(Ext::HopByHop(8))
+        .build(IPPROTO_UDP, &udp(1, 2, &payload(4 * 1000)));
+    let ip = parse_ip(&l3.as_slice(), true).unwrap();
+    assert_eq!(gso_segments(&ip, 8, l3.len() as u32, 0, 1000), 4);
+    // A truncated skb (shorter than its headers) is no segment, never an underflow.
+    assert_eq!(gso_segments(&ip, 8, 10, 0, 1000), 0);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ mod wire;
 
 use agent_common::{
     maps::{DIR_RX, DIR_TX, IfaceConfig},
-    parse::{L4, parse_ip, parse_l4},
+    parse::{L4, Packet as _, gso_segments, parse_ip, parse_l4},
 };
 use aya_ebpf::{
     macros::{classifier, kprobe, kretprobe, raw_tracepoint, tracepoint},
@@ -150,7 +150,11 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
         _ => (false, L4::default()),
     };
     let l4 = if has_l4 { Some(&l4_value) } else { None };
-    let gso_segs = pkt.gso_segs();
+    let l4_hdr = match l4 {
+        Some(l4) => l4.hdr_len,
+        None => 0,
+    };
+    let gso_segs = gso_segments(&ip, l4_hdr, pkt.len(), pkt.gso_segs(), pkt.gso_size());
     if cfg.flags & IfaceConfig::TUNNEL != 0 {
         tunnel::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }

@@ -1,7 +1,15 @@
 //! The rtnetlink questions the agent asks: which links exist, and which interface a route
 //! to an address leaves through.
+//!
+//! The connection is reopened after a request fails or goes unanswered: netlink-proto
+//! closes a connection for good on a socket error or a message it cannot decode, and every
+//! later request on it would fail too.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::{
@@ -20,7 +28,16 @@ pub enum NetlinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("rtnetlink {what}: no answer within {timeout:?}")]
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
 }
+
+/// Deadline of one request. The kernel answers a link dump of thousands of interfaces in
+/// milliseconds; past this the connection is taken for broken.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A network interface in the agent's namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,31 +52,92 @@ pub struct Link {
     pub up: bool,
 }
 
+/// Clones share one connection, and reopen it for each other.
 #[derive(Clone)]
 pub struct Netlink {
+    conn: Arc<Mutex<Conn>>,
+    timeout: Duration,
+}
+
+/// The current connection, and how many were opened before it: a request that failed on
+/// connection N reopens only if N is still the current one, so that two requests failing
+/// together open one new connection, not two.
+struct Conn {
     handle: Handle,
+    generation: u64,
 }
 
 impl Netlink {
     /// Must be called inside a tokio runtime: the connection runs as a task.
     pub fn new() -> Result<Self, NetlinkError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self::with_handle(open()?, REQUEST_TIMEOUT))
+    }
+
+    fn with_handle(handle: Handle, timeout: Duration) -> Self {
+        Self {
+            conn: Arc::new(Mutex::new(Conn {
+                handle,
+                generation: 0,
+            })),
+            timeout,
+        }
+    }
+
+    /// The current connection's handle and generation.
+    fn current(&self) -> (Handle, u64) {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        (c.handle.clone(), c.generation)
+    }
+
+    /// After a failed request on connection `generation`: a new connection for the next
+    /// request. If even the socket cannot be opened (out of file descriptors), the old one
+    /// stays and the next failure tries again.
+    fn reopen(&self, generation: u64) {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if c.generation != generation {
+            return;
+        }
+        if let Ok(handle) = open() {
+            c.handle = handle;
+            c.generation = generation.wrapping_add(1);
+        }
+    }
+
+    /// Runs `request` on the current connection within the deadline; a failure (but
+    /// `answer_ok`: an error answer the caller takes as an answer) reopens it.
+    async fn run<T, F>(
+        &self,
+        what: &'static str,
+        request: impl FnOnce(Handle) -> F,
+        answer_ok: impl FnOnce(&rtnetlink::Error) -> bool,
+    ) -> Result<Result<T, rtnetlink::Error>, NetlinkError>
+    where
+        F: std::future::Future<Output = Result<T, rtnetlink::Error>>,
+    {
+        let (handle, generation) = self.current();
+        match tokio::time::timeout(self.timeout, request(handle)).await {
+            Err(_) => {
+                self.reopen(generation);
+                Err(NetlinkError::Timeout {
+                    what,
+                    timeout: self.timeout,
+                })
+            }
+            Ok(Ok(v)) => Ok(Ok(v)),
+            Ok(Err(e)) if answer_ok(&e) => Ok(Err(e)),
+            Ok(Err(source)) => {
+                self.reopen(generation);
+                Err(NetlinkError::Request { what, source })
+            }
+        }
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let what = "link dump";
         let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| NetlinkError::Request {
-                what: "link dump",
-                source,
-            })?;
+            .run(what, |h| h.link().get().execute().try_collect(), |_| false)
+            .await?
+            .map_err(|source| NetlinkError::Request { what, source })?;
         Ok(msgs.iter().map(link_from_message).collect())
     }
 
@@ -73,18 +151,18 @@ impl Netlink {
                 .destination_prefix(a, 128)
                 .build(),
         };
-        let routes: Vec<RouteMessage> =
-            match self.handle.route().get(msg).execute().try_collect().await {
-                Ok(r) => r,
+        let routes: Vec<RouteMessage> = match self
+            .run(
+                "route lookup",
+                |h| h.route().get(msg).execute().try_collect(),
                 // No route (ENETUNREACH and friends) is an answer, not a failure.
-                Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
-                Err(source) => {
-                    return Err(NetlinkError::Request {
-                        what: "route lookup",
-                        source,
-                    });
-                }
-            };
+                |e| matches!(e, rtnetlink::Error::NetlinkError(_)),
+            )
+            .await?
+        {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
         Ok(routes.iter().find_map(|r| {
             r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Oif(i) => Some(*i),
@@ -92,6 +170,13 @@ impl Netlink {
             })
         }))
     }
+}
+
+/// A new rtnetlink connection, its task spawned on the current runtime.
+fn open() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    tokio::spawn(conn);
+    Ok(handle)
 }
 
 fn link_from_message(m: &LinkMessage) -> Link {
@@ -133,5 +218,86 @@ fn kind_name(k: &InfoKind) -> String {
         InfoKind::Veth => "veth".into(),
         InfoKind::Other(s) => s.clone(),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    }
+
+    /// A connection whose task is gone (as when netlink-proto closes it on a socket error)
+    /// fails one request; the next one runs on a new connection.
+    #[test]
+    fn a_closed_connection_is_reopened() {
+        let first = runtime();
+        let netlink = first.block_on(async { Netlink::new() }).expect("rtnetlink");
+        // The connection's task goes with its runtime.
+        drop(first);
+        let rt = runtime();
+        let err = rt
+            .block_on(netlink.links())
+            .expect_err("a request on the closed connection fails");
+        assert!(
+            matches!(
+                err,
+                NetlinkError::Request {
+                    source: rtnetlink::Error::RequestFailed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let links = rt.block_on(netlink.links()).expect("the next one succeeds");
+        assert!(
+            links.iter().any(|l| l.name == "lo" && l.index == 1),
+            "the loopback device is listed: {links:?}"
+        );
+        // And on a clone, which shares the new connection.
+        let again = netlink.clone();
+        assert_eq!(
+            rt.block_on(again.links()).expect("clone").len(),
+            links.len()
+        );
+    }
+
+    /// A connection that never answers (its task not running) times out, and the next
+    /// request runs on a new connection.
+    #[test]
+    fn an_unanswered_request_times_out_and_reopens() {
+        let rt = runtime();
+        rt.block_on(async {
+            // Kept, never polled: requests are queued and never answered.
+            let (_conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
+            let netlink = Netlink::with_handle(handle, Duration::from_millis(200));
+            let err = netlink
+                .route_oif("127.0.0.1".parse().unwrap())
+                .await
+                .expect_err("no answer");
+            assert!(
+                matches!(
+                    err,
+                    NetlinkError::Timeout {
+                        what: "route lookup",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert_eq!(
+                netlink
+                    .route_oif("127.0.0.1".parse().unwrap())
+                    .await
+                    .expect("answered"),
+                Some(1),
+                "127.0.0.1 leaves through lo"
+            );
+        });
     }
 }

@@ -3,6 +3,7 @@
 //! It runs every second, so a change shows in the maps within two.
 
 pub mod inventory;
+pub mod kept;
 pub mod leak;
 pub mod peer_label;
 pub mod topology;
@@ -24,6 +25,7 @@ use crate::{
     sources::netlink::{Link, Netlink},
     sources::wg,
     sync::inventory::{Backend, Inventory, Peer, Tunnel, Underlay, WgDevice},
+    sync::kept::{KeptState, OnFailure},
 };
 
 /// How long a route lookup is trusted; routes rarely change, peers' endpoints do.
@@ -113,6 +115,9 @@ pub struct Syncer {
     /// names its socket after the interface at start and keeps it when the interface is
     /// renamed: a renamed device is still read through its old socket.
     uapi_sockets: HashMap<u32, String>,
+    /// The tunnels whose control interface fails to answer while their last good state
+    /// is kept.
+    kept: KeptState,
     /// Peers counted by the last round, so "peers synced" is logged when the number
     /// changes (and at the first round), not every second.
     logged_peer_count: Option<usize>,
@@ -129,6 +134,7 @@ impl Syncer {
             routes: HashMap::new(),
             logged: HashSet::new(),
             uapi_sockets: HashMap::new(),
+            kept: KeptState::default(),
             logged_peer_count: None,
             rounds: 0,
         }
@@ -162,16 +168,26 @@ impl Syncer {
         let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
         let link_names: HashMap<u32, String> =
             links.iter().map(|l| (l.index, l.name.clone())).collect();
+        self.kept.retain(&link_names.keys().copied().collect());
+        // Tunnels with peer state last round: still watched while their socket is missing.
+        let had_state: HashSet<u32> = inventory
+            .read()
+            .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?
+            .tunnels
+            .iter()
+            .filter(|t| t.backend != Backend::None)
+            .map(|t| t.ifindex)
+            .collect();
 
         let mut tunnels = Vec::new();
-        for name in self.tunnel_names(&links) {
+        for name in self.tunnel_names(&links, &had_state) {
             let Some(link) = by_name.get(name.as_str()) else {
                 self.warn_once(format!(
                     "tunnel interface {name} does not exist (yet) in this network namespace"
                 ));
                 continue;
             };
-            tunnels.push(self.read_tunnel(link, name).await);
+            tunnels.push(self.read_tunnel(link, name, inventory).await);
         }
         let read_took = started.elapsed();
 
@@ -198,10 +214,16 @@ impl Syncer {
         self.publish(inventory, tunnels, underlays, maps_result, times)
     }
 
-    /// One tunnel's peers from its control interface. On failure counting goes on without
-    /// peer state (e.g. Mullvad's in-app WireGuard has no control socket); traffic then
-    /// shows as peer "unknown".
-    async fn read_tunnel(&mut self, link: &Link, name: String) -> Tunnel {
+    /// One tunnel's peers from its control interface. A failed read keeps the state the
+    /// previous round had for this interface (see [`kept`]); with none to keep, counting
+    /// goes on without peer state (e.g. Mullvad's in-app WireGuard has no control socket)
+    /// and traffic shows as peer "unknown".
+    async fn read_tunnel(
+        &mut self,
+        link: &Link,
+        name: String,
+        inventory: &RwLock<Inventory>,
+    ) -> Tunnel {
         // A renamed userspace device: its socket still has the old name.
         let read_as = self
             .uapi_sockets
@@ -209,32 +231,65 @@ impl Syncer {
             .filter(|s| **s != name && !wg::uapi_path(&name).exists() && wg::uapi_path(s).exists())
             .cloned()
             .unwrap_or_else(|| name.clone());
-        let (dev, backend) = match read_device(&read_as).await {
+        let e = match read_device(&read_as).await {
             Ok((mut dev, backend)) => {
                 if backend == Backend::Uapi {
                     self.uapi_sockets.insert(link.index, read_as.clone());
                 }
-                dev.name = name.clone();
-                (dev, backend)
-            }
-            Err(e) => {
-                let kernel = link.kind.as_deref() == Some("wireguard");
-                if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel) {
-                    errors::record(source);
+                if let Some(failed) = self.kept.read_ok(link.index) {
+                    info!("{name}: peer state read again after {failed} failed read(s)");
                 }
-                self.warn_once(format!("{name}: no peer state: {e}"));
-                (
-                    WgDevice {
-                        name: name.clone(),
-                        listen_port: 0,
-                        public_key: None,
-                        peers: Vec::new(),
-                    },
-                    Backend::None,
-                )
+                dev.name = name.clone();
+                return self.tunnel(link, dev, backend);
             }
+            Err(e) => e,
         };
-        self.tunnel(link, dev, backend)
+        // What the previous round published for this interface; copied only now, when a
+        // read failed, so that a good round copies nothing.
+        let (was_uapi, outcome) = {
+            let inv = inventory.read().ok();
+            let previous = inv
+                .as_ref()
+                .and_then(|inv| inv.tunnels.iter().find(|t| t.ifindex == link.index));
+            (
+                previous.map(|t| t.backend) == Some(Backend::Uapi),
+                self.kept
+                    .read_failed(link.index, kept::failure_kind(&e), previous),
+            )
+        };
+        let kernel = link.kind.as_deref() == Some("wireguard");
+        if let Some(source) = failed_source(e.downcast_ref::<wg::WgError>(), kernel, was_uapi) {
+            errors::record(source);
+        }
+        match outcome {
+            OnFailure::Kept {
+                dev,
+                backend,
+                first,
+                log,
+            } => {
+                if first {
+                    warn!(
+                        "{name}: reading its peer state failed: {e}; keeping the last good \
+                         state ({} peers) until a read succeeds or the interface is gone",
+                        dev.peers.len()
+                    );
+                } else if log {
+                    warn!("{name}: peer state still not read: {e}");
+                }
+                self.tunnel(link, dev, backend)
+            }
+            OnFailure::Nothing => {
+                self.warn_once(format!("{name}: no peer state: {e}"));
+                let dev = WgDevice {
+                    name: name.clone(),
+                    listen_port: 0,
+                    public_key: None,
+                    peers: Vec::new(),
+                };
+                self.tunnel(link, dev, Backend::None)
+            }
+        }
     }
 
     /// Attaches the programs to every watched interface with its role and framing, and
@@ -363,7 +418,10 @@ impl Syncer {
         Ok(())
     }
 
-    fn tunnel_names(&self, links: &[Link]) -> Vec<String> {
+    /// The tunnels to read: `--tunnel`, or every WireGuard interface here, every interface
+    /// with a UAPI socket, and every one that had peer state last round (`had_state`:
+    /// kept while its socket is missing for a while).
+    fn tunnel_names(&self, links: &[Link], had_state: &HashSet<u32>) -> Vec<String> {
         if !self.opts.tunnels.is_empty() {
             return self.opts.tunnels.clone();
         }
@@ -389,6 +447,11 @@ impl Syncer {
                 .is_some_and(|s| sockets.contains(s))
                 && !names.contains(&l.name)
             {
+                names.push(l.name.clone());
+            }
+        }
+        for l in links {
+            if had_state.contains(&l.index) && !names.contains(&l.name) {
                 names.push(l.name.clone());
             }
         }
@@ -509,12 +572,19 @@ impl Syncer {
 
 /// Which source a failed [`wg::read_device`] counts against in
 /// `wirescope_source_errors_total`, if any. `kernel`: the link is a kernel WireGuard
-/// interface, so netlink should have answered. No control interface at all for a userspace
-/// device (Mullvad's in-app WireGuard) is not a failed read, nor is a join error.
-pub fn failed_source(err: Option<&wg::WgError>, kernel: bool) -> Option<&'static str> {
+/// interface, so netlink should have answered; `was_uapi`: its state was last read through
+/// a UAPI socket, so that socket should have answered. No control interface at all for a
+/// userspace device never read (Mullvad's in-app WireGuard) is not a failed read, nor is a
+/// join error.
+pub fn failed_source(
+    err: Option<&wg::WgError>,
+    kernel: bool,
+    was_uapi: bool,
+) -> Option<&'static str> {
     use wg::WgError::*;
     match err? {
-        NotFound { .. } => kernel.then_some(errors::WIREGUARD_NETLINK),
+        NotFound { .. } if kernel => Some(errors::WIREGUARD_NETLINK),
+        NotFound { .. } => was_uapi.then_some(errors::WIREGUARD_UAPI),
         InvalidName(_) => None,
         Io { .. }
         | Timeout { .. }
@@ -815,21 +885,29 @@ mod tests {
             path: path.clone(),
         };
         assert_eq!(
-            failed_source(Some(&nf), true),
+            failed_source(Some(&nf), true, false),
             Some(errors::WIREGUARD_NETLINK)
         );
-        assert_eq!(failed_source(Some(&nf), false), None);
+        assert_eq!(failed_source(Some(&nf), false, false), None);
+        // The socket of a device read through it before is gone: a failed UAPI read.
+        assert_eq!(
+            failed_source(Some(&nf), false, true),
+            Some(errors::WIREGUARD_UAPI)
+        );
         let t = wg::WgError::Timeout {
             path: path.clone(),
             timeout: Duration::from_secs(2),
         };
-        assert_eq!(failed_source(Some(&t), false), Some(errors::WIREGUARD_UAPI));
-        let big = wg::WgError::TooLarge { path, cap: 1 };
         assert_eq!(
-            failed_source(Some(&big), true),
+            failed_source(Some(&t), false, false),
             Some(errors::WIREGUARD_UAPI)
         );
-        assert_eq!(failed_source(None, true), None);
+        let big = wg::WgError::TooLarge { path, cap: 1 };
+        assert_eq!(
+            failed_source(Some(&big), true, false),
+            Some(errors::WIREGUARD_UAPI)
+        );
+        assert_eq!(failed_source(None, true, true), None);
     }
 
     #[test]

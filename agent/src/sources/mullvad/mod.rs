@@ -419,6 +419,9 @@ pub struct MullvadState {
     pub off: bool,
     /// When the last call ended.
     pub polled_at: Option<SystemTime>,
+    /// The tunnel interface the daemon last named (it names none while disconnected or in
+    /// error, when its interface is still the same one).
+    pub last_tunnel_interface: Option<String>,
 }
 
 /// One relay the daemon says the tunnel uses, for naming a WireGuard peer by its endpoint.
@@ -430,6 +433,14 @@ impl MullvadState {
         self.polled_at = Some(SystemTime::now());
         match result {
             Ok(status) => {
+                if let Some(i) = status
+                    .endpoint
+                    .as_ref()
+                    .and_then(|e| e.tunnel_interface.clone())
+                    .filter(|i| !i.is_empty())
+                {
+                    self.last_tunnel_interface = Some(i);
+                }
                 self.up = true;
                 self.off = false;
                 self.status = Some(status);
@@ -470,6 +481,21 @@ impl MullvadState {
             target: IpAddr::V4(GATEWAY_V4),
             iface: Some(iface),
         })
+    }
+
+    /// For leak detection: the daemon's tunnel interface (the one it names now, or named
+    /// last, or `wg0-mullvad`) and whether it says connected; None while the daemon does
+    /// not answer or Mullvad is off, when it says nothing.
+    pub fn tunnel_connected(&self) -> Option<(String, bool)> {
+        let s = self.current()?;
+        let iface = s
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.tunnel_interface.clone())
+            .filter(|i| !i.is_empty())
+            .or_else(|| self.last_tunnel_interface.clone())
+            .unwrap_or_else(|| DEFAULT_TUNNEL_INTERFACE.to_owned());
+        Some((iface, s.state == TunnelState::Connected))
     }
 
     /// The relays in use, connected or connecting, each as (address, role, hostname, country,

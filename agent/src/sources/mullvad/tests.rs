@@ -778,3 +778,26 @@ async fn a_hang_is_killed_with_what_it_started() {
     std::fs::remove_dir_all(dir).unwrap();
     let _ = std::fs::remove_file(pidfile);
 }
+
+/// What leak detection asks: the daemon's tunnel interface and whether it is connected; the
+/// interface it named last when it names none now; nothing while it does not answer.
+#[test]
+fn tunnel_connected_for_leak_detection() {
+    let mut st = MullvadState::default();
+    assert_eq!(st.tunnel_connected(), None);
+    st.record(Ok(parse("connecting.json")));
+    assert_eq!(st.tunnel_connected(), Some(("wg0-mullvad".into(), false)));
+    st.record(Ok(parse("connected_future_fields.json")));
+    assert_eq!(st.tunnel_connected(), Some(("wg1-mullvad".into(), true)));
+    st.record(Ok(parse("disconnected_locked.json")));
+    assert_eq!(st.tunnel_connected(), Some(("wg1-mullvad".into(), false)));
+    st.record(Ok(parse("logged_out_error.txt")));
+    assert_eq!(st.tunnel_connected(), Some(("wg1-mullvad".into(), false)));
+    st.record(Err(&MullvadError::Timeout {
+        cli: "mullvad".into(),
+        timeout: Duration::from_secs(5),
+    }));
+    assert_eq!(st.tunnel_connected(), None);
+    st.record(Ok(parse("revoked_connected.txt")));
+    assert_eq!(st.tunnel_connected(), Some(("wg0-mullvad".into(), true)));
+}

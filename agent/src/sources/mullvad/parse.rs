@@ -90,10 +90,11 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
         blocking: None,
         unreadable: Vec::new(),
     };
-    let notes = &mut status.unreadable;
     for w in &warnings {
         if !w.starts_with("Warning:") {
-            notes.push(format!("text before the JSON: {}", short(w)));
+            status
+                .unreadable
+                .push(format!("text before the JSON: {}", short(w)));
         }
     }
     status.warnings = warnings;

@@ -1,7 +1,8 @@
 //! Leak detection, on underlay egress only: while a watched tunnel is up (the agent writes
-//! until when into `LEAK_CFG` from the peers' latest handshakes), an IP packet leaving an
-//! underlay that is not WireGuard (to a known endpoint, or from a local listen port, and
-//! shaped like a WireGuard message: the wire role's recognition) went around the tunnel.
+//! until when into `LEAK_CFG` every second, a few seconds ahead while one is up), an IP
+//! packet leaving an underlay that is not WireGuard (to a known endpoint, or from a local
+//! listen port, and shaped like a WireGuard message: the wire role's recognition) went
+//! around the tunnel.
 //!
 //! Not leaks: anything that is not IP (ARP), ICMP to a known WireGuard endpoint address (the
 //! agent's own path-MTU search to a relay), IPv6 neighbour discovery and router

@@ -174,7 +174,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let inventory = Arc::new(RwLock::new(Inventory::default()));
     let endpoints = EndpointLabeler::load(&cfg.state_dir, cfg.export_endpoints)
         .context("preparing the endpoint-label salt")?;
-    let mut syncer = first_sync(&cfg, &features, &datapath, &inventory).await?;
+    // Before the first sync: the sync loop reads what the Mullvad poller says.
+    let probing = Probing::new(&cfg);
+    let mut syncer = first_sync(&cfg, &features, &datapath, &inventory, &probing).await?;
     // Loading parsed the kernel's BTF and the eBPF object (tens of MB, freed by now): hand
     // that memory back to the system instead of keeping it in the allocator's free lists.
     #[cfg(target_env = "gnu")]
@@ -182,7 +184,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     unsafe {
         libc::malloc_trim(0);
     }
-    let probing = Probing::new(&cfg);
     let agent = collectors(
         &cfg,
         features,
@@ -287,6 +288,7 @@ async fn first_sync(
     features: &Features,
     datapath: &Arc<Mutex<Datapath>>,
     inventory: &Arc<RwLock<Inventory>>,
+    probing: &Probing,
 ) -> anyhow::Result<Syncer> {
     let netlink = Netlink::new().context("opening rtnetlink")?;
     let mut syncer = Syncer::new(
@@ -296,6 +298,7 @@ async fn first_sync(
             underlays: cfg.underlays.clone(),
             friendly_names: cfg.friendly_names.clone(),
             crypto_kprobes: features.kprobe,
+            mullvad: Some(probing.mullvad.clone()),
         },
     );
     let saved_ids = datapath

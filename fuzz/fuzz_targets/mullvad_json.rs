@@ -1,6 +1,7 @@
 //! The Mullvad JSON reader, `wirescope::sources::mullvad::parse_status` (`mullvad status --json`),
 //! and what the agent does with its result (the state the poller keeps, the probe target,
-//! the relay roles, the messages). Nothing may panic; an accepted status is JSON whose
+//! the relay roles, the messages). Nothing may panic; an accepted status is JSON (after the
+//! lines the CLI may print before it, such as `Warning: This device has been revoked.`) whose
 //! `state` string is the state read; parsing is deterministic.
 #![no_main]
 
@@ -15,7 +16,18 @@ fuzz_target!(|data: &[u8]| {
     let mut state = MullvadState::default();
     match res {
         Ok(status) => {
-            let v: serde_json::Value = match serde_json::from_str(text.trim_end()) {
+            // The JSON starts at the first line that starts with `{` or `[`, or is all of it.
+            let mut json: &str = &text;
+            let mut at = 0;
+            for line in text.split_inclusive('\n') {
+                let t = line.trim();
+                if t.starts_with('{') || t.starts_with('[') {
+                    json = &text[at..];
+                    break;
+                }
+                at += line.len();
+            }
+            let v: serde_json::Value = match serde_json::from_str(json.trim_end()) {
                 Ok(v) => v,
                 // Valid JSON with a number no f64 holds (1e400) in a field the reader
                 // ignores: accepted rightly, but a Value cannot represent it.

@@ -17,9 +17,10 @@ pub const MAX_LEAK_ALLOW: u32 = 1_024;
 /// (ifindex, kind): 256 interfaces x 3 kinds.
 pub const MAX_LEAKS: u32 = 1_024;
 
-/// A tunnel counts as up this long after its latest handshake (WireGuard's
-/// REJECT_AFTER_TIME: no session outlives it).
-pub const TUNNEL_UP_NS: u64 = 180_000_000_000;
+/// How far ahead of the sync round that writes it the "tunnel up" deadline lies: the agent
+/// renews it every second while a tunnel is up, and an agent that died stops renewing it, so
+/// its last word expires this long after.
+pub const TUNNEL_UP_HOLD_NS: u64 = 5_000_000_000;
 
 /// `LeakKey.kind`.
 pub mod kind {
@@ -40,8 +41,8 @@ pub mod error {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeakConfig {
-    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) until which a watched tunnel is up: its
-    /// latest handshake + [`TUNNEL_UP_NS`]. 0: no tunnel up, nothing is a leak.
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC) until which a watched tunnel is up: the sync
+    /// round that saw one up + [`TUNNEL_UP_HOLD_NS`]. 0: no tunnel up, nothing is a leak.
     pub tunnel_up_until_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<LeakConfig>() == 8);

@@ -49,7 +49,10 @@ pub struct Link {
     pub mtu: u32,
     /// Packets start at the IP header (no Ethernet header) on this link type.
     pub l3: bool,
+    /// Administratively up (IFF_UP).
     pub up: bool,
+    /// With a carrier (IFF_LOWER_UP): for a TUN device, a process holds it open.
+    pub carrier: bool,
 }
 
 /// Clones share one connection, and reopen it for each other.
@@ -208,6 +211,7 @@ fn link_from_message(m: &LinkMessage) -> Link {
             LinkLayerType::Ether | LinkLayerType::Loopback
         ),
         up: m.header.flags.contains(LinkFlags::Up),
+        carrier: m.header.flags.contains(LinkFlags::LowerUp),
     }
 }
 

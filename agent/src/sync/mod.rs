@@ -11,7 +11,7 @@ pub mod topology;
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    sync::{Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -22,6 +22,7 @@ use log::{info, warn};
 use crate::{
     datapath::{Datapath, DatapathError, PeerMaps},
     sources::errors,
+    sources::mullvad::MullvadState,
     sources::netlink::{Link, Netlink},
     sources::wg,
     sync::inventory::{Backend, Inventory, Peer, Tunnel, Underlay, WgDevice},
@@ -44,6 +45,9 @@ pub struct SyncOptions {
     pub friendly_names: HashMap<String, String>,
     /// Time kernel WireGuard's crypto with kprobes (the kernel has them).
     pub crypto_kprobes: bool,
+    /// The Mullvad poller's state: its tunnel counts as up for leak detection only while
+    /// the daemon says connected. None: Mullvad is not watched.
+    pub mullvad: Option<Arc<RwLock<MullvadState>>>,
 }
 
 /// Peer ids: interface name -> public key -> id, each given once and kept (across restarts
@@ -198,6 +202,7 @@ impl Syncer {
         let underlays = self.underlays(&links, &tunnels, &routes);
 
         let want = peer_maps(&tunnels);
+        let up_until = self.leak_up_until(&by_name, &tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
         write_labels(inventory, &tunnels, &underlays)?;
         let (maps_result, maps_took) = {
@@ -205,7 +210,7 @@ impl Syncer {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
             self.watch(&mut dp, &by_name, &tunnels, &underlays);
-            self.write_maps(&mut dp, &tunnels, &want)
+            self.write_maps(&mut dp, &tunnels, &want, up_until)
         };
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));
@@ -330,13 +335,42 @@ impl Syncer {
         }
     }
 
-    /// Brings the peer maps, the leak window and the crypto kprobes up to date; returns the
-    /// peer maps' outcome and how long writing them took.
+    /// Until when the tunnels count as up for leak detection (see [`leak`]): from their
+    /// interfaces' flags, their peers and what the Mullvad daemon last said.
+    fn leak_up_until(&self, by_name: &HashMap<&str, &Link>, tunnels: &[Tunnel]) -> u64 {
+        let mullvad = self
+            .opts
+            .mullvad
+            .as_ref()
+            .and_then(|m| m.read().ok().and_then(|m| m.tunnel_connected()));
+        let views: Vec<leak::TunnelView> = tunnels
+            .iter()
+            .map(|t| leak::TunnelView {
+                name: &t.name,
+                link_up: by_name
+                    .get(t.name.as_str())
+                    .is_some_and(|l| l.up && l.carrier),
+                peers: t.peers.len(),
+            })
+            .collect();
+        let mullvad = mullvad
+            .as_ref()
+            .map(|(interface, connected)| leak::MullvadView {
+                interface,
+                connected: *connected,
+            });
+        leak::up_until_ns(&views, mullvad, crate::datapath::monotonic_ns())
+    }
+
+    /// Brings the peer maps, the leak window (`up_until`, from [`Syncer::leak_up_until`]) and
+    /// the crypto kprobes up to date; returns the peer maps' outcome and how long writing
+    /// them took.
     fn write_maps(
         &mut self,
         dp: &mut Datapath,
         tunnels: &[Tunnel],
         want: &PeerMaps,
+        up_until: u64,
     ) -> (Result<(), DatapathError>, Duration) {
         let maps_started = Instant::now();
         // Ids given this round are saved before any packet is counted under them.
@@ -348,9 +382,6 @@ impl Syncer {
         }
         let maps_result = dp.sync_peers(want);
         let maps_took = maps_started.elapsed();
-        // Leak detection is on while a handshake is less than 180 s old.
-        let up_until =
-            leak::tunnel_up_until_ns(tunnels, SystemTime::now(), crate::datapath::monotonic_ns());
         if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
             self.warn_once(format!("leak detection: {e}"));
         }

@@ -24,7 +24,10 @@ use agent_common::{
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
-use wirescope::datapath::monotonic_ns;
+use wirescope::{
+    datapath::monotonic_ns,
+    sync::leak::{MullvadView, TunnelView, up_until_ns},
+};
 
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
 const RESOLVER_V4: [u8; 4] = [9, 9, 9, 9];
@@ -198,6 +201,68 @@ fn leaks_by_kind_while_the_tunnel_is_up() {
 
 /// WireGuard, the link's own traffic, allowed destinations, ingress and the tunnel itself
 /// never count.
+/// The agent's rule as the sync loop writes it: an idle tunnel (up, one peer, never a
+/// handshake) makes what leaves the underlay count at once; the value written then expires by
+/// itself when nobody renews it (an agent that died), within the hold the agent gives it and
+/// not before; a tunnel that is down, or Mullvad's while its daemon says connecting, writes
+/// 0, which counts nothing at once.
+#[test]
+fn the_agents_deadline_counts_at_once_and_expires_unrenewed() {
+    let Some(mut lab) = Lab::new() else { return };
+    let dns = udp4(LOCAL_V4, EPHEMERAL, RESOLVER_V4, 53, 30);
+    let write = |lab: &mut Lab, tunnels: &[TunnelView], mullvad: Option<MullvadView>| {
+        let until = up_until_ns(tunnels, mullvad, monotonic_ns());
+        lab.dp
+            .leak
+            .set_tunnel_up_until(until)
+            .expect("writing LEAK_CFG");
+        until
+    };
+    let idle = [TunnelView {
+        name: "wg0-mullvad",
+        link_up: true,
+        peers: 1,
+    }];
+    let written_at = monotonic_ns();
+    let until = write(&mut lab, &idle, None);
+    assert!(
+        until >= written_at + 5_000_000_000,
+        "{until} vs {written_at}"
+    );
+    lab.expect_tx("idle tunnel, no handshake", &dns, Some((kind::DNS, 58)));
+    // Not renewed: still counting just before the deadline, nothing after it.
+    while monotonic_ns() + 300_000_000 < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    lab.expect_tx("just before the deadline", &dns, Some((kind::DNS, 58)));
+    while monotonic_ns() <= until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    lab.expect_tx("past the deadline, not renewed", &dns, None);
+
+    write(&mut lab, &idle, None);
+    lab.expect_tx("renewed", &dns, Some((kind::DNS, 58)));
+    let down = [TunnelView {
+        link_up: false,
+        ..idle[0]
+    }];
+    assert_eq!(write(&mut lab, &down, None), 0);
+    lab.expect_tx("interface down", &dns, None);
+    write(&mut lab, &idle, None);
+    let connecting = MullvadView {
+        interface: "wg0-mullvad",
+        connected: false,
+    };
+    assert_eq!(write(&mut lab, &idle, Some(connecting)), 0);
+    lab.expect_tx("Mullvad connecting", &dns, None);
+    let connected = MullvadView {
+        connected: true,
+        ..connecting
+    };
+    write(&mut lab, &idle, Some(connected));
+    lab.expect_tx("Mullvad connected", &dns, Some((kind::DNS, 58)));
+}
+
 #[test]
 fn what_is_not_a_leak() {
     let Some(mut lab) = Lab::new() else { return };

@@ -2,9 +2,10 @@
 //! `mullvad` in a temporary directory prints a fixture from `tests/fixtures/mullvad/` (or
 //! exits non-zero, or hangs), the real agent runs it with `--mullvad-cli PATH
 //! --mullvad-interval 1s` in the multihop lab's client namespace, and the `mullvad_*` series
-//! are checked exactly after each switch. The connected fixture's relay addresses are
+//! are checked exactly after each switch. The connected fixtures' relay addresses are
 //! replaced by the lab's entry and exit relays, so `mullvad_peer_relay_info` must name the
-//! lab's two peers.
+//! lab's peers. Current releases' output is among them: a revoked device's warning line
+//! before the JSON, and multihop without entry country or city names.
 //!
 //! Needs root and the lab tools (`cargo xtask setup`); without them the tests print why and
 //! pass, except with CI=true, where they fail. Lab prefix `wsm`; run with
@@ -39,9 +40,12 @@ const STATES: [&str; 5] = [
     "disconnecting",
     "error",
 ];
-/// The relays of connected_multihop.json, replaced by the lab's.
+/// The relays of connected_multihop.json and connected_multihop_current.json, replaced by
+/// the lab's.
 const FIXTURE_EXIT: &str = "185.213.154.69:51820";
 const FIXTURE_ENTRY: &str = "185.65.135.117:3228";
+/// The relay of revoked_connected.txt, replaced by the lab's exit relay.
+const FIXTURE_SINGLE: &str = "185.213.154.68:51820";
 
 fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -133,7 +137,9 @@ fn mullvad_part(m: &Metrics) -> String {
     for name in [
         "mullvad_up",
         "mullvad_tunnel_state",
+        "mullvad_device_state",
         "mullvad_relay_info",
+        "mullvad_feature_indicator",
         "mullvad_peer_relay_info",
     ] {
         for (l, v) in m.select(name, &[]) {
@@ -186,10 +192,41 @@ fn wait_log(agent: &Agent, text: &str, timeout: Duration) {
     );
 }
 
+/// `mullvad_device_state` as state -> value.
+fn device(m: &Metrics) -> BTreeMap<String, f64> {
+    m.select("mullvad_device_state", &[])
+        .map(|(l, v)| (l.get("state").cloned().unwrap_or_default(), v))
+        .collect()
+}
+
+fn want_device(current: Option<&str>) -> BTreeMap<String, f64> {
+    ["logged_in", "logged_out", "revoked"]
+        .iter()
+        .map(|s| (s.to_string(), if Some(*s) == current { 1.0 } else { 0.0 }))
+        .collect()
+}
+
+/// The `mullvad_feature_indicator` series at 1, sorted.
+fn features_on(m: &Metrics) -> Vec<String> {
+    let mut on: Vec<String> = m
+        .select("mullvad_feature_indicator", &[])
+        .filter(|(_, v)| *v == 1.0)
+        .map(|(l, _)| l.get("feature").cloned().unwrap_or_default())
+        .collect();
+    on.sort();
+    on
+}
+
 /// mullvad_up 0, every known state 0, no relays: what a failed call leaves.
 fn assert_down(m: &Metrics, what: &str) {
     assert_eq!(up(m), 0.0, "{what}: mullvad_up");
     assert_eq!(states(m), want_states(None, None), "{what}: states");
+    assert_eq!(device(m), want_device(None), "{what}: device");
+    assert_eq!(
+        series(m, "mullvad_feature_indicator"),
+        vec![],
+        "{what}: feature_indicator"
+    );
     assert_eq!(
         series(m, "mullvad_relay_info"),
         vec![],
@@ -306,6 +343,108 @@ fn mullvad_states_through_the_real_command() {
         m.get("wirescope_peer_info", &[("peer", &exit_key), ("hop", "2")])
             .unwrap(),
         1.0
+    );
+
+    assert_eq!(device(&m), want_device(Some("logged_in")));
+    assert_eq!(features_on(&m), ["Daita", "Multihop", "QuantumResistance"]);
+
+    // A current release with this device revoked: the warning line comes first and the
+    // status after it is read (mullvad_up stays 1), the device state says revoked, and the
+    // single relay it names is the lab's exit peer.
+    let revoked = fixture("revoked_connected.txt");
+    assert!(revoked.starts_with("Warning: This device has been revoked.\n"));
+    assert!(revoked.contains(FIXTURE_SINGLE));
+    cli.prints(
+        revoked
+            .trim_end()
+            .replace(FIXTURE_SINGLE, &exit_ep)
+            .as_str(),
+    );
+    let (m, _) = wait_for(&agent, "revoked", short, |m| {
+        device(m).get("revoked") == Some(&1.0)
+    });
+    assert_eq!(up(&m), 1.0, "revoked: mullvad_up");
+    assert_eq!(states(&m), want_states(Some("connected"), None));
+    assert_eq!(device(&m), want_device(Some("revoked")));
+    assert_eq!(features_on(&m), Vec::<String>::new());
+    assert_eq!(
+        series(&m, "mullvad_feature_indicator").len(),
+        15,
+        "every known indicator, at 0"
+    );
+    assert_eq!(
+        series(&m, "mullvad_relay_info"),
+        vec![(
+            labels(&[
+                ("hostname", "se-got-wg-001"),
+                ("country", "Sweden"),
+                ("city", "Gothenburg"),
+                ("entry_hostname", ""),
+                ("entry_country", ""),
+                ("entry_city", ""),
+                ("multihop", "false"),
+                ("daita", "false"),
+                ("quantum_resistant", "false"),
+                ("obfuscation", "none"),
+            ]),
+            1.0
+        )]
+    );
+    assert_eq!(
+        series(&m, "mullvad_peer_relay_info"),
+        vec![(
+            labels(&[
+                ("interface", &tun),
+                ("peer", &exit_key),
+                ("role", "exit"),
+                ("hostname", "se-got-wg-001"),
+                ("country", "Sweden"),
+                ("city", "Gothenburg"),
+            ]),
+            1.0
+        )]
+    );
+    wait_log(
+        &agent,
+        "Mullvad: the CLI says \"Warning: This device has been revoked.\": the tunnel cannot reconnect",
+        short,
+    );
+
+    // Multihop as current releases print it: no entry country or city, so the entry
+    // relay's come from its hostname (de-fra-wg-001: de, fra).
+    let current = fixture("connected_multihop_current.json")
+        .replace(FIXTURE_EXIT, &exit_ep)
+        .replace(FIXTURE_ENTRY, &entry_ep);
+    cli.prints(current.trim_end());
+    let (m, _) = wait_for(&agent, "current multihop", short, |m| {
+        device(m).get("logged_in") == Some(&1.0) && series(m, "mullvad_peer_relay_info").len() == 2
+    });
+    assert_eq!(states(&m), want_states(Some("connected"), None));
+    let mut peers = series(&m, "mullvad_peer_relay_info");
+    peers.sort_by(|a, b| a.0.get("role").cmp(&b.0.get("role")));
+    assert_eq!(
+        peers[0],
+        (
+            labels(&[
+                ("interface", &tun),
+                ("peer", &entry_key),
+                ("role", "entry"),
+                ("hostname", "de-fra-wg-001"),
+                ("country", "de"),
+                ("city", "fra"),
+            ]),
+            1.0
+        )
+    );
+    let relay_now = series(&m, "mullvad_relay_info");
+    assert_eq!(relay_now.len(), 1);
+    assert_eq!(
+        (
+            relay_now[0].0.get("entry_country").map(String::as_str),
+            relay_now[0].0.get("entry_city").map(String::as_str),
+            relay_now[0].0.get("daita").map(String::as_str),
+        ),
+        (Some("de"), Some("fra"), Some("true"))
     );
 
     // A state from a future version: its own series at 1, every known one 0.

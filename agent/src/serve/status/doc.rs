@@ -341,9 +341,12 @@ pub struct MullvadConnection {
     pub tunnel_interface: Option<String>,
     pub features: Vec<String>,
     pub locked_down: Option<bool>,
+    /// `logged_in`, `logged_out` or `revoked` (the CLI's warning); null when it does not say.
+    pub device: Option<String>,
 }
 
-/// A relay as Mullvad names it; each part null when unknown.
+/// A relay as Mullvad names it (country and city: the hostname's codes when unnamed); each
+/// part null when unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MullvadLocation {
@@ -369,6 +372,7 @@ struct MullvadWire {
     tunnel_interface: Option<String>,
     features: Vec<String>,
     locked_down: Option<bool>,
+    device: Option<String>,
 }
 
 impl From<MullvadWire> for Mullvad {
@@ -383,6 +387,7 @@ impl From<MullvadWire> for Mullvad {
             tunnel_interface: w.tunnel_interface,
             features: w.features,
             locked_down: w.locked_down,
+            device: w.device,
         });
         Self {
             up: w.up,
@@ -464,13 +469,14 @@ mod tests {
                 entry: None,
                 multihop: true,
                 features: vec!["Multihop".into()],
+                device: Some("revoked".into()),
                 ..MullvadConnection::default()
             }),
         };
         let v = serde_json::to_value(&up).unwrap();
         assert_eq!(
             v.to_string(),
-            r#"{"daita":false,"entry":null,"error":null,"exit":{"city":null,"country":"Sweden","hostname":"se-got-wg-101"},"features":["Multihop"],"locked_down":null,"multihop":true,"obfuscation":null,"quantum_resistant":false,"state":"connected","tunnel_interface":null,"up":true}"#
+            r#"{"daita":false,"device":"revoked","entry":null,"error":null,"exit":{"city":null,"country":"Sweden","hostname":"se-got-wg-101"},"features":["Multihop"],"locked_down":null,"multihop":true,"obfuscation":null,"quantum_resistant":false,"state":"connected","tunnel_interface":null,"up":true}"#
         );
         assert_eq!(serde_json::from_value::<Mullvad>(v).unwrap(), up);
     }

@@ -21,7 +21,7 @@ use crate::{
         tunnel::Snapshot,
     },
     probes::{failover::ProbeWindow, icmp::TargetStats, pmtu::Measured},
-    sources::mullvad::MullvadState,
+    sources::mullvad::{MullvadState, RelayPlace},
     sync::{
         inventory::{Inventory, Peer},
         peer_label::EndpointLabeler,
@@ -249,11 +249,15 @@ fn mullvad_doc(m: &MullvadState) -> Option<doc::Mullvad> {
         });
     };
     let loc = s.location.clone().unwrap_or_default();
-    let relay = |h: &Option<String>, c: &Option<String>, k: &Option<String>| {
-        (h.is_some() || c.is_some() || k.is_some()).then(|| doc::MullvadLocation {
-            hostname: h.clone(),
-            city: c.clone(),
-            country: k.clone(),
+    // Country and city as the metrics have them: the hostname's codes when unnamed.
+    let relay = |p: RelayPlace| {
+        let some = |v: String| (!v.is_empty()).then_some(v);
+        (!(p.hostname.is_empty() && p.country.is_empty() && p.city.is_empty())).then(|| {
+            doc::MullvadLocation {
+                hostname: some(p.hostname),
+                city: some(p.city),
+                country: some(p.country),
+            }
         })
     };
     Some(doc::Mullvad {
@@ -261,8 +265,8 @@ fn mullvad_doc(m: &MullvadState) -> Option<doc::Mullvad> {
         state: Some(s.state.name().to_string()),
         error: s.error_cause.clone(),
         connection: Some(doc::MullvadConnection {
-            exit: relay(&loc.hostname, &loc.city, &loc.country),
-            entry: relay(&loc.entry_hostname, &loc.entry_city, &loc.entry_country),
+            exit: relay(loc.exit()),
+            entry: relay(loc.entry()),
             multihop: s.multihop(),
             daita: s.daita(),
             quantum_resistant: s.quantum_resistant(),
@@ -270,6 +274,7 @@ fn mullvad_doc(m: &MullvadState) -> Option<doc::Mullvad> {
             tunnel_interface: s.endpoint.as_ref().and_then(|e| e.tunnel_interface.clone()),
             features: s.feature_indicators.clone(),
             locked_down: s.locked_down,
+            device: s.device.name().map(str::to_owned),
         }),
     })
 }

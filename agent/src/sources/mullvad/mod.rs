@@ -7,7 +7,9 @@
 //! so nothing here insists on more than `state`: unknown fields are ignored, every other field
 //! is optional, a field of an unexpected type is left out and noted in
 //! [`MullvadStatus::unreadable`], and a state this code does not know keeps its name
-//! ([`TunnelState::Other`]).
+//! ([`TunnelState::Other`]). The CLI prints `Warning: ...` lines before the JSON when the
+//! device is logged out or revoked: they give [`MullvadStatus::device`], and the JSON after
+//! them is read as usual.
 //!
 //! Failures never stop the agent: a missing command means Mullvad is off (`mullvad_up` 0,
 //! logged once, polled every [`NOT_FOUND_INTERVAL`] in case it gets installed); a non-zero
@@ -93,6 +95,64 @@ impl fmt::Display for TunnelState {
     }
 }
 
+/// What the CLI says about this device's account: it checks only while connecting, connected
+/// or in the error state, and then prints a warning line before the JSON when the device is
+/// logged out or revoked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DeviceState {
+    /// No warning in a state where the CLI would have printed one.
+    LoggedIn,
+    /// `Warning: You are not logged in to an account.`
+    LoggedOut,
+    /// `Warning: This device has been revoked.`
+    Revoked,
+    /// The CLI does not say in this state (disconnected, disconnecting, unknown), or it
+    /// printed a warning this agent does not know (kept in [`MullvadStatus::warnings`]).
+    #[default]
+    Unknown,
+}
+
+impl DeviceState {
+    /// The states docs/CONTRACT.md names, each with its own `mullvad_device_state` series.
+    pub const KNOWN: [DeviceState; 3] = [
+        DeviceState::LoggedIn,
+        DeviceState::LoggedOut,
+        DeviceState::Revoked,
+    ];
+
+    /// The `state` label; None for [`DeviceState::Unknown`].
+    pub fn name(&self) -> Option<&'static str> {
+        match self {
+            DeviceState::LoggedIn => Some("logged_in"),
+            DeviceState::LoggedOut => Some("logged_out"),
+            DeviceState::Revoked => Some("revoked"),
+            DeviceState::Unknown => None,
+        }
+    }
+}
+
+/// The app's feature indicators (`FeatureIndicator` in mullvad-types, released desktop
+/// versions): each has a `mullvad_feature_indicator` series while connected or connecting, 0
+/// when off, so that a rule can watch for one turning on (`LanSharing`: local-network
+/// traffic bypasses the tunnel on purpose). Others the app reports get a series at 1.
+pub const FEATURE_INDICATORS: [&str; 15] = [
+    "QuantumResistance",
+    "Multihop",
+    "SplitTunneling",
+    "LockdownMode",
+    "Udp2Tcp",
+    "Shadowsocks",
+    "Quic",
+    "Lwo",
+    "LanSharing",
+    "DnsContentBlockers",
+    "CustomDns",
+    "ServerIpOverride",
+    "CustomMtu",
+    "Daita",
+    "DaitaMultihop",
+];
+
 /// `details.endpoint` of a connected or connecting tunnel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
@@ -102,10 +162,25 @@ pub struct Endpoint {
     /// The entry relay in multihop.
     pub entry_address: Option<SocketAddr>,
     pub quantum_resistant: bool,
-    /// The obfuscation type (`udp2tcp`, `shadowsocks`, ...); None when off.
+    /// The obfuscation in lower case (`udp2tcp`, `shadowsocks`, `quic`, `lwo`, or
+    /// `multiplexer` when the app tries several); None when off.
     pub obfuscation: Option<String>,
+    /// The obfuscators and the relay endpoints they carry WireGuard to: one, or the
+    /// multiplexer's list.
+    pub obfuscators: Vec<Obfuscator>,
     pub daita: bool,
     pub tunnel_interface: Option<String>,
+}
+
+/// One obfuscator of `details.endpoint.obfuscation`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Obfuscator {
+    /// Its type in lower case (`udp2tcp`, `shadowsocks`, `quic`, `lwo`, ...).
+    pub kind: String,
+    /// Where it carries WireGuard to (the relay's obfuscation port).
+    pub address: Option<SocketAddr>,
+    /// `udp` or `tcp`.
+    pub protocol: Option<String>,
 }
 
 /// `details.location`: where the daemon says the relays are.
@@ -122,6 +197,57 @@ pub struct Location {
     pub mullvad_exit_ip: Option<bool>,
 }
 
+/// A relay as exported: its hostname, country and city (empty when unknown).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayPlace {
+    pub hostname: String,
+    pub country: String,
+    pub city: String,
+}
+
+impl Location {
+    /// The exit relay: the daemon's country and city names, or else the codes its hostname
+    /// starts with.
+    pub fn exit(&self) -> RelayPlace {
+        place(&self.hostname, &self.country, &self.city)
+    }
+
+    /// The entry relay (multihop). No released desktop version names its country or city
+    /// (`entry_country`/`entry_city`): they come from the hostname (`de-fra-wg-001`: `de`,
+    /// `fra`) unless the daemon gives them.
+    pub fn entry(&self) -> RelayPlace {
+        place(&self.entry_hostname, &self.entry_country, &self.entry_city)
+    }
+}
+
+fn place(hostname: &Option<String>, country: &Option<String>, city: &Option<String>) -> RelayPlace {
+    let codes = hostname.as_deref().and_then(hostname_codes);
+    let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+    RelayPlace {
+        hostname: hostname.clone().unwrap_or_default(),
+        country: given(country)
+            .or_else(|| codes.as_ref().map(|c| c.0.clone()))
+            .unwrap_or_default(),
+        city: given(city)
+            .or_else(|| codes.as_ref().map(|c| c.1.clone()))
+            .unwrap_or_default(),
+    }
+}
+
+/// The country and city codes a Mullvad relay hostname starts with: `se-got-wg-101` gives
+/// (`se`, `got`). None for a name not of that shape (at least three dash-separated parts,
+/// the first two letters only).
+pub fn hostname_codes(hostname: &str) -> Option<(String, String)> {
+    let mut parts = hostname.split('-');
+    let (country, city) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    let letters = |s: &str, max: usize| {
+        (1..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphabetic())
+    };
+    (letters(country, 3) && letters(city, 8))
+        .then(|| (country.to_ascii_lowercase(), city.to_ascii_lowercase()))
+}
+
 /// One parsed `mullvad status --json`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MullvadStatus {
@@ -130,8 +256,12 @@ pub struct MullvadStatus {
     pub endpoint: Option<Endpoint>,
     /// Any state that has one.
     pub location: Option<Location>,
-    /// e.g. `Multihop`, `Daita`, `QuantumResistance`.
+    /// e.g. `Multihop`, `Daita`, `QuantumResistance` (see [`FEATURE_INDICATORS`]).
     pub feature_indicators: Vec<String>,
+    /// What the warning lines before the JSON say about this device's account.
+    pub device: DeviceState,
+    /// The lines the CLI printed before the JSON (`Warning: ...`), trimmed.
+    pub warnings: Vec<String>,
     /// Disconnected: whether the kill switch blocks traffic ("lockdown mode").
     pub locked_down: Option<bool>,
     /// Disconnecting: what follows (`nothing`, `block`, `reconnect`).
@@ -189,6 +319,8 @@ pub enum ParseError {
     NotJson(String),
     #[error("the JSON has no string `state` field (got {0})")]
     NoState(String),
+    #[error("the output has no JSON after its text {0:?}")]
+    NoJsonAfter(String),
 }
 
 impl ParseError {
@@ -206,6 +338,10 @@ impl ParseError {
             ParseError::NoState(_) => {
                 "this Mullvad version prints a shape the agent does not know: please report it \
                  with the output of `mullvad status --json`"
+            }
+            ParseError::NoJsonAfter(_) => {
+                "the CLI printed a message but no status: run `mullvad status --json` by hand, \
+                 and restart the daemon (`systemctl restart mullvad-daemon`) if it fails there too"
             }
         }
     }
@@ -283,6 +419,9 @@ pub struct MullvadState {
     pub off: bool,
     /// When the last call ended.
     pub polled_at: Option<SystemTime>,
+    /// The tunnel interface the daemon last named (it names none while disconnected or in
+    /// error, when its interface is still the same one).
+    pub last_tunnel_interface: Option<String>,
 }
 
 /// One relay the daemon says the tunnel uses, for naming a WireGuard peer by its endpoint.
@@ -294,6 +433,14 @@ impl MullvadState {
         self.polled_at = Some(SystemTime::now());
         match result {
             Ok(status) => {
+                if let Some(i) = status
+                    .endpoint
+                    .as_ref()
+                    .and_then(|e| e.tunnel_interface.clone())
+                    .filter(|i| !i.is_empty())
+                {
+                    self.last_tunnel_interface = Some(i);
+                }
                 self.up = true;
                 self.off = false;
                 self.status = Some(status);
@@ -336,9 +483,24 @@ impl MullvadState {
         })
     }
 
+    /// For leak detection: the daemon's tunnel interface (the one it names now, or named
+    /// last, or `wg0-mullvad`) and whether it says connected; None while the daemon does
+    /// not answer or Mullvad is off, when it says nothing.
+    pub fn tunnel_connected(&self) -> Option<(String, bool)> {
+        let s = self.current()?;
+        let iface = s
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.tunnel_interface.clone())
+            .filter(|i| !i.is_empty())
+            .or_else(|| self.last_tunnel_interface.clone())
+            .unwrap_or_else(|| DEFAULT_TUNNEL_INTERFACE.to_owned());
+        Some((iface, s.state == TunnelState::Connected))
+    }
+
     /// The relays in use, connected or connecting, each as (address, role, hostname, country,
-    /// city): `entry` from `entry_endpoint` and the `entry_*` location fields (multihop only),
-    /// `exit` from `endpoint` and `hostname`/`country`/`city`. Unknown names are empty.
+    /// city): `entry` from `entry_endpoint` and [`Location::entry`] (multihop only), `exit`
+    /// from `endpoint` and [`Location::exit`]. Unknown names are empty.
     /// A WireGuard peer whose endpoint IP is one of these addresses is that relay.
     pub fn relay_roles(&self) -> Vec<RelayRole> {
         let Some(s) = self.current().filter(|s| s.has_relays()) else {
@@ -348,25 +510,15 @@ impl MullvadState {
             return Vec::new();
         };
         let loc = s.location.clone().unwrap_or_default();
-        let text = |v: &Option<String>| v.clone().unwrap_or_default();
         let mut out = Vec::new();
+        let mut push = |a: SocketAddr, role, p: RelayPlace| {
+            out.push((a.ip().to_canonical(), role, p.hostname, p.country, p.city));
+        };
         if let Some(a) = ep.entry_address {
-            out.push((
-                a.ip().to_canonical(),
-                "entry",
-                text(&loc.entry_hostname),
-                text(&loc.entry_country),
-                text(&loc.entry_city),
-            ));
+            push(a, "entry", loc.entry());
         }
         if let Some(a) = ep.address {
-            out.push((
-                a.ip().to_canonical(),
-                "exit",
-                text(&loc.hostname),
-                text(&loc.country),
-                text(&loc.city),
-            ));
+            push(a, "exit", loc.exit());
         }
         out
     }

@@ -1,6 +1,7 @@
 //! `mullvad status --json` read tolerantly into [`MullvadStatus`]: only `state` is
 //! required; every other field is optional, and one of an unexpected type is left out and
-//! noted rather than failing the whole status.
+//! noted rather than failing the whole status. Lines before the JSON (the CLI's warnings
+//! about the device's account) give the device state.
 
 use super::*;
 
@@ -51,11 +52,13 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
     if text.trim().is_empty() {
         return Err(ParseError::Empty);
     }
+    let (warnings, json) = split_warnings(text)?;
     // Without the trailing newline, output cut inside a string reads as ended (EOF), not as
     // a string with a control character in it.
-    let raw: RawStatus = serde_json::from_str(text.trim_end()).map_err(|e| match e.classify() {
+    let raw: RawStatus = serde_json::from_str(json.trim_end()).map_err(|e| match e.classify() {
         serde_json::error::Category::Eof => ParseError::Truncated {
-            line: e.line(),
+            // Lines of the whole output, the warnings included.
+            line: e.line() + text[..text.len() - json.len()].matches('\n').count(),
             column: e.column(),
         },
         // A JSON value of the wrong shape (e.g. no `state`, or an array).
@@ -64,10 +67,10 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
     })?;
     // serde also reads a struct from a JSON array (`["connected"]` would be state
     // "connected"); the status is an object, so valid JSON starting with `[` is an array.
-    if text.trim_start().starts_with('[') {
+    if json.trim_start().starts_with('[') {
         return Err(ParseError::NoState(format!(
             "an array: {}",
-            short(text.trim())
+            short(json.trim())
         )));
     }
     let state = match &raw.state {
@@ -75,16 +78,26 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
         other => return Err(ParseError::NoState(short(&other.to_string()))),
     };
     let mut status = MullvadStatus {
+        device: device_state(&state, &warnings),
         state,
         endpoint: None,
         location: None,
         feature_indicators: Vec::new(),
+        warnings: Vec::new(),
         locked_down: None,
         after_disconnect: None,
         error_cause: None,
         blocking: None,
         unreadable: Vec::new(),
     };
+    for w in &warnings {
+        if !w.starts_with("Warning:") {
+            status
+                .unreadable
+                .push(format!("text before the JSON: {}", short(w)));
+        }
+    }
+    status.warnings = warnings;
     let notes = &mut status.unreadable;
     // Disconnecting's details are a bare string (what follows); the others an object.
     if status.state == TunnelState::Disconnecting {
@@ -164,6 +177,53 @@ pub fn parse_status(text: &str) -> Result<MullvadStatus, ParseError> {
     Ok(status)
 }
 
+/// The lines before the JSON document, trimmed, and the document: it starts at the first line
+/// that starts with `{` or `[` (the CLI prints it on one line, after its warnings). Output
+/// with no such line is all document (and fails as JSON if it is not), unless it starts
+/// with the CLI's `Warning:`, which has nothing after it then.
+fn split_warnings(text: &str) -> Result<(Vec<String>, &str), ParseError> {
+    let mut warnings = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('{') || t.starts_with('[') {
+            return Ok((warnings, &text[offset..]));
+        }
+        if !t.is_empty() {
+            warnings.push(t.to_owned());
+        }
+        offset += line.len();
+    }
+    match warnings.first() {
+        Some(first) if first.starts_with("Warning:") => Err(ParseError::NoJsonAfter(short(first))),
+        _ => Ok((Vec::new(), text)),
+    }
+}
+
+/// The device state the warning lines tell, in a tunnel state where the CLI checks it
+/// (connecting, connected, error: it warns in no other).
+fn device_state(state: &TunnelState, warnings: &[String]) -> DeviceState {
+    let says = |what: &str| {
+        warnings
+            .iter()
+            .any(|w| w.to_ascii_lowercase().contains(what))
+    };
+    if says("revoked") {
+        DeviceState::Revoked
+    } else if says("not logged in") {
+        DeviceState::LoggedOut
+    } else if !warnings.is_empty() {
+        DeviceState::Unknown
+    } else if matches!(
+        state,
+        TunnelState::Connected | TunnelState::Connecting | TunnelState::Error
+    ) {
+        DeviceState::LoggedIn
+    } else {
+        DeviceState::Unknown
+    }
+}
+
 /// Reads `v` as a `T`, or notes at `path` why it could not.
 fn read<T: for<'de> Deserialize<'de>>(v: Value, path: &str, notes: &mut Vec<String>) -> Option<T> {
     match serde_json::from_value(v) {
@@ -201,26 +261,12 @@ fn endpoint(e: RawEndpoint, notes: &mut Vec<String>) -> Endpoint {
             None
         }
     };
-    // null is off; `{"obfuscation_type": "udp2tcp", "endpoint": {...}}` or a bare type name.
-    let obfuscation = match e.obfuscation {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(Value::Object(m)) => Some(
-            m.get("obfuscation_type")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown")
-                .to_owned(),
-        ),
-        Some(other) => {
-            notes.push(format!(
-                "details.endpoint.obfuscation: {}",
-                short(&other.to_string())
-            ));
-            Some("unknown".into())
-        }
+    let (obfuscation, obfuscators) = match e.obfuscation {
+        None | Some(Value::Null) => (None, Vec::new()),
+        Some(v) => obfuscation(v, notes),
     };
-    // The app's source has a boolean; docs/CONTRACT.md shows an object (settings): an object
-    // counts as on unless it says `"enabled": false`.
+    // A boolean in every released version; an object (DAITA's settings, as some third-party
+    // docs show it) counts as on unless it says `"enabled": false`.
     let daita = match e.daita {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
@@ -239,9 +285,87 @@ fn endpoint(e: RawEndpoint, notes: &mut Vec<String>) -> Endpoint {
         entry_address,
         quantum_resistant: e.quantum_resistant.unwrap_or(false),
         obfuscation,
+        obfuscators,
         daita,
         tunnel_interface: e.tunnel_interface,
     }
+}
+
+/// `details.endpoint.obfuscation`, not null: the kind in lower case and its obfuscators.
+/// Since 2025.13 an externally tagged enum, `{"Single": OBFUSCATOR}` or
+/// `{"Multiplexer": {"direct": ENDPOINT|null, "obfuscators": [OBFUSCATOR, ...]}}`; before,
+/// a bare OBFUSCATOR (`{"endpoint": {"address", "protocol"}, "obfuscation_type": "udp2tcp"}`).
+/// A bare type name is read too. What cannot be read is noted and counts as `unknown`.
+fn obfuscation(v: Value, notes: &mut Vec<String>) -> (Option<String>, Vec<Obfuscator>) {
+    const PATH: &str = "details.endpoint.obfuscation";
+    let unknown = |notes: &mut Vec<String>, why: String| {
+        notes.push(format!("{PATH}: {why}"));
+        (Some("unknown".to_owned()), Vec::new())
+    };
+    match v {
+        Value::String(s) => (Some(s.to_ascii_lowercase()), Vec::new()),
+        Value::Object(m) => {
+            if let Some(single) = m.get("Single") {
+                return match obfuscator(single, &format!("{PATH}.Single"), notes) {
+                    Some(o) => (Some(o.kind.clone()), vec![o]),
+                    None => (Some("unknown".to_owned()), Vec::new()),
+                };
+            }
+            if let Some(mux) = m.get("Multiplexer") {
+                let list = match mux.get("obfuscators") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, o)| {
+                            obfuscator(o, &format!("{PATH}.Multiplexer.obfuscators[{i}]"), notes)
+                        })
+                        .collect(),
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(other) => {
+                        notes.push(format!(
+                            "{PATH}.Multiplexer.obfuscators: not a list: {}",
+                            short(&other.to_string())
+                        ));
+                        Vec::new()
+                    }
+                };
+                return (Some("multiplexer".to_owned()), list);
+            }
+            if m.contains_key("obfuscation_type") {
+                let o = obfuscator(&Value::Object(m), PATH, notes);
+                return match o {
+                    Some(o) => (Some(o.kind.clone()), vec![o]),
+                    None => (Some("unknown".to_owned()), Vec::new()),
+                };
+            }
+            unknown(
+                notes,
+                format!("an unknown shape: {}", short(&Value::Object(m).to_string())),
+            )
+        }
+        other => unknown(notes, short(&other.to_string())),
+    }
+}
+
+/// One `{"endpoint": {"address": "IP:PORT", "protocol": "udp"}, "obfuscation_type": "Quic"}`;
+/// None (noted) without a string type.
+fn obfuscator(v: &Value, path: &str, notes: &mut Vec<String>) -> Option<Obfuscator> {
+    let Some(kind) = v.get("obfuscation_type").and_then(Value::as_str) else {
+        notes.push(format!("{path}: no string `obfuscation_type`"));
+        return None;
+    };
+    let ep = v.get("endpoint");
+    Some(Obfuscator {
+        kind: kind.to_ascii_lowercase(),
+        address: ep
+            .and_then(|e| e.get("address"))
+            .and_then(Value::as_str)
+            .and_then(|a| socket_addr(a, &format!("{path}.endpoint.address"), notes)),
+        protocol: ep
+            .and_then(|e| e.get("protocol"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
 }
 
 /// "IP:PORT" (IPv6 in brackets); a bare IP gets port 0.

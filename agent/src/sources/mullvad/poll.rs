@@ -141,13 +141,20 @@ fn log_outcome(
             if last_logged.take().is_some() {
                 info!("Mullvad: `{} status --json` works again", cfg.cli);
             }
-            let summary = format!("{} {:?}", s.state, s.unreadable);
+            let summary = format!("{} {:?} {:?}", s.state, s.device, s.unreadable);
             if last_state.as_deref() != Some(summary.as_str()) {
                 match &s.state {
                     TunnelState::Other(name) => warn!(
                         "Mullvad: unknown tunnel state {name:?}, exported as mullvad_tunnel_state{{state=\"{name}\"}}"
                     ),
                     st => info!("Mullvad: tunnel {st}"),
+                }
+                if matches!(s.device, DeviceState::Revoked | DeviceState::LoggedOut) {
+                    warn!(
+                        "Mullvad: the CLI says {:?}: the tunnel cannot reconnect until an account \
+                         is logged in again (`mullvad account login`); mullvad_device_state says so",
+                        s.warnings.join(" ")
+                    );
                 }
                 if !s.unreadable.is_empty() {
                     warn!(

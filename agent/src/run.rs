@@ -215,7 +215,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let (trigger, stop) = (probing.pmtu_trigger.clone(), stop_rx.clone());
         async move { sync_loop(&mut syncer, &datapath, &inventory, &trigger, stop).await }
     })];
-    tasks.extend(probing.spawn(&cfg, &inventory, endpoints, &stop_rx));
+    tasks.extend(probing.spawn(&cfg, &inventory, &datapath, endpoints, &stop_rx));
 
     let mut stop_http = stop_rx.clone();
     let serve = server.serve(agent, async move {
@@ -428,6 +428,7 @@ impl Probing {
         &self,
         cfg: &RunConfig,
         inventory: &Arc<RwLock<Inventory>>,
+        datapath: &Arc<Mutex<Datapath>>,
         labeler: EndpointLabeler,
         stop: &watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
@@ -445,6 +446,7 @@ impl Probing {
                 labeler,
                 state: self.pmtu.clone(),
                 trigger: self.pmtu_trigger.clone(),
+                carrier: Some(datapath.clone()),
             },
             stop.clone(),
         );

@@ -1,7 +1,8 @@
 //! Active probes and path MTU: `wirescope_probe_rtt_seconds` (histogram),
 //! `wirescope_probe_sent_total`, `wirescope_probe_lost_total` per (target, interface; empty
 //! when the probe is not bound to one), `wirescope_path_mtu_bytes{target,interface}` and
-//! `wirescope_recommended_mtu_bytes{interface}`, read from [`ProbeStats`] and [`PmtuState`]
+//! `wirescope_recommended_mtu_bytes{interface}` with `wirescope_recommended_mtu_info{interface,method}`
+//! (how it was measured), read from [`ProbeStats`] and [`PmtuState`]
 //! on every scrape. A probe target's series exist from its first probe on and stay; a path
 //! MTU exists while its target is in the set and the last search reached it.
 
@@ -80,10 +81,26 @@ impl Collector for ProbeCollector {
         encode_gauges(
             &mut encoder,
             "wirescope_recommended_mtu_bytes",
-            "the tunnel MTU that avoids fragmentation on the measured path: path MTU to the hop-1 endpoint minus 20/40 + 8 + 32 bytes per WireGuard layer",
+            "the tunnel MTU that avoids fragmentation on the measured path: path MTU to the hop-1 endpoint minus 20/40 + 8 + 32 bytes per WireGuard layer; \
+             the path MTU from a don't-fragment echo search to the endpoint through the underlay, or where that gets no reply (a firewall such as the Mullvad app's) \
+             from an in-tunnel echo search whose WireGuard carrier was seen unfragmented: wirescope_recommended_mtu_info{method} says which",
             m.recommended.iter().map(|(iface, v)| {
                 let l: Labels = vec![("interface", iface.clone())];
                 (l, i64::from(*v))
+            }),
+        )?;
+        encode_gauges(
+            &mut encoder,
+            "wirescope_recommended_mtu_info",
+            "1 per tunnel with a recommended MTU; method: underlay_echo (echo search to the hop-1 endpoint), \
+             tunnel_echo (in-tunnel search, carrier unfragmented; exact to the 16 bytes WireGuard pads to, rounded down), \
+             tunnel_echo_icmp (the same, narrowed to the MTU an ICMP too-big reported during it)",
+            m.method.iter().map(|(iface, method)| {
+                let l: Labels = vec![
+                    ("interface", iface.clone()),
+                    ("method", method.as_str().to_string()),
+                ];
+                (l, 1)
             }),
         )
     }
@@ -110,6 +127,7 @@ mod tests {
         assert!(text.contains("# TYPE wirescope_probe_rtt_seconds histogram"));
         assert!(text.contains("# TYPE wirescope_path_mtu_bytes gauge"));
         assert!(text.contains("# TYPE wirescope_recommended_mtu_bytes gauge"));
+        assert!(text.contains("# TYPE wirescope_recommended_mtu_info gauge"));
         assert!(text.contains("# TYPE wirescope_probe_sent_total counter"));
         assert!(text.contains("# TYPE wirescope_probe_lost_total counter"));
     }

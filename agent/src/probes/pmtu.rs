@@ -33,6 +33,13 @@
 //! the wire and fits the measured path without fragmenting. Example: path MTU 1400 to an IPv4
 //! relay, one layer: 1400 - (20 + 8 + 32) = 1340; two IPv4 layers: 1280.
 //!
+//! Where the endpoint search gets no reply (a firewall lets only the tunnel's own datagrams
+//! reach the relay, as the Mullvad app's does), the tunnel's recommendation comes from an
+//! in-tunnel search to a probe target bound to it ([`carrier`]: Mullvad's 10.64.0.1 while
+//! connected; elsewhere `--probe ADDR@TUNNEL`), run after the others, one tunnel at a time.
+//! `wirescope_recommended_mtu_info{interface,method}` says which search gave the value
+//! ([`Method`]).
+//!
 //! When: at start, every `pmtu_interval`, for targets new to the set within [`CHECK_EVERY`]
 //! (Mullvad connected, an endpoint changed), and soon after the `trigger` [`Notify`] fires (an
 //! ICMP too-big seen by the datapath). Notifications that come during a run or within
@@ -54,7 +61,10 @@ use tokio::{
 
 use crate::{
     config::ProbeConfig,
-    probes::icmp::{ExtraTargets, IcmpSocket, target_set},
+    probes::{
+        carrier::{self, CarrierPlan, CarrierResult, CarrierSignals, Method},
+        icmp::{ExtraTargets, IcmpSocket, target_set},
+    },
     sources::netlink::Netlink,
     sync::inventory::{Inventory, Peer, Tunnel, Underlay},
     sync::peer_label::EndpointLabeler,
@@ -129,6 +139,12 @@ impl Search {
     pub fn result(&self) -> Option<u32> {
         self.passed
     }
+
+    /// The smallest size that failed above the result; None while none did (the ceiling
+    /// passed, or nothing was tried above the floor).
+    pub fn smallest_failed(&self) -> Option<u32> {
+        (self.passed.is_some() && self.failed <= self.ceiling).then_some(self.failed)
+    }
 }
 
 /// Runs a whole search with a synchronous "does size S pass" (each size asked once).
@@ -180,6 +196,11 @@ pub struct Measured {
     pub path: BTreeMap<(String, String), u32>,
     /// tunnel interface -> recommended MTU.
     pub recommended: BTreeMap<String, u32>,
+    /// tunnel interface -> how its recommended MTU was measured.
+    pub method: BTreeMap<String, Method>,
+    /// tunnel interface -> its in-tunnel search's result, for tunnels whose hop-1 endpoints
+    /// could not be searched through the underlay.
+    pub carrier: BTreeMap<String, CarrierResult>,
 }
 
 impl PmtuState {
@@ -252,27 +273,73 @@ pub fn recommendations(
             .filter_map(|pt| path.get(&pt.key()).copied())
             .min();
         let Some(mtu) = measured else { continue };
-        let depth = t.peers.iter().map(|p| p.hop).max().unwrap_or(1).max(1);
-        let layers: Vec<bool> = (1..=depth)
-            .map(|h| {
-                let fams: Vec<bool> = t
-                    .peers
-                    .iter()
-                    .filter(|p| p.hop == h)
-                    .filter_map(|p| p.wg.endpoint)
-                    .map(|e| e.is_ipv6())
-                    .collect();
-                // Unknown: count the larger header.
-                fams.is_empty() || fams.iter().any(|v6| *v6)
-            })
+        out.insert(t.name.clone(), recommended_mtu(mtu, &layers_of(t)));
+    }
+    out
+}
+
+/// The WireGuard layers of a tunnel, hop 1 first, down to its deepest peer's hop: true when
+/// that layer's endpoints are IPv6 (or unknown: the larger header counts).
+pub fn layers_of(t: &Tunnel) -> Vec<bool> {
+    let depth = t.peers.iter().map(|p| p.hop).max().unwrap_or(1).max(1);
+    (1..=depth)
+        .map(|h| {
+            let fams: Vec<bool> = t
+                .peers
+                .iter()
+                .filter(|p| p.hop == h)
+                .filter_map(|p| p.wg.endpoint)
+                .map(|e| e.is_ipv6())
+                .collect();
+            fams.is_empty() || fams.iter().any(|v6| *v6)
+        })
+        .collect()
+}
+
+/// The in-tunnel searches a round needs: every tunnel with a hop-1 peer whose recommendation
+/// the underlay search could not give (not in `recommended`) and a target bound to it among
+/// `targets` (the first, in the set's order). The watched interfaces are the watched
+/// underlays its hop-1 peers are reached over (all of them when none is known).
+pub fn carrier_plans(
+    tunnels: &[Tunnel],
+    underlays: &[Underlay],
+    targets: &[PmtuTarget],
+    recommended: &BTreeMap<String, u32>,
+) -> Vec<CarrierPlan> {
+    let mut out = Vec::new();
+    for t in tunnels {
+        if recommended.contains_key(&t.name) || !t.peers.iter().any(|p| p.hop == 1) {
+            continue;
+        }
+        let Some(target) = targets
+            .iter()
+            .find(|x| x.iface.as_deref() == Some(t.name.as_str()))
+        else {
+            continue;
+        };
+        let vias: Vec<u32> = underlays
+            .iter()
+            .filter(|u| t.peers.iter().any(|p| p.hop == 1 && p.via == u.name))
+            .map(|u| u.ifindex)
             .collect();
-        out.insert(t.name.clone(), recommended_mtu(mtu, &layers));
+        let watch = if vias.is_empty() {
+            underlays.iter().map(|u| u.ifindex).collect()
+        } else {
+            vias
+        };
+        out.push(CarrierPlan {
+            tunnel: t.name.clone(),
+            target: target.clone(),
+            watch,
+            mtu: t.mtu,
+            layers_v6: layers_of(t),
+        });
     }
     out
 }
 
 /// The MTU of the interface packets to `t` leave through.
-async fn ceiling(netlink: &Netlink, t: &PmtuTarget) -> Result<u32, String> {
+pub(crate) async fn ceiling(netlink: &Netlink, t: &PmtuTarget) -> Result<u32, String> {
     let links = netlink.links().await.map_err(|e| e.to_string())?;
     match &t.iface {
         Some(name) => links
@@ -305,26 +372,37 @@ async fn passes(sock: &IcmpSocket, seq: &mut u16, size: u32, timeout: Duration) 
             debug!("path MTU probe of {size} bytes: send: {e}");
             continue;
         }
-        let deadline = Instant::now() + timeout;
-        let mut errors = 0;
-        loop {
-            match tokio::time::timeout_at(deadline, sock.recv()).await {
-                Err(_) => break,
-                Ok(Ok(Some(s))) if s == want => return true,
-                Ok(Ok(_)) => {}
-                // An ICMP error reported on the socket (too big): wait for the timeout,
-                // unless the socket keeps failing.
-                Ok(Err(e)) => {
-                    errors += 1;
-                    if errors >= crate::probes::icmp::MAX_RECV_ERRORS {
-                        debug!("path MTU probe of {size} bytes: receive: {e}");
-                        break;
-                    }
+        if await_reply(sock, want, Instant::now() + timeout, size).await {
+            return true;
+        }
+    }
+    false
+}
+
+/// Waits until `deadline` for the reply to echo `want` (of `size` bytes, for the log).
+pub(crate) async fn await_reply(
+    sock: &IcmpSocket,
+    want: u16,
+    deadline: Instant,
+    size: u32,
+) -> bool {
+    let mut errors = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, sock.recv()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(s))) if s == want => return true,
+            Ok(Ok(_)) => {}
+            // An ICMP error reported on the socket (too big): wait for the timeout,
+            // unless the socket keeps failing.
+            Ok(Err(e)) => {
+                errors += 1;
+                if errors >= crate::probes::icmp::MAX_RECV_ERRORS {
+                    debug!("path MTU probe of {size} bytes: receive: {e}");
+                    return false;
                 }
             }
         }
     }
-    false
 }
 
 /// Searches one target; None when it could not be searched or not even the floor passed.
@@ -376,6 +454,9 @@ pub struct PmtuTask {
     pub state: Arc<PmtuState>,
     /// Fired on an ICMP too-big (from the datapath): a run soon.
     pub trigger: Arc<Notify>,
+    /// The datapath's fragment and too-big counts, for the in-tunnel searches
+    /// ([`carrier`]); None: no in-tunnel searches.
+    pub carrier: Option<Arc<dyn CarrierSignals>>,
 }
 
 impl PmtuTask {
@@ -402,10 +483,13 @@ impl PmtuTask {
         (out, tunnels.0, tunnels.1)
     }
 
-    /// Searches the current targets (with `skip`, only those not in it) and updates the
-    /// state: their results replace the old ones, targets no longer in the set go, the
-    /// recommendations are recomputed. Returns the keys of the current set and whether
-    /// anything was searched.
+    /// Searches the current targets (with `skip`, only those not in it), then, one at a
+    /// time, the in-tunnel searches of the tunnels the underlay searches left without a
+    /// recommendation ([`carrier_plans`]; with `skip`, only those not in it), and updates
+    /// the state at once: their results replace the old ones, targets and plans no longer in
+    /// the set go, the recommendations are recomputed. Returns the keys of the current set
+    /// (targets, and plans as `("carrier " + target label, tunnel)`) and whether anything
+    /// was searched.
     async fn run(
         &self,
         netlink: &Netlink,
@@ -413,33 +497,66 @@ impl PmtuTask {
     ) -> (BTreeSet<(String, String)>, bool) {
         let (targets, tunnels, underlays) = self.targets();
         let timeout = try_timeout(&self.cfg);
-        let chosen: Vec<&PmtuTarget> = targets
-            .iter()
-            .filter(|t| skip.is_none_or(|seen| !seen.contains(&t.key())))
-            .collect();
-        let searched = !chosen.is_empty();
+        let is_new = |k: &(String, String)| skip.is_none_or(|seen| !seen.contains(k));
+        let chosen: Vec<&PmtuTarget> = targets.iter().filter(|t| is_new(&t.key())).collect();
+        let mut searched = !chosen.is_empty();
         let results = futures_util::future::join_all(
             chosen
                 .iter()
                 .map(|t| async { (t.key(), measure(netlink, t, timeout).await) }),
         )
         .await;
-        let current: BTreeSet<(String, String)> = targets.iter().map(PmtuTarget::key).collect();
-        let labeler = &self.labeler;
-        self.state.update(|m| {
-            m.path.retain(|k, _| current.contains(k));
-            for (k, r) in results {
-                match r {
-                    Some(v) => {
-                        m.path.insert(k, v);
-                    }
-                    None => {
-                        m.path.remove(&k);
-                    }
+        let mut current: BTreeSet<(String, String)> = targets.iter().map(PmtuTarget::key).collect();
+        let mut m = self.state.snapshot();
+        m.path.retain(|k, _| current.contains(k));
+        for (k, r) in results {
+            match r {
+                Some(v) => {
+                    m.path.insert(k, v);
+                }
+                None => {
+                    m.path.remove(&k);
                 }
             }
-            m.recommended = recommendations(&tunnels, &underlays, labeler, &m.path);
-        });
+        }
+        m.recommended = recommendations(&tunnels, &underlays, &self.labeler, &m.path);
+        m.method = m
+            .recommended
+            .keys()
+            .map(|t| (t.clone(), Method::UnderlayEcho))
+            .collect();
+
+        let plans = carrier_plans(&tunnels, &underlays, &targets, &m.recommended);
+        m.carrier
+            .retain(|tunnel, _| plans.iter().any(|p| &p.tunnel == tunnel));
+        for plan in &plans {
+            let key = (
+                format!("carrier {}", plan.target.label),
+                plan.tunnel.clone(),
+            );
+            let new = is_new(&key);
+            current.insert(key);
+            let Some(signals) = self.carrier.as_deref() else {
+                continue;
+            };
+            if !new {
+                continue;
+            }
+            searched = true;
+            match carrier::measure(netlink, plan, signals, timeout).await {
+                Some(r) => {
+                    m.carrier.insert(plan.tunnel.clone(), r);
+                }
+                None => {
+                    m.carrier.remove(&plan.tunnel);
+                }
+            }
+        }
+        for (tunnel, r) in &m.carrier {
+            m.recommended.insert(tunnel.clone(), r.recommended);
+            m.method.insert(tunnel.clone(), r.method);
+        }
+        self.state.update(|s| *s = m);
         (current, searched)
     }
 }
@@ -699,5 +816,96 @@ mod tests {
                 .iter()
                 .all(|t| !t.label.contains("192.0.2"))
         );
+    }
+
+    fn target(addr: &str, iface: Option<&str>) -> PmtuTarget {
+        PmtuTarget {
+            addr: addr.parse().unwrap(),
+            iface: iface.map(str::to_string),
+            label: addr.to_string(),
+        }
+    }
+
+    #[test]
+    fn in_tunnel_searches_only_where_the_underlay_gave_nothing() {
+        let mut a = tunnel("wg0", vec![peer(1, Some("192.0.2.1:51820"))]);
+        a.peers[0].via = "eth1".into();
+        let mut b = tunnel(
+            "wg1",
+            vec![
+                peer(1, Some("[2001:db8::1]:51820")),
+                peer(2, Some("10.0.0.9:51820")),
+            ],
+        );
+        b.ifindex = 4;
+        b.mtu = 1380;
+        let no_target = tunnel("wg2", vec![peer(1, Some("192.0.2.3:51820"))]);
+        let no_peer = tunnel("wg3", vec![]);
+        let underlays = [
+            Underlay {
+                name: "eth0".into(),
+                ifindex: 2,
+            },
+            Underlay {
+                name: "eth1".into(),
+                ifindex: 7,
+            },
+        ];
+        let targets = [
+            target("192.0.2.1", Some("eth1")),
+            target("10.64.0.1", Some("wg0")),
+            target("10.64.0.2", Some("wg0")),
+            target("10.64.0.1", Some("wg1")),
+            target("10.64.0.1", Some("wg3")),
+            target("10.9.9.9", None),
+        ];
+        let tunnels = [a, b, no_target, no_peer];
+        let plans = carrier_plans(&tunnels, &underlays, &targets, &BTreeMap::new());
+        assert_eq!(
+            plans,
+            vec![
+                CarrierPlan {
+                    tunnel: "wg0".into(),
+                    target: targets[1].clone(),
+                    // Its hop-1 peer's underlay only.
+                    watch: vec![7],
+                    mtu: 1420,
+                    layers_v6: vec![false],
+                },
+                CarrierPlan {
+                    tunnel: "wg1".into(),
+                    target: targets[3].clone(),
+                    // No hop-1 underlay known: every watched one.
+                    watch: vec![2, 7],
+                    mtu: 1380,
+                    layers_v6: vec![true, false],
+                },
+            ]
+        );
+        // A tunnel the underlay search measured needs none.
+        let measured = BTreeMap::from([("wg0".to_string(), 1340)]);
+        let plans = carrier_plans(&tunnels, &underlays, &targets, &measured);
+        assert_eq!(
+            plans.iter().map(|p| p.tunnel.as_str()).collect::<Vec<_>>(),
+            ["wg1"]
+        );
+    }
+
+    #[test]
+    fn smallest_failed_is_the_bracket_top() {
+        let mut s = Search::new(FLOOR, 1420);
+        assert_eq!(s.smallest_failed(), None);
+        while let Some(size) = s.next() {
+            s.record(size, size <= 1328);
+        }
+        assert_eq!((s.result(), s.smallest_failed()), (Some(1328), Some(1329)));
+        let mut all = Search::new(FLOOR, 1420);
+        while let Some(size) = all.next() {
+            all.record(size, true);
+        }
+        assert_eq!((all.result(), all.smallest_failed()), (Some(1420), None));
+        let mut none = Search::new(FLOOR, 1420);
+        none.record(FLOOR, false);
+        assert_eq!((none.result(), none.smallest_failed()), (None, None));
     }
 }

@@ -4,10 +4,13 @@
 //! the lab binary with the libtest filter `kernel::`, so a module belongs here when its
 //! tests are worth that VM time. Exact counts per layer (`tunnel`), handshake round trips
 //! and timeouts (`health`), leaks around the tunnel (`leak`), path-MTU signals from a real
-//! router (`path`), the kernel's drops and their reason names (`drops`), and pinned maps
-//! over a SIGKILL and restart, whose gap depends on the TC hook (`restart`).
+//! router (`path`), the recommended MTU behind a Mullvad-like firewall, whose method depends
+//! on whether the implementation's datagrams carry don't-fragment (`firewall`), the kernel's
+//! drops and their reason names (`drops`), and pinned maps over a SIGKILL and restart, whose
+//! gap depends on the TC hook (`restart`).
 
 mod drops;
+mod firewall;
 mod health;
 mod leak;
 mod path;

@@ -314,6 +314,11 @@ async fn first_sync(
         .tick(datapath, inventory)
         .await
         .context("first sync of interfaces and peers")?;
+    // Every watched interface has taken over its pinned links by now: the rest are stale.
+    datapath
+        .lock()
+        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
+        .sweep_stale_hooks();
     Ok(syncer)
 }
 
@@ -542,16 +547,13 @@ async fn signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dropping the datapath would detach every program too (TCX links are fd-based), but
-/// clsact filters must be removed explicitly by detach().
+/// A clean stop detaches explicitly: dropping the datapath leaves pinned TCX links and
+/// clsact filters counting, as a crash does (see datapath::hooks).
 fn detach_all(datapath: &Mutex<Datapath>) -> anyhow::Result<()> {
     let mut dp = datapath
         .lock()
         .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-    let attached: Vec<u32> = dp.attachments().map(|(i, _)| *i).collect();
-    for i in attached {
-        dp.detach(i);
-    }
+    dp.detach_all();
     info!("detached; bye");
     Ok(())
 }

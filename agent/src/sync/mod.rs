@@ -188,8 +188,11 @@ impl Syncer {
             let mut dp = datapath
                 .lock()
                 .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
+            // The maps before the hooks: a program that takes over a pinned link from the
+            // previous agent's finds every peer already, and counts no packet as unknown.
+            let written = self.write_maps(&mut dp, &tunnels, &want);
             self.watch(&mut dp, &by_name, &tunnels, &underlays);
-            self.write_maps(&mut dp, &tunnels, &want)
+            written
         };
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));

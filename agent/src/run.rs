@@ -298,17 +298,28 @@ async fn first_sync(
             crypto_kprobes: features.kprobe,
         },
     );
-    let saved_ids = datapath
-        .lock()
-        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
-        .tunnel
-        .saved_peer_ids();
+    let (saved_ids, saved_names) = {
+        let mut dp = datapath
+            .lock()
+            .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
+        (dp.tunnel.saved_peer_ids(), dp.tunnel.saved_iface_names())
+    };
     if !saved_ids.is_empty() {
         info!(
             "{} peer ids continued from the pinned maps",
             saved_ids.len()
         );
     }
+    if !saved_names.is_empty() {
+        info!(
+            "{} interface names continued from the pinned maps",
+            saved_names.len()
+        );
+    }
+    inventory
+        .write()
+        .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?
+        .seed_labels(saved_names, &saved_ids);
     syncer.seed_peer_ids(saved_ids);
     syncer
         .tick(datapath, inventory)

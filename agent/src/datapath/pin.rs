@@ -412,6 +412,8 @@ mod tests {
             "RX_SEQ",
             "LEAKS",
             "DROPS",
+            "PEER_IDS",
+            "IFACE_NAMES",
         ] {
             assert!(pinned.contains(&name), "{name} not pinned: {pinned:?}");
         }

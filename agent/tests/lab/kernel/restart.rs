@@ -12,6 +12,11 @@
 //! arrays are pinned beside them, so a leak sent in the gap counts too. A clean stop leaves
 //! no hook pinned and no program attached, and keeps the counting maps.
 //!
+//! `interfaces_gone_while_down_keep_their_names`: the tunnel deleted and re-created (as
+//! Mullvad does on every connect) and a second WireGuard interface deleted while no agent
+//! runs: the restarted agent exports their counts under their names (pinned `IFACE_NAMES`,
+//! and the peers' labels from `PEER_IDS`), never as `ifindexN`, with their exact values.
+//!
 //! The agent runs under `ip netns exec`, whose private mount namespace hides the host's
 //! bpffs; the test mounts bpffs at /sys/fs/bpf on the host when it is not there, and the
 //! agent pins in it through its parent's (this test's) mount namespace.
@@ -27,10 +32,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{COUNTER_FAMILIES, Names, echo_via_tunnel, start, val};
+use common::{COUNTER_FAMILIES, Names, bring_back, echo_via_tunnel, start, val};
 use xtask::{
     agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
+    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology, WgImpl},
     prometheus::{Options, Prometheus},
     scrape::Metrics,
     udp::{UdpEcho, recv_sizes, send_udp},
@@ -593,4 +598,183 @@ fn sigkill_restart_keeps_counters() {
     // The lab's namespace goes with the lab: its pins would only be collected by the next
     // agent's start; remove them now.
     std::fs::remove_dir_all(&ns_dir).expect("removing the test's pins");
+}
+
+/// The peer of the second interface in `interfaces_gone_while_down_keep_their_names`.
+const GHOST2: &str = "U2Vjb25kSW50ZXJmYWNlUGVlcktleVJlc3RhcnQwMDA=";
+
+/// A second WireGuard interface `{PREFIX}x0` in the client's namespace (the lab's
+/// implementation), up, with one peer: allowed IPs 10.98.0.0/24 (routed into it), an
+/// endpoint on the relay's address at a port nothing listens on (its packets wait for a
+/// handshake that never comes, after TC egress counted them).
+fn add_second_interface(lab: &Lab, cns: &str, relay_ip: IpAddr) -> String {
+    let name = format!("{PREFIX}x0");
+    match lab.wireguard {
+        WgImpl::Userspace => {
+            xtask::wg::start_userspace(cns, &name, Duration::from_secs(10)).expect("wireguard-go");
+        }
+        WgImpl::Kernel => xtask::wg::add_kernel(cns, &name).expect("kernel WireGuard"),
+    }
+    let key = xtask::wg::genkey().expect("wg genkey");
+    let conf = format!(
+        "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {GHOST2}\nAllowedIPs = \
+         10.98.0.0/24\nEndpoint = {relay_ip}:51998\n",
+        key.private.trim()
+    );
+    xtask::wg::setconf(cns, &name, &conf).expect("setconf");
+    for args in [
+        vec!["ip", "link", "set", &name, "up"],
+        vec!["ip", "route", "replace", "10.98.0.0/24", "dev", &name],
+    ] {
+        let o = lab.exec(cns, &args).expect("lab exec");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    name
+}
+
+/// Waits until `iface` no longer exists in `cns`.
+fn wait_gone(cns: &str, iface: &str) {
+    let t = Instant::now();
+    while xtask::netns::exec(cns, &["ip", "link", "show", "dev", iface]).is_ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{iface} still exists"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Interfaces deleted while no agent runs keep their names: the client's tunnel deleted and
+/// re-created under a new ifindex (Mullvad re-creates wg0-mullvad on every connect) and a
+/// second WireGuard interface deleted for good. The restarted agent exports the counts of
+/// both old ifindexes under their interface names, exactly as they were, and no series
+/// named `ifindexN`; the re-created tunnel's new counts add to the same series.
+#[test]
+fn interfaces_gone_while_down_keep_their_names() {
+    if !lab::can_run("interfaces_gone_while_down_keep_their_names") {
+        return;
+    }
+    ensure_host_bpffs();
+    let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
+    let Names {
+        cns, tun, relay, ..
+    } = Names::of(&lab);
+    let agent = start(&lab, "names-1");
+    lab.handshake(Duration::from_secs(20)).expect("handshake");
+    let (pin_dir, _) = pinned_line(&agent.log_text());
+    let relay_ip = relay_ip(&lab, &cns, &tun);
+    let second = add_second_interface(&lab, &cns, relay_ip);
+    wait_peer_known(&agent, GHOST2);
+
+    const N: usize = 12;
+    const G: usize = 4;
+    const K: usize = 6;
+    scrape_synced(&agent, &tun, &relay);
+    echo(&lab, N, 7101);
+    send_udp(
+        &cns,
+        None,
+        SocketAddr::new([10, 98, 0, 1].into(), 9),
+        &[60; G],
+    )
+    .expect("datagrams into the second interface");
+    std::thread::sleep(Duration::from_millis(300));
+    let s1 = agent.scrape().expect("scrape");
+    assert_eq!(
+        tun_packets(&s1, &second, GHOST2, "tx"),
+        G as u64,
+        "the second interface's packets"
+    );
+    let conf = String::from_utf8_lossy(&lab.exec(&cns, &["wg", "showconf", &tun]).unwrap().stdout)
+        .into_owned();
+    let old_tun = ifindex_in(&cns, &tun);
+
+    agent.kill().expect("SIGKILL");
+    for iface in [&second, &tun] {
+        let o = lab
+            .exec(&cns, &["ip", "link", "del", "dev", iface])
+            .expect("ip link del");
+        assert!(o.status.success(), "deleting {iface}");
+        wait_gone(&cns, iface);
+    }
+    let _ = std::fs::remove_file(xtask::wg::socket_path(&second));
+    bring_back(&lab, &tun, &conf);
+    let new_tun = ifindex_in(&cns, &tun);
+    assert_ne!(new_tun, old_tun, "{tun} re-created under a new ifindex");
+
+    let agent = start(&lab, "names-2");
+    wait_peer_known(&agent, &relay);
+    let s2 = agent.scrape().expect("scrape");
+    for f in COUNTER_FAMILIES {
+        let orphans: Vec<_> = s2
+            .select(f, &[])
+            .filter(|(l, _)| l.get("interface").is_some_and(|i| i.starts_with("ifindex")))
+            .collect();
+        assert!(
+            orphans.is_empty(),
+            "{f}: counts without a name: {orphans:?}"
+        );
+    }
+    for dir in ["tx", "rx"] {
+        assert_eq!(
+            tun_packets(&s2, &tun, &relay, dir),
+            tun_packets(&s1, &tun, &relay, dir),
+            "{dir}: the deleted {tun}'s packets, under its name"
+        );
+        assert_eq!(
+            tun_bytes(&s2, &tun, &relay, dir),
+            tun_bytes(&s1, &tun, &relay, dir),
+            "{dir}: their bytes"
+        );
+    }
+    assert_eq!(
+        tun_packets(&s2, &second, GHOST2, "tx"),
+        G as u64,
+        "the deleted {second}'s packets, under its name"
+    );
+    assert_eq!(
+        tun_bytes(&s2, &second, GHOST2, "tx"),
+        l3_bytes([60; G]),
+        "their bytes"
+    );
+
+    // The re-created tunnel counts on, in the same series.
+    echo(&lab, K, 7102);
+    let s3 = agent.scrape().expect("scrape");
+    for dir in ["tx", "rx"] {
+        assert_eq!(
+            tun_packets(&s3, &tun, &relay, dir),
+            tun_packets(&s1, &tun, &relay, dir) + K as u64,
+            "{dir}: exact after the re-creation and the restart"
+        );
+    }
+    // An interface that appears after the agent dropped its capabilities gets its links
+    // pinned too (the hooks directory is reached through the agent's own descriptor), and
+    // a clean stop removes every pin.
+    let second = add_second_interface(&lab, &cns, relay_ip);
+    wait_peer_known(&agent, GHOST2);
+    if !agent.log_text().contains("with clsact") {
+        let idx = ifindex_in(&cns, &second);
+        let pins = hook_pins(&pin_dir);
+        for d in ["ingress", "egress"] {
+            assert!(
+                pins.contains(&format!("tcx-{idx}-{d}")),
+                "{second} (ifindex {idx}) {d} pinned: {pins:?}\n{}",
+                agent.log_text()
+            );
+        }
+    }
+    assert!(agent.stop().expect("clean stop").success(), "clean exit");
+    assert_eq!(
+        hook_pins(&pin_dir),
+        Vec::<String>::new(),
+        "a clean stop leaves no hook pinned:\n{}",
+        std::fs::read_to_string(common::log_path("names-2")).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(xtask::wg::socket_path(&second));
+    std::fs::remove_dir_all(pin_dir.parent().unwrap()).expect("removing the test's pins");
 }

@@ -264,8 +264,10 @@ fn hooked_programs(ns: &str, ifaces: &[String], clsact: bool) -> usize {
             for dir in ["ingress", "egress"] {
                 let out = xtask::netns::exec(ns, &["tc", "filter", "show", "dev", iface, dir])
                     .expect("tc filter show");
+                // One line per filter, which names its program.
                 n += String::from_utf8_lossy(&out.stdout)
-                    .matches("wirescope_")
+                    .lines()
+                    .filter(|l| l.contains("wirescope_"))
                     .count();
             }
         } else {

@@ -9,7 +9,8 @@
 //! configuration), program arrays and in-flight state are not pinned.
 
 use agent_common::maps::{
-    Counter, CounterKey, IfaceConfig, MAX_COUNTERS, MAX_IFACES, MAX_PEER_IDS, PeerIdKey, map_error,
+    Counter, CounterKey, IfaceConfig, IfaceName, MAX_COUNTERS, MAX_IFACE_NAMES, MAX_IFACES,
+    MAX_PEER_IDS, PeerIdKey, map_error,
     wire::{Endpoint, MAX_ENDPOINTS, MAX_WG_PORTS},
 };
 use aya_ebpf::{
@@ -39,6 +40,12 @@ pub static MAP_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(map_error::COUNT, 
 /// few hundred bytes per peer rather than 65,536 entries up front.
 #[map]
 pub static PEER_IDS: HashMap<PeerIdKey, u32> = HashMap::pinned(MAX_PEER_IDS, BPF_F_NO_PREALLOC);
+
+/// ifindex -> the interface's latest name, pinned with the counters keyed by ifindex (see
+/// `agent_common::maps::IfaceName`); only the agent reads and writes it.
+#[map]
+pub static IFACE_NAMES: HashMap<u32, IfaceName> =
+    HashMap::pinned(MAX_IFACE_NAMES, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 pub fn iface(ifindex: u32) -> Option<IfaceConfig> {

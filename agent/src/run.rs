@@ -301,22 +301,38 @@ async fn first_sync(
             mullvad: Some(probing.mullvad.clone()),
         },
     );
-    let saved_ids = datapath
-        .lock()
-        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
-        .tunnel
-        .saved_peer_ids();
+    let (saved_ids, saved_names) = {
+        let mut dp = datapath
+            .lock()
+            .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
+        (dp.tunnel.saved_peer_ids(), dp.tunnel.saved_iface_names())
+    };
     if !saved_ids.is_empty() {
         info!(
             "{} peer ids continued from the pinned maps",
             saved_ids.len()
         );
     }
+    if !saved_names.is_empty() {
+        info!(
+            "{} interface names continued from the pinned maps",
+            saved_names.len()
+        );
+    }
+    inventory
+        .write()
+        .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?
+        .seed_labels(saved_names, &saved_ids);
     syncer.seed_peer_ids(saved_ids);
     syncer
         .tick(datapath, inventory)
         .await
         .context("first sync of interfaces and peers")?;
+    // Every watched interface has taken over its pinned links by now: the rest are stale.
+    datapath
+        .lock()
+        .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?
+        .sweep_stale_hooks();
     Ok(syncer)
 }
 
@@ -547,16 +563,13 @@ async fn signals() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dropping the datapath would detach every program too (TCX links are fd-based), but
-/// clsact filters must be removed explicitly by detach().
+/// A clean stop detaches explicitly: dropping the datapath leaves pinned TCX links and
+/// clsact filters counting, as a crash does (see datapath::hooks).
 fn detach_all(datapath: &Mutex<Datapath>) -> anyhow::Result<()> {
     let mut dp = datapath
         .lock()
         .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-    let attached: Vec<u32> = dp.attachments().map(|(i, _)| *i).collect();
-    for i in attached {
-        dp.detach(i);
-    }
+    dp.detach_all();
     info!("detached; bye");
     Ok(())
 }

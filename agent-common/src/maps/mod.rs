@@ -34,6 +34,7 @@ pub mod names {
     pub const RX_SESSIONS: &str = "RX_SESSIONS";
     pub const RX_SEQ: &str = "RX_SEQ";
     pub const PEER_IDS: &str = "PEER_IDS";
+    pub const IFACE_NAMES: &str = "IFACE_NAMES";
 }
 
 /// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
@@ -43,6 +44,9 @@ pub const MAX_IFACES: u32 = 256;
 pub const MAX_COUNTERS: u32 = 131_072;
 /// (interface name, public key) -> peer id, for every peer the agent numbered.
 pub const MAX_PEER_IDS: u32 = 65_536;
+/// ifindex -> interface name, for every interface the agent watched. Mullvad re-creates
+/// wg0-mullvad (a new ifindex) on every connect: at one connect an hour this lasts ~2 years.
+pub const MAX_IFACE_NAMES: u32 = 16_384;
 
 /// Per-interface configuration written by the agent before it attaches.
 #[repr(C)]
@@ -91,6 +95,40 @@ pub struct PeerIdKey {
     pub public_key: [u8; 32],
 }
 const _: () = assert!(core::mem::size_of::<PeerIdKey>() == 48);
+
+/// Value of `IFACE_NAMES` (keyed by ifindex): the interface's latest name, pinned beside the
+/// counters keyed by its ifindex, so that a restarted agent still names the counts of an
+/// interface deleted (or re-created under a new ifindex, as Mullvad does on every connect)
+/// while it was down, instead of exporting them as `ifindexN`. No program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IfaceName {
+    /// NUL-padded (IFNAMSIZ).
+    pub name: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<IfaceName>() == 16);
+
+impl IfaceName {
+    /// `name` NUL-padded; Linux names are at most 15 bytes, longer ones are cut.
+    pub fn new(name: &str) -> Self {
+        let mut v = IfaceName::default();
+        let n = name.len().min(v.name.len() - 1);
+        v.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        v
+    }
+
+    /// The name up to its first NUL; `None` when empty or not UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..len])
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -154,6 +192,7 @@ mod pod {
     unsafe impl aya::Pod for IfaceConfig {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for PeerIdKey {}
+    unsafe impl aya::Pod for IfaceName {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for HistValue {}
 }
@@ -171,5 +210,15 @@ mod tests {
         assert_eq!(log2_bucket(1023), 9);
         assert_eq!(log2_bucket(1024), 10);
         assert_eq!(log2_bucket(u64::MAX), HIST_MAX_BUCKET);
+    }
+
+    #[test]
+    fn iface_names_round_trip() {
+        assert_eq!(IfaceName::new("wg0-mullvad").as_str(), Some("wg0-mullvad"));
+        // IFNAMSIZ: 15 bytes and the NUL.
+        let long = IfaceName::new("a-name-of-16-byt");
+        assert_eq!(long.as_str(), Some("a-name-of-16-by"));
+        assert_eq!(IfaceName::new("").as_str(), None);
+        assert_eq!(IfaceName::default().as_str(), None);
     }
 }

@@ -4,7 +4,8 @@
 //! [`drops`], [`crypto`]. Each feature's maps implement [`FeatureMaps`], through which the
 //! agent reports every map's usage and refused updates; [`maps`] holds what they share (the
 //! per-CPU folds, map diffing). [`attach`] hooks the TC programs, [`pin`] keeps the counting
-//! maps across restarts, [`features`] tells which optional hooks this kernel offers.
+//! maps across restarts, [`hooks`] keeps the programs hooked while no agent runs,
+//! [`features`] tells which optional hooks this kernel offers.
 
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
@@ -22,6 +23,7 @@ pub mod drops;
 mod error;
 pub mod features;
 pub mod health;
+pub mod hooks;
 pub mod leak;
 pub mod maps;
 pub mod path;
@@ -109,6 +111,8 @@ pub struct Datapath {
     attachments: StdHashMap<u32, Attachment>,
     /// Set once TCX proved unsupported, so later attaches go straight to clsact.
     tcx_unsupported: bool,
+    /// Where the TCX links and tail-call arrays are pinned; None without pinning.
+    hooks: Option<hooks::Hooks>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -145,6 +149,7 @@ impl Datapath {
         };
         let unpinned;
         let mut loader = EbpfLoader::new();
+        let mut pin_dir = None;
         let object = match prepared {
             Some(Ok(dir)) => {
                 info!(
@@ -155,6 +160,7 @@ impl Datapath {
                     dir.maps
                 );
                 loader.default_map_pin_directory(&dir.path);
+                pin_dir = Some(dir.path);
                 object
             }
             Some(Err(e)) => {
@@ -196,6 +202,7 @@ impl Datapath {
                 insns.map_or("?".to_string(), |n| n.to_string())
             );
         }
+        let hooks = pin_dir.and_then(|d| pin_hooks(&ebpf, &d));
         // One error array for the maps of several features (agent_common::maps::map_error).
         let errors = ErrorSlots::take(&mut ebpf, names::MAP_ERRORS)?;
         Ok(Self {
@@ -211,7 +218,34 @@ impl Datapath {
             ebpf,
             attachments: StdHashMap::new(),
             tcx_unsupported: false,
+            hooks,
         })
+    }
+
+    /// Removes what earlier agents left in the hooks directory and this one did not take
+    /// over ([`hooks::Hooks::sweep`]); call after the first sync has attached everything.
+    pub fn sweep_stale_hooks(&self) {
+        if let Some(h) = &self.hooks {
+            let keep = self
+                .attachments
+                .values()
+                .flat_map(|a| a.link_pins().cloned())
+                .collect();
+            h.sweep(&keep);
+        }
+    }
+
+    /// A clean stop: detaches every interface (removing the link pins) and removes the
+    /// tail-call arrays' pins, so nothing of the agent keeps running; the counting maps stay
+    /// pinned.
+    pub fn detach_all(&mut self) {
+        let attached: Vec<u32> = self.attachments.keys().copied().collect();
+        for i in attached {
+            self.detach(i);
+        }
+        if let Some(h) = &mut self.hooks {
+            h.unpin_tails();
+        }
     }
 
     pub fn attachments(&self) -> impl Iterator<Item = (&u32, &Attachment)> {
@@ -298,6 +332,37 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+/// Opens the hooks directory in `pin_dir` and pins the tail-call arrays there; None (with a
+/// warning) when that fails: the agent then works as without pinned hooks.
+fn pin_hooks(ebpf: &Ebpf, pin_dir: &std::path::Path) -> Option<hooks::Hooks> {
+    let mut h = match hooks::Hooks::open(pin_dir) {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(
+                "TC hooks not pinned ({e}): a killed agent's programs stop counting until it is back"
+            );
+            return None;
+        }
+    };
+    for array in [
+        agent_common::maps::transit::TRANSIT_PROG,
+        agent_common::maps::leak::LEAK_PROG,
+    ] {
+        if let Err(e) = h.pin_tail_array(ebpf, array) {
+            warn!(
+                "{e}: while no agent runs, the programs left counting skip {}",
+                if array == agent_common::maps::leak::LEAK_PROG {
+                    "leaks"
+                } else {
+                    "transit times"
+                }
+            );
+        }
+    }
+    info!("TC hooks pinned in {}", h.dir().display());
+    Some(h)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.

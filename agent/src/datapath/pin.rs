@@ -23,8 +23,11 @@
 //! mounts one at `/sys/fs/bpf`. A bpffs mounted inside a private mount namespace dies with it
 //! (the agent warns): mount bpffs on the host to keep counters across restarts there.
 //!
-//! A clean stop keeps the pins as well: the counters are the kernel's, like an interface's
-//! own counters, and continue across restarts. `rm -r /sys/fs/bpf/wirescope` resets them.
+//! A clean stop keeps the map pins as well: the counters are the kernel's, like an
+//! interface's own counters, and continue across restarts. `rm -r /sys/fs/bpf/wirescope`
+//! resets them. The layout directory also holds `hooks/` ([`super::hooks`]): the pinned TCX
+//! links and tail-call arrays that keep a killed agent's programs counting, which a clean
+//! stop removes.
 
 use std::{
     ffi::CString,
@@ -409,6 +412,8 @@ mod tests {
             "RX_SEQ",
             "LEAKS",
             "DROPS",
+            "PEER_IDS",
+            "IFACE_NAMES",
         ] {
             assert!(pinned.contains(&name), "{name} not pinned: {pinned:?}");
         }

@@ -1,13 +1,14 @@
 //! The tunnel role's maps (agent-ebpf tunnel.rs): the allowed-IP tries that tell which peer
 //! a packet on a WireGuard interface belongs to, `COUNTERS` (packets and bytes per
 //! interface, peer, kind and direction: the tunnel role counts kind `TUNNEL`, the wire role
-//! its WireGuard message kinds) and `PEER_IDS`, the peer numbering pinned beside them.
+//! its WireGuard message kinds), and the labels of its keys pinned beside it: `PEER_IDS`, the
+//! peer numbering, and `IFACE_NAMES`, the interfaces' names.
 
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
 use agent_common::maps::{
-    Counter, CounterKey, MAX_COUNTERS, MAX_PEER_IDS, PeerIdKey, map_error, names,
-    tunnel::AllowedV4, tunnel::AllowedV6, tunnel::MAX_ALLOWED_IPS,
+    Counter, CounterKey, IfaceName, MAX_COUNTERS, MAX_IFACE_NAMES, MAX_PEER_IDS, PeerIdKey,
+    map_error, names, tunnel::AllowedV4, tunnel::AllowedV6, tunnel::MAX_ALLOWED_IPS,
 };
 use aya::{
     Ebpf,
@@ -28,6 +29,11 @@ pub struct TunnelMaps {
     /// Entries in `peer_ids`, counted as they are read and written (walking the map on
     /// every scrape would cost a syscall per peer).
     peer_ids_len: u64,
+    /// ifindex -> name of every interface watched, pinned (see
+    /// [`TunnelMaps::saved_iface_names`]).
+    iface_names: HashMap<MapData, u32, IfaceName>,
+    /// Entries in `iface_names`, counted as for `peer_ids`.
+    iface_names_len: u64,
     /// What was last written to the allowed-IP tries, so a sync only touches what changed.
     applied_v4: StdHashMap<(u32, [u8; 4], u8), u32>,
     applied_v6: StdHashMap<(u32, [u8; 16], u8), u32>,
@@ -42,6 +48,8 @@ impl TunnelMaps {
             counters: take(ebpf, names::COUNTERS)?,
             peer_ids: take(ebpf, names::PEER_IDS)?,
             peer_ids_len: 0,
+            iface_names: take(ebpf, names::IFACE_NAMES)?,
+            iface_names_len: 0,
             applied_v4: StdHashMap::new(),
             applied_v6: StdHashMap::new(),
             errors,
@@ -122,6 +130,42 @@ impl TunnelMaps {
     }
 }
 
+impl TunnelMaps {
+    /// The interface names saved by this agent or, through the pinned map, by the one before
+    /// it: a restarted agent still names the counters of an interface deleted or re-created
+    /// (Mullvad: on every connect) while it was down, instead of `ifindexN`.
+    pub fn saved_iface_names(&mut self) -> Vec<(u32, String)> {
+        let saved: Vec<(u32, String)> = self
+            .iface_names
+            .iter()
+            .flatten()
+            .filter_map(|(i, n)| Some((i, n.as_str()?.to_string())))
+            .collect();
+        self.iface_names_len = saved.len() as u64;
+        saved
+    }
+
+    /// Saves new or changed interface names; tries every one and returns the first refusal
+    /// (a full map: the name still holds for this agent's life).
+    pub fn save_iface_names(&mut self, names_: &[(u32, String)]) -> Result<(), DatapathError> {
+        let mut first = Ok(());
+        for (ifindex, name) in names_ {
+            let known = self.iface_names.get(ifindex, 0).is_ok();
+            match self.iface_names.insert(ifindex, IfaceName::new(name), 0) {
+                Ok(()) => self.iface_names_len += u64::from(!known),
+                Err(source) if first.is_ok() => {
+                    first = Err(DatapathError::Map {
+                        map: names::IFACE_NAMES,
+                        source,
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        first
+    }
+}
+
 impl FeatureMaps for TunnelMaps {
     fn usage(&self) -> Vec<MapUsage> {
         vec![
@@ -141,6 +185,11 @@ impl FeatureMaps for TunnelMaps {
                 MAX_COUNTERS as u64,
             ),
             (names::PEER_IDS, self.peer_ids_len, MAX_PEER_IDS as u64),
+            (
+                names::IFACE_NAMES,
+                self.iface_names_len,
+                MAX_IFACE_NAMES as u64,
+            ),
         ]
     }
 

@@ -62,6 +62,18 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// The labels a previous agent pinned: the interfaces' names (ifindex, name) and the peer
+    /// ids (interface, public key, id). Its counters of interfaces or peers gone while no
+    /// agent ran then keep their labels, instead of `ifindexN` or nothing.
+    pub fn seed_labels(&mut self, names: Vec<(u32, String)>, ids: &[(String, [u8; 32], u32)]) {
+        self.iface_names.extend(names);
+        for (iface, key, id) in ids {
+            self.peer_labels
+                .entry(*id)
+                .or_insert_with(|| (iface.clone(), crate::sources::wg::key_to_base64(key)));
+        }
+    }
+
     /// The `interface` label of an ifindex: its latest name, `ifindexN` if it never had one.
     pub fn iface_name(&self, ifindex: u32) -> String {
         self.iface_names
@@ -78,5 +90,34 @@ impl Inventory {
             return Some("unknown".to_string());
         }
         self.peer_labels.get(&id).map(|(_, key)| key.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_labels_name_counts_of_interfaces_and_peers_gone() {
+        let mut inv = Inventory::default();
+        inv.peer_labels
+            .insert(2, ("wg0".to_string(), "current".to_string()));
+        inv.seed_labels(
+            vec![(7, "wg0-mullvad".to_string()), (9, "wg1".to_string())],
+            &[
+                ("wg0-mullvad".to_string(), [1; 32], 1),
+                ("wg1".to_string(), [2; 32], 2),
+            ],
+        );
+        assert_eq!(inv.iface_name(7), "wg0-mullvad");
+        assert_eq!(inv.iface_name(9), "wg1");
+        assert_eq!(inv.iface_name(8), "ifindex8");
+        assert_eq!(
+            inv.peer_label(1).as_deref(),
+            Some("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=")
+        );
+        // What this agent already knows stays.
+        assert_eq!(inv.peer_label(2).as_deref(), Some("current"));
+        assert_eq!(inv.peer_label(3), None);
     }
 }

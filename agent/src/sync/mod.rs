@@ -204,13 +204,22 @@ impl Syncer {
         let want = peer_maps(&tunnels);
         let up_until = self.leak_up_until(&by_name, &tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
-        write_labels(inventory, &tunnels, &underlays)?;
+        let new_names = write_labels(inventory, &tunnels, &underlays)?;
         let (maps_result, maps_took) = {
             let mut dp = datapath
                 .lock()
                 .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
+            if let Err(e) = dp.tunnel.save_iface_names(&new_names) {
+                self.warn_once(format!(
+                    "saving interface names: {e} (after a restart, counts of interfaces gone \
+                     meanwhile show as ifindexN)"
+                ));
+            }
+            // The maps before the hooks: a program that takes over a pinned link from the
+            // previous agent's finds every peer already, and counts no packet as unknown.
+            let written = self.write_maps(&mut dp, &tunnels, &want, up_until);
             self.watch(&mut dp, &by_name, &tunnels, &underlays);
-            self.write_maps(&mut dp, &tunnels, &want, up_until)
+            written
         };
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));
@@ -687,17 +696,20 @@ pub fn endpoint_key(ip: IpAddr, port: u16) -> Endpoint {
 
 /// The interface and peer names the collectors need for this round's ids, written only
 /// when new or changed: at 10,000 peers, rewriting them every second cost two allocations
-/// per peer per round.
+/// per peer per round. Returns the interface names that were new or changed, to be pinned.
 fn write_labels(
     inventory: &RwLock<Inventory>,
     tunnels: &[Tunnel],
     underlays: &[Underlay],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(u32, String)>> {
     let mut inv = inventory
         .write()
         .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
+    let mut new_names = Vec::new();
     for t in tunnels {
-        set_label(&mut inv.iface_names, t.ifindex, &t.name);
+        if set_label(&mut inv.iface_names, t.ifindex, &t.name) {
+            new_names.push((t.ifindex, t.name.clone()));
+        }
         for p in &t.peers {
             let same = inv
                 .peer_labels
@@ -710,16 +722,20 @@ fn write_labels(
         }
     }
     for u in underlays {
-        set_label(&mut inv.iface_names, u.ifindex, &u.name);
+        if set_label(&mut inv.iface_names, u.ifindex, &u.name) {
+            new_names.push((u.ifindex, u.name.clone()));
+        }
     }
-    Ok(())
+    Ok(new_names)
 }
 
-/// `map[index] = name`, allocating only when it is new or changed.
-fn set_label(map: &mut HashMap<u32, String>, index: u32, name: &str) {
-    if map.get(&index).is_none_or(|n| n != name) {
+/// `map[index] = name`, allocating only when it is new or changed; whether it was.
+fn set_label(map: &mut HashMap<u32, String>, index: u32, name: &str) -> bool {
+    let changed = map.get(&index).is_none_or(|n| n != name);
+    if changed {
         map.insert(index, name.to_owned());
     }
+    changed
 }
 
 /// Each change between two syncs, one line each (the sync loop logs them): a tunnel
@@ -964,5 +980,41 @@ mod tests {
         // Nonsense in the map (id 0, PEER_UNKNOWN) is not handed out.
         let mut odd = PeerIds::seeded([("wg0".to_string(), a, 0)]);
         assert_eq!(odd.get("wg0", &a), 1);
+    }
+
+    #[test]
+    fn interface_names_to_pin_are_the_new_and_changed_ones() {
+        let inv = RwLock::new(Inventory::default());
+        let under = |name: &str, ifindex| Underlay {
+            name: name.to_string(),
+            ifindex,
+        };
+        let round = |tunnels: &[Tunnel], underlays: &[Underlay]| {
+            write_labels(&inv, tunnels, underlays).expect("labels")
+        };
+        let named = |v: &[(u32, &str)]| -> Vec<(u32, String)> {
+            v.iter().map(|(i, n)| (*i, n.to_string())).collect()
+        };
+        let t = [tun("wg0", 5, 1420, vec![])];
+        assert_eq!(
+            round(&t, &[under("eth0", 2)]),
+            named(&[(5, "wg0"), (2, "eth0")])
+        );
+        assert_eq!(round(&t, &[under("eth0", 2)]), named(&[]), "nothing new");
+        // Renamed, and re-created under a new ifindex: each is pinned.
+        assert_eq!(
+            round(&[tun("wg1", 5, 1420, vec![])], &[under("eth0", 2)]),
+            named(&[(5, "wg1")])
+        );
+        assert_eq!(
+            round(&[tun("wg1", 6, 1420, vec![])], &[]),
+            named(&[(6, "wg1")])
+        );
+        // Seeded from the pins: known, not written again.
+        let inv2 = RwLock::new(Inventory::default());
+        inv2.write()
+            .unwrap()
+            .seed_labels(vec![(5, "wg0".to_string())], &[]);
+        assert_eq!(write_labels(&inv2, &t, &[]).unwrap(), named(&[]));
     }
 }

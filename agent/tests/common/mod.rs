@@ -11,7 +11,8 @@
 //! - Lab tests: the lab up (or the test skipped where it cannot run), the names tests use
 //!   most, the `wirescope` binary started in the lab's client namespace and stopped, its log
 //!   file, metric values and deltas between scrapes, pings and echoes through the tunnel,
-//!   waiting for a TCP listener or a series, an interface that appears late.
+//!   waiting for a TCP listener or a series, an interface that appears late, the client's
+//!   tunnel brought back after it was deleted.
 
 #![allow(dead_code)]
 
@@ -402,6 +403,46 @@ pub fn late_interface_attached(agent: &Agent, ns: &str, prefix: &str) -> (String
     let _ = late_go.wait();
     let _ = std::fs::remove_file(format!("/var/run/wireguard/{late}.sock"));
     (late, attached)
+}
+
+/// Brings the client's tunnel `iface` back after it was deleted: a new device (wireguard-go
+/// or kernel), the saved configuration `conf` (`wg showconf`), addresses, MTU and routes as
+/// the lab set them.
+pub fn bring_back(lab: &Lab, iface: &str, conf: &str) {
+    let c = lab.client();
+    let ns = &c.netns;
+    match lab.wireguard {
+        xtask::lab::WgImpl::Userspace => {
+            xtask::wg::start_userspace(ns, iface, Duration::from_secs(10))
+                .expect("wireguard-go again");
+        }
+        xtask::lab::WgImpl::Kernel => {
+            xtask::wg::add_kernel(ns, iface).expect("kernel WireGuard again")
+        }
+    }
+    xtask::wg::setconf(ns, iface, conf).expect("setconf");
+    let w = c.wg();
+    let ip = |args: &[&str]| {
+        let mut all = vec!["ip"];
+        all.extend_from_slice(args);
+        xtask::netns::exec(ns, &all).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    };
+    ip(&["link", "set", iface, "addrgenmode", "none"]);
+    ip(&["link", "set", iface, "mtu", &w.mtu.to_string()]);
+    for a in &w.addresses {
+        if a.contains(':') {
+            ip(&["-6", "addr", "add", a, "dev", iface, "nodad"]);
+        } else {
+            ip(&["addr", "add", a, "dev", iface]);
+        }
+    }
+    ip(&["link", "set", iface, "up"]);
+    xtask::wg::wait_listening(ns, w.listen_port, Duration::from_secs(5)).expect("listening again");
+    for r in c.routes.iter().filter(|r| r.contains(iface)) {
+        let mut all = vec!["ip"];
+        all.extend(r.split_whitespace());
+        xtask::netns::exec(ns, &all).unwrap_or_else(|e| panic!("{r}: {e:#}"));
+    }
 }
 
 /// The datapath counter families, whose series must never go backwards.

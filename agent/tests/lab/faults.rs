@@ -36,13 +36,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{COUNTER_FAMILIES, Names, bin, echo_via_tunnel, lab_up, log_path, start, stop, val};
+use common::{
+    COUNTER_FAMILIES, Names, bin, bring_back, echo_via_tunnel, lab_up, log_path, start, stop, val,
+};
 use xtask::{
     agent::Agent,
     lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
     netns,
     scrape::{Metrics, http_get},
-    wg,
 };
 
 const PREFIX: &str = "wsz";
@@ -150,43 +151,6 @@ fn wait_attached(agent: &Agent, ns: &str, iface: &str, since: Instant) -> Durati
             );
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Brings the client's tunnel `iface` back after it was deleted: a new device (wireguard-go
-/// or kernel), the saved configuration `conf` (`wg showconf`), addresses, MTU and routes as
-/// the lab set them.
-fn bring_back(lab: &Lab, iface: &str, conf: &str) {
-    let c = lab.client();
-    let ns = &c.netns;
-    match lab.wireguard {
-        WgImpl::Userspace => {
-            wg::start_userspace(ns, iface, Duration::from_secs(10)).expect("wireguard-go again");
-        }
-        WgImpl::Kernel => wg::add_kernel(ns, iface).expect("kernel WireGuard again"),
-    }
-    wg::setconf(ns, iface, conf).expect("setconf");
-    let w = c.wg();
-    let ip = |args: &[&str]| {
-        let mut all = vec!["ip"];
-        all.extend_from_slice(args);
-        netns::exec(ns, &all).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
-    };
-    ip(&["link", "set", iface, "addrgenmode", "none"]);
-    ip(&["link", "set", iface, "mtu", &w.mtu.to_string()]);
-    for a in &w.addresses {
-        if a.contains(':') {
-            ip(&["-6", "addr", "add", a, "dev", iface, "nodad"]);
-        } else {
-            ip(&["addr", "add", a, "dev", iface]);
-        }
-    }
-    ip(&["link", "set", iface, "up"]);
-    wg::wait_listening(ns, w.listen_port, Duration::from_secs(5)).expect("listening again");
-    for r in c.routes.iter().filter(|r| r.contains(iface)) {
-        let mut all = vec!["ip"];
-        all.extend(r.split_whitespace());
-        netns::exec(ns, &all).unwrap_or_else(|e| panic!("{r}: {e:#}"));
     }
 }
 

@@ -329,23 +329,44 @@ fn extend_zeroizing(buf: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
 /// peer starting at `public_key`, then `errno=N`. Unknown keys are skipped (newer daemons add
 /// some); a line without `=` or a known key with a bad value is an error naming the line.
 pub fn parse_uapi(name: &str, text: &str) -> Result<WgDevice, WgError> {
+    parse_uapi_at(name, text, SystemTime::now())
+}
+
+/// [`parse_uapi`] as read at `now`. boringtun speaks a dialect: it gives the device's
+/// `own_public_key` instead of its `private_key`, and its handshake times are the time
+/// since the handshake (so `wg show` says "56 years ago"); an answer with `own_public_key`
+/// has its handshakes placed before `now`.
+pub fn parse_uapi_at(name: &str, text: &str, now: SystemTime) -> Result<WgDevice, WgError> {
     let mut dev = WgDevice {
         name: name.to_owned(),
         listen_port: 0,
         public_key: None,
         peers: Vec::new(),
     };
-    let mut hs_sec: u64 = 0;
+    let mut hs_sec: Option<u64> = None;
     let mut hs_nsec: u32 = 0;
     let mut errno = None;
+    // Some(now) once `own_public_key` showed the boringtun dialect.
+    let mut elapsed_since: Option<SystemTime> = None;
 
-    // Folds the handshake fields of the peer being read into it.
-    fn finish_peer(peers: &mut [WgPeer], sec: &mut u64, nsec: &mut u32) {
+    // Folds the handshake fields of the peer being read into it (`sec` None: the answer
+    // had none for it).
+    fn finish_peer(
+        peers: &mut [WgPeer],
+        sec: &mut Option<u64>,
+        nsec: &mut u32,
+        elapsed_since: Option<SystemTime>,
+    ) {
         if let Some(p) = peers.last_mut() {
-            p.last_handshake =
-                handshake_time(Duration::new(*sec, 0) + Duration::from_nanos(u64::from(*nsec)));
+            let t = Duration::new(sec.unwrap_or(0), 0) + Duration::from_nanos(u64::from(*nsec));
+            p.last_handshake = match (elapsed_since, *sec) {
+                // boringtun leaves the fields out when there was no handshake.
+                (Some(now), Some(_)) => now.checked_sub(t),
+                (Some(_), None) => None,
+                (None, _) => handshake_time(t),
+            };
         }
-        *sec = 0;
+        *sec = None;
         *nsec = 0;
     }
 
@@ -390,6 +411,13 @@ pub fn parse_uapi(name: &str, text: &str) -> Result<WgDevice, WgError> {
                 // An all-zero private key means "none set".
                 dev.public_key = (sk.to_bytes() != [0u8; 32]).then_some(pk);
             }
+            "own_public_key" => {
+                if !dev.peers.is_empty() {
+                    return Err(bad(&"device key inside a peer"));
+                }
+                dev.public_key = Some(parse_hex_key(value).map_err(|e| bad(&e))?);
+                elapsed_since = Some(now);
+            }
             "listen_port" => {
                 if !dev.peers.is_empty() {
                     return Err(bad(&"device key inside a peer"));
@@ -404,7 +432,7 @@ pub fn parse_uapi(name: &str, text: &str) -> Result<WgDevice, WgError> {
                     .map_err(|e| bad(&format_args!("fwmark: {e}")))?;
             }
             "public_key" => {
-                finish_peer(&mut dev.peers, &mut hs_sec, &mut hs_nsec);
+                finish_peer(&mut dev.peers, &mut hs_sec, &mut hs_nsec, elapsed_since);
                 dev.peers.push(WgPeer {
                     public_key: parse_hex_key(value).map_err(|e| bad(&e))?,
                     endpoint: None,
@@ -434,11 +462,9 @@ pub fn parse_uapi(name: &str, text: &str) -> Result<WgDevice, WgError> {
                     "rx_bytes" => peer.rx_bytes = num("rx_bytes")?,
                     "tx_bytes" => peer.tx_bytes = num("tx_bytes")?,
                     "last_handshake_time_sec" => {
-                        hs_sec = num("last_handshake_time_sec")?;
-                        if UNIX_EPOCH
-                            .checked_add(Duration::from_secs(hs_sec))
-                            .is_none()
-                        {
+                        let sec = num("last_handshake_time_sec")?;
+                        hs_sec = Some(sec);
+                        if UNIX_EPOCH.checked_add(Duration::from_secs(sec)).is_none() {
                             return Err(bad(&"last_handshake_time_sec: out of range"));
                         }
                     }
@@ -468,7 +494,7 @@ pub fn parse_uapi(name: &str, text: &str) -> Result<WgDevice, WgError> {
             }
         }
     }
-    finish_peer(&mut dev.peers, &mut hs_sec, &mut hs_nsec);
+    finish_peer(&mut dev.peers, &mut hs_sec, &mut hs_nsec, elapsed_since);
     match errno {
         Some(0) => Ok(dev),
         Some(errno) => Err(WgError::Errno {

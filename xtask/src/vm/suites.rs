@@ -137,14 +137,18 @@ pub fn test_args(
     filter: Option<&str>,
     list: impl FnOnce() -> Result<String>,
 ) -> Result<Vec<String>> {
+    let skip = tier
+        .skip
+        .iter()
+        .flat_map(|n| ["--skip".to_owned(), (*n).to_owned()]);
     Ok(match (tier.filter, filter) {
-        (None, None) => Vec::new(),
-        (Some(f), None) | (None, Some(f)) => vec![f.to_owned()],
+        (None, None) => skip.collect(),
+        (Some(f), None) | (None, Some(f)) => std::iter::once(f.to_owned()).chain(skip).collect(),
         (Some(t), Some(u)) => {
             let names: Vec<String> = list()?
                 .lines()
                 .filter_map(|l| l.strip_suffix(": test"))
-                .filter(|n| n.contains(t) && n.contains(u))
+                .filter(|n| n.contains(t) && n.contains(u) && !tier.skip.contains(n))
                 .map(str::to_owned)
                 .collect();
             let mut args = vec!["--exact".to_owned()];

@@ -504,7 +504,7 @@ fn collectors(
     let transit = Arc::new(TransitCollector::new(dp.clone(), inv.clone()));
     let path = Arc::new(PathCollector::new(dp.clone(), inv.clone()));
     let leaks = Arc::new(LeakCollector::new(dp.clone(), inv.clone()));
-    let drops_collector = Arc::new(DropsCollector::new(dp.clone(), reasons));
+    let drops_collector = Arc::new(DropsCollector::new(dp.clone(), reasons, inv.clone()));
     let mut registry = Registry::default();
     registry.register_collector(Box::new(PeerCollector::new(
         inv.clone(),

@@ -6,17 +6,24 @@
 //! (a new index under an old name): so each scrape adds what every (index, reason) grew by
 //! since the last one to the series of the name the index has now, and series are kept
 //! for as long as the agent runs.
+//!
+//! Every watched tunnel's listen port has a UDP-error series from the start (0 until the
+//! kernel fails to queue a datagram there), so alerts and dashboards see a rate of 0
+//! rather than no series at all.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use agent_common::maps::drops::{DropKey, NO_DEVICE};
 use log::warn;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use crate::{datapath::Datapath, datapath::drops::DropReasons, metrics::encode_counters};
+use crate::{
+    datapath::Datapath, datapath::drops::DropReasons, metrics::encode_counters,
+    sync::inventory::Inventory,
+};
 
 #[derive(Debug, Default)]
 struct State {
@@ -32,6 +39,7 @@ struct State {
 pub struct DropsCollector {
     datapath: Arc<Mutex<Datapath>>,
     reasons: Arc<DropReasons>,
+    inventory: Arc<RwLock<Inventory>>,
     state: Mutex<State>,
 }
 
@@ -58,10 +66,15 @@ pub struct Snapshot {
 }
 
 impl DropsCollector {
-    pub fn new(datapath: Arc<Mutex<Datapath>>, reasons: Arc<DropReasons>) -> Self {
+    pub fn new(
+        datapath: Arc<Mutex<Datapath>>,
+        reasons: Arc<DropReasons>,
+        inventory: Arc<RwLock<Inventory>>,
+    ) -> Self {
         Self {
             datapath,
             reasons,
+            inventory,
             state: Mutex::new(State::default()),
         }
     }
@@ -82,6 +95,11 @@ impl DropsCollector {
             });
             (drops, udp)
         };
+        let listen_ports: Vec<u16> = self
+            .inventory
+            .read()
+            .map(|inv| inv.tunnels.iter().map(|t| t.listen_port).collect())
+            .unwrap_or_default();
         let Ok(mut st) = self.state.lock() else {
             return Snapshot::default();
         };
@@ -93,12 +111,24 @@ impl DropsCollector {
         );
         Snapshot {
             drops: st.totals.clone(),
-            udp_errors: udp
-                .into_iter()
-                .map(|(port, c)| (port as u16, c.packets))
-                .collect(),
+            udp_errors: udp_errors(
+                udp.into_iter().map(|(port, c)| (port as u16, c.packets)),
+                listen_ports,
+            ),
         }
     }
+}
+
+/// The kernel's counts by port, with a 0 for every listen port (0 = none) that has none.
+fn udp_errors(
+    counted: impl IntoIterator<Item = (u16, u64)>,
+    listen_ports: impl IntoIterator<Item = u16>,
+) -> BTreeMap<u16, u64> {
+    let mut out: BTreeMap<u16, u64> = counted.into_iter().collect();
+    for port in listen_ports.into_iter().filter(|p| *p != 0) {
+        out.entry(port).or_insert(0);
+    }
+    out
 }
 
 /// Adds what each (index, reason) grew by since the last call to the totals of the name
@@ -157,6 +187,17 @@ impl Collector for DropsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Listen ports get a 0 series; counted ports keep their counts, listening or not;
+    /// port 0 (no listen port reported) gets none.
+    #[test]
+    fn listen_ports_have_udp_error_series_from_the_start() {
+        let got = udp_errors([(53, 7), (51820, 2)], [51820, 51821, 0]);
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            vec![(53, 7), (51820, 2), (51821, 0)]
+        );
+    }
 
     fn reasons() -> DropReasons {
         DropReasons::from_values(

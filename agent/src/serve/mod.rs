@@ -6,6 +6,9 @@
 //! connections), headers are capped at 16 KiB, request bodies are never read, and a
 //! connection is retired after `max_connection_age` (its in-flight request still finishes).
 //!
+//! The metrics body is gzip-compressed when the scraper accepts gzip (Prometheus always
+//! does), as client_golang's handler does: a 10,000-peer body shrinks about tenfold.
+//!
 //! With `--web.config.file` ([`web`]): HTTPS (the TLS handshake must also finish within
 //! `header_read_timeout`) and/or basic auth on every path.
 
@@ -442,10 +445,39 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
         .collect();
     let accept = accept.join(",");
     let format = Format::negotiate((!accept.is_empty()).then_some(accept.as_str()));
+    let gzip = accepts_gzip(
+        req.headers()
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let source = ctx.source.clone();
-    // Collectors read BPF maps and take locks: keep that off the async workers.
-    let mut r = match tokio::task::spawn_blocking(move || source.metrics(format)).await {
-        Ok(Ok(body)) => respond(StatusCode::OK, format.content_type(), body),
+    // Collectors read BPF maps and take locks, compression takes CPU: keep both off the
+    // async workers.
+    let collected = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool), String> {
+        let body = source.metrics(format)?;
+        if !gzip {
+            return Ok((Bytes::from(body), false));
+        }
+        match gzip_body(body.as_bytes()) {
+            Ok(z) => Ok((Bytes::from(z), true)),
+            // Compressing into memory cannot fail in practice; if it does, plain is correct.
+            Err(e) => {
+                warn!("http: gzip of the metrics body failed, serving it plain: {e}");
+                Ok((Bytes::from(body), false))
+            }
+        }
+    })
+    .await;
+    let mut r = match collected {
+        Ok(Ok((body, zipped))) => {
+            let mut r = respond(StatusCode::OK, format.content_type(), body);
+            if zipped {
+                r.headers_mut()
+                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            }
+            r
+        }
         Ok(Err(e)) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("collecting metrics failed: {e}"),
@@ -455,9 +487,41 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
             format!("collecting metrics failed: {e}"),
         ),
     };
-    r.headers_mut()
-        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    r.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
     r
+}
+
+/// Whether Accept-Encoding values allow gzip: a `gzip` or `x-gzip` coding (or `*`) whose
+/// q-value is not 0 (RFC 9110 12.5.3).
+fn accepts_gzip<'a>(values: impl Iterator<Item = &'a str>) -> bool {
+    let mut star = None;
+    for part in values.flat_map(|v| v.split(',')) {
+        let mut it = part.split(';');
+        let coding = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = it
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match coding.as_str() {
+            "gzip" | "x-gzip" => return q > 0.0,
+            "*" => star = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    star.unwrap_or(false)
+}
+
+fn gzip_body(body: &[u8]) -> io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut z = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    z.write_all(body)?;
+    z.finish()
 }
 
 fn landing_page(telemetry_path: &str) -> String {

@@ -83,6 +83,8 @@ struct Reply {
     status: u16,
     headers: Vec<(String, String)>,
     body: String,
+    /// The body's bytes as sent (`body` is their lossy UTF-8).
+    raw_body: Vec<u8>,
 }
 
 impl Reply {
@@ -124,11 +126,54 @@ fn parse(raw: &[u8]) -> Reply {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
+    let raw_body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or_else(Vec::new, |i| raw[i + 4..].to_vec());
     Reply {
         status,
         headers,
         body: body.to_owned(),
+        raw_body,
     }
+}
+
+/// The metrics body is gzip-compressed exactly when the client accepts gzip, and says so;
+/// decompressed it is the plain body byte for byte.
+#[tokio::test]
+async fn metrics_gzip_when_accepted() {
+    let srv = start().await;
+    let plain = request(srv.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("vary"), Some("Accept, Accept-Encoding"));
+    for accept in ["gzip", "deflate, gzip;q=0.5", "x-gzip", "*", "br, *;q=0.1"] {
+        let r = request(srv.addr, "GET", "/metrics", &[("Accept-Encoding", accept)]).await;
+        assert_eq!(r.status, 200, "{accept}");
+        assert_eq!(r.header("content-encoding"), Some("gzip"), "{accept}");
+        let mut out = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(r.raw_body.as_slice()),
+            &mut out,
+        )
+        .expect("a gzip body");
+        assert_eq!(out, plain.body, "{accept}");
+    }
+    for accept in [
+        "identity",
+        "gzip;q=0",
+        "deflate",
+        "*;q=0",
+        "br, gzip; q=0.0",
+    ] {
+        let r = request(srv.addr, "GET", "/metrics", &[("Accept-Encoding", accept)]).await;
+        assert_eq!(r.header("content-encoding"), None, "{accept}");
+        assert_eq!(r.body, plain.body, "{accept}");
+    }
+    // Only the metrics: the other paths are small.
+    let r = request(srv.addr, "GET", "/healthz", &[("Accept-Encoding", "gzip")]).await;
+    assert_eq!(r.header("content-encoding"), None);
+    srv.stop().await;
 }
 
 #[tokio::test]
@@ -142,7 +187,7 @@ async fn every_path() {
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
     assert_eq!(r.body, "# TYPE x_total counter\nx_total 1\n");
-    assert_eq!(r.header("vary"), Some("Accept"));
+    assert_eq!(r.header("vary"), Some("Accept, Accept-Encoding"));
 
     let prometheus_accept =
         "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";

@@ -27,7 +27,8 @@ use crate::{
         self, Format, agent::AgentCollector, crypto::CryptoCollector, drops::DropsCollector,
         failover::FailoverCollector, health::HealthCollector, leak::LeakCollector,
         mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
-        probe::ProbeCollector, transit::TransitCollector, tunnel::TunnelCollector,
+        probe::ProbeCollector, process::ProcessCollector, transit::TransitCollector,
+        tunnel::TunnelCollector,
     },
     probes::{
         failover::{self, Failover, FailoverTask, Outcomes},
@@ -529,6 +530,7 @@ fn collectors(
         probing.stats.clone(),
         probing.pmtu.clone(),
     )));
+    registry.register_collector(Box::new(ProcessCollector));
     registry.register_collector(Box::new(AgentCollector::new(
         dp.clone(),
         inv.clone(),

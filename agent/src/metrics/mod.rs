@@ -20,6 +20,7 @@ pub mod mullvad;
 pub mod path;
 pub mod peers;
 pub mod probe;
+pub mod process;
 pub mod transit;
 pub mod tunnel;
 pub mod wire;

@@ -12,10 +12,21 @@ pub const DEFAULT_LISTEN_ADDRESS: &str = "127.0.0.1:9586";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
+/// What `--version` prints after the name: the release, the commit and the day it was built
+/// from (agent/build.rs), so a report from a host names the exact source.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("WIRESCOPE_REVISION"),
+    ", built ",
+    env!("WIRESCOPE_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "wirescope",
-    version,
+    version = VERSION,
     about = "eBPF agent that measures what a WireGuard tunnel costs and where it breaks",
     propagate_version = true
 )]
@@ -216,6 +227,36 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("wirescope").chain(args.iter().copied()))
+    }
+
+    /// `--version` (on every subcommand) names the release, the commit this was built from
+    /// and its day; both come from git here, so they must match what git says now.
+    #[test]
+    fn version_names_the_revision_and_the_build_date() {
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(args)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .expect("git runs");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        let want = format!(
+            "{} (revision {}, built {})\n",
+            env!("CARGO_PKG_VERSION"),
+            git(&["rev-parse", "--short=12", "HEAD"]),
+            git(&["log", "-1", "--format=%cs", "HEAD"]),
+        );
+        assert_eq!(Cli::command().render_version(), format!("wirescope {want}"));
+        for (args, name) in [
+            (&["--version"][..], "wirescope"),
+            (&["run", "--version"], "wirescope-run"),
+            (&["status", "-V"], "wirescope-status"),
+        ] {
+            let e = parse(args).expect_err("prints the version");
+            assert_eq!(e.kind(), ErrorKind::DisplayVersion, "{args:?}");
+            assert_eq!(e.to_string(), format!("{name} {want}"), "{args:?}");
+        }
     }
 
     #[test]

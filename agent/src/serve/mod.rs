@@ -18,7 +18,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -38,6 +38,7 @@ use tokio::{
     sync::Semaphore,
 };
 
+mod scrape;
 pub mod status;
 
 use crate::{
@@ -178,6 +179,13 @@ struct Ctx {
     source: Arc<dyn HttpSource>,
     telemetry_path: String,
     auth: Option<Arc<web::BasicAuth>>,
+    /// Shared metrics bodies, by [`body_kind`].
+    bodies: [scrape::Coalescer; 4],
+}
+
+/// The index of a kind of metrics body in [`Ctx::bodies`].
+fn body_kind(format: Format, gzip: bool) -> usize {
+    usize::from(format == Format::Prometheus) * 2 + usize::from(gzip)
 }
 
 /// What a plain-HTTP client gets from a TLS listener (as Go's net/http answers it).
@@ -278,6 +286,7 @@ impl Server {
             source,
             telemetry_path: cfg.telemetry_path.clone(),
             auth: cfg.web.auth.clone(),
+            bodies: Default::default(),
         });
         let tls = cfg.web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
@@ -453,35 +462,33 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
     );
     let source = ctx.source.clone();
     // Collectors read BPF maps and take locks, compression takes CPU: keep both off the
-    // async workers.
-    let collected = tokio::task::spawn_blocking(move || -> Result<(Bytes, bool), String> {
-        let body = source.metrics(format)?;
-        if !gzip {
-            return Ok((Bytes::from(body), false));
-        }
-        match gzip_body(body.as_bytes()) {
-            Ok(z) => Ok((Bytes::from(z), true)),
-            // Compressing into memory cannot fail in practice; if it does, plain is correct.
-            Err(e) => {
-                warn!("http: gzip of the metrics body failed, serving it plain: {e}");
-                Ok((Bytes::from(body), false))
-            }
-        }
-    })
-    .await;
+    // async workers, and share one body between the scrapes that arrive together.
+    let collected = ctx.bodies[body_kind(format, gzip)]
+        .get(Instant::now(), || async move {
+            let rendered = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+                let body = source.metrics(format)?;
+                if !gzip {
+                    return Ok(Bytes::from(body));
+                }
+                // Compressing into memory cannot fail in practice; were it to, the scrape
+                // fails rather than getting a body its headers misdescribe.
+                gzip_body(body.as_bytes())
+                    .map(Bytes::from)
+                    .map_err(|e| format!("gzip of the metrics body failed: {e}"))
+            })
+            .await;
+            rendered.unwrap_or_else(|e| Err(e.to_string()))
+        })
+        .await;
     let mut r = match collected {
-        Ok(Ok((body, zipped))) => {
+        Ok(body) => {
             let mut r = respond(StatusCode::OK, format.content_type(), body);
-            if zipped {
+            if gzip {
                 r.headers_mut()
                     .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             }
             r
         }
-        Ok(Err(e)) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("collecting metrics failed: {e}"),
-        ),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("collecting metrics failed: {e}"),

@@ -637,3 +637,49 @@ async fn silent_tls_clients_are_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
     srv.stop().await;
 }
+
+/// 50 scrapes that arrive while a slow body is rendered share the next one: the source is
+/// asked twice, not 51 times, and every scrape gets a whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_render_once() {
+    struct Counting(std::sync::atomic::AtomicUsize);
+    impl HttpSource for Counting {
+        fn metrics(&self, _: Format) -> Result<String, String> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(format!("# TYPE r gauge\nr {n}\n"))
+        }
+        fn health(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+    let server = bind(HttpConfig::new("127.0.0.1:0".parse().unwrap(), "/metrics"))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let source = Arc::new(Counting(Default::default()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(source.clone(), async {
+        let _ = rx.await;
+    }));
+    let first = tokio::spawn(async move { request(addr, "GET", "/metrics", &[]).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let burst: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(async move { request(addr, "GET", "/metrics", &[]).await }))
+        .collect();
+    assert_eq!(first.await.unwrap().body, "# TYPE r gauge\nr 1\n");
+    for b in burst {
+        let r = b.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "# TYPE r gauge\nr 2\n");
+    }
+    assert_eq!(source.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // A scrape after the burst is rendered anew.
+    let r = request(addr, "GET", "/metrics", &[]).await;
+    assert_eq!(r.body, "# TYPE r gauge\nr 3\n");
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}

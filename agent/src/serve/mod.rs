@@ -4,7 +4,8 @@
 //! `max_connections` connections at once (further ones wait in the listen backlog), request
 //! headers must arrive within `header_read_timeout` (this also closes idle keep-alive
 //! connections), headers are capped at 16 KiB, request bodies are never read, and a
-//! connection is retired after `max_connection_age` (its in-flight request still finishes).
+//! connection is retired after `max_connection_age` (its in-flight request still finishes),
+//! and one whose response makes no progress for `write_timeout` is closed ([`timed`]).
 //!
 //! The metrics body is gzip-compressed when the scraper accepts gzip (Prometheus always
 //! does), as client_golang's handler does: a 10,000-peer body shrinks about tenfold.
@@ -40,6 +41,7 @@ use tokio::{
 
 mod scrape;
 pub mod status;
+mod timed;
 
 use crate::{
     config::{
@@ -68,6 +70,9 @@ pub struct HttpConfig {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub max_connection_age: Duration,
+    /// A connection whose response makes no progress for this long is closed (a client
+    /// that does not read).
+    pub write_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
     /// TLS and basic auth (`--web.config.file`); none by default.
@@ -89,6 +94,9 @@ impl HttpConfig {
             // Longer than any sane scrape interval's idle time is cut anyway by the header
             // timeout; this bounds slow readers.
             max_connection_age: Duration::from_secs(300),
+            // Prometheus gives up on a scrape after 10 s by default; no progress at all for
+            // three times that is a client that is gone or stalling on purpose.
+            write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             web: WebSecurity::default(),
         }
@@ -328,14 +336,19 @@ impl Server {
             let builder = builder.clone();
             let tls = tls.clone();
             let handshake_timeout = cfg.header_read_timeout;
+            let write_timeout = cfg.write_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
                 match tls {
-                    None => drive(builder, TokioIo::new(stream), ctx, stop, age, grace, peer).await,
+                    None => {
+                        let io = TokioIo::new(timed::WriteTimeout::new(stream, write_timeout));
+                        drive(builder, io, ctx, stop, age, grace, peer).await
+                    }
                     Some(acceptor) => {
                         if let Some(s) = tls_accept(acceptor, stream, handshake_timeout, peer).await
                         {
-                            drive(builder, TokioIo::new(s), ctx, stop, age, grace, peer).await
+                            let io = TokioIo::new(timed::WriteTimeout::new(s, write_timeout));
+                            drive(builder, io, ctx, stop, age, grace, peer).await
                         }
                     }
                 }

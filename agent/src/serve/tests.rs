@@ -683,3 +683,55 @@ async fn concurrent_scrapes_render_once() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A client that asks for a large body and never reads it loses its connection once the
+/// server's writes have made no progress for `write_timeout`: with one connection allowed,
+/// the next client is served soon after that, not after the connection's maximum age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_do_not_read_are_cut_off() {
+    struct Big;
+    impl HttpSource for Big {
+        fn metrics(&self, _: Format) -> Result<String, String> {
+            // Far more than the socket buffers on loopback hold.
+            Ok("x".repeat(64 << 20))
+        }
+        fn health(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+    let mut cfg = HttpConfig::new("127.0.0.1:0".parse().unwrap(), "/metrics");
+    cfg.max_connections = 1;
+    cfg.write_timeout = Duration::from_millis(500);
+    cfg.max_connection_age = Duration::from_secs(120);
+    let server = bind(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(Arc::new(Big), async {
+        let _ = rx.await;
+    }));
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        request(addr, "GET", "/healthz", &[]),
+    )
+    .await
+    .expect("served within 10 s, not after the 120 s connection age");
+    assert_eq!(r.status, 200);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200),
+        "served after {waited:?}: the stalled client did not hold the only slot"
+    );
+    drop(stalled);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}

@@ -196,8 +196,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     );
 
     let server = serve::bind(
-        HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone())
-            .with_web_config(cfg.web_config.as_ref())?,
+        HttpConfig {
+            allowed_hosts: cfg.allowed_hosts.clone(),
+            ..HttpConfig::new(cfg.listen_address, cfg.telemetry_path.clone())
+        }
+        .with_web_config(cfg.web_config.as_ref())?,
     )
     .await
     .context("starting the HTTP server")?;

@@ -71,6 +71,12 @@ pub struct RunArgs {
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<PathBuf>,
 
+    /// A host name (or address) requests may name in their Host header when the agent
+    /// listens on loopback (repeatable); localhost and loopback addresses always may.
+    /// Others are refused, so a web page cannot reach the agent through DNS rebinding
+    #[arg(long = "web.allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+
     /// Tunnel interface to watch (repeatable) [default: every WireGuard interface in this
     /// network namespace]
     #[arg(long = "tunnel", value_name = "IFACE")]

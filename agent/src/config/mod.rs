@@ -125,6 +125,9 @@ pub struct RunConfig {
     pub listen_address: SocketAddr,
     pub telemetry_path: String,
     pub web_config: Option<WebConfig>,
+    /// `--web.allowed-host`: names the Host header may carry on a loopback listener, lower
+    /// case, without a trailing dot.
+    pub allowed_hosts: Vec<String>,
     /// Empty: every WireGuard interface found.
     pub tunnels: Vec<String>,
     /// Empty: the interfaces the routes to the peers' endpoints leave through.
@@ -253,6 +256,9 @@ impl RunConfig {
         let (path, origin) = pick(&args.telemetry_path, web.telemetry_path);
         let telemetry_path =
             check_telemetry_path(path.as_deref().unwrap_or(DEFAULT_TELEMETRY_PATH), origin)?;
+
+        let (hosts, origin) = pick_list(&args.allowed_hosts, web.allowed_host);
+        let allowed_hosts = check_hosts(hosts, &origin)?;
 
         let (level, origin) = pick(&args.log_level, file.log_level);
         let log_level = parse_log_level(level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL), origin)?;
@@ -387,6 +393,7 @@ impl RunConfig {
         Ok(RunConfig {
             listen_address,
             telemetry_path,
+            allowed_hosts,
             web_config,
             tunnels,
             underlays,
@@ -456,6 +463,7 @@ struct FileConfig {
 struct FileWeb {
     listen_address: Option<String>,
     telemetry_path: Option<String>,
+    allowed_host: Option<Vec<String>>,
     config: Option<FileWebConfig>,
 }
 
@@ -570,6 +578,45 @@ fn parse_log_level(value: &str, origin: Origin) -> Result<log::LevelFilter, Conf
             });
         }
     })
+}
+
+/// `--web.allowed-host` values: DNS names or IP literals (`[::1]` style for IPv6 too),
+/// without a port; kept lower case without a trailing dot, as the Host check compares them.
+fn check_hosts(names: Vec<String>, origin: &Origin) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let norm = name.trim_end_matches('.').to_ascii_lowercase();
+        let bracketed = norm.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        let bare = bracketed.unwrap_or(&norm);
+        let is_ip = match bracketed {
+            Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => bare.parse::<std::net::IpAddr>().is_ok(),
+        };
+        let is_dns = !norm.is_empty()
+            && norm.len() <= 253
+            && norm.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !is_ip && !is_dns {
+            return Err(ConfigError::Invalid {
+                key: "web.allowed-host",
+                origin: origin.clone(),
+                value: name,
+                problem: "is not a host name or IP address".into(),
+                accepted: "accepted: a DNS name or an IP address without a port, e.g. \
+                           metrics.example.net, 192.0.2.7 or ::1"
+                    .into(),
+            });
+        }
+        let norm = bare.to_owned();
+        if !out.contains(&norm) {
+            out.push(norm);
+        }
+    }
+    Ok(out)
 }
 
 fn check_ifaces(

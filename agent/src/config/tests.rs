@@ -648,3 +648,44 @@ fn transit_time_on_off() {
     let c = config(&["--config", &f, "--transit-time", "on"]).unwrap();
     assert!(c.transit_time);
 }
+
+/// `--web.allowed-host` (repeatable; `[web] allowed-host = [...]` in the file): names and
+/// addresses kept lower case without a trailing dot or brackets; anything else is refused
+/// with the option, the value and what is accepted, exit 2.
+#[test]
+fn web_allowed_hosts() {
+    let c = config(&[
+        "--web.allowed-host",
+        "Metrics.Example.NET.",
+        "--web.allowed-host",
+        "192.0.2.7",
+        "--web.allowed-host",
+        "[2001:db8::7]",
+        "--web.allowed-host",
+        "metrics.example.net",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.allowed_hosts,
+        ["metrics.example.net", "192.0.2.7", "2001:db8::7"]
+    );
+    assert!(config(&[]).unwrap().allowed_hosts.is_empty());
+    for v in ["", "host:9586", "a b", "http://x", "x..y", "[192.0.2.7"] {
+        let err = config(&["--web.allowed-host", v]).expect_err(&format!("{v:?} accepted"));
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "--web.allowed-host: {v:?} is not a host name or IP address"
+            )),
+            "{v:?}: {msg}"
+        );
+        assert!(msg.contains("accepted:"), "{msg}");
+        assert_eq!(err.exit_code(), 2);
+    }
+    let dir = Dir::new("allowed-host");
+    let f = dir.file("c.toml", "[web]\nallowed-host = [\"grafana.lan\"]\n");
+    assert_eq!(
+        config(&["--config", &f]).unwrap().allowed_hosts,
+        ["grafana.lan"]
+    );
+}

@@ -77,6 +77,9 @@ pub struct HttpConfig {
     pub shutdown_grace: Duration,
     /// TLS and basic auth (`--web.config.file`); none by default.
     pub web: WebSecurity,
+    /// On a loopback listener, the names besides localhost and loopback addresses that
+    /// requests' Host header may carry (`--web.allowed-host`; lower case).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl HttpConfig {
@@ -99,6 +102,7 @@ impl HttpConfig {
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             web: WebSecurity::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 
@@ -189,6 +193,9 @@ struct Ctx {
     auth: Option<Arc<web::BasicAuth>>,
     /// Shared metrics bodies, by [`body_kind`].
     bodies: [scrape::Coalescer; 4],
+    /// On a loopback listener: the Host names allowed besides localhost and loopback
+    /// addresses. None elsewhere.
+    hosts: Option<Vec<String>>,
 }
 
 /// The index of a kind of metrics body in [`Ctx::bodies`].
@@ -295,6 +302,11 @@ impl Server {
             telemetry_path: cfg.telemetry_path.clone(),
             auth: cfg.web.auth.clone(),
             bodies: Default::default(),
+            hosts: cfg
+                .listen_address
+                .ip()
+                .is_loopback()
+                .then(|| cfg.allowed_hosts.clone()),
         });
         let tls = cfg.web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
@@ -397,6 +409,25 @@ fn unauthorized() -> Resp {
 }
 
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    // Before the credentials: a rebinding page must not get to make the agent run bcrypt.
+    if let Some(allowed) = &ctx.hosts {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+        if !host_allowed(host.as_deref(), allowed) {
+            let host = host.unwrap_or_default();
+            debug!("http: refused Host {host:?} on a loopback listener");
+            return text(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "Host {host:?} is not this agent's address: on loopback it answers only \
+                     requests for localhost or a loopback address (a web page could otherwise \
+                     read it through DNS rebinding); allow a name with --web.allowed-host"
+                ),
+            );
+        }
+    }
     // Every path, known or not, needs the credentials when users are configured.
     if let Some(auth) = &ctx.auth {
         let given = req
@@ -512,6 +543,39 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
         HeaderValue::from_static("Accept, Accept-Encoding"),
     );
     r
+}
+
+/// Whether a loopback listener answers a request whose Host header is `host`: localhost
+/// (and names under .localhost, which resolve only to loopback), a loopback address, or
+/// one of `allowed`; with any port. A request without Host (HTTP/1.0) is answered: browsers
+/// always send one.
+fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let host = host.trim();
+    // [v6]:port, [v6], name:port, v4:port, name.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inside, tail)) if tail.is_empty() || tail.starts_with(':') => inside,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => n,
+            Some((_, "")) => return false,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return ip.is_loopback() || allowed.iter().any(|a| a.parse() == Ok(ip));
+    }
+    name == "localhost" || name.ends_with(".localhost") || allowed.iter().any(|a| *a == name)
 }
 
 /// Whether Accept-Encoding values allow gzip: a `gzip` or `x-gzip` coding (or `*`) whose

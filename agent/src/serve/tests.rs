@@ -99,7 +99,10 @@ impl Reply {
 /// One request on a fresh connection, `Connection: close`, read to the end.
 async fn request(addr: SocketAddr, method: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str("Host: localhost\r\n");
+    }
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -267,7 +270,7 @@ async fn custom_telemetry_path_and_keep_alive() {
     let srv = start().await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     for _ in 0..2 {
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .unwrap();
         let mut buf = vec![0u8; 1024];
@@ -342,7 +345,7 @@ async fn idle_and_slow_clients_are_cut_off() {
     let mut idle = TcpStream::connect(srv.addr).await.unwrap();
     // Starts a request and never finishes its headers.
     let mut slow = TcpStream::connect(srv.addr).await.unwrap();
-    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n")
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
         .unwrap();
     let start = Instant::now();
@@ -362,7 +365,7 @@ async fn oversized_headers_are_refused() {
     let srv = start().await;
     let big = "x".repeat(32 * 1024);
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
-    let req = format!("GET /metrics HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n");
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {big}\r\n\r\n");
     // The server may close before reading it all; a write error is fine.
     let _ = s.write_all(req.as_bytes()).await;
     let mut raw = Vec::new();
@@ -714,7 +717,7 @@ async fn clients_that_do_not_read_are_cut_off() {
     }));
     let mut stalled = TcpStream::connect(addr).await.unwrap();
     stalled
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -734,4 +737,47 @@ async fn clients_that_do_not_read_are_cut_off() {
     drop(stalled);
     let _ = tx.send(());
     task.await.unwrap().unwrap();
+}
+
+/// On a loopback listener only localhost, loopback addresses and --web.allowed-host names
+/// are answered (DNS rebinding); the refusal says how to allow a name. Elsewhere any Host.
+#[tokio::test]
+async fn loopback_listener_answers_only_its_own_names() {
+    let srv = start_with(|c| c.allowed_hosts = vec!["metrics.example.net".into()]).await;
+    let port = srv.addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "localhost".into(),
+        format!("LocalHost.:{port}"),
+        "grafana.localhost".into(),
+        "127.0.0.2".into(),
+        format!("[::1]:{port}"),
+        "metrics.example.net".into(),
+        format!("Metrics.Example.Net:{port}"),
+    ] {
+        let r = request(srv.addr, "GET", "/api/v1/status", &[("Host", &host)]).await;
+        assert_eq!(r.status, 200, "{host}");
+    }
+    for host in [
+        "evil.example",
+        "evil.example:9586",
+        "localhost.evil.example",
+        "192.0.2.1",
+        "[2001:db8::1]:9586",
+        "127.0.0.1:x",
+        "[::1",
+        "",
+    ] {
+        let r = request(srv.addr, "GET", "/api/v1/status", &[("Host", host)]).await;
+        assert_eq!(r.status, 421, "{host:?}");
+        assert!(r.body.contains("--web.allowed-host"), "{}", r.body);
+    }
+    srv.stop().await;
+
+    // Any address: a remote Prometheus names it however it reaches it.
+    let any = start_with(|c| c.listen_address = "0.0.0.0:0".parse().unwrap()).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", any.addr.port()).parse().unwrap();
+    let r = request(addr, "GET", "/healthz", &[("Host", "evil.example")]).await;
+    assert_eq!(r.status, 200);
+    any.stop().await;
 }

@@ -575,7 +575,7 @@ fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
         return ip.is_loopback() || allowed.iter().any(|a| a.parse() == Ok(ip));
     }
-    name == "localhost" || name.ends_with(".localhost") || allowed.iter().any(|a| *a == name)
+    name == "localhost" || name.ends_with(".localhost") || allowed.contains(&name)
 }
 
 /// Whether Accept-Encoding values allow gzip: a `gzip` or `x-gzip` coding (or `*`) whose

@@ -168,7 +168,7 @@ fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropRea
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // One agent per network namespace: a second one says which agent is already there.
-    crate::instance::claim(cfg.listen_address)?;
+    crate::instance::claim(&cfg.state_dir, cfg.listen_address)?;
     let mut features = Features::detect();
     log_features(&features);
     let (datapath, reasons) = load_datapath(&cfg, &mut features)?;

@@ -19,6 +19,7 @@
 pub mod caps;
 pub mod config;
 pub mod datapath;
+pub mod hardening;
 pub mod instance;
 pub mod metrics;
 pub mod ops;

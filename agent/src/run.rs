@@ -169,6 +169,7 @@ fn attach_drops(datapath: &mut Datapath, features: &mut Features) -> Arc<DropRea
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // One agent per network namespace: a second one says which agent is already there.
     crate::instance::claim(&cfg.state_dir, cfg.listen_address)?;
+    crate::hardening::raise_nofile();
     let mut features = Features::detect();
     log_features(&features);
     let (datapath, reasons) = load_datapath(&cfg, &mut features)?;
@@ -212,6 +213,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     );
     // Attached, synced and bound: from here on only what re-attachment needs.
     let _ = crate::caps::drop_unneeded();
+    crate::hardening::forbid_core_dumps();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = vec![tokio::spawn({

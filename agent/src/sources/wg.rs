@@ -133,7 +133,19 @@ pub fn read_netlink(name: &str) -> Result<WgDevice, String> {
     Ok(from_netlink(dev))
 }
 
-fn from_netlink(dev: wireguard_uapi::get::Device) -> WgDevice {
+/// Zeroes the private and preshared keys the kernel sends with every dump: nothing here
+/// needs them, and they must not linger in freed memory for a core dump or a heap read.
+fn scrub(dev: &mut wireguard_uapi::get::Device) {
+    if let Some(k) = dev.private_key.as_mut() {
+        k.zeroize();
+    }
+    for p in dev.peers.iter_mut() {
+        p.preshared_key.zeroize();
+    }
+}
+
+fn from_netlink(mut dev: wireguard_uapi::get::Device) -> WgDevice {
+    scrub(&mut dev);
     let peers = dev
         .peers
         .into_iter()

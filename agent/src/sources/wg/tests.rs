@@ -781,3 +781,39 @@ fn reads_wireguard_go_like_wg_show_dump() {
     assert_ne!(b_peer.rx, "0");
     assert!(list_uapi_sockets().contains(&a));
 }
+
+/// What the kernel's netlink dump gives is read with its private and preshared keys
+/// zeroed before the device is taken apart; the rest is kept as it was.
+#[test]
+fn netlink_keys_are_zeroed() {
+    use wireguard_uapi::get::{Device, Peer};
+    let peer = |k: u8| Peer {
+        public_key: [k; 32],
+        preshared_key: [0xa5; 32],
+        endpoint: None,
+        persistent_keepalive_interval: 25,
+        last_handshake_time: std::time::Duration::ZERO,
+        rx_bytes: 7,
+        tx_bytes: 9,
+        allowed_ips: vec![],
+        protocol_version: 1,
+    };
+    let mut dev = Device {
+        ifindex: 3,
+        ifname: "wg0".into(),
+        private_key: Some([0x5a; 32]),
+        public_key: Some([1; 32]),
+        listen_port: 51820,
+        fwmark: 0,
+        peers: vec![peer(2), peer(3)],
+    };
+    super::scrub(&mut dev);
+    assert_eq!(dev.private_key, Some([0; 32]));
+    assert!(dev.peers.iter().all(|p| p.preshared_key == [0; 32]));
+    assert_eq!(dev.public_key, Some([1; 32]));
+    assert_eq!(dev.peers[1].public_key, [3; 32]);
+    let read = super::from_netlink(dev);
+    assert_eq!(read.listen_port, 51820);
+    assert_eq!(read.peers.len(), 2);
+    assert_eq!(read.peers[0].rx_bytes, 7);
+}

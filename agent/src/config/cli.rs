@@ -173,6 +173,12 @@ pub struct RunArgs {
     #[arg(long = "failover-timeout", value_name = "DURATION")]
     pub failover_timeout: Option<String>,
 
+    /// A peer (base64 public key or friendly name) judged on its handshake age even though
+    /// no probe goes through it (repeatable). Without probes or this, a peer is not judged:
+    /// idle peers of a gateway have old handshakes and are fine
+    #[arg(long = "failover-peer", value_name = "PEER")]
+    pub failover_peers: Vec<String>,
+
     /// Log the failover action instead of running it
     #[arg(long = "dry-run")]
     pub dry_run: bool,

@@ -186,6 +186,8 @@ pub struct FailoverConfig {
     pub cooldown: Duration,
     pub timeout: Duration,
     pub dry_run: bool,
+    /// `--failover-peer`: peers (public key or friendly name) judged without probes.
+    pub peers: Vec<String>,
 }
 
 pub const DEFAULT_MULLVAD_CLI: &str = "mullvad";
@@ -388,6 +390,7 @@ impl RunConfig {
                 DEFAULT_FAILOVER_TIMEOUT,
             )?,
             dry_run: args.dry_run || file.dry_run.unwrap_or(false),
+            peers: pick_list(&args.failover_peers, file.failover_peer).0,
         };
 
         Ok(RunConfig {
@@ -455,6 +458,7 @@ struct FileConfig {
     failover_window: Option<String>,
     failover_cooldown: Option<String>,
     failover_timeout: Option<String>,
+    failover_peer: Option<Vec<String>>,
     dry_run: Option<bool>,
 }
 

@@ -288,7 +288,7 @@ async fn run(command: &str, timeout: Duration, event: &Event) -> &'static str {
 mod tests {
     use super::*;
 
-    fn cfg() -> FailoverConfig {
+    pub(super) fn cfg() -> FailoverConfig {
         FailoverConfig {
             command: Some("true".into()),
             max_rtt: Duration::from_millis(200),
@@ -298,6 +298,7 @@ mod tests {
             cooldown: Duration::from_secs(300),
             timeout: Duration::from_secs(2),
             dry_run: false,
+            peers: Vec::new(),
         }
     }
 
@@ -398,13 +399,16 @@ mod tests {
 /// [`crate::probes::icmp::ProbeStats::window`] gives it.
 pub type ProbeWindow = (u64, u64, Vec<Duration>);
 
-/// The paths to judge: every peer of every watched tunnel, with the age of its latest
-/// handshake (at `now`) and the RTT and loss of the probes that go through it. A probe goes
-/// through the peer whose allowed IPs hold its target most specifically, on the probe's
-/// interface (any tunnel when it has none).
+/// The paths to judge: the peers that probes go through and the ones the operator marked
+/// (`marked`: public keys or friendly names), with the age of their latest handshake (at
+/// `now`) and the RTT and loss of the probes that go through them. A probe goes through the
+/// peer whose allowed IPs hold its target most specifically, on the probe's interface (any
+/// tunnel when it has none). Other peers are not judged: a gateway's idle clients have old
+/// handshakes and nothing wrong.
 pub fn paths(
     inv: &crate::sync::inventory::Inventory,
     probes: &[(crate::config::ProbeTarget, ProbeWindow)],
+    marked: &[String],
     now: std::time::SystemTime,
 ) -> Vec<PathInput> {
     let mut out: Vec<PathInput> = Vec::new();
@@ -459,6 +463,22 @@ pub fn paths(
             }
         }
     }
+    let is_marked = |iface: &str, key: &str| {
+        marked.iter().any(|m| m == key)
+            || inv
+                .tunnels
+                .iter()
+                .filter(|t| t.name == iface)
+                .flat_map(|t| &t.peers)
+                .any(|p| {
+                    p.public_key == key
+                        && p.friendly_name.as_ref().is_some_and(|f| marked.contains(f))
+                })
+    };
+    out.retain(|p| {
+        sums.contains_key(&(p.interface.clone(), p.peer.clone()))
+            || is_marked(&p.interface, &p.peer)
+    });
     out
 }
 
@@ -496,7 +516,7 @@ pub fn spawn(
                 })
                 .collect();
             let inputs = match task.inventory.read() {
-                Ok(inv) => paths(&inv, &probes, std::time::SystemTime::now()),
+                Ok(inv) => paths(&inv, &probes, &task.cfg.peers, std::time::SystemTime::now()),
                 Err(_) => continue,
             };
             let running = busy.load(std::sync::atomic::Ordering::SeqCst);
@@ -574,14 +594,54 @@ mod path_tests {
             },
             (4, 1, vec![ms(10), ms(20), ms(30)]),
         )];
-        let p = paths(&inv, &probes, now);
+        // Only the probed peer is judged ...
+        let p = paths(&inv, &probes, &[], now);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].peer, "EXIT");
+        assert_eq!(p[0].rtt, Some(ms(20)));
+        assert_eq!(p[0].loss_percent, Some(25.0));
+        assert_eq!(p[0].handshake_age, None);
+        // ... and the marked one, by key, on its handshake alone.
+        let p = paths(&inv, &probes, &["ENTRY".to_string()], now);
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].peer, "ENTRY");
         assert_eq!(p[0].rtt, None);
         assert_eq!(p[0].handshake_age, Some(Duration::from_secs(10)));
         assert_eq!(p[1].peer, "EXIT");
-        assert_eq!(p[1].rtt, Some(ms(20)));
-        assert_eq!(p[1].loss_percent, Some(25.0));
-        assert_eq!(p[1].handshake_age, None);
+    }
+
+    /// A gateway: many idle clients with handshakes hours old and no probes are not judged,
+    /// so they never trigger the action; one marked by its friendly name is.
+    #[test]
+    fn idle_gateway_peers_are_not_judged() {
+        let now = SystemTime::now();
+        let old = Some(now - Duration::from_secs(4 * 3600));
+        let mut peers: Vec<Peer> = (0..50)
+            .map(|i| {
+                peer(
+                    &format!("CLIENT{i}"),
+                    &[&format!("10.8.0.{}/32", i + 2)],
+                    old,
+                )
+            })
+            .collect();
+        peers[7].friendly_name = Some("office-router".into());
+        let inv = Inventory {
+            tunnels: vec![Tunnel {
+                name: "wg0".into(),
+                ifindex: 3,
+                mtu: 1420,
+                backend: Backend::Uapi,
+                listen_port: 51820,
+                peers,
+            }],
+            ..Inventory::default()
+        };
+        assert!(paths(&inv, &[], &[], now).is_empty());
+        let p = paths(&inv, &[], &["office-router".to_string()], now);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].peer, "CLIENT7");
+        let cfg = super::tests::cfg();
+        assert_eq!(judge(&cfg, &p[0], true), Some(Reason::Handshake));
     }
 }

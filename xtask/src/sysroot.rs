@@ -71,17 +71,17 @@ pub fn is_current(cache: &Path) -> bool {
         && cache.join("root/usr/lib/systemd/systemd").is_file()
 }
 
-/// [`ensure`] with the cache in `cache`.
-pub fn ensure_in(cache: &Path) -> Result<Sysroot> {
-    let start = Instant::now();
-    let root = cache.join("root");
-    if is_current(cache) {
-        return Ok(Sysroot {
-            root,
-            built: false,
-            took: start.elapsed(),
-        });
+/// Whether [`ensure`] can work here: the root is cached, or root and debootstrap are there
+/// to build it.
+pub fn prerequisites() -> Result<()> {
+    let cache = cache_dir()?;
+    if is_current(&cache) {
+        return Ok(());
     }
+    build_prerequisites(&cache)
+}
+
+fn build_prerequisites(cache: &Path) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "building the systemd root in {} needs root (debootstrap): run `cargo xtask setup` \
@@ -95,6 +95,21 @@ pub fn ensure_in(cache: &Path) -> Result<Sysroot> {
              setup` (or `apt-get install debootstrap`)"
         );
     }
+    Ok(())
+}
+
+/// [`ensure`] with the cache in `cache`.
+pub fn ensure_in(cache: &Path) -> Result<Sysroot> {
+    let start = Instant::now();
+    let root = cache.join("root");
+    if is_current(cache) {
+        return Ok(Sysroot {
+            root,
+            built: false,
+            took: start.elapsed(),
+        });
+    }
+    build_prerequisites(cache)?;
     fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     let lock_path = cache.join("lock");
     let lock = fs::File::create(&lock_path)

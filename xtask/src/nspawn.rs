@@ -287,7 +287,8 @@ impl Container {
             .command("systemctl")
             .args(["poweroff", "--no-block"])
             .stdin(Stdio::null())
-            .output();
+            .output()
+            .map(|o| o.status);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut result = Ok(());
         loop {
@@ -298,7 +299,8 @@ impl Container {
                 }
                 _ => {
                     result = Err(anyhow!(
-                        "the container {} did not power off within 30 s ({asked:?}); killed",
+                        "the container {} did not power off within 30 s (systemctl poweroff: \
+                         {asked:?}); killed",
                         self.machine
                     ));
                     let _ = child.kill();

@@ -419,7 +419,8 @@ fn skip_unless(test: &str, prerequisites: Result<()>) -> bool {
     }
 }
 
-fn on_path(prog: &str) -> bool {
+/// Whether a file `prog` is in one of PATH's directories.
+pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
         .unwrap_or(false)

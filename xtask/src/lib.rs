@@ -6,6 +6,8 @@
 //! - [`impair`]: the lab's deterministic impairing UDP relay (drop, swap, delay, drop
 //!   handshake responses) in the hop or between the multihop relays.
 //! - [`netns`], [`wg`], [`udp`], [`capture`]: helpers tests use inside the lab.
+//! - [`sysroot`], [`nspawn`]: a Debian root with systemd, booted in a container to run the
+//!   shipped systemd unit under a real systemd.
 //! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
 //! - [`fuzz`]: the cargo-fuzz targets in fuzz/ (`cargo xtask fuzz`, and a step of `test`).
 //! - [`bench`]: what the agent costs (`cargo xtask bench`).
@@ -21,10 +23,12 @@ pub mod fuzz;
 pub mod impair;
 pub mod lab;
 pub mod netns;
+pub mod nspawn;
 pub mod procs;
 pub mod prometheus;
 pub mod scrape;
 pub mod setup;
+pub mod sysroot;
 pub mod testsuite;
 pub mod udp;
 pub mod vm;

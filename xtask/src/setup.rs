@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
 //! the tests, and nothing when everything is there (then it only asks dpkg, rustup,
-//! bpf-linker, cargo-fuzz and prometheus_wireguard_exporter, in well under a second).
+//! bpf-linker, cargo-fuzz and prometheus_wireguard_exporter, and reads the systemd root's
+//! stamp, in well under a second).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -12,7 +13,9 @@ use crate::cmd;
 
 /// Debian packages the lab, the demo and the tests use. iputils-ping is not in a minimal
 /// Debian image and the lab tests ping through the tunnels; tmux drives `wirescope status
-/// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit.
+/// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit;
+/// debootstrap and systemd-container (systemd-nspawn) build and boot the Debian root the unit
+/// is tested in under a real systemd ([`crate::sysroot`]).
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -25,6 +28,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "tmux",
     "systemd",
+    "debootstrap",
+    "systemd-container",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.
@@ -48,6 +53,7 @@ pub fn run() -> Result<()> {
     ensure_bpf_linker(&mut installed)?;
     ensure_cargo_fuzz(&mut installed)?;
     ensure_wireguard_exporter(&mut installed)?;
+    ensure_systemd_root(&mut installed)?;
     let took = start.elapsed().as_secs_f64();
     if installed.is_empty() {
         println!("setup: everything present ({took:.2} s)");
@@ -290,6 +296,20 @@ fn ensure_wireguard_exporter(installed: &mut Vec<String>) -> Result<()> {
     }
     println!("setup: installed {EXPORTER_BIN} {EXPORTER_VERSION} (cargo install)");
     installed.push(EXPORTER_BIN.into());
+    Ok(())
+}
+
+/// The Debian root with systemd that the unit's test boots (built once, about 80 s; then
+/// only its stamp is read).
+fn ensure_systemd_root(installed: &mut Vec<String>) -> Result<()> {
+    let root = crate::sysroot::ensure().context("building the systemd root")?;
+    if root.built {
+        println!(
+            "setup: built the systemd root {} (debootstrap)",
+            root.root.display()
+        );
+        installed.push("systemd root".into());
+    }
     Ok(())
 }
 

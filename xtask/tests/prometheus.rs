@@ -253,9 +253,19 @@ fn the_systemd_unit_verifies() {
         "PrivateTmp=yes",
         "RestrictAddressFamilies=AF_NETLINK AF_UNIX AF_INET AF_INET6",
         "StateDirectory=wirescope",
+        // Pins under /sys/fs/bpf keep the counters across restarts (systemd:: in the lab
+        // tier checks it under systemd).
+        "ReadWritePaths=-/sys/fs/bpf\n",
+        "ReadOnlyPaths=/sys /proc/sys\n",
     ] {
         assert!(unit.contains(want), "wirescope.service lacks {want}");
     }
+    assert!(
+        !unit
+            .lines()
+            .any(|l| l.trim() == "ProtectKernelTunables=yes"),
+        "ProtectKernelTunables=yes makes /sys/fs/bpf read-only, whatever ReadWritePaths= says"
+    );
     if !on_path("systemd-analyze") {
         eprintln!("the_systemd_unit_verifies: no systemd-analyze, the unit's text only");
         return;

@@ -164,7 +164,7 @@ impl Datapath {
                 object
             }
             Some(Err(e)) => {
-                warn!("BPF maps not pinned ({e}): counters restart from zero with the agent");
+                warn!("{}", pin::not_pinned_warning(&e));
                 unpinned = pin::unpinned(object).map_err(DatapathError::Pin)?;
                 &unpinned
             }

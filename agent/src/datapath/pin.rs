@@ -393,9 +393,50 @@ pub fn prepare_in(base: &Path, obj: &[u8]) -> Result<PinDir, PinError> {
     })
 }
 
+/// The warning logged when pinning failed: the error, what it costs, and for a read-only
+/// bpffs where that comes from. systemd's `ProtectKernelTunables=yes` remounts /sys/fs/bpf
+/// read-only inside the service, and `ReadWritePaths=` cannot undo it, which is not obvious
+/// from "Read-only file system" alone.
+pub fn not_pinned_warning(e: &PinError) -> String {
+    let read_only = matches!(e, PinError::Io { source, .. }
+        if source.raw_os_error() == Some(libc::EROFS));
+    let hint = if read_only {
+        ". The bpffs is read-only for this process: under systemd, ProtectKernelTunables=yes \
+         does that (deploy/wirescope.service lists what it protects instead and keeps \
+         /sys/fs/bpf writable; remove ProtectKernelTunables=yes from the unit and its drop-ins)"
+    } else {
+        ""
+    };
+    format!("BPF maps not pinned ({e}): counters restart from zero with the agent{hint}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_bpffs_names_protect_kernel_tunables() {
+        let err = |errno| PinError::Io {
+            what: "creating",
+            path: PathBuf::from("/sys/fs/bpf/wirescope/1-2"),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let ro = not_pinned_warning(&err(libc::EROFS));
+        assert!(
+            ro.starts_with(
+                "BPF maps not pinned (creating /sys/fs/bpf/wirescope/1-2: Read-only file system"
+            ),
+            "{ro}"
+        );
+        assert!(ro.contains("ProtectKernelTunables=yes"), "{ro}");
+        assert!(ro.contains("keeps /sys/fs/bpf writable"), "{ro}");
+        let denied = not_pinned_warning(&err(libc::EACCES));
+        assert!(!denied.contains("ProtectKernelTunables"), "{denied}");
+        assert!(
+            denied.ends_with("counters restart from zero with the agent"),
+            "{denied}"
+        );
+    }
 
     #[test]
     fn layout_of_the_object() {

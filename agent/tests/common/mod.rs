@@ -12,7 +12,7 @@
 //!   most, the `wirescope` binary started in the lab's client namespace and stopped, its log
 //!   file, metric values and deltas between scrapes, pings and echoes through the tunnel,
 //!   waiting for a TCP listener or a series, an interface that appears late, the client's
-//!   tunnel brought back after it was deleted.
+//!   tunnel brought back after it was deleted, bpffs mounted on the host for pinning.
 
 #![allow(dead_code)]
 
@@ -442,6 +442,25 @@ pub fn bring_back(lab: &Lab, iface: &str, conf: &str) {
         let mut all = vec!["ip"];
         all.extend(r.split_whitespace());
         xtask::netns::exec(ns, &all).unwrap_or_else(|e| panic!("{r}: {e:#}"));
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf on the host when none is there, so that pinned maps outlive
+/// an agent (run under `ip netns exec`, it finds this bpffs through its parent's mount
+/// namespace; in a container, it is bound in).
+pub fn ensure_host_bpffs() {
+    let is_bpffs = || {
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string and a statfs buffer.
+        let ok = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &mut st) } == 0;
+        ok && st.f_type as i64 == 0xcafe_4a11
+    };
+    if !is_bpffs() {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("mount");
+        assert!(st.success() && is_bpffs(), "mounting bpffs at /sys/fs/bpf");
     }
 }
 

@@ -9,8 +9,9 @@
 //! The modules in [`kernel`] check what depends on the kernel and its WireGuard (counting,
 //! handshakes, leaks, path MTU, drops, pinned maps over a restart): `cargo xtask vm-test`
 //! runs them again on Debian's kernels, with the libtest filter `kernel::`. The others
-//! (commands, the endpoint, faults, failing state sources, failover, probes, Mullvad) run on
-//! the host only, which keeps the VM's time down.
+//! (commands, the endpoint, faults, failing state sources, failover, probes, Mullvad, the
+//! shipped systemd unit under a real systemd in a container) run on the host only, which
+//! keeps the VM's time down.
 //!
 //! Needs root and the lab tools (`cargo xtask setup`); without them the tests print why and
 //! pass, except with CI=true, where they fail. Run:
@@ -30,3 +31,4 @@ mod mullvad;
 mod probe;
 mod sources;
 mod status;
+mod systemd;

@@ -168,24 +168,6 @@ fn pinned_totals(dir: &Path) -> (u64, u64) {
     t
 }
 
-fn ensure_host_bpffs() {
-    let p = Path::new("/sys/fs/bpf");
-    let is_bpffs = || {
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid C string and a statfs buffer.
-        let ok = unsafe { libc::statfs(c"/sys/fs/bpf".as_ptr(), &mut st) } == 0;
-        ok && st.f_type as i64 == 0xcafe_4a11
-    };
-    let _ = p;
-    if !is_bpffs() {
-        let st = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .expect("mount");
-        assert!(st.success() && is_bpffs(), "mounting bpffs at /sys/fs/bpf");
-    }
-}
-
 /// The relay's underlay address (from the tunnel's endpoint).
 fn relay_ip(lab: &Lab, cns: &str, tun: &str) -> IpAddr {
     let out = lab
@@ -299,7 +281,7 @@ fn sigkill_restart_keeps_counters() {
     if !lab::can_run("sigkill_restart_keeps_counters") {
         return;
     }
-    ensure_host_bpffs();
+    common::ensure_host_bpffs();
     let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
     let Names {
         cns,
@@ -660,7 +642,7 @@ fn interfaces_gone_while_down_keep_their_names() {
     if !lab::can_run("interfaces_gone_while_down_keep_their_names") {
         return;
     }
-    ensure_host_bpffs();
+    common::ensure_host_bpffs();
     let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
     let Names {
         cns, tun, relay, ..

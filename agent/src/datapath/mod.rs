@@ -280,7 +280,21 @@ impl Datapath {
     pub fn sync_peers(&mut self, want: &PeerMaps) -> Result<(), DatapathError> {
         let tunnel = self.tunnel.sync(want);
         let wire = self.wire.sync(want);
-        let addrs = self.path.sync_endpoint_addrs(&want.endpoints);
+        // An obfuscation flow's relay is a WireGuard relay too: fragments of the flow are
+        // `outer`, and ICMP to it no leak, as for an endpoint's address.
+        let relays: Vec<Endpoint> = want
+            .obfuscation
+            .keys()
+            .map(|o| Endpoint {
+                addr: o.addr,
+                port: 0,
+                family: o.family,
+                _pad: 0,
+            })
+            .collect();
+        let addrs = self
+            .path
+            .sync_endpoint_addrs(want.endpoints.keys().chain(&relays));
         let obfuscation = self.obfuscation.sync(&want.obfuscation);
         tunnel
             .into_iter()

@@ -292,6 +292,84 @@ fn carriers_count_for_their_peer_and_never_leak() {
     );
 }
 
+/// A relay known only as an obfuscation flow's remote end is a WireGuard relay for the path
+/// signals too: fragments to and from it are `outer` (a tunnel MTU too big for the
+/// obfuscated path shows), and ICMP to it is no leak, as for an endpoint's address; without
+/// the flow they are `other` and a leak.
+#[test]
+fn the_flows_relay_is_an_endpoint_address() {
+    use agent_common::{maps::path::layer, parse::IPPROTO_ICMP};
+    const OBFS_RELAY_V4: [u8; 4] = [203, 0, 113, 77];
+    let flow = (
+        obfs_endpoint(OBFS_RELAY_V4.into(), SS_PORT, IPPROTO_UDP),
+        target(1, PEER, kind::SHADOWSOCKS),
+    );
+    let Some(mut lab) = Lab::new(&[flow]) else {
+        return;
+    };
+    let under = lab.under;
+    let fragments = |lab: &Lab| -> HashMap<(u32, u8, u8), u64> {
+        lab.dp
+            .path
+            .fragments()
+            .expect("FRAGMENTS")
+            .into_iter()
+            .map(|(k, c)| ((k.ifindex, k.kind, k.dir), c.packets))
+            .collect()
+    };
+    let later = Ipv4::new(LOCAL_V4, OBFS_RELAY_V4)
+        .frag_offset(125)
+        .build(IPPROTO_UDP, &[4; 600]);
+    let ping = Ipv4::new(LOCAL_V4, OBFS_RELAY_V4).build(IPPROTO_ICMP, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    for (known, want_layer, want_leak) in [
+        (true, layer::OUTER, Leaks::new()),
+        (
+            false,
+            layer::OTHER,
+            [((under, leak_kind::IPV4), (1, 28))].into(),
+        ),
+    ] {
+        let flows = [flow];
+        lab.flows(if known { &flows[..] } else { &[] });
+        let before = fragments(&lab);
+        lab.expect(
+            "a later fragment of the flow",
+            Dir::Tx,
+            under,
+            (0, 0),
+            &later,
+            (Counts::new(), Leaks::new()),
+        );
+        let after = fragments(&lab);
+        assert_eq!(
+            delta_n(&before, &after),
+            [((under, want_layer, DIR_TX), 1)].into(),
+            "flow known: {known}"
+        );
+        lab.expect(
+            "ICMP echo to the flow's relay",
+            Dir::Tx,
+            under,
+            (0, 0),
+            &ping,
+            (Counts::new(), want_leak),
+        );
+    }
+}
+
+fn delta_n<K: Copy + Eq + std::hash::Hash>(
+    before: &HashMap<K, u64>,
+    after: &HashMap<K, u64>,
+) -> HashMap<K, u64> {
+    after
+        .iter()
+        .filter_map(|(k, &n)| {
+            let n0 = before.get(k).copied().unwrap_or_default();
+            (n != n0).then_some((*k, n - n0))
+        })
+        .collect()
+}
+
 /// Without endpoints (none written, or all removed again) the flow is what it was before:
 /// a leak while the tunnel is up, and nothing is counted as obfuscation.
 #[test]

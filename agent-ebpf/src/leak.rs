@@ -4,13 +4,15 @@
 //! listen port, and shaped like a WireGuard message: the wire role's recognition) went
 //! around the tunnel.
 //!
-//! Not leaks: anything that is not IP (ARP), ICMP to a known WireGuard endpoint address (the
-//! agent's own path-MTU search to a relay), IPv6 neighbour discovery and router
-//! solicitation/advertisement and redirects (ICMPv6 133-137), DHCP (UDP 67/68) and DHCPv6
-//! (546/547), destinations that never leave the link or the host (127/8, 169.254/16,
-//! 224/4, 255.255.255.255, ::1, fe80::/10, ff00::/8), destinations inside the `--leak-allow`
-//! CIDRs, and any packet on the loopback device. A fragmented packet counts once, with its
-//! first fragment (later fragments carry no ports to tell WireGuard from anything else).
+//! Not leaks: anything that is not IP (ARP), ICMP to a known WireGuard endpoint address or
+//! obfuscation flow's relay (the agent's own path-MTU search to a relay), IPv6 neighbour
+//! discovery and router solicitation/advertisement and redirects (ICMPv6 133-137), DHCP
+//! (UDP 67/68) and DHCPv6 (546/547), destinations that never leave the link or the host
+//! (127/8, 169.254/16, 224/4, 255.255.255.255, ::1, fe80::/10, ff00::/8), destinations
+//! inside the `--leak-allow` CIDRs, any packet on the loopback device, and an obfuscation proxy's flow to its relay
+//! (`obfuscation.rs`: wirescope_egress never calls here for it). A fragmented packet counts
+//! once, with its first fragment (later fragments carry no ports to tell WireGuard from
+//! anything else).
 //! Only (interface, kind) counts are kept: never an address.
 
 use agent_common::{

@@ -14,6 +14,7 @@ mod drops;
 mod health;
 mod leak;
 mod maps;
+mod obfuscation;
 mod path;
 mod skb;
 mod transit;
@@ -169,14 +170,22 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
         Some(l4) => wire::count(&pkt, ifindex, dir, &ip, l4, gso_segs),
         None => false,
     };
+    let underlay =
+        cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY;
+    // An obfuscation proxy's flow to the relay carries a peer's WireGuard where the wire
+    // role cannot see it (WireGuard talks to the proxy on loopback): counted for that peer.
+    let obfuscated = !wireguard
+        && underlay
+        && match l4 {
+            Some(l4) => obfuscation::count(&ip, l4, dir, pkt.len(), gso_segs),
+            None => false,
+        };
     // Leaks: what leaves an underlay (not a tunnel) outside every tunnel while one is up.
     // A message just counted as WireGuard is none: on egress the wire role's recognition
     // (known endpoint or local listen port, and the message's shape) is exactly the leak
-    // check's, so the tail call and its second parse (~110 ns) are skipped for it.
-    !wireguard
-        && dir == DIR_TX
-        && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
-        && leak::tunnel_up()
+    // check's, so the tail call and its second parse (~110 ns) are skipped for it. Nor is
+    // an obfuscation carrier: it is the tunnel's own traffic in another protocol.
+    !wireguard && !obfuscated && dir == DIR_TX && underlay && leak::tunnel_up()
 }
 
 #[cfg(not(test))]

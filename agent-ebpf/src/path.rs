@@ -49,7 +49,8 @@ use crate::{maps::WG_PORTS, skb::Skb};
 #[map]
 pub static FRAGMENTS: PerCpuHashMap<CounterKey, Counter> = PerCpuHashMap::pinned(MAX_FRAGMENTS, 0);
 
-/// Known endpoint addresses (`Endpoint` with port 0), written by the agent.
+/// Known endpoint addresses and obfuscation flows' relays (`Endpoint` with port 0), written
+/// by the agent.
 #[map]
 pub static ENDPOINT_ADDRS: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_ENDPOINT_ADDRS, 0);
 

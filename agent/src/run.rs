@@ -26,9 +26,9 @@ use crate::{
     metrics::{
         self, Format, agent::AgentCollector, crypto::CryptoCollector, drops::DropsCollector,
         failover::FailoverCollector, health::HealthCollector, leak::LeakCollector,
-        mullvad::MullvadCollector, path::PathCollector, peers::PeerCollector,
-        probe::ProbeCollector, process::ProcessCollector, transit::TransitCollector,
-        tunnel::TunnelCollector,
+        mullvad::MullvadCollector, obfuscation::ObfuscationCollector, path::PathCollector,
+        peers::PeerCollector, probe::ProbeCollector, process::ProcessCollector,
+        transit::TransitCollector, tunnel::TunnelCollector,
     },
     probes::{
         failover::{self, Failover, FailoverTask, Outcomes},
@@ -55,6 +55,7 @@ struct Agent {
     health: Arc<HealthCollector>,
     transit: Arc<TransitCollector>,
     leaks: Arc<crate::metrics::leak::LeakCollector>,
+    obfuscation: Arc<ObfuscationCollector>,
     path: Arc<crate::metrics::path::PathCollector>,
     probe_stats: Arc<crate::probes::icmp::ProbeStats>,
     pmtu_state: Arc<crate::probes::pmtu::PmtuState>,
@@ -119,6 +120,7 @@ impl HttpSource for Agent {
             probes,
             pmtu: self.pmtu_state.snapshot(),
             leaks: self.leaks.snapshot(),
+            obfuscation: self.obfuscation.snapshot(),
             path: self.path.snapshot(),
             path_healthy: self
                 .failover_state
@@ -305,6 +307,7 @@ async fn first_sync(
             friendly_names: cfg.friendly_names.clone(),
             crypto_kprobes: features.kprobe,
             mullvad: Some(probing.mullvad.clone()),
+            obfuscation: cfg.obfuscation.clone(),
         },
     );
     let (saved_ids, saved_names) = {
@@ -522,6 +525,8 @@ fn collectors(
     registry.register_collector(Box::new(transit.clone()));
     registry.register_collector(Box::new(path.clone()));
     registry.register_collector(Box::new(leaks.clone()));
+    let obfuscation = Arc::new(ObfuscationCollector::new(dp.clone(), inv.clone()));
+    registry.register_collector(Box::new(obfuscation.clone()));
     registry.register_collector(Box::new(drops_collector.clone()));
     registry.register_collector(Box::new(MullvadCollector::new(
         probing.mullvad.clone(),
@@ -550,6 +555,7 @@ fn collectors(
         health,
         transit,
         leaks,
+        obfuscation,
         path,
         probe_stats: probing.stats.clone(),
         pmtu_state: probing.pmtu.clone(),

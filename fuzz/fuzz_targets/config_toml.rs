@@ -71,6 +71,11 @@ fuzz_target!(|data: &[u8]| {
             for net in &cfg.leak_allow {
                 assert_eq!(*net, net.trunc(), "host bits cleared");
             }
+            // An obfuscation flow's remote end is a relay's: a real port, never local.
+            for r in &cfg.obfuscation {
+                let ip = r.remote.ip();
+                assert!(r.remote.port() != 0 && !ip.is_loopback() && !ip.is_unspecified());
+            }
         }
         Err(e) => {
             assert_eq!(e.exit_code(), EXIT_USAGE);

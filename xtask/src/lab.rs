@@ -24,6 +24,7 @@
 
 pub mod cleanup;
 pub mod plan;
+pub mod shadowsocks;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod drops;
 pub mod health;
 pub mod leak;
+pub mod obfuscation;
 pub mod path;
 pub mod transit;
 pub mod tunnel;

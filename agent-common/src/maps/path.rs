@@ -15,8 +15,9 @@ pub const MAX_ICMP_TOO_BIG: u32 = 1_024;
 /// (ifindex, reported MTU) -> time of the last report; the agent removes entries older
 /// than [`MTU_WINDOW_NS`] on every sync tick.
 pub const MAX_ICMP_MTU: u32 = 4_096;
-/// Addresses of the known WireGuard endpoints (any port), for fragments that carry no
-/// ports. One per endpoint at most.
+/// Addresses of the known WireGuard endpoints and obfuscation flows' relays (any port), for
+/// fragments that carry no ports. One per endpoint at most (the obfuscation relays, a few,
+/// are also endpoints' in practice).
 pub const MAX_ENDPOINT_ADDRS: u32 = super::wire::MAX_ENDPOINTS;
 
 /// `wirescope_icmp_reported_mtu_bytes` is the lowest MTU reported within this window.
@@ -24,8 +25,9 @@ pub const MTU_WINDOW_NS: u64 = 600_000_000_000;
 
 /// `CounterKey.kind` of `FRAGMENTS` (`peer` is 0).
 pub mod layer {
-    /// Fragments of WireGuard UDP: on an underlay, to or from a known endpoint address
-    /// (any port), or a first fragment of UDP to or from a local WireGuard port.
+    /// Fragments of WireGuard UDP: on an underlay, to or from a known endpoint address or
+    /// an obfuscation flow's relay (any port), or a first fragment of UDP to or from a local
+    /// WireGuard port.
     pub const OUTER: u8 = 0;
     /// Any fragment on a tunnel interface.
     pub const INNER: u8 = 1;

@@ -110,6 +110,15 @@ pub struct RunArgs {
     #[arg(long = "leak-allow", value_name = "CIDR")]
     pub leak_allow: Vec<String>,
 
+    /// A peer whose WireGuard a local proxy carries to its relay in another protocol
+    /// (repeatable): the proxy's flow to the relay counts for that peer
+    /// (wirescope_obfuscation_bytes_total) and never as a leak. PEER: a tunnel interface (its
+    /// hop-1 peer) or a public key; KIND: udp2tcp, shadowsocks, quic, lwo or manual (the
+    /// default); PROTO:ADDR:PORT: the relay's end, e.g. wg0=shadowsocks,udp:198.51.100.1:8388.
+    /// Mullvad's own obfuscation is read from the daemon.
+    #[arg(long = "obfuscation", value_name = "PEER=[KIND,]PROTO:ADDR:PORT")]
+    pub obfuscation: Vec<String>,
+
     /// The Mullvad CLI, polled with `status --json`; when it is not found, Mullvad state is
     /// off (mullvad_up 0) [default: mullvad, looked up on PATH]
     #[arg(long = "mullvad-cli", value_name = "PATH")]

@@ -17,6 +17,7 @@
 //! export-endpoints = false
 //! log-level = "info"
 //! leak-allow = ["192.168.0.0/16", "fd00::/8"]
+//! obfuscation = ["wg0=shadowsocks,udp:198.51.100.1:8388"]
 //! mullvad-cli = "/usr/bin/mullvad"
 //! mullvad-interval = "10s"
 //! probe = ["10.64.0.1@wg0-mullvad"]
@@ -42,6 +43,7 @@
 
 pub mod cli;
 pub mod friendly;
+pub mod obfuscation;
 pub mod web;
 
 use std::{
@@ -142,6 +144,8 @@ pub struct RunConfig {
     pub state_dir: PathBuf,
     /// `--leak-allow`: destinations where traffic outside the tunnels is not a leak.
     pub leak_allow: Vec<IpNet>,
+    /// `--obfuscation`: peers whose WireGuard a local proxy carries, and the flows.
+    pub obfuscation: Vec<obfuscation::ObfuscationRule>,
     pub mullvad: MullvadConfig,
     pub probes: ProbeConfig,
     pub failover: FailoverConfig,
@@ -288,6 +292,8 @@ impl RunConfig {
 
         let (nets, origin) = pick_list(&args.leak_allow, file.leak_allow);
         let leak_allow = parse_cidrs("leak-allow", nets, &origin)?;
+        let (rules, origin) = pick_list(&args.obfuscation, file.obfuscation);
+        let obfuscation = obfuscation::parse_obfuscations(&rules, &origin)?;
 
         let duration = |key: &'static str,
                         flag: &Option<String>,
@@ -421,6 +427,7 @@ impl RunConfig {
             },
             log_level,
             leak_allow,
+            obfuscation,
             mullvad,
             probes,
             failover,
@@ -445,6 +452,7 @@ struct FileConfig {
     log_level: Option<String>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,
+    obfuscation: Option<Vec<String>>,
     mullvad_cli: Option<String>,
     mullvad_interval: Option<String>,
     probe: Option<Vec<String>>,

@@ -689,3 +689,51 @@ fn web_allowed_hosts() {
         ["grafana.lan"]
     );
 }
+
+/// `--obfuscation`: repeatable, from the file too (`obfuscation = [...]`), the flag list
+/// replacing the file's; a bad value exits 2 naming the option, the value and the form.
+#[test]
+fn obfuscation_rules_from_flags_and_file() {
+    use crate::config::obfuscation::ObfuscatedPeer;
+    let c = config(&[
+        "--obfuscation",
+        "wg0=shadowsocks,udp:198.51.100.1:8388",
+        "--obfuscation",
+        &format!("{KEY}=tcp:192.0.2.1:443"),
+    ])
+    .unwrap();
+    let peers: Vec<&ObfuscatedPeer> = c.obfuscation.iter().map(|r| &r.peer).collect();
+    assert_eq!(
+        peers,
+        [
+            &ObfuscatedPeer::Interface("wg0".into()),
+            &ObfuscatedPeer::Key(KEY.into())
+        ]
+    );
+    assert!(config(&[]).unwrap().obfuscation.is_empty());
+    let dir = Dir::new("obfuscation");
+    let f = dir.file(
+        "c.toml",
+        "obfuscation = [\"wg0-mullvad=udp2tcp,tcp:192.0.2.1:443\"]\n",
+    );
+    assert_eq!(config(&["--config", &f]).unwrap().obfuscation.len(), 1);
+    let c = config(&["--config", &f, "--obfuscation", "wg1=udp:192.0.2.9:1"]).unwrap();
+    assert_eq!(
+        c.obfuscation[0].peer,
+        ObfuscatedPeer::Interface("wg1".into())
+    );
+    let f = dir.file("bad.toml", "obfuscation = [\"wg0=udp:127.0.0.1:51900\"]\n");
+    let err = config(&["--config", &f]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "obfuscation in {f}: \"wg0=udp:127.0.0.1:51900\" gives 127.0.0.1, the local side"
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("accepted: PEER=[KIND,]PROTO:ADDR:PORT"),
+        "{msg}"
+    );
+    assert_eq!(err.exit_code(), 2);
+}

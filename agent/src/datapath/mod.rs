@@ -1,7 +1,7 @@
 //! The eBPF side as the agent holds it: the loaded programs, their attachments, and one
 //! module per feature with typed handles on its maps, named as in agent-ebpf and
 //! agent-common: [`tunnel`], [`wire`], [`health`], [`transit`], [`path`], [`leak`],
-//! [`drops`], [`crypto`]. Each feature's maps implement [`FeatureMaps`], through which the
+//! [`obfuscation`], [`drops`], [`crypto`]. Each feature's maps implement [`FeatureMaps`], through which the
 //! agent reports every map's usage and refused updates; [`maps`] holds what they share (the
 //! per-CPU folds, map diffing). [`attach`] hooks the TC programs, [`pin`] keeps the counting
 //! maps across restarts, [`hooks`] keeps the programs hooked while no agent runs,
@@ -9,7 +9,13 @@
 
 use std::{collections::HashMap as StdHashMap, sync::Arc};
 
-use agent_common::maps::{IfaceConfig, MAX_IFACES, crypto::CryptoConfig, names, wire::Endpoint};
+use agent_common::maps::{
+    IfaceConfig, MAX_IFACES,
+    crypto::CryptoConfig,
+    names,
+    obfuscation::{ObfsEndpoint, ObfsTarget},
+    wire::Endpoint,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
@@ -26,6 +32,7 @@ pub mod health;
 pub mod hooks;
 pub mod leak;
 pub mod maps;
+pub mod obfuscation;
 pub mod path;
 pub mod pin;
 pub mod transit;
@@ -91,6 +98,8 @@ pub struct PeerMaps {
     pub endpoints: StdHashMap<Endpoint, u32>,
     /// Listen ports of the local interfaces (the value is unused by the programs).
     pub wg_ports: StdHashMap<u16, u8>,
+    /// Remote obfuscation endpoints -> the peer whose WireGuard each carries.
+    pub obfuscation: StdHashMap<ObfsEndpoint, ObfsTarget>,
 }
 
 /// An optional program's feature label and whether it attached.
@@ -106,6 +115,7 @@ pub struct Datapath {
     pub crypto: crypto::CryptoMaps,
     pub path: path::PathMaps,
     pub leak: leak::LeakMaps,
+    pub obfuscation: obfuscation::ObfuscationMaps,
     pub transit: transit::TransitMaps,
     pub drops: drops::DropsMaps,
     attachments: StdHashMap<u32, Attachment>,
@@ -213,6 +223,7 @@ impl Datapath {
             crypto: crypto::CryptoMaps::take(&mut ebpf, errors)?,
             path: path::PathMaps::take(&mut ebpf)?,
             leak: leak::LeakMaps::take(&mut ebpf)?,
+            obfuscation: obfuscation::ObfuscationMaps::take(&mut ebpf)?,
             transit: transit::TransitMaps::take(&mut ebpf)?,
             drops: drops::DropsMaps::take(&mut ebpf)?,
             ebpf,
@@ -269,8 +280,27 @@ impl Datapath {
     pub fn sync_peers(&mut self, want: &PeerMaps) -> Result<(), DatapathError> {
         let tunnel = self.tunnel.sync(want);
         let wire = self.wire.sync(want);
-        let addrs = self.path.sync_endpoint_addrs(&want.endpoints);
-        tunnel.into_iter().chain(wire).chain([addrs]).collect()
+        // An obfuscation flow's relay is a WireGuard relay too: fragments of the flow are
+        // `outer`, and ICMP to it no leak, as for an endpoint's address.
+        let relays: Vec<Endpoint> = want
+            .obfuscation
+            .keys()
+            .map(|o| Endpoint {
+                addr: o.addr,
+                port: 0,
+                family: o.family,
+                _pad: 0,
+            })
+            .collect();
+        let addrs = self
+            .path
+            .sync_endpoint_addrs(want.endpoints.keys().chain(&relays));
+        let obfuscation = self.obfuscation.sync(&want.obfuscation);
+        tunnel
+            .into_iter()
+            .chain(wire)
+            .chain([addrs, obfuscation])
+            .collect()
     }
 
     /// Attaches the drop programs ([`drops::DropsMaps::attach`]).
@@ -287,7 +317,7 @@ impl Datapath {
     }
 
     /// Every feature's maps, for the lists below.
-    fn features(&self) -> [&dyn FeatureMaps; 8] {
+    fn features(&self) -> [&dyn FeatureMaps; 9] {
         [
             &self.tunnel,
             &self.wire,
@@ -295,6 +325,7 @@ impl Datapath {
             &self.crypto,
             &self.path,
             &self.leak,
+            &self.obfuscation,
             &self.transit,
             &self.drops,
         ]

@@ -41,14 +41,12 @@ impl PathMaps {
     }
 
     /// The endpoints' addresses with port 0: a fragment to or from one is `outer`.
-    pub(crate) fn sync_endpoint_addrs(
+    pub(crate) fn sync_endpoint_addrs<'a>(
         &mut self,
-        endpoints: &StdHashMap<Endpoint, u32>,
+        endpoints: impl Iterator<Item = &'a Endpoint>,
     ) -> Result<(), DatapathError> {
-        let want: StdHashMap<Endpoint, u8> = endpoints
-            .keys()
-            .map(|e| (Endpoint { port: 0, ..*e }, 1))
-            .collect();
+        let want: StdHashMap<Endpoint, u8> =
+            endpoints.map(|e| (Endpoint { port: 0, ..*e }, 1)).collect();
         let map = &mut self.endpoint_addrs;
         apply(&mut self.applied_addrs, &want, |k, v| match v {
             Some(v) => map.insert(k, v, 0),

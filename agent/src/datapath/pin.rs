@@ -455,6 +455,8 @@ mod tests {
             "DROPS",
             "PEER_IDS",
             "IFACE_NAMES",
+            "OBFS_COUNTERS",
+            "OBFS_ERRORS",
         ] {
             assert!(pinned.contains(&name), "{name} not pinned: {pinned:?}");
         }
@@ -464,6 +466,8 @@ mod tests {
             "LEAK_PROG",
             "TRANSIT_PROG",
             "HANDSHAKE_PENDING",
+            "OBFS_ENDPOINTS",
+            "OBFS_CFG",
         ] {
             assert!(defs.iter().any(|d| d.name == name), "{name} missing");
             assert!(!pinned.contains(&name), "{name} pinned");

@@ -17,6 +17,7 @@ pub mod failover;
 pub mod health;
 pub mod leak;
 pub mod mullvad;
+pub mod obfuscation;
 pub mod path;
 pub mod peers;
 pub mod probe;

@@ -16,7 +16,9 @@
 //!   indicator the app shows, 0 for the other known ones.
 //! - `mullvad_peer_relay_info{interface,peer,role,hostname,country,city}` = 1 for each
 //!   WireGuard peer whose endpoint IP is the relay the daemon names as `entry`
-//!   (`entry_endpoint`) or `exit` (`endpoint`), so that hops can be named by relay.
+//!   (`entry_endpoint`) or `exit` (`endpoint`), so that hops can be named by relay. A peer
+//!   whose endpoint is a local obfuscation proxy (udp2tcp, Shadowsocks, QUIC) is matched by
+//!   where the proxy carries it: its obfuscation flow's remote address.
 
 use std::sync::{Arc, RwLock};
 
@@ -132,10 +134,11 @@ pub fn samples(state: &MullvadState, inv: &Inventory) -> Samples {
     let roles = state.relay_roles();
     for tunnel in &inv.tunnels {
         for peer in &tunnel.peers {
-            let Some(ep) = peer.wg.endpoint else { continue };
-            let ip = ep.ip().to_canonical();
+            // The endpoint's address, or, for an entry peer whose endpoint is a local
+            // obfuscation proxy, where the proxy carries it.
+            let addrs = inv.relay_addrs(&tunnel.name, peer);
             for (addr, role, hostname, country, city) in &roles {
-                if *addr == ip {
+                if addrs.contains(addr) {
                     out.peers.push((
                         vec![
                             ("interface", tunnel.name.clone()),
@@ -424,6 +427,55 @@ mod tests {
             features(&["Udp2Tcp"], &[]),
         );
         assert_eq!(got, want);
+    }
+
+    /// With Shadowsocks the relay's peer has its endpoint on the local proxy (127.0.0.1): it
+    /// is the relay its obfuscation flow reaches, and a loopback peer no flow carries is none.
+    #[test]
+    fn a_peer_behind_a_local_proxy_is_the_relay_its_flow_reaches() {
+        use crate::sync::obfuscation::ObfuscatedFlow;
+        let state = with("connected_shadowsocks.json");
+        let mut inv = Inventory {
+            tunnels: vec![Tunnel {
+                name: "wg0-mullvad".into(),
+                ifindex: 7,
+                mtu: 1380,
+                backend: Backend::Uapi,
+                listen_port: 0,
+                peers: vec![
+                    peer("PROXIED=", "127.0.0.1:51900", 1),
+                    peer("LOOPBACK=", "127.0.0.1:51901", 2),
+                ],
+            }],
+            ..Inventory::default()
+        };
+        assert!(samples(&state, &inv).peers.is_empty(), "no flow known yet");
+        inv.obfuscation.push(ObfuscatedFlow {
+            tunnel: "wg0-mullvad".into(),
+            tunnel_ifindex: 7,
+            peer: Some((1, "PROXIED=".into())),
+            kind: agent_common::maps::obfuscation::kind::SHADOWSOCKS,
+            protocol: agent_common::parse::IPPROTO_UDP,
+            remote: "185.213.154.68:51900".parse().unwrap(),
+            mullvad: true,
+        });
+        let label = |l: &Labels| l.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>();
+        let peers: Vec<Vec<String>> = samples(&state, &inv)
+            .peers
+            .iter()
+            .map(|(l, _)| label(l))
+            .collect();
+        assert_eq!(
+            peers,
+            [[
+                "wg0-mullvad",
+                "PROXIED=",
+                "exit",
+                "se-got-wg-001",
+                "Sweden",
+                "Gothenburg"
+            ]]
+        );
     }
 
     /// Every obfuscation of 2025.13 and later, in lower case, with the app's indicators.

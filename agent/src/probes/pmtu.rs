@@ -231,6 +231,11 @@ fn endpoint_target(
         return None;
     }
     let e = p.wg.endpoint?;
+    // A local obfuscation proxy on loopback: echoes to it measure loopback, not the path
+    // to the relay (which the proxy reaches in another protocol).
+    if crate::config::obfuscation::is_local_proxy(e.ip()) {
+        return None;
+    }
     let iface = underlays
         .iter()
         .any(|u| !p.via.is_empty() && u.name == p.via)
@@ -809,6 +814,12 @@ mod tests {
                 "endpoint:192.0.2.3:51820"
             ]
         );
+        // An endpoint on loopback (a local obfuscation proxy) is no path to measure.
+        let proxied = Inventory {
+            tunnels: vec![tunnel("wg4", vec![peer(1, Some("127.0.0.1:51900"))])],
+            ..Default::default()
+        };
+        assert!(endpoint_targets(&proxied, &l).is_empty());
         // Without --export-endpoints the label hides the address.
         let hidden = EndpointLabeler::with_salt([7; 32], false);
         assert!(

@@ -9,6 +9,7 @@ use std::{
 // What a control interface reports is part of the model as read: a `Peer` holds its
 // `WgPeer`, a `Tunnel` its `Backend`.
 pub use crate::sources::wg::{Backend, WgDevice, WgPeer};
+pub use crate::sync::obfuscation::ObfuscatedFlow;
 
 /// A watched tunnel interface.
 #[derive(Clone, Debug)]
@@ -59,6 +60,8 @@ pub struct Inventory {
     /// How long the last sync round took, start to end: interfaces, peers (control
     /// interface), routes and the BPF peer maps (`wirescope_peer_sync_duration_seconds`).
     pub sync_duration: Option<Duration>,
+    /// The obfuscation flows and the peers they carry (`--obfuscation`, Mullvad's).
+    pub obfuscation: Vec<ObfuscatedFlow>,
 }
 
 impl Inventory {
@@ -80,6 +83,36 @@ impl Inventory {
             .get(&ifindex)
             .cloned()
             .unwrap_or_else(|| format!("ifindex{ifindex}"))
+    }
+
+    /// The addresses a peer's WireGuard really goes to: its endpoint's, or, when the endpoint
+    /// is a local proxy on loopback, the remote ends of the obfuscation flows that carry it.
+    pub fn relay_addrs(&self, tunnel: &str, peer: &Peer) -> Vec<std::net::IpAddr> {
+        let Some(ep) = peer.wg.endpoint else {
+            return Vec::new();
+        };
+        let ip = ep.ip().to_canonical();
+        if !crate::config::obfuscation::is_local_proxy(ip) {
+            return vec![ip];
+        }
+        let mut out: Vec<std::net::IpAddr> = self
+            .obfuscation_of(tunnel, peer.id)
+            .map(|f| f.remote.ip())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The obfuscation flows that carry peer `id` of `tunnel`.
+    pub fn obfuscation_of<'a>(
+        &'a self,
+        tunnel: &'a str,
+        id: u32,
+    ) -> impl Iterator<Item = &'a ObfuscatedFlow> + 'a {
+        self.obfuscation
+            .iter()
+            .filter(move |f| f.tunnel == tunnel && f.peer.as_ref().is_some_and(|p| p.0 == id))
     }
 
     /// The `peer` label of a peer id: its base64 key, `unknown` for traffic of an endpoint

@@ -5,6 +5,7 @@
 pub mod inventory;
 pub mod kept;
 pub mod leak;
+pub mod obfuscation;
 pub mod peer_label;
 pub mod topology;
 
@@ -20,6 +21,7 @@ use ipnet::IpNet;
 use log::{info, warn};
 
 use crate::{
+    config::obfuscation::ObfuscationRule,
     datapath::{Datapath, DatapathError, PeerMaps},
     sources::errors,
     sources::mullvad::MullvadState,
@@ -46,8 +48,11 @@ pub struct SyncOptions {
     /// Time kernel WireGuard's crypto with kprobes (the kernel has them).
     pub crypto_kprobes: bool,
     /// The Mullvad poller's state: its tunnel counts as up for leak detection only while
-    /// the daemon says connected. None: Mullvad is not watched.
+    /// the daemon says connected, and its obfuscators carry the tunnel's entry peer. None:
+    /// Mullvad is not watched.
     pub mullvad: Option<Arc<RwLock<MullvadState>>>,
+    /// `--obfuscation`: peers a local proxy carries, and the proxies' flows.
+    pub obfuscation: Vec<ObfuscationRule>,
 }
 
 /// Peer ids: interface name -> public key -> id, each given once and kept (across restarts
@@ -195,13 +200,27 @@ impl Syncer {
         }
         let read_took = started.elapsed();
 
+        // The obfuscation flows Mullvad and --obfuscation ask for: their remote ends are
+        // routed too, so the underlays they leave through are watched.
+        let wanted = {
+            let mullvad = self.opts.mullvad.as_ref().and_then(|m| m.read().ok());
+            obfuscation::wanted(&self.opts.obfuscation, mullvad.as_deref())
+        };
         let routes_started = Instant::now();
-        let routes = self.route_endpoints(&tunnels).await;
+        let routes = self
+            .route_endpoints(&tunnels, obfuscation::remote_ips(&wanted))
+            .await;
         let routes_took = routes_started.elapsed();
         topology::resolve(&mut tunnels, &routes, &link_names);
+        let (flows, problems) = obfuscation::resolve(&wanted, &tunnels);
+        for p in problems {
+            self.warn_once(p);
+        }
+        obfuscation::set_via(&mut tunnels, &flows, &routes, &link_names);
         let underlays = self.underlays(&links, &tunnels, &routes);
 
-        let want = peer_maps(&tunnels);
+        let mut want = peer_maps(&tunnels);
+        want.obfuscation = obfuscation::map_entries(&flows);
         let up_until = self.leak_up_until(&by_name, &tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
         let new_names = write_labels(inventory, &tunnels, &underlays)?;
@@ -225,7 +244,7 @@ impl Syncer {
             self.warn_once(format!("updating the peer maps: {e}"));
         }
         let times = [started.elapsed(), read_took, routes_took, maps_took];
-        self.publish(inventory, tunnels, underlays, maps_result, times)
+        self.publish(inventory, (tunnels, flows), underlays, maps_result, times)
     }
 
     /// One tunnel's peers from its control interface. A failed read keeps the state the
@@ -411,7 +430,7 @@ impl Syncer {
     fn publish(
         &mut self,
         inventory: &RwLock<Inventory>,
-        tunnels: Vec<Tunnel>,
+        (tunnels, flows): (Vec<Tunnel>, Vec<obfuscation::ObfuscatedFlow>),
         underlays: Vec<Underlay>,
         maps_result: Result<(), DatapathError>,
         [took, read_took, routes_took, maps_took]: [Duration; 4],
@@ -436,6 +455,15 @@ impl Syncer {
                 .write()
                 .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
             inv.sync_duration = Some(took);
+            if inv.obfuscation != flows {
+                for f in flows.iter().filter(|f| !inv.obfuscation.contains(f)) {
+                    info!("{}", obfuscation::describe(f));
+                }
+                for f in inv.obfuscation.iter().filter(|f| !flows.contains(f)) {
+                    info!("no longer: {}", obfuscation::describe(f));
+                }
+                inv.obfuscation = flows;
+            }
             let before = std::mem::replace(&mut inv.tunnels, tunnels);
             inv.underlays = underlays;
             inv.last_error = maps_result
@@ -523,13 +551,20 @@ impl Syncer {
         }
     }
 
-    async fn route_endpoints(&mut self, tunnels: &[Tunnel]) -> topology::RouteOif {
+    /// The routes to the peers' endpoints and to the `extra` addresses (the obfuscation
+    /// flows' remote ends).
+    async fn route_endpoints(
+        &mut self,
+        tunnels: &[Tunnel],
+        extra: impl Iterator<Item = IpAddr>,
+    ) -> topology::RouteOif {
         let now = Instant::now();
         let mut out = topology::RouteOif::new();
         let mut ips: HashSet<IpAddr> = tunnels
             .iter()
             .flat_map(|t| t.peers.iter())
             .filter_map(|p| p.wg.endpoint.map(|e| e.ip()))
+            .chain(extra)
             .collect();
         // A peer without an endpoint (a relay's client before its first handshake) will
         // arrive wherever the default route points: look that up with documentation

@@ -34,6 +34,7 @@ mod client;
 mod health;
 mod leak;
 mod multihop;
+mod obfuscation;
 mod path;
 mod robustness;
 mod transit;

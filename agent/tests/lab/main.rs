@@ -28,6 +28,7 @@ mod endpoint;
 mod failover;
 mod faults;
 mod mullvad;
+mod obfuscation;
 mod probe;
 mod sources;
 mod status;

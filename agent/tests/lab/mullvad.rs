@@ -47,7 +47,7 @@ const FIXTURE_ENTRY: &str = "185.65.135.117:3228";
 /// The relay of revoked_connected.txt, replaced by the lab's exit relay.
 const FIXTURE_SINGLE: &str = "185.213.154.68:51820";
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/mullvad")
         .join(name);
@@ -55,14 +55,15 @@ fn fixture(name: &str) -> String {
 }
 
 /// The fake `mullvad` executable. Each switch writes a new file and renames it over the old
-/// one, so that a call never runs a half-written script (nor fails with ETXTBSY).
-struct FakeCli {
+/// one, so that a call never runs a half-written script (nor fails with ETXTBSY). Other
+/// modules use it too (`obfuscation`).
+pub(crate) struct FakeCli {
     dir: PathBuf,
     path: PathBuf,
 }
 
 impl FakeCli {
-    fn new(test: &str) -> FakeCli {
+    pub(crate) fn new(test: &str) -> FakeCli {
         let dir =
             std::env::temp_dir().join(format!("wirescope-mullvad-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -80,7 +81,7 @@ impl FakeCli {
 
     /// Prints `json` for `status --json`, whatever the arguments (they are checked: anything
     /// else exits 64).
-    fn prints(&self, json: &str) {
+    pub(crate) fn prints(&self, json: &str) {
         self.script(&format!(
             "[ \"$1 $2\" = \"status --json\" ] || {{ echo \"unexpected arguments: $*\" >&2; exit 64; }}\n\
              cat <<'WIRESCOPE_EOF'\n{json}\nWIRESCOPE_EOF"
@@ -91,7 +92,7 @@ impl FakeCli {
         std::fs::remove_file(&self.path).expect("remove script");
     }
 
-    fn arg(&self) -> String {
+    pub(crate) fn arg(&self) -> String {
         self.path.display().to_string()
     }
 }

@@ -121,6 +121,11 @@ pub struct Traffic {
 pub struct DirectionTraffic {
     pub tunnel: Count,
     pub wire_data: Count,
+    /// A hop 1 whose endpoint is a local obfuscation proxy: the proxy's flow to the relay
+    /// (`wirescope_obfuscation_*`), against which `overhead` is then computed (WireGuard
+    /// and the obfuscation together). Absent for other peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub obfuscation: Option<Count>,
     /// Null when there is nothing to compare (no tunnel bytes, or fewer wire bytes).
     pub overhead: Option<Overhead>,
 }

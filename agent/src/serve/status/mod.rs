@@ -52,6 +52,8 @@ pub struct Extra {
     pub pmtu: Measured,
     /// (underlay, kind) -> (packets, bytes).
     pub leaks: BTreeMap<(String, &'static str), (u64, u64)>,
+    /// (tunnel, peer, direction, kind) -> the obfuscation flows' packets and bytes.
+    pub obfuscation: BTreeMap<crate::metrics::obfuscation::ObfsSeries, Counter>,
     pub path: PathSnapshot,
     /// (interface, peer, healthy) as the failover logic last judged them.
     pub path_healthy: Vec<(String, String, bool)>,
@@ -87,6 +89,31 @@ fn overhead(wire: Option<&Counter>, tunnel: Option<&Counter>) -> Option<doc::Ove
         },
         percent: extra as f64 * 100.0 / t.bytes as f64,
     })
+}
+
+/// The obfuscation flows' counts of peer `p` of `tunnel` in direction `dir`, summed over
+/// kinds, when its endpoint is a local proxy that such flows carry; None otherwise.
+fn obfuscation_of(
+    x: &Extra,
+    inv: &Inventory,
+    tunnel: &str,
+    p: &Peer,
+    dir: &str,
+) -> Option<Counter> {
+    let local =
+        p.wg.endpoint
+            .is_some_and(|e| crate::config::obfuscation::is_local_proxy(e.ip()));
+    if !local || inv.obfuscation_of(tunnel, p.id).next().is_none() {
+        return None;
+    }
+    let mut sum = Counter::default();
+    for ((i, peer, d, _), c) in &x.obfuscation {
+        if i == tunnel && *peer == p.public_key && *d == dir {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+        }
+    }
+    Some(sum)
 }
 
 /// The snapshot of the inventory and the counters alone, as JSON.
@@ -327,10 +354,15 @@ pub fn document(
                     }
                 }
                 let wire = seen.then_some(wire);
+                // Through a local proxy, the wire role sees no message of this peer (it
+                // talks to the proxy on loopback): what its hop costs is the proxy's flow.
+                let obfs = obfuscation_of(x, inv, &t.name, p, dir);
+                let carrier = obfs.as_ref().or(wire.as_ref());
                 doc::DirectionTraffic {
                     tunnel: pair(tunnel),
                     wire_data: pair(wire.as_ref()),
-                    overhead: overhead(wire.as_ref(), tunnel),
+                    obfuscation: obfs.as_ref().map(|c| pair(Some(c))),
+                    overhead: overhead(carrier, tunnel),
                 }
             };
             let traffic = doc::Traffic {
@@ -365,17 +397,19 @@ pub fn document(
                 .iter()
                 .find(|(i, k, _)| *i == t.name && *k == p.public_key)
                 .map(|h| h.2);
-            let relay = p.wg.endpoint.and_then(|e| {
+            // Through a local proxy the relay is the obfuscation flow's remote end.
+            let addrs = inv.relay_addrs(&t.name, p);
+            let relay = {
                 roles
                     .iter()
-                    .find(|r| r.0 == e.ip().to_canonical())
+                    .find(|r| addrs.contains(&r.0))
                     .map(|r| doc::MullvadRelay {
                         role: r.1.to_string(),
                         hostname: r.2.clone(),
                         country: r.3.clone(),
                         city: r.4.clone(),
                     })
-            });
+            };
             peers.push(doc::Peer {
                 public_key: p.public_key.clone(),
                 friendly_name: p.friendly_name.clone(),

@@ -205,6 +205,75 @@ fn everything_measured_lands_on_its_peer() {
     );
 }
 
+/// A hop 1 whose endpoint is a local obfuscation proxy: its overhead is the flow's bytes
+/// less the tunnel's (the wire role saw none of its messages), its relay the flow's remote
+/// end; without a flow known it has neither, as before.
+#[test]
+fn an_obfuscated_hop_costs_its_flow() {
+    use crate::sync::obfuscation::ObfuscatedFlow;
+    let mut inv = Inventory::default();
+    inv.tunnels.push(Tunnel {
+        name: "wg0".into(),
+        ifindex: 3,
+        mtu: 1380,
+        backend: Backend::Uapi,
+        listen_port: 51820,
+        peers: vec![peer(
+            LONE,
+            1,
+            "eth0",
+            Some("127.0.0.1:51900"),
+            &["0.0.0.0/0"],
+        )],
+    });
+    let mut s = Snapshot::default();
+    s.tunnel
+        .insert(("wg0".into(), LONE.into(), "tx"), c(20, 2560));
+    s.tunnel
+        .insert(("wg0".into(), LONE.into(), "rx"), c(20, 2560));
+    let mut x = Extra::default();
+    for (dir, n, bytes) in [("tx", 21, 5_091), ("rx", 21, 4_995)] {
+        x.obfuscation
+            .insert(("wg0".into(), LONE.into(), dir, "shadowsocks"), c(n, bytes));
+    }
+    // Another peer's flow is not this one's.
+    x.obfuscation
+        .insert(("wg0".into(), EXIT.into(), "tx", "shadowsocks"), c(5, 500));
+    let before = document(&inv, &s, &Drops::default(), Ok(()), &x);
+    let t = &before.tunnels[0].peers[0].traffic.tx;
+    assert_eq!((t.obfuscation, t.overhead), (None, None));
+
+    inv.obfuscation.push(ObfuscatedFlow {
+        tunnel: "wg0".into(),
+        tunnel_ifindex: 3,
+        peer: Some((1, LONE.into())),
+        kind: agent_common::maps::obfuscation::kind::SHADOWSOCKS,
+        protocol: agent_common::parse::IPPROTO_UDP,
+        remote: "198.51.100.7:8388".parse().unwrap(),
+        mullvad: false,
+    });
+    x.mullvad = Some(connected_mullvad());
+    let v = document(&inv, &s, &Drops::default(), Ok(()), &x);
+    let p = &v.tunnels[0].peers[0];
+    let tx = &p.traffic.tx;
+    assert_eq!(
+        tx.obfuscation,
+        Some(doc::Count {
+            packets: 21,
+            bytes: 5_091
+        })
+    );
+    let o = tx.overhead.unwrap();
+    assert_eq!(o.bytes, 5_091 - 2_560);
+    assert_eq!(o.bytes_per_packet, 2_531.0 / 20.0);
+    assert_eq!(p.traffic.rx.overhead.unwrap().bytes, 4_995 - 2_560);
+    // The flow reaches 198.51.100.7, the entry relay of connected_mullvad().
+    assert_eq!(
+        p.mullvad_relay.as_ref().map(|r| r.role.as_str()),
+        Some("entry")
+    );
+}
+
 #[test]
 fn mullvad_object_when_the_poller_has_one() {
     let inv = inventory();

@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
 //! the tests, and nothing when everything is there (then it only asks dpkg, rustup,
-//! bpf-linker, cargo-fuzz, prometheus_wireguard_exporter and shadowsocks-rust, and reads the
-//! systemd root's stamp, in well under a second).
+//! bpf-linker, cargo-fuzz and prometheus_wireguard_exporter, and reads the systemd root's
+//! stamp, in well under a second).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -15,7 +15,8 @@ use crate::cmd;
 /// Debian image and the lab tests ping through the tunnels; tmux drives `wirescope status
 /// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit;
 /// debootstrap and systemd-container (systemd-nspawn) build and boot the Debian root the unit
-/// is tested in under a real systemd ([`crate::sysroot`]).
+/// is tested in under a real systemd ([`crate::sysroot`]); shadowsocks-libev is the lab's real
+/// obfuscator ([`crate::lab::shadowsocks`]).
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -30,6 +31,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "systemd",
     "debootstrap",
     "systemd-container",
+    "shadowsocks-libev",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.
@@ -44,15 +46,6 @@ pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub const EXPORTER_VERSION: &str = "3.6.6";
 pub const EXPORTER_BIN: &str = "prometheus_wireguard_exporter";
 
-/// shadowsocks-rust, the real obfuscator of the lab's obfuscation tests (`sslocal` in UDP
-/// tunnel mode before the client's WireGuard, `ssserver` at the relay), as Mullvad's
-/// Shadowsocks obfuscation carries WireGuard. Its 1.25 line needs rustc 1.91.
-pub const SHADOWSOCKS_VERSION: &str = "1.25.0";
-/// Only what the lab runs: the two binaries, UDP tunnel mode, AEAD ciphers (a full build
-/// takes several times as long).
-pub const SHADOWSOCKS_FEATURES: &str = "local,server,local-tunnel,aead-cipher,multi-threaded";
-pub const SHADOWSOCKS_BINS: [&str; 2] = ["sslocal", "ssserver"];
-
 /// Installs whatever is missing; prints one line per thing installed.
 pub fn run() -> Result<()> {
     let start = Instant::now();
@@ -63,7 +56,6 @@ pub fn run() -> Result<()> {
     ensure_cargo_fuzz(&mut installed)?;
     ensure_wireguard_exporter(&mut installed)?;
     ensure_systemd_root(&mut installed)?;
-    ensure_shadowsocks(&mut installed)?;
     let took = start.elapsed().as_secs_f64();
     if installed.is_empty() {
         println!("setup: everything present ({took:.2} s)");
@@ -320,79 +312,6 @@ fn ensure_systemd_root(installed: &mut Vec<String>) -> Result<()> {
         );
         installed.push("systemd root".into());
     }
-    Ok(())
-}
-
-/// The shadowsocks-rust binary `name` (`sslocal`, `ssserver`) of [`SHADOWSOCKS_VERSION`], on
-/// PATH or in cargo's bin directory; None when neither has that version.
-pub fn shadowsocks_bin(name: &str) -> Option<std::path::PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain(cargo_bin_dir())
-        .map(|d| d.join(name))
-        .filter(|b| b.is_file())
-        .find(|b| {
-            // "shadowsocks 1.25.0"
-            Command::new(b)
-                .arg("--version")
-                .output()
-                .ok()
-                .and_then(|o| {
-                    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-                    text.split_whitespace().nth(1).map(str::to_owned)
-                })
-                .as_deref()
-                == Some(SHADOWSOCKS_VERSION)
-        })
-}
-
-fn ensure_shadowsocks(installed: &mut Vec<String>) -> Result<()> {
-    if SHADOWSOCKS_BINS
-        .iter()
-        .all(|b| shadowsocks_bin(b).is_some())
-    {
-        return Ok(());
-    }
-    println!(
-        "setup: cargo install shadowsocks-rust {SHADOWSOCKS_VERSION} (about 4 minutes; the lab's \
-         obfuscation tests run it)"
-    );
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut args = vec![
-        "install",
-        "shadowsocks-rust",
-        "--version",
-        SHADOWSOCKS_VERSION,
-        "--locked",
-        "--no-default-features",
-        "--features",
-        SHADOWSOCKS_FEATURES,
-    ];
-    for b in SHADOWSOCKS_BINS {
-        args.extend(["--bin", b]);
-    }
-    let status = Command::new(&cargo)
-        .args(&args)
-        .status()
-        .with_context(|| format!("running `{cargo} install shadowsocks-rust`"))?;
-    if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
-    }
-    if let Some(b) = SHADOWSOCKS_BINS
-        .iter()
-        .find(|b| shadowsocks_bin(b).is_none())
-    {
-        bail!(
-            "installed shadowsocks-rust {SHADOWSOCKS_VERSION}, but no `{b}` of that version is \
-             on PATH or in {}: is CARGO_INSTALL_ROOT set elsewhere?",
-            cargo_bin_dir().map_or("cargo's bin directory".into(), |d| d.display().to_string())
-        );
-    }
-    println!("setup: installed shadowsocks-rust {SHADOWSOCKS_VERSION} (cargo install)");
-    installed.push("shadowsocks-rust".into());
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Obfuscation end to end, with a real obfuscator: shadowsocks-rust between the client and
-//! its relay (`xtask::lab::shadowsocks`: `sslocal` in UDP tunnel mode on 127.0.0.1 in the
-//! client, `ssserver` at the relay, the client's peer endpoint pointed at `sslocal`), as
+//! its relay (`xtask::lab::shadowsocks`: `ss-tunnel` in UDP tunnel mode on 127.0.0.1 in the
+//! client, `ss-server` at the relay, the client's peer endpoint pointed at `ss-tunnel`), as
 //! Mullvad's Shadowsocks obfuscation runs. The client's WireGuard then talks to loopback only
 //! and what leaves its underlay is Shadowsocks UDP to the relay. The agent learns the flow
 //! from the Mullvad daemon (the fake `mullvad` CLI of the `mullvad` module printing the app's
@@ -9,7 +9,7 @@
 //!
 //! Exact numbers: nftables counters in the client count the flow on the underlay (output
 //! and input hooks, the IP packet's length: the agent's L3 bytes) and WireGuard's datagrams
-//! to and from `sslocal` on loopback; the agent's obfuscation packets must equal both, and
+//! to and from `ss-tunnel` on loopback; the agent's obfuscation packets must equal both, and
 //! its bytes the underlay's and, derived, the loopback's plus 55 per datagram (what
 //! Shadowsocks adds with the lab's cipher: a 32-byte salt, the 7-byte target address, a
 //! 16-byte tag). Counters are read while nothing moves (the nftables counters the same
@@ -208,7 +208,7 @@ fn traffic_is_counted_exactly(lab: &Lab, agent: &Agent, n: &Names, known: bool) 
     m
 }
 
-/// The Mullvad daemon says Shadowsocks: the entry peer, whose endpoint is sslocal on
+/// The Mullvad daemon says Shadowsocks: the entry peer, whose endpoint is ss-tunnel on
 /// 127.0.0.1, is the relay's (`mullvad_peer_relay_info`), its obfuscation flow is counted for
 /// it exactly and is no leak on the watched underlay. Before the obfuscation flows existed,
 /// this failed with leaks (41 packets in the run before the change).

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use wirescope::{
-    config::RunConfig,
     config::cli::{Cli, Command},
+    config::{LogFormat, RunConfig},
 };
 
 fn main() -> ExitCode {
@@ -21,11 +21,24 @@ fn main() -> ExitCode {
             };
             // Debug and trace are for wirescope's own messages: the netlink and BPF crates
             // beneath would log every request and relocation at those levels.
-            env_logger::Builder::new()
+            let mut logger = env_logger::Builder::new();
+            logger
                 .filter_level(cfg.log_level.min(log::LevelFilter::Info))
                 .filter_module("wirescope", cfg.log_level)
-                .format_target(false)
-                .init();
+                .format_target(false);
+            let format = cfg.log_format;
+            if format != LogFormat::Text {
+                logger.format(move |buf, record| {
+                    use std::io::Write as _;
+                    let ts = buf.timestamp_millis().to_string();
+                    let msg = record.args().to_string();
+                    match format.line(&ts, record.level(), &msg) {
+                        Some(line) => writeln!(buf, "{line}"),
+                        None => writeln!(buf, "{msg}"),
+                    }
+                });
+            }
+            logger.init();
             tune_malloc();
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

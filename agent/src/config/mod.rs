@@ -141,6 +141,7 @@ pub struct RunConfig {
     /// `--transit-time`: time packets through WireGuard (on by default).
     pub transit_time: bool,
     pub log_level: log::LevelFilter,
+    pub log_format: LogFormat,
     pub state_dir: PathBuf,
     /// `--leak-allow`: destinations where traffic outside the tunnels is not a leak.
     pub leak_allow: Vec<IpNet>,
@@ -268,6 +269,17 @@ impl RunConfig {
 
         let (level, origin) = pick(&args.log_level, file.log_level);
         let log_level = parse_log_level(level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL), origin)?;
+        let (format, origin) = pick(&args.log_format, file.log_format);
+        let log_format = match format {
+            None => LogFormat::Text,
+            Some(f) => LogFormat::parse(&f).ok_or_else(|| ConfigError::Invalid {
+                key: "log.format",
+                origin,
+                value: f.clone(),
+                problem: "is not a log format".into(),
+                accepted: "accepted: text, logfmt, json".into(),
+            })?,
+        };
 
         let (tunnels, origin) = pick_list(&args.tunnels, file.tunnel);
         let tunnels = check_ifaces("tunnel", tunnels, &origin)?;
@@ -426,6 +438,7 @@ impl RunConfig {
                 },
             },
             log_level,
+            log_format,
             leak_allow,
             obfuscation,
             mullvad,
@@ -450,6 +463,7 @@ struct FileConfig {
     export_endpoints: Option<bool>,
     transit_time: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,
     obfuscation: Option<Vec<String>>,
@@ -570,6 +584,69 @@ fn check_telemetry_path(value: &str, origin: Origin) -> Result<String, ConfigErr
         return Err(invalid("is already served by wirescope"));
     }
     Ok(value.to_owned())
+}
+
+/// `--log.format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// env_logger's: `[TIME LEVEL] message`.
+    #[default]
+    Text,
+    /// `ts=TIME level=LEVEL msg="message"`, the exporters' logfmt.
+    Logfmt,
+    /// `{"ts":"TIME","level":"LEVEL","msg":"message"}`.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Some(LogFormat::Text),
+            "logfmt" => Some(LogFormat::Logfmt),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// One log line (without the newline) of `level` and `msg` at `ts` (RFC 3339), or None
+    /// for [`LogFormat::Text`], which env_logger writes itself.
+    pub fn line(self, ts: &str, level: log::Level, msg: &str) -> Option<String> {
+        let level = level.as_str().to_ascii_lowercase();
+        match self {
+            LogFormat::Text => None,
+            LogFormat::Logfmt => Some(format!("ts={ts} level={level} msg={}", logfmt_value(msg))),
+            LogFormat::Json => {
+                Some(serde_json::json!({ "ts": ts, "level": level, "msg": msg }).to_string())
+            }
+        }
+    }
+}
+
+/// A logfmt value: bare when it has no space, quote, `=` or control character, else quoted
+/// with `"`, `\\` and control characters escaped.
+fn logfmt_value(v: &str) -> String {
+    let bare = !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c == ' ' || c == '"' || c == '=' || c == '\\' || c.is_control());
+    if bare {
+        return v.to_owned();
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn parse_log_level(value: &str, origin: Origin) -> Result<log::LevelFilter, ConfigError> {

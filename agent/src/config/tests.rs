@@ -737,3 +737,57 @@ fn obfuscation_rules_from_flags_and_file() {
     );
     assert_eq!(err.exit_code(), 2);
 }
+
+/// `--log.format` (`log-format` in the file): text (the default), logfmt or json; anything
+/// else exits 2 naming what is accepted. The lines: logfmt quotes and escapes what needs it,
+/// json is one object.
+#[test]
+fn log_formats() {
+    use crate::config::LogFormat;
+    assert_eq!(config(&[]).unwrap().log_format, LogFormat::Text);
+    assert_eq!(
+        config(&["--log.format", "logfmt"]).unwrap().log_format,
+        LogFormat::Logfmt
+    );
+    assert_eq!(
+        config(&["--log.format", "JSON", "--log.level", "debug"])
+            .unwrap()
+            .log_format,
+        LogFormat::Json
+    );
+    let err = config(&["--log.format", "xml"]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("--log.format: \"xml\" is not a log format"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("text, logfmt, json"), "{err}");
+    assert_eq!(err.exit_code(), 2);
+    let dir = Dir::new("log-format");
+    let f = dir.file("c.toml", "log-format = \"json\"\n");
+    assert_eq!(
+        config(&["--config", &f]).unwrap().log_format,
+        LogFormat::Json
+    );
+
+    let ts = "2026-12-07T00:10:00.123Z";
+    assert_eq!(
+        LogFormat::Logfmt.line(ts, log::Level::Warn, "attached wg0 (tcx)"),
+        Some(format!("ts={ts} level=warn msg=\"attached wg0 (tcx)\""))
+    );
+    assert_eq!(
+        LogFormat::Logfmt.line(ts, log::Level::Info, "ready"),
+        Some(format!("ts={ts} level=info msg=ready"))
+    );
+    assert_eq!(
+        LogFormat::Logfmt.line(ts, log::Level::Error, "a \"b\"\nc\\d"),
+        Some(format!(r#"ts={ts} level=error msg="a \"b\"\nc\\d""#))
+    );
+    assert_eq!(
+        LogFormat::Json.line(ts, log::Level::Debug, "x=\"1\""),
+        Some(format!(
+            r#"{{"level":"debug","msg":"x=\"1\"","ts":"{ts}"}}"#
+        ))
+    );
+    assert_eq!(LogFormat::Text.line(ts, log::Level::Info, "m"), None);
+}

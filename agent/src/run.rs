@@ -409,7 +409,10 @@ struct Probing {
 impl Probing {
     fn new(cfg: &RunConfig) -> Self {
         let mullvad = Arc::new(RwLock::new(MullvadState::default()));
-        let extra: ExtraTargets = {
+        let extra: ExtraTargets = if !cfg.collectors.probes {
+            // --no-collector.probes: not even Mullvad's gateway.
+            Arc::new(Vec::new)
+        } else {
             let mullvad = mullvad.clone();
             Arc::new(move || {
                 mullvad
@@ -487,9 +490,15 @@ impl Probing {
             },
             stop.clone(),
         );
-        let mullvad =
-            crate::sources::mullvad::spawn(cfg.mullvad.clone(), self.mullvad.clone(), stop.clone());
-        vec![mullvad, probe, pmtu, failover]
+        let mut tasks = vec![probe, pmtu, failover];
+        if cfg.collectors.mullvad {
+            tasks.push(crate::sources::mullvad::spawn(
+                cfg.mullvad.clone(),
+                self.mullvad.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks
     }
 }
 
@@ -528,10 +537,12 @@ fn collectors(
     let obfuscation = Arc::new(ObfuscationCollector::new(dp.clone(), inv.clone()));
     registry.register_collector(Box::new(obfuscation.clone()));
     registry.register_collector(Box::new(drops_collector.clone()));
-    registry.register_collector(Box::new(MullvadCollector::new(
-        probing.mullvad.clone(),
-        inv.clone(),
-    )));
+    if cfg.collectors.mullvad {
+        registry.register_collector(Box::new(MullvadCollector::new(
+            probing.mullvad.clone(),
+            inv.clone(),
+        )));
+    }
     registry.register_collector(Box::new(FailoverCollector::new(
         probing.failover.clone(),
         probing.outcomes.clone(),

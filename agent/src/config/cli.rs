@@ -307,6 +307,40 @@ pub struct RunArgs {
     )]
     pub failover_peers: Vec<String>,
 
+    /// Turn the Mullvad collector off: no `mullvad status` polling and no mullvad_* metrics
+    /// (for a gateway or a host without the app) [default: on]
+    #[arg(
+        long = "no-collector.mullvad",
+        env = "WIRESCOPE_NO_COLLECTOR_MULLVAD",
+        overrides_with = "collector_mullvad"
+    )]
+    pub no_collector_mullvad: bool,
+
+    /// Turn the Mullvad collector on (the default; undoes an earlier --no-collector.mullvad)
+    #[arg(
+        long = "collector.mullvad",
+        env = "WIRESCOPE_COLLECTOR_MULLVAD",
+        overrides_with = "no_collector_mullvad"
+    )]
+    pub collector_mullvad: bool,
+
+    /// Turn the probes collector off: no ICMP probes, not even Mullvad's automatic
+    /// 10.64.0.1 (--probe is then refused), so failover judges handshakes only [default: on]
+    #[arg(
+        long = "no-collector.probes",
+        env = "WIRESCOPE_NO_COLLECTOR_PROBES",
+        overrides_with = "collector_probes"
+    )]
+    pub no_collector_probes: bool,
+
+    /// Turn the probes collector on (the default)
+    #[arg(
+        long = "collector.probes",
+        env = "WIRESCOPE_COLLECTOR_PROBES",
+        overrides_with = "no_collector_probes"
+    )]
+    pub collector_probes: bool,
+
     /// Log the failover action instead of running it
     #[arg(long = "dry-run", env = "WIRESCOPE_DRY_RUN")]
     pub dry_run: bool,
@@ -401,8 +435,8 @@ mod tests {
                 checked += 1;
             }
         }
-        // run's 30 options, status's and doctor's agent address (3 each), doctor's 2 tools.
-        assert_eq!(checked, 30 + 3 + 3 + 2);
+        // run's 34 options, status's and doctor's agent address (3 each), doctor's 2 tools.
+        assert_eq!(checked, 34 + 3 + 3 + 2);
     }
 
     /// What the environment gives, in a child process of this test binary (the environment

@@ -150,6 +150,27 @@ pub struct RunConfig {
     pub mullvad: MullvadConfig,
     pub probes: ProbeConfig,
     pub failover: FailoverConfig,
+    /// `--[no-]collector.NAME`: which optional collectors run.
+    pub collectors: Collectors,
+}
+
+/// The collectors that can be turned off, node_exporter style (`--no-collector.mullvad`,
+/// `[collector] mullvad = false` in the file); all on by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Collectors {
+    /// Polling the Mullvad daemon and the mullvad_* metrics.
+    pub mullvad: bool,
+    /// ICMP probes, given (`--probe`) and automatic (Mullvad's gateway).
+    pub probes: bool,
+}
+
+impl Default for Collectors {
+    fn default() -> Self {
+        Collectors {
+            mullvad: true,
+            probes: true,
+        }
+    }
 }
 
 /// Polling the Mullvad daemon (`--mullvad-cli`, `--mullvad-interval`).
@@ -339,7 +360,38 @@ impl RunConfig {
             )?,
             timeout: MULLVAD_TIMEOUT,
         };
+        let file_collectors = file.collector.unwrap_or_default();
+        // The command line's last word wins; then the file; on by default.
+        let switch = |on: bool, off: bool, file: Option<bool>| match (on, off) {
+            (true, _) => true,
+            (_, true) => false,
+            _ => file.unwrap_or(true),
+        };
+        let collectors = Collectors {
+            mullvad: switch(
+                args.collector_mullvad,
+                args.no_collector_mullvad,
+                file_collectors.mullvad,
+            ),
+            probes: switch(
+                args.collector_probes,
+                args.no_collector_probes,
+                file_collectors.probes,
+            ),
+        };
         let (targets, origin) = pick_list(&args.probes, file.probe);
+        if !collectors.probes && !targets.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "probe",
+                origin,
+                value: targets.join(","),
+                problem: "is given with the probes collector off".into(),
+                accepted:
+                    "accepted: drop --no-collector.probes (or `[collector] probes = false`), \
+                           or the probe targets"
+                        .into(),
+            });
+        }
         let probes = ProbeConfig {
             targets: targets
                 .iter()
@@ -439,6 +491,7 @@ impl RunConfig {
             },
             log_level,
             log_format,
+            collectors,
             leak_allow,
             obfuscation,
             mullvad,
@@ -464,6 +517,7 @@ struct FileConfig {
     transit_time: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
+    collector: Option<FileCollectors>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,
     obfuscation: Option<Vec<String>>,
@@ -482,6 +536,13 @@ struct FileConfig {
     failover_timeout: Option<String>,
     failover_peer: Option<Vec<String>>,
     dry_run: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCollectors {
+    mullvad: Option<bool>,
+    probes: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

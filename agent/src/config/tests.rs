@@ -791,3 +791,57 @@ fn log_formats() {
     );
     assert_eq!(LogFormat::Text.line(ts, log::Level::Info, "m"), None);
 }
+
+/// `--no-collector.mullvad` / `--no-collector.probes` (and `--collector.*`, the last word
+/// winning; `[collector]` in the file): all on by default; a probe target with the probes
+/// collector off is refused, exit 2.
+#[test]
+fn collector_switches() {
+    use crate::config::Collectors;
+    let on = Collectors {
+        mullvad: true,
+        probes: true,
+    };
+    assert_eq!(config(&[]).unwrap().collectors, on);
+    let c = config(&["--no-collector.mullvad", "--no-collector.probes"]).unwrap();
+    assert_eq!(
+        c.collectors,
+        Collectors {
+            mullvad: false,
+            probes: false
+        }
+    );
+    let c = config(&["--no-collector.mullvad", "--collector.mullvad"]).unwrap();
+    assert!(c.collectors.mullvad);
+    let c = config(&["--collector.mullvad", "--no-collector.mullvad"]).unwrap();
+    assert!(!c.collectors.mullvad);
+    let dir = Dir::new("collectors");
+    let f = dir.file("c.toml", "[collector]\nmullvad = false\n");
+    let c = config(&["--config", &f]).unwrap();
+    assert_eq!(
+        c.collectors,
+        Collectors {
+            mullvad: false,
+            probes: true
+        }
+    );
+    // The command line wins over the file.
+    assert!(
+        config(&["--config", &f, "--collector.mullvad"])
+            .unwrap()
+            .collectors
+            .mullvad
+    );
+    let err = config(&["--no-collector.probes", "--probe", "10.64.0.1"]).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("--probe: \"10.64.0.1\" is given with the probes collector off"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 2);
+    let f = dir.file("bad.toml", "[collector]\nmulvad = false\n");
+    assert!(
+        config(&["--config", &f]).is_err(),
+        "unknown collector names are refused"
+    );
+}

@@ -88,6 +88,15 @@ impl FakeCli {
         ));
     }
 
+    /// [`FakeCli::prints`], appending a line to `calls` at each call.
+    fn prints_counting(&self, json: &str, calls: &Path) {
+        self.script(&format!(
+            "echo called >> '{}'\n\
+             cat <<'WIRESCOPE_EOF'\n{json}\nWIRESCOPE_EOF",
+            calls.display()
+        ));
+    }
+
     fn remove(&self) {
         std::fs::remove_file(&self.path).expect("remove script");
     }
@@ -597,5 +606,52 @@ fn nonexistent_cli_leaves_the_agent_running() {
         "logged once; the log:\n{log}"
     );
     stop(agent);
+    lab.teardown().unwrap();
+}
+
+/// `--no-collector.mullvad`: a gateway without the app is never made to run `mullvad` and
+/// exports no mullvad_* series; the same agent without the switch calls it within seconds.
+#[test]
+fn mullvad_collector_off_never_polls() {
+    let Some(lab) = lab_up(
+        "mullvad_collector_off_never_polls",
+        LabConfig::new(Topology::Single, PREFIX),
+    ) else {
+        return;
+    };
+    let cli = FakeCli::new("collector-off");
+    let calls =
+        std::env::temp_dir().join(format!("wirescope-mullvad-calls-{}", std::process::id()));
+    let count = || {
+        std::fs::read_to_string(&calls)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let _ = std::fs::remove_file(&calls);
+    cli.prints_counting(&fixture("connected_multihop.json"), &calls);
+    let cli_arg = cli.arg();
+    for (off, log) in [
+        (true, "mullvad-collector-off"),
+        (false, "mullvad-collector-on"),
+    ] {
+        let mut args = vec!["--mullvad-cli", &cli_arg, "--mullvad-interval", INTERVAL];
+        if off {
+            args.push("--no-collector.mullvad");
+        }
+        let agent =
+            Agent::start(bin(), &lab.client().netns, &args, &log_path(log)).expect("agent starts");
+        sleep(Duration::from_secs(3));
+        let m = agent.scrape().expect("scrape");
+        let mullvad_series = m.names().filter(|n| n.starts_with("mullvad_")).count();
+        stop(agent);
+        if off {
+            assert_eq!(count(), 0, "the CLI was run with the collector off");
+            assert_eq!(mullvad_series, 0, "mullvad_* series with the collector off");
+        } else {
+            assert!(count() >= 2, "{} calls in 3 s at a 1 s interval", count());
+            assert!(mullvad_series > 0);
+        }
+    }
+    let _ = std::fs::remove_file(&calls);
     lab.teardown().unwrap();
 }

@@ -505,11 +505,12 @@ impl PmtuTask {
         let is_new = |k: &(String, String)| skip.is_none_or(|seen| !seen.contains(k));
         let chosen: Vec<&PmtuTarget> = targets.iter().filter(|t| is_new(&t.key())).collect();
         let mut searched = !chosen.is_empty();
-        let results = futures_util::future::join_all(
-            chosen
-                .iter()
-                .map(|t| async { (t.key(), measure(netlink, t, timeout).await) }),
-        )
+        let gate = tokio::sync::Semaphore::new(MAX_SEARCHES);
+        let results = futures_util::future::join_all(chosen.iter().map(|t| {
+            gated(&gate, async {
+                (t.key(), measure(netlink, t, timeout).await)
+            })
+        }))
         .await;
         let mut current: BTreeSet<(String, String)> = targets.iter().map(PmtuTarget::key).collect();
         let mut m = self.state.snapshot();
@@ -564,6 +565,18 @@ impl PmtuTask {
         self.state.update(|s| *s = m);
         (current, searched)
     }
+}
+
+/// At most this many searches at once, each with its raw socket: a relay or gateway with
+/// thousands of endpoints would otherwise open a socket per endpoint at the same moment
+/// and run out of file descriptors.
+pub const MAX_SEARCHES: usize = 32;
+
+/// Runs `f` once `gate` has a permit for it: `MAX_SEARCHES` permits bound the searches
+/// under way (a closed gate cannot happen: nothing closes it; `f` then just runs).
+async fn gated<F: std::future::Future>(gate: &tokio::sync::Semaphore, f: F) -> F::Output {
+    let _permit = gate.acquire().await.ok();
+    f.await
 }
 
 /// Starts the path-MTU task (see the module doc) until `stop` turns true.
@@ -918,5 +931,29 @@ mod tests {
         let mut none = Search::new(FLOOR, 1420);
         none.record(FLOOR, false);
         assert_eq!((none.result(), none.smallest_failed()), (None, None));
+    }
+
+    /// 1,000 targets are searched at most MAX_SEARCHES at a time, and every one is.
+    #[tokio::test]
+    async fn searches_are_bounded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let running = AtomicUsize::new(0);
+        let peak = AtomicUsize::new(0);
+        let items: Vec<u32> = (0..1000).collect();
+        let (running, peak) = (&running, &peak);
+        let gate = tokio::sync::Semaphore::new(MAX_SEARCHES);
+        let mut done = futures_util::future::join_all(items.iter().map(|i| {
+            gated(&gate, async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                *i
+            })
+        }))
+        .await;
+        done.sort_unstable();
+        assert_eq!(done, items);
+        assert_eq!(peak.load(Ordering::SeqCst), MAX_SEARCHES);
     }
 }

@@ -9,12 +9,14 @@
 //!   refused. A plain-HTTP request to a TLS listener gets a 400 and the connection closes.
 //! - Basic auth: every path needs a user of `basic_auth_users` and its password; a request
 //!   without them, or with wrong ones, gets 401 with `WWW-Authenticate: Basic`. bcrypt runs
-//!   on the blocking pool, two at a time; an unknown user costs the same bcrypt as a known
-//!   one. Successful checks are remembered (keyed by a SHA-256 of user, hash and password,
-//!   at most [`CACHE_MAX`] of them) so a scraper does not pay bcrypt on every scrape.
+//!   on the blocking pool, one at a time, so a flood of wrong passwords takes one core and
+//!   never both; an unknown user costs the same bcrypt as a known one. Successful checks are
+//!   remembered for [`CACHE_TTL`] (keyed by a SHA-256 of user, hash and password, at most
+//!   [`CACHE_MAX`] of them) so a scraper does not pay bcrypt on every scrape and does not
+//!   queue behind such a flood.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -32,6 +34,11 @@ use crate::config::{TlsConfig, WebConfig};
 
 /// Remembered successful logins; the set is emptied when full.
 pub const CACHE_MAX: usize = 256;
+/// How long a successful login is remembered: long past any scrape interval, short enough
+/// that a password removed from the file stops working soon after the file is re-read.
+pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// bcrypt checks at once.
+const BCRYPT_AT_ONCE: usize = 1;
 
 /// What the server enforces: TLS and/or basic auth, each optional.
 #[derive(Clone, Default)]
@@ -176,7 +183,7 @@ pub struct BasicAuth {
     /// Checked against when the user is unknown, so the answer takes as long as for a known
     /// user with a wrong password.
     dummy: String,
-    ok_cache: Mutex<HashSet<[u8; 32]>>,
+    ok_cache: Mutex<HashMap<[u8; 32], std::time::Instant>>,
     gate: Semaphore,
 }
 
@@ -194,8 +201,8 @@ impl BasicAuth {
         Ok(BasicAuth {
             users,
             dummy,
-            ok_cache: Mutex::new(HashSet::new()),
-            gate: Semaphore::new(2),
+            ok_cache: Mutex::new(HashMap::new()),
+            gate: Semaphore::new(BCRYPT_AT_ONCE),
         })
     }
 
@@ -218,7 +225,12 @@ impl BasicAuth {
             h.update(&password);
             h.finalize().into()
         };
-        if known && self.ok_cache.lock().is_ok_and(|c| c.contains(&key)) {
+        if known
+            && self
+                .ok_cache
+                .lock()
+                .is_ok_and(|c| c.get(&key).is_some_and(|at| at.elapsed() < CACHE_TTL))
+        {
             return true;
         }
         let Ok(_permit) = self.gate.acquire().await else {
@@ -232,11 +244,24 @@ impl BasicAuth {
         let ok = ok && known;
         if ok && let Ok(mut c) = self.ok_cache.lock() {
             if c.len() >= CACHE_MAX {
-                c.clear();
+                c.retain(|_, at| at.elapsed() < CACHE_TTL);
+                if c.len() >= CACHE_MAX {
+                    c.clear();
+                }
             }
-            c.insert(key);
+            c.insert(key, std::time::Instant::now());
         }
         ok
+    }
+
+    /// Forgets every remembered login (tests: as if CACHE_TTL had passed).
+    #[cfg(test)]
+    fn age_cache(&self, by: std::time::Duration) {
+        if let Ok(mut c) = self.ok_cache.lock() {
+            for at in c.values_mut() {
+                *at = at.checked_sub(by).unwrap_or(*at);
+            }
+        }
     }
 }
 
@@ -302,5 +327,42 @@ mod tests {
             "the dummy hash's password logs nobody in"
         );
         assert!(!auth.check(None).await);
+    }
+
+    /// While the one bcrypt permit is taken (a flood of wrong passwords), a remembered login
+    /// is answered at once and a new one waits; past CACHE_TTL the remembered one waits too.
+    #[tokio::test]
+    async fn remembered_logins_do_not_queue_behind_bcrypt() {
+        let hash = bcrypt::hash("right", 4).unwrap();
+        let auth = Arc::new(
+            BasicAuth::new(BTreeMap::from([
+                ("alice".to_string(), hash.clone()),
+                ("bob".to_string(), hash),
+            ]))
+            .unwrap(),
+        );
+        let hdr = |u: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:right"))
+            )
+        };
+        assert!(auth.check(Some(hdr("alice").as_bytes())).await);
+        assert_eq!(auth.gate.available_permits(), BCRYPT_AT_ONCE);
+        let flood = auth.gate.acquire().await.unwrap();
+        let quick = std::time::Duration::from_millis(200);
+        let (a, b) = (hdr("alice"), hdr("bob"));
+        let cached = tokio::time::timeout(quick, auth.check(Some(a.as_bytes()))).await;
+        assert_eq!(cached.ok(), Some(true), "remembered: no bcrypt");
+        let fresh = tokio::time::timeout(quick, auth.check(Some(b.as_bytes()))).await;
+        assert!(fresh.is_err(), "a new login waits for the bcrypt permit");
+        auth.age_cache(CACHE_TTL);
+        let expired = tokio::time::timeout(quick, auth.check(Some(a.as_bytes()))).await;
+        assert!(
+            expired.is_err(),
+            "past CACHE_TTL the login is checked again"
+        );
+        drop(flood);
+        assert!(auth.check(Some(a.as_bytes())).await);
     }
 }

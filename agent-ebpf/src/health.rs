@@ -164,6 +164,10 @@ fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
     };
     // SAFETY: a value of a shared map; the race between CPUs is described at RX_SESSIONS.
     let highest = unsafe { (*s).highest };
+    if counter > highest && counter - highest - 1 > seq::MAX_PLAUSIBLE_GAP {
+        add(ifindex, peer, seq::IMPLAUSIBLE, 1);
+        return;
+    }
     // `last_ns` only serves the agent's idle expiry (RX_SESSION_IDLE_NS, 180 s), so it is
     // refreshed when a second old rather than on every message: the coarse clock is read
     // from memory, the precise one from the clock source (~30 ns on a VM, the largest part

@@ -72,6 +72,15 @@ pub mod seq {
     pub const GAPS: u8 = 0;
     /// Messages with a counter not above the highest: `wirescope_rx_late_packets_total`.
     pub const LATE: u8 = 1;
+    /// Messages whose counter is more than [`MAX_PLAUSIBLE_GAP`] past the highest:
+    /// `wirescope_rx_implausible_counter_jumps_total`. The receiver index is not secret, so
+    /// anyone on the path can send a data message of a live session with any counter;
+    /// WireGuard drops it (it does not decrypt), and so must the sequence: such a message
+    /// neither adds its jump to the gaps nor moves the highest counter.
+    pub const IMPLAUSIBLE: u8 = 2;
+    /// The largest jump counted as lost messages: 2^24, about a second of loss at 15 million
+    /// packets per second (minimum-size packets at 10 Gbit/s).
+    pub const MAX_PLAUSIBLE_GAP: u64 = 1 << 24;
 }
 
 #[cfg(feature = "user")]

@@ -1,5 +1,6 @@
 //! Wire health, passive: `wirescope_handshake_rtt_seconds`, `wirescope_handshake_timeouts_total`,
-//! `wirescope_rx_counter_gaps_total` and `wirescope_rx_late_packets_total`, read from the
+//! `wirescope_rx_counter_gaps_total`, `wirescope_rx_late_packets_total` and
+//! `wirescope_rx_implausible_counter_jumps_total`, read from the
 //! health maps (and the agent's timeout counts, [`crate::datapath::health`]) on every
 //! scrape, summed by label set.
 
@@ -51,6 +52,8 @@ pub struct Snapshot {
     pub timeouts: BTreeMap<Key, u64>,
     pub gaps: BTreeMap<Key, u64>,
     pub late: BTreeMap<Key, u64>,
+    /// Counter jumps past seq::MAX_PLAUSIBLE_GAP (forged or corrupt messages).
+    pub implausible: BTreeMap<Key, u64>,
 }
 
 impl HealthCollector {
@@ -97,9 +100,14 @@ impl HealthCollector {
             let map = match k.kind {
                 seq::GAPS => &mut s.gaps,
                 seq::LATE => &mut s.late,
+                seq::IMPLAUSIBLE => &mut s.implausible,
                 _ => continue,
             };
             *map.entry((iface(k.ifindex), p)).or_default() += c.packets;
+        }
+        // Every tracked session's peer has the series, at 0 when nothing implausible came.
+        for k in s.gaps.keys() {
+            s.implausible.entry(k.clone()).or_default();
         }
         s
     }
@@ -146,6 +154,14 @@ impl Collector for HealthCollector {
             "wirescope_rx_late_packets",
             "messages that arrived with a counter below the highest already seen (reordered or duplicated)",
             s.late.iter().map(|(k, n)| (labels(k), *n)),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "wirescope_rx_implausible_counter_jumps",
+            "data messages whose counter was more than 2^24 past the highest seen: forged (the \
+             receiver index is not secret) or corrupt; WireGuard drops them, and they are \
+             neither counted as gaps nor followed",
+            s.implausible.iter().map(|(k, n)| (labels(k), *n)),
         )
     }
 }

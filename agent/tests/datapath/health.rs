@@ -69,17 +69,23 @@ impl Lab {
 
     /// (gaps, late) of the relay on the underlay.
     fn seq(&self) -> (u64, u64) {
-        let mut gaps = 0;
-        let mut late = 0;
+        let (gaps, late, _) = self.seq3();
+        (gaps, late)
+    }
+
+    /// (gaps, late, implausible jumps) of the relay on the underlay.
+    fn seq3(&self) -> (u64, u64, u64) {
+        let (mut gaps, mut late, mut jumps) = (0, 0, 0);
         for (k, c) in self.dp.health.rx_seq().expect("RX_SEQ") {
             assert_eq!((k.ifindex, k.peer), (self.under, RELAY), "{k:?}");
             match k.kind {
                 seq::GAPS => gaps += c.packets,
                 seq::LATE => late += c.packets,
+                seq::IMPLAUSIBLE => jumps += c.packets,
                 other => panic!("unexpected RX_SEQ kind {other}"),
             }
         }
-        (gaps, late)
+        (gaps, late, jumps)
     }
 }
 
@@ -226,6 +232,7 @@ fn counter_gaps_and_late_messages_per_session() {
     for line in [
         format!("wirescope_rx_counter_gaps_total{{{labels}}} 3"),
         format!("wirescope_rx_late_packets_total{{{labels}}} 3"),
+        format!("wirescope_rx_implausible_counter_jumps_total{{{labels}}} 0"),
         format!("wirescope_handshake_rtt_seconds_count{{{labels}}} 1"),
         format!("wirescope_handshake_timeouts_total{{{labels}}} 0"),
         format!("wirescope_handshake_rtt_seconds_bucket{{{labels},le=\"+Inf\"}} 1"),
@@ -234,4 +241,33 @@ fn counter_gaps_and_late_messages_per_session() {
     ] {
         assert!(text.contains(&line), "missing `{line}` in:\n{text}");
     }
+}
+
+/// A data message of a live session whose counter is far past the highest (anyone on the
+/// path can forge one: the receiver index is not secret) is counted apart and ignored: the
+/// u64 jump is not added to the gaps, and the session's real messages go on counting as
+/// before. A jump of exactly MAX_PLAUSIBLE_GAP is still a gap.
+#[test]
+fn forged_counter_jumps_are_counted_apart_and_not_followed() {
+    let Some(mut lab) = Lab::new() else { return };
+    let data = |counter| wg::data(0x5151, counter, 100, 1420);
+    lab.run(Dir::Rx, &data(10));
+    lab.run(Dir::Rx, &data(11));
+    assert_eq!(lab.seq3(), (0, 0, 0));
+    lab.run(Dir::Rx, &data(u64::MAX - 5));
+    lab.run(Dir::Rx, &data(11 + seq::MAX_PLAUSIBLE_GAP + 2));
+    assert_eq!(lab.seq3(), (0, 0, 2), "two forged jumps, no gap");
+    lab.run(Dir::Rx, &data(12));
+    lab.run(Dir::Rx, &data(14));
+    assert_eq!(
+        lab.seq3(),
+        (1, 0, 2),
+        "13 skipped: the session was not moved on"
+    );
+    lab.run(Dir::Rx, &data(14 + seq::MAX_PLAUSIBLE_GAP + 1));
+    assert_eq!(
+        lab.seq3(),
+        (1 + seq::MAX_PLAUSIBLE_GAP, 0, 2),
+        "the largest plausible jump is a gap"
+    );
 }

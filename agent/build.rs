@@ -47,15 +47,23 @@ fn stamp() {
     println!("cargo:rustc-env=WIRESCOPE_BUILD_DATE={date}");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     // A new commit moves HEAD (detached) or the branch it points at.
+    // Only files that exist: cargo reruns a build script whose watched file is missing on
+    // every build (a branch only in packed-refs has no file of its own, a fresh clone may
+    // have no packed-refs).
+    let watch = |path: String| {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    };
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
+        watch(format!("{dir}/HEAD"));
     }
     if let (Some(common), Some(branch)) = (
         git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]),
         git(&["symbolic-ref", "-q", "HEAD"]),
     ) {
-        println!("cargo:rerun-if-changed={common}/{branch}");
-        println!("cargo:rerun-if-changed={common}/packed-refs");
+        watch(format!("{common}/{branch}"));
+        watch(format!("{common}/packed-refs"));
     }
 }
 

@@ -64,6 +64,8 @@ fn stamp() {
     ) {
         watch(format!("{common}/{branch}"));
         watch(format!("{common}/packed-refs"));
+        // A branch that was only packed gets its own file at its next commit.
+        watch(format!("{common}/refs/heads"));
     }
 }
 

@@ -15,7 +15,8 @@ use crate::cmd;
 /// Debian image and the lab tests ping through the tunnels; tmux drives `wirescope status
 /// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit;
 /// debootstrap and systemd-container (systemd-nspawn) build and boot the Debian root the unit
-/// is tested in under a real systemd ([`crate::sysroot`]).
+/// is tested in under a real systemd ([`crate::sysroot`]); dpkg-dev has dpkg-shlibdeps, which
+/// gives `cargo xtask package` the Debian package's library dependencies.
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -30,6 +31,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "systemd",
     "debootstrap",
     "systemd-container",
+    "dpkg-dev",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.

@@ -16,7 +16,8 @@ use crate::cmd;
 /// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit;
 /// debootstrap and systemd-container (systemd-nspawn) build and boot the Debian root the unit
 /// is tested in under a real systemd ([`crate::sysroot`]); dpkg-dev has dpkg-shlibdeps, which
-/// gives `cargo xtask package` the Debian package's library dependencies.
+/// gives `cargo xtask package` the Debian package's library dependencies, and man-db the `man`
+/// the package's install test renders its man pages with (minimal images lack it).
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -32,6 +33,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "debootstrap",
     "systemd-container",
     "dpkg-dev",
+    "man-db",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.

@@ -11,6 +11,7 @@
 //! - [`vm`]: the test suites in QEMU VMs on Debian's 6.1 and 6.12 kernels (`vm-test`).
 //! - [`fuzz`]: the cargo-fuzz targets in fuzz/ (`cargo xtask fuzz`, and a step of `test`).
 //! - [`bench`]: what the agent costs (`cargo xtask bench`).
+//! - [`package`]: the Debian package (`cargo xtask package`, built by the packaging crate).
 //! - [`testsuite`], [`build`], [`demo`]: the other subcommands.
 
 pub mod agent;
@@ -24,6 +25,7 @@ pub mod impair;
 pub mod lab;
 pub mod netns;
 pub mod nspawn;
+pub mod package;
 pub mod procs;
 pub mod prometheus;
 pub mod scrape;

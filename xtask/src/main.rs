@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::impair::{DirRules, Impairment, Place};
 use xtask::lab::{self, Lab, LabConfig, Topology, WgImpl};
-use xtask::{bench, build, demo, fuzz, setup, testsuite, vm};
+use xtask::{bench, build, demo, fuzz, package, setup, testsuite, vm};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,9 @@ enum Cmd {
     Setup,
     /// Build the release agent (with its eBPF object).
     Build,
+    /// Build the release agent and its Debian package,
+    /// target/debian/wirescope_VERSION_ARCH.deb (needs dpkg-dev: `cargo xtask setup`).
+    Package,
     /// Run setup, then every test (needs root for the lab tests).
     Test,
     /// Run setup, then the multihop demo.
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Build => build::run(),
+        Cmd::Package => package::run().map(|_| ()),
         Cmd::Test => {
             setup::run()?;
             testsuite::run()

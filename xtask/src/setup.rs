@@ -16,7 +16,9 @@ use crate::cmd;
 /// --watch` in a real terminal; systemd provides `systemd-analyze verify` for the unit;
 /// debootstrap and systemd-container (systemd-nspawn) build and boot the Debian root the unit
 /// is tested in under a real systemd ([`crate::sysroot`]); shadowsocks-libev is the lab's real
-/// obfuscator ([`crate::lab::shadowsocks`]).
+/// obfuscator ([`crate::lab::shadowsocks`]); dpkg-dev has dpkg-shlibdeps, which gives `cargo
+/// xtask package` the Debian package's library dependencies, and man-db the `man` the
+/// package's install test renders its man pages with (minimal images lack it).
 pub const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -32,6 +34,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "debootstrap",
     "systemd-container",
     "shadowsocks-libev",
+    "dpkg-dev",
+    "man-db",
 ];
 
 /// bpf-linker must use the nightly's LLVM; 0.10.x loads the Rust toolchain's own libLLVM.

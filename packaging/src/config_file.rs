@@ -73,7 +73,9 @@ pub fn values() -> Vec<(&'static str, Shown)> {
             Shown::Example(toml_string(EXAMPLE_WEB_CONFIG)),
         ),
         ("state-dir", s(agent::DEFAULT_STATE_DIR)),
-        ("log-level", s(cli::DEFAULT_LOG_LEVEL)),
+        ("log.level", s(cli::DEFAULT_LOG_LEVEL)),
+        // The agent's LogFormat::default().
+        ("log.format", s("text")),
         ("mullvad-cli", s(agent::DEFAULT_MULLVAD_CLI)),
         ("mullvad-interval", d(agent::DEFAULT_MULLVAD_INTERVAL)),
         ("probe-interval", d(agent::DEFAULT_PROBE_INTERVAL)),

@@ -155,7 +155,7 @@ pub struct RunConfig {
 }
 
 /// The collectors that can be turned off, node_exporter style (`--no-collector.mullvad`,
-/// `[collector] mullvad = false` in the file); all on by default.
+/// `no-collector.mullvad = true` in the file); all on by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Collectors {
     /// Polling the Mullvad daemon and the mullvad_* metrics.
@@ -288,9 +288,10 @@ impl RunConfig {
         let (hosts, origin) = pick_list(&args.allowed_hosts, web.allowed_host);
         let allowed_hosts = check_hosts(hosts, &origin)?;
 
-        let (level, origin) = pick(&args.log_level, file.log_level);
+        let file_log = file.log.unwrap_or_default();
+        let (level, origin) = pick(&args.log_level, file_log.level.or(file.log_level));
         let log_level = parse_log_level(level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL), origin)?;
-        let (format, origin) = pick(&args.log_format, file.log_format);
+        let (format, origin) = pick(&args.log_format, file_log.format);
         let log_format = match format {
             None => LogFormat::Text,
             Some(f) => LogFormat::parse(&f).ok_or_else(|| ConfigError::Invalid {
@@ -360,24 +361,47 @@ impl RunConfig {
             )?,
             timeout: MULLVAD_TIMEOUT,
         };
-        let file_collectors = file.collector.unwrap_or_default();
-        // The command line's last word wins; then the file; on by default.
-        let switch = |on: bool, off: bool, file: Option<bool>| match (on, off) {
-            (true, _) => true,
-            (_, true) => false,
-            _ => file.unwrap_or(true),
+        let (file_on, file_off) = (
+            file.collector.unwrap_or_default(),
+            file.no_collector.unwrap_or_default(),
+        );
+        // The command line's last word wins; then the file, whose keys are the flags
+        // (`collector.NAME = true` / `no-collector.NAME = true`); on by default.
+        let switch = |name: &'static str,
+                      on: bool,
+                      off: bool,
+                      file_on: Option<bool>,
+                      file_off: Option<bool>|
+         -> Result<bool, ConfigError> {
+            if on || off {
+                return Ok(on);
+            }
+            match (file_on.unwrap_or(false), file_off.unwrap_or(false)) {
+                (true, true) => Err(ConfigError::Invalid {
+                    key: name,
+                    origin: file_origin.clone(),
+                    value: "true".into(),
+                    problem: "is set both ways (collector.NAME and no-collector.NAME)".into(),
+                    accepted: "accepted: one of the two".into(),
+                }),
+                (_, off) => Ok(!off),
+            }
         };
         let collectors = Collectors {
             mullvad: switch(
+                "collector.mullvad",
                 args.collector_mullvad,
                 args.no_collector_mullvad,
-                file_collectors.mullvad,
-            ),
+                file_on.mullvad,
+                file_off.mullvad,
+            )?,
             probes: switch(
+                "collector.probes",
                 args.collector_probes,
                 args.no_collector_probes,
-                file_collectors.probes,
-            ),
+                file_on.probes,
+                file_off.probes,
+            )?,
         };
         let (targets, origin) = pick_list(&args.probes, file.probe);
         if !collectors.probes && !targets.is_empty() {
@@ -515,9 +539,14 @@ struct FileConfig {
     wg_config: Option<Vec<PathBuf>>,
     export_endpoints: Option<bool>,
     transit_time: Option<String>,
+    /// The old spelling of `log.level`.
     log_level: Option<String>,
-    log_format: Option<String>,
+    /// `log.level`, `log.format` (a table, as TOML reads the dotted keys).
+    log: Option<FileLog>,
+    /// `collector.NAME = true`: as `--collector.NAME`.
     collector: Option<FileCollectors>,
+    /// `no-collector.NAME = true`: as `--no-collector.NAME`.
+    no_collector: Option<FileCollectors>,
     state_dir: Option<PathBuf>,
     leak_allow: Option<Vec<String>>,
     obfuscation: Option<Vec<String>>,
@@ -543,6 +572,13 @@ struct FileConfig {
 struct FileCollectors {
     mullvad: Option<bool>,
     probes: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -764,7 +764,16 @@ fn log_formats() {
     assert!(err.to_string().contains("text, logfmt, json"), "{err}");
     assert_eq!(err.exit_code(), 2);
     let dir = Dir::new("log-format");
-    let f = dir.file("c.toml", "log-format = \"json\"\n");
+    let f = dir.file(
+        "c.toml",
+        "log.format = \"json\"\nlog.level = \"debug\"\nlog-level = \"warn\"\n",
+    );
+    let c = config(&["--config", &f]).unwrap();
+    assert_eq!(
+        c.log_level,
+        log::LevelFilter::Debug,
+        "log.level before log-level"
+    );
     assert_eq!(
         config(&["--config", &f]).unwrap().log_format,
         LogFormat::Json
@@ -816,7 +825,10 @@ fn collector_switches() {
     let c = config(&["--collector.mullvad", "--no-collector.mullvad"]).unwrap();
     assert!(!c.collectors.mullvad);
     let dir = Dir::new("collectors");
-    let f = dir.file("c.toml", "[collector]\nmullvad = false\n");
+    let f = dir.file(
+        "c.toml",
+        "no-collector.mullvad = true\ncollector.probes = true\n",
+    );
     let c = config(&["--config", &f]).unwrap();
     assert_eq!(
         c.collectors,

@@ -322,10 +322,20 @@ fn lab_idle_tunnel_leaks_count_without_a_handshake() {
     let out = lab
         .exec(
             &relay.netns,
-            &["wg", "set", &relay.wg().iface, "peer", &client_key, "remove"],
+            &[
+                "wg",
+                "set",
+                &relay.wg().iface,
+                "peer",
+                &client_key,
+                "remove",
+            ],
         )
         .expect("wg set peer remove");
-    assert!(out.status.success(), "the relay forgets the client: {out:?}");
+    assert!(
+        out.status.success(),
+        "the relay forgets the client: {out:?}"
+    );
     let agent = Agent::start(
         common::bin(),
         &cns,

@@ -176,7 +176,7 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
     !wireguard
         && dir == DIR_TX
         && cfg.flags & (IfaceConfig::UNDERLAY | IfaceConfig::TUNNEL) == IfaceConfig::UNDERLAY
-        && leak::tunnel_up()
+        && leak::watching()
 }
 
 #[cfg(not(test))]

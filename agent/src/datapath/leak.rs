@@ -17,7 +17,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, tail_program, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, tail_program, take},
 };
 
 /// The leak-detection maps (`agent_common::maps::leak`): the "tunnel up" time, the
@@ -225,6 +225,18 @@ impl LeakMaps {
 }
 
 impl FeatureMaps for LeakMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        use agent_common::maps::leak as l;
+        self.cfg.clear(l::LEAK_CFG)?;
+        self.allow_v4.clear(l::LEAK_ALLOW_V4)?;
+        self.allow_v6.clear(l::LEAK_ALLOW_V6)?;
+        self.leaks.clear(l::LEAKS)?;
+        self.errors.clear(l::LEAK_ERRORS)?;
+        self.allowed = (0, 0);
+        self.last = LeakConfig::default();
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         use agent_common::maps::leak::*;
         vec![

@@ -2,7 +2,9 @@
 //! until when into `LEAK_CFG` every second, a few seconds ahead while one is up), an IP
 //! packet leaving an underlay that is not WireGuard (to a known endpoint, or from a local
 //! listen port, and shaped like a WireGuard message: the wire role's recognition) went
-//! around the tunnel.
+//! around the tunnel. Past that deadline, while the agent's last word still was "up" (it
+//! died, or its sync stalled), such packets are counted apart (`state::UNRENEWED`): whether
+//! a tunnel stayed up meanwhile is for the next agent to judge.
 //!
 //! Not leaks: anything that is not IP (ARP), ICMP to a known WireGuard endpoint address or
 //! obfuscation flow's relay (the agent's own path-MTU search to a relay), IPv6 neighbour
@@ -18,7 +20,9 @@
 use agent_common::{
     maps::{
         Counter,
-        leak::{AllowV4, AllowV6, LeakConfig, LeakKey, MAX_LEAK_ALLOW, MAX_LEAKS, error, kind},
+        leak::{
+            AllowV4, AllowV6, LeakConfig, LeakKey, MAX_LEAK_ALLOW, MAX_LEAKS, error, kind, state,
+        },
         wire::Endpoint,
     },
     parse::{
@@ -43,15 +47,27 @@ use crate::{
 #[map]
 pub static LEAK_PROG: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// Whether a watched tunnel is up now (the agent writes until when into `LEAK_CFG`).
+/// Whether the agent's last word was that a watched tunnel is up (whether that word is
+/// still current is read only for a packet that is a leak: [`unrenewed`]).
 #[inline(always)]
-pub fn tunnel_up() -> bool {
-    let Some(cfg) = LEAK_CFG.get(0) else {
-        return false;
-    };
-    let until = cfg.tunnel_up_until_ns;
+pub fn watching() -> bool {
+    LEAK_CFG.get(0).is_some_and(|c| c.tunnel_up_until_ns != 0)
+}
+
+/// The `LeakKey.state` of a leak leaving now: None when the agent has just said no tunnel
+/// is up (after [`watching`] was read).
+#[inline(always)]
+fn leak_state() -> Option<u8> {
+    let until = LEAK_CFG.get(0).map_or(0, |c| c.tunnel_up_until_ns);
+    if until == 0 {
+        return None;
+    }
     // SAFETY: a plain helper call.
-    until != 0 && unsafe { bpf_ktime_get_ns() } < until
+    Some(if unsafe { bpf_ktime_get_ns() } < until {
+        state::UP
+    } else {
+        state::UNRENEWED
+    })
 }
 
 /// Jumps to `wirescope_leak` (does not return; when the array is empty, goes on).
@@ -61,9 +77,10 @@ pub fn check(ctx: &TcContext) {
     unsafe { LEAK_PROG.tail_call(ctx, 0) };
 }
 
-/// One entry: until when (bpf_ktime_get_ns) a tunnel is up.
+/// One entry: until when (bpf_ktime_get_ns) a tunnel is up. Pinned, like the counts: what
+/// a killed agent last said stays for the programs left running and for the next agent.
 #[map]
-pub static LEAK_CFG: Array<LeakConfig> = Array::with_max_entries(1, 0);
+pub static LEAK_CFG: Array<LeakConfig> = Array::pinned(1, 0);
 
 /// `--leak-allow` destinations.
 #[map]
@@ -99,8 +116,8 @@ pub fn observe(pkt: &Skb, ifindex: u32, ip: &Ip, l4: Option<&L4>, gso_segs: u32)
         },
     };
     let has_l4 = l4.hdr_len != 0;
-    // (Whether a tunnel is up was checked by wirescope_egress just before its tail call
-    // here: a second clock read, ~30 ns on a VM, would only tell the same.)
+    // (That the agent said a tunnel is up was checked by wirescope_egress just before its
+    // tail call here; the clock is read only for what turns out to be a leak.)
     if ifindex == LOOPBACK_IFINDEX || ip.frag == frag::LATER {
         return;
     }
@@ -148,12 +165,16 @@ pub fn observe(pkt: &Skb, ifindex: u32, ip: &Ip, l4: Option<&L4>, gso_segs: u32)
     if allowed(ip) {
         return;
     }
+    let Some(state) = leak_state() else {
+        return;
+    };
     let (packets, bytes) = segmented(ip, hdr, pkt.len(), gso_segs);
     add(
         &LeakKey {
             ifindex,
             kind: k,
-            _pad: [0; 3],
+            state,
+            _pad: [0; 2],
         },
         packets,
         bytes,

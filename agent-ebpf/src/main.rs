@@ -185,7 +185,7 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
     // (known endpoint or local listen port, and the message's shape) is exactly the leak
     // check's, so the tail call and its second parse (~110 ns) are skipped for it. Nor is
     // an obfuscation carrier: it is the tunnel's own traffic in another protocol.
-    !wireguard && !obfuscated && dir == DIR_TX && underlay && leak::tunnel_up()
+    !wireguard && !obfuscated && dir == DIR_TX && underlay && leak::watching()
 }
 
 #[cfg(not(test))]

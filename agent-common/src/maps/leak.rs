@@ -19,8 +19,27 @@ pub const MAX_LEAKS: u32 = 1_024;
 
 /// How far ahead of the sync round that writes it the "tunnel up" deadline lies: the agent
 /// renews it every second while a tunnel is up, and an agent that died stops renewing it, so
-/// its last word expires this long after.
+/// its last word expires this long after. What leaves after that is counted apart
+/// ([`state::UNRENEWED`]) until the next agent judges it.
 pub const TUNNEL_UP_HOLD_NS: u64 = 5_000_000_000;
+
+/// Tunnels the agent names in [`LeakConfig::up_ifindexes`]; more up at once are not named
+/// (the next agent's judgement needs only one that stayed up).
+pub const MAX_UP_TUNNELS: usize = 8;
+
+/// `LeakKey.state`: when the packet left.
+pub mod state {
+    /// While a tunnel was up, as the agent last said within its deadline.
+    pub const UP: u8 = 0;
+    /// After that deadline, while a tunnel was up when the agent last said anything: the
+    /// agent died (or its sync stalled). Not exported; the next sync round that renews the
+    /// state judges these ([`JUDGED`] or dropped), since only then is it known whether a
+    /// tunnel stayed up meanwhile.
+    pub const UNRENEWED: u8 = 1;
+    /// [`UNRENEWED`] packets a later sync round judged leaks: a tunnel up at the last word
+    /// before them was still up (the same interface) at the next. Written by the agent only.
+    pub const JUDGED: u8 = 2;
+}
 
 /// `LeakKey.kind`.
 pub mod kind {
@@ -37,15 +56,20 @@ pub mod error {
     pub const COUNT: u32 = 1;
 }
 
-/// The single entry of the `LEAK_CFG` array, written by the agent on every sync tick.
+/// The single entry of the `LEAK_CFG` array, written by the agent on every sync tick. Pinned:
+/// a restarted agent reads what its predecessor last said (which tunnels were up) to judge
+/// what left while nobody renewed it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeakConfig {
     /// bpf_ktime_get_ns (CLOCK_MONOTONIC) until which a watched tunnel is up: the sync
     /// round that saw one up + [`TUNNEL_UP_HOLD_NS`]. 0: no tunnel up, nothing is a leak.
     pub tunnel_up_until_ns: u64,
+    /// The ifindexes of the tunnels up at that round (at most [`MAX_UP_TUNNELS`]), 0 in the
+    /// unused slots. Read by the agent only.
+    pub up_ifindexes: [u32; MAX_UP_TUNNELS],
 }
-const _: () = assert!(core::mem::size_of::<LeakConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<LeakConfig>() == 8 + 4 * MAX_UP_TUNNELS);
 
 /// Key of the `LEAK_ALLOW_V4` LPM trie (prefix length = the CIDR's).
 #[repr(C)]
@@ -67,7 +91,9 @@ const _: () = assert!(core::mem::size_of::<AllowV6>() == 16);
 pub struct LeakKey {
     pub ifindex: u32,
     pub kind: u8,
-    pub _pad: [u8; 3],
+    /// [`state`]: counted, held for judgement, or judged a leak.
+    pub state: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<LeakKey>() == 8);
 

@@ -20,7 +20,7 @@ use log::info;
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, take},
 };
 
 /// The kernel functions probed: (function, entry program, return program, direction label).
@@ -155,6 +155,11 @@ impl CryptoMaps {
 }
 
 impl FeatureMaps for CryptoMaps {
+    /// The histogram only: attached kprobes keep their configuration.
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.hist.clear(names::CRYPTO_HIST)
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![(
             names::CRYPTO_HIST,

@@ -27,7 +27,7 @@ use btf_rs::Btf;
 
 use super::{
     AttachOutcome, DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, take},
 };
 use crate::sources::btf::{BtfError, member_offset};
 
@@ -274,6 +274,13 @@ impl DropsMaps {
 }
 
 impl FeatureMaps for DropsMaps {
+    /// The counts only: attached tracepoints keep their configuration.
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.drops.clear(DROPS)?;
+        self.udp.clear(UDP_ERRORS)?;
+        self.errors.clear(DROPS_ERRORS)
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (DROPS, self.drops.keys().count() as u64, MAX_DROPS as u64),

@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, sum_per_cpu, take},
 };
 
 pub struct HealthMaps {
@@ -98,6 +98,15 @@ impl HealthMaps {
 }
 
 impl FeatureMaps for HealthMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.pending.clear(names::HANDSHAKE_PENDING)?;
+        self.rtt.clear(names::HANDSHAKE_RTT)?;
+        self.sessions.clear(names::RX_SESSIONS)?;
+        self.seq.clear(names::RX_SEQ)?;
+        self.timeouts.clear();
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (

@@ -7,8 +7,11 @@ use std::{collections::HashMap, hash::Hash, sync::Arc};
 
 use agent_common::maps::{Counter, HistValue};
 use aya::{
-    Ebpf,
-    maps::{MapData, MapError, PerCpuArray, PerCpuHashMap, ProgramArray},
+    Ebpf, Pod,
+    maps::{
+        Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues, ProgramArray, lpm_trie::LpmTrie,
+    },
     programs::SchedClassifier,
 };
 
@@ -25,6 +28,84 @@ pub trait FeatureMaps {
     fn usage(&self) -> Vec<MapUsage>;
     /// Updates the kernel refused, per map name, summed over CPUs.
     fn update_errors(&self) -> Vec<(&'static str, u64)>;
+    /// Back to the state of a fresh load: every map of the feature emptied or zeroed (its
+    /// program arrays and the shared `MAP_ERRORS` aside) and what the agent keeps about them
+    /// forgotten ([`super::Datapath::reset`]).
+    fn clear(&mut self) -> Result<(), DatapathError>;
+}
+
+/// Emptying a map: every entry removed (hash maps, LPM tries) or set to zero (arrays).
+pub(crate) trait Clear {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError>;
+}
+
+/// Removes every key of a hash-like map; a key gone meanwhile is no error.
+macro_rules! clear_keys {
+    ($map:expr, $name:expr) => {{
+        let keys = $map
+            .keys()
+            .collect::<Result<Vec<_>, MapError>>()
+            .map_err(DatapathError::map($name))?;
+        for k in keys {
+            match $map.remove(&k) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(DatapathError::map($name)(e)),
+            }
+        }
+        Ok(())
+    }};
+}
+
+impl<K: Pod, V: Pod> Clear for BpfHashMap<MapData, K, V> {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        clear_keys!(self, name)
+    }
+}
+
+impl<K: Pod, V: Pod> Clear for PerCpuHashMap<MapData, K, V> {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        clear_keys!(self, name)
+    }
+}
+
+impl<K: Pod, V: Pod> Clear for LpmTrie<MapData, K, V> {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        clear_keys!(self, name)
+    }
+}
+
+impl<V: Pod + Default> Clear for Array<MapData, V> {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        for i in 0..self.len() {
+            self.set(i, V::default(), 0)
+                .map_err(DatapathError::map(name))?;
+        }
+        Ok(())
+    }
+}
+
+impl<V: Pod + Default> Clear for PerCpuArray<MapData, V> {
+    fn clear(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
+            DatapathError::map(name)(MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error,
+            }))
+        })?;
+        for i in 0..self.len() {
+            let zeros = (0..cpus).map(|_| V::default()).collect::<Vec<_>>();
+            let values = PerCpuValues::try_from(zeros).map_err(|io_error| {
+                DatapathError::map(name)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error,
+                }))
+            })?;
+            self.set(i, values, 0).map_err(DatapathError::map(name))?;
+        }
+        Ok(())
+    }
 }
 
 /// A per-CPU array in which the programs count the map updates the kernel refused, one
@@ -35,6 +116,18 @@ pub struct ErrorSlots(pub(super) PerCpuArray<MapData, u64>);
 impl ErrorSlots {
     pub fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Arc<Self>, DatapathError> {
         Ok(Arc::new(Self(take(ebpf, name)?)))
+    }
+
+    /// Zeroes every slot, through a handle of its own: the shared array has no `&mut`.
+    pub fn clear(&self, name: &'static str) -> Result<(), DatapathError> {
+        let id = aya::maps::IterableMap::map(&self.0)
+            .info()
+            .map_err(DatapathError::map(name))?
+            .id();
+        let data = MapData::from_id(id).map_err(DatapathError::map(name))?;
+        let mut own: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(DatapathError::map(name))?;
+        own.clear(name)
     }
 
     /// Updates refused in slot `idx`, summed over CPUs.

@@ -76,6 +76,17 @@ impl ObfuscationMaps {
 }
 
 impl FeatureMaps for ObfuscationMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        use super::maps::Clear as _;
+        self.endpoints.clear(OBFS_ENDPOINTS)?;
+        self.cfg.clear(OBFS_CFG)?;
+        self.counters.clear(OBFS_COUNTERS)?;
+        self.errors.clear(OBFS_ERRORS)?;
+        self.applied.clear();
+        self.applied_count = None;
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (

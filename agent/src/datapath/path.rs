@@ -12,7 +12,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
 };
 
 /// The maps of the path-MTU signals (agent-ebpf path.rs): fragments per layer,
@@ -96,6 +96,17 @@ impl PathMaps {
 }
 
 impl FeatureMaps for PathMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        use agent_common::maps::path;
+        self.fragments.clear(path::FRAGMENTS)?;
+        self.icmp_too_big.clear(path::ICMP_TOO_BIG)?;
+        self.icmp_mtu.clear(path::ICMP_MTU)?;
+        self.endpoint_addrs.clear(path::ENDPOINT_ADDRS)?;
+        self.errors.clear(path::PATH_ERRORS)?;
+        self.applied_addrs.clear();
+        Ok(())
+    }
+
     fn update_errors(&self) -> Vec<(&'static str, u64)> {
         use agent_common::maps::path::{self, error};
         self.errors.list(&[

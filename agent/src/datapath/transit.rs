@@ -23,7 +23,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, sum_hist, tail_program, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, tail_program, take},
 };
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
@@ -105,6 +105,15 @@ impl TransitMaps {
 }
 
 impl FeatureMaps for TransitMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.seq.clear(TRANSIT_SEQ)?;
+        self.slots.clear(TRANSIT_SLOTS)?;
+        self.hist.clear(TRANSIT_HIST)?;
+        self.errors.clear(TRANSIT_ERRORS)?;
+        self.idle.clear();
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (

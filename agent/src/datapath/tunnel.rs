@@ -17,7 +17,7 @@ use aya::{
 
 use super::{
     DatapathError, PeerMaps,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
 };
 
 pub struct TunnelMaps {
@@ -167,6 +167,19 @@ impl TunnelMaps {
 }
 
 impl FeatureMaps for TunnelMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.allowed_v4.clear(names::ALLOWED_V4)?;
+        self.allowed_v6.clear(names::ALLOWED_V6)?;
+        self.counters.clear(names::COUNTERS)?;
+        self.peer_ids.clear(names::PEER_IDS)?;
+        self.iface_names.clear(names::IFACE_NAMES)?;
+        self.applied_v4.clear();
+        self.applied_v6.clear();
+        self.peer_ids_len = 0;
+        self.iface_names_len = 0;
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (

@@ -16,7 +16,7 @@ use aya::{
 
 use super::{
     DatapathError, PeerMaps,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
 };
 
 pub struct WireMaps {
@@ -69,6 +69,15 @@ impl WireMaps {
 }
 
 impl FeatureMaps for WireMaps {
+    fn clear(&mut self) -> Result<(), DatapathError> {
+        self.endpoints.clear(names::ENDPOINTS)?;
+        self.wg_ports.clear(names::WG_PORTS)?;
+        self.unknown_wire.clear(names::UNKNOWN_WIRE)?;
+        self.applied_endpoints.clear();
+        self.applied_ports.clear();
+        Ok(())
+    }
+
     fn usage(&self) -> Vec<MapUsage> {
         vec![
             (

@@ -221,7 +221,7 @@ impl Syncer {
 
         let mut want = peer_maps(&tunnels);
         want.obfuscation = obfuscation::map_entries(&flows);
-        let up_until = self.leak_up_until(&by_name, &tunnels);
+        let leak_cfg = self.leak_config(&by_name, &tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
         let new_names = write_labels(inventory, &tunnels, &underlays)?;
         let (maps_result, maps_took) = {
@@ -236,7 +236,7 @@ impl Syncer {
             }
             // The maps before the hooks: a program that takes over a pinned link from the
             // previous agent's finds every peer already, and counts no packet as unknown.
-            let written = self.write_maps(&mut dp, &tunnels, &want, up_until);
+            let written = self.write_maps(&mut dp, &tunnels, &want, leak_cfg, inventory);
             self.watch(&mut dp, &by_name, &tunnels, &underlays);
             written
         };
@@ -363,9 +363,13 @@ impl Syncer {
         }
     }
 
-    /// Until when the tunnels count as up for leak detection (see [`leak`]): from their
-    /// interfaces' flags, their peers and what the Mullvad daemon last said.
-    fn leak_up_until(&self, by_name: &HashMap<&str, &Link>, tunnels: &[Tunnel]) -> u64 {
+    /// Until when the tunnels count as up for leak detection, and which (see [`leak`]): from
+    /// their interfaces' flags, their peers and what the Mullvad daemon last said.
+    fn leak_config(
+        &self,
+        by_name: &HashMap<&str, &Link>,
+        tunnels: &[Tunnel],
+    ) -> agent_common::maps::leak::LeakConfig {
         let mullvad = self
             .opts
             .mullvad
@@ -375,6 +379,7 @@ impl Syncer {
             .iter()
             .map(|t| leak::TunnelView {
                 name: &t.name,
+                ifindex: t.ifindex,
                 link_up: by_name
                     .get(t.name.as_str())
                     .is_some_and(|l| l.up && l.carrier),
@@ -387,18 +392,19 @@ impl Syncer {
                 interface,
                 connected: *connected,
             });
-        leak::up_until_ns(&views, mullvad, crate::datapath::monotonic_ns())
+        leak::leak_config(&views, mullvad, crate::datapath::monotonic_ns())
     }
 
-    /// Brings the peer maps, the leak window (`up_until`, from [`Syncer::leak_up_until`]) and
-    /// the crypto kprobes up to date; returns the peer maps' outcome and how long writing
-    /// them took.
+    /// Brings the peer maps, the leak window (`leak_cfg`, from [`Syncer::leak_config`]; what
+    /// was held while it went unrenewed judged, [`leak::settle`]) and the crypto kprobes up
+    /// to date; returns the peer maps' outcome and how long writing them took.
     fn write_maps(
         &mut self,
         dp: &mut Datapath,
         tunnels: &[Tunnel],
         want: &PeerMaps,
-        up_until: u64,
+        leak_cfg: agent_common::maps::leak::LeakConfig,
+        inventory: &RwLock<Inventory>,
     ) -> (Result<(), DatapathError>, Duration) {
         let maps_started = Instant::now();
         // Ids given this round are saved before any packet is counted under them.
@@ -410,7 +416,12 @@ impl Syncer {
         }
         let maps_result = dp.sync_peers(want);
         let maps_took = maps_started.elapsed();
-        if let Err(e) = dp.leak.set_tunnel_up_until(up_until) {
+        // Names for the verdict's log line, of interfaces gone too (pinned IFACE_NAMES); read
+        // only when there is one to log. The sync loop is the inventory's only writer, so
+        // this read under the datapath lock waits for nobody.
+        let name = |i| inventory.read().ok().map(|inv| inv.iface_name(i));
+        let now = crate::datapath::monotonic_ns();
+        if let Err(e) = leak::settle(&mut dp.leak, leak_cfg, now, name) {
             self.warn_once(format!("leak detection: {e}"));
         }
         let kernel_wg = tunnels.iter().any(|t| t.backend == Backend::Netlink);

@@ -21,6 +21,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -31,7 +32,7 @@ use agent_common::{
 use aya::programs::{TestRun, TestRunOptions};
 use wirescope::{
     EBPF_OBJECT,
-    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps},
+    datapath::{Datapath, PROG_EGRESS, PROG_INGRESS, PeerMaps, Pinning},
     sync::endpoint_key,
 };
 use xtask::{
@@ -143,16 +144,71 @@ pub fn netns_with_veth(name: &str, peer: &str) -> (u32, u32) {
     (ifindex(name), ifindex(peer))
 }
 
-/// The eBPF programs loaded and attached to each `(name, ifindex, config)`, in order, as the
-/// agent does it (which writes IFACES).
-pub fn load_attached(ifaces: &[(&str, u32, IfaceConfig)]) -> Datapath {
-    let mut dp =
-        Datapath::load(EBPF_OBJECT).unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"));
+/// The programs of the last test that gave them back, reset: loading verifies some 300k
+/// instructions (under the VMs' emulation, about 6 s of each test's 7), so a test binary
+/// loads them once and lends them to one test after the other ([`Lent`]). Not pinned:
+/// nothing of them outlives the binary.
+static LOADED: Mutex<Option<Datapath>> = Mutex::new(None);
+
+/// The programs lent to one test, in the state of a fresh load; given back when dropped,
+/// reset there ([`Datapath::reset`]: detached in the test's namespace, which still exists
+/// then, every map emptied).
+pub struct Lent(Option<Datapath>);
+
+impl Lent {
+    /// Runs `f` with the programs shared as the agent's collectors take them, and lends
+    /// them on afterwards (`f` must not keep a clone).
+    pub fn shared<R>(mut self, f: impl FnOnce(Arc<Mutex<Datapath>>) -> R) -> (R, Lent) {
+        let dp = Arc::new(Mutex::new(self.0.take().expect("lent programs")));
+        let r = f(Arc::clone(&dp));
+        let dp = Arc::try_unwrap(dp)
+            .unwrap_or_else(|_| panic!("the programs are still shared"))
+            .into_inner()
+            .expect("not poisoned");
+        (r, Lent(Some(dp)))
+    }
+}
+
+impl std::ops::Deref for Lent {
+    type Target = Datapath;
+    fn deref(&self) -> &Datapath {
+        self.0.as_ref().expect("lent programs")
+    }
+}
+
+impl std::ops::DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut Datapath {
+        self.0.as_mut().expect("lent programs")
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(mut dp) = self.0.take() else { return };
+        // Programs that cannot be reset are dropped: the next test loads anew.
+        if let Err(e) = dp.reset() {
+            eprintln!("resetting the programs for the next test failed ({e}): reloading");
+            return;
+        }
+        if let Ok(mut slot) = LOADED.lock() {
+            *slot = Some(dp);
+        }
+    }
+}
+
+/// The eBPF programs, as a fresh load (lent: [`Lent`]), attached to each `(name, ifindex,
+/// config)`, in order, as the agent does it (which writes IFACES).
+pub fn load_attached(ifaces: &[(&str, u32, IfaceConfig)]) -> Lent {
+    let kept = LOADED.lock().ok().and_then(|mut slot| slot.take());
+    let mut dp = kept.unwrap_or_else(|| {
+        Datapath::load_with(EBPF_OBJECT, Pinning::Off)
+            .unwrap_or_else(|e| panic!("loading the eBPF programs: {e}"))
+    });
     for &(name, ifindex, cfg) in ifaces {
         dp.attach(name, ifindex, cfg)
             .unwrap_or_else(|e| panic!("attaching to {name}: {e}"));
     }
-    dp
+    Lent(Some(dp))
 }
 
 /// The programs in a network namespace of their own: a test module's `Lab` (with its own
@@ -160,7 +216,7 @@ pub fn load_attached(ifaces: &[(&str, u32, IfaceConfig)]) -> Datapath {
 /// Lab = NetnsLab<Health>;`): several modules share one test binary, and each adds methods
 /// of the same names (`new`, `run`) to its own `NetnsLab<...>` without clashing.
 pub struct NetnsLab<Tests> {
-    pub dp: Datapath,
+    pub dp: Lent,
     /// lo: the WireGuard interface (TUNNEL | L3) when there is one.
     pub tun: u32,
     /// One end of a veth pair: the underlay (UNDERLAY, Ethernet).

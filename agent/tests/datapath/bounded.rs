@@ -20,7 +20,7 @@ use crate::common;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -122,20 +122,15 @@ impl Lab {
             under,
             tests,
         } = self;
-        let dp = Arc::new(Mutex::new(dp));
-        let text = {
+        let (text, dp) = dp.shared(|dp| {
             let mut registry = prometheus_client::registry::Registry::default();
             registry.register_collector(Box::new(AgentCollector::new(
-                dp.clone(),
+                dp,
                 Arc::new(RwLock::new(Inventory::default())),
                 Arc::new(RwLock::new(Features::default())),
             )));
             metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
-        };
-        let dp = Arc::try_unwrap(dp)
-            .expect("the registry is gone")
-            .into_inner()
-            .expect("not poisoned");
+        });
         (
             Lab {
                 dp,

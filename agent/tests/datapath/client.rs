@@ -28,10 +28,7 @@ use common::{
     Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, TUNNEL_L3, UNDERLAY_ETH, ifindex, local_v6,
     stranger_v6, v6,
 };
-use wirescope::{
-    datapath::{Datapath, PeerMaps},
-    sync::endpoint_key,
-};
+use wirescope::{datapath::PeerMaps, sync::endpoint_key};
 
 use crate::common;
 
@@ -297,7 +294,7 @@ const UNDERLAY_L3: IfaceConfig = IfaceConfig {
 };
 
 pub struct Lab {
-    pub dp: Datapath,
+    pub dp: common::Lent,
     /// lo: the WireGuard interface (TUNNEL | L3).
     pub tun: u32,
     /// ws-under: the underlay (UNDERLAY, Ethernet).

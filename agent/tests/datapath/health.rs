@@ -12,7 +12,7 @@ use crate::common;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
 };
 
 use agent_common::{
@@ -221,13 +221,14 @@ fn counter_gaps_and_late_messages_per_session() {
         .insert(RELAY, ("wg0".into(), RELAY_KEY.to_string()));
     lab.run(Dir::Tx, &wg::initiation(0x7777));
     lab.run(Dir::Rx, &wg::response(0x8888, 0x7777));
-    let dp = Arc::new(Mutex::new(lab.dp));
-    let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(HealthCollector::new(
-        dp,
-        Arc::new(RwLock::new(inv)),
-    )));
-    let text = metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding");
+    let (text, _dp) = lab.dp.shared(|dp| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(HealthCollector::new(
+            dp,
+            Arc::new(RwLock::new(inv)),
+        )));
+        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+    });
     let labels = format!("interface=\"wh-under\",peer=\"{RELAY_KEY}\"");
     for line in [
         format!("wirescope_rx_counter_gaps_total{{{labels}}} 3"),

@@ -19,14 +19,14 @@ use agent_common::{
     fixtures::{ETH_P_ARP, Framing, Ipv4, Ipv6, arp_request, tcp, udp, wg, wg_ipv4},
     maps::{
         Counter,
-        leak::{LeakKey, kind},
+        leak::{LeakConfig, LeakKey, kind},
     },
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 use common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, UNDERLAY_ETH, relay_v6, v6};
 use wirescope::{
     datapath::monotonic_ns,
-    sync::leak::{MullvadView, TunnelView, up_until_ns},
+    sync::leak::{MullvadView, TunnelView, leak_config, settle},
 };
 
 const REMOTE_V4: [u8; 4] = [93, 184, 216, 34];
@@ -134,7 +134,8 @@ fn leaks_by_kind_while_the_tunnel_is_up() {
     lab.expect_tx("again", &dns, Some((kind::DNS, 58)));
     lab.up(false);
     lab.expect_tx("tunnel down: UDP to port 53", &dns, None);
-    // Up until a moment already past: down too.
+    // Up until a moment already past: not exported (held for the next round's verdict, see
+    // the_agents_deadline_counts_and_what_left_unrenewed_is_judged).
     lab.dp.leak.set_tunnel_up_until(monotonic_ns() - 1).unwrap();
     lab.expect_tx("tunnel up time over: UDP to port 53", &dns, None);
     lab.up(true);
@@ -199,61 +200,118 @@ fn leaks_by_kind_while_the_tunnel_is_up() {
     assert_eq!(got, want, "GSO");
 }
 
-/// WireGuard, the link's own traffic, allowed destinations, ingress and the tunnel itself
-/// never count.
 /// The agent's rule as the sync loop writes it: an idle tunnel (up, one peer, never a
-/// handshake) makes what leaves the underlay count at once; the value written then expires by
-/// itself when nobody renews it (an agent that died), within the hold the agent gives it and
-/// not before; a tunnel that is down, or Mullvad's while its daemon says connecting, writes
-/// 0, which counts nothing at once.
+/// handshake) makes what leaves the underlay count at once; the value written then holds
+/// for 5 s; past a deadline nobody renewed (an agent that died) what leaves is held apart,
+/// not exported, until the next round's verdict: leaks when the tunnel up at the last word
+/// is up again (the same ifindex), dropped when it is down or another interface now; a
+/// tunnel that is down, or Mullvad's while its daemon says connecting, writes 0, which
+/// counts nothing at once. (The deadlines that expire here are written 300 ms ahead, as the
+/// agent's would stand 4.7 s after its last round.)
 #[test]
-fn the_agents_deadline_counts_at_once_and_expires_unrenewed() {
+fn the_agents_deadline_counts_and_what_left_unrenewed_is_judged() {
     let Some(mut lab) = Lab::new() else { return };
+    let (tun, under) = (lab.tun, lab.under);
     let dns = udp4(LOCAL_V4, EPHEMERAL, RESOLVER_V4, 53, 30);
     let write = |lab: &mut Lab, tunnels: &[TunnelView], mullvad: Option<MullvadView>| {
-        let until = up_until_ns(tunnels, mullvad, monotonic_ns());
+        let cfg = leak_config(tunnels, mullvad, monotonic_ns());
+        settle(&mut lab.dp.leak, cfg, monotonic_ns(), |_| None).expect("writing LEAK_CFG");
+        cfg
+    };
+    // An agent's last word, about to expire.
+    let expiring = |lab: &mut Lab, up: u32| {
+        let mut cfg = LeakConfig {
+            tunnel_up_until_ns: monotonic_ns() + 300_000_000,
+            ..LeakConfig::default()
+        };
+        cfg.up_ifindexes[0] = up;
+        lab.dp.leak.set_config(cfg).expect("writing LEAK_CFG");
+        cfg.tunnel_up_until_ns
+    };
+    let held = |lab: &Lab| -> Leaks {
         lab.dp
             .leak
-            .set_tunnel_up_until(until)
-            .expect("writing LEAK_CFG");
-        until
+            .unrenewed()
+            .expect("reading LEAKS")
+            .into_iter()
+            .map(|(k, c)| ((k.ifindex, k.kind), (c.packets, c.bytes)))
+            .collect()
     };
     let idle = [TunnelView {
         name: "wg0-mullvad",
+        ifindex: tun,
         link_up: true,
         peers: 1,
     }];
     let written_at = monotonic_ns();
-    let until = write(&mut lab, &idle, None);
+    let cfg = write(&mut lab, &idle, None);
     assert!(
-        until >= written_at + 5_000_000_000,
-        "{until} vs {written_at}"
+        cfg.tunnel_up_until_ns >= written_at + 5_000_000_000,
+        "{cfg:?} vs {written_at}"
     );
+    assert_eq!(cfg.up_ifindexes[..2], [tun, 0], "the tunnel up is named");
     lab.expect_tx("idle tunnel, no handshake", &dns, Some((kind::DNS, 58)));
-    // Not renewed: still counting just before the deadline, nothing after it.
-    while monotonic_ns() + 300_000_000 < until {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    lab.expect_tx("just before the deadline", &dns, Some((kind::DNS, 58)));
+
+    // Not renewed: counted up to the deadline, held after it.
+    let until = expiring(&mut lab, tun);
+    lab.expect_tx("before the deadline", &dns, Some((kind::DNS, 58)));
     while monotonic_ns() <= until {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    lab.expect_tx("past the deadline, not renewed", &dns, None);
-
+    lab.expect_tx("past the deadline", &dns, None);
+    lab.expect_tx("past the deadline, again", &dns, None);
+    assert_eq!(held(&lab), [((under, kind::DNS), (2, 116))].into(), "held");
+    // The next round: the same tunnel up, so they were leaks.
+    let before = lab.leaks();
     write(&mut lab, &idle, None);
+    assert_eq!(held(&lab), Leaks::new(), "judged");
+    let after = lab.leaks();
+    assert_eq!(
+        after[&(under, kind::DNS)].0 - before[&(under, kind::DNS)].0,
+        2,
+        "judged leaks: packets"
+    );
+    assert_eq!(
+        after[&(under, kind::DNS)].1 - before[&(under, kind::DNS)].1,
+        116,
+        "judged leaks: bytes"
+    );
     lab.expect_tx("renewed", &dns, Some((kind::DNS, 58)));
+
+    // Held, then the tunnel is down at the next round, or another interface: dropped.
     let down = [TunnelView {
         link_up: false,
         ..idle[0]
     }];
-    assert_eq!(write(&mut lab, &down, None), 0);
+    let recreated = [TunnelView {
+        ifindex: under,
+        ..idle[0]
+    }];
+    for (what, next) in [("down", &down), ("re-created", &recreated)] {
+        let until = expiring(&mut lab, tun);
+        while monotonic_ns() <= until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        lab.expect_tx(&format!("held, then {what}"), &dns, None);
+        assert_eq!(held(&lab), [((under, kind::DNS), (1, 58))].into(), "{what}");
+        let before = lab.leaks();
+        write(&mut lab, next, None);
+        assert_eq!(held(&lab), Leaks::new(), "{what}: judged");
+        assert_eq!(lab.leaks(), before, "{what}: not leaks");
+    }
+
+    let cfg = write(&mut lab, &down, None);
+    assert_eq!(cfg, LeakConfig::default());
     lab.expect_tx("interface down", &dns, None);
     write(&mut lab, &idle, None);
     let connecting = MullvadView {
         interface: "wg0-mullvad",
         connected: false,
     };
-    assert_eq!(write(&mut lab, &idle, Some(connecting)), 0);
+    assert_eq!(
+        write(&mut lab, &idle, Some(connecting)),
+        LeakConfig::default()
+    );
     lab.expect_tx("Mullvad connecting", &dns, None);
     let connected = MullvadView {
         connected: true,
@@ -261,8 +319,11 @@ fn the_agents_deadline_counts_at_once_and_expires_unrenewed() {
     };
     write(&mut lab, &idle, Some(connected));
     lab.expect_tx("Mullvad connected", &dns, Some((kind::DNS, 58)));
+    assert_eq!(held(&lab), Leaks::new(), "nothing held");
 }
 
+/// WireGuard, the link's own traffic, allowed destinations, ingress and the tunnel itself
+/// never count.
 #[test]
 fn what_is_not_a_leak() {
     let Some(mut lab) = Lab::new() else { return };

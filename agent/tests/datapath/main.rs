@@ -4,8 +4,11 @@
 //! network-namespace lab: every test enters a fresh network namespace of its own (unshare on
 //! its own thread) with veth pairs in it, and attaches the programs there through
 //! `Datapath::attach`, as the agent does it, which is what writes IFACES; the interfaces are
-//! down, so only the test runs reach the programs. What they check depends on the kernel
-//! (its verifier, its test_run), so `cargo xtask vm-test` runs this whole tier again on
+//! down, so only the test runs reach the programs. The programs are loaded once per run of
+//! this binary (the verifier's work, about 6 s of a test's 7 under the VMs' emulation) and
+//! lent to one test after the other, reset in between to a fresh load's state
+//! (`common::Lent`, `Datapath::reset`, checked by `reset::`). What they check depends on the
+//! kernel (its verifier, its test_run), so `cargo xtask vm-test` runs this whole tier again on
 //! Debian's kernels.
 //!
 //! What the kernel's test_run does with a TC program's input (net/bpf/test_run.c, checked by
@@ -36,6 +39,7 @@ mod leak;
 mod multihop;
 mod obfuscation;
 mod path;
+mod reset;
 mod robustness;
 mod transit;
 mod transit_off;

@@ -15,7 +15,7 @@ use crate::common;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
 };
 
 use agent_common::{
@@ -30,7 +30,6 @@ use common::{
     Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, RELAY_V4, local_v6, relay_v6, stranger_v6, v6,
 };
 use wirescope::{
-    datapath::Datapath,
     datapath::monotonic_ns,
     metrics::{self, path::PathCollector},
     sync::inventory::Inventory,
@@ -253,13 +252,13 @@ fn fragments_by_layer() {
     }
 }
 
-fn encode(dp: Datapath, inv: Inventory) -> String {
-    let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(PathCollector::new(
-        Arc::new(Mutex::new(dp)),
-        Arc::new(RwLock::new(inv)),
-    )));
-    metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+fn encode(dp: common::Lent, inv: Inventory) -> String {
+    let (text, _dp) = dp.shared(|dp| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(PathCollector::new(dp, Arc::new(RwLock::new(inv)))));
+        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+    });
+    text
 }
 
 /// ICMPv4 type 3 code 4 from `router` to `to`, quoting an IPv4 + UDP packet (the invoking

@@ -30,11 +30,7 @@ use agent_common::{
 use common::{
     Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT, TUNNEL_L3, UNDERLAY_ETH, ifindex, ip_cmd, v6,
 };
-use wirescope::{
-    datapath::monotonic_ns,
-    datapath::{Datapath, PeerMaps},
-    sync::endpoint_key,
-};
+use wirescope::{datapath::PeerMaps, datapath::monotonic_ns, sync::endpoint_key};
 
 /// Peer P: allowed IPs 10.1.0.0/16, endpoint 203.0.113.10:51820.
 const P: u32 = 1;
@@ -85,7 +81,7 @@ const PEER_Q: Peer = Peer {
 type Hist = BTreeMap<(u32, u32, u8), (u64, u64)>;
 
 struct Lab {
-    dp: Datapath,
+    dp: common::Lent,
     tun: u32,
     under: u32,
     /// The data-message counter, per receiver index (only for realism: transit ignores it).

@@ -62,7 +62,16 @@ fact kprobe_events "$(yesno test -e /sys/kernel/tracing/kprobe_events)"
 fact btf "$(yesno test -e /sys/kernel/btf/vmlinux)"
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 fact tun "$(yesno test -e /dev/net/tun)"
-ulimit -l unlimited 2>/dev/null"#
+ulimit -l unlimited 2>/dev/null
+stamp() {{
+  while IFS= read -r l || [ -n "$l" ]; do
+    printf '%s\n' "$l"
+    case "$l" in
+      "test "*" ... "*|ok|FAILED|ignored|"ignored, "*)
+        read -r up _ </proc/uptime; echo "{MARK} t $up";;
+    esac
+  done
+}}"#
     );
     for suite in suites {
         let label = &suite.label;
@@ -71,11 +80,22 @@ ulimit -l unlimited 2>/dev/null"#
             .iter()
             .map(|a| format!(" {}", shell_quote(a)))
             .collect();
+        // Every line of the binary passes through `stamp`, which adds a `t` marker with the
+        // uptime after each line that ends a test (libtest prints `test NAME ... ` as the
+        // test starts and its result as it ends), for the per-test times of the summary.
+        // Through a FIFO rather than a pipeline, so that a process a test left running with
+        // the output inherited cannot hold the script: `stamp` gets 5 s to drain, then goes.
         let _ = writeln!(
             s,
             r#"echo "{MARK} suite-start {label} $(cut -d' ' -f1 /proc/uptime)"
-cd {cwd} && {exe} --test-threads=1{args}
+rm -f /tmp/wirescope-vm-fifo && mkfifo /tmp/wirescope-vm-fifo
+stamp </tmp/wirescope-vm-fifo &
+spid=$!
+(cd {cwd} && exec {exe} --test-threads=1{args}) >/tmp/wirescope-vm-fifo 2>&1
 rc=$?
+i=0
+while kill -0 $spid 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+kill $spid 2>/dev/null
 cp -f /tmp/wirescope-*.log {tmp}/ 2>/dev/null
 echo "{MARK} suite-end {label} $rc $(cut -d' ' -f1 /proc/uptime)""#,
             cwd = q(&suite.cwd),
@@ -182,6 +202,17 @@ pub fn run_vm(
     let total = start.elapsed();
     let text = std::fs::read_to_string(&guest_log).unwrap_or_default();
     let guest = parse_guest_log(&text);
+    // Per-test wall times, one `suite<TAB>test<TAB>seconds` line each, for comparing runs.
+    let times: String = guest
+        .suites
+        .iter()
+        .flat_map(|s| {
+            s.tests
+                .iter()
+                .map(move |(t, secs)| format!("{}\t{t}\t{secs:.2}\n", s.label))
+        })
+        .collect();
+    let _ = std::fs::write(out.join("times.tsv"), times);
     if error.is_none() && !guest.done {
         error = Some(if boot.is_none() {
             format!(

@@ -125,13 +125,7 @@ pub const TIERS: &[Tier] = &[
         package: "agent",
         test: "lab",
         filter: Some(LAB_KERNEL),
-        // Fail on Debian's 6.1 kernel (kernel WireGuard, clsact) since the idle-tunnel leak
-        // rule and pinned hooks of issue 13 landed; they pass on the host (6.18, TCX,
-        // wireguard-go). Known and open in issue 13: remove once fixed there.
-        skip: &[
-            "kernel::leak::lab_idle_tunnel_leaks_count_without_a_handshake",
-            "kernel::restart::sigkill_restart_keeps_counters",
-        ],
+        skip: &[],
     },
 ];
 

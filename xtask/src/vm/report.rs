@@ -19,6 +19,19 @@ pub struct SuiteResult {
     pub exit: Option<i32>,
     pub failed_tests: Vec<String>,
     pub secs: f64,
+    /// Each test's wall time in the guest, in the order run (from the script's `t` markers:
+    /// the end of one test is the start of the next).
+    pub tests: Vec<(String, f64)>,
+}
+
+impl SuiteResult {
+    /// The `n` slowest tests, slowest first.
+    pub fn slowest(&self, n: usize) -> Vec<(String, f64)> {
+        let mut t = self.tests.clone();
+        t.sort_by(|a, b| b.1.total_cmp(&a.1));
+        t.truncate(n);
+        t
+    }
 }
 
 /// What the guest log says.
@@ -43,10 +56,21 @@ impl GuestRun {
 
 /// Parses the guest log: markers, libtest `test result:` lines and failed test names (from
 /// `test NAME ... FAILED` and from libtest's closing `failures:` list, since a test's own
-/// output can split the first).
+/// output can split the first), and per-test times from the `t` markers.
 pub fn parse_guest_log(text: &str) -> GuestRun {
     let mut run = GuestRun::default();
     let mut started: Option<f64> = None;
+    // The latest time mark of the suite, and the test that began at it (ended by the next
+    // `test NAME ...` line, the result line or the suite's end, at the latest mark then).
+    let mut mark: Option<f64> = None;
+    let mut running: Option<(String, f64)> = None;
+    let close = |run: &mut GuestRun, running: &mut Option<(String, f64)>, mark: Option<f64>| {
+        if let (Some((name, start)), Some(end), Some(s)) =
+            (running.take(), mark, run.suites.last_mut())
+        {
+            s.tests.push((name, end - start));
+        }
+    };
     // Right after a `failures:` line: the list of names, if that is what follows.
     let mut in_failures = false;
     for line in text.lines() {
@@ -61,12 +85,16 @@ pub fn parse_guest_log(text: &str) -> GuestRun {
                 ["fact", k, v] => run.facts.push(((*k).to_owned(), (*v).to_owned())),
                 ["suite-start", label, up] => {
                     started = up.parse().ok();
+                    mark = started;
+                    running = None;
                     run.suites.push(SuiteResult {
                         label: (*label).to_owned(),
                         ..SuiteResult::default()
                     });
                 }
+                ["t", up] => mark = up.parse().ok().or(mark),
                 ["suite-end", label, rc, up] => {
+                    close(&mut run, &mut running, mark);
                     if let Some(s) = run.suites.last_mut().filter(|s| s.label == *label) {
                         s.exit = rc.parse().ok();
                         if let (Some(a), Ok(b)) = (started, up.parse::<f64>()) {
@@ -78,6 +106,19 @@ pub fn parse_guest_log(text: &str) -> GuestRun {
                 _ => {}
             }
             continue;
+        }
+        if run.suites.last().is_none_or(|s| s.exit.is_some()) {
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|r| r.split_once(" ... "))
+            .map(|(n, _)| n)
+        {
+            close(&mut run, &mut running, mark);
+            running = mark.map(|m| (name.to_owned(), m));
+        } else if line.starts_with("test result: ") {
+            close(&mut run, &mut running, mark);
         }
         let Some(current) = run.suites.last_mut().filter(|s| s.exit.is_none()) else {
             continue;
@@ -229,6 +270,14 @@ impl VmReport {
                         let _ = write!(s, ", exit {}", r.exit.unwrap_or(-1));
                     }
                     s += "\n";
+                    let slow: Vec<String> = r
+                        .slowest(5)
+                        .iter()
+                        .map(|(n, t)| format!("{n} {t:.1} s"))
+                        .collect();
+                    if !slow.is_empty() {
+                        let _ = writeln!(s, "              slowest: {}", slow.join(", "));
+                    }
                     for t in &r.failed_tests {
                         let _ = writeln!(s, "              failed: {t}");
                     }

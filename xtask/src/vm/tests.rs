@@ -186,9 +186,13 @@ fn guest_log() {
                @@wirescope-vm suite-start xtask/tests/lab 10.00\n\
                running 2 tests\n\
                test a ... ok\n\
+               @@wirescope-vm t 10.75\n\
                test b ... FAILED\n\
+               @@wirescope-vm t 11.00\n\
                test c ... server says hi\n\
+               @@wirescope-vm t 11.20\n\
                FAILED\n\
+               @@wirescope-vm t 12.00\n\
                \n\
                failures:\n\
                \n\
@@ -214,6 +218,15 @@ fn guest_log() {
     assert_eq!(x.exit, Some(101));
     assert_eq!(x.failed_tests, ["b", "c"]);
     assert!((x.secs - 2.5).abs() < 1e-9);
+    // Each test from the mark before its line to the last mark before the next test's: c's
+    // output split its line, and its result came later.
+    let times: Vec<(&str, f64)> = x.tests.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+    assert_eq!(times.len(), 3);
+    for ((n, t), (want_n, want_t)) in times.iter().zip([("a", 0.75), ("b", 0.25), ("c", 1.0)]) {
+        assert_eq!(*n, want_n);
+        assert!((t - want_t).abs() < 1e-9, "{n}: {t}");
+    }
+    assert_eq!(x.slowest(2)[0].0, "c");
     assert_eq!(
         r.suites[1].exit, None,
         "the VM stopped during the second suite"
@@ -236,6 +249,7 @@ fn guest_log() {
     let s = report.summary();
     assert!(s.contains("clsact expected"), "{s}");
     assert!(s.contains("failed: b"), "{s}");
+    assert!(s.contains("slowest: c 1.0 s, a 0.8 s, b 0.2 s"), "{s}");
     assert!(s.contains("did not finish"), "{s}");
 }
 
@@ -266,13 +280,20 @@ fn script_runs_every_suite() {
     );
     assert!(s.contains("export CI='true'"), "{s}");
     assert!(
-        s.contains("cd '/w/agent' && '/w/target/debug/deps/datapath-2' --test-threads=1\n"),
+        s.contains(
+            "(cd '/w/agent' && exec '/w/target/debug/deps/datapath-2' --test-threads=1) \
+             >/tmp/wirescope-vm-fifo 2>&1\n"
+        ),
         "{s}"
     );
     assert!(
-        s.contains("cd '/w/agent' && '/w/target/debug/deps/lab-1' --test-threads=1 'kernel::'\n"),
+        s.contains(
+            "(cd '/w/agent' && exec '/w/target/debug/deps/lab-1' --test-threads=1 'kernel::') \
+             >/tmp/wirescope-vm-fifo 2>&1\n"
+        ),
         "{s}"
     );
+    assert!(s.contains("stamp </tmp/wirescope-vm-fifo &\n"), "{s}");
     assert!(
         s.contains("@@wirescope-vm suite-start agent/tests/lab[kernel::] $(cut"),
         "{s}"

@@ -276,6 +276,18 @@ fn hooked_programs(ns: &str, ifaces: &[String], clsact: bool) -> usize {
     n
 }
 
+/// Waits until the killed agent's last "up" deadline has passed for sure (its last sync
+/// round, before `killed_at`, + the hold): what leaves an underlay from then on is held for
+/// the next agent's verdict. On a slow machine (the VMs) the gap is longer anyway.
+fn wait_past_hold(killed_at: Instant) {
+    let past = killed_at
+        + Duration::from_nanos(agent_common::maps::leak::TUNNEL_UP_HOLD_NS)
+        + Duration::from_millis(200);
+    if let Some(left) = past.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+}
+
 #[test]
 fn sigkill_restart_keeps_counters() {
     if !lab::can_run("sigkill_restart_keeps_counters") {
@@ -375,6 +387,7 @@ fn sigkill_restart_keeps_counters() {
     };
     std::thread::sleep(Duration::from_millis(2));
     agent.kill().expect("SIGKILL");
+    let killed_at = Instant::now();
     let burst_sock = burst.join().unwrap().expect("burst sent");
     let _ = recv_sizes(&burst_sock, BURST, Duration::from_secs(10));
     let _ = burst_echo.stop();
@@ -414,8 +427,10 @@ fn sigkill_restart_keeps_counters() {
     let g0 = pinned_totals(&pin_dir);
     echo(&lab, M, 7002);
     let relay_ip = relay_ip(&lab, &cns, &tun);
+    wait_past_hold(killed_at);
     send_udp(&cns, None, SocketAddr::new(relay_ip, 9999), &[100])
         .expect("a datagram around the tunnel");
+    eprintln!("the leak left {:?} after the kill", killed_at.elapsed());
     std::thread::sleep(Duration::from_millis(200));
     let g1 = pinned_totals(&pin_dir);
     eprintln!("pinned COUNTERS (packets, bytes) over the gap: {g0:?} -> {g1:?}");
@@ -491,6 +506,16 @@ fn sigkill_restart_keeps_counters() {
         (leaks.0 - base_leaks.0, leaks.1 - base_leaks.1),
         (1, 20 + 8 + 100),
         "the leak sent in the gap counted once"
+    );
+    let verdict = format!(
+        "1 packets (128 bytes) left the underlays outside the tunnels while the tunnel state \
+         went unrenewed (no agent running, or its sync stalled): counted as leaks, since {tun} \
+         was up before and is up now"
+    );
+    assert!(
+        agent.log_text().contains(&verdict),
+        "the verdict logged:\n{}",
+        agent.log_text()
     );
     // The new programs took over the hooks: one per hook, and under TCX in the same links.
     assert_eq!(
@@ -645,7 +670,10 @@ fn interfaces_gone_while_down_keep_their_names() {
     common::ensure_host_bpffs();
     let lab = Lab::up(LabConfig::new(Topology::Single, PREFIX)).expect("lab up");
     let Names {
-        cns, tun, relay, ..
+        cns,
+        tun,
+        relay,
+        veth,
     } = Names::of(&lab);
     let agent = start(&lab, "names-1");
     lab.handshake(Duration::from_secs(20)).expect("handshake");
@@ -678,6 +706,7 @@ fn interfaces_gone_while_down_keep_their_names() {
     let old_tun = ifindex_in(&cns, &tun);
 
     agent.kill().expect("SIGKILL");
+    let killed_at = Instant::now();
     for iface in [&second, &tun] {
         let o = lab
             .exec(&cns, &["ip", "link", "del", "dev", iface])
@@ -689,10 +718,29 @@ fn interfaces_gone_while_down_keep_their_names() {
     bring_back(&lab, &tun, &conf);
     let new_tun = ifindex_in(&cns, &tun);
     assert_ne!(new_tun, old_tun, "{tun} re-created under a new ifindex");
+    // A datagram around the re-created tunnel, after the killed agent's word expired: no
+    // tunnel it said was up is up now (one is gone, the other another interface), so
+    // nothing tells that a tunnel was up when it left, and it is no leak.
+    wait_past_hold(killed_at);
+    send_udp(&cns, None, SocketAddr::new(relay_ip, 9999), &[100])
+        .expect("a datagram around the tunnel");
 
     let agent = start(&lab, "names-2");
     wait_peer_known(&agent, &relay);
     let s2 = agent.scrape().expect("scrape");
+    assert_eq!(
+        leaked_v4(&s2, &veth),
+        leaked_v4(&s1, &veth),
+        "what left while no agent ran, after the tunnel was re-created, is no leak"
+    );
+    assert!(
+        agent.log_text().contains(
+            "1 packets (128 bytes) left the underlays outside the tunnels while the tunnel \
+             state went unrenewed (no agent running, or its sync stalled): not counted"
+        ),
+        "the verdict logged:\n{}",
+        agent.log_text()
+    );
     for f in COUNTER_FAMILIES {
         let orphans: Vec<_> = s2
             .select(f, &[])

@@ -23,6 +23,7 @@
 //! Dropping the returned [`Lab`] tears it down; [`down`] does the same from the prefix alone.
 
 pub mod cleanup;
+pub mod impls;
 pub mod plan;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -34,6 +35,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 pub use cleanup::{STATE_DIR, down, leftovers, state_path};
+pub use impls::{WG_IMPL_ENV, WgImpl};
 pub use plan::{
     CLIENT_PORT, CLIENT_TUNNEL_V4, CLIENT_TUNNEL_V6, GATEWAY_V4, GATEWAY_V6, RELAY_PORT,
     TUNNEL_NET_V4, TUNNEL_NET_V6,
@@ -63,60 +65,6 @@ pub enum Role {
     Relay,
     Entry,
     Exit,
-}
-
-/// Which WireGuard implementation runs the lab's interfaces. Everything else (names,
-/// addresses, routes, MTUs, policy routing) is the same with both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum WgImpl {
-    /// The kernel's WireGuard (module `wireguard`): `ip -n NS link add IFACE type wireguard`,
-    /// configured over netlink; no process, no control socket.
-    Kernel,
-    /// wireguard-go: one daemon per interface (a tun device), configured over its UAPI socket
-    /// in /var/run/wireguard.
-    Userspace,
-}
-
-/// Forces the lab's WireGuard implementation: `kernel` or `userspace` (else it is detected:
-/// see [`WgImpl::auto`]). The same test binaries then run either way.
-pub const WG_IMPL_ENV: &str = "WIRESCOPE_LAB_WG";
-
-impl WgImpl {
-    /// What [`WG_IMPL_ENV`] asks for: None when unset or empty, an error when it names
-    /// neither implementation.
-    pub fn from_env() -> Result<Option<WgImpl>> {
-        match std::env::var(WG_IMPL_ENV) {
-            Ok(v) if v.trim().is_empty() => Ok(None),
-            Ok(v) => <WgImpl as clap::ValueEnum>::from_str(v.trim(), true)
-                .map(Some)
-                .map_err(|_| anyhow!("{WG_IMPL_ENV}={v:?}: use `kernel` or `userspace`")),
-            Err(_) => Ok(None),
-        }
-    }
-
-    /// [`WG_IMPL_ENV`] when set; otherwise kernel WireGuard where this kernel has it (see
-    /// [`kernel_wireguard_available`]), userspace wireguard-go where not.
-    pub fn auto() -> Result<WgImpl> {
-        Ok(match WgImpl::from_env()? {
-            Some(i) => i,
-            None if kernel_wireguard_available() => WgImpl::Kernel,
-            None => WgImpl::Userspace,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WgImpl::Kernel => "kernel",
-            WgImpl::Userspace => "userspace",
-        }
-    }
-}
-
-impl std::fmt::Display for WgImpl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Whether this kernel can create WireGuard interfaces: the `wireguard` module is loaded,
@@ -355,31 +303,28 @@ pub fn prerequisites() -> Result<()> {
 }
 
 /// Why a lab with this WireGuard implementation cannot run here, or Ok: root, the programs
-/// it uses, /dev/net/tun and wireguard-go for userspace, the kernel module for kernel.
+/// it uses, /dev/net/tun and the daemon for a userspace one, the kernel module for kernel.
 pub fn prerequisites_for(wireguard: WgImpl) -> Result<()> {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root (the lab creates network namespaces)".to_owned());
     }
-    let mut progs = vec!["ip", "wg", "ping", "tcpdump"];
-    match wireguard {
-        WgImpl::Userspace => {
-            progs.push("wireguard-go");
-            if !std::path::Path::new("/dev/net/tun").exists() {
-                missing.push(
-                    "/dev/net/tun (wireguard-go needs the tun driver: `modprobe tun`)".into(),
-                );
-            }
+    let progs = ["ip", "wg", "ping", "tcpdump"];
+    if wireguard.is_userspace() {
+        if let Err(e) = wireguard.program() {
+            missing.push(format!("{e:#}"));
         }
-        WgImpl::Kernel => {
-            if !kernel_wireguard_available() {
-                missing.push(format!(
-                    "kernel WireGuard (`modprobe wireguard` fails on {}; wireguard-go is \
-                     `--wireguard userspace`, or {WG_IMPL_ENV}=userspace for tests)",
-                    kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
-                ));
-            }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            missing.push(format!(
+                "/dev/net/tun ({wireguard} needs the tun driver: `modprobe tun`)"
+            ));
         }
+    } else if !kernel_wireguard_available() {
+        missing.push(format!(
+            "kernel WireGuard (`modprobe wireguard` fails on {}; wireguard-go is \
+             `--wireguard userspace`, or {WG_IMPL_ENV}=userspace for tests)",
+            kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
+        ));
     }
     for prog in progs {
         if !on_path(prog) {
@@ -624,7 +569,7 @@ impl Lab {
             if let Some(w) = &h.wg {
                 let run_by = match self.wireguard {
                     WgImpl::Kernel => "kernel".to_owned(),
-                    WgImpl::Userspace => format!("pid {}", w.pid),
+                    i => format!("{i} pid {}", w.pid),
                 };
                 s += &format!(
                     "         wg {} port {} [{}] {run_by} key {}\n",
@@ -712,15 +657,7 @@ impl Lab {
         let wireguard = self.wireguard;
         for h in &mut self.hosts {
             if let Some(w) = h.wg.as_mut() {
-                w.pid = match wireguard {
-                    WgImpl::Userspace => {
-                        wg::start_userspace(&h.netns, &w.iface, Duration::from_secs(10))?
-                    }
-                    WgImpl::Kernel => {
-                        wg::add_kernel(&h.netns, &w.iface)?;
-                        0
-                    }
-                };
+                w.pid = wireguard.create(&h.netns, &w.iface, Duration::from_secs(10))?;
             }
         }
         // Relays first: a client that is up sends its first handshake at once, and one lost
@@ -908,18 +845,5 @@ mod tests {
         assert_eq!(attach_mode_for((6, 12)), "tcx");
         assert_eq!(attach_mode_for((7, 0)), "tcx");
         assert!(["tcx", "clsact"].contains(&expected_attach_mode()));
-    }
-
-    #[test]
-    fn wg_impl_names() {
-        use clap::ValueEnum as _;
-        assert_eq!(WgImpl::from_str("kernel", true), Ok(WgImpl::Kernel));
-        assert_eq!(WgImpl::from_str("Userspace", true), Ok(WgImpl::Userspace));
-        assert!(WgImpl::from_str("go", true).is_err());
-        assert_eq!(WgImpl::Kernel.to_string(), "kernel");
-        assert_eq!(
-            serde_json::to_string(&WgImpl::Userspace).unwrap(),
-            "\"userspace\""
-        );
     }
 }

@@ -411,15 +411,9 @@ pub fn late_interface_attached(agent: &Agent, ns: &str, prefix: &str) -> (String
 pub fn bring_back(lab: &Lab, iface: &str, conf: &str) {
     let c = lab.client();
     let ns = &c.netns;
-    match lab.wireguard {
-        xtask::lab::WgImpl::Userspace => {
-            xtask::wg::start_userspace(ns, iface, Duration::from_secs(10))
-                .expect("wireguard-go again");
-        }
-        xtask::lab::WgImpl::Kernel => {
-            xtask::wg::add_kernel(ns, iface).expect("kernel WireGuard again")
-        }
-    }
+    lab.wireguard
+        .create(ns, iface, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{} again: {e:#}", lab.wireguard));
     xtask::wg::setconf(ns, iface, conf).expect("setconf");
     let w = c.wg();
     let ip = |args: &[&str]| {

@@ -41,7 +41,7 @@ use common::{
 };
 use xtask::{
     agent::Agent,
-    lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
+    lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology},
     netns,
     scrape::{Metrics, http_get},
 };

@@ -212,6 +212,10 @@ pub struct WgHost {
     pub iface: String,
     /// Standard base64, as `wg` prints it.
     pub public_key: String,
+    /// The lab's own throwaway key, kept because boringtun's UAPI never returns it: its
+    /// `wg showconf` has no PrivateKey line (see [`WgHost::with_private_key`]).
+    #[serde(default)]
+    pub private_key: wg::PrivateKey,
     pub listen_port: u16,
     /// CIDR, e.g. `10.64.1.2/32`.
     pub addresses: Vec<String>,
@@ -224,6 +228,23 @@ pub struct WgHost {
 impl WgHost {
     pub fn peer(&self, role: Role) -> Option<&PeerConf> {
         self.peers.iter().find(|p| p.role == role)
+    }
+
+    /// `conf` (`wg showconf` of this interface) with its PrivateKey: as it is when it has
+    /// one, else with this interface's. boringtun's `wg showconf` has none, and `wg setconf`
+    /// of it would leave a device without a key.
+    pub fn with_private_key(&self, conf: &str) -> String {
+        if conf
+            .lines()
+            .any(|l| l.trim_start().starts_with("PrivateKey"))
+        {
+            return conf.to_owned();
+        }
+        conf.replacen(
+            "[Interface]\n",
+            &format!("[Interface]\nPrivateKey = {}\n", self.private_key.0),
+            1,
+        )
     }
 }
 
@@ -623,6 +644,7 @@ impl Lab {
         for (h, k) in self.hosts.iter_mut().zip(&keys) {
             if let (Some(w), Some(k)) = (h.wg.as_mut(), k) {
                 w.public_key = k.public.clone();
+                w.private_key = wg::PrivateKey(k.private.trim().to_owned());
             }
         }
         let public_of = |role: Role, hosts: &[Host]| {
@@ -834,6 +856,33 @@ mod tests {
         assert_eq!(parse_kernel_release("6.6"), Some((6, 6)));
         assert_eq!(parse_kernel_release("linux"), None);
         assert!(kernel_version().is_ok());
+    }
+
+    /// boringtun's `wg showconf` has no PrivateKey: the lab's is added; a conf with one is
+    /// left alone.
+    #[test]
+    fn showconf_gets_the_private_key_it_lacks() {
+        let w = WgHost {
+            iface: "t0".into(),
+            public_key: "cHVi".into(),
+            private_key: wg::PrivateKey("cHJpdg==".into()),
+            listen_port: 40001,
+            addresses: vec![],
+            mtu: 1420,
+            pid: 0,
+            peers: vec![],
+        };
+        let boringtun = "[Interface]\nListenPort = 40001\n\n[Peer]\nPublicKey = cGVlcg==\n";
+        assert_eq!(
+            w.with_private_key(boringtun),
+            "[Interface]\nPrivateKey = cHJpdg==\nListenPort = 40001\n\n[Peer]\nPublicKey = cGVlcg==\n"
+        );
+        let kernel = "[Interface]\nListenPort = 40001\nPrivateKey = b3du\n";
+        assert_eq!(w.with_private_key(kernel), kernel);
+        assert!(
+            !format!("{w:?}").contains("cHJpdg=="),
+            "Debug shows no private key"
+        );
     }
 
     #[test]

@@ -37,6 +37,17 @@ impl std::fmt::Debug for Keypair {
     }
 }
 
+/// A private key kept in the lab's state (base64, as `wg` prints it); never in Debug output.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PrivateKey(pub String);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(..)")
+    }
+}
+
 /// A fresh key pair from `wg genkey` / `wg pubkey`.
 pub fn genkey() -> Result<Keypair> {
     let private = cmd::stdout("wg", ["genkey"])?;

@@ -95,6 +95,21 @@ impl WgImpl {
         }
     }
 
+    /// Whether it pads a data message's plaintext to a multiple of 16 (not past the tunnel
+    /// MTU), as the protocol asks: kernel WireGuard and wireguard-go do; boringtun 0.6.0 sends
+    /// it as is (its source: "spec requires padding to 16 bytes, but actually works fine
+    /// without it"), so its overhead is exactly 60 bytes per IPv4-carried packet.
+    pub fn pads(self) -> bool {
+        self != WgImpl::Boringtun
+    }
+
+    /// Whether its UAPI gives a handshake's time as the time since it (boringtun), not as a
+    /// UNIX time: `wg show dump` then prints that age (and `wg show`, "56 years ago"); the
+    /// agent places it before the time it read it.
+    pub fn reports_handshake_age(self) -> bool {
+        self == WgImpl::Boringtun
+    }
+
     /// A daemon with a TUN device and a UAPI socket runs the interface (all but kernel).
     pub fn is_userspace(self) -> bool {
         self != WgImpl::Kernel
@@ -168,6 +183,88 @@ impl WgImpl {
     }
 }
 
+impl WgImpl {
+    /// `wg set IFACE peer KEY ARGS` in `ns` (ARGS as `wg set` takes them: `endpoint E`,
+    /// `allowed-ips L`, `persistent-keepalive S`, `preshared-key FILE`), for a peer that
+    /// exists. boringtun (0.6.0) panics on any change to an existing peer ("Modifying
+    /// existing peers is not yet supported. Remove and add again instead."), so there the peer
+    /// is removed and added again with its whole configuration and ARGS applied: the same
+    /// public key, but its sessions are gone and the next packet starts a handshake.
+    pub fn set_peer(self, ns: &str, iface: &str, key: &str, args: &[&str]) -> Result<()> {
+        if self != WgImpl::Boringtun {
+            let mut argv = vec!["wg", "set", iface, "peer", key];
+            argv.extend_from_slice(args);
+            netns::exec(ns, &argv)?;
+            return Ok(());
+        }
+        let out = netns::exec(ns, &["wg", "show", iface, "dump"])?;
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let psk_file = PathBuf::from(super::STATE_DIR).join(format!("{iface}.readd.psk"));
+        let conf = readd_args(&dump, key, args, &psk_file)
+            .with_context(|| format!("peer {key} of {iface} in {ns}"))?;
+        let mut argv = vec!["wg", "set", iface, "peer", key];
+        argv.extend(conf.iter().map(String::as_str));
+        let res = netns::exec(ns, &["wg", "set", iface, "peer", key, "remove"])
+            .and_then(|_| netns::exec(ns, &argv))
+            .with_context(|| format!("re-adding peer {key} of {iface} in {ns} ({self})"));
+        let _ = std::fs::remove_file(&psk_file);
+        res.map(|_| ())
+    }
+}
+
+/// The `wg set IFACE peer KEY` arguments that add peer `key` of `dump` (`wg show IFACE
+/// dump`) back with `args` applied on top (each `NAME VALUE`; a later one replaces an
+/// earlier). A preshared key is written to `psk_file` (0600), which `wg set` reads.
+fn readd_args(dump: &str, key: &str, args: &[&str], psk_file: &Path) -> Result<Vec<String>> {
+    let f: Vec<&str> = dump
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&key))
+        .ok_or_else(|| anyhow!("no peer {key} in `wg show dump`"))?;
+    let [_, psk, endpoint, allowed, _, _, _, keepalive] = f[..] else {
+        bail!("a peer line of {} fields, expected 8: {f:?}", f.len());
+    };
+    let mut conf: Vec<(String, String)> = Vec::new();
+    let mut put = |name: &str, value: &str| match conf.iter_mut().find(|(n, _)| n == name) {
+        Some(e) => e.1 = value.to_owned(),
+        None => conf.push((name.to_owned(), value.to_owned())),
+    };
+    if allowed != "(none)" {
+        put("allowed-ips", allowed);
+    }
+    if endpoint != "(none)" {
+        put("endpoint", endpoint);
+    }
+    if keepalive != "off" {
+        put("persistent-keepalive", keepalive);
+    }
+    if psk != "(none)" {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if let Some(dir) = psk_file.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(psk_file)
+            .with_context(|| format!("writing {}", psk_file.display()))?;
+        writeln!(file, "{psk}").with_context(|| format!("writing {}", psk_file.display()))?;
+        put("preshared-key", &psk_file.to_string_lossy());
+    }
+    let mut it = args.iter();
+    while let Some(name) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow!("`{name}` without a value in {args:?}"))?;
+        put(name, value);
+    }
+    Ok(conf.into_iter().flat_map(|(n, v)| [n, v]).collect())
+}
+
 impl std::fmt::Display for WgImpl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -239,6 +336,46 @@ mod tests {
         }
         assert!(!WgImpl::Kernel.is_userspace());
         assert!(WgImpl::Boringtun.is_userspace());
+    }
+
+    /// boringtun's peer change: the peer's whole configuration from the dump, the change on
+    /// top, the preshared key through a file.
+    #[test]
+    fn readd_args_keep_the_peer_and_apply_the_change() {
+        let dump = "cHJpdg==\tcHVi\t40001\toff\n\
+            ZW50cnk=\tcHNr\t198.51.100.1:51820\t10.64.0.0/10,fd00::/8\t1700000000\t1\t2\t25\n\
+            ZXhpdA==\t(none)\t(none)\t(none)\t0\t0\t0\toff\n";
+        let dir = std::env::temp_dir().join(format!("wirescope-readd-{}", std::process::id()));
+        let psk = dir.join("p.psk");
+        let args = readd_args(dump, "ZW50cnk=", &["endpoint", "198.51.100.9:51820"], &psk).unwrap();
+        let p = psk.to_string_lossy().to_string();
+        assert_eq!(
+            args,
+            [
+                "allowed-ips",
+                "10.64.0.0/10,fd00::/8",
+                "endpoint",
+                "198.51.100.9:51820",
+                "persistent-keepalive",
+                "25",
+                "preshared-key",
+                p.as_str(),
+            ]
+        );
+        assert_eq!(std::fs::read_to_string(&psk).unwrap(), "cHNr\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            readd_args(dump, "ZXhpdA==", &["allowed-ips", "10.64.0.0/10"], &psk).unwrap(),
+            ["allowed-ips", "10.64.0.0/10"]
+        );
+        assert!(
+            readd_args(dump, "bm9uZQ==", &[], &psk).is_err(),
+            "no such peer"
+        );
+        assert!(
+            readd_args(dump, "ZXhpdA==", &["endpoint"], &psk).is_err(),
+            "no value"
+        );
     }
 
     #[test]

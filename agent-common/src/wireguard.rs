@@ -2,10 +2,11 @@
 //!
 //! A message is accepted only when its type byte, its three reserved zero bytes and its exact
 //! size all agree: 148, 92 and 64 bytes for the handshake messages, and for transport data
-//! 32 + P (a 16-byte header, P bytes of padded ciphertext, a 16-byte tag), where P is a
-//! multiple of 16, or, when padding was cut short at the sender's tunnel MTU, P equals that
-//! MTU, which can be any value from [`MIN_TUNNEL_MTU`] up (full-size packets through a tunnel
-//! of MTU 1420 or 1380 are such messages).
+//! 32 + P (a 16-byte header, P bytes of ciphertext, a 16-byte tag), where P is a multiple of
+//! 16 (the plaintext padded, as kernel WireGuard and wireguard-go do), or at least
+//! [`MIN_UNPADDED`]: an IP packet whose padding was cut short at the sender's tunnel MTU
+//! (full-size packets through a tunnel of MTU 1420 or 1380), or not padded at all (boringtun
+//! 0.6.0 sends every plaintext as is).
 
 use crate::{maps::kind, parse::Packet};
 
@@ -20,10 +21,11 @@ pub const COOKIE_REPLY_LEN: u32 = 64;
 /// Data header (16) + Poly1305 tag (16): the size of a keepalive.
 pub const DATA_MIN_LEN: u32 = 32;
 pub const DATA_OVERHEAD: u32 = 32;
-/// The smallest MTU of an interface that carries IP (IPv4's 68; IPv6 needs 1280). WireGuard
-/// pads the plaintext to a multiple of 16 but not past the tunnel MTU, so a data message's
-/// plaintext that is not a multiple of 16 is the sender's MTU, and at least this long.
-pub const MIN_TUNNEL_MTU: u32 = 68;
+/// The shortest plaintext a data message can carry that is not a multiple of 16: an IP
+/// packet (an IPv4 header alone) sent unpadded. Kernel WireGuard and wireguard-go pad to 16
+/// but not past the tunnel MTU (so only an MTU, 68 or more, ends elsewhere); boringtun 0.6.0
+/// does not pad at all, so any IP packet's length is a possible plaintext.
+pub const MIN_UNPADDED: u32 = 20;
 
 /// A recognised message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +82,11 @@ pub fn classify<P: Packet>(pkt: &P, off: u32, len: u32) -> Option<Message> {
     })
 }
 
-/// A plaintext length WireGuard can produce: padded to a multiple of 16, or capped at an MTU.
+/// A plaintext length WireGuard can produce: padded to a multiple of 16, or an IP packet's
+/// own length (capped at an MTU, or unpadded).
 #[inline(always)]
 const fn plaintext_len_ok(p: u32) -> bool {
-    p.is_multiple_of(16) || p >= MIN_TUNNEL_MTU
+    p.is_multiple_of(16) || p >= MIN_UNPADDED
 }
 
 /// The L3 size of the data message that carries an inner packet of `inner_len` bytes over

@@ -210,17 +210,33 @@ fn data_of_impossible_sizes() {
             "{len}"
         );
     }
-    // Up to the smallest IPv4 MTU (68), only multiples of 16 are possible.
-    for p in 1..68u32 {
+    // Below an IPv4 header (20), only multiples of 16 are possible.
+    for p in 1..20u32 {
         let msg = wg::data_with_plaintext(1, 0, p);
         let m = classify(&msg.as_slice(), 0, msg.len() as u32);
         assert_eq!(m.is_some(), p % 16 == 0, "plaintext {p}");
     }
-    // From there any length may be an MTU-capped message.
-    for p in 68..2000u32 {
+    // From there any length may be an unpadded or MTU-capped message.
+    for p in 20..2000u32 {
         let msg = wg::data_with_plaintext(1, 0, p);
         assert!(
             classify(&msg.as_slice(), 0, msg.len() as u32).is_some(),
+            "plaintext {p}"
+        );
+    }
+}
+
+/// boringtun 0.6.0 does not pad: a UDP datagram of 0 or 1 byte (inner 28, 29), a bare TCP
+/// ACK with timestamps (52), a SYN (60) travel as plaintexts of exactly those lengths, each
+/// one data message.
+#[test]
+fn unpadded_data_of_boringtun() {
+    for p in [20u32, 28, 29, 52, 60, 67, 583, 1028] {
+        let msg = wg::data_with_plaintext(1, 7, p);
+        let m = classify_everywhere(&msg).unwrap_or_else(|| panic!("plaintext {p}"));
+        assert_eq!(
+            (m.kind, m.len, m.counter),
+            (kind::DATA, 32 + p, 7),
             "plaintext {p}"
         );
     }

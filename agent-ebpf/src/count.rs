@@ -49,27 +49,28 @@ pub fn add_or_report<K>(
     }
 }
 
-/// One observation of `ns` into a per-CPU histogram bucket (the bucket is in `key`),
+/// `n` observations of `ns` into a per-CPU histogram bucket (the bucket is in `key`),
 /// reporting a refused insert in `errors[err_idx]`.
 #[inline(always)]
 pub fn observe<K>(
     map: &PerCpuHashMap<K, HistValue>,
     key: &K,
     ns: u64,
+    n: u64,
     errors: &PerCpuArray<u64>,
     err_idx: u32,
 ) {
     if let Some(v) = map.get_ptr_mut(key) {
         // SAFETY: this CPU's value.
         unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += ns;
+            (*v).count += n;
+            (*v).sum_ns += ns * n;
         }
         return;
     }
     let fresh = HistValue {
-        count: 1,
-        sum_ns: ns,
+        count: n,
+        sum_ns: ns * n,
     };
     if map.insert(key, &fresh, BPF_NOEXIST as u64).is_ok() {
         return;
@@ -77,8 +78,8 @@ pub fn observe<K>(
     // Another CPU may have created the entry between lookup and insert.
     if let Some(v) = map.get_ptr_mut(key) {
         unsafe {
-            (*v).count += 1;
-            (*v).sum_ns += ns;
+            (*v).count += n;
+            (*v).sum_ns += ns * n;
         }
         return;
     }

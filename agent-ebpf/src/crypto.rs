@@ -94,7 +94,14 @@ pub fn exit(dir: u8) {
         bucket: log2_bucket(ns),
         _pad: [0; 2],
     };
-    crate::count::observe(&CRYPTO_HIST, &key, ns, &MAP_ERRORS, map_error::CRYPTO_HIST);
+    crate::count::observe(
+        &CRYPTO_HIST,
+        &key,
+        ns,
+        1,
+        &MAP_ERRORS,
+        map_error::CRYPTO_HIST,
+    );
 }
 
 #[inline(always)]

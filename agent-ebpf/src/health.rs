@@ -124,6 +124,7 @@ fn response_received(ifindex: u32, receiver: u32) {
         &HANDSHAKE_RTT,
         &hkey,
         ns,
+        1,
         &MAP_ERRORS,
         map_error::HANDSHAKE_RTT,
     );

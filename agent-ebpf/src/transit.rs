@@ -6,7 +6,7 @@ use crate::count;
 use agent_common::maps::{
     HistValue, log2_bucket,
     transit::{
-        DEQUEUE, ENQUEUE, HistKey, LOOKAHEAD, LOOKBEHIND, MAX_OPS, MAX_TRANSIT_HIST,
+        DEQUEUE, ENQUEUE, HistKey, LOOKAHEAD, LOOKBEHIND, MAX_BATCH, MAX_OPS, MAX_TRANSIT_HIST,
         MAX_TRANSIT_SEQ, MAX_TRANSIT_SLOTS, Op, Ops, Queue, QueueKey, RING, STALE_NS, Slot,
         SlotKey, error, fits,
     },
@@ -101,9 +101,17 @@ pub fn defer_enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, 
     });
 }
 
-/// Leaves a [`dequeue`] for `wirescope_transit`.
+/// Leaves a [`dequeue`] of `count` messages or packets for `wirescope_transit`.
 #[inline(always)]
-pub fn defer_dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
+pub fn defer_dequeue(
+    peer: u32,
+    dir: u8,
+    ifindex: u32,
+    len: u32,
+    last_len: u32,
+    count: u32,
+    tx: bool,
+) {
     defer(Op {
         kind: DEQUEUE,
         dir,
@@ -112,8 +120,8 @@ pub fn defer_dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
         peer,
         ifindex,
         len,
-        last_len: len,
-        left: 0,
+        last_len,
+        left: count,
     });
 }
 
@@ -150,7 +158,15 @@ pub fn run_ops() {
         if op.kind == ENQUEUE {
             enqueue(op.peer, op.dir, op.ifindex, op.len, op.last_len, op.left);
         } else if op.kind == DEQUEUE {
-            dequeue(op.peer, op.dir, op.ifindex, op.len, op.tx != 0);
+            dequeue(
+                op.peer,
+                op.dir,
+                op.ifindex,
+                op.len,
+                op.last_len,
+                op.left,
+                op.tx != 0,
+            );
         }
     }
     begin();
@@ -245,15 +261,22 @@ fn enqueue(peer: u32, dir: u8, ifindex: u32, len: u32, last_len: u32, left: u32)
     }
 }
 
-/// The second half seen: a data message leaving (tx, `padded` plaintext bytes) or an inner
-/// packet arriving (rx, `inner` bytes on tunnel `ifindex`). Looks at the first
-/// [`LOOKAHEAD`] slots from the head for the first that fits, then at the [`LOOKBEHIND`]
-/// slots just behind it: a slot passed over by a match is kept a while, for its partner may
-/// only be late (reordered), not lost. Passed-over slots that never match are overwritten
-/// [`RING`] packets later or swept by the agent once stale.
+/// The second half seen: `count` data messages leaving (tx, `len` padded plaintext bytes
+/// each, the last `last`) or `count` inner packets arriving (rx, on tunnel `ifindex`: a
+/// coalesced TUN write of wireguard-go's is one skb of many). Each is matched with its own
+/// slot, or with its own share of a slot expecting several (a GSO skb queued whole): one
+/// scan from the head over the first [`LOOKAHEAD`] + `count` - 1 slots takes what fits, in
+/// order, then the [`LOOKBEHIND`] slots just behind it while some are left: a slot passed
+/// over by a match is kept a while, for its partner may only be late (reordered), not lost.
+/// Passed-over slots that never match are overwritten [`RING`] packets later or swept by
+/// the agent once stale. Of a batch of more than [`MAX_BATCH`], the first [`MAX_BATCH`] are
+/// matched.
 #[inline(always)]
-fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
+fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, last: u32, count: u32, tx: bool) {
     let Some(q) = TRANSIT_SEQ.get_ptr_mut(&queue_key(peer, dir)) else {
+        return;
+    };
+    let Some(scan) = TRANSIT_SCAN.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: values of a shared map, read once; races are settled by who deletes a slot.
@@ -261,95 +284,189 @@ fn dequeue(peer: u32, dir: u8, ifindex: u32, len: u32, tx: bool) {
     if tail > head + RING {
         head = tail - RING;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    // Plain initialised values rather than an Option of the slot: LLVM may move an
-    // Option's uninitialised payload around, which the verifier refuses to read.
-    let mut found = false;
-    let (mut f_number, mut f_start, mut f_ifindex, mut f_left) = (0u64, 0u64, 0u32, 0u64);
-    // Where the head can move even if nothing matches: past slots gone or stale.
-    let mut skip_to = head;
-    let mut i = 0;
-    while i < LOOKAHEAD + LOOKBEHIND {
-        let ahead = i < LOOKAHEAD;
-        let number = if ahead {
-            head + i as u64
-        } else {
-            let back = (i - LOOKAHEAD + 1) as u64;
-            if back > head {
-                break;
-            }
-            head - back
-        };
-        i += 1;
-        if ahead && number >= tail {
-            // Nothing further ahead: look behind.
-            i = LOOKAHEAD;
-            continue;
-        }
-        let skey = slot_key(peer, dir, number);
-        let Some(s) = TRANSIT_SLOTS.get_ptr_mut(&skey) else {
-            if number == skip_to {
-                skip_to = number + 1;
-            }
-            continue;
-        };
-        let slot = unsafe { *s };
-        if slot.number != number {
-            if number == skip_to {
-                skip_to = number + 1;
-            }
-            continue;
-        }
-        if now.saturating_sub(slot.start_ns) > STALE_NS {
-            let _ = TRANSIT_SLOTS.remove(&skey);
-            if number == skip_to {
-                skip_to = number + 1;
-            }
-            continue;
-        }
-        let ok = if tx {
-            fits(slot.len, len) || fits(slot.last_len, len)
-        } else {
-            fits(len, slot.len) || fits(len, slot.last_len)
-        };
-        if !ok {
-            continue;
-        }
-        // A slot expecting several messages (GSO) is used up by the last of them.
-        // (Adding u64::MAX subtracts 1: BPF has no atomic subtract.)
-        let left = unsafe { fetch_add(&raw mut (*s).left, u64::MAX) };
-        if left == 0 || left > 1 << 16 {
-            // Another CPU used it up first.
-            continue;
-        }
-        if left == 1 && TRANSIT_SLOTS.remove(&skey).is_err() {
-            continue;
-        }
-        found = true;
-        (f_number, f_start, f_ifindex, f_left) = (number, slot.start_ns, slot.ifindex, slot.left);
-        break;
-    }
-    let next = if !found {
-        skip_to
-    } else if f_left > 1 {
-        f_number
+    let count = if count == 0 {
+        1
+    } else if count > MAX_BATCH {
+        MAX_BATCH
     } else {
-        f_number + 1
+        count
     };
+    // SAFETY: this CPU's value.
+    unsafe {
+        *scan = Scan {
+            want: count as u64,
+            ahead: (LOOKAHEAD + count - 1) as u64,
+            tail,
+            skip_to: head,
+            next: head,
+        };
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let who = peer as u64 | (dir as u64) << 32 | (tx as u64) << 40;
+    let lens = (len & 0xffff) as u64 | ((last & 0xffff) as u64) << 16 | (ifindex as u64) << 32;
+    let mut i = 1u64;
+    while i <= (LOOKAHEAD + MAX_BATCH - 1) as u64 {
+        if wirescope_transit_step(who, head + i - 1, lens, now, i) == 0 {
+            break;
+        }
+        i += 1;
+    }
+    let mut back = 1u64;
+    while back <= LOOKBEHIND as u64 {
+        if back > head || wirescope_transit_step(who, head - back, lens, now, 0) == 0 {
+            break;
+        }
+        back += 1;
+    }
+    let (skip_to, next) = unsafe { ((*scan).skip_to, (*scan).next) };
+    let next = if skip_to > next { skip_to } else { next };
     // SAFETY: see above; a racing CPU can only move head by a slot or two either way.
     unsafe {
         if next > (*q).head {
             (*q).head = next;
         }
     }
-    if found {
-        let ns = now.saturating_sub(f_start);
-        observe(if tx { f_ifindex } else { ifindex }, peer, dir, ns);
-    }
 }
 
+/// The state of the dequeue running on this CPU, between the steps of its scan.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Scan {
+    /// Messages (or packets) still to match.
+    want: u64,
+    /// How far ahead of the head it looks: [`LOOKAHEAD`] + messages - 1.
+    ahead: u64,
+    /// The queue's tail when the scan started: nothing at or past it.
+    tail: u64,
+    /// Where the head moves: past slots gone or stale from the head on, and past (or onto,
+    /// when it expects more) the furthest slot matched ahead.
+    skip_to: u64,
+    next: u64,
+}
+
+/// [`Scan`] of the dequeue running on this CPU.
+#[map]
+pub static TRANSIT_SCAN: PerCpuArray<Scan> = PerCpuArray::with_max_entries(1, 0);
+
+/// One step of a dequeue's scan (see [`Scan`]): matches what it can of the messages (or
+/// packets) still wanted with slot `number`, `i` places ahead of the head (1 for the head
+/// itself; 0 for a slot behind it), observing each matched pair. Returns 0 when the scan
+/// is over (nothing wanted, or past the window or the tail), 1 to go on. `who`: peer,
+/// dir << 32, tx << 40; `lens`: each one's length, the last one's << 16, the tunnel's
+/// ifindex (rx) << 32.
+///
+/// A global function (`no_mangle`, never inlined), with the scan's state in a map: the
+/// verifier checks it once, on its own, and each step costs the scan calling it a call
+/// and a branch. Inlined, the scan's every way through a slot multiplied the states the
+/// verifier walked, past its million-instruction limit at 71 slots.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn wirescope_transit_step(
+    who: u64,
+    number: u64,
+    lens: u64,
+    now: u64,
+    i: u64,
+) -> u64 {
+    let Some(scan) = TRANSIT_SCAN.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's value.
+    let mut st = unsafe { *scan };
+    let ahead = i != 0;
+    if st.want == 0 || (ahead && (i > st.ahead || number >= st.tail)) {
+        return 0;
+    }
+    let (peer, dir, tx) = (who as u32, (who >> 32) as u8, (who >> 40) & 1 != 0);
+    let (len, last, ifindex) = (
+        (lens & 0xffff) as u32,
+        ((lens >> 16) & 0xffff) as u32,
+        (lens >> 32) as u32,
+    );
+    let skey = slot_key(peer, dir, number);
+    let mut gone = true;
+    if let Some(s) = TRANSIT_SLOTS.get_ptr_mut(&skey) {
+        // SAFETY: a value of a shared map; races are settled by who deletes it.
+        let slot = unsafe { *s };
+        if slot.number == number {
+            if now.saturating_sub(slot.start_ns) > STALE_NS {
+                let _ = TRANSIT_SLOTS.remove(&skey);
+            } else {
+                gone = false;
+                if let Some((got, drained)) = take(s, &slot, &skey, len, last, tx, st.want) {
+                    st.want -= got;
+                    let past = if drained { number + 1 } else { number };
+                    if ahead && past > st.next {
+                        st.next = past;
+                    }
+                    let ns = now.saturating_sub(slot.start_ns);
+                    observe(if tx { slot.ifindex } else { ifindex }, peer, dir, ns, got);
+                }
+            }
+        }
+    }
+    if gone && ahead && number == st.skip_to {
+        st.skip_to = number + 1;
+    }
+    unsafe { *scan = st };
+    1
+}
+
+/// Takes up to `want` (at most [`MAX_BATCH`]) of what slot `s` expects if its lengths fit:
+/// how many it took, and whether that was all it expected (then it is deleted). None when
+/// it does not fit or another CPU used it up first.
 #[inline(always)]
-fn observe(ifindex: u32, peer: u32, dir: u8, ns: u64) {
+fn take(
+    s: *mut Slot,
+    slot: &Slot,
+    skey: &SlotKey,
+    len: u32,
+    last: u32,
+    tx: bool,
+    want: u64,
+) -> Option<(u64, bool)> {
+    // Full segments and the last one may sit on either side; a single message or packet
+    // has both lengths equal.
+    let ok = if tx {
+        fits(slot.len, len)
+            || fits(slot.last_len, len)
+            || fits(slot.len, last)
+            || fits(slot.last_len, last)
+    } else {
+        fits(len, slot.len)
+            || fits(len, slot.last_len)
+            || fits(last, slot.len)
+            || fits(last, slot.last_len)
+    };
+    if !ok {
+        return None;
+    }
+    let want = if want > MAX_BATCH as u64 {
+        MAX_BATCH as u64
+    } else {
+        want
+    };
+    let take = if slot.left < want { slot.left } else { want };
+    if take == 0 {
+        return None;
+    }
+    // Who takes the last deletes it. (Adding the two's complement subtracts: BPF has no
+    // atomic subtract.)
+    // SAFETY: `s` points into a map value.
+    let had = unsafe { fetch_add(&raw mut (*s).left, take.wrapping_neg()) };
+    if had == 0 || had > 1 << 16 {
+        return None;
+    }
+    let drained = had <= take;
+    if drained && TRANSIT_SLOTS.remove(skey).is_err() {
+        return None;
+    }
+    Some((if had < take { had } else { take }, drained))
+}
+
+/// `n` observations of `ns`.
+#[inline(always)]
+fn observe(ifindex: u32, peer: u32, dir: u8, ns: u64, n: u64) {
     let key = HistKey {
         ifindex,
         peer,
@@ -357,5 +474,5 @@ fn observe(ifindex: u32, peer: u32, dir: u8, ns: u64) {
         bucket: log2_bucket(ns),
         _pad: [0; 2],
     };
-    count::observe(&TRANSIT_HIST, &key, ns, &TRANSIT_ERRORS, error::HIST);
+    count::observe(&TRANSIT_HIST, &key, ns, n, &TRANSIT_ERRORS, error::HIST);
 }

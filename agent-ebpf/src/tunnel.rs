@@ -59,8 +59,9 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_seg
     if dir == DIR_TX {
         transit::defer_enqueue(peer, DIR_TX, ifindex, len, last_len, packets as u32);
     } else if dir == DIR_RX {
-        // A GRO packet matches its first message; the others are passed over later.
-        transit::defer_dequeue(peer, DIR_RX, ifindex, len, false);
+        // A coalesced packet (GRO, or wireguard-go's GSO write to its TUN) is one inner
+        // packet per segment, each the plaintext of its own message.
+        transit::defer_dequeue(peer, DIR_RX, ifindex, len, last_len, packets as u32, false);
     }
 }
 

@@ -86,9 +86,7 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
             (padded_len(msg.len), padded_len(msg.len))
         };
         if dir == DIR_TX {
-            // A batch leaving matches its first message only (one more scan per message
-            // would not pass the verifier): its other packets are passed over.
-            transit::defer_dequeue(peer, DIR_TX, ifindex, each, true);
+            transit::defer_dequeue(peer, DIR_TX, ifindex, each, last, packets as u32, true);
         } else {
             transit::defer_enqueue(peer, dir, 0, each, last, packets as u32);
         }

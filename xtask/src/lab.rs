@@ -23,6 +23,7 @@
 //! Dropping the returned [`Lab`] tears it down; [`down`] does the same from the prefix alone.
 
 pub mod cleanup;
+pub mod impls;
 pub mod plan;
 pub mod shadowsocks;
 
@@ -35,6 +36,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 pub use cleanup::{STATE_DIR, down, leftovers, state_path};
+pub use impls::{WG_IMPL_ENV, WgImpl};
 pub use plan::{
     CLIENT_PORT, CLIENT_TUNNEL_V4, CLIENT_TUNNEL_V6, GATEWAY_V4, GATEWAY_V6, RELAY_PORT,
     TUNNEL_NET_V4, TUNNEL_NET_V6,
@@ -64,60 +66,6 @@ pub enum Role {
     Relay,
     Entry,
     Exit,
-}
-
-/// Which WireGuard implementation runs the lab's interfaces. Everything else (names,
-/// addresses, routes, MTUs, policy routing) is the same with both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum WgImpl {
-    /// The kernel's WireGuard (module `wireguard`): `ip -n NS link add IFACE type wireguard`,
-    /// configured over netlink; no process, no control socket.
-    Kernel,
-    /// wireguard-go: one daemon per interface (a tun device), configured over its UAPI socket
-    /// in /var/run/wireguard.
-    Userspace,
-}
-
-/// Forces the lab's WireGuard implementation: `kernel` or `userspace` (else it is detected:
-/// see [`WgImpl::auto`]). The same test binaries then run either way.
-pub const WG_IMPL_ENV: &str = "WIRESCOPE_LAB_WG";
-
-impl WgImpl {
-    /// What [`WG_IMPL_ENV`] asks for: None when unset or empty, an error when it names
-    /// neither implementation.
-    pub fn from_env() -> Result<Option<WgImpl>> {
-        match std::env::var(WG_IMPL_ENV) {
-            Ok(v) if v.trim().is_empty() => Ok(None),
-            Ok(v) => <WgImpl as clap::ValueEnum>::from_str(v.trim(), true)
-                .map(Some)
-                .map_err(|_| anyhow!("{WG_IMPL_ENV}={v:?}: use `kernel` or `userspace`")),
-            Err(_) => Ok(None),
-        }
-    }
-
-    /// [`WG_IMPL_ENV`] when set; otherwise kernel WireGuard where this kernel has it (see
-    /// [`kernel_wireguard_available`]), userspace wireguard-go where not.
-    pub fn auto() -> Result<WgImpl> {
-        Ok(match WgImpl::from_env()? {
-            Some(i) => i,
-            None if kernel_wireguard_available() => WgImpl::Kernel,
-            None => WgImpl::Userspace,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WgImpl::Kernel => "kernel",
-            WgImpl::Userspace => "userspace",
-        }
-    }
-}
-
-impl std::fmt::Display for WgImpl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Whether this kernel can create WireGuard interfaces: the `wireguard` module is loaded,
@@ -265,6 +213,10 @@ pub struct WgHost {
     pub iface: String,
     /// Standard base64, as `wg` prints it.
     pub public_key: String,
+    /// The lab's own throwaway key, kept because boringtun's UAPI never returns it: its
+    /// `wg showconf` has no PrivateKey line (see [`WgHost::with_private_key`]).
+    #[serde(default)]
+    pub private_key: wg::PrivateKey,
     pub listen_port: u16,
     /// CIDR, e.g. `10.64.1.2/32`.
     pub addresses: Vec<String>,
@@ -277,6 +229,23 @@ pub struct WgHost {
 impl WgHost {
     pub fn peer(&self, role: Role) -> Option<&PeerConf> {
         self.peers.iter().find(|p| p.role == role)
+    }
+
+    /// `conf` (`wg showconf` of this interface) with its PrivateKey: as it is when it has
+    /// one, else with this interface's. boringtun's `wg showconf` has none, and `wg setconf`
+    /// of it would leave a device without a key.
+    pub fn with_private_key(&self, conf: &str) -> String {
+        if conf
+            .lines()
+            .any(|l| l.trim_start().starts_with("PrivateKey"))
+        {
+            return conf.to_owned();
+        }
+        conf.replacen(
+            "[Interface]\n",
+            &format!("[Interface]\nPrivateKey = {}\n", self.private_key.0),
+            1,
+        )
     }
 }
 
@@ -356,31 +325,28 @@ pub fn prerequisites() -> Result<()> {
 }
 
 /// Why a lab with this WireGuard implementation cannot run here, or Ok: root, the programs
-/// it uses, /dev/net/tun and wireguard-go for userspace, the kernel module for kernel.
+/// it uses, /dev/net/tun and the daemon for a userspace one, the kernel module for kernel.
 pub fn prerequisites_for(wireguard: WgImpl) -> Result<()> {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root (the lab creates network namespaces)".to_owned());
     }
-    let mut progs = vec!["ip", "wg", "ping", "tcpdump"];
-    match wireguard {
-        WgImpl::Userspace => {
-            progs.push("wireguard-go");
-            if !std::path::Path::new("/dev/net/tun").exists() {
-                missing.push(
-                    "/dev/net/tun (wireguard-go needs the tun driver: `modprobe tun`)".into(),
-                );
-            }
+    let progs = ["ip", "wg", "ping", "tcpdump"];
+    if wireguard.is_userspace() {
+        if let Err(e) = wireguard.program() {
+            missing.push(format!("{e:#}"));
         }
-        WgImpl::Kernel => {
-            if !kernel_wireguard_available() {
-                missing.push(format!(
-                    "kernel WireGuard (`modprobe wireguard` fails on {}; wireguard-go is \
-                     `--wireguard userspace`, or {WG_IMPL_ENV}=userspace for tests)",
-                    kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
-                ));
-            }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            missing.push(format!(
+                "/dev/net/tun ({wireguard} needs the tun driver: `modprobe tun`)"
+            ));
         }
+    } else if !kernel_wireguard_available() {
+        missing.push(format!(
+            "kernel WireGuard (`modprobe wireguard` fails on {}; wireguard-go is \
+             `--wireguard userspace`, or {WG_IMPL_ENV}=userspace for tests)",
+            kernel_version().map_or("this kernel".into(), |(a, b)| format!("{a}.{b}"))
+        ));
     }
     for prog in progs {
         if !on_path(prog) {
@@ -626,7 +592,7 @@ impl Lab {
             if let Some(w) = &h.wg {
                 let run_by = match self.wireguard {
                     WgImpl::Kernel => "kernel".to_owned(),
-                    WgImpl::Userspace => format!("pid {}", w.pid),
+                    i => format!("{i} pid {}", w.pid),
                 };
                 s += &format!(
                     "         wg {} port {} [{}] {run_by} key {}\n",
@@ -680,6 +646,7 @@ impl Lab {
         for (h, k) in self.hosts.iter_mut().zip(&keys) {
             if let (Some(w), Some(k)) = (h.wg.as_mut(), k) {
                 w.public_key = k.public.clone();
+                w.private_key = wg::PrivateKey(k.private.trim().to_owned());
             }
         }
         let public_of = |role: Role, hosts: &[Host]| {
@@ -714,15 +681,7 @@ impl Lab {
         let wireguard = self.wireguard;
         for h in &mut self.hosts {
             if let Some(w) = h.wg.as_mut() {
-                w.pid = match wireguard {
-                    WgImpl::Userspace => {
-                        wg::start_userspace(&h.netns, &w.iface, Duration::from_secs(10))?
-                    }
-                    WgImpl::Kernel => {
-                        wg::add_kernel(&h.netns, &w.iface)?;
-                        0
-                    }
-                };
+                w.pid = wireguard.create(&h.netns, &w.iface, Duration::from_secs(10))?;
             }
         }
         // Relays first: a client that is up sends its first handshake at once, and one lost
@@ -901,6 +860,33 @@ mod tests {
         assert!(kernel_version().is_ok());
     }
 
+    /// boringtun's `wg showconf` has no PrivateKey: the lab's is added; a conf with one is
+    /// left alone.
+    #[test]
+    fn showconf_gets_the_private_key_it_lacks() {
+        let w = WgHost {
+            iface: "t0".into(),
+            public_key: "cHVi".into(),
+            private_key: wg::PrivateKey("cHJpdg==".into()),
+            listen_port: 40001,
+            addresses: vec![],
+            mtu: 1420,
+            pid: 0,
+            peers: vec![],
+        };
+        let boringtun = "[Interface]\nListenPort = 40001\n\n[Peer]\nPublicKey = cGVlcg==\n";
+        assert_eq!(
+            w.with_private_key(boringtun),
+            "[Interface]\nPrivateKey = cHJpdg==\nListenPort = 40001\n\n[Peer]\nPublicKey = cGVlcg==\n"
+        );
+        let kernel = "[Interface]\nListenPort = 40001\nPrivateKey = b3du\n";
+        assert_eq!(w.with_private_key(kernel), kernel);
+        assert!(
+            !format!("{w:?}").contains("cHJpdg=="),
+            "Debug shows no private key"
+        );
+    }
+
     #[test]
     fn attach_mode_follows_the_kernel() {
         assert_eq!(attach_mode_for((6, 1)), "clsact");
@@ -910,18 +896,5 @@ mod tests {
         assert_eq!(attach_mode_for((6, 12)), "tcx");
         assert_eq!(attach_mode_for((7, 0)), "tcx");
         assert!(["tcx", "clsact"].contains(&expected_attach_mode()));
-    }
-
-    #[test]
-    fn wg_impl_names() {
-        use clap::ValueEnum as _;
-        assert_eq!(WgImpl::from_str("kernel", true), Ok(WgImpl::Kernel));
-        assert_eq!(WgImpl::from_str("Userspace", true), Ok(WgImpl::Userspace));
-        assert!(WgImpl::from_str("go", true).is_err());
-        assert_eq!(WgImpl::Kernel.to_string(), "kernel");
-        assert_eq!(
-            serde_json::to_string(&WgImpl::Userspace).unwrap(),
-            "\"userspace\""
-        );
     }
 }

@@ -73,7 +73,8 @@ enum LabCmd {
         #[arg(long, requires = "hop")]
         path_mtu: Option<u32>,
         /// WireGuard implementation [default: kernel where `modprobe wireguard` works, else
-        /// userspace wireguard-go; WIRESCOPE_LAB_WG=kernel|userspace overrides the default]
+        /// userspace wireguard-go; WIRESCOPE_LAB_WG=kernel|userspace|wireguard-go-current|boringtun
+        /// overrides the default]
         #[arg(long, value_enum)]
         wireguard: Option<WgImpl>,
     },

@@ -1,4 +1,5 @@
-//! Finding and stopping processes: wireguard-go daemons by the interface named in their argv,
+//! Finding and stopping processes: userspace WireGuard daemons (wireguard-go, boringtun) by the
+//! interface named in their argv,
 //! and everything running inside a network namespace.
 
 use std::time::{Duration, Instant};
@@ -9,11 +10,23 @@ use nix::unistd::Pid;
 
 use crate::netns;
 
-/// The interface a process's argv names when the process is wireguard-go
-/// (`wireguard-go [-f] IFACE`), else None.
+/// Program names of the userspace WireGuard daemons the lab runs: any wireguard-go build
+/// (Debian's or a newer one from another path) and boringtun's CLI.
+pub const WG_DAEMONS: &[&str] = &["wireguard-go", "boringtun-cli", "boringtun"];
+
+/// Whether `prog` (a path or a name) is one of [`WG_DAEMONS`].
+pub fn is_wg_daemon(prog: &str) -> bool {
+    prog.rsplit('/')
+        .next()
+        .is_some_and(|name| WG_DAEMONS.contains(&name))
+}
+
+/// The interface a process's argv names when the process is a userspace WireGuard daemon
+/// (`wireguard-go [-f] IFACE`, `boringtun-cli [-f] IFACE`; the lab passes boringtun's other
+/// options through its environment), else None.
 pub fn wireguard_go_iface(argv: &[String]) -> Option<&str> {
     let prog = argv.first()?;
-    if prog.rsplit('/').next()? != "wireguard-go" {
+    if !is_wg_daemon(prog) {
         return None;
     }
     argv[1..]
@@ -47,7 +60,8 @@ fn all_pids() -> Result<Vec<u32>> {
     Ok(pids)
 }
 
-/// PIDs of running wireguard-go processes whose interface argument satisfies `want`.
+/// PIDs of running userspace WireGuard daemons ([`WG_DAEMONS`]) whose interface argument
+/// satisfies `want`.
 pub fn wireguard_go_pids(want: impl Fn(&str) -> bool) -> Result<Vec<u32>> {
     let mut found = Vec::new();
     for pid in all_pids()? {
@@ -170,6 +184,17 @@ mod tests {
             Some("wsx0")
         );
         assert_eq!(wireguard_go_iface(&v(&["wg", "show", "wsc0"])), None);
+        assert_eq!(
+            wireguard_go_iface(&v(&["/root/.cargo/bin/boringtun-cli", "wsb0"])),
+            Some("wsb0")
+        );
+        assert_eq!(
+            wireguard_go_iface(&v(&[
+                "/opt/wirescope/wireguard-go-current/wireguard-go",
+                "wsn0"
+            ])),
+            Some("wsn0")
+        );
         assert_eq!(wireguard_go_iface(&v(&["wireguard-go"])), None);
     }
 

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for building, the lab and
 //! the tests, and nothing when everything is there (then it only asks dpkg, rustup,
-//! bpf-linker, cargo-fuzz and prometheus_wireguard_exporter, and reads the systemd root's
-//! stamp, in well under a second).
+//! bpf-linker, cargo-fuzz, prometheus_wireguard_exporter, boringtun-cli and the current
+//! wireguard-go for their versions, and reads the systemd root's stamp, in well under a
+//! second).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -60,6 +61,8 @@ pub fn run() -> Result<()> {
     ensure_cargo_fuzz(&mut installed)?;
     ensure_wireguard_exporter(&mut installed)?;
     ensure_systemd_root(&mut installed)?;
+    ensure_wireguard_go_current(&mut installed)?;
+    ensure_boringtun(&mut installed)?;
     let took = start.elapsed().as_secs_f64();
     if installed.is_empty() {
         println!("setup: everything present ({took:.2} s)");
@@ -247,7 +250,7 @@ fn exporter_version(bin: &std::path::Path) -> Option<String> {
 }
 
 /// Where `cargo install` puts binaries: $CARGO_HOME/bin, else ~/.cargo/bin.
-fn cargo_bin_dir() -> Option<std::path::PathBuf> {
+pub fn cargo_bin_dir() -> Option<std::path::PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         return Some(std::path::PathBuf::from(home).join("bin"));
     }
@@ -316,6 +319,126 @@ fn ensure_systemd_root(installed: &mut Vec<String>) -> Result<()> {
         );
         installed.push("systemd root".into());
     }
+    Ok(())
+}
+
+/// The Debian suite whose wireguard-go is new enough (bookworm's is 0.0.20220316). Only
+/// that one package is fetched from it, with apt's lists kept in a temporary directory, so
+/// the system's apt sources stay as they are.
+pub const WG_GO_CURRENT_SUITE: &str = "trixie";
+
+fn ensure_wireguard_go_current(installed: &mut Vec<String>) -> Result<()> {
+    use crate::lab::impls::{WG_GO_CURRENT, WG_GO_GSO_SINCE, wireguard_go_version};
+    let target = std::path::Path::new(WG_GO_CURRENT);
+    if wireguard_go_version(target).is_some_and(|v| v >= WG_GO_GSO_SINCE) {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "installing wireguard-go to {WG_GO_CURRENT} needs root: run `cargo xtask setup` as root"
+        );
+    }
+    println!(
+        "setup: wireguard-go from Debian {WG_GO_CURRENT_SUITE} into {WG_GO_CURRENT} (the lab's \
+         `wireguard-go-current`; bookworm's predates coalesced TUN writes)"
+    );
+    let tmp = std::env::temp_dir().join(format!("wirescope-wg-go-{}", std::process::id()));
+    let res = fetch_wireguard_go(&tmp, target);
+    let _ = std::fs::remove_dir_all(&tmp);
+    res?;
+    match wireguard_go_version(target) {
+        Some(v) if v >= WG_GO_GSO_SINCE => {
+            println!("setup: installed wireguard-go 0.0.{v} ({WG_GO_CURRENT_SUITE} package)");
+            installed.push("wireguard-go-current".into());
+            Ok(())
+        }
+        other => bail!(
+            "{WG_GO_CURRENT} from Debian {WG_GO_CURRENT_SUITE} reports version {other:?}, not \
+             0.0.{WG_GO_GSO_SINCE} or later: the lab's wireguard-go-current would not coalesce"
+        ),
+    }
+}
+
+/// `apt-get download wireguard-go` from [`WG_GO_CURRENT_SUITE`] into `tmp`, and its binary
+/// (statically linked Go but for libc) to `target`.
+fn fetch_wireguard_go(tmp: &std::path::Path, target: &std::path::Path) -> Result<()> {
+    let lists = tmp.join("lists");
+    let cache = tmp.join("cache");
+    for d in [lists.join("partial"), cache.join("archives/partial")] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let sources = tmp.join("sources.list");
+    std::fs::write(
+        &sources,
+        format!("deb http://deb.debian.org/debian {WG_GO_CURRENT_SUITE} main\n"),
+    )
+    .with_context(|| format!("writing {}", sources.display()))?;
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.arg("-q")
+            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
+            .arg("-oDir::Etc::SourceParts=/dev/null")
+            .arg(format!("-oDir::State::Lists={}", lists.display()))
+            .arg(format!("-oDir::Cache={}", cache.display()))
+            .args(args)
+            .current_dir(tmp)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    cmd::run(&mut apt(&["update"])).with_context(|| {
+        format!("apt-get update for Debian {WG_GO_CURRENT_SUITE} (deb.debian.org)")
+    })?;
+    cmd::run(&mut apt(&["download", "wireguard-go"]))
+        .with_context(|| format!("apt-get download wireguard-go from {WG_GO_CURRENT_SUITE}"))?;
+    let deb = std::fs::read_dir(tmp)
+        .with_context(|| format!("listing {}", tmp.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", tmp.display()))?;
+    let root = tmp.join("root");
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))
+        .with_context(|| format!("extracting {}", deb.display()))?;
+    let bin = root.join("usr/bin/wireguard-go");
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::copy(&bin, target)
+        .with_context(|| format!("copying {} to {}", bin.display(), target.display()))?;
+    Ok(())
+}
+
+fn ensure_boringtun(installed: &mut Vec<String>) -> Result<()> {
+    use crate::lab::impls::{BORINGTUN_BIN, BORINGTUN_VERSION, boringtun};
+    if boringtun().is_some() {
+        return Ok(());
+    }
+    println!("setup: cargo install {BORINGTUN_BIN} {BORINGTUN_VERSION} (about two minutes)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args([
+            "install",
+            BORINGTUN_BIN,
+            "--version",
+            BORINGTUN_VERSION,
+            "--locked",
+        ])
+        .status()
+        .with_context(|| format!("running `{cargo} install {BORINGTUN_BIN}`"))?;
+    if !status.success() {
+        bail!(
+            "`cargo install {BORINGTUN_BIN} --version {BORINGTUN_VERSION} --locked` failed ({status})"
+        );
+    }
+    if boringtun().is_none() {
+        bail!(
+            "installed {BORINGTUN_BIN} {BORINGTUN_VERSION}, but no binary of that version is on \
+             PATH or in {}",
+            cargo_bin_dir().map_or("cargo's bin directory".into(), |d| d.display().to_string())
+        );
+    }
+    println!("setup: installed {BORINGTUN_BIN} {BORINGTUN_VERSION} (cargo install)");
+    installed.push(BORINGTUN_BIN.into());
     Ok(())
 }
 

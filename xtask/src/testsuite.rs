@@ -6,8 +6,10 @@
 //! WireGuard module); then the privileged suites again in a VM on Debian's 6.1 kernel
 //! (clsact, kernel WireGuard, kprobes; see [`crate::vm`]), and beside it, on the host, each
 //! fuzz target for a minute (see [`crate::fuzz`]) followed by `bench --quick` (see
-//! [`crate::bench`]). With CI=true a VM, fuzzing or bench prerequisite that cannot be set up
-//! fails the run; without, it is skipped and counted as 1 skipped.
+//! [`crate::bench`]) and the lab tier's `kernel::` group once per further WireGuard
+//! implementation (the current wireguard-go, boringtun: see [`crate::lab::impls`]). With
+//! CI=true a VM, fuzzing, bench or implementation prerequisite that cannot be set up fails
+//! the run; without, it is skipped and counted as 1 skipped.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::build::cargo;
+use crate::lab::{WG_IMPL_ENV, WgImpl};
 
 /// Test counts, as libtest prints them in its `test result:` lines.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -79,12 +82,34 @@ pub fn steps() -> Vec<Step> {
             run: crate::bench::test_step,
             background: true,
         },
+        // After bench in the same background thread, so never beside it; the VM's labs are
+        // in QEMU. Their lab prefixes (wsa, wsh, wsd, wsr, fx, lkt) differ from bench's.
+        Step {
+            name: "lab kernel:: on wireguard-go >= 0.0.20230223 (coalesced TUN writes): WIRESCOPE_LAB_WG=wireguard-go-current cargo test -p wirescope --test lab kernel::",
+            run: || lab_kernel_on(WgImpl::WireguardGoCurrent),
+            background: true,
+        },
+        Step {
+            name: "lab kernel:: on boringtun: WIRESCOPE_LAB_WG=boringtun cargo test -p wirescope --test lab kernel::",
+            run: || lab_kernel_on(WgImpl::Boringtun),
+            background: true,
+        },
         Step {
             name: "vm 6.1: the kernel-dependent tiers (xtask lab and impair, agent datapath, agent lab kernel::) in QEMU on Debian's 6.1 kernel (kernel WireGuard, clsact): cargo xtask vm-test --kernel 6.1",
             run: || crate::vm::test_step("6.1"),
             background: false,
         },
     ]
+}
+
+/// The lab tier's `kernel::` group with the lab's interfaces run by `wireguard`. The tests
+/// themselves fail under CI=true when it is not installed (see [`crate::lab::can_run`]).
+fn lab_kernel_on(wireguard: WgImpl) -> (Counts, Result<()>) {
+    cargo_test_env(
+        &["-p", "wirescope", "--test", "lab"],
+        &["kernel::", "--test-threads=1"],
+        &[(WG_IMPL_ENV, wireguard.as_str())],
+    )
 }
 
 pub fn run() -> Result<()> {
@@ -213,10 +238,20 @@ fn secs(d: Duration) -> String {
 /// Runs `cargo test ARGS -- TEST_ARGS`, echoing its output and adding up its `test result:`
 /// lines.
 pub fn cargo_test(args: &[&str], test_args: &[&str]) -> (Counts, Result<()>) {
+    cargo_test_env(args, test_args, &[])
+}
+
+/// [`cargo_test`] with these environment variables set for cargo and the tests.
+pub fn cargo_test_env(
+    args: &[&str],
+    test_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Counts, Result<()>) {
     let mut counts = Counts::default();
     let res = (|| -> Result<()> {
         let mut cmd = cargo();
         cmd.arg("test").args(args).arg("--").args(test_args);
+        cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::piped()).stdin(Stdio::null());
         let desc = crate::cmd::describe(&cmd);
         let mut child = cmd.spawn().with_context(|| format!("starting `{desc}`"))?;
@@ -263,6 +298,27 @@ pub fn parse_result_line(line: &str) -> Option<Counts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each further implementation has its step, in the background group that runs beside
+    /// the VM step (after bench, so no two host labs overlap).
+    #[test]
+    fn implementation_steps_run_beside_the_vm() {
+        let steps = steps();
+        let pos = |needle: &str| {
+            steps
+                .iter()
+                .position(|s| s.name.contains(needle))
+                .unwrap_or_else(|| panic!("no step {needle}"))
+        };
+        let bench = pos("bench smoke");
+        let vm = pos("vm 6.1");
+        for i in ["wireguard-go-current", "boringtun"] {
+            let at = pos(&format!("WIRESCOPE_LAB_WG={i} "));
+            assert!(steps[at].background, "{i}");
+            assert!(bench < at && at < vm, "{i} at {at}, bench {bench}, vm {vm}");
+            assert!(steps[bench..at].iter().all(|s| s.background), "{i}");
+        }
+    }
 
     #[test]
     fn parses_libtest_summaries() {

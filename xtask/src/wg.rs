@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{cmd, netns, procs};
+use crate::{cmd, netns};
 
 /// Where wireguard-go puts its control sockets. It is one directory for every network
 /// namespace, so interface names must be unique across all of them.
@@ -37,6 +37,17 @@ impl std::fmt::Debug for Keypair {
     }
 }
 
+/// A private key kept in the lab's state (base64, as `wg` prints it); never in Debug output.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PrivateKey(pub String);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(..)")
+    }
+}
+
 /// A fresh key pair from `wg genkey` / `wg pubkey`.
 pub fn genkey() -> Result<Keypair> {
     let private = cmd::stdout("wg", ["genkey"])?;
@@ -45,29 +56,11 @@ pub fn genkey() -> Result<Keypair> {
     Ok(Keypair { private, public })
 }
 
-/// Starts `wireguard-go IFACE` inside `ns` (it daemonizes), waits until its control socket
-/// and its link exist, and returns the daemon's PID.
+/// Starts Debian's `wireguard-go IFACE` inside `ns` (it daemonizes), waits until its control
+/// socket and its link exist, and returns the daemon's PID. Other implementations:
+/// [`crate::lab::WgImpl::create`].
 pub fn start_userspace(ns: &str, iface: &str, timeout: Duration) -> Result<u32> {
-    let mut cmd = netns::command(ns, "wireguard-go");
-    cmd.arg(iface).env(WG_GO_ENV.0, WG_GO_ENV.1);
-    cmd::run(&mut cmd).with_context(|| format!("starting wireguard-go for {iface} in {ns}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let sock = socket_path(iface).exists();
-        let link = netns::exec(ns, &["ip", "link", "show", "dev", iface]).is_ok();
-        let pid = procs::wireguard_go_pids(|i| i == iface)?.first().copied();
-        match pid {
-            Some(pid) if sock && link => return Ok(pid),
-            _ if Instant::now() >= deadline => bail!(
-                "wireguard-go {iface} in {ns} did not come up within {timeout:?} \
-                 (socket {}: {sock}, link: {link}, process: {pid:?}); \
-                 try it by hand: `{WG_GO_ENV_STR}=1 ip netns exec {ns} wireguard-go -f {iface}`",
-                socket_path(iface).display(),
-                WG_GO_ENV_STR = WG_GO_ENV.0,
-            ),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    crate::lab::WgImpl::Userspace.create(ns, iface, timeout)
 }
 
 /// Creates a kernel WireGuard interface `iface` inside `ns` (`ip -n NS link add IFACE type

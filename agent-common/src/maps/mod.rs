@@ -174,17 +174,36 @@ pub struct HistValue {
 }
 const _: () = assert!(core::mem::size_of::<HistValue>() == 16);
 
-/// floor(log2(ns)), capped at HIST_MAX_BUCKET; 0 for 0 and 1. A bounded loop, no clz
-/// instruction needed on BPF.
+/// floor(log2(ns)), capped at HIST_MAX_BUCKET; 0 for 0 and 1. Straight-line arithmetic (a
+/// binary search whose steps are shifts by 0 or 1 times the step), no clz instruction
+/// needed on BPF and no loop or branch: the verifier walks it once per observation, and the
+/// transit scan observes inside a loop.
 #[inline(always)]
 pub fn log2_bucket(ns: u64) -> u8 {
-    let mut b: u8 = 0;
-    let mut v = ns >> 1;
-    while v != 0 && b < HIST_MAX_BUCKET {
-        v >>= 1;
-        b += 1;
+    if ns >> HIST_MAX_BUCKET != 0 {
+        return HIST_MAX_BUCKET;
     }
-    b
+    let mut v = ns;
+    let mut b = 0u64;
+    // Each step: s is 1 when v has a bit at or above `step` (v < 2^(2 * step) there, so the
+    // sum cannot carry past bit `step`), then v is shifted down by s * step.
+    let s = ((v >> 32) + 0xffff_ffff) >> 32;
+    v >>= s << 5;
+    b += s << 5;
+    let s = ((v >> 16) + 0xffff) >> 16;
+    v >>= s << 4;
+    b += s << 4;
+    let s = ((v >> 8) + 0xff) >> 8;
+    v >>= s << 3;
+    b += s << 3;
+    let s = ((v >> 4) + 0xf) >> 4;
+    v >>= s << 2;
+    b += s << 2;
+    let s = ((v >> 2) + 0x3) >> 2;
+    v >>= s << 1;
+    b += s << 1;
+    b += v >> 1;
+    b as u8
 }
 
 #[cfg(feature = "user")]
@@ -211,6 +230,21 @@ mod tests {
         assert_eq!(log2_bucket(1023), 9);
         assert_eq!(log2_bucket(1024), 10);
         assert_eq!(log2_bucket(u64::MAX), HIST_MAX_BUCKET);
+        // Against the definition, at and around every power of two.
+        let reference =
+            |ns: u64| (63 - ns.max(1).leading_zeros()).min(HIST_MAX_BUCKET as u32) as u8;
+        for k in 0..64 {
+            let p = 1u64 << k;
+            for ns in [
+                p - 1,
+                p,
+                p + 1,
+                p | (p >> 1),
+                p.wrapping_mul(2).wrapping_sub(1),
+            ] {
+                assert_eq!(log2_bucket(ns), reference(ns), "{ns}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! tx: the tunnel's egress enqueues (time, inner length); the data message leaving the
 //! carrier dequeues the first queued packet whose length its padded plaintext fits.
 //! rx: the data message arriving enqueues (time, padded length); the inner packet arriving
-//! on the tunnel dequeues the first message it fits.
+//! on the tunnel dequeues the first message it fits. An skb of several (GSO on the tunnel,
+//! a UDP GSO/GRO batch on the carrier, a coalesced TUN write) is one slot expecting that
+//! many when it enqueues, and takes that many, in order, when it dequeues.
 //!
 //! Each (peer, direction) has a ring of [`RING`] numbered slots in the shared
 //! `TRANSIT_SLOTS` hash map: a slot lives while its packet is in flight (the matching side
@@ -36,6 +38,12 @@ pub const LOOKAHEAD: u32 = 8;
 /// Slots the matching side looks at behind the head when nothing ahead fits: the
 /// partners of messages reordered on the way (by up to this many places).
 pub const LOOKBEHIND: u32 = 4;
+/// Messages (or inner packets) of one skb the matching side matches, each with its own
+/// slot or share of one: wireguard-go sends up to 64 data messages in one UDP GSO skb (the
+/// kernel's UDP_MAX_SEGMENTS) and, since 0.0.20230223, writes up to 64 KiB of coalesced TCP
+/// segments to its TUN in one (47 segments at a 1420 MTU). Further ones of a bigger batch
+/// are passed over. The scan covers [`LOOKAHEAD`] + this - 1 slots ahead at most.
+pub const MAX_BATCH: u32 = 64;
 /// A slot older than this matches nothing (its packet was dropped) and is deleted.
 pub const STALE_NS: u64 = 2_000_000_000;
 

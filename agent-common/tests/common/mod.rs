@@ -114,7 +114,7 @@ pub fn check_message(m: &Message) {
         kind::DATA => {
             assert!(m.len > 32);
             let p = m.len - 32;
-            assert!(p.is_multiple_of(16) || p >= 68, "{m:?}");
+            assert!(p.is_multiple_of(16) || p >= 20, "{m:?}");
         }
         k => panic!("kind {k}"),
     }

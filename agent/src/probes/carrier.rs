@@ -17,10 +17,16 @@
 //! not fit.
 //!
 //! From the largest clean inner size `S` and the smallest failed one `F`, the carrier sizes
-//! follow exactly ([`outer_len`]: per layer, the plaintext padded to a multiple of 16 but not
-//! past the tunnel MTU, plus 32 + 8 + the outer IP header). The underlay path MTU is then at
-//! least `outer_len(S)` and below `outer_len(F)`: a 16-byte bracket, because WireGuard's
-//! padding makes every inner size in a block of 16 the same carrier size. Method
+//! follow ([`outer_len`]: per layer, the plaintext padded to a multiple of 16 but not past
+//! the tunnel MTU, plus 32 + 8 + the outer IP header). The underlay path MTU is then at least
+//! `S`'s carrier and below `outer_len(F)`: a 16-byte bracket, because WireGuard's padding
+//! makes every inner size in a block of 16 the same carrier size. So with a padding
+//! implementation `S` ends a block (a multiple of 16, or the MTU); an `S` inside a block shows
+//! one that does not pad (boringtun 0.6.0), whose carriers are [`min_outer_len`]: there the
+//! bracket is that formula's (one byte wide), as the padded one would overstate the floor by
+//! up to 15 bytes and recommend an MTU whose carriers do not fit. (An unpadded `S` that
+//! happens to end a block reads as padded: the same carrier over one layer; in multihop the
+//! floor can then be up to 15 bytes high.) Method
 //! [`Method::TunnelEcho`] takes the bracket's floor (proven to pass). When an ICMP too-big
 //! seen on those underlays during the search reported an MTU inside the bracket, that MTU is
 //! the path MTU ([`Method::TunnelEchoIcmp`]): the router said so, and it agrees with what
@@ -127,6 +133,16 @@ impl CarrierSignals for Mutex<Datapath> {
 /// that fits, in multiples of 8; IPv6 adds its 8-byte fragment header), is what the next
 /// layer carries. None above the MTU.
 pub fn outer_len(inner: u32, mtu: u32, layers_v6: &[bool]) -> Option<u32> {
+    carrier_len(inner, mtu, layers_v6, true)
+}
+
+/// [`outer_len`] with no padding: the smallest carrier any implementation sends for an inner
+/// packet of `inner` bytes (boringtun 0.6.0 sends exactly this).
+pub fn min_outer_len(inner: u32, mtu: u32, layers_v6: &[bool]) -> Option<u32> {
+    carrier_len(inner, mtu, layers_v6, false)
+}
+
+fn carrier_len(inner: u32, mtu: u32, layers_v6: &[bool], pad: bool) -> Option<u32> {
     if inner > mtu {
         return None;
     }
@@ -138,7 +154,11 @@ pub fn outer_len(inner: u32, mtu: u32, layers_v6: &[bool]) -> Option<u32> {
             let head = if family_v6 == Some(true) { 40 + 8 } else { 20 };
             len = head + (mtu.saturating_sub(head) / 8) * 8;
         }
-        let padded = len.div_ceil(16).saturating_mul(16).min(mtu);
+        let padded = if pad {
+            len.div_ceil(16).saturating_mul(16).min(mtu)
+        } else {
+            len
+        };
         len = padded + crate::probes::pmtu::WG_UDP_OVERHEAD + if *v6 { 40 } else { 20 };
         family_v6 = Some(*v6);
     }
@@ -172,7 +192,11 @@ pub fn carrier_path(
     layers_v6: &[bool],
     reported: &[u32],
 ) -> Option<CarrierResult> {
-    let lo = outer_len(passed, mtu, layers_v6)?;
+    // See the module doc: a clean size inside a block of 16 is an implementation that does
+    // not pad.
+    let padded = passed.is_multiple_of(16) || passed == mtu;
+    let carrier = |inner| carrier_len(inner, mtu, layers_v6, padded);
+    let lo = carrier(passed)?;
     let Some(failed) = failed else {
         return Some(CarrierResult {
             path: lo,
@@ -180,7 +204,7 @@ pub fn carrier_path(
             recommended: recommended_mtu(lo, layers_v6).max(mtu),
         });
     };
-    let hi = outer_len(failed, mtu, layers_v6)
+    let hi = carrier(failed)
         .map(|o| o.saturating_sub(1))
         .filter(|hi| *hi >= lo);
     let narrowed = hi.and_then(|hi| {
@@ -354,6 +378,40 @@ mod tests {
         }
     }
 
+    /// boringtun 0.6.0 does not pad: behind a 1400-byte link inner 1340 passes (carrier 1400)
+    /// and 1341 fails (1401). The floor is 1340's carrier, not the padded 1404 that would
+    /// recommend 1344 (whose carriers do not fit); an ICMP report of 1400 agrees.
+    #[test]
+    fn an_implementation_that_does_not_pad() {
+        assert_eq!(min_outer_len(1340, 1420, &[false]), Some(1400));
+        assert_eq!(
+            min_outer_len(1328, 1420, &[false]),
+            outer_len(1328, 1420, &[false])
+        );
+        assert_eq!(min_outer_len(1280, 1380, &[false, false]), Some(1400));
+        let r = carrier_path(1340, Some(1341), 1420, &[false], &[]).unwrap();
+        assert_eq!(
+            (r.path, r.method, r.recommended),
+            (1400, Method::TunnelEcho, 1340)
+        );
+        let r = carrier_path(1340, Some(1341), 1420, &[false], &[1400]).unwrap();
+        assert_eq!(
+            (r.path, r.method, r.recommended),
+            (1400, Method::TunnelEchoIcmp, 1340)
+        );
+        // Against such a path the search finds path - 60 for every path (one byte apart,
+        // where padding gives one answer per 16), and the recommendation's carriers fit.
+        for path in 1390..=1410 {
+            let (p, f) = simulate_unpadded(path, 1420, &[false]);
+            assert_eq!((p, f), (path - 60, Some(path - 59)), "path {path}");
+            let r = carrier_path(p, f, 1420, &[false], &[]).unwrap();
+            assert!(
+                r.path <= path && min_outer_len(r.recommended, 1420, &[false]) <= Some(path),
+                "path {path}: {r:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_bracket_and_its_narrowing() {
         // The lab: a 1400-byte link, MTU 1420. 1328 clean, 1329 not: path 1388..=1403.
@@ -411,6 +469,16 @@ mod tests {
         let mut s = Search::new(FLOOR, mtu);
         while let Some(size) = s.next() {
             let clean = outer_len(size, mtu, layers).is_some_and(|o| o <= path);
+            s.record(size, clean);
+        }
+        (s.result().unwrap(), s.smallest_failed())
+    }
+
+    /// [`simulate`] for an implementation that does not pad.
+    fn simulate_unpadded(path: u32, mtu: u32, layers: &[bool]) -> (u32, Option<u32>) {
+        let mut s = Search::new(FLOOR, mtu);
+        while let Some(size) = s.next() {
+            let clean = min_outer_len(size, mtu, layers).is_some_and(|o| o <= path);
             s.record(size, clean);
         }
         (s.result().unwrap(), s.smallest_failed())

@@ -461,23 +461,18 @@ pub fn late_interface_attached(agent: &Agent, ns: &str, prefix: &str) -> (String
     (late, attached)
 }
 
-/// Brings the client's tunnel `iface` back after it was deleted: a new device (wireguard-go
-/// or kernel), the saved configuration `conf` (`wg showconf`), addresses, MTU and routes as
-/// the lab set them.
+/// Brings the client's tunnel `iface` back after it was deleted: a new device (the lab's
+/// implementation), the saved configuration `conf` (`wg showconf`; the lab's private key
+/// added where it lacks one, as boringtun's does), addresses, MTU and routes as the lab set
+/// them.
 pub fn bring_back(lab: &Lab, iface: &str, conf: &str) {
     let c = lab.client();
     let ns = &c.netns;
-    match lab.wireguard {
-        xtask::lab::WgImpl::Userspace => {
-            xtask::wg::start_userspace(ns, iface, Duration::from_secs(10))
-                .expect("wireguard-go again");
-        }
-        xtask::lab::WgImpl::Kernel => {
-            xtask::wg::add_kernel(ns, iface).expect("kernel WireGuard again")
-        }
-    }
-    xtask::wg::setconf(ns, iface, conf).expect("setconf");
     let w = c.wg();
+    lab.wireguard
+        .create(ns, iface, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{} again: {e:#}", lab.wireguard));
+    xtask::wg::setconf(ns, iface, &w.with_private_key(conf)).expect("setconf");
     let ip = |args: &[&str]| {
         let mut all = vec!["ip"];
         all.extend_from_slice(args);

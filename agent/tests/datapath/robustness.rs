@@ -46,8 +46,8 @@ fn wireguard_kind(head: &[u8], len: usize) -> Option<u8> {
         (2, 92) => Some(kind::HANDSHAKE_RESPONSE),
         (3, 64) => Some(kind::COOKIE_REPLY),
         (4, 32) => Some(kind::KEEPALIVE),
-        // Padded to 16, or cut at a tunnel MTU (at least 68).
-        (4, n) if n > 32 && ((n - 32) % 16 == 0 || n - 32 >= 68) => Some(kind::DATA),
+        // Padded to 16, or an IP packet's own length (cut at a tunnel MTU, or unpadded).
+        (4, n) if n > 32 && ((n - 32) % 16 == 0 || n - 32 >= 20) => Some(kind::DATA),
         _ => None,
     }
 }

@@ -36,7 +36,7 @@ fn not_wireguard() -> Vec<(String, Vec<u8>)> {
         ("data plaintext 1", wg::data_with_plaintext(1, 0, 1)),
         ("data plaintext 8", wg::data_with_plaintext(1, 0, 8)),
         ("data plaintext 17", wg::data_with_plaintext(1, 0, 17)),
-        ("data plaintext 67", wg::data_with_plaintext(1, 0, 67)),
+        ("data plaintext 19", wg::data_with_plaintext(1, 0, 19)),
         ("initiation of 147", resized(wg::initiation(1), 147)),
         ("initiation of 149", resized(wg::initiation(1), 149)),
         ("response of 91", resized(wg::response(1, 2), 91)),

@@ -41,7 +41,7 @@ use common::{
 };
 use xtask::{
     agent::Agent,
-    lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology, WgImpl},
+    lab::{GATEWAY_V4, Lab, LabConfig, Role, Topology},
     netns,
     scrape::{Metrics, http_get},
 };
@@ -420,9 +420,9 @@ fn tunnel_faults_are_survived() {
     });
 
     // (a) wireguard-go killed (SIGKILL) and restarted.
-    if lab.wireguard == WgImpl::Userspace {
-        let pids = xtask::procs::wireguard_go_pids(|i| i == tun).expect("wireguard-go pids");
-        assert_eq!(pids.len(), 1, "one wireguard-go for {tun}: {pids:?}");
+    if lab.wireguard.is_userspace() {
+        let pids = xtask::procs::wireguard_go_pids(|i| i == tun).expect("daemon pids");
+        assert_eq!(pids.len(), 1, "one {} for {tun}: {pids:?}", lab.wireguard);
         gone_and_back("wireguard-go killed and restarted", &|| {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pids[0] as i32),

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
 use super::{ImpairStats, Impairer, Impairment};
-use crate::lab::{Lab, RELAY_PORT, Role};
+use crate::lab::{Lab, RELAY_PORT, Role, WgImpl};
 use crate::netns;
 
 /// Where in the lab the impairing relay sits.
@@ -41,8 +41,46 @@ pub const RELAYS_PORT: u16 = 51821;
 pub struct ImpairHandle {
     relay: Option<Impairer>,
     place: Place,
-    /// Commands, each run in a namespace, that undo the client's changes (in order).
-    undo: Vec<(String, Vec<String>)>,
+    /// What undoes the client's changes (in order), in the client's namespace.
+    undo: Vec<Change>,
+    client: Client,
+}
+
+/// The client's tunnel, where the changes are made.
+struct Client {
+    netns: String,
+    iface: String,
+    wireguard: WgImpl,
+}
+
+/// One change to the client's configuration.
+enum Change {
+    /// A command (`ip route ...`).
+    Exec(String),
+    /// `wg set IFACE peer KEY ARGS` (see [`WgImpl::set_peer`]: boringtun re-adds the peer).
+    Peer { key: String, args: String },
+}
+
+impl Change {
+    fn apply(&self, c: &Client) -> Result<()> {
+        match self {
+            Change::Exec(cmd) => netns::exec(&c.netns, &argv(cmd)).map(|_| ()),
+            Change::Peer { key, args } => {
+                let args = argv(args);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                c.wireguard.set_peer(&c.netns, &c.iface, key, &args)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Exec(cmd) => f.write_str(cmd),
+            Change::Peer { key, args } => write!(f, "wg set IFACE peer {key} {args}"),
+        }
+    }
 }
 
 impl std::ops::Deref for ImpairHandle {
@@ -66,9 +104,9 @@ impl ImpairHandle {
 
     fn restore(&mut self) -> Result<()> {
         let mut failed = Vec::new();
-        for (ns, argv) in self.undo.drain(..) {
-            if let Err(e) = netns::exec(&ns, &argv) {
-                failed.push(format!("{e:#}"));
+        for change in std::mem::take(&mut self.undo) {
+            if let Err(e) = change.apply(&self.client) {
+                failed.push(format!("{change}: {e:#}"));
             }
         }
         if failed.is_empty() {
@@ -87,6 +125,13 @@ impl Drop for ImpairHandle {
     }
 }
 
+fn peer(key: &str, args: String) -> Change {
+    Change::Peer {
+        key: key.to_owned(),
+        args,
+    }
+}
+
 fn argv(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_owned).collect()
 }
@@ -98,12 +143,13 @@ impl Lab {
     }
 
     /// Starts the impairing relay at `place` with `rules` (see [`Place`]) and points the
-    /// client at it. The client's sessions stay; only its endpoints change.
+    /// client at it. The client's sessions stay; only its endpoints change (except on
+    /// boringtun, which re-adds a changed peer: see [`WgImpl::set_peer`]).
     pub fn start_impairment_at(&self, place: Place, rules: Impairment) -> Result<ImpairHandle> {
         let c = self.client();
         let cw = c.wg();
         let iface = cw.iface.as_str();
-        let (ns, listen, upstream, steps): (String, SocketAddr, SocketAddr, Vec<(String, String)>) =
+        let (ns, listen, upstream, steps): (String, SocketAddr, SocketAddr, Vec<(Change, Change)>) =
             match place {
                 Place::Hop => {
                     let hop = self.hop().ok_or_else(|| {
@@ -118,8 +164,8 @@ impl Lab {
                     let listen = SocketAddr::new(hop.address().into(), RELAY_PORT);
                     let upstream = self.entry_endpoint();
                     let steps = vec![(
-                        format!("wg set {iface} peer {key} endpoint {listen}"),
-                        format!("wg set {iface} peer {key} endpoint {upstream}"),
+                        peer(key, format!("endpoint {listen}")),
+                        peer(key, format!("endpoint {upstream}")),
                     )];
                     (hop.netns.clone(), listen, upstream, steps)
                 }
@@ -139,16 +185,16 @@ impl Lab {
                     let (ek, xk) = (&entry.wg().public_key, &exit.wg().public_key);
                     let steps = vec![
                         (
-                            format!("wg set {iface} peer {ek} allowed-ips {old},{at}/32"),
-                            format!("wg set {iface} peer {ek} allowed-ips {old}"),
+                            peer(ek, format!("allowed-ips {old},{at}/32")),
+                            peer(ek, format!("allowed-ips {old}")),
                         ),
                         (
-                            format!("ip route add {at}/32 dev {iface}"),
-                            format!("ip route del {at}/32 dev {iface}"),
+                            Change::Exec(format!("ip route add {at}/32 dev {iface}")),
+                            Change::Exec(format!("ip route del {at}/32 dev {iface}")),
                         ),
                         (
-                            format!("wg set {iface} peer {xk} endpoint {listen}"),
-                            format!("wg set {iface} peer {xk} endpoint {upstream}"),
+                            peer(xk, format!("endpoint {listen}")),
+                            peer(xk, format!("endpoint {upstream}")),
                         ),
                     ];
                     (entry.netns.clone(), listen, upstream, steps)
@@ -160,11 +206,16 @@ impl Lab {
             relay: Some(relay),
             place,
             undo: Vec::new(),
+            client: Client {
+                netns: c.netns.clone(),
+                iface: iface.to_owned(),
+                wireguard: self.wireguard,
+            },
         };
         for (doit, undo) in steps {
-            netns::exec(&c.netns, &argv(&doit))
+            doit.apply(&handle.client)
                 .with_context(|| format!("pointing the client at the impairing relay: {doit}"))?;
-            handle.undo.insert(0, (c.netns.clone(), argv(&undo)));
+            handle.undo.insert(0, undo);
         }
         Ok(handle)
     }

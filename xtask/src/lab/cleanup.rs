@@ -1,7 +1,7 @@
 //! Finding and removing everything a lab with a given prefix may have left, whether it was
 //! torn down properly or crashed half-way: namespaces `PREFIX-*`, the processes inside them,
 //! wireguard-go daemons for the lab's interface names (even ones whose namespace is gone),
-//! stray links in the root namespace, control sockets, and the state file.
+//! stray links in the root namespace, control sockets, boringtun's logs, and the state file.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +25,8 @@ struct Found {
     processes: Vec<(u32, String)>,
     root_links: Vec<String>,
     sockets: Vec<PathBuf>,
+    /// boringtun's logs ([`super::impls::boringtun_log`]).
+    logs: Vec<PathBuf>,
     state_file: Option<PathBuf>,
 }
 
@@ -51,6 +53,7 @@ impl Found {
                 .iter()
                 .map(|s| format!("socket {}", s.display())),
         );
+        out.extend(self.logs.iter().map(|s| format!("log {}", s.display())));
         out.extend(
             self.state_file
                 .iter()
@@ -114,6 +117,17 @@ fn find(prefix: &str) -> Result<Found> {
         }
     }
     found.sockets.sort();
+    if let Ok(dir) = std::fs::read_dir(STATE_DIR) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_suffix(".boringtun.log")
+                && is_lab_iface(prefix, iface)
+            {
+                found.logs.push(entry.path());
+            }
+        }
+    }
+    found.logs.sort();
 
     let state = state_path(prefix);
     if state.exists() {
@@ -145,7 +159,7 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
         .filter(|(_, what)| {
             what.split_whitespace()
                 .next()
-                .is_some_and(|prog| prog.ends_with("wireguard-go"))
+                .is_some_and(procs::is_wg_daemon)
         })
         .map(|(p, _)| *p)
         .collect();
@@ -163,8 +177,8 @@ pub fn down(prefix: &str) -> Result<Vec<String>> {
         // Gone already when its veth peer went with a namespace.
         let _ = cmd::ip(&["link", "del", link]);
     }
-    for sock in &found.sockets {
-        remove_if_present(sock)?;
+    for file in found.sockets.iter().chain(&found.logs) {
+        remove_if_present(file)?;
     }
     if let Some(state) = &found.state_file {
         remove_if_present(state)?;

@@ -220,6 +220,7 @@ pub fn plan(cfg: &LabConfig) -> Result<Lab> {
     let wg = |role: Role, port: u16, addresses: Vec<String>, peers: Vec<PeerConf>| WgHost {
         iface: wg_iface(p, role),
         public_key: String::new(),
+        private_key: Default::default(),
         listen_port: port,
         addresses,
         mtu: cfg.wg_mtu,

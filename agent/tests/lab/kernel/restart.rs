@@ -35,7 +35,7 @@ use std::{
 use common::{COUNTER_FAMILIES, Names, bring_back, echo_via_tunnel, start, val};
 use xtask::{
     agent::Agent,
-    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology, WgImpl},
+    lab::{self, GATEWAY_V4, Lab, LabConfig, Topology},
     prometheus::{Options, Prometheus},
     scrape::Metrics,
     udp::{UdpEcho, recv_sizes, send_udp},
@@ -618,12 +618,9 @@ const GHOST2: &str = "U2Vjb25kSW50ZXJmYWNlUGVlcktleVJlc3RhcnQwMDA=";
 /// handshake that never comes, after TC egress counted them).
 fn add_second_interface(lab: &Lab, cns: &str, relay_ip: IpAddr) -> String {
     let name = format!("{PREFIX}x0");
-    match lab.wireguard {
-        WgImpl::Userspace => {
-            xtask::wg::start_userspace(cns, &name, Duration::from_secs(10)).expect("wireguard-go");
-        }
-        WgImpl::Kernel => xtask::wg::add_kernel(cns, &name).expect("kernel WireGuard"),
-    }
+    lab.wireguard
+        .create(cns, &name, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{}: {e:#}", lab.wireguard));
     let key = xtask::wg::genkey().expect("wg genkey");
     let conf = format!(
         "[Interface]\nPrivateKey = {}\n\n[Peer]\nPublicKey = {GHOST2}\nAllowedIPs = \

@@ -239,7 +239,10 @@ fn set_error_slots(lab: &mut Lab, n: u64) {
         }
         arrays += 1;
     }
-    assert_eq!(arrays, 4, "MAP_ERRORS, PATH_, LEAK_ and TRANSIT_ERRORS");
+    assert_eq!(
+        arrays, 5,
+        "MAP_ERRORS, PATH_, LEAK_, TRANSIT_ and OBFS_ERRORS"
+    );
 }
 
 #[test]

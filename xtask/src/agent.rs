@@ -17,6 +17,10 @@ use crate::{
     scrape::{Metrics, http_get},
 };
 
+/// Names the agent binary the integration tests start instead of the one cargo built them
+/// with: the VMs run a copy (see `cargo xtask vm-test`).
+pub const AGENT_BIN_ENV: &str = "WIRESCOPE_TEST_AGENT_BIN";
+
 /// Where the agent listens inside its namespace (each namespace has its own loopback).
 pub const LISTEN: &str = "127.0.0.1:9586";
 

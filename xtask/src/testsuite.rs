@@ -85,12 +85,12 @@ pub fn steps() -> Vec<Step> {
         // After bench in the same background thread, so never beside it; the VM's labs are
         // in QEMU. Their lab prefixes (wsa, wsh, wsd, wsr, fx, lkt) differ from bench's.
         Step {
-            name: "lab kernel:: on wireguard-go >= 0.0.20230223 (coalesced TUN writes): WIRESCOPE_LAB_WG=wireguard-go-current cargo test -p wirescope --test lab kernel::",
+            name: "lab kernel:: on wireguard-go >= 0.0.20230223 (coalesced TUN writes): WIRESCOPE_LAB_WG=wireguard-go-current cargo test --workspace --exclude agent-ebpf --test lab kernel::",
             run: || lab_kernel_on(WgImpl::WireguardGoCurrent),
             background: true,
         },
         Step {
-            name: "lab kernel:: on boringtun: WIRESCOPE_LAB_WG=boringtun cargo test -p wirescope --test lab kernel::",
+            name: "lab kernel:: on boringtun: WIRESCOPE_LAB_WG=boringtun cargo test --workspace --exclude agent-ebpf --test lab kernel::",
             run: || lab_kernel_on(WgImpl::Boringtun),
             background: true,
         },
@@ -104,9 +104,13 @@ pub fn steps() -> Vec<Step> {
 
 /// The lab tier's `kernel::` group with the lab's interfaces run by `wireguard`. The tests
 /// themselves fail under CI=true when it is not installed (see [`crate::lab::can_run`]).
+///
+/// Built as the host step builds (`--workspace`): `-p wirescope` unifies features
+/// differently, so it would relink target/debug/wirescope while the VM step runs. xtask's
+/// own `lab` target has no `kernel::` test.
 fn lab_kernel_on(wireguard: WgImpl) -> (Counts, Result<()>) {
     cargo_test_env(
-        &["-p", "wirescope", "--test", "lab"],
+        &["--workspace", "--exclude", "agent-ebpf", "--test", "lab"],
         &["kernel::", "--test-threads=1"],
         &[(WG_IMPL_ENV, wireguard.as_str())],
     )

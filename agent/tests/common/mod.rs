@@ -523,9 +523,16 @@ pub const COUNTER_FAMILIES: [&str; 4] = [
     "wirescope_wire_bytes_total",
 ];
 
-/// The agent binary under test.
+/// The agent binary under test: the one cargo built with the tests, or a copy named by
+/// [`xtask::agent::AGENT_BIN_ENV`] (the VMs run a copy, which a rebuild on the host cannot
+/// change under them).
 pub fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_wirescope"))
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os(xtask::agent::AGENT_BIN_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wirescope")))
+    })
 }
 
 /// The agent's log file `wirescope-{log}.log` in the temp dir.

@@ -16,8 +16,9 @@ use nix::unistd::Pid;
 
 use super::install::{Kernel, Tools, path_with};
 use super::report::{VmReport, parse_guest_log};
-use super::suites::Suite;
+use super::suites::{Build, Suite};
 use super::{VM_CPUS, VM_MEMORY};
+use crate::agent::AGENT_BIN_ENV;
 use crate::cmd;
 use crate::lab::WG_IMPL_ENV;
 
@@ -112,21 +113,22 @@ echo "{MARK} suite-end {label} $rc $(cut -d' ' -f1 /proc/uptime)""#,
 pub fn run_vm(
     tools: &Tools,
     kernel: &Kernel,
-    suites: &[Suite],
+    build: &Build,
     timeout: Duration,
 ) -> Result<VmReport> {
     let root = crate::build::repo_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let out = target.join("vm").join(kernel.series);
+    let suites = &build.suites;
+    let out = super::target_dir().join("vm").join(kernel.series);
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("tmp"))
         .with_context(|| format!("creating {}", out.display()))?;
     // CI=true inside whatever the host has: a suite that skips in the VM proves nothing.
-    let mut env = vec![("CI", "true".to_owned())];
+    let mut env = vec![
+        ("CI", "true".to_owned()),
+        (AGENT_BIN_ENV, build.agent.display().to_string()),
+    ];
     if let Ok(v) = std::env::var(WG_IMPL_ENV) {
         env.push((WG_IMPL_ENV, v));
     }

@@ -45,7 +45,9 @@ pub use install::{
     parse_madison, policy_has_suite, prepare,
 };
 pub use report::{GuestRun, SuiteResult, VmReport, parse_guest_log};
-pub use suites::{Artifact, Suite, build_suites, parse_artifacts, pick_tiers, test_args};
+pub use suites::{
+    Artifact, Build, Suite, agent_binary, build_suites, parse_artifacts, pick_tiers, test_args,
+};
 
 /// virtme-ng from PyPI, pinned.
 pub const VNG_VERSION: &str = "1.42";
@@ -70,9 +72,6 @@ pub struct Tier {
     pub test: &'static str,
     /// Only the tests whose names contain this (a module path, e.g. `kernel::`).
     pub filter: Option<&'static str>,
-    /// Tests (exact names) of the tier not run in the VMs, each a known failure there that
-    /// an open issue names; they still run on the host.
-    pub skip: &'static [&'static str],
 }
 
 impl Tier {
@@ -83,7 +82,6 @@ impl Tier {
             package,
             test,
             filter,
-            ..
         } = self;
         match filter {
             Some(f) => format!("{package}/tests/{test}[{f}]"),
@@ -107,37 +105,21 @@ pub const TIERS: &[Tier] = &[
         package: "xtask",
         test: "lab",
         filter: None,
-        skip: &[],
     },
     Tier {
         package: "xtask",
         test: "impair",
         filter: None,
-        skip: &[],
     },
     Tier {
         package: "agent",
         test: "datapath",
         filter: None,
-        skip: &[],
     },
     Tier {
         package: "agent",
         test: "lab",
         filter: Some(LAB_KERNEL),
-        // Stopgap, open in issue 13: in the last clean-clone run on 9896ca1+ the agent
-        // exited with SIGSEGV before its first log line in these seven (every kernel:: test
-        // after kernel::path in the VM; the thirteen before passed, and all twenty pass on
-        // the host with three WireGuard implementations). Remove once the crash is found.
-        skip: &[
-            "kernel::restart::interfaces_gone_while_down_keep_their_names",
-            "kernel::restart::sigkill_restart_keeps_counters",
-            "kernel::tunnel::multihop_counts_each_layer_exactly",
-            "kernel::tunnel::resync_reattach_and_coexistence",
-            "kernel::tunnel::single_hop_counts_are_exact",
-            "kernel::tunnel::tcp_overhead_per_packet_within_formula_bounds",
-            "kernel::tunnel::wire_health_under_impairment",
-        ],
     },
 ];
 
@@ -207,10 +189,10 @@ pub struct VmArgs {
 pub fn run(args: &VmArgs) -> Result<()> {
     let series = args.kernel.series();
     let (tools, kernels) = prepare(&series)?;
-    let suites = build_suites(args.filter.as_deref())?;
+    let build = build_suites(args.filter.as_deref())?;
     let mut reports = Vec::new();
     for k in &kernels {
-        let report = run_vm(&tools, k, &suites, timeout(args.timeout))?;
+        let report = run_vm(&tools, k, &build, timeout(args.timeout))?;
         reports.push(report);
     }
     println!("\n==> vm-test summary");
@@ -226,6 +208,13 @@ pub fn run(args: &VmArgs) -> Result<()> {
         bail!("vm-test failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// cargo's target directory: CARGO_TARGET_DIR or the workspace's `target/`.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::build::repo_root().join("target"))
 }
 
 fn timeout(secs: u64) -> Duration {
@@ -257,7 +246,7 @@ pub fn test_step(series_name: &str) -> (Counts, Result<()>) {
         }
     };
     let res =
-        build_suites(None).and_then(|suites| run_vm(&tools, &kernels[0], &suites, timeout(1800)));
+        build_suites(None).and_then(|build| run_vm(&tools, &kernels[0], &build, timeout(1800)));
     match res {
         Ok(report) => {
             print!("{}", report.summary());

@@ -36,10 +36,25 @@ pub struct Suite {
     pub args: Vec<String>,
 }
 
+/// What the VMs run: the suites and the agent binary their tests start, each a copy under
+/// `target/vm/bin/` (see [`build_suites`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Build {
+    pub suites: Vec<Suite>,
+    /// The `wirescope` binary the guest's tests start, passed as [`crate::agent::AGENT_BIN_ENV`].
+    pub agent: PathBuf,
+}
+
 /// Builds every test binary as the host's `cargo test --workspace` does (so nothing is
 /// rebuilt after it) and returns those of [`TIERS`], each with the arguments that pick its
 /// tests: the tier's filter and `filter` (see [`test_args`]).
-pub fn build_suites(filter: Option<&str>) -> Result<Vec<Suite>> {
+///
+/// The binaries are copied to `target/vm/bin/` and the guest runs the copies: the guest
+/// reads the host's files through 9p, and a cargo run on the host that relinks
+/// `target/debug/wirescope` while a VM runs (`cargo test -p wirescope` unifies features
+/// differently from `--workspace`, so it relinks it) made every later agent start in the
+/// guest die with SIGSEGV before its first log line.
+pub fn build_suites(filter: Option<&str>) -> Result<Build> {
     println!("vm-test: building the test binaries on the host");
     let mut c = cargo();
     c.args([
@@ -57,18 +72,58 @@ pub fn build_suites(filter: Option<&str>) -> Result<Vec<Suite>> {
         bail!("`{}` failed ({})", cmd::describe(&c), out.status);
     }
     let root = crate::build::repo_root();
-    let artifacts = parse_artifacts(&String::from_utf8_lossy(&out.stdout), &root);
+    let json = String::from_utf8_lossy(&out.stdout);
+    let artifacts = parse_artifacts(&json, &root);
+    let agent = agent_binary(&json).ok_or_else(|| {
+        anyhow!("cargo test --workspace --no-run built no `wirescope` binary for the VM's tests")
+    })?;
+    let snapshot = super::target_dir().join("vm").join("bin");
+    if snapshot.exists() {
+        std::fs::remove_dir_all(&snapshot)
+            .with_context(|| format!("clearing {}", snapshot.display()))?;
+    }
+    std::fs::create_dir_all(&snapshot)
+        .with_context(|| format!("creating {}", snapshot.display()))?;
+    let copy = |exe: &Path| -> Result<PathBuf> {
+        let name = exe.file_name().ok_or_else(|| {
+            anyhow!(
+                "cargo named a binary without a file name: {}",
+                exe.display()
+            )
+        })?;
+        let to = snapshot.join(name);
+        std::fs::copy(exe, &to)
+            .with_context(|| format!("copying {} to {}", exe.display(), to.display()))?;
+        Ok(to)
+    };
     let mut suites = Vec::new();
     for (tier, a) in pick_tiers(TIERS, &artifacts)? {
         let args = test_args(tier, filter, || list_tests(a))?;
         suites.push(Suite {
             label: tier.label(),
-            exe: a.exe.clone(),
+            exe: copy(&a.exe)?,
             cwd: a.cwd.clone(),
             args,
         });
     }
-    Ok(suites)
+    Ok(Build {
+        suites,
+        agent: copy(&agent)?,
+    })
+}
+
+/// The `wirescope` binary in cargo's JSON messages (the agent's bin target).
+pub fn agent_binary(json_lines: &str) -> Option<PathBuf> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "wirescope")
+        .filter(|v| {
+            v["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
 }
 
 /// The integration test executables (test targets, not the unit tests of a library or
@@ -137,18 +192,14 @@ pub fn test_args(
     filter: Option<&str>,
     list: impl FnOnce() -> Result<String>,
 ) -> Result<Vec<String>> {
-    let skip = tier
-        .skip
-        .iter()
-        .flat_map(|n| ["--skip".to_owned(), (*n).to_owned()]);
     Ok(match (tier.filter, filter) {
-        (None, None) => skip.collect(),
-        (Some(f), None) | (None, Some(f)) => std::iter::once(f.to_owned()).chain(skip).collect(),
+        (None, None) => Vec::new(),
+        (Some(f), None) | (None, Some(f)) => vec![f.to_owned()],
         (Some(t), Some(u)) => {
             let names: Vec<String> = list()?
                 .lines()
                 .filter_map(|l| l.strip_suffix(": test"))
-                .filter(|n| n.contains(t) && n.contains(u) && !tier.skip.contains(n))
+                .filter(|n| n.contains(t) && n.contains(u))
                 .map(str::to_owned)
                 .collect();
             let mut args = vec!["--exact".to_owned()];

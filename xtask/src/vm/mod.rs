@@ -14,8 +14,9 @@
 //!
 //! Each kernel boots with `vng --run /boot/vmlinuz-RELEASE --disable-kvm` (software
 //! emulation: /dev/kvm hangs on this machine). The guest sees the host's root filesystem
-//! read-only with writable overlays (/tmp, /etc, /var, ...; /run is a tmpfs), so the test
-//! binaries under target/ run where cargo built them. The guest runs a script written to
+//! read-only with writable overlays (/tmp, /etc, /var, ...; /run is a tmpfs); the test
+//! binaries and the agent run from copies in `target/vm/bin/`, which no cargo run on the
+//! host relinks under the guest (see [`build_suites`]). The guest runs a script written to
 //! `target/vm/SERIES/run.sh`: it loads tun, wireguard and sch_netem, mounts tracefs and
 //! bpffs where missing, prints what the kernel has, then runs the test binary of each tier
 //! of [`TIERS`] with `--test-threads=1` and the tier's filter from its package directory. Everything it prints goes to

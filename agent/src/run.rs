@@ -518,8 +518,16 @@ fn collectors(
         inv.clone(),
         endpoints.clone(),
     ));
-    let health = Arc::new(HealthCollector::new(dp.clone(), inv.clone()));
-    let transit = Arc::new(TransitCollector::new(dp.clone(), inv.clone()));
+    let health = Arc::new(HealthCollector::new(
+        dp.clone(),
+        inv.clone(),
+        cfg.peer_histograms,
+    ));
+    let transit = Arc::new(TransitCollector::new(
+        dp.clone(),
+        inv.clone(),
+        cfg.peer_histograms,
+    ));
     let path = Arc::new(PathCollector::new(dp.clone(), inv.clone()));
     let leaks = Arc::new(LeakCollector::new(dp.clone(), inv.clone()));
     let drops_collector = Arc::new(DropsCollector::new(dp.clone(), reasons, inv.clone()));

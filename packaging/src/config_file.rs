@@ -82,6 +82,7 @@ pub fn values() -> Vec<(&'static str, Shown)> {
         ("probe-timeout", d(agent::DEFAULT_PROBE_TIMEOUT)),
         // On unless `off`; the agent has no constant for it.
         ("transit-time", s("on")),
+        ("peer-histograms", s("on")),
         ("pmtu-interval", d(agent::DEFAULT_PMTU_INTERVAL)),
         (
             "failover-command",

@@ -229,6 +229,17 @@ pub struct RunArgs {
     )]
     pub transit_time: Option<String>,
 
+    /// `off` exports the histograms wirescope_tunnel_transit_seconds and
+    /// wirescope_handshake_rtt_seconds per interface (summed over its peers, no `peer` label)
+    /// instead of per peer: about 50 series less per active peer, for relays and gateways
+    /// that cannot take the cardinality; counters stay per peer [default: on]
+    #[arg(
+        long = "peer-histograms",
+        value_name = "on|off",
+        env = "WIRESCOPE_PEER_HISTOGRAMS"
+    )]
+    pub peer_histograms: Option<String>,
+
     /// Time between two path-MTU searches to each target (also run on an ICMP too-big), or
     /// `off` for none [default: 5m]
     #[arg(
@@ -435,8 +446,8 @@ mod tests {
                 checked += 1;
             }
         }
-        // run's 34 options, status's and doctor's agent address (3 each), doctor's 2 tools.
-        assert_eq!(checked, 34 + 3 + 3 + 2);
+        // run's 35 options, status's and doctor's agent address (3 each), doctor's 2 tools.
+        assert_eq!(checked, 35 + 3 + 3 + 2);
     }
 
     /// What the environment gives, in a child process of this test binary (the environment

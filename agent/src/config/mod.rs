@@ -44,19 +44,26 @@
 pub mod cli;
 pub mod friendly;
 pub mod obfuscation;
+pub mod values;
 pub mod web;
 
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     io::Read as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use ipnet::IpNet;
 use serde::Deserialize;
+
+use values::{
+    check_hosts, check_ifaces, check_telemetry_path, on_off, parse_cidrs, parse_log_level,
+    parse_percent, parse_probe,
+};
+pub use values::{is_ifname, parse_duration, parse_listen_address};
 
 use cli::{DEFAULT_LISTEN_ADDRESS, DEFAULT_LOG_LEVEL, DEFAULT_TELEMETRY_PATH, RunArgs};
 
@@ -140,6 +147,8 @@ pub struct RunConfig {
     pub export_endpoints: bool,
     /// `--transit-time`: time packets through WireGuard (on by default).
     pub transit_time: bool,
+    /// `--peer-histograms`: histograms per peer (on by default) or per interface.
+    pub peer_histograms: bool,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
     pub state_dir: PathBuf,
@@ -497,22 +506,11 @@ impl RunConfig {
             wg_configs,
             friendly_names,
             export_endpoints: args.export_endpoints || file.export_endpoints.unwrap_or(false),
-            transit_time: match pick(&args.transit_time, file.transit_time) {
-                (None, _) => true,
-                (Some(v), origin) => match v.trim() {
-                    "on" => true,
-                    "off" => false,
-                    _ => {
-                        return Err(ConfigError::Invalid {
-                            key: "transit-time",
-                            origin,
-                            value: v,
-                            problem: "is neither on nor off".into(),
-                            accepted: "accepted: on (the default) or off".into(),
-                        });
-                    }
-                },
-            },
+            transit_time: on_off("transit-time", pick(&args.transit_time, file.transit_time))?,
+            peer_histograms: on_off(
+                "peer-histograms",
+                pick(&args.peer_histograms, file.peer_histograms),
+            )?,
             log_level,
             log_format,
             collectors,
@@ -539,6 +537,7 @@ struct FileConfig {
     wg_config: Option<Vec<PathBuf>>,
     export_endpoints: Option<bool>,
     transit_time: Option<String>,
+    peer_histograms: Option<String>,
     /// The old spelling of `log.level`.
     log_level: Option<String>,
     /// `log.level`, `log.format` (a table, as TOML reads the dotted keys).
@@ -622,67 +621,6 @@ fn load_toml(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// IP:PORT, [IPv6]:PORT, localhost:PORT, or :PORT (every address: `[::]`, which on Linux
-/// also accepts IPv4 unless IPv6 is off; the server then falls back to 0.0.0.0).
-pub fn parse_listen_address(value: &str, origin: Origin) -> Result<SocketAddr, ConfigError> {
-    let invalid = |problem: &str| {
-        ConfigError::Invalid {
-        key: "web.listen-address",
-        origin: origin.clone(),
-        value: value.to_owned(),
-        problem: problem.to_owned(),
-        accepted: "accepted: IP:PORT, [IPv6]:PORT, localhost:PORT or :PORT, e.g. 127.0.0.1:9586, [::1]:9586, :9586".into(),
-    }
-    };
-    if let Ok(addr) = value.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let Some((host, port)) = value.rsplit_once(':') else {
-        return Err(invalid("has no :PORT"));
-    };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| invalid("has no valid port (0-65535)"))?;
-    let ip = match host {
-        "" => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        h if h.parse::<Ipv6Addr>().is_ok() => {
-            return Err(invalid("is an IPv6 address without brackets"));
-        }
-        _ => {
-            return Err(invalid(
-                "is not an IP address (host names are not resolved)",
-            ));
-        }
-    };
-    Ok(SocketAddr::new(ip, port))
-}
-
-fn check_telemetry_path(value: &str, origin: Origin) -> Result<String, ConfigError> {
-    let invalid = |problem: &str| ConfigError::Invalid {
-        key: "web.telemetry-path",
-        origin: origin.clone(),
-        value: value.to_owned(),
-        problem: problem.to_owned(),
-        accepted: "accepted: a path starting with '/' made of printable ASCII without '?', '#' or \
-                   spaces, other than /, /healthz and /api/v1/status, e.g. /metrics"
-            .into(),
-    };
-    if !value.starts_with('/') {
-        return Err(invalid("does not start with '/'"));
-    }
-    if value
-        .bytes()
-        .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
-    {
-        return Err(invalid("contains a character not allowed in a path"));
-    }
-    if RESERVED_PATHS.contains(&value) {
-        return Err(invalid("is already served by wirescope"));
-    }
-    Ok(value.to_owned())
-}
-
 /// `--log.format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
@@ -744,89 +682,6 @@ fn logfmt_value(v: &str) -> String {
     }
     out.push('"');
     out
-}
-
-fn parse_log_level(value: &str, origin: Origin) -> Result<log::LevelFilter, ConfigError> {
-    use log::LevelFilter::*;
-    Ok(match value.to_ascii_lowercase().as_str() {
-        "error" => Error,
-        "warn" => Warn,
-        "info" => Info,
-        "debug" => Debug,
-        "trace" => Trace,
-        _ => {
-            return Err(ConfigError::Invalid {
-                key: "log-level",
-                origin,
-                value: value.to_owned(),
-                problem: "is not a log level".into(),
-                accepted: "accepted: error, warn, info, debug, trace".into(),
-            });
-        }
-    })
-}
-
-/// `--web.allowed-host` values: DNS names or IP literals (`[::1]` style for IPv6 too),
-/// without a port; kept lower case without a trailing dot, as the Host check compares them.
-fn check_hosts(names: Vec<String>, origin: &Origin) -> Result<Vec<String>, ConfigError> {
-    let mut out: Vec<String> = Vec::with_capacity(names.len());
-    for name in names {
-        let norm = name.trim_end_matches('.').to_ascii_lowercase();
-        let bracketed = norm.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
-        let bare = bracketed.unwrap_or(&norm);
-        let is_ip = match bracketed {
-            Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
-            None => bare.parse::<std::net::IpAddr>().is_ok(),
-        };
-        let is_dns = !norm.is_empty()
-            && norm.len() <= 253
-            && norm.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !is_ip && !is_dns {
-            return Err(ConfigError::Invalid {
-                key: "web.allowed-host",
-                origin: origin.clone(),
-                value: name,
-                problem: "is not a host name or IP address".into(),
-                accepted: "accepted: a DNS name or an IP address without a port, e.g. \
-                           metrics.example.net, 192.0.2.7 or ::1"
-                    .into(),
-            });
-        }
-        let norm = bare.to_owned();
-        if !out.contains(&norm) {
-            out.push(norm);
-        }
-    }
-    Ok(out)
-}
-
-fn check_ifaces(
-    key: &'static str,
-    names: Vec<String>,
-    origin: &Origin,
-) -> Result<Vec<String>, ConfigError> {
-    let mut out: Vec<String> = Vec::with_capacity(names.len());
-    for name in names {
-        if !is_ifname(&name) {
-            return Err(ConfigError::Invalid {
-                key,
-                origin: origin.clone(),
-                value: name,
-                problem: "is not an interface name".into(),
-                accepted: "accepted: 1 to 15 bytes without '/', ':', spaces or NUL, e.g. wg0"
-                    .into(),
-            });
-        }
-        if !out.contains(&name) {
-            out.push(name);
-        }
-    }
-    Ok(out)
 }
 
 /// `--web.config.file`, in the exporter-toolkit format (same keys, unknown keys refused as
@@ -999,120 +854,8 @@ fn is_bcrypt_hash(h: &str) -> bool {
             .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'/')
 }
 
-/// CIDRs (`192.168.0.0/16`, `fd00::/8`) or single addresses (a /32 or /128). Host bits
-/// are cleared; duplicates dropped.
-/// A positive duration such as `500ms`, `5s`, `2m` or `1h 30m`.
-pub fn parse_duration(
-    key: &'static str,
-    value: &str,
-    origin: Origin,
-) -> Result<Duration, ConfigError> {
-    let invalid = |problem: String| ConfigError::Invalid {
-        key,
-        origin: origin.clone(),
-        value: value.to_owned(),
-        problem,
-        accepted: "accepted: a number with a unit (ms, s, m, h), e.g. 500ms, 5s, 2m".into(),
-    };
-    let d = humantime::parse_duration(value.trim())
-        .map_err(|e| invalid(format!("is not a duration ({e})")))?;
-    if d.is_zero() {
-        return Err(invalid("is zero".into()));
-    }
-    Ok(d)
-}
-
-/// A percentage in [0, 100].
-fn parse_percent(key: &'static str, value: &str, origin: Origin) -> Result<f64, ConfigError> {
-    match value.trim().trim_end_matches('%').parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
-        _ => Err(ConfigError::Invalid {
-            key,
-            origin,
-            value: value.to_owned(),
-            problem: "is not a percentage".into(),
-            accepted: "accepted: a number from 0 to 100, e.g. 2 or 0.5".into(),
-        }),
-    }
-}
-
-/// TARGET[@IFACE]: an IPv4 or IPv6 address, optionally the interface to probe through.
-fn parse_probe(value: &str, origin: &Origin) -> Result<ProbeTarget, ConfigError> {
-    let invalid = |problem: &str| {
-        ConfigError::Invalid {
-        key: "probe",
-        origin: origin.clone(),
-        value: value.to_owned(),
-        problem: problem.to_owned(),
-        accepted: "accepted: ADDRESS or ADDRESS@IFACE, e.g. 10.64.0.1@wg0-mullvad or fc00:bbbb:bbbb:bb01::1".into(),
-    }
-    };
-    let (addr, iface) = match value.trim().split_once('@') {
-        Some((a, i)) => (a, Some(i)),
-        None => (value.trim(), None),
-    };
-    let target = addr
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .map_err(|_| invalid("is not an IP address (host names are not resolved)"))?;
-    let iface = match iface {
-        Some(i) if i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) => {
-            return Err(invalid("has no valid interface name after @"));
-        }
-        Some(i) => Some(i.to_owned()),
-        None => None,
-    };
-    Ok(ProbeTarget { target, iface })
-}
-
-fn parse_cidrs(
-    key: &'static str,
-    values: Vec<String>,
-    origin: &Origin,
-) -> Result<Vec<IpNet>, ConfigError> {
-    let mut out: Vec<IpNet> = Vec::with_capacity(values.len());
-    for v in values {
-        let net = match v.trim().parse::<IpNet>() {
-            Ok(n) => n.trunc(),
-            Err(_) => match v.trim().parse::<IpAddr>() {
-                Ok(a) => IpNet::from(a),
-                Err(_) => {
-                    return Err(ConfigError::Invalid {
-                        key,
-                        origin: origin.clone(),
-                        value: v,
-                        problem: "is not a CIDR".into(),
-                        accepted: "accepted: an IPv4 or IPv6 network ADDRESS/PREFIX or a single address, e.g. 192.168.0.0/16, fd00::/8, 10.0.0.1"
-                            .into(),
-                    });
-                }
-            },
-        };
-        if !out.contains(&net) {
-            out.push(net);
-        }
-    }
-    Ok(out)
-}
-
 /// Where the agent keeps what must survive it (the endpoint salt), unless `--state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/wirescope";
-
-/// The longest Linux interface name (IFNAMSIZ less the NUL).
-const IFNAME_MAX: usize = 15;
-
-/// Whether `name` can be a Linux interface name. Checked before a name is used in a path
-/// (a UAPI socket is /var/run/wireguard/NAME.sock), so no name can point outside it.
-pub fn is_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= IFNAME_MAX
-        && name != "."
-        && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
-}
 
 #[cfg(test)]
 mod tests;

@@ -649,6 +649,32 @@ fn transit_time_on_off() {
     assert!(c.transit_time);
 }
 
+#[test]
+fn peer_histograms_on_off() {
+    assert!(config(&[]).unwrap().peer_histograms);
+    assert!(
+        !config(&["--peer-histograms", "off"])
+            .unwrap()
+            .peer_histograms
+    );
+    let e = config(&["--peer-histograms", "aggregate"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--peer-histograms: \"aggregate\" is neither on nor off")
+            && e.contains("accepted: on (the default) or off"),
+        "{e}"
+    );
+    let d = Dir::new("peer-hist-toml");
+    let f = d.file("c.toml", "peer-histograms = \"off\"\n");
+    assert!(!config(&["--config", &f]).unwrap().peer_histograms);
+    assert!(
+        config(&["--config", &f, "--peer-histograms", "on"])
+            .unwrap()
+            .peer_histograms
+    );
+}
+
 /// `--web.allowed-host` (repeatable; `[web] allowed-host = [...]` in the file): names and
 /// addresses kept lower case without a trailing dot or brackets; anything else is refused
 /// with the option, the value and what is accepted, exit 2.

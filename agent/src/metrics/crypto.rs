@@ -54,6 +54,15 @@ impl Default for Series {
 }
 
 impl Series {
+    /// Adds `other`'s observations (a histogram summed over label sets).
+    pub fn merge(&mut self, other: &Series) {
+        for (b, o) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *b += o;
+        }
+        self.count += other.count;
+        self.sum_ns += other.sum_ns;
+    }
+
     /// Cumulative (le, count) pairs for the exported bounds. A duration in log2 bucket b
     /// lies in [2^b, 2^(b+1)) ns, so it counts under every bound >= 2^(b+1).
     pub fn cumulative(&self) -> Vec<(f64, u64)> {

@@ -2,7 +2,8 @@
 //! `wirescope_rx_counter_gaps_total`, `wirescope_rx_late_packets_total` and
 //! `wirescope_rx_implausible_counter_jumps_total`, read from the
 //! health maps (and the agent's timeout counts, [`crate::datapath::health`]) on every
-//! scrape, summed by label set.
+//! scrape, summed by label set. With `--peer-histograms off` the round-trip histogram is
+//! per interface (no `peer` label); the counters stay per peer.
 
 use std::{
     collections::BTreeMap,
@@ -32,15 +33,37 @@ const LAST_BOUND_LOG2: u8 = 33;
 pub struct HealthCollector {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
+    /// `--peer-histograms`: a round-trip series per peer, or per interface.
+    per_peer: bool,
 }
 
 impl HealthCollector {
-    pub fn new(datapath: Arc<Mutex<Datapath>>, inventory: Arc<RwLock<Inventory>>) -> Self {
+    pub fn new(
+        datapath: Arc<Mutex<Datapath>>,
+        inventory: Arc<RwLock<Inventory>>,
+        per_peer: bool,
+    ) -> Self {
         Self {
             datapath,
             inventory,
+            per_peer,
         }
     }
+}
+
+/// The exported round-trip series: per (interface, peer), or summed per interface.
+pub fn rtt_series(rtt: &BTreeMap<Key, Series>, per_peer: bool) -> Vec<(Labels, Series)> {
+    if per_peer {
+        return rtt.iter().map(|(k, s)| (labels(k), s.clone())).collect();
+    }
+    let mut by_iface: BTreeMap<&str, Series> = BTreeMap::new();
+    for ((interface, _), s) in rtt {
+        by_iface.entry(interface).or_default().merge(s);
+    }
+    by_iface
+        .into_iter()
+        .map(|(i, s)| (vec![("interface", i.to_owned())], s))
+        .collect()
 }
 
 type Key = (String, String);
@@ -127,14 +150,13 @@ impl Collector for HealthCollector {
                 None,
                 MetricType::Histogram,
             )?;
-            for (k, series) in &s.rtt {
-                fam.encode_family(&labels(k))?
-                    .encode_histogram::<NoLabelSet>(
-                        series.sum_ns as f64 / 1e9,
-                        series.count,
-                        &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
-                        None,
-                    )?;
+            for (l, series) in rtt_series(&s.rtt, self.per_peer) {
+                fam.encode_family(&l)?.encode_histogram::<NoLabelSet>(
+                    series.sum_ns as f64 / 1e9,
+                    series.count,
+                    &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+                    None,
+                )?;
             }
         }
         encode_counters(
@@ -163,5 +185,39 @@ impl Collector for HealthCollector {
              neither counted as gaps nor followed",
             s.implausible.iter().map(|(k, n)| (labels(k), *n)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--peer-histograms off`: the round trips of an interface's peers in one series
+    /// labelled by the interface alone.
+    #[test]
+    fn per_interface_round_trips_sum_the_peers() {
+        let mut rtt = BTreeMap::new();
+        let mut a = Series::default();
+        a.buckets[20] = 2;
+        a.count = 2;
+        a.sum_ns = 3_000_000;
+        let mut b = Series::default();
+        b.buckets[22] = 1;
+        b.count = 1;
+        b.sum_ns = 5_000_000;
+        rtt.insert(("wg0".to_owned(), "A".to_owned()), a.clone());
+        rtt.insert(("wg0".to_owned(), "B".to_owned()), b);
+        rtt.insert(("wg1".to_owned(), "C".to_owned()), a);
+        assert_eq!(rtt_series(&rtt, true).len(), 3);
+        let agg = rtt_series(&rtt, false);
+        assert_eq!(agg.len(), 2);
+        assert_eq!(agg[0].0, vec![("interface", "wg0".to_owned())]);
+        let s = &agg[0].1;
+        assert_eq!(
+            (s.count, s.sum_ns, s.buckets[20], s.buckets[22]),
+            (3, 8_000_000, 2, 1)
+        );
+        assert_eq!(agg[1].0, vec![("interface", "wg1".to_owned())]);
+        assert_eq!(agg[1].1.count, 2);
     }
 }

@@ -1,7 +1,8 @@
 //! `wirescope_tunnel_transit_seconds`: the time between an IP packet on the tunnel interface
 //! and its encrypted (tx) or decrypted (rx) WireGuard message on the carrying interface,
 //! from the transit histogram ([`crate::datapath::transit`]) on every scrape, summed by
-//! label set. Empty with `--transit-time off`.
+//! label set. Empty with `--transit-time off`; per interface and direction (no `peer`
+//! label) with `--peer-histograms off`.
 
 use std::{
     collections::BTreeMap,
@@ -30,16 +31,23 @@ const LAST_BOUND_LOG2: u8 = 31;
 pub struct TransitCollector {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
+    /// `--peer-histograms`: a series per peer, or per interface.
+    per_peer: bool,
 }
 
 /// The series by (interface, peer, direction).
 pub type Snapshot = BTreeMap<(String, String, &'static str), Series>;
 
 impl TransitCollector {
-    pub fn new(datapath: Arc<Mutex<Datapath>>, inventory: Arc<RwLock<Inventory>>) -> Self {
+    pub fn new(
+        datapath: Arc<Mutex<Datapath>>,
+        inventory: Arc<RwLock<Inventory>>,
+        per_peer: bool,
+    ) -> Self {
         Self {
             datapath,
             inventory,
+            per_peer,
         }
     }
 
@@ -73,6 +81,38 @@ impl TransitCollector {
     }
 }
 
+/// The exported series: `s` as it is, or summed per (interface, direction) with the peer
+/// left out of the labels.
+pub fn series(s: &Snapshot, per_peer: bool) -> Vec<(Labels, Series)> {
+    if per_peer {
+        return s
+            .iter()
+            .map(|((interface, peer, dir), series)| {
+                let l: Labels = vec![
+                    ("interface", interface.clone()),
+                    ("peer", peer.clone()),
+                    ("direction", dir.to_string()),
+                ];
+                (l, series.clone())
+            })
+            .collect();
+    }
+    let mut by_iface: BTreeMap<(&str, &str), Series> = BTreeMap::new();
+    for ((interface, _, dir), series) in s {
+        by_iface.entry((interface, dir)).or_default().merge(series);
+    }
+    by_iface
+        .into_iter()
+        .map(|((interface, dir), series)| {
+            let l: Labels = vec![
+                ("interface", interface.to_owned()),
+                ("direction", dir.to_owned()),
+            ];
+            (l, series)
+        })
+        .collect()
+}
+
 impl Collector for TransitCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.snapshot();
@@ -82,12 +122,7 @@ impl Collector for TransitCollector {
             None,
             MetricType::Histogram,
         )?;
-        for ((interface, peer, dir), series) in &s {
-            let l: Labels = vec![
-                ("interface", interface.clone()),
-                ("peer", peer.clone()),
-                ("direction", dir.to_string()),
-            ];
+        for (l, series) in series(&s, self.per_peer) {
             fam.encode_family(&l)?.encode_histogram::<NoLabelSet>(
                 series.sum_ns as f64 / 1e9,
                 series.count,
@@ -96,5 +131,55 @@ impl Collector for TransitCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(bucket: usize, n: u64, sum_ns: u64) -> Series {
+        let mut s = Series::default();
+        s.buckets[bucket] = n;
+        s.count = n;
+        s.sum_ns = sum_ns;
+        s
+    }
+
+    /// `--peer-histograms off`: one series per (interface, direction), the peers' buckets,
+    /// counts and sums added, no `peer` label; on: the snapshot as it is.
+    #[test]
+    fn per_interface_series_sum_the_peers() {
+        let mut s = Snapshot::new();
+        s.insert(("wg0".into(), "A".into(), "tx"), obs(12, 3, 9_000));
+        s.insert(("wg0".into(), "B".into(), "tx"), obs(12, 2, 5_000));
+        s.insert(("wg0".into(), "B".into(), "rx"), obs(14, 1, 20_000));
+        s.insert(("wg1".into(), "C".into(), "tx"), obs(11, 4, 8_000));
+        assert_eq!(series(&s, true).len(), 4);
+        let agg = series(&s, false);
+        let labels: Vec<&Labels> = agg.iter().map(|(l, _)| l).collect();
+        assert_eq!(
+            labels,
+            [
+                &vec![
+                    ("interface", "wg0".to_owned()),
+                    ("direction", "rx".to_owned())
+                ],
+                &vec![
+                    ("interface", "wg0".to_owned()),
+                    ("direction", "tx".to_owned())
+                ],
+                &vec![
+                    ("interface", "wg1".to_owned()),
+                    ("direction", "tx".to_owned())
+                ],
+            ]
+        );
+        let wg0_tx = &agg[1].1;
+        assert_eq!(
+            (wg0_tx.count, wg0_tx.sum_ns, wg0_tx.buckets[12]),
+            (5, 14_000, 5)
+        );
+        assert_eq!((agg[0].1.count, agg[2].1.count), (1, 4));
     }
 }

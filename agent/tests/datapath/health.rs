@@ -221,14 +221,27 @@ fn counter_gaps_and_late_messages_per_session() {
         .insert(RELAY, ("wg0".into(), RELAY_KEY.to_string()));
     lab.run(Dir::Tx, &wg::initiation(0x7777));
     lab.run(Dir::Rx, &wg::response(0x8888, 0x7777));
-    let (text, _dp) = lab.dp.shared(|dp| {
+    let encode = |dp, inv, per_peer| {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(HealthCollector::new(
             dp,
             Arc::new(RwLock::new(inv)),
+            per_peer,
         )));
         metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
-    });
+    };
+    let (text, dp) = lab.dp.shared(|dp| encode(dp, inv.clone(), true));
+    // `--peer-histograms off`: the round trip per interface, the counters still per peer.
+    let (per_iface, _dp) = dp.shared(|dp| encode(dp, inv.clone(), false));
+    assert!(
+        per_iface.contains("wirescope_handshake_rtt_seconds_count{interface=\"wh-under\"} 1")
+            && !per_iface
+                .contains("wirescope_handshake_rtt_seconds_count{interface=\"wh-under\",peer")
+            && per_iface.contains(&format!(
+                "wirescope_rx_counter_gaps_total{{interface=\"wh-under\",peer=\"{RELAY_KEY}\"}} 3"
+            )),
+        "{per_iface}"
+    );
     let labels = format!("interface=\"wh-under\",peer=\"{RELAY_KEY}\"");
     for line in [
         format!("wirescope_rx_counter_gaps_total{{{labels}}} 3"),

@@ -10,7 +10,7 @@ use agent_common::maps::HIST_MAX_BUCKET;
 use log::warn;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
+    encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet},
     metrics::MetricType,
 };
 
@@ -35,6 +35,24 @@ impl CryptoCollector {
     }
 }
 
+/// Writes each (labels, series) of a histogram family, with the bounds 2^first to 2^last
+/// ns.
+pub fn encode_histograms<'a, L: EncodeLabelSet + 'a>(
+    fam: &mut MetricEncoder,
+    (first, last): (u8, u8),
+    series: impl IntoIterator<Item = (&'a L, &'a Series)>,
+) -> Result<(), std::fmt::Error> {
+    for (labels, s) in series {
+        fam.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+            s.sum_ns as f64 / 1e9,
+            s.count,
+            &s.encoder_buckets(first, last),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
 /// One series: counts per log2 bucket, total count, total ns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
@@ -54,6 +72,16 @@ impl Default for Series {
 }
 
 impl Series {
+    /// `count` observations in log2 bucket `bucket` (out-of-range buckets count in the
+    /// total only), adding up to `sum_ns`.
+    pub fn add(&mut self, bucket: u32, count: u64, sum_ns: u64) {
+        if let Some(b) = self.buckets.get_mut(bucket as usize) {
+            *b += count;
+        }
+        self.count += count;
+        self.sum_ns += sum_ns;
+    }
+
     /// Adds `other`'s observations (a histogram summed over label sets).
     pub fn merge(&mut self, other: &Series) {
         for (b, o) in self.buckets.iter_mut().zip(other.buckets.iter()) {
@@ -115,12 +143,11 @@ impl Collector for CryptoCollector {
                 .get(&k.ifindex)
                 .cloned()
                 .unwrap_or_else(|| format!("ifindex{}", k.ifindex));
-            let s = series.entry((iface, direction(k.dir))).or_default();
-            if let Some(b) = s.buckets.get_mut(k.bucket as usize) {
-                *b += v.count;
-            }
-            s.count += v.count;
-            s.sum_ns += v.sum_ns;
+            series.entry((iface, direction(k.dir))).or_default().add(
+                k.bucket.into(),
+                v.count,
+                v.sum_ns,
+            );
         }
         let mut fam = encoder.encode_descriptor(
             "wirescope_crypto_seconds",
@@ -128,16 +155,15 @@ impl Collector for CryptoCollector {
             None,
             MetricType::Histogram,
         )?;
-        for ((iface, dir), s) in &series {
-            let labels = [("interface", iface.as_str()), ("direction", *dir)];
-            fam.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                s.sum_ns as f64 / 1e9,
-                s.count,
-                &s.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
-                None,
-            )?;
-        }
-        Ok(())
+        let labeled: Vec<_> = series
+            .iter()
+            .map(|((iface, dir), s)| ([("interface", iface.as_str()), ("direction", *dir)], s))
+            .collect();
+        encode_histograms(
+            &mut fam,
+            (FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+            labeled.iter().map(|(l, s)| (l, *s)),
+        )
     }
 }
 

@@ -12,15 +12,15 @@ use std::{
 
 use agent_common::maps::health::seq;
 use log::warn;
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
 use crate::{
     datapath::Datapath,
-    metrics::{Labels, crypto::Series, encode_counters},
+    metrics::{
+        Labels,
+        crypto::{Series, encode_histograms},
+        encode_counters,
+    },
     sync::inventory::Inventory,
 };
 
@@ -103,12 +103,10 @@ impl HealthCollector {
         let mut s = Snapshot::default();
         for (k, v) in rtt {
             let Some(p) = peer(k.peer) else { continue };
-            let series = s.rtt.entry((iface(k.ifindex), p)).or_default();
-            if let Some(b) = series.buckets.get_mut(k.bucket as usize) {
-                *b += v.count;
-            }
-            series.count += v.count;
-            series.sum_ns += v.sum_ns;
+            s.rtt
+                .entry((iface(k.ifindex), p))
+                .or_default()
+                .add(k.bucket.into(), v.count, v.sum_ns);
         }
         // Every peer with a round trip has a timeout series, at 0 when none timed out.
         for k in s.rtt.keys() {
@@ -150,14 +148,12 @@ impl Collector for HealthCollector {
                 None,
                 MetricType::Histogram,
             )?;
-            for (l, series) in rtt_series(&s.rtt, self.per_peer) {
-                fam.encode_family(&l)?.encode_histogram::<NoLabelSet>(
-                    series.sum_ns as f64 / 1e9,
-                    series.count,
-                    &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
-                    None,
-                )?;
-            }
+            let rtt = rtt_series(&s.rtt, self.per_peer);
+            encode_histograms(
+                &mut fam,
+                (FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+                rtt.iter().map(|(l, s)| (l, s)),
+            )?;
         }
         encode_counters(
             &mut encoder,

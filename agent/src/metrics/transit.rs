@@ -10,15 +10,15 @@ use std::{
 };
 
 use log::warn;
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
 use crate::{
     datapath::Datapath,
-    metrics::{Labels, crypto::Series, direction},
+    metrics::{
+        Labels,
+        crypto::{Series, encode_histograms},
+        direction,
+    },
     sync::inventory::Inventory,
 };
 
@@ -70,12 +70,11 @@ impl TransitCollector {
                 continue;
             };
             let iface = inv.iface_name(k.ifindex);
-            let series = s.entry((iface, peer, direction(k.dir))).or_default();
-            if let Some(b) = series.buckets.get_mut(k.bucket as usize) {
-                *b += v.count;
-            }
-            series.count += v.count;
-            series.sum_ns += v.sum_ns;
+            s.entry((iface, peer, direction(k.dir))).or_default().add(
+                k.bucket.into(),
+                v.count,
+                v.sum_ns,
+            );
         }
         s
     }
@@ -122,15 +121,12 @@ impl Collector for TransitCollector {
             None,
             MetricType::Histogram,
         )?;
-        for (l, series) in series(&s, self.per_peer) {
-            fam.encode_family(&l)?.encode_histogram::<NoLabelSet>(
-                series.sum_ns as f64 / 1e9,
-                series.count,
-                &series.encoder_buckets(FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
-                None,
-            )?;
-        }
-        Ok(())
+        let series = series(&s, self.per_peer);
+        encode_histograms(
+            &mut fam,
+            (FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+            series.iter().map(|(l, s)| (l, s)),
+        )
     }
 }
 

@@ -7,7 +7,7 @@
 //! Prometheus and promtool come from Debian's `prometheus` package (`cargo xtask setup`).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -679,18 +679,162 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
 /// The metric names declared in a contract or README: table rows whose first cell is a
 /// back-quoted name (`| \`wirescope_...\` | ...`).
 pub fn documented_metric_names(markdown: &str) -> BTreeSet<String> {
-    markdown
-        .lines()
-        .filter_map(|l| {
-            let cell = l.trim().strip_prefix("| `")?;
-            let name = cell.split('`').next()?;
-            let ok = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-                && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
-            (ok && name.contains('_')).then(|| name.to_owned())
+    documented_metric_labels(markdown).into_keys().collect()
+}
+
+/// Whether `name` is a metric name as the contract writes them.
+fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name.contains('_')
+}
+
+/// The metrics declared in a contract or README with their labels: table rows whose first
+/// cell holds back-quoted names (one, or several separated by commas), the third cell their
+/// labels (`same`: the row above's; a note in parentheses dropped).
+pub fn documented_metric_labels(markdown: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out = BTreeMap::new();
+    let mut previous = BTreeSet::new();
+    for line in markdown.lines() {
+        let Some(row) = line.trim().strip_prefix('|') else {
+            continue;
+        };
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let Some(first) = cells.first().filter(|c| c.starts_with('`')) else {
+            continue;
+        };
+        let names: Vec<&str> = first
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|n| is_metric_name(n))
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let cell = cells.get(2).copied().unwrap_or("");
+        let labels: BTreeSet<String> = if cell == "same" {
+            previous.clone()
+        } else {
+            cell.split(',')
+                .map(|l| l.split('(').next().unwrap_or("").trim().to_owned())
+                .filter(|l| {
+                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+                .collect()
+        };
+        for n in names {
+            out.insert(n.to_owned(), labels.clone());
+        }
+        previous = labels;
+    }
+    out
+}
+
+/// The `(metric, label)` pairs of the label matchers in `expr` (`metric{label=~"..."}`).
+pub fn selector_labels(expr: &str) -> Vec<(String, String)> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += usize::from(b[i] == b'\\') + 1;
+            }
+        } else if b[i] == b'{' {
+            let name_start = expr[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .map_or(0, |p| p + 1);
+            let metric = expr[name_start..i].to_owned();
+            let mut j = i + 1;
+            let mut label = String::new();
+            let mut in_name = true;
+            while j < b.len() && b[j] != b'}' {
+                match b[j] {
+                    b'"' => {
+                        j += 1;
+                        while j < b.len() && b[j] != b'"' {
+                            j += usize::from(b[j] == b'\\') + 1;
+                        }
+                    }
+                    b'=' | b'!' | b'~' if in_name => {
+                        out.push((metric.clone(), label.trim().to_owned()));
+                        label.clear();
+                        in_name = false;
+                    }
+                    b',' => in_name = true,
+                    c if in_name => label.push(c as char),
+                    _ => {}
+                }
+                j += 1;
+            }
+            i = j;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The labels `expr` names in `by`, `without`, `on`, `ignoring`, `group_left` and
+/// `group_right` lists.
+pub fn grouping_labels(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for kw in [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ] {
+        let mut rest = expr;
+        while let Some(p) = rest.find(kw) {
+            let before = rest[..p].chars().next_back();
+            let after = rest[p + kw.len()..].trim_start();
+            rest = &rest[p + kw.len()..];
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let Some(list) = after.strip_prefix('(') else {
+                continue;
+            };
+            let Some((inside, _)) = list.split_once(')') else {
+                continue;
+            };
+            out.extend(
+                inside
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    out
+}
+
+/// The labels `label_replace(..., "DST", "$1", "SRC", "REGEX")` calls in `expr` create.
+pub fn replaced_labels(expr: &str) -> BTreeSet<String> {
+    expr.match_indices(", \"$1\", \"")
+        .filter_map(|(p, _)| {
+            let head = expr[..p].strip_suffix('"')?;
+            let start = head.rfind('"')?;
+            Some(head[start + 1..].to_owned())
         })
+        .collect()
+}
+
+/// The labels a Grafana legend format shows: `{{label}}`.
+pub fn legend_labels(legend: &str) -> BTreeSet<String> {
+    legend
+        .split("{{")
+        .skip(1)
+        .filter_map(|p| p.split_once("}}"))
+        .map(|(l, _)| l.trim().to_owned())
         .collect()
 }
 
@@ -750,6 +894,42 @@ mod tests {
         let md = "| name | type |\n|---|---|\n| `wirescope_drops_total` | counter |\n| `mullvad_up` | gauge |\n| `--tunnel IFACE` | x |\n";
         let n: Vec<_> = documented_metric_names(md).into_iter().collect();
         assert_eq!(n, ["mullvad_up", "wirescope_drops_total"]);
+    }
+
+    #[test]
+    fn contract_labels() {
+        let md = "| name | type | labels | meaning |\n|---|---|---|---|\n| `wireguard_sent_bytes_total` | counter | interface, public_key, friendly_name (when known) | x |\n| `wireguard_received_bytes_total` | counter | same | y |\n| `mullvad_up` | gauge | | z |\n| `process_cpu_seconds_total`, `process_threads` | counter / gauges | | w |\n| `--tunnel IFACE` | x | y |\n";
+        let l = documented_metric_labels(md);
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(l.len(), 5);
+        assert_eq!(
+            l["wireguard_received_bytes_total"],
+            set(&["interface", "public_key", "friendly_name"])
+        );
+        assert_eq!(l["mullvad_up"], set(&[]));
+        assert_eq!(l["process_threads"], set(&[]));
+        assert!(l.contains_key("process_cpu_seconds_total"));
+    }
+
+    #[test]
+    fn labels_of_an_expression() {
+        let e = r#"label_replace(sum by (instance, peer) (rate(x_total{a=~"$i", b!="}", c="d,e"}[5m])) * on (instance) group_left (hop) y, "key", "$1", "peer", "(.{1,8}).*")"#;
+        assert_eq!(
+            selector_labels(e),
+            [
+                ("x_total".to_string(), "a".to_string()),
+                ("x_total".to_string(), "b".to_string()),
+                ("x_total".to_string(), "c".to_string())
+            ]
+        );
+        let g: Vec<_> = grouping_labels(e).into_iter().collect();
+        assert_eq!(g, ["hop", "instance", "peer"]);
+        let r: Vec<_> = replaced_labels(e).into_iter().collect();
+        assert_eq!(r, ["key"]);
+        let l: Vec<_> = legend_labels("hop {{hop}} {{ key }} ({{interface}})")
+            .into_iter()
+            .collect();
+        assert_eq!(l, ["hop", "interface", "key"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! `cargo test -p xtask --test prometheus -- --test-threads=1`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -31,7 +31,8 @@ use xtask::{
     netns,
     prometheus::{
         self, Options, Prometheus, base_name, dashboard_queries, dashboard_variables,
-        documented_metric_names, fill_grafana_variables, label_values_as_promql, metric_names,
+        documented_metric_labels, documented_metric_names, fill_grafana_variables, grouping_labels,
+        label_values_as_promql, legend_labels, metric_names, replaced_labels, selector_labels,
     },
     udp::{UdpEcho, recv_sizes, send_udp},
 };
@@ -289,6 +290,183 @@ fn the_systemd_unit_verifies() {
         out.status.success() && text.trim().is_empty(),
         "systemd-analyze verify:\n{text}"
     );
+}
+
+/// The contract's metrics and their labels (see [`contract_names`] for where from);
+/// Prometheus' `up` with none of its own.
+fn contract_labels() -> BTreeMap<String, BTreeSet<String>> {
+    let contract = std::env::var_os("WIRESCOPE_CONTRACT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| xtask::build::repo_root().join("docs/CONTRACT.md"));
+    let text = std::fs::read_to_string(&contract).expect("docs/CONTRACT.md");
+    let mut l = documented_metric_labels(&text);
+    for n in PROMETHEUS_NAMES {
+        l.insert(n.to_string(), BTreeSet::new());
+    }
+    l
+}
+
+/// The overview row at the top: tunnels, peers up, Mullvad state and relay, leaks in 24 h,
+/// the agent's CPU and RSS, side by side above every other panel. Legends show short keys
+/// (or friendly names), never a 44-character key. And every label a query matches on,
+/// groups by or shows is one the contract gives the metrics it uses (or `instance`, `job`,
+/// `le`, or one its `label_replace` makes). Needs no Prometheus.
+#[test]
+fn dashboard_overview_short_keys_and_labels() {
+    let dash = dashboard();
+    let panels = dash["panels"].as_array().unwrap();
+    let pos = |p: &Value, k: &str| p["gridPos"][k].as_i64().unwrap();
+    assert_eq!(
+        (panels[0]["type"].as_str(), panels[0]["title"].as_str()),
+        (Some("row"), Some("Overview"))
+    );
+    assert_eq!(pos(&panels[0], "y"), 0);
+    let end = panels[1..]
+        .iter()
+        .position(|p| p["type"] == "row")
+        .map(|i| i + 1)
+        .expect("a row after the overview");
+    let overview = &panels[1..end];
+    let titles: Vec<&str> = overview
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        titles,
+        [
+            "Tunnels",
+            "Peers up",
+            "Mullvad",
+            "Mullvad relay",
+            "Leaks (24 h)",
+            "Agent CPU",
+            "Agent memory (RSS)"
+        ]
+    );
+    // One line of stats, 24 columns wide, above the next row.
+    let mut x = 0;
+    for p in overview {
+        assert_eq!(p["type"], "stat", "{}", p["title"]);
+        assert_eq!((pos(p, "x"), pos(p, "y")), (x, 1), "{}", p["title"]);
+        x += pos(p, "w");
+    }
+    assert_eq!(x, 24);
+    let bottom = overview.iter().map(|p| pos(p, "y") + pos(p, "h")).max();
+    assert_eq!(Some(pos(&panels[end], "y")), bottom);
+    let exprs = |p: &Value| -> Vec<String> {
+        p["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["expr"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let uses = |i: usize, metric: &str| {
+        exprs(&overview[i])
+            .iter()
+            .any(|e| metric_names(e).contains(metric))
+    };
+    for (i, metric) in [
+        (0, "wirescope_attach_info"),
+        (1, "wireguard_latest_handshake_seconds"),
+        (1, "wirescope_peer_info"),
+        (2, "mullvad_tunnel_state"),
+        (3, "mullvad_relay_info"),
+        (4, "wirescope_leaked_packets_total"),
+        (5, "process_cpu_seconds_total"),
+        (6, "process_resident_memory_bytes"),
+    ] {
+        assert!(uses(i, metric), "{}: no {metric}", titles[i]);
+    }
+    assert!(exprs(&overview[0])[0].contains(r#"role="tunnel""#));
+    assert!(exprs(&overview[4])[0].contains("[24h]"));
+    assert_eq!(
+        overview[5]["fieldConfig"]["defaults"]["unit"],
+        "percentunit"
+    );
+    assert_eq!(overview[6]["fieldConfig"]["defaults"]["unit"], "bytes");
+
+    // Short keys: a legend never shows `peer` or `public_key` whole; `key` is peer's first
+    // 8 characters, `name` the friendly name or public_key's first 8.
+    const KEY: &str = r#", "key", "$1", "peer", "(.{1,8}).*")"#;
+    const NAME: &str =
+        r#", "name", "$1", "public_key", "(.{1,8}).*"), "name", "$1", "friendly_name", "(.+)")"#;
+    let (mut keyed, mut named) = (0, 0);
+    let known = contract_labels();
+    let names: BTreeSet<String> = known.keys().cloned().collect();
+    let mut bad = Vec::new();
+    for q in dashboard_queries(&dash) {
+        let t = dash["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == q.panel.as_str())
+            .and_then(|p| {
+                p["targets"]
+                    .as_array()?
+                    .iter()
+                    .find(|t| t["refId"] == q.ref_id.as_str())
+                    .cloned()
+            })
+            .unwrap();
+        let legend = legend_labels(t["legendFormat"].as_str().unwrap_or(""));
+        let what = format!("panel {:?} {}", q.panel, q.ref_id);
+        assert!(
+            !legend.contains("peer") && !legend.contains("public_key"),
+            "{what}: a whole key in the legend"
+        );
+        if legend.contains("key") {
+            assert!(
+                q.expr.starts_with("label_replace(") && q.expr.ends_with(KEY),
+                "{what}: {}",
+                q.expr
+            );
+            keyed += 1;
+        }
+        if legend.contains("name") {
+            assert!(
+                q.expr.starts_with("label_replace(label_replace(") && q.expr.ends_with(NAME),
+                "{what}: {}",
+                q.expr
+            );
+            named += 1;
+        }
+        // Labels: those of the metrics used, Prometheus' target labels, `le` of histograms,
+        // and those label_replace makes.
+        let mut have: BTreeSet<String> = ["instance", "job", "le"].map(String::from).into();
+        for m in metric_names(&q.expr) {
+            match known.get(base_name(&m, &names)) {
+                Some(l) => have.extend(l.iter().cloned()),
+                None => bad.push(format!("{what}: metric {m} not in the contract")),
+            }
+        }
+        have.extend(replaced_labels(&q.expr));
+        for (m, l) in selector_labels(&q.expr) {
+            let of_metric = known
+                .get(base_name(&m, &names))
+                .is_some_and(|k| k.contains(&l));
+            if !of_metric && l != "instance" && l != "job" {
+                bad.push(format!("{what}: {m} has no label {l}"));
+            }
+        }
+        for l in grouping_labels(&q.expr).iter().chain(&legend) {
+            if !have.contains(l) {
+                bad.push(format!("{what}: label {l} is not one of its metrics'"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Every per-peer query of the other rows: 10 with `key`, 3 with `name`.
+    assert_eq!((keyed, named), (10, 3));
+    let peer = dashboard_variables(&dash);
+    assert!(peer.iter().any(|(n, _)| n == "peer"));
+    let var = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "peer")
+        .unwrap();
+    assert_eq!(var["regex"], "/^(?<value>(?<text>.{8}).*)$/");
 }
 
 #[test]

@@ -75,7 +75,8 @@ pub struct RunArgs {
     )]
     pub telemetry_path: Option<String>,
 
-    /// TLS and basic-auth settings, in the Prometheus exporter-toolkit web config format
+    /// TLS, basic-auth, header and rate-limit settings, in the Prometheus exporter-toolkit
+    /// web config format; re-read when it changes
     #[arg(
         long = "web.config.file",
         value_name = "FILE",

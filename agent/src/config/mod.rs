@@ -46,9 +46,12 @@ pub mod friendly;
 pub mod obfuscation;
 pub mod values;
 pub mod web;
+mod webfile;
+
+pub use webfile::{Pem, RateLimit, TlsConfig, WebConfig};
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt,
     io::Read as _,
     net::{IpAddr, SocketAddr},
@@ -595,7 +598,7 @@ struct FileWebConfig {
     file: Option<PathBuf>,
 }
 
-fn read_small(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+pub(crate) fn read_small(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     let unreadable = |reason: String| ConfigError::Unreadable {
         what,
         path: path.to_owned(),
@@ -684,178 +687,10 @@ fn logfmt_value(v: &str) -> String {
     out
 }
 
-/// `--web.config.file`, in the exporter-toolkit format (same keys, unknown keys refused as
-/// exporter-toolkit does). Paths in it are relative to its own directory, as there.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WebConfig {
-    pub tls: Option<TlsConfig>,
-    /// User -> bcrypt hash.
-    pub basic_auth_users: BTreeMap<String, String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsConfig {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub client_auth_type: String,
-    pub client_ca_file: Option<PathBuf>,
-    pub min_version: Option<String>,
-    pub max_version: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWebConfig {
-    tls_server_config: Option<RawTls>,
-    http_server_config: Option<RawHttp>,
-    basic_auth_users: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    // Inline PEM (newer exporter-toolkit); accepted by the parser, refused below.
-    cert: Option<String>,
-    key: Option<String>,
-    client_auth_type: Option<String>,
-    client_ca_file: Option<PathBuf>,
-    client_allowed_sans: Option<Vec<String>>,
-    min_version: Option<String>,
-    max_version: Option<String>,
-    cipher_suites: Option<Vec<String>>,
-    prefer_server_cipher_suites: Option<bool>,
-    curve_preferences: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHttp {
-    http2: Option<bool>,
-    headers: Option<BTreeMap<String, String>>,
-}
-
-const CLIENT_AUTH_TYPES: &[&str] = &[
-    "NoClientCert",
-    "RequestClientCert",
-    "RequireAnyClientCert",
-    "VerifyClientCertIfGiven",
-    "RequireAndVerifyClientCert",
-];
-const TLS_VERSIONS: &[&str] = &["TLS10", "TLS11", "TLS12", "TLS13"];
-
-impl WebConfig {
-    pub fn load(path: &Path, origin: Origin) -> Result<WebConfig, ConfigError> {
-        let bad = |message: String| ConfigError::WebConfig {
-            origin: origin.clone(),
-            message: format!("{}: {message}", path.display()),
-        };
-        let text = read_small("web config file", path)?;
-        // An empty file is a valid exporter-toolkit config that turns nothing on.
-        let raw: RawWebConfig = if text.trim().is_empty() {
-            RawWebConfig::default()
-        } else {
-            serde_norway::from_str(&text).map_err(|e| bad(e.to_string()))?
-        };
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let readable = |key: &str, p: &Path| -> Result<PathBuf, ConfigError> {
-            let full = dir.join(p);
-            std::fs::File::open(&full)
-                .map(|_| full.clone())
-                .map_err(|e| bad(format!("{key} {}: {e}", full.display())))
-        };
-        let mut cfg = WebConfig::default();
-        if let Some(t) = raw.tls_server_config {
-            if t.cert.is_some() || t.key.is_some() {
-                return Err(bad(
-                    "inline cert/key are not supported; use cert_file and key_file".into(),
-                ));
-            }
-            let (Some(cert), Some(key)) = (t.cert_file, t.key_file) else {
-                return Err(bad(
-                    "tls_server_config needs both cert_file and key_file".into()
-                ));
-            };
-            let client_auth_type = t.client_auth_type.unwrap_or_else(|| "NoClientCert".into());
-            if !CLIENT_AUTH_TYPES.contains(&client_auth_type.as_str()) {
-                return Err(bad(format!(
-                    "client_auth_type {client_auth_type:?} is not one of {}",
-                    CLIENT_AUTH_TYPES.join(", ")
-                )));
-            }
-            for v in [&t.min_version, &t.max_version].into_iter().flatten() {
-                if !TLS_VERSIONS.contains(&v.as_str()) {
-                    return Err(bad(format!(
-                        "TLS version {v:?} is not one of {}",
-                        TLS_VERSIONS.join(", ")
-                    )));
-                }
-            }
-            let client_ca_file = t
-                .client_ca_file
-                .map(|p| readable("client_ca_file", &p))
-                .transpose()?;
-            if client_auth_type.starts_with("RequireAndVerify") && client_ca_file.is_none() {
-                return Err(bad(
-                    "client_auth_type RequireAndVerifyClientCert needs client_ca_file".into(),
-                ));
-            }
-            // A restriction that would silently not apply: refused.
-            if t.client_allowed_sans
-                .as_ref()
-                .is_some_and(|s| !s.is_empty())
-            {
-                return Err(bad(
-                    "client_allowed_sans is not supported: every certificate client_ca_file verifies is accepted; remove it or use a CA that signs only the allowed clients".into(),
-                ));
-            }
-            // Accepted for the format's sake: rustls picks among its own (modern) cipher
-            // suites and curves.
-            let _ = (
-                t.cipher_suites,
-                t.prefer_server_cipher_suites,
-                t.curve_preferences,
-            );
-            let tls = TlsConfig {
-                cert_file: readable("cert_file", &cert)?,
-                key_file: readable("key_file", &key)?,
-                client_auth_type,
-                client_ca_file,
-                min_version: t.min_version,
-                max_version: t.max_version,
-            };
-            // Certificate, key, versions and client CA as the server will use them.
-            crate::config::web::server_config(&tls).map_err(bad)?;
-            cfg.tls = Some(tls);
-        }
-        let _ = raw.http_server_config.map(|h| (h.http2, h.headers));
-        for (user, hash) in raw.basic_auth_users.unwrap_or_default() {
-            if !is_bcrypt_hash(&hash) {
-                return Err(bad(format!(
-                    "basic_auth_users: the password of {user:?} is not a bcrypt hash ($2a$, $2b$ or $2y$, 60 characters; make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"
-                )));
-            }
-            cfg.basic_auth_users.insert(user, hash);
-        }
-        Ok(cfg)
-    }
-}
-
-fn is_bcrypt_hash(h: &str) -> bool {
-    let b = h.as_bytes();
-    b.len() == 60
-        && (h.starts_with("$2a$") || h.starts_with("$2b$") || h.starts_with("$2y$"))
-        && b[4].is_ascii_digit()
-        && b[5].is_ascii_digit()
-        && b[6] == b'$'
-        && b[7..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'/')
-}
-
 /// Where the agent keeps what must survive it (the endpoint salt), unless `--state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/wirescope";
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod webfile_tests;

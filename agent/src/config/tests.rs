@@ -4,20 +4,20 @@ use super::*;
 use crate::config::cli::{Cli, Command};
 
 const KEY: &str = "mDxDGAVBTKDEfGUqmcNYb09lq8QouG6gXvOqIDzLmTQ=";
-const HASH: &str = "$2y$10$X0h1gDsPszWURQaxFN.Dc.O1.7uE6iO6N5SeAHBAxjjtwiu9oWxRy";
+pub(super) const HASH: &str = "$2y$10$X0h1gDsPszWURQaxFN.Dc.O1.7uE6iO6N5SeAHBAxjjtwiu9oWxRy";
 
 /// A private temporary directory, removed on drop.
-struct Dir(PathBuf);
+pub(super) struct Dir(pub(super) PathBuf);
 
 impl Dir {
-    fn new(tag: &str) -> Dir {
+    pub(super) fn new(tag: &str) -> Dir {
         let p = std::env::temp_dir().join(format!("wirescope-config-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Dir(p)
     }
 
-    fn file(&self, name: &str, text: &str) -> String {
+    pub(super) fn file(&self, name: &str, text: &str) -> String {
         let p = self.0.join(name);
         std::fs::write(&p, text).unwrap();
         p.display().to_string()
@@ -337,8 +337,8 @@ fn toml_file_errors() {
 
 /// A self-signed test certificate (CN=localhost, P-256, valid until 2125) and its key: a
 /// fixture, used nowhere else.
-const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
-const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
+pub(super) const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
+pub(super) const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
 
 #[test]
 fn web_config_is_validated_and_accepted() {
@@ -359,8 +359,8 @@ fn web_config_is_validated_and_accepted() {
         .web_config
         .unwrap();
     let tls = parsed.tls.unwrap();
-    assert_eq!(tls.cert_file, dir.0.join("cert.pem"));
-    assert_eq!(tls.key_file, dir.0.join("key.pem"));
+    assert_eq!(tls.cert, Pem::File(dir.0.join("cert.pem")));
+    assert_eq!(tls.key, Pem::File(dir.0.join("key.pem")));
     assert_eq!(tls.client_auth_type, "NoClientCert");
     assert_eq!(parsed.basic_auth_users["prometheus"], HASH);
 
@@ -379,7 +379,7 @@ fn web_config_is_validated_and_accepted() {
     let cases: &[(&str, &str)] = &[
         (
             "tls_server_config:\n  cert_file: cert.pem\n",
-            "needs both cert_file and key_file",
+            "needs a certificate and its key",
         ),
         (
             "tls_server_config:\n  cert_file: cert.pem\n  key_file: nokey.pem\n",
@@ -399,7 +399,7 @@ fn web_config_is_validated_and_accepted() {
         ),
         (
             "tls_server_config:\n  cert: x\n  key: y\n",
-            "inline cert/key",
+            "cert (inline): no PEM certificate",
         ),
         (
             "basic_auth_users:\n  alice: hunter2\n",
@@ -456,7 +456,10 @@ fn web_config_is_validated_and_accepted() {
         RunConfig::from_args_allowing_web_config(&args(&["--web.config.file", &empty]))
             .unwrap()
             .web_config,
-        Some(WebConfig::default())
+        Some(WebConfig {
+            path: empty.clone().into(),
+            ..WebConfig::default()
+        })
     );
 }
 

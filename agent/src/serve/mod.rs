@@ -11,7 +11,9 @@
 //! does), as client_golang's handler does: a 10,000-peer body shrinks about tenfold.
 //!
 //! With `--web.config.file` ([`web`]): HTTPS (the TLS handshake must also finish within
-//! `header_read_timeout`) and/or basic auth on every path.
+//! `header_read_timeout`), basic auth on every path, response headers and a rate limit
+//! (429 past it, before anything else is looked at); the file is re-read when it changes
+//! ([`live`]).
 
 use std::{
     convert::Infallible,
@@ -39,15 +41,13 @@ use tokio::{
     sync::Semaphore,
 };
 
+pub mod live;
 mod scrape;
 pub mod status;
 mod timed;
 
 use crate::{
-    config::{
-        WebConfig,
-        web::{self, WebSecurity},
-    },
+    config::{WebConfig, web::WebSecurity},
     metrics::Format,
 };
 
@@ -75,8 +75,10 @@ pub struct HttpConfig {
     pub write_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
-    /// TLS and basic auth (`--web.config.file`); none by default.
+    /// TLS, basic auth, headers, rate limit (`--web.config.file`); none by default.
     pub web: WebSecurity,
+    /// The web config `web` was built from, re-read when its files change.
+    pub web_config: Option<WebConfig>,
     /// On a loopback listener, the names besides localhost and loopback addresses that
     /// requests' Host header may carry (`--web.allowed-host`; lower case).
     pub allowed_hosts: Vec<String>,
@@ -102,6 +104,7 @@ impl HttpConfig {
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             web: WebSecurity::default(),
+            web_config: None,
             allowed_hosts: Vec::new(),
         }
     }
@@ -110,6 +113,7 @@ impl HttpConfig {
     pub fn with_web_config(mut self, web: Option<&WebConfig>) -> Result<Self, HttpError> {
         if let Some(w) = web {
             self.web = WebSecurity::from_config(w).map_err(HttpError::Web)?;
+            self.web_config = Some(w.clone());
         }
         Ok(self)
     }
@@ -190,7 +194,7 @@ pub async fn serve(
 struct Ctx {
     source: Arc<dyn HttpSource>,
     telemetry_path: String,
-    auth: Option<Arc<web::BasicAuth>>,
+    web: Arc<live::LiveWeb>,
     /// Shared metrics bodies, by [`body_kind`].
     bodies: [scrape::Coalescer; 4],
     /// On a loopback listener: the Host names allowed besides localhost and loopback
@@ -297,10 +301,14 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), HttpError> {
         let Server { listener, cfg } = self;
+        let web = Arc::new(match &cfg.web_config {
+            Some(w) => live::LiveWeb::watching(cfg.web.clone(), w),
+            None => live::LiveWeb::fixed(cfg.web.clone()),
+        });
         let ctx = Arc::new(Ctx {
             source,
             telemetry_path: cfg.telemetry_path.clone(),
-            auth: cfg.web.auth.clone(),
+            web: web.clone(),
             bodies: Default::default(),
             hosts: cfg
                 .listen_address
@@ -308,7 +316,7 @@ impl Server {
                 .is_loopback()
                 .then(|| cfg.allowed_hosts.clone()),
         });
-        let tls = cfg.web.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let tls_at_start = cfg.web.tls.clone();
         let max = cfg.max_connections.clamp(1, Semaphore::MAX_PERMITS);
         // Each connection holds a permit; taking all of them back at the end waits for the
         // connections to finish.
@@ -346,12 +354,18 @@ impl Server {
             let stop = stop_rx.clone();
             let (age, grace) = (cfg.max_connection_age, cfg.shutdown_grace);
             let builder = builder.clone();
-            let tls = tls.clone();
+            let tls = tls_at_start.clone();
+            let web = web.clone();
             let handshake_timeout = cfg.header_read_timeout;
             let write_timeout = cfg.write_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
-                match tls {
+                // The settings in force for this connection: a re-read file's certificate.
+                let tls = match tls {
+                    Some(first) => Some(web.current().await.tls.clone().unwrap_or(first)),
+                    None => None,
+                };
+                match tls.map(tokio_rustls::TlsAcceptor::from) {
                     None => {
                         let io = TokioIo::new(timed::WriteTimeout::new(stream, write_timeout));
                         drive(builder, io, ctx, stop, age, grace, peer).await
@@ -408,7 +422,25 @@ fn unauthorized() -> Resp {
     r
 }
 
+fn too_many_requests() -> Resp {
+    text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
+}
+
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Resp {
+    let web = ctx.web.current().await;
+    // As the toolkit: every request counts against the limit, before anything else costs.
+    let mut r = if web.rate_limit.as_ref().is_some_and(|b| !b.allow()) {
+        too_many_requests()
+    } else {
+        answer(ctx, &web, req).await
+    };
+    for (name, value) in &web.headers {
+        r.headers_mut().insert(name.clone(), value.clone());
+    }
+    r
+}
+
+async fn answer(ctx: &Ctx, web: &WebSecurity, req: Request<Incoming>) -> Resp {
     // Before the credentials: a rebinding page must not get to make the agent run bcrypt.
     if let Some(allowed) = &ctx.hosts {
         let host = req
@@ -429,7 +461,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Resp {
         }
     }
     // Every path, known or not, needs the credentials when users are configured.
-    if let Some(auth) = &ctx.auth {
+    if let Some(auth) = &web.auth {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -639,3 +671,5 @@ fn html_escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod web_tests;

@@ -7,6 +7,7 @@ use tokio::{
 };
 
 use super::*;
+use crate::config::web;
 
 /// A source whose answers the test controls.
 #[derive(Default)]
@@ -38,15 +39,15 @@ impl HttpSource for Fake {
     }
 }
 
-struct Running {
-    addr: SocketAddr,
+pub(super) struct Running {
+    pub(super) addr: SocketAddr,
     fake: Arc<Fake>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), HttpError>>,
 }
 
 impl Running {
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         let _ = self.stop.take().map(|s| s.send(()));
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
@@ -56,7 +57,7 @@ impl Running {
     }
 }
 
-async fn start_with(cfg: impl FnOnce(&mut HttpConfig)) -> Running {
+pub(super) async fn start_with(cfg: impl FnOnce(&mut HttpConfig)) -> Running {
     let mut c = HttpConfig::new("127.0.0.1:0".parse().unwrap(), "/metrics");
     cfg(&mut c);
     let server = bind(c).await.expect("bind");
@@ -79,16 +80,16 @@ async fn start() -> Running {
     start_with(|_| {}).await
 }
 
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) headers: Vec<(String, String)>,
+    pub(super) body: String,
     /// The body's bytes as sent (`body` is their lossy UTF-8).
     raw_body: Vec<u8>,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(super) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -97,7 +98,12 @@ impl Reply {
 }
 
 /// One request on a fresh connection, `Connection: close`, read to the end.
-async fn request(addr: SocketAddr, method: &str, path: &str, extra: &[(&str, &str)]) -> Reply {
+pub(super) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
     if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
@@ -116,7 +122,7 @@ async fn request(addr: SocketAddr, method: &str, path: &str, extra: &[(&str, &st
     parse(&raw)
 }
 
-fn parse(raw: &[u8]) -> Reply {
+pub(super) fn parse(raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
@@ -443,8 +449,8 @@ async fn shutdown_lets_the_request_in_flight_finish() {
 
 /// A self-signed test certificate (CN=localhost, IP 127.0.0.1, P-256, valid until 2125) and
 /// its key: a fixture, used nowhere else.
-const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
-const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
+pub(super) const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBrTCCAVSgAwIBAgIUXjfmB+LPHLoXS+OI3o0xRJY8ak0wCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNjA0MjYwNVoYDzIxMjYxMTAy\nMDQyNjA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHXoF82/0EmkieN9MziDzvoDH1m\nurUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4Ho4GBMH8wHQYDVR0OBBYEFC34HjPPqeRw\nF9qoY1L0vHzN0CrTMB8GA1UdIwQYMBaAFC34HjPPqeRwF9qoY1L0vHzN0CrTMBoG\nA1UdEQQTMBGCCWxvY2FsaG9zdIcEfwAAATAMBgNVHRMBAf8EAjAAMBMGA1UdJQQM\nMAoGCCsGAQUFBwMBMAoGCCqGSM49BAMCA0cAMEQCIB0PxNBeCl6t86yedpj3LYjZ\nZFeC74qYjLplwMl+7EtYAiA7OiB9AuGwrUU7k5b9hvIn+v5RiHk9kE8wwGIDdW+2\nHw==\n-----END CERTIFICATE-----\n";
+pub(super) const TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgYM0OZPXSDd60ZvvO\nf4ZtQx9iENI+DT8itwaplmj3UvmhRANCAARcO8QMlhxdCgSPJ5xLEtJfmpiOmxHX\noF82/0EmkieN9MziDzvoDH1murUfpqDRQsyvvGrk3Ssqht9b6FV/Sr4H\n-----END PRIVATE KEY-----\n";
 
 /// The fixture written to a fresh directory; the web config's TLS part pointing at it.
 fn tls_fixture(name: &str, min: Option<&str>, max: Option<&str>) -> crate::config::TlsConfig {
@@ -453,12 +459,15 @@ fn tls_fixture(name: &str, min: Option<&str>, max: Option<&str>) -> crate::confi
     std::fs::write(dir.join("cert.pem"), TEST_CERT).unwrap();
     std::fs::write(dir.join("key.pem"), TEST_KEY).unwrap();
     crate::config::TlsConfig {
-        cert_file: dir.join("cert.pem"),
-        key_file: dir.join("key.pem"),
+        cert: crate::config::Pem::File(dir.join("cert.pem")),
+        key: crate::config::Pem::File(dir.join("key.pem")),
         client_auth_type: "NoClientCert".into(),
-        client_ca_file: None,
+        client_ca: None,
         min_version: min.map(str::to_owned),
         max_version: max.map(str::to_owned),
+        cipher_suites: Vec::new(),
+        curve_preferences: Vec::new(),
+        prefer_server_cipher_suites: true,
     }
 }
 
@@ -469,7 +478,7 @@ fn users() -> std::collections::BTreeMap<String, String> {
     )])
 }
 
-fn basic(user: &str, password: &str) -> String {
+pub(super) fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(
         "Basic {}",

@@ -105,7 +105,10 @@ fn every_value_shown_is_the_default_or_the_example() {
     let text = uncommented(&generate().expect("generated"));
     let got = read_with_agent(&dir, &text);
     let mut want = defaults();
-    want.web_config = Some(WebConfig::default());
+    want.web_config = Some(WebConfig {
+        path: dir.join(EXAMPLE_WEB_CONFIG),
+        ..WebConfig::default()
+    });
     want.failover.command = Some(EXAMPLE_FAILOVER_COMMAND.to_owned());
     assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text}");
     // And without the two examples, exactly the defaults.

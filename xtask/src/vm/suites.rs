@@ -106,18 +106,38 @@ pub fn build_suites(filter: Option<&str>) -> Result<Build> {
             args,
         });
     }
-    Ok(Build {
-        suites,
-        agent: copy(&agent)?,
-    })
+    let agent = copy(&agent)?;
+    // A wrong pick (e.g. the bin target's unit-test harness) would fail every agent start
+    // in the guest, minutes later and far from here.
+    let mut c = Command::new(&agent);
+    c.arg("--version").stdin(Stdio::null());
+    let out = c
+        .output()
+        .with_context(|| format!("running `{}`", cmd::describe(&c)))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !version.starts_with("wirescope ") {
+        bail!(
+            "{} is not the agent: `--version` gave {} {:?}",
+            agent.display(),
+            out.status,
+            version.trim()
+        );
+    }
+    Ok(Build { suites, agent })
 }
 
-/// The `wirescope` binary in cargo's JSON messages (the agent's bin target).
+/// The `wirescope` binary in cargo's JSON messages (the agent's bin target, not its unit
+/// tests).
 pub fn agent_binary(json_lines: &str) -> Option<PathBuf> {
     json_lines
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "wirescope")
+        // Not the unit tests of the bin target: the same name, with profile.test set.
+        .filter(|v| {
+            v["reason"] == "compiler-artifact"
+                && v["target"]["name"] == "wirescope"
+                && v["profile"]["test"] == false
+        })
         .filter(|v| {
             v["target"]["kind"]
                 .as_array()

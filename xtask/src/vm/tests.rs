@@ -72,12 +72,13 @@ fn kernel_args() {
 }
 
 /// cargo's messages for both layouts of a test target (`tests/NAME/main.rs`,
-/// `tests/NAME.rs`), a unit-test binary and a plain binary.
+/// `tests/NAME.rs`), a unit-test binary of a library and of a binary, and a plain binary.
 const ARTIFACTS: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/agent#wirescope@0.1.0","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["test"],"name":"lab","src_path":"/w/agent/tests/lab/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/lab-1"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/agent#wirescope@0.1.0","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["test"],"name":"datapath","src_path":"/w/agent/tests/datapath/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/datapath-2"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["test"],"name":"lab","src_path":"/w/xtask/tests/lab.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/lab-3"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["test"],"name":"impair","src_path":"/w/xtask/tests/impair.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/impair-4"}
 {"reason":"compiler-artifact","package_id":"path+file:///w/xtask#0.1.0","manifest_path":"/w/xtask/Cargo.toml","target":{"kind":["lib"],"name":"xtask","src_path":"/w/xtask/src/lib.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/xtask-5"}
+{"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["bin"],"name":"wirescope","src_path":"/w/agent/src/main.rs"},"profile":{"test":true},"executable":"/w/target/debug/deps/wirescope-6"}
 {"reason":"compiler-artifact","manifest_path":"/w/agent/Cargo.toml","target":{"kind":["bin"],"name":"wirescope","src_path":"/w/agent/src/main.rs"},"profile":{"test":false},"executable":"/w/target/debug/wirescope"}
 {"reason":"build-finished","success":true}"#;
 
@@ -103,7 +104,7 @@ fn artifacts() {
     assert_eq!(
         agent_binary(ARTIFACTS).as_deref(),
         Some(Path::new("/w/target/debug/wirescope")),
-        "the agent's bin target, not a test"
+        "the agent's bin target, not its unit tests (listed first, as a fresh build may)"
     );
     assert_eq!(agent_binary(""), None);
 }

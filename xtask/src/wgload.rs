@@ -440,9 +440,9 @@ impl Drop for Load {
     }
 }
 
-/// Lets this process hold `want` file descriptors (the soft limit is often 1024). The agent
-/// is started before, so it keeps the limit it would have under systemd.
-fn raise_fd_limit(want: usize) -> Result<()> {
+/// Lets this process hold `want` file descriptors (the soft limit is often 1024). Start the
+/// agent before, so that it keeps the limit it would have under systemd.
+pub fn raise_fd_limit(want: usize) -> Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit NOFILE")?;
     let want = want as u64;

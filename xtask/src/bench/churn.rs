@@ -296,6 +296,8 @@ fn measure(ctx: &Ctx, lab: &Lab, plan: &Plan, conf: &std::path::Path) -> Result<
         interval: SEND_EVERY,
         handshakes_per_sec: HANDSHAKES_PER_SEC,
     };
+    // Every client's socket and the storm's connections, raised after the agent started.
+    wgload::raise_fd_limit(plan.active + plan.storm.scrapes + plan.storm.stalled + 1024)?;
     let specs = std::mem::take(&mut active);
     let load = Load::start(Some(&lab.client().netns), load_cfg, specs)?;
     let result = churn(plan, &ns, &iface, &load, &mut keys, has_grace, &rss, pid);

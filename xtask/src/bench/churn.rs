@@ -541,7 +541,9 @@ fn churn(
         )
         .goal(Goal::AtMost(0.0))
         .note(format!(
-            "same peer count before and after: the replaced peers' series must go; {grace_note}"
+            "same peer count before and after: the replaced peers' series must go; {:.1} series \
+             kept per replaced peer; {grace_note}",
+            (after as f64 - before as f64) / (plan.replaced * plan.rounds) as f64
         )),
     );
     let how = format!(

@@ -420,7 +420,7 @@ fn churn(
     let quiet_end = Instant::now();
 
     println!("bench churn: scrape storm");
-    let storm_result = storm::run(ns, crate::agent::LISTEN.parse()?, plan.storm)?;
+    let storm_result = storm::run(Some(ns), crate::agent::LISTEN.parse()?, plan.storm)?;
 
     // Nothing in flight: then the agent's counts must be the generator's, exactly.
     load.set_quiet(true);

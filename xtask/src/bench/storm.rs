@@ -49,16 +49,24 @@ pub struct StormResult {
     pub stalled_open: usize,
 }
 
-/// Runs the storm against `addr` in namespace `ns`.
-pub fn run(ns: &str, addr: SocketAddr, plan: StormPlan) -> Result<StormResult> {
+/// Runs `f` in namespace `ns`, or here when None.
+fn in_ns<T: Send + 'static>(ns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    match ns {
+        Some(ns) => netns::run_in(ns, f),
+        None => Ok(f()),
+    }
+}
+
+/// Runs the storm against `addr` in namespace `ns` (None: this one).
+pub fn run(ns: Option<&str>, addr: SocketAddr, plan: StormPlan) -> Result<StormResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let ns_owned = ns.to_owned();
+    let ns_owned = ns.map(str::to_owned);
     let prober = std::thread::Builder::new()
         .name("healthz-prober".into())
-        .spawn(move || netns::run_in(&ns_owned, move || probe_until(addr, &flag)))
+        .spawn(move || in_ns(ns_owned.as_deref(), move || probe_until(addr, &flag)))
         .context("starting the /healthz prober")?;
-    let storm = netns::run_in(ns, move || -> Result<StormResult> {
+    let storm = in_ns(ns, move || -> Result<StormResult> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -132,13 +140,16 @@ async fn storm(addr: SocketAddr, plan: StormPlan) -> Result<StormResult> {
     if let Some(rest) = plan.min_duration.checked_sub(started.elapsed()) {
         tokio::time::sleep(rest).await;
     }
-    // A connection the agent closed reads as end of file or fails at once; an open one
-    // has nothing to read yet, or the answer it never read.
+    // Whatever the agent sent is read off; a connection it closed then reads as end of
+    // file (or fails), an open one would block.
+    let mut b = vec![0u8; 64 << 10];
     for s in &stalled {
-        let mut b = [0u8; 1];
-        let open = match s.try_read(&mut b) {
-            Ok(n) => n > 0,
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        let open = loop {
+            match s.try_read(&mut b) {
+                Ok(0) => break false,
+                Ok(_) => {}
+                Err(e) => break e.kind() == std::io::ErrorKind::WouldBlock,
+            }
         };
         result.stalled_open += usize::from(open);
     }
@@ -163,4 +174,60 @@ async fn scrape(addr: SocketAddr) -> Result<()> {
         anyhow::bail!("GET /metrics answered {head:?}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read as _, Write as _};
+
+    /// A server that answers any whole request `200 ok` and closes, and holds a half
+    /// request open until its read times out.
+    fn server() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                std::thread::spawn(move || {
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 512];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nok\n");
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn storm_counts_scrapes_probes_and_stalled_clients() {
+        let plan = StormPlan {
+            scrapes: 30,
+            stalled: 6,
+            min_duration: Duration::from_millis(300),
+        };
+        let r = run(None, server(), plan).unwrap();
+        assert_eq!(
+            (r.scrapes_ok, r.scrapes_failed),
+            (30, 0),
+            "{:?}",
+            r.first_error
+        );
+        // The 3 half requests stay open; the 3 whole ones were answered and closed.
+        assert_eq!(r.stalled_open, 3);
+        assert!(r.healthz_ms.len() >= 2, "{r:?}");
+        assert_eq!(r.healthz_failed, 0);
+        assert!(
+            r.healthz_ms
+                .iter()
+                .all(|&ms| ms < HEALTHZ_TIMEOUT.as_secs_f64() * 1e3)
+        );
+    }
 }

@@ -304,9 +304,14 @@ fn measure(ctx: &Ctx, lab: &Lab, plan: &Plan, conf: &std::path::Path) -> Result<
     stop.store(true, Ordering::Relaxed);
     let _ = rss_thread.join();
     let stopped = load.stop();
-    let _ = echo.stop();
+    let echoed = echo.stop();
     agent.stop()?;
-    let figures = result?;
+    let mut figures = result?;
+    // An echo that died (a send error ends it) explains missing echoes: say so beside the
+    // exact counts rather than lose the other figures.
+    if let (Err(e), Some(f)) = (echoed, figures.first_mut()) {
+        f.note = format!("the relay's UDP echo stopped early: {e:#}; {}", f.note);
+    }
     stopped.context("the load generator")?;
     Ok(figures)
 }

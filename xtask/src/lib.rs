@@ -35,5 +35,6 @@ pub mod testsuite;
 pub mod udp;
 pub mod vm;
 pub mod wg;
+pub mod wgload;
 
 pub use lab::{Lab, LabConfig, Role, Topology, WgImpl};

@@ -14,13 +14,19 @@
 //! - [`scale`]: a wireguard-go interface with 1,000 and 10,000 peers: scrape latency, memory,
 //!   peer sync time, beside prometheus_wireguard_exporter on the same interface; and the
 //!   agent's CPU at rest.
+//! - [`churn`]: 10,000 peers on a wireguard-go relay, 2,000 of them active (in-process
+//!   WireGuard clients, [`crate::wgload`]) and 500 replaced a minute: exact per-peer counts,
+//!   memory, series after churn, scrape latency, `/healthz` under a scrape storm.
 //!
-//! `--quick` runs every part with small counts (under 3 minutes) and asserts only that every
-//! figure was produced: it is a step of `cargo xtask test`.
+//! `--quick` runs every part with small counts (under 5 minutes, the churn part's minute of
+//! churn included) and asserts only that every figure was produced: it is a step of `cargo
+//! xtask test`.
 
+pub mod churn;
 pub mod cost;
 pub mod report;
 pub mod scale;
+pub mod storm;
 pub mod throughput;
 
 use std::path::PathBuf;
@@ -33,7 +39,7 @@ use crate::build;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Small counts, under 3 minutes; checks only that every figure is produced (writes to
+    /// Small counts, under 5 minutes; checks only that every figure is produced (writes to
     /// target/bench-quick unless --out is given).
     #[arg(long)]
     pub quick: bool,
@@ -41,7 +47,7 @@ pub struct BenchArgs {
     /// --quick].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Run only these parts (cost, throughput, scale); all by default.
+    /// Run only these parts (cost, throughput, scale, churn); all by default.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -116,7 +122,7 @@ impl Figure {
 }
 
 /// The parts, in the order they run.
-pub const PARTS: [&str; 3] = ["cost", "throughput", "scale"];
+pub const PARTS: [&str; 4] = ["cost", "throughput", "scale", "churn"];
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
@@ -141,10 +147,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // A part that fails does not stop the others: the report shows what was measured and
     // the run fails at the end naming what was not.
     type Part = fn(&Ctx) -> Result<Vec<Figure>>;
-    let parts: [(&str, Part); 3] = [
+    let parts: [(&str, Part); 4] = [
         ("cost", cost::run),
         ("throughput", throughput::run),
         ("scale", scale::run),
+        ("churn", churn::run),
     ];
     for (name, part) in parts {
         if !want(name) {

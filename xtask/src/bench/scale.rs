@@ -392,7 +392,7 @@ fn wg_peer_count(ns: &str, iface: &str) -> Result<usize> {
 }
 
 /// The agent's pid: `ip netns exec` execs it, so it is the process in `ns` running `bin`.
-fn agent_pid(ns: &str, bin: &Path) -> Result<u32> {
+pub(super) fn agent_pid(ns: &str, bin: &Path) -> Result<u32> {
     let want = bin.display().to_string();
     procs::netns_pids(ns)?
         .into_iter()
@@ -441,7 +441,7 @@ fn cpu_per_minute(pid: u32, window: Duration) -> Result<f64> {
 }
 
 /// (VmRSS, VmHWM) of `pid` in MB.
-fn rss_mb(pid: u32) -> Result<(f64, f64)> {
+pub(super) fn rss_mb(pid: u32) -> Result<(f64, f64)> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let kb = |key: &str| -> Result<f64> {
@@ -564,7 +564,7 @@ fn scrape_alternately(
 
 /// `GET /metrics` over HTTP/1.0 (the server closes after the body): the time from connect
 /// to the last byte; the whole response is left in `buf`. Fails unless the status is 200.
-fn timed_get(addr: SocketAddr, buf: &mut Vec<u8>) -> Result<Duration> {
+pub(super) fn timed_get(addr: SocketAddr, buf: &mut Vec<u8>) -> Result<Duration> {
     buf.clear();
     let t = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))

@@ -401,8 +401,8 @@ fn background_ping(lab: &Lab) -> Child {
 
 /// Every handshake response dropped: the client retries its initiation every 5 s, each
 /// unanswered one becomes one timeout 5 s later, and once the drop is lifted the next
-/// initiation is answered and is the only round trip. Timeouts equal the responses the relay
-/// dropped and the initiations the agent saw leave, minus the answered one.
+/// initiation is answered and is a round trip. Timeouts equal the responses the relay dropped
+/// and the initiations the agent saw leave, minus the answered ones.
 #[test]
 fn dropped_responses_count_each_retried_initiation() {
     if !lab::can_run("dropped_responses_count_each_retried_initiation") {
@@ -479,26 +479,34 @@ fn dropped_responses_count_each_retried_initiation() {
         "every initiation crossed the relay: {got}"
     );
     assert_eq!(timeouts, dropped, "one timeout per dropped response: {got}");
+    // wireguard-go's retransmit timer can fire while a packet-triggered initiation re-arms it,
+    // so two initiations may leave back to back once the drop is lifted; each delivered
+    // response is then a round trip of its own.
+    let delivered = (s1.to_client.messages[2] - s0.to_client.messages[2]) as f64 - dropped;
+    assert!(
+        delivered >= 1.0,
+        "a response got through after the lift: {got}"
+    );
     assert_eq!(
         timeouts,
-        initiations - 1.0,
-        "every initiation but the answered one timed out: {got}"
+        initiations - delivered,
+        "every initiation but the answered ones timed out: {got}"
     );
     assert!(timeouts >= 2.0, "{got}");
     assert_eq!(
-        rtt.count, 1.0,
-        "only the answered initiation is a round trip: {got}"
+        rtt.count, delivered,
+        "only the answered initiations are round trips: {got}"
     );
     assert!(
-        rtt.sum < 5.0,
-        "a round trip is under the 5 s timeout: {got}"
+        rtt.sum < 5.0 * delivered,
+        "each round trip is under the 5 s timeout: {got}"
     );
     for &(le, n) in &rtt.buckets {
-        assert_eq!(
-            n,
-            if le > rtt.sum { 1.0 } else { 0.0 },
-            "bucket le={le}: {got}"
-        );
+        if le > rtt.sum {
+            assert_eq!(n, rtt.count, "bucket le={le} holds every round trip: {got}");
+        } else if delivered == 1.0 {
+            assert_eq!(n, 0.0, "bucket le={le}: {got}");
+        }
     }
     eprintln!(
         "dropped_responses_count_each_retried_initiation: {got}; drop lifted at {:.1} s, \

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::netns;
 
@@ -23,11 +23,22 @@ pub fn bind_in(ns: &str, addr: SocketAddr) -> Result<UdpSocket> {
 
 /// A UDP server in a namespace that sends every datagram back to its sender unchanged. It
 /// stops after `max_datagrams` datagrams, after `timeout`, or when [`UdpEcho::stop`] is called,
-/// whichever comes first, so it never outlives a test for long.
+/// whichever comes first, so it never outlives a test for long. A datagram it cannot send
+/// back is counted and the echo goes on: one full queue under load must not end the echo
+/// for everything after it (the churn bench's sampled peers got no echo at all that way).
 pub struct UdpEcho {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Result<usize>>>,
+    handle: Option<JoinHandle<Result<Echoed>>>,
+}
+
+/// What an echo did: datagrams sent back, and the ones it could not send with the first
+/// error.
+#[derive(Debug, Default)]
+pub struct Echoed {
+    pub echoed: usize,
+    pub send_errors: u64,
+    pub first_error: Option<String>,
 }
 
 impl UdpEcho {
@@ -49,20 +60,16 @@ impl UdpEcho {
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name(format!("udp-echo-{addr}"))
-            .spawn(move || -> Result<usize> {
+            .spawn(move || -> Result<Echoed> {
                 let deadline = Instant::now() + timeout;
                 let mut buf = vec![0u8; MAX_PAYLOAD];
-                let mut echoed = 0;
-                while echoed < max_datagrams
+                let mut done = Echoed::default();
+                while done.echoed < max_datagrams
                     && Instant::now() < deadline
                     && !flag.load(Ordering::Relaxed)
                 {
                     match sock.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            sock.send_to(&buf[..n], from)
-                                .with_context(|| format!("echoing {n} bytes to {from}"))?;
-                            echoed += 1;
-                        }
+                        Ok((n, from)) => done.record(sock.send_to(&buf[..n], from), n, from),
                         Err(e)
                             if matches!(
                                 e.kind(),
@@ -71,7 +78,7 @@ impl UdpEcho {
                         Err(e) => return Err(e).context("udp echo: receiving"),
                     }
                 }
-                Ok(echoed)
+                Ok(done)
             })?;
         Ok(UdpEcho {
             addr,
@@ -84,8 +91,14 @@ impl UdpEcho {
         self.addr
     }
 
-    /// Stops the server and returns how many datagrams it echoed.
-    pub fn stop(mut self) -> Result<usize> {
+    /// Stops the server and returns how many datagrams it echoed; a datagram it could not
+    /// send back is an error here.
+    pub fn stop(self) -> Result<usize> {
+        self.stop_counting()?.strict()
+    }
+
+    /// Stops the server and returns what it did, send errors included.
+    pub fn stop_counting(mut self) -> Result<Echoed> {
         self.stop.store(true, Ordering::Relaxed);
         self.join_inner()
     }
@@ -93,15 +106,39 @@ impl UdpEcho {
     /// Waits until the server stops by itself (count or timeout) and returns how many
     /// datagrams it echoed.
     pub fn join(mut self) -> Result<usize> {
-        self.join_inner()
+        self.join_inner()?.strict()
     }
 
-    fn join_inner(&mut self) -> Result<usize> {
+    fn join_inner(&mut self) -> Result<Echoed> {
         self.handle
             .take()
             .expect("joined once")
             .join()
             .map_err(|_| anyhow!("udp echo thread panicked"))?
+    }
+}
+
+impl Echoed {
+    fn record(&mut self, sent: std::io::Result<usize>, n: usize, to: SocketAddr) {
+        match sent {
+            Ok(_) => self.echoed += 1,
+            Err(e) => {
+                self.send_errors += 1;
+                self.first_error
+                    .get_or_insert_with(|| format!("echoing {n} bytes to {to}: {e}"));
+            }
+        }
+    }
+
+    fn strict(self) -> Result<usize> {
+        match self.first_error {
+            None => Ok(self.echoed),
+            Some(e) => bail!(
+                "udp echo: {} datagram(s) not sent back ({} echoed); the first: {e}",
+                self.send_errors,
+                self.echoed
+            ),
+        }
     }
 }
 
@@ -217,6 +254,22 @@ mod tests {
         let got = recv_sizes(&sock, 1, Duration::from_millis(100)).unwrap();
         assert!(got.is_empty());
         assert!(t.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_failed_echo_is_counted_and_the_echo_goes_on() {
+        let to: SocketAddr = "10.0.0.1:9".parse().unwrap();
+        let mut done = Echoed::default();
+        done.record(Err(std::io::Error::from_raw_os_error(105)), 10, to);
+        done.record(Ok(20), 20, to);
+        done.record(Err(std::io::Error::from_raw_os_error(101)), 30, to);
+        assert_eq!((done.echoed, done.send_errors), (1, 2));
+        let e = done.strict().unwrap_err().to_string();
+        assert!(
+            e.contains("2 datagram(s) not sent back (1 echoed)")
+                && e.contains("echoing 10 bytes to 10.0.0.1:9"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -304,13 +304,23 @@ fn measure(ctx: &Ctx, lab: &Lab, plan: &Plan, conf: &std::path::Path) -> Result<
     stop.store(true, Ordering::Relaxed);
     let _ = rss_thread.join();
     let stopped = load.stop();
-    let echoed = echo.stop();
+    let echoed = echo.stop_counting();
     agent.stop()?;
     let mut figures = result?;
-    // An echo that died (a send error ends it) explains missing echoes: say so beside the
-    // exact counts rather than lose the other figures.
-    if let (Err(e), Some(f)) = (echoed, figures.first_mut()) {
-        f.note = format!("the relay's UDP echo stopped early: {e:#}; {}", f.note);
+    // Echoes the relay could not send (or an echo that died) explain missing echoes: say so
+    // beside the exact counts rather than lose the other figures.
+    let said = match echoed {
+        Err(e) => Some(format!("the relay's UDP echo stopped early: {e:#}")),
+        Ok(d) => d.first_error.map(|e| {
+            format!(
+                "the relay's UDP echo could not send {} of {} echoes (first: {e})",
+                d.send_errors,
+                d.echoed as u64 + d.send_errors
+            )
+        }),
+    };
+    if let (Some(said), Some(f)) = (said, figures.first_mut()) {
+        f.note = format!("{said}; {}", f.note);
     }
     stopped.context("the load generator")?;
     Ok(figures)

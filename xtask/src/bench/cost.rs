@@ -30,6 +30,34 @@ pub const GOAL_TUNNEL_NS: f64 = 30.0;
 /// The peer count the goals are held at.
 pub const GOAL_PEERS: u32 = 10_000;
 
+/// Fewer runs than this behind a live figure and its note says it means little: the load
+/// was not flowing through that program.
+pub const LIVE_MIN_RUNS: u64 = 10_000;
+
+/// The direction of a TC program, and so of the load its live figure needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    /// Which way the load flows, seen from the interfaces the probe is on.
+    pub fn load_way(self) -> &'static str {
+        match self {
+            Hook::Ingress => "in",
+            Hook::Egress => "out",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Ingress => "wirescope_ingress",
+            Hook::Egress => "wirescope_egress",
+        }
+    }
+}
+
 /// What `bench_packet_cost test-run` prints.
 #[derive(Debug, Deserialize)]
 struct TestRunReport {
@@ -256,8 +284,8 @@ impl LiveProbe {
     }
 
     /// Detaches the empty program; figures named after `label` (e.g. "UDP 64 B through the
-    /// tunnel").
-    pub fn finish(mut self, label: &str) -> Result<Vec<Figure>> {
+    /// tunnel"), of the programs of `hook` only when given (the direction the load flowed).
+    pub fn finish(mut self, label: &str, hook: Option<Hook>) -> Result<Vec<Figure>> {
         if let Some(mut stdin) = self.child.stdin.take() {
             // A closed pipe (the probe already gone) shows in its exit status below.
             let _ = stdin.write_all(b"\n");
@@ -280,14 +308,15 @@ impl LiveProbe {
         }
         let report: LiveReport = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("parsing the live probe's output in {}", self.ns))?;
-        Ok(live_figures(&report, label))
+        Ok(live_figures(&report, label, hook))
     }
 }
 
-fn live_figures(r: &LiveReport, label: &str) -> Vec<Figure> {
+fn live_figures(r: &LiveReport, label: &str, hook: Option<Hook>) -> Vec<Figure> {
     let nan = f64::NAN;
     r.programs
         .iter()
+        .filter(|p| hook.is_none_or(|h| p.program == h.program()))
         .map(|p| {
             let hook = p.program.strip_prefix("wirescope_").unwrap_or(&p.program);
             Figure::new(
@@ -297,13 +326,18 @@ fn live_figures(r: &LiveReport, label: &str) -> Vec<Figure> {
                 "ns",
             )
             .note(format!(
-                "{:.0} ns over {} runs - empty program {:.0} ns over {} runs; {:.0} s on {}",
+                "{:.0} ns over {} runs - empty program {:.0} ns over {} runs; {:.0} s on {}{}",
                 p.mean_ns.unwrap_or(nan),
                 p.runs,
                 p.baseline_mean_ns.unwrap_or(nan),
                 p.baseline_runs,
                 r.seconds,
-                r.ifaces.join(", ")
+                r.ifaces.join(", "),
+                if p.runs.min(p.baseline_runs) < LIVE_MIN_RUNS {
+                    format!("; fewer than {LIVE_MIN_RUNS} runs: means little")
+                } else {
+                    String::new()
+                }
             ))
         })
         .collect()
@@ -356,9 +390,27 @@ mod tests {
             {"program":"wirescope_egress","ids":[8],"runs":0,"mean_ns":null,
              "baseline_runs":0,"baseline_mean_ns":null,"margin_ns":null}]}"#;
         let r: LiveReport = serde_json::from_str(json).expect("parses");
-        let f = live_figures(&r, "UDP 64 B");
+        let f = live_figures(&r, "UDP 64 B", None);
         assert_eq!(f[0].name, "ingress, UDP 64 B");
         assert_eq!(f[0].value, 30.0);
+        assert!(f[0].note.contains("over 10 runs") && f[0].note.contains("means little"));
         assert!(f[1].value.is_nan());
+    }
+
+    #[test]
+    fn a_live_run_keeps_the_direction_its_load_flowed() {
+        let json = r#"{"ifaces":["wg0"],"seconds":3.0,"programs":[
+            {"program":"wirescope_ingress","ids":[7],"runs":15,"mean_ns":90.0,
+             "baseline_runs":15,"baseline_mean_ns":60.0,"margin_ns":30.0},
+            {"program":"wirescope_egress","ids":[8],"runs":200000,"mean_ns":150.0,
+             "baseline_runs":200000,"baseline_mean_ns":60.0,"margin_ns":90.0}]}"#;
+        let r: LiveReport = serde_json::from_str(json).expect("parses");
+        let f = live_figures(&r, "UDP 64 B, load out", Some(Hook::Egress));
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].name, "egress, UDP 64 B, load out");
+        assert_eq!(f[0].value, 90.0);
+        assert!(f[0].note.contains("over 200000 runs") && !f[0].note.contains("means little"));
+        let f = live_figures(&r, "UDP 64 B, load in", Some(Hook::Ingress));
+        assert_eq!((f.len(), f[0].value), (1, 30.0));
     }
 }

@@ -15,6 +15,19 @@ use crate::{netns, procs};
 /// One iperf3 run of `seconds` against a fresh one-shot server; both processes are gone when
 /// this returns, also on error.
 pub(super) fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) -> Result<Sample> {
+    iperf_way(env, case, load, seconds, tag, false)
+}
+
+/// [`iperf`], with the load flowing back to the client when `reverse` (iperf3 `-R`): the
+/// client's ingress programs then see the load.
+pub(super) fn iperf_way(
+    env: &Env,
+    case: Case,
+    load: Load,
+    seconds: u32,
+    tag: &str,
+    reverse: bool,
+) -> Result<Sample> {
     let dst = env.dst(case);
     let port = PORT.to_string();
     let base = env.dir.join(format!("{}-{tag}", case.slug()));
@@ -61,6 +74,9 @@ pub(super) fn iperf(env: &Env, case: Case, load: Load, seconds: u32, tag: &str) 
     }
     if case.pinned() {
         client_cmd.args(["-A", "0"]);
+    }
+    if reverse {
+        client_cmd.arg("-R");
     }
     let lab_cpu = LabCpu::snapshot(&[&env.client_ns, &env.relay_ns])?;
     let started = Instant::now();

@@ -51,9 +51,11 @@
 //!   cost: so each measurement, with and without, is the best of short runs offered 0.85, 1
 //!   and 1.15 times the calibrated rate ([`SWEEP`]), the packet rate the tunnel can carry.
 //!
-//! During one extra with-agent run of each UDP case, [`cost::LiveProbe`] measures the live
-//! per-packet margin of our programs over an empty program on the same interfaces; its
-//! figures are appended. That run is not one of the measured pairs (the probe's empty program
+//! During two extra with-agent runs of each UDP case, [`cost::LiveProbe`] measures the live
+//! per-packet margin of our programs over an empty program on the same interfaces: the
+//! egress programs with the load leaving the client, the ingress ones with it coming back
+//! (iperf3 `-R`), each figure with its number of runs; its figures are appended. Those runs
+//! are not among the measured pairs (the probe's empty program
 //! costs something itself). When the probe fails, its place in the report is a figure with
 //! no value (NaN) whose note holds the error: the bench fails at the end naming it, and the
 //! throughput figures measured before are kept.
@@ -72,7 +74,7 @@ mod iperf;
 mod tests;
 
 use agent::{Running, bpf_stats_enabled};
-use iperf::iperf;
+use iperf::{iperf, iperf_way};
 
 /// Lab prefix of this part: namespaces bt-cli and bt-relay.
 pub const PREFIX: &str = "bt";
@@ -652,28 +654,41 @@ fn calibrate(env: &Env, case: Case, seconds: u32) -> Result<(Load, String)> {
     })
 }
 
-/// The extra with-agent run of a UDP case under [`cost::LiveProbe`]. Err only for what
-/// breaks this part (iperf3); the probe's own failure becomes a figure without a value.
+/// The extra with-agent runs of a UDP case under [`cost::LiveProbe`], one per direction:
+/// the egress programs are measured while the load leaves the client, the ingress ones while
+/// it comes back (iperf3 `-R`), so each figure is from the packets of the load and not from
+/// the few control packets flowing the other way. Err only for what breaks this part
+/// (iperf3); the probe's own failure becomes a figure without a value.
 fn live_probe(env: &Env, case: Case, load: Load, seconds: u32) -> Result<Vec<Figure>> {
-    let label = case.name();
-    let ifaces = env.ifaces(case);
-    let failed = |what: &str, e: anyhow::Error| {
-        eprintln!("throughput: live probe {what} for {label}: {e:#}");
-        vec![
-            Figure::new(
-                cost::SECTION_LIVE,
-                format!("{label}: live probe"),
-                f64::NAN,
-                "ns",
-            )
-            .note(format!("LiveProbe {what} failed: {e:#}")),
-        ]
-    };
-    let probe = match cost::LiveProbe::start(env.ctx, &env.client_ns, &ifaces) {
-        Ok(p) => p,
-        Err(e) => return Ok(failed("start", e)),
-    };
-    // The probe is dropped (detached by its owner's Drop, if any) should iperf3 fail here.
-    iperf(env, case, load, seconds, "probe")?;
-    Ok(probe.finish(&label).unwrap_or_else(|e| failed("finish", e)))
+    let mut figures = Vec::new();
+    for (reverse, hook) in [(false, cost::Hook::Egress), (true, cost::Hook::Ingress)] {
+        let label = format!("{}, load {}", case.name(), hook.load_way());
+        let failed = |what: &str, e: anyhow::Error| {
+            eprintln!("throughput: live probe {what} for {label}: {e:#}");
+            vec![
+                Figure::new(
+                    cost::SECTION_LIVE,
+                    format!("{label}: live probe"),
+                    f64::NAN,
+                    "ns",
+                )
+                .note(format!("LiveProbe {what} failed: {e:#}")),
+            ]
+        };
+        let probe = match cost::LiveProbe::start(env.ctx, &env.client_ns, &env.ifaces(case)) {
+            Ok(p) => p,
+            Err(e) => {
+                figures.extend(failed("start", e));
+                continue;
+            }
+        };
+        // The probe is dropped (detached by its owner's Drop, if any) should iperf3 fail here.
+        iperf_way(env, case, load, seconds, "probe", reverse)?;
+        figures.extend(
+            probe
+                .finish(&label, Some(hook))
+                .unwrap_or_else(|e| failed("finish", e)),
+        );
+    }
+    Ok(figures)
 }

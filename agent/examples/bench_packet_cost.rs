@@ -143,6 +143,8 @@ const APP_PORT: u16 = 40001;
 const SERVICE_PORT: u16 = 443;
 /// Where the non-WireGuard packet goes: no peer's endpoint.
 const STRANGER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// A tunnel address no peer has: the step fixture whose peer lookup misses.
+const NO_PEER_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 
 /// Peer `i`'s (1-based) allowed IPs and endpoint: all distinct.
 fn peer_v4(i: u32) -> Ipv4Addr {
@@ -181,6 +183,8 @@ enum Iface {
 /// this side and peer `peer`.
 struct Fixture {
     kind: &'static str,
+    /// A step fixture (see [`fixtures`]): measured at the largest peer count only.
+    step: bool,
     iface: Iface,
     rx: Vec<u8>,
     tx: Vec<u8>,
@@ -204,6 +208,7 @@ fn fixtures(peer: u32) -> Vec<Fixture> {
     let ep = peer_endpoint(peer);
     let wire = |kind, rx: Vec<u8>, tx: Vec<u8>| Fixture {
         kind,
+        step: kind.contains("unknown endpoint"),
         iface: Iface::Underlay,
         rx: Framing::Ethernet.frame(&v4(ep, PEER_PORT, LOCAL_UNDERLAY, LISTEN_PORT, &rx)),
         tx: Framing::Ethernet.frame(&v4(LOCAL_UNDERLAY, LISTEN_PORT, ep, PEER_PORT, &tx)),
@@ -213,17 +218,61 @@ fn fixtures(peer: u32) -> Vec<Fixture> {
     vec![
         Fixture {
             kind: "IPv4",
+            step: false,
             iface: Iface::Tunnel,
             rx: v4(remote, SERVICE_PORT, local, APP_PORT, &payload),
             tx: v4(local, APP_PORT, remote, SERVICE_PORT, &payload),
         },
         Fixture {
             kind: "IPv6",
+            step: false,
             iface: Iface::Tunnel,
             rx: v6(remote6, SERVICE_PORT, local6, APP_PORT, &payload),
             tx: v6(local6, APP_PORT, remote6, SERVICE_PORT, &payload),
         },
-        wire("WireGuard data", data.clone(), data),
+        wire("WireGuard data", data.clone(), data.clone()),
+        // Step fixtures: each stops one step earlier on the same path, so the differences
+        // of their margins say where a data packet's nanoseconds go (xtask's cost.rs).
+        Fixture {
+            kind: "not IP",
+            step: true,
+            iface: Iface::Tunnel,
+            rx: vec![0; 40],
+            tx: vec![0; 40],
+        },
+        Fixture {
+            kind: "IPv4, no peer",
+            step: true,
+            iface: Iface::Tunnel,
+            rx: v4(NO_PEER_V4, SERVICE_PORT, local, APP_PORT, &payload),
+            tx: v4(local, APP_PORT, NO_PEER_V4, SERVICE_PORT, &payload),
+        },
+        Fixture {
+            kind: "ARP",
+            step: true,
+            iface: Iface::Underlay,
+            rx: arp(),
+            tx: arp(),
+        },
+        Fixture {
+            kind: "WireGuard data, unknown endpoint",
+            step: true,
+            iface: Iface::Underlay,
+            rx: Framing::Ethernet.frame(&v4(
+                STRANGER,
+                PEER_PORT,
+                LOCAL_UNDERLAY,
+                LISTEN_PORT,
+                &data,
+            )),
+            tx: Framing::Ethernet.frame(&v4(
+                LOCAL_UNDERLAY,
+                LISTEN_PORT,
+                STRANGER,
+                PEER_PORT,
+                &data,
+            )),
+        },
         wire(
             "keepalive",
             wg::keepalive(0x1122_3344, 7),
@@ -241,6 +290,7 @@ fn fixtures(peer: u32) -> Vec<Fixture> {
         ),
         Fixture {
             kind: "non-WireGuard UDP",
+            step: false,
             iface: Iface::Underlay,
             rx: Framing::Ethernet.frame(&v4(
                 STRANGER,
@@ -295,6 +345,15 @@ struct Measurement {
     margin_ns: f64,
     /// Every round's margin.
     margins: Vec<f64>,
+}
+
+/// An Ethernet frame that is not IP (ARP): the wire role's first step only.
+fn arp() -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 28];
+    f[..6].fill(0xff);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    f
 }
 
 fn test_run(
@@ -377,7 +436,8 @@ fn test_run(
         dp.sync_peers(&peer_maps(tun, n))
             .with_context(|| format!("writing {n} peers into the maps"))?;
         // The known peer is the last one written.
-        for f in fixtures(n) {
+        let largest = Some(&n) == peer_counts.last();
+        for f in fixtures(n).into_iter().filter(|f| largest || !f.step) {
             let (ifindex, role) = match f.iface {
                 Iface::Tunnel => (tun, "tunnel"),
                 Iface::Underlay => (under, "wire"),

@@ -23,6 +23,48 @@ use super::{Ctx, Figure, Goal};
 pub const SECTION_TEST_RUN: &str = "per-packet cost (test_run)";
 pub const SECTION_TEST_RUN_TRANSIT_OFF: &str = "per-packet cost (test_run, --transit-time off)";
 pub const SECTION_LIVE: &str = "per-packet cost (live)";
+pub const SECTION_STEPS: &str = "per-packet cost: where it goes (test_run, 10000 peers)";
+
+/// The steps of a data packet's path, each measured by a fixture that stops right after it
+/// (agent/examples/bench_packet_cost.rs), per role: (kind measured, what the step adds,
+/// transit time off). A step's figure is its margin minus the previous one's.
+type Step = (&'static str, &'static str, bool);
+const STEPS: [(&str, [Step; 4]); 2] = [
+    (
+        "tunnel",
+        [
+            (
+                "not IP",
+                "entry and interface configuration (not IP)",
+                false,
+            ),
+            (
+                "IPv4, no peer",
+                "+ IPv4 parse and a peer lookup that misses",
+                false,
+            ),
+            ("IPv4", "+ a found peer's counting (transit time off)", true),
+            ("IPv4", "+ transit time", false),
+        ],
+    ),
+    (
+        "wire",
+        [
+            ("ARP", "entry and interface configuration (not IP)", false),
+            (
+                "WireGuard data, unknown endpoint",
+                "+ headers and a data message whose peer lookup misses",
+                false,
+            ),
+            (
+                "WireGuard data",
+                "+ a found peer's counting and health (transit time off)",
+                true,
+            ),
+            ("WireGuard data", "+ transit time", false),
+        ],
+    ),
+];
 
 /// The goals of issue 7, per packet at 10,000 peers, as the margin over an empty program.
 pub const GOAL_WIRE_DATA_NS: f64 = 40.0;
@@ -101,27 +143,61 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Figure>> {
     } else {
         (1_000_000, 5)
     };
-    let mut figures = test_run(ctx, repeat, rounds, "1,100,10000", false)?;
+    let on = test_run(ctx, repeat, rounds, "1,100,10000", false)?;
     // The same at the goals' peer count with transit timing off (`--transit-time off`):
     // what the rest of the work costs.
-    figures.extend(test_run(
-        ctx,
-        repeat,
-        rounds,
-        &GOAL_PEERS.to_string(),
-        true,
-    )?);
+    let off = test_run(ctx, repeat, rounds, &GOAL_PEERS.to_string(), true)?;
+    let mut figures = test_run_figures(&on, SECTION_TEST_RUN);
+    figures.extend(test_run_figures(&off, SECTION_TEST_RUN_TRANSIT_OFF));
+    figures.extend(step_figures(&on, &off));
     Ok(figures)
 }
 
-/// One `bench_packet_cost test-run`, as figures.
+/// Where the margin of a data packet at [`GOAL_PEERS`] goes, step by step: each step's
+/// figure is the margin of the fixture that stops after it minus the previous one's.
+fn step_figures(on: &TestRunReport, off: &TestRunReport) -> Vec<Figure> {
+    let margin = |r: &TestRunReport, role: &str, program: &str, kind: &str| {
+        r.results
+            .iter()
+            .find(|m| {
+                m.peers == GOAL_PEERS && m.role == role && m.program == program && m.kind == kind
+            })
+            .map(|m| m.margin_ns)
+    };
+    let mut figures = Vec::new();
+    for (role, steps) in STEPS {
+        for program in ["wirescope_ingress", "wirescope_egress"] {
+            let mut before = 0.0;
+            for (i, (kind, what, transit_off)) in steps.iter().enumerate() {
+                let report = if *transit_off { off } else { on };
+                let Some(m) = margin(report, role, program, kind) else {
+                    // An older example without the step fixtures: no breakdown, no error.
+                    break;
+                };
+                figures.push(
+                    Figure::new(
+                        SECTION_STEPS,
+                        format!("{}, {}. {what}", program_label(role, program), i + 1),
+                        m - before,
+                        "ns",
+                    )
+                    .note(format!("{m:.0} ns margin up to here ({kind})")),
+                );
+                before = m;
+            }
+        }
+    }
+    figures
+}
+
+/// One `bench_packet_cost test-run`.
 fn test_run(
     ctx: &Ctx,
     repeat: u32,
     rounds: u32,
     peers: &str,
     transit_off: bool,
-) -> Result<Vec<Figure>> {
+) -> Result<TestRunReport> {
     let mut cmd = Command::new(&ctx.cost_bin);
     cmd.args([
         "test-run",
@@ -138,16 +214,10 @@ fn test_run(
     let out = crate::cmd::run(&mut cmd)?;
     let report: TestRunReport = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("parsing what `{} test-run` printed", ctx.cost_bin.display()))?;
-    let section = if transit_off {
-        SECTION_TEST_RUN_TRANSIT_OFF
-    } else {
-        SECTION_TEST_RUN
-    };
-    let figures = test_run_figures(&report, section);
-    if figures.is_empty() {
+    if report.results.is_empty() {
         bail!("`bench_packet_cost test-run` measured nothing");
     }
-    Ok(figures)
+    Ok(report)
 }
 
 /// "wire ingress" / "tunnel egress": the role of the interface and the program's hook.
@@ -380,6 +450,54 @@ mod tests {
         assert_eq!(f[5].name, "tunnel ingress, IPv4, 1 peer");
         assert_eq!(f[5].goal, None);
         assert!(f[0].note.contains("ours 100 ns, empty program 60 ns"));
+    }
+
+    #[test]
+    fn steps_are_the_differences_of_the_fixtures_that_stop_after_them() {
+        let m = |kind: &str, margin_ns, peers| Measurement {
+            peers,
+            kind: kind.into(),
+            role: "tunnel".into(),
+            program: "wirescope_ingress".into(),
+            ns: 0.0,
+            baseline_ns: 0.0,
+            margin_ns,
+        };
+        let report = |results| TestRunReport {
+            repeat: 1,
+            rounds: 1,
+            results,
+        };
+        let on = report(vec![
+            m("not IP", 9.0, 10_000),
+            m("IPv4, no peer", 21.0, 10_000),
+            m("IPv4", 70.0, 10_000),
+            // Another peer count is not the goals' and is left out.
+            m("IPv4", 500.0, 1),
+        ]);
+        let off = report(vec![m("IPv4", 40.0, 10_000)]);
+        let f = step_figures(&on, &off);
+        let got: Vec<(&str, f64)> = f.iter().map(|f| (f.name.as_str(), f.value)).collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "tunnel ingress, 1. entry and interface configuration (not IP)",
+                    9.0
+                ),
+                (
+                    "tunnel ingress, 2. + IPv4 parse and a peer lookup that misses",
+                    12.0
+                ),
+                (
+                    "tunnel ingress, 3. + a found peer's counting (transit time off)",
+                    19.0
+                ),
+                ("tunnel ingress, 4. + transit time", 30.0),
+            ]
+        );
+        assert!(f.iter().all(|f| f.section == SECTION_STEPS));
+        assert_eq!(f[3].note, "70 ns margin up to here (IPv4)");
     }
 
     #[test]

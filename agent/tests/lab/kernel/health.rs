@@ -359,7 +359,10 @@ fn multihop_exit_rtt_exceeds_entry_by_the_relay_delay() {
     let exit_rtt = one_rtt("exit", (&before, &after), &tun, &exit);
     let diff = exit_rtt - entry_rtt;
     let two_d = 2.0 * D.as_secs_f64();
-    let (lo, hi) = (two_d - 0.005, two_d + 0.040);
+    // Above: the exit relay's and the client's handshake computation (userspace, in the
+    // VM under emulation or on a loaded CI machine: 58 ms once with the two cores busy). A
+    // wrong pairing is off by a retry (5 s) or misses the delay, both far outside.
+    let (lo, hi) = (two_d - 0.005, two_d + 0.090);
     assert!(
         (lo..=hi).contains(&diff),
         "exit round trip {} - entry round trip {} = {}, want {}..={} (2 x {D:?} between the \

@@ -64,9 +64,10 @@ pub fn steps() -> Vec<Step> {
     vec![
         Step {
             name: "host tests: cargo test --workspace --exclude agent-ebpf (single-threaded: lab tests share namespaces)",
+            // --no-fail-fast: a failure in one test binary must not hide the others' results.
             run: || {
                 cargo_test(
-                    &["--workspace", "--exclude", "agent-ebpf"],
+                    &["--workspace", "--exclude", "agent-ebpf", "--no-fail-fast"],
                     &["--test-threads=1"],
                 )
             },

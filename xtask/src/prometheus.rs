@@ -570,19 +570,24 @@ pub fn fill_grafana_variables(expr: &str, interval: &str) -> String {
     out
 }
 
+/// PromQL's keywords that open a list of label names: `by (...)`, `on (...)`, ...
+const GROUPING: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
 /// The metric names (and recording rules' `level:metric:op` names) a PromQL expression
 /// selects: identifiers outside string literals that are not followed by `(` (functions),
 /// not label names (inside `{...}` before an operator, or inside `by (...)`, `without
 /// (...)`, `on (...)`, `ignoring (...)`, `group_left (...)`, `group_right (...)`), not
 /// keywords and not durations. Good enough for the expressions in `deploy/`.
 pub fn metric_names(expr: &str) -> BTreeSet<String> {
+    // With the GROUPING keywords, which are checked separately.
     const KEYWORDS: &[&str] = &[
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
         "and",
         "or",
         "unless",
@@ -636,12 +641,7 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
             }
         } else if c == b'(' {
             depth += 1;
-            if label_list == 0
-                && matches!(
-                    last_word.as_str(),
-                    "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
-                )
-            {
+            if label_list == 0 && GROUPING.contains(&last_word.as_str()) {
                 label_list = depth;
             }
         } else if c == b')' {
@@ -662,6 +662,7 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
                 && next != Some('(')
                 && !is_number
                 && !KEYWORDS.contains(&word.to_ascii_lowercase().as_str())
+                && !GROUPING.contains(&word.to_ascii_lowercase().as_str())
             {
                 names.insert(word.to_owned());
             }
@@ -783,14 +784,7 @@ pub fn selector_labels(expr: &str) -> Vec<(String, String)> {
 /// `group_right` lists.
 pub fn grouping_labels(expr: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for kw in [
-        "by",
-        "without",
-        "on",
-        "ignoring",
-        "group_left",
-        "group_right",
-    ] {
+    for kw in GROUPING {
         let mut rest = expr;
         while let Some(p) = rest.find(kw) {
             let before = rest[..p].chars().next_back();

@@ -486,36 +486,44 @@ pub(super) fn basic(user: &str, password: &str) -> String {
     )
 }
 
-/// A TLS client trusting only the fixture, limited to `version`.
-fn tls_client(version: &'static rustls::SupportedProtocolVersion) -> tokio_rustls::TlsConnector {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
+/// What a TLS request got: the negotiated suite and group, and the response.
+pub(super) struct TlsReply {
+    pub suite: rustls::CipherSuite,
+    pub group: Option<rustls::NamedGroup>,
+    pub reply: Reply,
+}
+
+/// GET `path` over TLS (`Connection: close`) trusting only `root` (PEM), offering
+/// `versions` and rustls' default suites in its order, with `extra` headers; Err when the
+/// handshake fails.
+pub(super) async fn tls_get(
+    addr: SocketAddr,
+    root: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<TlsReply, String> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(TEST_CERT.as_bytes()) {
+    for c in CertificateDer::pem_slice_iter(root.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_protocol_versions(&[version])
+    .with_protocol_versions(versions)
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
-
-/// One request over TLS (`Connection: close`); Err when the handshake fails.
-async fn tls_request(
-    addr: SocketAddr,
-    version: &'static rustls::SupportedProtocolVersion,
-    path: &str,
-    extra: &[(&str, &str)],
-) -> Result<Reply, String> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tls_client(version)
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client))
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
+    let conn = s.get_ref().1;
+    let suite = conn.negotiated_cipher_suite().map(|c| c.suite());
+    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -529,7 +537,23 @@ async fn tls_request(
         .await
         .expect("response within 5 s")
         .map_err(|e| e.to_string())?;
-    Ok(parse(&raw))
+    Ok(TlsReply {
+        suite: suite.ok_or("no suite")?,
+        group,
+        reply: parse(&raw),
+    })
+}
+
+/// One request over TLS `version`, trusting the fixture; Err when the handshake fails.
+async fn tls_request(
+    addr: SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> Result<Reply, String> {
+    Ok(tls_get(addr, TEST_CERT, &[version], path, extra)
+        .await?
+        .reply)
 }
 
 /// Every path, known or not, needs the credentials: none or wrong ones get 401 with a

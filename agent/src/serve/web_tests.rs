@@ -1,15 +1,11 @@
 //! `--web.config.file` through the real server: headers, the rate limit, suites and curves
 //! in real handshakes, and a changed file taking effect without a restart.
 
-use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::Command};
 
 use rustls::{CipherSuite, NamedGroup};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
 
-use super::tests::{Reply, TEST_CERT, TEST_KEY, basic, parse, request, start_with};
+use super::tests::{Reply, TEST_CERT, TEST_KEY, basic, request, start_with, tls_get};
 use super::*;
 use crate::config::Origin;
 
@@ -48,62 +44,6 @@ async fn serving(cfg: &WebConfig) -> super::tests::Running {
         *c = c.clone().with_web_config(Some(&cfg)).unwrap();
     })
     .await
-}
-
-struct TlsReply {
-    suite: CipherSuite,
-    group: Option<NamedGroup>,
-    reply: Reply,
-}
-
-/// GET `path` over TLS trusting only `root` (PEM), offering `versions` and rustls'
-/// default suites in its order; Err when the handshake fails.
-async fn tls_get(
-    addr: SocketAddr,
-    root: &str,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-    path: &str,
-    auth: Option<&str>,
-) -> Result<TlsReply, String> {
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(root.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(versions)
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(Arc::new(client))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let conn = s.get_ref().1;
-    let suite = conn.negotiated_cipher_suite().map(|c| c.suite());
-    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    if let Some(a) = auth {
-        req.push_str(&format!("Authorization: {a}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .expect("response within 5 s")
-        .map_err(|e| e.to_string())?;
-    Ok(TlsReply {
-        suite: suite.ok_or("no suite")?,
-        group,
-        reply: parse(&raw),
-    })
 }
 
 const HEADERS: &[(&str, &str)] = &[
@@ -269,15 +209,15 @@ async fn renewed_certificate_applies_to_new_connections() {
     let srv = serving(&cfg).await;
     let (cert, key) = new_cert(&dir);
     let v13 = [&rustls::version::TLS13];
-    let r = tls_get(srv.addr, TEST_CERT, &v13, "/", None).await.unwrap();
+    let r = tls_get(srv.addr, TEST_CERT, &v13, "/", &[]).await.unwrap();
     assert_eq!(r.reply.status, 200);
-    assert!(tls_get(srv.addr, &cert, &v13, "/", None).await.is_err());
+    assert!(tls_get(srv.addr, &cert, &v13, "/", &[]).await.is_err());
 
     dir.write("key.pem", &key);
     dir.write("cert.pem", &cert);
-    let r = tls_get(srv.addr, &cert, &v13, "/", None).await.unwrap();
+    let r = tls_get(srv.addr, &cert, &v13, "/", &[]).await.unwrap();
     assert_eq!(r.reply.status, 200);
-    assert!(tls_get(srv.addr, TEST_CERT, &v13, "/", None).await.is_err());
+    assert!(tls_get(srv.addr, TEST_CERT, &v13, "/", &[]).await.is_err());
     srv.stop().await;
 }
 
@@ -331,7 +271,7 @@ async fn suites_and_curves_negotiated_as_configured() {
             &format!("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n{extra}"),
         );
         let srv = serving(&cfg).await;
-        let r = tls_get(srv.addr, TEST_CERT, versions, "/", None)
+        let r = tls_get(srv.addr, TEST_CERT, versions, "/", &[])
             .await
             .unwrap();
         assert_eq!((r.suite, r.group), (*suite, Some(*group)), "{extra}");
@@ -352,14 +292,20 @@ async fn the_toolkit_example_is_served() {
     );
     let srv = serving(&cfg).await;
     let v = [&rustls::version::TLS13];
-    let r = tls_get(srv.addr, TEST_CERT, &v, "/metrics", None)
+    let r = tls_get(srv.addr, TEST_CERT, &v, "/metrics", &[])
         .await
         .unwrap();
     assert_eq!(r.reply.status, 401);
     let wrong = basic("alice", "not-her-password");
-    let r = tls_get(srv.addr, TEST_CERT, &v, "/metrics", Some(&wrong))
-        .await
-        .unwrap();
+    let r = tls_get(
+        srv.addr,
+        TEST_CERT,
+        &v,
+        "/metrics",
+        &[("Authorization", &wrong)],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.reply.status, 401);
     let r = request(srv.addr, "GET", "/metrics", &[]).await;
     assert_eq!(r.status, 400);

@@ -486,20 +486,34 @@ fn tcp_overhead_per_packet_within_formula_bounds() {
             delta(&b, &a, "wirescope_wire_bytes_total", &w),
         );
         assert!(tp > 100, "{dir}: iperf3 moved only {tp} packets");
-        assert_eq!(wp, tp, "{dir}: one data message per inner packet");
-        let overhead = wb - tb;
-        let min = tp * (OUTER_V4 as u64 + 8 + 32);
-        let max = min + tp * 15;
-        assert!(
-            (min..=max).contains(&overhead),
-            "{dir}: overhead {overhead} B over {tp} packets, want {min}..={max}"
-        );
+        // boringtun drops some of what it receives when its threads fall behind, with no
+        // counter to read (7,256 messages brought 7,182 packets on a loaded CI machine; exact
+        // when quiet). The dropped messages' bytes cannot be told apart from the overhead,
+        // so there the overhead is checked only when nothing was dropped.
+        let drops = dir == "rx" && lab.wireguard == lab::WgImpl::Boringtun;
+        if drops {
+            assert!(
+                wp >= tp && wp - tp <= wp / 50,
+                "{dir}: {wp} data messages for {tp} inner packets (boringtun may drop up to 2 %)"
+            );
+        } else {
+            assert_eq!(wp, tp, "{dir}: one data message per inner packet");
+        }
+        if wp == tp {
+            let overhead = wb - tb;
+            let min = tp * (OUTER_V4 as u64 + 8 + 32);
+            let max = min + tp * 15;
+            assert!(
+                (min..=max).contains(&overhead),
+                "{dir}: overhead {overhead} B over {tp} packets, want {min}..={max}"
+            );
+        }
         // Under load, packets queue before encryption: matched all the same (a packet
         // WireGuard dropped is passed over), and tx transit takes longer.
         let (n, sum) = transit(&b, &a, &tun, &relay, dir);
         assert!(
-            n <= wp && n * 100 >= wp * 99,
-            "{dir}: {n} transits for {wp} data messages"
+            n <= wp && n * 100 >= tp.min(wp) * 99,
+            "{dir}: {n} transits for {wp} data messages ({tp} packets)"
         );
         if dir == "tx" {
             let mean = sum / n as f64;

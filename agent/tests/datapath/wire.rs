@@ -384,7 +384,7 @@ fn strangers_beyond_capacity_are_all_counted() {
         .find(|(m, _, _)| *m == names::UNKNOWN_WIRE)
         .expect("UNKNOWN_WIRE in map_usage()");
     assert_eq!((entries, cap), (held.len() as u64, MAX_UNKNOWN_WIRE as u64));
-    // The totals, in COUNTERS under no peer.
+    // The totals, in COUNTERS under no peer (checked after the export).
     let counters: BTreeMap<_, _> = lab
         .dp
         .tunnel
@@ -393,22 +393,10 @@ fn strangers_beyond_capacity_are_all_counted() {
         .into_iter()
         .map(|(k, c)| ((k.ifindex, k.peer, k.kind, k.dir), c))
         .collect();
-    for (dir, _, k, _, l3_len) in &runs {
-        assert_eq!(
-            counters.get(&(under, PEER_UNKNOWN, *k, dir.code())),
-            Some(&Counter {
-                packets: N as u64,
-                bytes: N as u64 * l3_len
-            }),
-            "{dir:?} total"
-        );
-    }
-
-    common::assert_no_refused_updates(&lab.dp, "strangers beyond capacity");
 
     // What the agent exports, as a scrape renders it.
     let Lab { dp, .. } = lab;
-    let (text, _) = dp.shared(|dp| {
+    let (text, dp) = dp.shared(|dp| {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(TunnelCollector::new(
             dp,
@@ -481,10 +469,22 @@ fn strangers_beyond_capacity_are_all_counted() {
         other_sum >= 2 * N as u64 - MAX_UNKNOWN_WIRE as u64,
         "evicted {other_sum}"
     );
+    for (dir, _, k, _, l3_len) in &runs {
+        assert_eq!(
+            counters.get(&(under, PEER_UNKNOWN, *k, dir.code())),
+            Some(&Counter {
+                packets: N as u64,
+                bytes: N as u64 * l3_len
+            }),
+            "{dir:?} total"
+        );
+    }
     assert!(
         !text
             .lines()
             .any(|l| l.starts_with("wirescope_wire_") && l.contains("peer=\"unknown\"")),
         "the totals are no series of their own"
     );
+    // The LRU map evicts: nothing refused.
+    common::assert_no_refused_updates(&dp, "strangers beyond capacity");
 }

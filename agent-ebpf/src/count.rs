@@ -3,20 +3,49 @@
 use agent_common::maps::{Counter, HistValue, map_error};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
 };
 
 use crate::maps::MAP_ERRORS;
 
+/// The per-CPU hash maps of counters: the plain one (never evicts, refuses when full) and
+/// the LRU one (`UNKNOWN_WIRE`: evicts its oldest entry instead) share an API but no type.
+pub trait CounterMap<K> {
+    fn get_ptr_mut(&self, key: &K) -> Option<*mut Counter>;
+    fn insert(&self, key: &K, value: &Counter, flags: u64) -> Result<(), i32>;
+}
+
+impl<K> CounterMap<K> for PerCpuHashMap<K, Counter> {
+    #[inline(always)]
+    fn get_ptr_mut(&self, key: &K) -> Option<*mut Counter> {
+        PerCpuHashMap::get_ptr_mut(self, key)
+    }
+    #[inline(always)]
+    fn insert(&self, key: &K, value: &Counter, flags: u64) -> Result<(), i32> {
+        PerCpuHashMap::insert(self, key, value, flags)
+    }
+}
+
+impl<K> CounterMap<K> for LruPerCpuHashMap<K, Counter> {
+    #[inline(always)]
+    fn get_ptr_mut(&self, key: &K) -> Option<*mut Counter> {
+        LruPerCpuHashMap::get_ptr_mut(self, key)
+    }
+    #[inline(always)]
+    fn insert(&self, key: &K, value: &Counter, flags: u64) -> Result<(), i32> {
+        LruPerCpuHashMap::insert(self, key, value, flags)
+    }
+}
+
 #[inline(always)]
-pub fn add<K>(map: &PerCpuHashMap<K, Counter>, key: &K, packets: u64, bytes: u64, err_idx: u32) {
+pub fn add<K>(map: &impl CounterMap<K>, key: &K, packets: u64, bytes: u64, err_idx: u32) {
     add_or_report(map, key, packets, bytes, &MAP_ERRORS, err_idx);
 }
 
 /// [`add`], reporting a refused update in `errors[err_idx]`.
 #[inline(always)]
 pub fn add_or_report<K>(
-    map: &PerCpuHashMap<K, Counter>,
+    map: &impl CounterMap<K>,
     key: &K,
     packets: u64,
     bytes: u64,

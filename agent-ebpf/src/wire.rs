@@ -3,13 +3,13 @@
 
 use agent_common::{
     maps::{
-        Counter, CounterKey, DIR_TX,
+        Counter, CounterKey, DIR_TX, PEER_UNKNOWN,
         wire::{Endpoint, MAX_UNKNOWN_WIRE, UnknownWireKey},
     },
     parse::{IPPROTO_UDP, Ip, L4, Packet, frag, segmented},
     wireguard::classify,
 };
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
+use aya_ebpf::{macros::map, maps::LruPerCpuHashMap};
 
 use crate::{
     count::{self, COUNTERS_ERR, UNKNOWN_WIRE_ERR},
@@ -19,10 +19,13 @@ use crate::{
     transit,
 };
 
-/// Messages to or from endpoints not (yet) mapped to a peer.
+/// Messages to or from endpoints not (yet) mapped to a peer. LRU: anyone who reaches a
+/// listen port picks these keys, so a full map evicts its stalest endpoint rather than
+/// refusing new ones; what an eviction takes away stays in the totals in `COUNTERS` (see
+/// [`count`]).
 #[map]
-pub static UNKNOWN_WIRE: PerCpuHashMap<UnknownWireKey, Counter> =
-    PerCpuHashMap::pinned(MAX_UNKNOWN_WIRE, 0);
+pub static UNKNOWN_WIRE: LruPerCpuHashMap<UnknownWireKey, Counter> =
+    LruPerCpuHashMap::pinned(MAX_UNKNOWN_WIRE, 0);
 
 /// Counts the packet if it is a WireGuard message (to or from a known endpoint, or on a
 /// local listen port, and shaped like one); returns whether it was.
@@ -63,13 +66,7 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
     };
     // Handshake round trips and the counter sequence; `packets` is the number of messages
     // (UDP GRO/GSO segments) the skb carries.
-    health::observe(
-        ifindex,
-        peer.unwrap_or(agent_common::maps::PEER_UNKNOWN),
-        dir,
-        &msg,
-        packets,
-    );
+    health::observe(ifindex, peer.unwrap_or(PEER_UNKNOWN), dir, &msg, packets);
     if let Some(peer) = peer
         && msg.kind == agent_common::maps::kind::DATA
     {
@@ -91,27 +88,26 @@ pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: &L4, gso_segs: u32) 
             transit::defer_enqueue(peer, dir, 0, each, last, packets as u32);
         }
     }
-    match peer {
-        Some(peer) => {
-            let key = CounterKey {
-                ifindex,
-                peer,
-                kind: msg.kind,
-                dir,
-                _pad: [0; 2],
-            };
-            count::add(&COUNTERS, &key, packets, bytes, COUNTERS_ERR);
-        }
-        None => {
-            let key = UnknownWireKey {
-                ifindex,
-                endpoint,
-                kind: msg.kind,
-                dir,
-                _pad: [0; 2],
-            };
-            count::add(&UNKNOWN_WIRE, &key, packets, bytes, UNKNOWN_WIRE_ERR);
-        }
+    // A known peer's messages count under its id; a stranger's under PEER_UNKNOWN (which
+    // the tunnel role uses only with kind TUNNEL): a total per interface, kind and direction
+    // that nothing evicts, of which the agent exports what `UNKNOWN_WIRE` no longer holds.
+    let key = CounterKey {
+        ifindex,
+        peer: peer.unwrap_or(PEER_UNKNOWN),
+        kind: msg.kind,
+        dir,
+        _pad: [0; 2],
+    };
+    count::add(&COUNTERS, &key, packets, bytes, COUNTERS_ERR);
+    if peer.is_none() {
+        let key = UnknownWireKey {
+            ifindex,
+            endpoint,
+            kind: msg.kind,
+            dir,
+            _pad: [0; 2],
+        };
+        count::add(&UNKNOWN_WIRE, &key, packets, bytes, UNKNOWN_WIRE_ERR);
     }
     true
 }

@@ -66,7 +66,10 @@ impl IfaceConfig {
     pub const UNDERLAY: u32 = 1 << 2;
 }
 
-/// Peer ids are allocated by the agent, starting at 1. 0 means "no peer matched".
+/// Peer ids are allocated by the agent, starting at 1. 0 means "no peer matched": in
+/// `COUNTERS`, tunnel traffic outside every peer's allowed IPs (kind `TUNNEL`), and under
+/// the message kinds the total of WireGuard messages of endpoints no peer has (see
+/// [`wire`]).
 pub const PEER_UNKNOWN: u32 = 0;
 
 /// What a counter counts.

@@ -1,11 +1,16 @@
 //! The wire role: WireGuard messages in UDP, attributed to a peer by its endpoint
 //! (`ENDPOINTS`) or recognised by a local listen port (`WG_PORTS`), counted per message type
-//! in `COUNTERS`, or in `UNKNOWN_WIRE` while the endpoint is not mapped to a peer.
+//! in `COUNTERS`, or, while the endpoint is not mapped to a peer, in `UNKNOWN_WIRE` per
+//! endpoint and in `COUNTERS` under `PEER_UNKNOWN` per interface, kind and direction.
+//! `UNKNOWN_WIRE` is an LRU map (anyone reaching a listen port chooses its keys): when full
+//! it evicts the stalest endpoint, and the total in `COUNTERS` keeps its counts.
 
 /// Peer endpoints, over every tunnel.
 pub const MAX_ENDPOINTS: u32 = 65_536;
 /// Listen ports of the local WireGuard interfaces.
 pub const MAX_WG_PORTS: u32 = 256;
+/// Endpoints of no known peer held at once, each (interface, kind, direction) an entry of
+/// its own; beyond that the LRU map evicts.
 pub const MAX_UNKNOWN_WIRE: u32 = 4_096;
 
 /// A UDP endpoint. IPv4 addresses fill the first 4 bytes, the rest stays zero.

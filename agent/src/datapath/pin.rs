@@ -487,5 +487,58 @@ mod tests {
         assert_ne!(layout_id(&defs), layout_id(&other));
         let un = unpinned(crate::EBPF_OBJECT).unwrap();
         assert!(map_defs(&un).unwrap().iter().all(|d| !d.pinned));
+
+        // UNKNOWN_WIRE is an LRU per-CPU hash since issue 15, a plain one before: the layout
+        // with only that changed is another id, so a pinned map of the old type is never
+        // loaded as the new one (see `the_previous_layout_is_replaced`).
+        let unknown = defs.iter().find(|d| d.name == "UNKNOWN_WIRE").unwrap();
+        assert_eq!(unknown.map_type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+        assert_ne!(layout_id(&defs), layout_id(&before_issue_15(&defs)));
+    }
+
+    const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+    const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
+
+    /// The map definitions of the build before UNKNOWN_WIRE became an LRU map.
+    fn before_issue_15(defs: &[MapDef]) -> Vec<MapDef> {
+        let mut before = defs.to_vec();
+        for d in before.iter_mut().filter(|d| d.name == "UNKNOWN_WIRE") {
+            d.map_type = BPF_MAP_TYPE_PERCPU_HASH;
+        }
+        before
+    }
+
+    /// Pins left by the build before (UNKNOWN_WIRE a plain per-CPU hash) are removed and a
+    /// directory for this layout made, not an error: the agent starts, its counters from 0.
+    #[test]
+    fn the_previous_layout_is_replaced() {
+        let defs = map_defs(crate::EBPF_OBJECT).expect("map definitions");
+        let base = std::env::temp_dir().join(format!("wirescope-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (ino, cookie) = netns_id().expect("netns id");
+        let ns_dir = base.join(format!("{ino}-{cookie}"));
+        let old = ns_dir.join(layout_id(&before_issue_15(&defs)));
+        std::fs::create_dir_all(&old).expect("old layout directory");
+        for name in ["UNKNOWN_WIRE", "COUNTERS"] {
+            std::fs::write(old.join(name), b"").expect("old pin");
+        }
+        let dir = prepare_in(&base, crate::EBPF_OBJECT);
+        let entries: Vec<String> = std::fs::read_dir(&ns_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = dir.expect("prepared");
+        assert_eq!(dir.layout, layout_id(&defs));
+        assert_eq!(dir.path, ns_dir.join(&dir.layout));
+        assert_eq!((dir.reused, dir.maps > 0), (0, true));
+        assert_eq!(
+            entries,
+            vec![dir.layout.clone()],
+            "only this layout's directory"
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! The wire role's maps (agent-ebpf wire.rs): the peers' endpoints and the local listen
 //! ports that make a UDP datagram on an underlay WireGuard, and `UNKNOWN_WIRE`, the
 //! WireGuard traffic whose endpoint matches no known peer. Its counts per known peer go to
-//! `COUNTERS` ([`super::tunnel`]) under the message kinds.
+//! `COUNTERS` ([`super::tunnel`]) under the message kinds, and so does the total of the
+//! unknown endpoints (peer `PEER_UNKNOWN`), per interface, kind and direction: anyone can
+//! send WireGuard-shaped datagrams to a listen port, so `UNKNOWN_WIRE` is an LRU map that
+//! evicts its stalest endpoints, and that total keeps what it evicted.
 
 use std::{collections::HashMap as StdHashMap, net::SocketAddr, sync::Arc};
 
@@ -22,6 +25,7 @@ use super::{
 pub struct WireMaps {
     endpoints: HashMap<MapData, Endpoint, u32>,
     wg_ports: HashMap<MapData, u16, u8>,
+    /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`, which aya reads as a per-CPU hash map.
     unknown_wire: PerCpuHashMap<MapData, UnknownWireKey, Counter>,
     /// What was last written, so a sync only touches what changed.
     applied_endpoints: StdHashMap<Endpoint, u32>,
@@ -62,9 +66,17 @@ impl WireMaps {
         ]
     }
 
-    /// WireGuard traffic from or to endpoints of no known peer, summed over CPUs.
+    /// WireGuard traffic from or to endpoints of no known peer, summed over CPUs; each
+    /// endpoint once.
     pub fn unknown_wire(&self) -> Result<Vec<(UnknownWireKey, Counter)>, DatapathError> {
-        sum_per_cpu(&self.unknown_wire, names::UNKNOWN_WIRE)
+        // The kernel's walk starts over when the key it stands on was evicted meanwhile
+        // (BPF_MAP_GET_NEXT_KEY of a missing key gives the first one), which the LRU does
+        // under a stream of strangers: an endpoint read twice counts once, as its later read.
+        let once: StdHashMap<UnknownWireKey, Counter> =
+            sum_per_cpu(&self.unknown_wire, names::UNKNOWN_WIRE)?
+                .into_iter()
+                .collect();
+        Ok(once.into_iter().collect())
     }
 }
 

@@ -3,14 +3,16 @@
 //! that is re-created (new ifindex, same name) continues its series instead of resetting it.
 //!
 //! The wire role counts into the same map under its message kinds, so the one read here
-//! also yields the wire families, which [`super::wire`] folds and encodes.
+//! also yields the wire families, which [`super::wire`] folds and encodes; under peer
+//! `PEER_UNKNOWN` those kinds are the totals of the unknown endpoints, which are no series of
+//! their own but what [`super::wire::add_unknown`] completes `UNKNOWN_WIRE`'s entries to.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, RwLock},
 };
 
-use agent_common::maps::{Counter, kind};
+use agent_common::maps::{Counter, PEER_UNKNOWN, kind};
 use log::warn;
 use prometheus_client::{
     collector::Collector,
@@ -26,6 +28,8 @@ pub struct TunnelCollector {
     datapath: Arc<Mutex<Datapath>>,
     inventory: Arc<RwLock<Inventory>>,
     endpoints: EndpointLabeler,
+    /// What `endpoint:other` was at the last snapshot ([`wire::other_endpoints`]).
+    other_floors: Mutex<wire::OtherFloors>,
 }
 
 impl TunnelCollector {
@@ -38,6 +42,7 @@ impl TunnelCollector {
             datapath,
             inventory,
             endpoints,
+            other_floors: Mutex::new(wire::OtherFloors::new()),
         }
     }
 }
@@ -63,14 +68,17 @@ impl TunnelCollector {
             let Ok(dp) = self.datapath.lock() else {
                 return Snapshot::default();
             };
+            // COUNTERS (with the unknown endpoints' totals) before UNKNOWN_WIRE: see
+            // `wire::other_endpoints`.
             let counters = dp.tunnel.counters().unwrap_or_else(|e| {
                 warn!("reading counters: {e}");
                 Vec::new()
             });
-            let unknown = dp.wire.unknown_wire().unwrap_or_else(|e| {
-                warn!("reading counters: {e}");
-                Vec::new()
-            });
+            let unknown = dp
+                .wire
+                .unknown_wire()
+                .inspect_err(|e| warn!("reading counters: {e}"))
+                .ok();
             (counters, unknown)
         };
         let Ok(inv) = self.inventory.read() else {
@@ -78,7 +86,19 @@ impl TunnelCollector {
         };
         let iface = |i: u32| inv.iface_name(i);
         let mut s = Snapshot::default();
+        let mut unknown_totals = BTreeMap::new();
         for (k, v) in counters {
+            if k.peer == PEER_UNKNOWN && k.kind != kind::TUNNEL {
+                if let Some(msg) = wire::message(k.kind) {
+                    add(
+                        unknown_totals
+                            .entry((iface(k.ifindex), direction(k.dir), msg))
+                            .or_default(),
+                        &v,
+                    );
+                }
+                continue;
+            }
             let Some(peer) = inv.peer_label(k.peer) else {
                 continue;
             };
@@ -97,7 +117,21 @@ impl TunnelCollector {
                 );
             }
         }
-        wire::add_unknown(&mut s.wire, unknown, &self.endpoints, iface);
+        // Without the entries every total would look evicted, and the floor would keep
+        // that: this scrape has no unknown endpoints at all.
+        let Some(unknown) = unknown else { return s };
+        let mut floors = self
+            .other_floors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        wire::add_unknown(
+            &mut s.wire,
+            unknown,
+            &unknown_totals,
+            &mut floors,
+            &self.endpoints,
+            iface,
+        );
         s
     }
 }

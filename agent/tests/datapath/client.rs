@@ -2,7 +2,8 @@
 //! and what they expect of them: a Mullvad-style topology (an entry peer whose allowed IPs
 //! are the exit relay's addresses, an exit peer behind 0.0.0.0/0 and ::/0), packet
 //! builders on the byte fixtures of `agent_common::fixtures`, the exact COUNTERS and
-//! UNKNOWN_WIRE deltas a run leaves ([`Delta`]), and [`Lab`]: a fresh network namespace
+//! UNKNOWN_WIRE deltas a run leaves ([`Delta`]: a message of an unknown endpoint counts in
+//! both, its endpoint's entry and the total under PEER_UNKNOWN), and [`Lab`]: a fresh network namespace
 //! (unshare on the test's own thread) where `lo` (ifindex 1) plays the WireGuard interface
 //! (TUNNEL | L3), one end of a veth pair the underlay (UNDERLAY, Ethernet) and the other
 //! end an interface the agent does not watch. Every single run checks the verdict
@@ -255,7 +256,8 @@ impl Delta {
             _pad: [0; 2],
         };
         add_to(&mut self.unknown, key, packets, bytes);
-        self.sorted()
+        // And to the unknown endpoints' total, which LRU evictions of UNKNOWN_WIRE leave.
+        self.counter(ifindex, PEER_UNKNOWN, kind, dir, packets, bytes)
     }
 
     fn sorted(mut self) -> Self {

@@ -1,22 +1,32 @@
 //! The wire role: WireGuard messages on the underlay, counted per peer by their remote
 //! endpoint and per kind, with the outer L3 length, over Ethernet, VLAN tags and bare IP;
-//! messages of endpoints nobody knows through a local listen port in UNKNOWN_WIRE; and
-//! nothing for what is not a WireGuard message (sizes, types, reserved bytes, TCP, later
-//! fragments, non-IP frames), while a first fragment counts its whole datagram once.
+//! messages of endpoints nobody knows through a local listen port in UNKNOWN_WIRE (an LRU
+//! map) and in their total, which its evictions leave, also when more strangers come than
+//! it holds; and nothing for what is not a WireGuard message (sizes, types, reserved bytes,
+//! TCP, later fragments, non-IP frames), while a first fragment counts its whole datagram
+//! once.
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
 use agent_common::{
     fixtures::{self, ETH_P_ARP, Ext, Framing, Ipv4, Ipv6, arp_request, tcp, udp, wg},
-    maps::kind,
+    maps::{Counter, PEER_UNKNOWN, kind, names, wire::MAX_UNKNOWN_WIRE},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
+};
+use wirescope::{
+    metrics::{self, tunnel::TunnelCollector},
+    sync::{inventory::Inventory, peer_label::EndpointLabeler},
 };
 
 use crate::client::{
     Delta, ENTRY, ENTRY_RELAY_V4, Lab, OTHER_PORT, base_hdr, ep, families, ip_header, ip4,
     messages, udp_flow, underlay_for,
 };
-use crate::common::{Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT};
+use crate::common::{self, Dir, LISTEN_PORT, LOCAL_V4, RELAY_PORT};
 
 /// UDP payloads sent to a WireGuard endpoint that are not WireGuard messages.
 fn not_wireguard() -> Vec<(String, Vec<u8>)> {
@@ -307,4 +317,174 @@ fn first_fragment_counts_the_message_once() {
             Delta::none(),
         );
     }
+}
+
+/// Strangers beyond UNKNOWN_WIRE's capacity (issue 15): handshake initiations received from
+/// MAX_UNKNOWN_WIRE + 500 distinct endpoints on the listen port and as many cookie replies
+/// sent to them, one message each. The map never holds more than its capacity and refuses
+/// nothing (it evicts), and per direction and message the exported series, one per endpoint
+/// still held plus `endpoint:other`, sum to exactly every message and its bytes.
+#[test]
+fn strangers_beyond_capacity_are_all_counted() {
+    const N: u32 = MAX_UNKNOWN_WIRE + 500;
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    let local = (ip4(LOCAL_V4), LISTEN_PORT);
+    // (direction, message, its kind, its `message` label, outer L3 length)
+    let runs = [
+        (
+            Dir::Rx,
+            wg::initiation(0x0102_0304),
+            kind::HANDSHAKE_INITIATION,
+            "handshake_initiation",
+            20 + 8 + 148,
+        ),
+        (
+            Dir::Tx,
+            wg::cookie_reply(0x0102_0304),
+            kind::COOKIE_REPLY,
+            "cookie_reply",
+            20 + 8 + 64,
+        ),
+    ];
+    for (dir, msg, _, _, l3_len) in &runs {
+        for i in 0..N {
+            // 198.18.0.0/15 (benchmarking): no peer's endpoint.
+            let stranger = (ip4([198, 18, (i >> 8) as u8, i as u8]), 40_000);
+            let l3 = udp_flow(*dir, local, stranger, msg);
+            assert_eq!(l3.len() as u64, *l3_len);
+            let frame = Framing::Ethernet.frame(&l3);
+            common::run_tc(&mut lab.dp, "stranger", dir.prog(), under, (0, 0), &frame);
+        }
+    }
+
+    // The entries still held: each one message of its endpoint, at most the capacity.
+    let held = lab.dp.wire.unknown_wire().expect("reading UNKNOWN_WIRE");
+    eprintln!("{} of {} strangers held in UNKNOWN_WIRE", held.len(), 2 * N);
+    assert!(held.len() <= MAX_UNKNOWN_WIRE as usize, "{}", held.len());
+    for (k, c) in &held {
+        let (_, _, _, _, l3_len) = runs
+            .iter()
+            .find(|r| (r.0.code(), r.2) == (k.dir, k.kind))
+            .unwrap_or_else(|| panic!("an entry of another kind or direction: {k:?}"));
+        assert_eq!(k.ifindex, under);
+        assert_eq!(
+            *c,
+            Counter {
+                packets: 1,
+                bytes: *l3_len
+            },
+            "{k:?}"
+        );
+    }
+    let (_, entries, cap) = lab
+        .dp
+        .map_usage()
+        .into_iter()
+        .find(|(m, _, _)| *m == names::UNKNOWN_WIRE)
+        .expect("UNKNOWN_WIRE in map_usage()");
+    assert_eq!((entries, cap), (held.len() as u64, MAX_UNKNOWN_WIRE as u64));
+    // The totals, in COUNTERS under no peer (checked after the export).
+    let counters: BTreeMap<_, _> = lab
+        .dp
+        .tunnel
+        .counters()
+        .expect("reading COUNTERS")
+        .into_iter()
+        .map(|(k, c)| ((k.ifindex, k.peer, k.kind, k.dir), c))
+        .collect();
+
+    // What the agent exports, as a scrape renders it.
+    let Lab { dp, .. } = lab;
+    let (text, dp) = dp.shared(|dp| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(TunnelCollector::new(
+            dp,
+            Arc::new(RwLock::new(Inventory::default())),
+            EndpointLabeler::with_salt([7; 32], true),
+        )));
+        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+    });
+    let iface = format!("ifindex{under}");
+    let mut other_sum = 0;
+    for (dir, _, k, msg, l3_len) in &runs {
+        let d = if *dir == Dir::Rx { "rx" } else { "tx" };
+        let mut sum = Counter::default();
+        let mut series = 0;
+        let mut other = None;
+        for (family, packets) in [
+            ("wirescope_wire_packets_total", true),
+            ("wirescope_wire_bytes_total", false),
+        ] {
+            let tail = format!("\",direction=\"{d}\",message=\"{msg}\"}}");
+            for line in text.lines() {
+                let Some(rest) =
+                    line.strip_prefix(&format!("{family}{{interface=\"{iface}\",peer=\""))
+                else {
+                    continue;
+                };
+                let Some((peer, value)) = rest.split_once(&tail) else {
+                    continue;
+                };
+                assert!(peer.starts_with("endpoint:"), "{line}");
+                let v: u64 = value.trim().parse().expect(line);
+                if packets {
+                    sum.packets += v;
+                    series += 1;
+                } else {
+                    sum.bytes += v;
+                }
+                if peer == "endpoint:other" && packets {
+                    other = Some(v);
+                }
+            }
+        }
+        let held_here = held
+            .iter()
+            .filter(|(key, _)| (key.dir, key.kind) == (dir.code(), *k))
+            .count() as u64;
+        eprintln!("{d} {msg}: {held_here} endpoints held, other {other:?}");
+        assert_eq!(
+            sum,
+            Counter {
+                packets: N as u64,
+                bytes: N as u64 * l3_len
+            },
+            "{d} {msg}: the endpoints' series and endpoint:other sum to every message"
+        );
+        assert_eq!(
+            series,
+            held_here + 1,
+            "one series per endpoint held, and other"
+        );
+        let other = other.expect("an endpoint:other series");
+        assert_eq!(
+            other,
+            N as u64 - held_here,
+            "other is exactly what was evicted"
+        );
+        other_sum += other;
+    }
+    assert!(
+        other_sum >= 2 * N as u64 - MAX_UNKNOWN_WIRE as u64,
+        "evicted {other_sum}"
+    );
+    for (dir, _, k, _, l3_len) in &runs {
+        assert_eq!(
+            counters.get(&(under, PEER_UNKNOWN, *k, dir.code())),
+            Some(&Counter {
+                packets: N as u64,
+                bytes: N as u64 * l3_len
+            }),
+            "{dir:?} total"
+        );
+    }
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("wirescope_wire_") && l.contains("peer=\"unknown\"")),
+        "the totals are no series of their own"
+    );
+    // The LRU map evicts: nothing refused.
+    common::assert_no_refused_updates(&dp, "strangers beyond capacity");
 }

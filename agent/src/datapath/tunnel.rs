@@ -137,7 +137,7 @@ impl TunnelMaps {
         let mut first = Ok(());
         for (iface, key, id) in ids {
             let k = peer_id_key(iface, key);
-            // A released id given again under a key that had it before replaces nothing.
+            // The same key saved again replaces its entry: counted once.
             let known = self.peer_ids.get(&k, 0).is_ok();
             match self.peer_ids.insert(k, *id, 0) {
                 Ok(()) => self.peer_ids_len += u64::from(!known),

@@ -15,7 +15,7 @@ use agent_common::{
     wireguard::Message,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, PerCpuHashMap},
@@ -44,10 +44,11 @@ pub static RX_SESSIONS: HashMap<IndexKey, RxSession> =
     HashMap::with_max_entries(MAX_RX_SESSIONS, 0);
 
 /// Gaps and late messages per (interface, peer): `CounterKey.kind` is `seq::GAPS` or
-/// `seq::LATE`, `Counter.packets` the count.
+/// `seq::LATE`, `Counter.packets` the count. Not preallocated, as `COUNTERS`: entries are
+/// made once per peer and session start, and live on.
 #[map]
 pub static RX_SEQ: PerCpuHashMap<CounterKey, agent_common::maps::Counter> =
-    PerCpuHashMap::pinned(MAX_RX_SEQ, 0);
+    PerCpuHashMap::pinned(MAX_RX_SEQ, BPF_F_NO_PREALLOC);
 
 /// How stale a session's `last_ns` may get before a message refreshes it.
 const LAST_NS_REFRESH_NS: u64 = 1_000_000_000;

@@ -308,6 +308,7 @@ async fn first_sync(
             crypto_kprobes: features.kprobe,
             mullvad: Some(probing.mullvad.clone()),
             obfuscation: cfg.obfuscation.clone(),
+            peer_grace: cfg.peer_grace,
         },
     );
     let (saved_ids, saved_names) = {

@@ -83,6 +83,7 @@ pub fn values() -> Vec<(&'static str, Shown)> {
         // On unless `off`; the agent has no constant for it.
         ("transit-time", s("on")),
         ("peer-histograms", s("on")),
+        ("peer-grace", d(agent::DEFAULT_PEER_GRACE)),
         ("pmtu-interval", d(agent::DEFAULT_PMTU_INTERVAL)),
         (
             "failover-command",

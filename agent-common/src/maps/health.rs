@@ -11,8 +11,10 @@ pub const MAX_HANDSHAKE_RTT: u32 = 16_384;
 /// Receiving sessions (one per keypair: rekeyed every 2 minutes, up to 3 alive per peer);
 /// the agent removes those idle for [`RX_SESSION_IDLE_NS`].
 pub const MAX_RX_SESSIONS: u32 = 65_536;
-/// (interface, peer, gaps|late).
-pub const MAX_RX_SEQ: u32 = 16_384;
+/// (interface, peer, gaps|late|implausible): 3 per peer (gaps and late from its first
+/// session on, implausible once one occurs), sized for 20,000 active peers (60,000); peers
+/// gone for `--peer-grace` are removed. Not preallocated and not LRU, as `MAX_COUNTERS`.
+pub const MAX_RX_SEQ: u32 = 65_536;
 
 /// An initiation without a response within this time is a timeout (WireGuard's
 /// REKEY_TIMEOUT: it retries with a new initiation then).

@@ -40,9 +40,13 @@ pub mod names {
 
 /// Capacities. The agent exports them as `wirescope_bpf_map_capacity`.
 pub const MAX_IFACES: u32 = 256;
-/// (ifindex, peer, kind, direction): 10k peers x 2 directions x 6 kinds would not fit on one
-/// interface, but only kinds that occur get an entry (tunnel + data + keepalive + handshakes).
-pub const MAX_COUNTERS: u32 = 131_072;
+/// (ifindex, peer, kind, direction). A peer takes at most 12: `TUNNEL` both ways on its
+/// tunnel, and the five message kinds both ways on the underlay it is reached through (a
+/// peer is both initiator and responder over time, so all four handshake entries appear).
+/// Sized for 20,000 active peers (240,000); peers gone for `--peer-grace` are removed. Not
+/// preallocated (see `agent-ebpf/src/maps.rs`), so the size costs nothing until used. Not
+/// LRU: an evicted counter would come back at zero, a reset of a live series.
+pub const MAX_COUNTERS: u32 = 262_144;
 /// (interface name, public key) -> peer id, for every peer the agent numbered.
 pub const MAX_PEER_IDS: u32 = 65_536;
 /// ifindex -> interface name, for every interface the agent watched. Mullvad re-creates

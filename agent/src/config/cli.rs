@@ -241,6 +241,17 @@ pub struct RunArgs {
     )]
     pub peer_histograms: Option<String>,
 
+    /// A peer gone from its interface (or whose interface is gone) for longer than this is
+    /// forgotten: its counters and series are removed and its map entries freed, so that
+    /// churning peers do not fill the maps. One back within it keeps its counts; one back
+    /// later starts from zero [default: 15m]
+    #[arg(
+        long = "peer-grace",
+        value_name = "DURATION",
+        env = "WIRESCOPE_PEER_GRACE"
+    )]
+    pub peer_grace: Option<String>,
+
     /// Time between two path-MTU searches to each target (also run on an ICMP too-big), or
     /// `off` for none [default: 5m]
     #[arg(
@@ -447,8 +458,8 @@ mod tests {
                 checked += 1;
             }
         }
-        // run's 35 options, status's and doctor's agent address (3 each), doctor's 2 tools.
-        assert_eq!(checked, 35 + 3 + 3 + 2);
+        // run's 36 options, status's and doctor's agent address (3 each), doctor's 2 tools.
+        assert_eq!(checked, 36 + 3 + 3 + 2);
     }
 
     /// What the environment gives, in a child process of this test binary (the environment

@@ -23,6 +23,7 @@
 //! probe = ["10.64.0.1@wg0-mullvad"]
 //! probe-interval = "5s"
 //! pmtu-interval = "5m"
+//! peer-grace = "15m"
 //! failover-command = "mullvad relay set location se && mullvad reconnect"
 //! failover-max-rtt = "200ms"
 //! failover-max-loss = 2.0
@@ -152,6 +153,8 @@ pub struct RunConfig {
     pub transit_time: bool,
     /// `--peer-histograms`: histograms per peer (on by default) or per interface.
     pub peer_histograms: bool,
+    /// `--peer-grace`: how long a peer may be gone before it is forgotten.
+    pub peer_grace: Duration,
     pub log_level: log::LevelFilter,
     pub log_format: LogFormat,
     pub state_dir: PathBuf,
@@ -234,6 +237,9 @@ pub const MULLVAD_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_PMTU_INTERVAL: Duration = Duration::from_secs(300);
+/// Longer than WireGuard's longest silences (a rekey every 2 min, keepalives, a peer
+/// re-added by a script), short enough that churning peers do not fill the maps.
+pub const DEFAULT_PEER_GRACE: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_FAILOVER_MAX_RTT: Duration = Duration::from_millis(200);
 pub const DEFAULT_FAILOVER_MAX_LOSS: f64 = 2.0;
 pub const DEFAULT_FAILOVER_MAX_HANDSHAKE_AGE: Duration = Duration::from_secs(180);
@@ -456,6 +462,12 @@ impl RunConfig {
                 )?,
             },
         };
+        let peer_grace = duration(
+            "peer-grace",
+            &args.peer_grace,
+            file.peer_grace,
+            DEFAULT_PEER_GRACE,
+        )?;
         let failover = FailoverConfig {
             command: pick(&args.failover_command, file.failover_command).0,
             max_rtt: duration(
@@ -514,6 +526,7 @@ impl RunConfig {
                 "peer-histograms",
                 pick(&args.peer_histograms, file.peer_histograms),
             )?,
+            peer_grace,
             log_level,
             log_format,
             collectors,
@@ -541,6 +554,7 @@ struct FileConfig {
     export_endpoints: Option<bool>,
     transit_time: Option<String>,
     peer_histograms: Option<String>,
+    peer_grace: Option<String>,
     /// The old spelling of `log.level`.
     log_level: Option<String>,
     /// `log.level`, `log.format` (a table, as TOML reads the dotted keys).

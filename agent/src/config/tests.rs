@@ -678,6 +678,36 @@ fn peer_histograms_on_off() {
     );
 }
 
+/// `--peer-grace`: 15 minutes unless given, from the flag, the environment or the file (the
+/// flag winning), a duration that is not zero.
+#[test]
+fn peer_grace() {
+    assert_eq!(config(&[]).unwrap().peer_grace, Duration::from_secs(900));
+    assert_eq!(
+        config(&["--peer-grace", "3s"]).unwrap().peer_grace,
+        Duration::from_secs(3)
+    );
+    let e = config(&["--peer-grace", "0s"]).unwrap_err().to_string();
+    assert!(e.contains("--peer-grace: \"0s\" is zero"), "{e}");
+    let e = config(&["--peer-grace", "soon"]).unwrap_err().to_string();
+    assert!(
+        e.contains("--peer-grace: \"soon\" is not a duration"),
+        "{e}"
+    );
+    let d = Dir::new("peer-grace-toml");
+    let f = d.file("c.toml", "peer-grace = \"1h\"\n");
+    assert_eq!(
+        config(&["--config", &f]).unwrap().peer_grace,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        config(&["--config", &f, "--peer-grace", "2m"])
+            .unwrap()
+            .peer_grace,
+        Duration::from_secs(120)
+    );
+}
+
 /// `--web.allowed-host` (repeatable; `[web] allowed-host = [...]` in the file): names and
 /// addresses kept lower case without a trailing dot or brackets; anything else is refused
 /// with the option, the value and what is accepted, exit 2.

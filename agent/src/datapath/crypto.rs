@@ -155,6 +155,14 @@ impl CryptoMaps {
 }
 
 impl FeatureMaps for CryptoMaps {
+    /// Nothing here is kept per peer.
+    fn forget_peers(
+        &mut self,
+        _ids: &std::collections::HashSet<u32>,
+    ) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+
     /// The histogram only: attached kprobes keep their configuration.
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.hist.clear(names::CRYPTO_HIST)

@@ -274,6 +274,14 @@ impl DropsMaps {
 }
 
 impl FeatureMaps for DropsMaps {
+    /// Nothing here is kept per peer.
+    fn forget_peers(
+        &mut self,
+        _ids: &std::collections::HashSet<u32>,
+    ) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+
     /// The counts only: attached tracepoints keep their configuration.
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.drops.clear(DROPS)?;

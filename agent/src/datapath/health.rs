@@ -5,7 +5,10 @@
 //! rules are pure functions over the maps' contents and a `now`, so tests can move the
 //! clock; [`HealthMaps::expire`] applies them.
 
-use std::{collections::HashMap as StdHashMap, sync::Arc};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    sync::Arc,
+};
 
 use agent_common::maps::{
     Counter, CounterKey, HistValue, health::HANDSHAKE_TIMEOUT_NS, health::IndexKey,
@@ -20,7 +23,9 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, sum_per_cpu, take},
+    maps::{
+        Clear, ErrorSlots, FeatureMaps, MapUsage, picked, remove_each, sum_hist, sum_per_cpu, take,
+    },
 };
 
 pub struct HealthMaps {
@@ -98,6 +103,46 @@ impl HealthMaps {
 }
 
 impl FeatureMaps for HealthMaps {
+    /// Their round-trip histograms, gap and late counts, handshakes still pending and
+    /// receiving sessions (whose next message would bring the counts back at zero), and
+    /// their timeout counts.
+    fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
+        let n_rtt = {
+            let doomed = picked(self.rtt.keys(), names::HANDSHAKE_RTT, |k: &PeerHistKey| {
+                ids.contains(&k.peer).then_some(*k)
+            })?;
+            let m = &mut self.rtt;
+            remove_each(doomed, names::HANDSHAKE_RTT, |k| m.remove(k))?
+        };
+        let n_seq = {
+            let doomed = picked(self.seq.keys(), names::RX_SEQ, |k: &CounterKey| {
+                ids.contains(&k.peer).then_some(*k)
+            })?;
+            let m = &mut self.seq;
+            remove_each(doomed, names::RX_SEQ, |k| m.remove(k))?
+        };
+        let n_pending = {
+            let doomed = picked(
+                self.pending.iter(),
+                names::HANDSHAKE_PENDING,
+                |(k, v): &(IndexKey, PendingHandshake)| ids.contains(&v.peer).then_some(*k),
+            )?;
+            let m = &mut self.pending;
+            remove_each(doomed, names::HANDSHAKE_PENDING, |k| m.remove(k))?
+        };
+        let n_sessions = {
+            let doomed = picked(
+                self.sessions.iter(),
+                names::RX_SESSIONS,
+                |(k, v): &(IndexKey, RxSession)| ids.contains(&v.peer).then_some(*k),
+            )?;
+            let m = &mut self.sessions;
+            remove_each(doomed, names::RX_SESSIONS, |k| m.remove(k))?
+        };
+        self.timeouts.retain(|(_, peer), _| !ids.contains(peer));
+        Ok(n_rtt + n_seq + n_pending + n_sessions)
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.pending.clear(names::HANDSHAKE_PENDING)?;
         self.rtt.clear(names::HANDSHAKE_RTT)?;

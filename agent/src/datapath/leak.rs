@@ -225,6 +225,14 @@ impl LeakMaps {
 }
 
 impl FeatureMaps for LeakMaps {
+    /// Nothing here is kept per peer.
+    fn forget_peers(
+        &mut self,
+        _ids: &std::collections::HashSet<u32>,
+    ) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         use agent_common::maps::leak as l;
         self.cfg.clear(l::LEAK_CFG)?;

@@ -3,7 +3,11 @@
 //! the [`FeatureMaps`] trait through which [`super::Datapath`] lists each map's usage and
 //! refused updates for `wirescope_bpf_map_*`.
 
-use std::{collections::HashMap, hash::Hash, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    sync::Arc,
+};
 
 use agent_common::maps::{Counter, HistValue};
 use aya::{
@@ -28,6 +32,11 @@ pub trait FeatureMaps {
     fn usage(&self) -> Vec<MapUsage>;
     /// Updates the kernel refused, per map name, summed over CPUs.
     fn update_errors(&self) -> Vec<(&'static str, u64)>;
+    /// Removes every entry keyed by (or, for in-flight state, belonging to) one of the peer
+    /// ids `ids`, and whatever the agent keeps about them: the sync loop forgets peers gone
+    /// for longer than `--peer-grace`, and gives their ids again afterwards. Returns how
+    /// many entries went. A feature without per-peer state has nothing to do.
+    fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError>;
     /// Back to the state of a fresh load: every map of the feature emptied or zeroed (its
     /// program arrays and the shared `MAP_ERRORS` aside) and what the agent keeps about them
     /// forgotten ([`super::Datapath::reset`]).
@@ -142,6 +151,42 @@ impl ErrorSlots {
             .map(|&(idx, name)| (name, self.refused(idx)))
             .collect()
     }
+}
+
+/// The keys (or entries) of a map read through `items` that `doomed` picks, read in one
+/// pass before any is removed (removing while walking a BPF hash map restarts the walk).
+pub(crate) fn picked<T, K>(
+    items: impl Iterator<Item = Result<T, MapError>>,
+    name: &'static str,
+    doomed: impl Fn(&T) -> Option<K>,
+) -> Result<Vec<K>, DatapathError> {
+    let mut out = Vec::new();
+    for item in items {
+        let item = item.map_err(DatapathError::map(name))?;
+        if let Some(k) = doomed(&item) {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `keys` through `remove`; a key gone meanwhile (removed by a program, or
+/// expired) is no error. Returns how many this call removed.
+pub(crate) fn remove_each<K>(
+    keys: Vec<K>,
+    name: &'static str,
+    mut remove: impl FnMut(&K) -> Result<(), MapError>,
+) -> Result<u64, DatapathError> {
+    let mut n = 0;
+    for k in &keys {
+        match remove(k) {
+            Ok(()) => n += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::map(name)(e)),
+        }
+    }
+    Ok(n)
 }
 
 /// Takes map `name` out of the loaded object, typed.

@@ -334,6 +334,44 @@ impl Datapath {
             .collect()
     }
 
+    /// Removes every map entry of the peers `peers` (interface, public key, id; `ids` their
+    /// ids), for the sync loop forgetting peers gone for longer than `--peer-grace`: each
+    /// feature's ([`FeatureMaps::forget_peers`]), then their pinned ids, last, so that an
+    /// interrupted removal leaves them known to a restarted agent and is done again then.
+    /// `PEER_UNKNOWN` is never forgotten. Returns how many entries went.
+    pub fn forget_peers(
+        &mut self,
+        ids: &std::collections::HashSet<u32>,
+        peers: &[(String, [u8; 32], u32)],
+    ) -> Result<u64, DatapathError> {
+        let mut ids = ids.clone();
+        ids.remove(&agent_common::maps::PEER_UNKNOWN);
+        let peers: Vec<_> = peers
+            .iter()
+            .filter(|p| p.2 != agent_common::maps::PEER_UNKNOWN)
+            .cloned()
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let features: [&mut dyn FeatureMaps; 9] = [
+            &mut self.tunnel,
+            &mut self.wire,
+            &mut self.health,
+            &mut self.crypto,
+            &mut self.path,
+            &mut self.leak,
+            &mut self.transit,
+            &mut self.drops,
+            &mut self.obfuscation,
+        ];
+        let mut n = 0;
+        for f in features {
+            n += f.forget_peers(&ids)?;
+        }
+        Ok(n + self.tunnel.forget_peer_ids(&peers)?)
+    }
+
     /// Attaches the drop programs ([`drops::DropsMaps::attach`]).
     pub fn attach_drops(
         &mut self,

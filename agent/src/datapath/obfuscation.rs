@@ -4,7 +4,7 @@
 //! per (tunnel interface, peer, kind, direction) (`OBFS_COUNTERS`). Which flow carries which
 //! peer is the sync loop's call (sync/obfuscation.rs); this module only writes it.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
 use agent_common::maps::{
     Counter,
@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, picked, remove_each, sum_per_cpu, take},
 };
 
 pub struct ObfuscationMaps {
@@ -76,6 +76,16 @@ impl ObfuscationMaps {
 }
 
 impl FeatureMaps for ObfuscationMaps {
+    /// Their flows' counters; `OBFS_ENDPOINTS` follows the sync's flows, which name no
+    /// forgotten peer.
+    fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
+        let doomed = picked(self.counters.keys(), OBFS_COUNTERS, |k: &ObfsKey| {
+            ids.contains(&k.peer).then_some(*k)
+        })?;
+        let m = &mut self.counters;
+        remove_each(doomed, OBFS_COUNTERS, |k| m.remove(k))
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         use super::maps::Clear as _;
         self.endpoints.clear(OBFS_ENDPOINTS)?;

@@ -96,6 +96,14 @@ impl PathMaps {
 }
 
 impl FeatureMaps for PathMaps {
+    /// Nothing here is kept per peer.
+    fn forget_peers(
+        &mut self,
+        _ids: &std::collections::HashSet<u32>,
+    ) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         use agent_common::maps::path;
         self.fragments.clear(path::FRAGMENTS)?;

@@ -6,7 +6,7 @@
 //! gone quiet or removed). The agent's sweep, on every sync tick, deletes slots older than
 //! [`STALE_NS`] plus a margin and queues left empty since the previous sweep.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
 use agent_common::maps::{
     HistValue,
@@ -23,7 +23,9 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, tail_program, take},
+    maps::{
+        Clear, ErrorSlots, FeatureMaps, MapUsage, picked, remove_each, sum_hist, tail_program, take,
+    },
 };
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
@@ -105,6 +107,33 @@ impl TransitMaps {
 }
 
 impl FeatureMaps for TransitMaps {
+    /// Their histograms, queues and slots in flight.
+    fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
+        let n_hist = {
+            let doomed = picked(self.hist.keys(), TRANSIT_HIST, |k: &HistKey| {
+                ids.contains(&k.peer).then_some(*k)
+            })?;
+            let m = &mut self.hist;
+            remove_each(doomed, TRANSIT_HIST, |k| m.remove(k))?
+        };
+        let n_slots = {
+            let doomed = picked(self.slots.keys(), TRANSIT_SLOTS, |k: &SlotKey| {
+                ids.contains(&k.peer).then_some(*k)
+            })?;
+            let m = &mut self.slots;
+            remove_each(doomed, TRANSIT_SLOTS, |k| m.remove(k))?
+        };
+        let n_seq = {
+            let doomed = picked(self.seq.keys(), TRANSIT_SEQ, |k: &QueueKey| {
+                ids.contains(&k.peer).then_some(*k)
+            })?;
+            let m = &mut self.seq;
+            remove_each(doomed, TRANSIT_SEQ, |k| m.remove(k))?
+        };
+        self.idle.retain(|k, _| !ids.contains(&k.peer));
+        Ok(n_hist + n_slots + n_seq)
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.seq.clear(TRANSIT_SEQ)?;
         self.slots.clear(TRANSIT_SLOTS)?;

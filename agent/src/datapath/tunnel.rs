@@ -4,7 +4,10 @@
 //! its WireGuard message kinds), and the labels of its keys pinned beside it: `PEER_IDS`, the
 //! peer numbering, and `IFACE_NAMES`, the interfaces' names.
 
-use std::{collections::HashMap as StdHashMap, sync::Arc};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    sync::Arc,
+};
 
 use agent_common::maps::{
     Counter, CounterKey, IfaceName, MAX_COUNTERS, MAX_IFACE_NAMES, MAX_PEER_IDS, PeerIdKey,
@@ -17,7 +20,9 @@ use aya::{
 
 use super::{
     DatapathError, PeerMaps,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{
+        Clear, ErrorSlots, FeatureMaps, MapUsage, apply, picked, remove_each, sum_per_cpu, take,
+    },
 };
 
 pub struct TunnelMaps {
@@ -103,20 +108,39 @@ impl TunnelMaps {
         saved
     }
 
+    /// Removes the pinned ids of forgotten peers (interface, public key, id): a restarted
+    /// agent must not give them their old ids back. Only entries that still hold that id
+    /// go. Returns how many went.
+    pub fn forget_peer_ids(
+        &mut self,
+        peers: &[(String, [u8; 32], u32)],
+    ) -> Result<u64, DatapathError> {
+        let keys: Vec<PeerIdKey> = peers
+            .iter()
+            .map(|(iface, key, _)| peer_id_key(iface, key))
+            .collect();
+        let doomed: Vec<PeerIdKey> = keys
+            .into_iter()
+            .zip(peers)
+            .filter(|(k, (_, _, id))| self.peer_ids.get(k, 0).ok() == Some(*id))
+            .map(|(k, _)| k)
+            .collect();
+        let ids = &mut self.peer_ids;
+        let n = remove_each(doomed, names::PEER_IDS, |k| ids.remove(k))?;
+        self.peer_ids_len = self.peer_ids_len.saturating_sub(n);
+        Ok(n)
+    }
+
     /// Saves newly given peer ids (see [`TunnelMaps::saved_peer_ids`]); tries every one and
     /// returns the first refusal (a full map: the id still holds for this agent's life).
     pub fn save_peer_ids(&mut self, ids: &[(String, [u8; 32], u32)]) -> Result<(), DatapathError> {
         let mut first = Ok(());
         for (iface, key, id) in ids {
-            let mut ifname = [0u8; 16];
-            let n = iface.len().min(ifname.len());
-            ifname[..n].copy_from_slice(&iface.as_bytes()[..n]);
-            let k = PeerIdKey {
-                ifname,
-                public_key: *key,
-            };
+            let k = peer_id_key(iface, key);
+            // The same key saved again replaces its entry: counted once.
+            let known = self.peer_ids.get(&k, 0).is_ok();
             match self.peer_ids.insert(k, *id, 0) {
-                Ok(()) => self.peer_ids_len += 1,
+                Ok(()) => self.peer_ids_len += u64::from(!known),
                 Err(source) if first.is_ok() => {
                     first = Err(DatapathError::Map {
                         map: names::PEER_IDS,
@@ -167,6 +191,17 @@ impl TunnelMaps {
 }
 
 impl FeatureMaps for TunnelMaps {
+    /// The counters of the forgotten peers, of every kind, direction and interface (the
+    /// tunnel's and every underlay's). `PEER_IDS` goes last, in
+    /// [`TunnelMaps::forget_peer_ids`].
+    fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
+        let doomed = picked(self.counters.keys(), names::COUNTERS, |k: &CounterKey| {
+            ids.contains(&k.peer).then_some(*k)
+        })?;
+        let counters = &mut self.counters;
+        remove_each(doomed, names::COUNTERS, |k| counters.remove(k))
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.allowed_v4.clear(names::ALLOWED_V4)?;
         self.allowed_v6.clear(names::ALLOWED_V6)?;
@@ -208,6 +243,17 @@ impl FeatureMaps for TunnelMaps {
 
     fn update_errors(&self) -> Vec<(&'static str, u64)> {
         self.errors.list(&[(map_error::COUNTERS, names::COUNTERS)])
+    }
+}
+
+/// The `PEER_IDS` key of a peer: the interface name NUL-padded (cut at IFNAMSIZ).
+fn peer_id_key(iface: &str, key: &[u8; 32]) -> PeerIdKey {
+    let mut ifname = [0u8; 16];
+    let n = iface.len().min(ifname.len());
+    ifname[..n].copy_from_slice(&iface.as_bytes()[..n]);
+    PeerIdKey {
+        ifname,
+        public_key: *key,
     }
 }
 

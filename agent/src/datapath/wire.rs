@@ -81,6 +81,14 @@ impl WireMaps {
 }
 
 impl FeatureMaps for WireMaps {
+    /// Nothing here is kept per peer.
+    fn forget_peers(
+        &mut self,
+        _ids: &std::collections::HashSet<u32>,
+    ) -> Result<u64, DatapathError> {
+        Ok(0)
+    }
+
     fn clear(&mut self) -> Result<(), DatapathError> {
         self.endpoints.clear(names::ENDPOINTS)?;
         self.wg_ports.clear(names::WG_PORTS)?;

@@ -48,8 +48,10 @@ pub struct Underlay {
 pub struct Inventory {
     pub tunnels: Vec<Tunnel>,
     pub underlays: Vec<Underlay>,
-    /// Every peer id ever handed out, to its (interface, base64 key): counters of a peer
-    /// that went away keep their labels, so they never vanish or go backwards.
+    /// Every peer id handed out and not yet forgotten, to its (interface, base64 key):
+    /// counters of a peer that went away keep their labels through `--peer-grace`, so they
+    /// neither vanish nor go backwards while it may come back; a forgotten peer's label goes
+    /// with its map entries, and its series with it.
     pub peer_labels: HashMap<u32, (String, String)>,
     /// Every interface index ever watched, to its latest name: counters outlive interfaces.
     pub iface_names: HashMap<u32, String>,

@@ -10,13 +10,13 @@ pub mod peer_label;
 pub mod topology;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::maps::{IfaceConfig, wire::Endpoint};
+use agent_common::maps::{IfaceConfig, PEER_UNKNOWN, wire::Endpoint};
 use ipnet::IpNet;
 use log::{info, warn};
 
@@ -37,7 +37,7 @@ const DEFAULT_ROUTE_PROBE_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0
 const DEFAULT_ROUTE_PROBE_V6: IpAddr =
     IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SyncOptions {
     /// `--tunnel`: watch exactly these; empty means every WireGuard interface found.
     pub tunnels: Vec<String>,
@@ -53,11 +53,30 @@ pub struct SyncOptions {
     pub mullvad: Option<Arc<RwLock<MullvadState>>>,
     /// `--obfuscation`: peers a local proxy carries, and the proxies' flows.
     pub obfuscation: Vec<ObfuscationRule>,
+    /// `--peer-grace`: a peer gone for longer is forgotten (see [`PeerIds`]).
+    pub peer_grace: Duration,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            tunnels: Vec::new(),
+            underlays: Vec::new(),
+            friendly_names: HashMap::new(),
+            crypto_kprobes: false,
+            mullvad: None,
+            obfuscation: Vec::new(),
+            peer_grace: crate::config::DEFAULT_PEER_GRACE,
+        }
+    }
 }
 
 /// Peer ids: interface name -> public key -> id, each given once and kept (across restarts
-/// too, through the pinned PEER_IDS map). Ids are unique over all interfaces and start at 1
-/// (0 is `PEER_UNKNOWN`).
+/// too, through the pinned PEER_IDS map) while its peer is there, and for
+/// `--peer-grace` after it is gone ([`PeerIds::absent_longer_than`]): then the peer is
+/// forgotten and its id released ([`PeerIds::release`]), to be given again once its map
+/// entries are gone. Ids are unique over all interfaces and start at 1 (0 is
+/// `PEER_UNKNOWN`, never given nor released).
 #[derive(Debug)]
 pub struct PeerIds {
     /// Nested so that a round looks ids up without allocating a key per peer.
@@ -65,6 +84,10 @@ pub struct PeerIds {
     next: u32,
     /// Given since the last [`PeerIds::take_new`], to be saved.
     new: Vec<(String, [u8; 32], u32)>,
+    /// Released ids, given again lowest first (before `next`), so that ids stay small.
+    free: BTreeSet<u32>,
+    /// Ids whose peer was missing from the latest rounds, with the first round it missed.
+    absent: HashMap<u32, Instant>,
 }
 
 impl Default for PeerIds {
@@ -73,16 +96,20 @@ impl Default for PeerIds {
             ids: HashMap::new(),
             next: 1,
             new: Vec::new(),
+            free: BTreeSet::new(),
+            absent: HashMap::new(),
         }
     }
 }
 
 impl PeerIds {
     /// Ids given before (by an agent that ran earlier); new ones continue above the highest.
+    /// Gaps below it are not reused: an id missing from the pinned map may still key counters
+    /// (its save was refused), and only ids this agent released are known to key nothing.
     pub fn seeded(saved: impl IntoIterator<Item = (String, [u8; 32], u32)>) -> PeerIds {
         let mut p = PeerIds::default();
         for (iface, key, id) in saved {
-            if id == 0 {
+            if id == PEER_UNKNOWN {
                 continue;
             }
             p.next = p.next.max(id.saturating_add(1));
@@ -96,8 +123,14 @@ impl PeerIds {
         if let Some(id) = self.ids.get(iface).and_then(|m| m.get(key)) {
             return *id;
         }
-        let id = self.next;
-        self.next = self.next.saturating_add(1);
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None => {
+                let id = self.next;
+                self.next = self.next.saturating_add(1);
+                id
+            }
+        };
         self.ids
             .entry(iface.to_string())
             .or_default()
@@ -109,6 +142,57 @@ impl PeerIds {
     /// The ids given since the last call.
     pub fn take_new(&mut self) -> Vec<(String, [u8; 32], u32)> {
         std::mem::take(&mut self.new)
+    }
+
+    /// Notes which ids this round's peers have (`present`: every peer read, on every
+    /// interface; a peer of an interface gone is not) and returns the peers missing for
+    /// longer than `grace` at `now`, by id, to be forgotten. A peer back within the grace
+    /// is no longer missing. They stay known (and returned again by the next call) until
+    /// [`PeerIds::release`]d, so a failed removal of their entries is retried.
+    pub fn absent_longer_than(
+        &mut self,
+        present: &HashSet<u32>,
+        now: Instant,
+        grace: Duration,
+    ) -> Vec<(String, [u8; 32], u32)> {
+        let mut due = Vec::new();
+        for (iface, keys) in &self.ids {
+            for (key, id) in keys {
+                if present.contains(id) {
+                    self.absent.remove(id);
+                    continue;
+                }
+                let since = *self.absent.entry(*id).or_insert(now);
+                if now.saturating_duration_since(since) > grace {
+                    due.push((iface.clone(), *key, *id));
+                }
+            }
+        }
+        due.sort_unstable_by_key(|d| d.2);
+        due
+    }
+
+    /// Forgets `peers` (from [`PeerIds::absent_longer_than`]) and frees their ids: call once
+    /// every map entry keyed by them is gone. A peer that comes back later gets an id
+    /// afresh, and starts from zero.
+    pub fn release(&mut self, peers: &[(String, [u8; 32], u32)]) {
+        for (iface, key, id) in peers {
+            let Some(keys) = self.ids.get_mut(iface) else {
+                continue;
+            };
+            if keys.get(key) != Some(id) {
+                continue;
+            }
+            keys.remove(key);
+            if keys.is_empty() {
+                self.ids.remove(iface);
+            }
+            self.absent.remove(id);
+            self.new.retain(|n| n.2 != *id);
+            if *id != PEER_UNKNOWN {
+                self.free.insert(*id);
+            }
+        }
     }
 }
 
@@ -415,6 +499,7 @@ impl Syncer {
             ));
         }
         let maps_result = dp.sync_peers(want);
+        self.forget_gone_peers(dp, tunnels, inventory);
         let maps_took = maps_started.elapsed();
         // Names for the verdict's log line, of interfaces gone too (pinned IFACE_NAMES); read
         // only when there is one to log. The sync loop is the inventory's only writer, so
@@ -434,6 +519,61 @@ impl Syncer {
             }
         }
         (maps_result, maps_took)
+    }
+
+    /// Forgets the peers gone for longer than `--peer-grace` (see [`PeerIds`]): every map
+    /// entry keyed by their ids, then their labels (so their series go from /metrics), then
+    /// the ids themselves, free to be given again only now that nothing is keyed by them.
+    /// After the peer maps are synced, so no program can still attribute a packet to them.
+    /// One log line per batch; a failed removal is retried on the next round.
+    fn forget_gone_peers(
+        &mut self,
+        dp: &mut Datapath,
+        tunnels: &[Tunnel],
+        inventory: &RwLock<Inventory>,
+    ) {
+        let present: HashSet<u32> = tunnels
+            .iter()
+            .flat_map(|t| t.peers.iter().map(|p| p.id))
+            .collect();
+        let grace = self.opts.peer_grace;
+        let due = self.ids.absent_longer_than(&present, Instant::now(), grace);
+        if due.is_empty() {
+            return;
+        }
+        let ids: HashSet<u32> = due.iter().map(|d| d.2).collect();
+        let removed = match dp.forget_peers(&ids, &due) {
+            Ok(n) => n,
+            Err(e) => {
+                self.warn_once(format!(
+                    "forgetting {} peer(s) gone for more than {}: {e} (retried every second)",
+                    due.len(),
+                    humantime::format_duration(grace)
+                ));
+                return;
+            }
+        };
+        if let Ok(mut inv) = inventory.write() {
+            for id in &ids {
+                inv.peer_labels.remove(id);
+            }
+        }
+        self.ids.release(&due);
+        let mut per_iface: std::collections::BTreeMap<&str, usize> = Default::default();
+        for (iface, _, _) in &due {
+            *per_iface.entry(iface.as_str()).or_default() += 1;
+        }
+        let where_: Vec<String> = per_iface
+            .iter()
+            .map(|(iface, n)| format!("{n} of {iface}"))
+            .collect();
+        info!(
+            "forgot {} peer(s) gone for more than {} ({}): their series and {removed} map \
+             entries are removed",
+            due.len(),
+            humantime::format_duration(grace),
+            where_.join(", ")
+        );
     }
 
     /// Replaces the inventory's tunnels and underlays with this round's, and logs what
@@ -1026,6 +1166,116 @@ mod tests {
         // Nonsense in the map (id 0, PEER_UNKNOWN) is not handed out.
         let mut odd = PeerIds::seeded([("wg0".to_string(), a, 0)]);
         assert_eq!(odd.get("wg0", &a), 1);
+    }
+
+    /// A peer missing for the grace or less is kept, for longer it is due (and stays due
+    /// until released); one back within the grace is missing afresh from its next absence.
+    #[test]
+    fn peers_are_due_after_the_grace_and_kept_within_it() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let grace = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        let mut ids = PeerIds::default();
+        let (ia, ib) = (ids.get("wg0", &a), ids.get("wg0", &b));
+        let both: HashSet<u32> = [ia, ib].into();
+        let only_a: HashSet<u32> = [ia].into();
+        assert!(ids.absent_longer_than(&both, t0, grace).is_empty());
+        // b missing from t0 + 1 s on: kept at exactly the grace, due just after it.
+        assert!(ids.absent_longer_than(&only_a, t0 + s(1), grace).is_empty());
+        assert!(
+            ids.absent_longer_than(&only_a, t0 + s(11), grace)
+                .is_empty()
+        );
+        let due = ids.absent_longer_than(&only_a, t0 + s(11) + Duration::from_millis(1), grace);
+        assert_eq!(due, vec![("wg0".to_string(), b, ib)]);
+        // Not released (its entries could not be removed): due again next round.
+        assert_eq!(
+            ids.absent_longer_than(&only_a, t0 + s(12), grace),
+            due,
+            "retried"
+        );
+
+        // a goes missing, comes back within the grace: its id is kept, and its next
+        // absence counts from then.
+        let none = HashSet::new();
+        let mut ids = PeerIds::default();
+        let ia = ids.get("wg0", &a);
+        assert!(ids.absent_longer_than(&none, t0, grace).is_empty());
+        assert!(ids.absent_longer_than(&none, t0 + s(9), grace).is_empty());
+        assert!(
+            ids.absent_longer_than(&[ia].into(), t0 + s(10), grace)
+                .is_empty()
+        );
+        assert_eq!(ids.get("wg0", &a), ia, "back within the grace: the same id");
+        assert!(ids.absent_longer_than(&none, t0 + s(15), grace).is_empty());
+        assert!(ids.absent_longer_than(&none, t0 + s(25), grace).is_empty());
+        assert_eq!(ids.absent_longer_than(&none, t0 + s(26), grace).len(), 1);
+    }
+
+    /// Every peer of an interface gone is missing (the sync reads no peer of it): all are
+    /// due after the grace, those of other interfaces are not.
+    #[test]
+    fn peers_of_an_interface_gone_are_due_after_the_grace() {
+        let grace = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut ids = PeerIds::default();
+        let gone: Vec<u32> = (1..=3u8).map(|k| ids.get("wg0", &[k; 32])).collect();
+        let kept = ids.get("wg1", &[9; 32]);
+        let present: HashSet<u32> = [kept].into();
+        assert!(ids.absent_longer_than(&present, t0, grace).is_empty());
+        let due = ids.absent_longer_than(&present, t0 + Duration::from_secs(6), grace);
+        assert_eq!(
+            due,
+            (1..=3u8)
+                .zip(&gone)
+                .map(|(k, id)| ("wg0".to_string(), [k; 32], *id))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// A released id is given again (lowest first, before new ones), only after release,
+    /// and never 0; the peer itself, back, gets an id afresh. Seeded ids are tracked too.
+    #[test]
+    fn released_ids_are_given_again() {
+        let (a, b, c, d) = ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32]);
+        let grace = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let mut ids = PeerIds::seeded([
+            ("wg0".to_string(), a, 1),
+            ("wg0".to_string(), b, 2),
+            ("wg0".to_string(), c, 3),
+        ]);
+        let present: HashSet<u32> = [3].into();
+        assert!(ids.absent_longer_than(&present, t0, grace).is_empty());
+        let due = ids.absent_longer_than(&present, t0 + Duration::from_secs(2), grace);
+        assert_eq!(due.iter().map(|d| d.2).collect::<Vec<_>>(), [1, 2]);
+        // Before release the ids hold: a new peer gets one above them.
+        let mut before = PeerIds::seeded([("wg0".to_string(), a, 1)]);
+        let _ = before.absent_longer_than(&HashSet::new(), t0, grace);
+        assert_eq!(before.get("wg0", &d), 2);
+        ids.release(&due);
+        // Released: given again, lowest first, then new ones above the highest.
+        assert_eq!(ids.get("wg1", &d), 1);
+        assert_eq!(
+            ids.get("wg0", &a),
+            2,
+            "a back after it was forgotten: afresh"
+        );
+        assert_eq!(ids.get("wg0", &b), 4);
+        assert_eq!(ids.get("wg0", &c), 3, "present all along: kept");
+        assert_eq!(
+            ids.take_new(),
+            vec![
+                ("wg1".to_string(), d, 1),
+                ("wg0".to_string(), a, 2),
+                ("wg0".to_string(), b, 4)
+            ]
+        );
+        // Releasing what is not known (a stale batch) changes nothing; 0 is never freed.
+        ids.release(&[("wg0".to_string(), c, 7), ("wg9".to_string(), a, 0)]);
+        assert_eq!(ids.get("wg0", &c), 3);
+        assert_eq!(ids.get("wg2", &a), 5);
     }
 
     #[test]

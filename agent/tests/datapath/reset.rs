@@ -316,3 +316,108 @@ fn a_reset_datapath_reads_as_freshly_loaded() {
     traffic(&mut lab);
     assert_eq!(snapshot(&lab), first, "the second round");
 }
+
+/// The relay's entries among `counts` (its `CounterKey`s: COUNTERS and RX_SEQ).
+fn of_relay(counts: &[String]) -> Vec<String> {
+    let mark = format!("peer: {RELAY},");
+    counts
+        .iter()
+        .filter(|c| c.contains(&mark))
+        .cloned()
+        .collect()
+}
+
+fn entries(s: &Snapshot) -> u64 {
+    s.usage.iter().map(|(_, n)| n).sum()
+}
+
+/// `Datapath::forget_peers` (issue 15, `--peer-grace`): a forgotten peer leaves no entry in
+/// any map (its counters, gaps and late messages, pending handshake, receiving session,
+/// transit queue, slots and histogram, pinned id), what is no peer's stays as it was,
+/// `PEER_UNKNOWN` is never forgotten, and the same traffic afterwards counts from zero,
+/// exactly as the first time.
+#[test]
+fn a_forgotten_peer_leaves_no_entry_and_counts_from_zero_again() {
+    let Some(mut lab) = Lab::enter(
+        "the forget test needs root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+        ("rs-under", "rs-other"),
+        true,
+        &[],
+    ) else {
+        return;
+    };
+    lab.dp.reset().expect("reset");
+    attach(&mut lab);
+    traffic(&mut lab);
+    let key = [7u8; 32];
+    lab.dp
+        .tunnel
+        .save_peer_ids(&[("lo".to_string(), key, RELAY)])
+        .expect("PEER_IDS");
+    let first = snapshot(&lab);
+    let relay = of_relay(&first.counts);
+    assert!(
+        relay.iter().any(|c| c.starts_with("counters"))
+            && relay.iter().any(|c| c.starts_with("rx_seq")),
+        "the relay counted: {relay:?}"
+    );
+    assert!(
+        first.timed[..4].iter().all(|n| *n >= 1),
+        "{:?}",
+        first.timed
+    );
+
+    // Id 0 is "no peer": nothing of it goes, whatever is asked.
+    let unknown = [("lo".to_string(), key, agent_common::maps::PEER_UNKNOWN)];
+    assert_eq!(
+        lab.dp
+            .forget_peers(&[agent_common::maps::PEER_UNKNOWN].into(), &unknown)
+            .expect("forget 0"),
+        0
+    );
+    assert_eq!(snapshot(&lab), first, "PEER_UNKNOWN is never forgotten");
+
+    let removed = lab
+        .dp
+        .forget_peers(&[RELAY].into(), &[("lo".to_string(), key, RELAY)])
+        .expect("forget the relay");
+    let after = snapshot(&lab);
+    assert_eq!(
+        removed,
+        entries(&first) - entries(&after),
+        "every entry removed is counted"
+    );
+    let mut rest = first.counts.clone();
+    rest.retain(|c| !relay.contains(c));
+    assert_eq!(after.counts, rest, "what is no peer's stays");
+    assert_eq!(
+        after.timed,
+        [0, 0, 0, 0, first.timed[4]],
+        "pending, sessions, queues, slots gone; the reported MTU (an address's) stays"
+    );
+    assert_eq!(after.transit_matched, 0, "the transit histogram");
+    let usage = |s: &Snapshot, map: &str| s.usage.iter().find(|(m, _)| *m == map).map(|u| u.1);
+    assert_eq!(
+        (usage(&first, "PEER_IDS"), usage(&after, "PEER_IDS")),
+        (Some(1), Some(0))
+    );
+    assert!(
+        lab.dp.tunnel.saved_peer_ids().is_empty(),
+        "no pinned id left for a restarted agent"
+    );
+    // Forgotten again: nothing left to remove.
+    assert_eq!(
+        lab.dp
+            .forget_peers(&[RELAY].into(), &[("lo".to_string(), key, RELAY)])
+            .expect("forget again"),
+        0
+    );
+
+    // The same traffic again: the relay's entries as the first time, from zero.
+    traffic(&mut lab);
+    let again = snapshot(&lab);
+    assert_eq!(of_relay(&again.counts), relay, "counted from zero");
+    assert_eq!(again.timed[..4], first.timed[..4]);
+    assert_eq!(again.transit_matched, 1);
+    assert_eq!(again.refused, Vec::new(), "nothing refused");
+}

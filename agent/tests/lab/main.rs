@@ -30,6 +30,7 @@ mod faults;
 mod mullvad;
 mod obfuscation;
 mod probe;
+mod prune;
 mod sources;
 mod status;
 mod systemd;

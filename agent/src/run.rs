@@ -1,4 +1,4 @@
-//! `wirescope run`: load and attach, sync every second, serve until SIGINT/SIGTERM, detach.
+//! `wirescope run`: load and attach, sync every second (less often with many peers), serve until SIGINT/SIGTERM, detach.
 //!
 //! This file only wires the layers together, in the order a start needs: the datapath
 //! (loaded, drop tracepoints attached), the model (first sync before serving, so the first
@@ -41,8 +41,10 @@ use crate::{
     sync::{SyncOptions, Syncer, inventory::Inventory, peer_label::EndpointLabeler},
 };
 
-/// How often interfaces, peers and maps are re-synced: changes show within two periods.
-const SYNC_PERIOD: Duration = Duration::from_secs(1);
+/// How often the sync loop wakes: it expires what the programs leave in the kernel every
+/// time, and syncs interfaces, peers and maps every [`Syncer::period`] (a whole number of
+/// these; changes show within two periods).
+const TICK: Duration = Duration::from_secs(1);
 
 /// Everything the HTTP endpoints read.
 struct Agent {
@@ -346,8 +348,9 @@ async fn first_sync(
     Ok(syncer)
 }
 
-/// Every second until `stop`: expire what the programs leave in the kernel, nudge the
-/// path-MTU search on a new ICMP too-big, and sync (the round logs what changed).
+/// Every second until `stop`: expire what the programs leave in the kernel and nudge the
+/// path-MTU search on a new ICMP too-big; every [`Syncer::period`], sync (the round logs what
+/// changed).
 async fn sync_loop(
     syncer: &mut Syncer,
     datapath: &Arc<Mutex<Datapath>>,
@@ -356,7 +359,9 @@ async fn sync_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut too_big_seen = 0u64;
-    let mut tick = tokio::time::interval(SYNC_PERIOD);
+    let mut tick = tokio::time::interval(TICK);
+    // Ticks since the last sync (the first sync ran before this loop).
+    let mut since_sync = 0u32;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -382,6 +387,11 @@ async fn sync_loop(
             }
             too_big_seen = too_big;
         }
+        since_sync += 1;
+        if TICK * since_sync < syncer.period() {
+            continue;
+        }
+        since_sync = 0;
         if let Err(e) = syncer.tick(datapath, inventory).await {
             warn!("sync failed: {e:#}");
             if let Ok(mut inv) = inventory.write() {

@@ -2,7 +2,8 @@
 //!
 //! Counter families are named without `_total`, which the encoder appends: the exposed names
 //! are `wirescope_bpf_map_update_errors_total`, `wirescope_bpf_runs_total` and
-//! `wirescope_bpf_run_seconds_total`, and `wirescope_source_errors_total`.
+//! `wirescope_bpf_run_seconds_total`, `wirescope_source_errors_total` and
+//! `wirescope_peer_sync_rounds_total`.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -85,6 +86,35 @@ impl Collector for AgentCollector {
             )?;
             let no_labels: [(&str, &str); 0] = [];
             ConstGauge::new(d.as_secs_f64()).encode(fam.encode_family(&no_labels)?)?;
+        }
+        let (interval, (written, unchanged)) = self
+            .inventory
+            .read()
+            .map(|i| (i.sync_interval, i.sync_rounds))
+            .unwrap_or_default();
+        if let Some(d) = interval {
+            let mut fam = encoder.encode_descriptor(
+                "wirescope_peer_sync_interval_seconds",
+                "the period of the sync rounds: 1 s below 10,000 peers, a second more per \
+                 10,000 more, at most 3 s",
+                None,
+                MetricType::Gauge,
+            )?;
+            let no_labels: [(&str, &str); 0] = [];
+            ConstGauge::new(d.as_secs_f64()).encode(fam.encode_family(&no_labels)?)?;
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "wirescope_peer_sync_rounds",
+                "sync rounds by what they did with the BPF peer maps: written (something that \
+                 goes into them changed, or the first round) or unchanged (only counters and \
+                 handshake times did: nothing rebuilt, written or compared)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (maps, n) in [("written", written), ("unchanged", unchanged)] {
+                ConstCounter::new(n).encode(fam.encode_family(&[("maps", maps)])?)?;
+            }
         }
         let Ok(dp) = self.datapath.lock() else {
             return Ok(());

@@ -62,6 +62,12 @@ pub struct Inventory {
     /// How long the last sync round took, start to end: interfaces, peers (control
     /// interface), routes and the BPF peer maps (`wirescope_peer_sync_duration_seconds`).
     pub sync_duration: Option<Duration>,
+    /// The period until the next round, set by the last one from its peer count
+    /// (`wirescope_peer_sync_interval_seconds`, [`crate::sync::rounds::sync_period`]).
+    pub sync_interval: Option<Duration>,
+    /// Rounds that wrote the peer maps, and rounds that found them unchanged
+    /// (`wirescope_peer_sync_rounds_total`).
+    pub sync_rounds: (u64, u64),
     /// The obfuscation flows and the peers they carry (`--obfuscation`, Mullvad's).
     pub obfuscation: Vec<ObfuscatedFlow>,
 }

@@ -1,12 +1,15 @@
 //! The sync loop: find the tunnels and underlays in this namespace, read their peers, hook
 //! the programs to new interfaces, unhook vanished ones, and bring the peer maps up to date.
-//! It runs every second, so a change shows in the maps within two.
+//! It runs every second below 10,000 peers and less often above ([`rounds::sync_period`]),
+//! so a change shows in the maps within two periods; a round that finds nothing changed that
+//! goes into the maps leaves them alone ([`rounds::MapsWritten`]).
 
 pub mod inventory;
 pub mod kept;
 pub mod leak;
 pub mod obfuscation;
 pub mod peer_label;
+pub mod rounds;
 pub mod topology;
 
 use std::{
@@ -216,6 +219,8 @@ pub struct Syncer {
     logged_peer_count: Option<usize>,
     /// Rounds completed.
     rounds: u64,
+    /// What the peer maps were last written from, so an unchanged round writes nothing.
+    maps: rounds::MapsWritten,
 }
 
 impl Syncer {
@@ -230,6 +235,7 @@ impl Syncer {
             kept: KeptState::default(),
             logged_peer_count: None,
             rounds: 0,
+            maps: rounds::MapsWritten::default(),
         }
     }
 
@@ -238,6 +244,12 @@ impl Syncer {
     /// old id, whatever order the peers are read in. Call before the first [`Syncer::tick`].
     pub fn seed_peer_ids(&mut self, saved: Vec<(String, [u8; 32], u32)>) {
         self.ids = PeerIds::seeded(saved);
+    }
+
+    /// How long until the next round: [`rounds::sync_period`] of the peers the last round
+    /// counted.
+    pub fn period(&self) -> Duration {
+        rounds::sync_period(self.logged_peer_count.unwrap_or(0))
     }
 
     fn warn_once(&mut self, msg: String) {
@@ -303,11 +315,12 @@ impl Syncer {
         obfuscation::set_via(&mut tunnels, &flows, &routes, &link_names);
         let underlays = self.underlays(&links, &tunnels, &routes);
 
-        let mut want = peer_maps(&tunnels);
-        want.obfuscation = obfuscation::map_entries(&flows);
+        // None: the maps hold this round's peers already (only counters and handshake
+        // times changed), so neither they nor the peer labels are touched.
+        let want = self.maps.want(&tunnels, obfuscation::map_entries(&flows));
         let leak_cfg = self.leak_config(&by_name, &tunnels);
         // Labels first: a scrape must never meet a peer id in the counters it cannot name.
-        let new_names = write_labels(inventory, &tunnels, &underlays)?;
+        let new_names = write_labels(inventory, &tunnels, &underlays, want.is_some())?;
         let (maps_result, maps_took) = {
             let mut dp = datapath
                 .lock()
@@ -320,15 +333,25 @@ impl Syncer {
             }
             // The maps before the hooks: a program that takes over a pinned link from the
             // previous agent's finds every peer already, and counts no packet as unknown.
-            let written = self.write_maps(&mut dp, &tunnels, &want, leak_cfg, inventory);
+            let written = self.write_maps(&mut dp, &tunnels, want.as_ref(), leak_cfg, inventory);
             self.watch(&mut dp, &by_name, &tunnels, &underlays);
             written
         };
         if let Err(e) = &maps_result {
             self.warn_once(format!("updating the peer maps: {e}"));
         }
+        if want.is_some() {
+            self.maps.done(maps_result.is_ok());
+        }
         let times = [started.elapsed(), read_took, routes_took, maps_took];
-        self.publish(inventory, (tunnels, flows), underlays, maps_result, times)
+        let changed = want.is_some();
+        self.publish(
+            inventory,
+            (tunnels, flows),
+            underlays,
+            (maps_result, changed),
+            times,
+        )
     }
 
     /// One tunnel's peers from its control interface. A failed read keeps the state the
@@ -481,12 +504,13 @@ impl Syncer {
 
     /// Brings the peer maps, the leak window (`leak_cfg`, from [`Syncer::leak_config`]; what
     /// was held while it went unrenewed judged, [`leak::settle`]) and the crypto kprobes up
-    /// to date; returns the peer maps' outcome and how long writing them took.
+    /// to date; returns the peer maps' outcome and how long writing them took. `want`: None
+    /// when the peer maps already hold what this round found.
     fn write_maps(
         &mut self,
         dp: &mut Datapath,
         tunnels: &[Tunnel],
-        want: &PeerMaps,
+        want: Option<&PeerMaps>,
         leak_cfg: agent_common::maps::leak::LeakConfig,
         inventory: &RwLock<Inventory>,
     ) -> (Result<(), DatapathError>, Duration) {
@@ -498,7 +522,7 @@ impl Syncer {
                 "saving peer ids: {e} (a restarted agent may count those peers anew)"
             ));
         }
-        let maps_result = dp.sync_peers(want);
+        let maps_result = want.map_or(Ok(()), |w| dp.sync_peers(w));
         self.forget_gone_peers(dp, tunnels, inventory);
         let maps_took = maps_started.elapsed();
         // Names for the verdict's log line, of interfaces gone too (pinned IFACE_NAMES); read
@@ -576,14 +600,16 @@ impl Syncer {
         );
     }
 
-    /// Replaces the inventory's tunnels and underlays with this round's, and logs what
-    /// changed. `times`: the whole round, reading the control interfaces, routes, BPF maps.
+    /// Replaces the inventory's tunnels and underlays with this round's (their counters and
+    /// handshake times are fresh every round), and logs what changed. `changed`: false when
+    /// nothing that goes into the maps or the change log did. `times`: the whole round,
+    /// reading the control interfaces, routes, BPF maps.
     fn publish(
         &mut self,
         inventory: &RwLock<Inventory>,
         (tunnels, flows): (Vec<Tunnel>, Vec<obfuscation::ObfuscatedFlow>),
         underlays: Vec<Underlay>,
-        maps_result: Result<(), DatapathError>,
+        (maps_result, changed): (Result<(), DatapathError>, bool),
         [took, read_took, routes_took, maps_took]: [Duration; 4],
     ) -> anyhow::Result<()> {
         let peers: usize = tunnels.iter().map(|t| t.peers.len()).sum();
@@ -606,6 +632,8 @@ impl Syncer {
                 .write()
                 .map_err(|_| anyhow::anyhow!("inventory lock poisoned"))?;
             inv.sync_duration = Some(took);
+            inv.sync_interval = Some(rounds::sync_period(peers));
+            inv.sync_rounds = (self.maps.written, self.maps.unchanged);
             if inv.obfuscation != flows {
                 for f in flows.iter().filter(|f| !inv.obfuscation.contains(f)) {
                     info!("{}", obfuscation::describe(f));
@@ -626,7 +654,9 @@ impl Syncer {
         // Changes are logged from the second round on (the first one finds everything), and
         // compared with the tunnels this round replaced rather than with a copy of the
         // inventory taken beforehand: at 10,000 peers that copy cost more than the rest.
+        // An unchanged round has nothing to log, and is not compared at all.
         if self.rounds > 0
+            && changed
             && let Ok(inv) = inventory.read()
         {
             for line in tunnel_changes(&before, &inv.tunnels) {
@@ -883,10 +913,13 @@ pub fn endpoint_key(ip: IpAddr, port: u16) -> Endpoint {
 /// The interface and peer names the collectors need for this round's ids, written only
 /// when new or changed: at 10,000 peers, rewriting them every second cost two allocations
 /// per peer per round. Returns the interface names that were new or changed, to be pinned.
+/// `peers`: false when the peers' names and keys are the last round's, so theirs are not
+/// checked.
 fn write_labels(
     inventory: &RwLock<Inventory>,
     tunnels: &[Tunnel],
     underlays: &[Underlay],
+    peers: bool,
 ) -> anyhow::Result<Vec<(u32, String)>> {
     let mut inv = inventory
         .write()
@@ -896,7 +929,7 @@ fn write_labels(
         if set_label(&mut inv.iface_names, t.ifindex, &t.name) {
             new_names.push((t.ifindex, t.name.clone()));
         }
-        for p in &t.peers {
+        for p in t.peers.iter().filter(|_| peers) {
             let same = inv
                 .peer_labels
                 .get(&p.id)
@@ -1286,7 +1319,7 @@ mod tests {
             ifindex,
         };
         let round = |tunnels: &[Tunnel], underlays: &[Underlay]| {
-            write_labels(&inv, tunnels, underlays).expect("labels")
+            write_labels(&inv, tunnels, underlays, true).expect("labels")
         };
         let named = |v: &[(u32, &str)]| -> Vec<(u32, String)> {
             v.iter().map(|(i, n)| (*i, n.to_string())).collect()
@@ -1311,6 +1344,6 @@ mod tests {
         inv2.write()
             .unwrap()
             .seed_labels(vec![(5, "wg0".to_string())], &[]);
-        assert_eq!(write_labels(&inv2, &t, &[]).unwrap(), named(&[]));
+        assert_eq!(write_labels(&inv2, &t, &[], true).unwrap(), named(&[]));
     }
 }

@@ -9,7 +9,7 @@
 //! The modules in [`kernel`] check what depends on the kernel and its WireGuard (counting,
 //! handshakes, leaks, path MTU, drops, pinned maps over a restart): `cargo xtask vm-test`
 //! runs them again on Debian's kernels, with the libtest filter `kernel::`. The others
-//! (commands, the endpoint, faults, failing state sources, failover, probes, Mullvad, the
+//! (commands, the endpoint, faults, idle sync rounds, failing state sources, failover, probes, Mullvad, the
 //! shipped systemd unit under a real systemd in a container) run on the host only, which
 //! keeps the VM's time down.
 //!
@@ -27,6 +27,7 @@ mod doctor;
 mod endpoint;
 mod failover;
 mod faults;
+mod idle;
 mod mullvad;
 mod obfuscation;
 mod probe;

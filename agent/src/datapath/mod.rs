@@ -247,17 +247,7 @@ impl Datapath {
         self.detach_all();
         maps::Clear::clear(&mut self.ifaces, names::IFACES)?;
         self.map_errors.clear(names::MAP_ERRORS)?;
-        let features: [&mut dyn FeatureMaps; 9] = [
-            &mut self.tunnel,
-            &mut self.wire,
-            &mut self.health,
-            &mut self.crypto,
-            &mut self.path,
-            &mut self.leak,
-            &mut self.transit,
-            &mut self.drops,
-            &mut self.obfuscation,
-        ];
+        let features = self.features_mut();
         for f in features {
             f.clear()?;
         }
@@ -354,17 +344,7 @@ impl Datapath {
         if ids.is_empty() {
             return Ok(0);
         }
-        let features: [&mut dyn FeatureMaps; 9] = [
-            &mut self.tunnel,
-            &mut self.wire,
-            &mut self.health,
-            &mut self.crypto,
-            &mut self.path,
-            &mut self.leak,
-            &mut self.transit,
-            &mut self.drops,
-            &mut self.obfuscation,
-        ];
+        let features = self.features_mut();
         let mut n = 0;
         for f in features {
             n += f.forget_peers(&ids)?;
@@ -397,6 +377,21 @@ impl Datapath {
             &self.obfuscation,
             &self.transit,
             &self.drops,
+        ]
+    }
+
+    /// [`Datapath::features`], to clear or prune them.
+    fn features_mut(&mut self) -> [&mut dyn FeatureMaps; 9] {
+        [
+            &mut self.tunnel,
+            &mut self.wire,
+            &mut self.health,
+            &mut self.crypto,
+            &mut self.path,
+            &mut self.leak,
+            &mut self.obfuscation,
+            &mut self.transit,
+            &mut self.drops,
         ]
     }
 

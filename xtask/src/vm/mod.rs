@@ -218,9 +218,10 @@ pub fn target_dir() -> std::path::PathBuf {
         .unwrap_or_else(|| crate::build::repo_root().join("target"))
 }
 
-/// The 6.1 VM's suites take ~16-20 min on an idle 2-core machine under software emulation,
-/// and over 30 min on one busy with other builds (every step of a CI run beside it took 2-2.5x
-/// as long): a hung guest is still caught well inside CI's 90 minutes.
+/// The 6.1 VM's suites take ~21 min on an idle 2-core machine under software emulation
+/// (1,270 s in a clean-clone CI run), and over 30 min on one busy with other builds (every
+/// step of a CI run beside them took 2-2.5x as long): a hung guest is still caught well inside
+/// CI's 90 minutes.
 const VM_TIMEOUT_SECS: u64 = 2700;
 
 fn timeout(secs: u64) -> Duration {

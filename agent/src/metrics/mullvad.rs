@@ -221,21 +221,14 @@ mod tests {
     }
 
     fn peer(key: &str, endpoint: &str, hop: u32) -> Peer {
+        let wg = WgPeer {
+            endpoint: Some(endpoint.parse().unwrap()),
+            ..WgPeer::new([hop as u8; 32])
+        };
         Peer {
-            id: hop,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [hop as u8; 32],
-                endpoint: Some(endpoint.parse().unwrap()),
-                allowed_ips: vec![],
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
             hop,
             via: "eth0".into(),
+            ..Peer::new(hop, key.into(), wg)
         }
     }
 

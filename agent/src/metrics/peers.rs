@@ -177,21 +177,19 @@ mod tests {
         hop: u32,
         via: &str,
     ) -> Peer {
+        let wg = WgPeer {
+            endpoint: endpoint.map(|e| e.parse::<SocketAddr>().unwrap()),
+            allowed_ips: ips.iter().map(|i| i.parse::<IpNet>().unwrap()).collect(),
+            last_handshake: handshake.map(|s| UNIX_EPOCH + Duration::new(s, 123_456_789)),
+            rx_bytes: rx,
+            tx_bytes: tx,
+            ..WgPeer::new([0; 32])
+        };
         Peer {
-            id,
-            public_key: key.to_owned(),
-            wg: WgPeer {
-                public_key: [0; 32],
-                endpoint: endpoint.map(|e| e.parse::<SocketAddr>().unwrap()),
-                allowed_ips: ips.iter().map(|i| i.parse::<IpNet>().unwrap()).collect(),
-                last_handshake: handshake.map(|s| UNIX_EPOCH + Duration::new(s, 123_456_789)),
-                rx_bytes: rx,
-                tx_bytes: tx,
-                persistent_keepalive: None,
-            },
             friendly_name: friendly.map(str::to_owned),
             hop,
             via: via.to_owned(),
+            ..Peer::new(id, key.to_owned(), wg)
         }
     }
 

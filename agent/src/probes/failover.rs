@@ -547,22 +547,12 @@ mod path_tests {
     };
 
     fn peer(key: &str, allowed: &[&str], handshake: Option<SystemTime>) -> Peer {
-        Peer {
-            id: 1,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [0; 32],
-                endpoint: None,
-                allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
-                last_handshake: handshake,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
-            hop: 1,
-            via: String::new(),
-        }
+        let wg = WgPeer {
+            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            last_handshake: handshake,
+            ..WgPeer::new([0; 32])
+        };
+        Peer::new(1, key.into(), wg)
     }
 
     #[test]

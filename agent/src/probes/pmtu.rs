@@ -717,21 +717,14 @@ mod tests {
     }
 
     fn peer(hop: u32, endpoint: Option<&str>) -> Peer {
+        let wg = WgPeer {
+            endpoint: endpoint.map(|e| e.parse::<SocketAddr>().unwrap()),
+            last_handshake: Some(SystemTime::now()),
+            ..WgPeer::new([hop as u8; 32])
+        };
         Peer {
-            id: hop,
-            public_key: String::new(),
-            wg: WgPeer {
-                public_key: [hop as u8; 32],
-                endpoint: endpoint.map(|e| e.parse::<SocketAddr>().unwrap()),
-                allowed_ips: Vec::new(),
-                last_handshake: Some(SystemTime::now()),
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
             hop,
-            via: String::new(),
+            ..Peer::new(hop, String::new(), wg)
         }
     }
 

@@ -44,6 +44,21 @@ pub struct WgPeer {
     pub persistent_keepalive: Option<u16>,
 }
 
+impl WgPeer {
+    /// A peer known by its key alone, as a control interface's answer starts one.
+    pub fn new(public_key: [u8; 32]) -> WgPeer {
+        WgPeer {
+            public_key,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            persistent_keepalive: None,
+        }
+    }
+}
+
 /// An interface as the control interface reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WgDevice {
@@ -445,15 +460,8 @@ pub fn parse_uapi_at(name: &str, text: &str, now: SystemTime) -> Result<WgDevice
             }
             "public_key" => {
                 finish_peer(&mut dev.peers, &mut hs_sec, &mut hs_nsec, elapsed_since);
-                dev.peers.push(WgPeer {
-                    public_key: parse_hex_key(value).map_err(|e| bad(&e))?,
-                    endpoint: None,
-                    allowed_ips: Vec::new(),
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    persistent_keepalive: None,
-                });
+                dev.peers
+                    .push(WgPeer::new(parse_hex_key(value).map_err(|e| bad(&e))?));
             }
             _ => {
                 let Some(peer) = dev.peers.last_mut() else {

@@ -37,6 +37,20 @@ pub struct Peer {
     pub via: String,
 }
 
+impl Peer {
+    /// A hop-1 peer over an underlay not yet resolved, without a friendly name.
+    pub fn new(id: u32, public_key: String, wg: WgPeer) -> Peer {
+        Peer {
+            id,
+            public_key,
+            wg,
+            friendly_name: None,
+            hop: 1,
+            via: String::new(),
+        }
+    }
+}
+
 /// A watched carrier interface.
 #[derive(Clone, Debug)]
 pub struct Underlay {

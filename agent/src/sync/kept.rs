@@ -118,13 +118,11 @@ mod tests {
 
     fn wg_peer(k: u8) -> WgPeer {
         WgPeer {
-            public_key: [k; 32],
             endpoint: Some(format!("192.0.2.{k}:51820").parse().unwrap()),
             allowed_ips: vec![format!("10.{k}.0.0/16").parse().unwrap()],
-            last_handshake: None,
             rx_bytes: u64::from(k) * 100,
             tx_bytes: u64::from(k) * 200,
-            persistent_keepalive: None,
+            ..WgPeer::new([k; 32])
         }
     }
 

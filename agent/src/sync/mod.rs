@@ -713,13 +713,10 @@ impl Syncer {
         for p in dev.peers {
             let id = self.ids.get(&link.name, &p.public_key);
             let public_key = wg::key_to_base64(&p.public_key);
+            let friendly_name = self.opts.friendly_names.get(&public_key).cloned();
             peers.push(Peer {
-                id,
-                friendly_name: self.opts.friendly_names.get(&public_key).cloned(),
-                public_key,
-                wg: p,
-                hop: 1,
-                via: String::new(),
+                friendly_name,
+                ..Peer::new(id, public_key, p)
             });
         }
         Tunnel {
@@ -1076,22 +1073,11 @@ mod tests {
     use crate::sync::inventory::WgPeer;
 
     fn peer(key: &str, ep: &str) -> Peer {
-        Peer {
-            id: 1,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [0; 32],
-                endpoint: ep.parse().ok(),
-                allowed_ips: Vec::new(),
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
-            hop: 1,
-            via: String::new(),
-        }
+        let wg = WgPeer {
+            endpoint: ep.parse().ok(),
+            ..WgPeer::new([0; 32])
+        };
+        Peer::new(1, key.into(), wg)
     }
 
     fn tun(name: &str, ifindex: u32, mtu: u32, peers: Vec<Peer>) -> Tunnel {

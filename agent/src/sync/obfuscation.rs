@@ -281,21 +281,14 @@ mod tests {
     };
 
     fn peer(id: u32, key: &str, endpoint: &str, hop: u32) -> Peer {
+        let wg = WgPeer {
+            endpoint: endpoint.parse().ok(),
+            ..WgPeer::new([id as u8; 32])
+        };
         Peer {
-            id,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [id as u8; 32],
-                endpoint: endpoint.parse().ok(),
-                allowed_ips: vec![],
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
             hop,
             via: "lo".into(),
+            ..Peer::new(id, key.into(), wg)
         }
     }
 

@@ -137,22 +137,12 @@ mod tests {
     use std::time::SystemTime;
 
     fn peer(id: u32, key: u8, ep: &str, ips: &[&str]) -> Peer {
-        Peer {
-            id,
-            public_key: format!("key{key}"),
-            wg: WgPeer {
-                public_key: [key; 32],
-                endpoint: ep.parse().ok(),
-                allowed_ips: ips.iter().map(|s| s.parse().expect("test net")).collect(),
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
-            hop: 1,
-            via: String::new(),
-        }
+        let wg = WgPeer {
+            endpoint: ep.parse().ok(),
+            allowed_ips: ips.iter().map(|s| s.parse().expect("test net")).collect(),
+            ..WgPeer::new([key; 32])
+        };
+        Peer::new(id, format!("key{key}"), wg)
     }
 
     fn wg0(peers: Vec<Peer>) -> Vec<Tunnel> {

@@ -104,21 +104,14 @@ mod tests {
     use crate::sync::inventory::{Backend, Peer, WgPeer};
 
     fn peer(key: &str, endpoint: Option<&str>, allowed: &[&str]) -> Peer {
+        let wg = WgPeer {
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            ..WgPeer::new([0; 32])
+        };
         Peer {
-            id: 0,
-            public_key: key.into(),
-            wg: WgPeer {
-                public_key: [0; 32],
-                endpoint: endpoint.map(|e| e.parse().unwrap()),
-                allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-                persistent_keepalive: None,
-            },
-            friendly_name: None,
             hop: 0,
-            via: String::new(),
+            ..Peer::new(0, key.into(), wg)
         }
     }
 

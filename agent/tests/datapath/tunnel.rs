@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use agent_common::{
     fixtures::{self, Ext, Framing, Ipv4, Ipv6, tcp, udp, wg},
-    maps::{PEER_UNKNOWN, kind},
+    maps::{IfaceConfig, PEER_UNKNOWN, kind},
     parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -232,6 +232,145 @@ fn longest_prefix_match_v4_v6() {
     }
     let got = Lab::delta(&before, &lab.snapshot());
     assert_eq!(got, Delta::none().tunnel(tun, EXIT, Dir::Tx, 10, 5000));
+}
+
+/// The allowed-IP lookup's shortcut (one prefix answering for a family) says what the
+/// longest-prefix match says, on every kind of tunnel it applies to, and leaves the rest to
+/// the trie: each configuration's flags as `IFACES` holds them, then a packet each
+/// way to addresses in and out of every prefix, counted for the peer a reference
+/// longest-prefix match picks. Then back from a shortcut to the trie and again.
+#[test]
+fn shortcuts_answer_as_the_trie_does() {
+    let Some(mut lab) = Lab::new() else { return };
+    let tun = lab.tun;
+    let a4 = |a: [u8; 4]| {
+        let mut x = [0u8; 16];
+        x[..4].copy_from_slice(&a);
+        x
+    };
+    type Allowed = Vec<([u8; 16], u8, u32, bool)>; // (address, prefix length, peer, v6)
+    let (s4, s6) = (IfaceConfig::SOLE_V4, IfaceConfig::SOLE_V6);
+    let configs: Vec<(&str, Allowed, u32)> = vec![
+        (
+            "a Mullvad client: one relay, both default routes",
+            vec![([0; 16], 0, 1, false), ([0; 16], 0, 1, true)],
+            s4 | s6,
+        ),
+        (
+            "one peer, one /32, no IPv6",
+            vec![(a4([10, 9, 0, 2]), 32, 2, false)],
+            s4 | s6,
+        ),
+        (
+            "a gateway: host routes, the trie",
+            vec![
+                (a4([10, 1, 0, 2]), 32, 3, false),
+                (a4([10, 1, 0, 3]), 32, 4, false),
+                (a4([10, 1, 0, 4]), 32, 5, false),
+                (v6("fd00::2"), 128, 3, true),
+                (v6("fd00::3"), 128, 4, true),
+            ],
+            0,
+        ),
+        (
+            "one peer's host route beside another's subnet and a default route",
+            vec![
+                (a4([10, 1, 0, 2]), 32, 3, false),
+                (a4([10, 2, 0, 0]), 16, 4, false),
+                ([0; 16], 0, 5, false),
+            ],
+            s6,
+        ),
+        (
+            "two peers' subnets: the trie",
+            vec![
+                (a4([10, 1, 0, 0]), 16, 3, false),
+                (a4([10, 2, 0, 0]), 16, 4, false),
+                (v6("fd00::"), 64, 3, true),
+                (v6("fd01::"), 64, 4, true),
+            ],
+            0,
+        ),
+    ];
+    let addrs: Vec<IpAddr> = [
+        [10, 9, 0, 2],
+        [10, 9, 0, 3],
+        [10, 1, 0, 2],
+        [10, 1, 0, 3],
+        [10, 1, 0, 9],
+        [10, 2, 3, 4],
+        [192, 0, 2, 1],
+    ]
+    .into_iter()
+    .map(ip4)
+    .chain(
+        ["fd00::2", "fd00::3", "fd00::9", "fd01::1", "2001:db8::1"]
+            .into_iter()
+            .map(|a| ip6(v6(a))),
+    )
+    .collect();
+    // The longest prefix holding `addr`, as WireGuard itself picks.
+    let reference = |allowed: &Allowed, addr: IpAddr| -> u32 {
+        let (bytes, is_v6) = match addr {
+            IpAddr::V4(a) => (a4(a.octets()), false),
+            IpAddr::V6(a) => (a.octets(), true),
+        };
+        let holds = |net: &[u8; 16], len: u8| {
+            (0..len as usize).all(|bit| {
+                let m = 0x80u8 >> (bit % 8);
+                net[bit / 8] & m == bytes[bit / 8] & m
+            })
+        };
+        allowed
+            .iter()
+            .filter(|(net, len, _, v6)| *v6 == is_v6 && holds(net, *len))
+            .max_by_key(|e| e.1)
+            .map_or(PEER_UNKNOWN, |e| e.2)
+    };
+    let run = |lab: &mut Lab, what: &str, allowed: &Allowed, flags: u32| {
+        let mut maps = multihop_maps(tun);
+        maps.allowed_v4.clear();
+        maps.allowed_v6.clear();
+        for (net, len, peer, v6) in allowed {
+            if *v6 {
+                maps.allowed_v6.insert((tun, *net, *len), *peer);
+            } else {
+                maps.allowed_v4
+                    .insert((tun, [net[0], net[1], net[2], net[3]], *len), *peer);
+            }
+        }
+        lab.set_maps(maps);
+        let cfg = lab.dp.iface(tun).expect("the tunnel's IFACES entry");
+        assert_eq!(
+            cfg.flags,
+            TUNNEL_L3.flags | flags,
+            "{what}: IFACES flags {:#x}",
+            cfg.flags
+        );
+        let (client4, client6) = (ip4(CLIENT_V4), ip6(client_v6()));
+        let mut answered = std::collections::HashSet::new();
+        for dir in Dir::BOTH {
+            for remote in &addrs {
+                let local = if remote.is_ipv4() { client4 } else { client6 };
+                let peer = reference(allowed, *remote);
+                answered.insert(peer);
+                let pkt = udp_between(dir, local, *remote, 96);
+                let want = Delta::none().tunnel(tun, peer, dir, 1, 96);
+                lab.expect(&format!("{what}: {remote} {dir:?}"), dir, tun, &pkt, want);
+            }
+        }
+        // Some address of each configuration is no peer's, except behind a default route.
+        let default_route = allowed.iter().any(|e| e.1 == 0);
+        assert!(default_route || answered.contains(&PEER_UNKNOWN), "{what}");
+    };
+    for (what, allowed, flags) in &configs {
+        run(&mut lab, what, allowed, *flags);
+    }
+    // From the trie back to the shortcut and on: each sync rewrites the flags.
+    for i in [0, 4, 2, 3, 1] {
+        let (what, allowed, flags) = &configs[i];
+        run(&mut lab, &format!("again: {what}"), allowed, *flags);
+    }
 }
 
 /// Traffic no allowed IP covers is peer 0 ("unknown"); the tries are per interface; an

@@ -31,7 +31,7 @@ pub static HANDSHAKE_PENDING: HashMap<IndexKey, PendingHandshake> =
 
 #[map]
 pub static HANDSHAKE_RTT: PerCpuHashMap<PeerHistKey, HistValue> =
-    PerCpuHashMap::pinned(MAX_HANDSHAKE_RTT, 0);
+    PerCpuHashMap::pinned(MAX_HANDSHAKE_RTT, BPF_F_NO_PREALLOC);
 
 /// Receiving sessions by (interface, receiver index). A shared (not per-CPU) map: one
 /// session's messages are normally received on one CPU, but not always (RPS, a rehashed

@@ -12,7 +12,7 @@ use agent_common::maps::{
     },
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_ns,
     macros::map,
     maps::{HashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
@@ -20,14 +20,15 @@ use aya_ebpf::{
 };
 
 #[map]
-pub static TRANSIT_SEQ: HashMap<QueueKey, Queue> = HashMap::with_max_entries(MAX_TRANSIT_SEQ, 0);
+pub static TRANSIT_SEQ: HashMap<QueueKey, Queue> =
+    HashMap::with_max_entries(MAX_TRANSIT_SEQ, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static TRANSIT_SLOTS: HashMap<SlotKey, Slot> = HashMap::with_max_entries(MAX_TRANSIT_SLOTS, 0);
 
 #[map]
 pub static TRANSIT_HIST: PerCpuHashMap<HistKey, HistValue> =
-    PerCpuHashMap::pinned(MAX_TRANSIT_HIST, 0);
+    PerCpuHashMap::pinned(MAX_TRANSIT_HIST, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static TRANSIT_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(error::COUNT, 0);

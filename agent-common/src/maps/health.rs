@@ -6,8 +6,10 @@
 /// Handshake initiations sent and not yet answered: WireGuard sends at most one per peer
 /// every 5 s, and the agent removes them 5 s after they left.
 pub const MAX_HANDSHAKE_PENDING: u32 = 16_384;
-/// (interface, peer, bucket) of handshake round trips.
-pub const MAX_HANDSHAKE_RTT: u32 = 16_384;
+/// (interface, peer, bucket) of handshake round trips: a few buckets per peer (2 to 4 over
+/// a day), 20,000 active peers ~80,000; peers gone for `--peer-grace` are removed. Not
+/// preallocated.
+pub const MAX_HANDSHAKE_RTT: u32 = 131_072;
 /// Receiving sessions (one per keypair: rekeyed every 2 minutes, up to 3 alive per peer);
 /// the agent removes those idle for [`RX_SESSION_IDLE_NS`].
 pub const MAX_RX_SESSIONS: u32 = 65_536;

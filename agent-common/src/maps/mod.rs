@@ -47,6 +47,18 @@ pub const MAX_IFACES: u32 = 256;
 /// preallocated (see `agent-ebpf/src/maps.rs`), so the size costs nothing until used. Not
 /// LRU: an evicted counter would come back at zero, a reset of a live series.
 pub const MAX_COUNTERS: u32 = 262_144;
+/// The active peers (traffic, handshakes) every per-peer map is sized for: a Mullvad relay
+/// or a company gateway. Peers gone for `--peer-grace` leave the maps, so it is active
+/// peers, not peers ever seen, that count.
+pub const ACTIVE_PEERS: u32 = 20_000;
+const _: () = assert!(MAX_COUNTERS >= 12 * ACTIVE_PEERS);
+const _: () = assert!(health::MAX_RX_SEQ >= 3 * ACTIVE_PEERS);
+const _: () = assert!(health::MAX_HANDSHAKE_RTT >= 4 * ACTIVE_PEERS);
+const _: () = assert!(transit::MAX_TRANSIT_SEQ >= 2 * ACTIVE_PEERS);
+const _: () = assert!(transit::MAX_TRANSIT_HIST >= 2 * 6 * ACTIVE_PEERS);
+// Receiving sessions: up to 3 alive per peer, though most have 1 or 2 (the agent expires
+// a session idle for 180 s).
+const _: () = assert!(health::MAX_RX_SESSIONS >= 3 * ACTIVE_PEERS);
 /// (interface name, public key) -> peer id, for every peer the agent numbered.
 pub const MAX_PEER_IDS: u32 = 65_536;
 /// ifindex -> interface name, for every interface the agent watched. Mullvad re-creates

@@ -47,12 +47,16 @@ pub const MAX_BATCH: u32 = 64;
 /// A slot older than this matches nothing (its packet was dropped) and is deleted.
 pub const STALE_NS: u64 = 2_000_000_000;
 
-/// (peer, direction) queues.
-pub const MAX_TRANSIT_SEQ: u32 = 16_384;
+/// (peer, direction) queues: 2 per active peer, sized for 20,000 (40,000); peers gone for
+/// `--peer-grace` are removed. Not preallocated: made by a peer's first packet.
+pub const MAX_TRANSIT_SEQ: u32 = 65_536;
 /// Packets in flight, over all peers.
 pub const MAX_TRANSIT_SLOTS: u32 = 65_536;
-/// (tunnel ifindex, peer, direction, bucket).
-pub const MAX_TRANSIT_HIST: u32 = 16_384;
+/// (tunnel ifindex, peer, direction, bucket): a peer's transit times spread over a few
+/// log2 buckets each way (30 us to 2 ms is 6 of them), so 20,000 active peers need about
+/// 240,000; peers gone for `--peer-grace` are removed. Not preallocated (a preallocated
+/// per-CPU hash this size would reserve 4 MiB of values per CPU at rest).
+pub const MAX_TRANSIT_HIST: u32 = 262_144;
 
 /// Indexes of the `TRANSIT_ERRORS` per-CPU array: updates the kernel refused.
 pub mod error {

@@ -24,7 +24,8 @@ use aya::{
 use super::{
     DatapathError,
     maps::{
-        Clear, ErrorSlots, FeatureMaps, MapUsage, picked, remove_each, sum_hist, sum_per_cpu, take,
+        Clear, ErrorSlots, FeatureMaps, MapUsage, forget_keys, forget_values, sum_hist,
+        sum_per_cpu, take,
     },
 };
 
@@ -107,38 +108,16 @@ impl FeatureMaps for HealthMaps {
     /// receiving sessions (whose next message would bring the counts back at zero), and
     /// their timeout counts.
     fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
-        let n_rtt = {
-            let doomed = picked(self.rtt.keys(), names::HANDSHAKE_RTT, |k: &PeerHistKey| {
-                ids.contains(&k.peer).then_some(*k)
-            })?;
-            let m = &mut self.rtt;
-            remove_each(doomed, names::HANDSHAKE_RTT, |k| m.remove(k))?
-        };
-        let n_seq = {
-            let doomed = picked(self.seq.keys(), names::RX_SEQ, |k: &CounterKey| {
-                ids.contains(&k.peer).then_some(*k)
-            })?;
-            let m = &mut self.seq;
-            remove_each(doomed, names::RX_SEQ, |k| m.remove(k))?
-        };
-        let n_pending = {
-            let doomed = picked(
-                self.pending.iter(),
-                names::HANDSHAKE_PENDING,
-                |(k, v): &(IndexKey, PendingHandshake)| ids.contains(&v.peer).then_some(*k),
-            )?;
-            let m = &mut self.pending;
-            remove_each(doomed, names::HANDSHAKE_PENDING, |k| m.remove(k))?
-        };
-        let n_sessions = {
-            let doomed = picked(
-                self.sessions.iter(),
-                names::RX_SESSIONS,
-                |(k, v): &(IndexKey, RxSession)| ids.contains(&v.peer).then_some(*k),
-            )?;
-            let m = &mut self.sessions;
-            remove_each(doomed, names::RX_SESSIONS, |k| m.remove(k))?
-        };
+        let n_rtt = forget_keys(
+            &mut self.rtt,
+            names::HANDSHAKE_RTT,
+            ids,
+            |k: &PeerHistKey| k.peer,
+        )?;
+        let n_seq = forget_keys(&mut self.seq, names::RX_SEQ, ids, |k: &CounterKey| k.peer)?;
+        let n_pending =
+            forget_values(&mut self.pending, names::HANDSHAKE_PENDING, ids, |v| v.peer)?;
+        let n_sessions = forget_values(&mut self.sessions, names::RX_SESSIONS, ids, |v| v.peer)?;
         self.timeouts.retain(|(_, peer), _| !ids.contains(peer));
         Ok(n_rtt + n_seq + n_pending + n_sessions)
     }

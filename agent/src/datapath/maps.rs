@@ -189,6 +189,58 @@ pub(crate) fn remove_each<K>(
     Ok(n)
 }
 
+/// The hash maps a forgotten peer's entries are removed from, whatever their value type:
+/// aya's map types share no trait for walking keys and removing one.
+pub(crate) trait KeyedMap<K> {
+    fn map_keys(&self) -> impl Iterator<Item = Result<K, MapError>> + '_;
+    fn remove_key(&mut self, k: &K) -> Result<(), MapError>;
+}
+
+impl<K: Pod, V: Pod> KeyedMap<K> for BpfHashMap<MapData, K, V> {
+    fn map_keys(&self) -> impl Iterator<Item = Result<K, MapError>> + '_ {
+        self.keys()
+    }
+    fn remove_key(&mut self, k: &K) -> Result<(), MapError> {
+        self.remove(k)
+    }
+}
+
+impl<K: Pod, V: Pod> KeyedMap<K> for PerCpuHashMap<MapData, K, V> {
+    fn map_keys(&self) -> impl Iterator<Item = Result<K, MapError>> + '_ {
+        self.keys()
+    }
+    fn remove_key(&mut self, k: &K) -> Result<(), MapError> {
+        self.remove(k)
+    }
+}
+
+/// Removes the entries of `map` (named `name`) whose key holds a peer `peer_of` finds in
+/// `ids`, for [`FeatureMaps::forget_peers`]; returns how many went.
+pub(crate) fn forget_keys<K: Pod>(
+    map: &mut impl KeyedMap<K>,
+    name: &'static str,
+    ids: &HashSet<u32>,
+    peer_of: impl Fn(&K) -> u32,
+) -> Result<u64, DatapathError> {
+    let doomed = picked(map.map_keys(), name, |k: &K| {
+        ids.contains(&peer_of(k)).then_some(*k)
+    })?;
+    remove_each(doomed, name, |k| map.remove_key(k))
+}
+
+/// [`forget_keys`] for a map whose value, not its key, holds the peer.
+pub(crate) fn forget_values<K: Pod, V: Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    ids: &HashSet<u32>,
+    peer_of: impl Fn(&V) -> u32,
+) -> Result<u64, DatapathError> {
+    let doomed = picked(map.iter(), name, |(k, v): &(K, V)| {
+        ids.contains(&peer_of(v)).then_some(*k)
+    })?;
+    remove_each(doomed, name, |k| map.remove(k))
+}
+
 /// Takes map `name` out of the loaded object, typed.
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
 where

@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, picked, remove_each, sum_per_cpu, take},
+    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, sum_per_cpu, take},
 };
 
 pub struct ObfuscationMaps {
@@ -79,11 +79,7 @@ impl FeatureMaps for ObfuscationMaps {
     /// Their flows' counters; `OBFS_ENDPOINTS` follows the sync's flows, which name no
     /// forgotten peer.
     fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
-        let doomed = picked(self.counters.keys(), OBFS_COUNTERS, |k: &ObfsKey| {
-            ids.contains(&k.peer).then_some(*k)
-        })?;
-        let m = &mut self.counters;
-        remove_each(doomed, OBFS_COUNTERS, |k| m.remove(k))
+        forget_keys(&mut self.counters, OBFS_COUNTERS, ids, |k: &ObfsKey| k.peer)
     }
 
     fn clear(&mut self) -> Result<(), DatapathError> {

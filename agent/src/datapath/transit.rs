@@ -23,9 +23,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{
-        Clear, ErrorSlots, FeatureMaps, MapUsage, picked, remove_each, sum_hist, tail_program, take,
-    },
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, forget_keys, sum_hist, tail_program, take},
 };
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
@@ -109,27 +107,9 @@ impl TransitMaps {
 impl FeatureMaps for TransitMaps {
     /// Their histograms, queues and slots in flight.
     fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
-        let n_hist = {
-            let doomed = picked(self.hist.keys(), TRANSIT_HIST, |k: &HistKey| {
-                ids.contains(&k.peer).then_some(*k)
-            })?;
-            let m = &mut self.hist;
-            remove_each(doomed, TRANSIT_HIST, |k| m.remove(k))?
-        };
-        let n_slots = {
-            let doomed = picked(self.slots.keys(), TRANSIT_SLOTS, |k: &SlotKey| {
-                ids.contains(&k.peer).then_some(*k)
-            })?;
-            let m = &mut self.slots;
-            remove_each(doomed, TRANSIT_SLOTS, |k| m.remove(k))?
-        };
-        let n_seq = {
-            let doomed = picked(self.seq.keys(), TRANSIT_SEQ, |k: &QueueKey| {
-                ids.contains(&k.peer).then_some(*k)
-            })?;
-            let m = &mut self.seq;
-            remove_each(doomed, TRANSIT_SEQ, |k| m.remove(k))?
-        };
+        let n_hist = forget_keys(&mut self.hist, TRANSIT_HIST, ids, |k: &HistKey| k.peer)?;
+        let n_slots = forget_keys(&mut self.slots, TRANSIT_SLOTS, ids, |k: &SlotKey| k.peer)?;
+        let n_seq = forget_keys(&mut self.seq, TRANSIT_SEQ, ids, |k: &QueueKey| k.peer)?;
         self.idle.retain(|k, _| !ids.contains(&k.peer));
         Ok(n_hist + n_slots + n_seq)
     }

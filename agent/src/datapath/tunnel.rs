@@ -22,7 +22,8 @@ use aya::{
 use super::{
     DatapathError, PeerMaps,
     maps::{
-        Clear, ErrorSlots, FeatureMaps, MapUsage, apply, picked, remove_each, sum_per_cpu, take,
+        Clear, ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, remove_each, sum_per_cpu,
+        take,
     },
 };
 
@@ -196,11 +197,12 @@ impl FeatureMaps for TunnelMaps {
     /// tunnel's and every underlay's). `PEER_IDS` goes last, in
     /// [`TunnelMaps::forget_peer_ids`].
     fn forget_peers(&mut self, ids: &HashSet<u32>) -> Result<u64, DatapathError> {
-        let doomed = picked(self.counters.keys(), names::COUNTERS, |k: &CounterKey| {
-            ids.contains(&k.peer).then_some(*k)
-        })?;
-        let counters = &mut self.counters;
-        remove_each(doomed, names::COUNTERS, |k| counters.remove(k))
+        forget_keys(
+            &mut self.counters,
+            names::COUNTERS,
+            ids,
+            |k: &CounterKey| k.peer,
+        )
     }
 
     fn clear(&mut self) -> Result<(), DatapathError> {

@@ -6,7 +6,12 @@
 //! send WireGuard-shaped datagrams to a listen port, so `UNKNOWN_WIRE` is an LRU map that
 //! evicts its stalest endpoints, and that total keeps what it evicted.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use agent_common::maps::{
     Counter, map_error, names, wire::Endpoint, wire::MAX_ENDPOINTS, wire::MAX_UNKNOWN_WIRE,
@@ -19,7 +24,7 @@ use aya::{
 
 use super::{
     DatapathError, PeerMaps,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, remove_each, sum_per_cpu, take},
 };
 
 pub struct WireMaps {
@@ -30,6 +35,9 @@ pub struct WireMaps {
     /// What was last written, so a sync only touches what changed.
     applied_endpoints: StdHashMap<Endpoint, u32>,
     applied_ports: StdHashMap<u16, u8>,
+    /// Each unknown endpoint's counts and since when they have not changed, as
+    /// [`WireMaps::expire_strangers`] last read them.
+    strangers_seen: StdHashMap<UnknownWireKey, (Counter, Instant)>,
     errors: Arc<ErrorSlots>,
 }
 
@@ -41,6 +49,7 @@ impl WireMaps {
             unknown_wire: take(ebpf, names::UNKNOWN_WIRE)?,
             applied_endpoints: StdHashMap::new(),
             applied_ports: StdHashMap::new(),
+            strangers_seen: StdHashMap::new(),
             errors,
         })
     }
@@ -80,6 +89,32 @@ impl WireMaps {
     }
 }
 
+impl WireMaps {
+    /// Removes the `UNKNOWN_WIRE` entries whose counts have not changed for `idle`, as far as
+    /// these calls tell (an entry first read now is silent from now on). What a removed
+    /// entry counted stays in its interface's total in `COUNTERS` and is exported under
+    /// `endpoint:other`, as an evicted one's is; a message counted between the read and the
+    /// removal goes there too. Returns how many went.
+    pub fn expire_strangers(&mut self, now: Instant, idle: Duration) -> Result<u64, DatapathError> {
+        let mut doomed = Vec::new();
+        let mut seen = StdHashMap::new();
+        for (key, counts) in self.unknown_wire()? {
+            let since = match self.strangers_seen.get(&key) {
+                Some((was, since)) if *was == counts => *since,
+                _ => now,
+            };
+            if now.saturating_duration_since(since) >= idle {
+                doomed.push(key);
+            } else {
+                seen.insert(key, (counts, since));
+            }
+        }
+        self.strangers_seen = seen;
+        let m = &mut self.unknown_wire;
+        remove_each(doomed, names::UNKNOWN_WIRE, |k| m.remove(k))
+    }
+}
+
 impl FeatureMaps for WireMaps {
     /// Nothing here is kept per peer.
     fn forget_peers(
@@ -95,6 +130,7 @@ impl FeatureMaps for WireMaps {
         self.unknown_wire.clear(names::UNKNOWN_WIRE)?;
         self.applied_endpoints.clear();
         self.applied_ports.clear();
+        self.strangers_seen.clear();
         Ok(())
     }
 

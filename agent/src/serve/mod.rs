@@ -177,7 +177,10 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     // does not let two listeners share the port.
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
-    sock.listen(1024)?;
+    // Past the default 1024: a scrape storm (1,000 scrapers and stalled clients at once) must
+    // not overflow the accept queue, where a dropped SYN costs its client a 1 s retransmit
+    // (the kernel caps this at net.core.somaxconn, 4096 by default).
+    sock.listen(4096)?;
     sock.set_nonblocking(true)?;
     TcpListener::from_std(sock.into())
 }

@@ -221,7 +221,12 @@ pub struct Syncer {
     rounds: u64,
     /// What the peer maps were last written from, so an unchanged round writes nothing.
     maps: rounds::MapsWritten,
+    /// When silent strangers were last looked for ([`Syncer::expire_strangers`]).
+    strangers_swept: Option<Instant>,
 }
+
+/// How often silent strangers are looked for: each look reads every `UNKNOWN_WIRE` entry.
+const STRANGER_SWEEP: Duration = Duration::from_secs(15);
 
 impl Syncer {
     pub fn new(netlink: Netlink, opts: SyncOptions) -> Self {
@@ -236,6 +241,7 @@ impl Syncer {
             logged_peer_count: None,
             rounds: 0,
             maps: rounds::MapsWritten::default(),
+            strangers_swept: None,
         }
     }
 
@@ -524,6 +530,7 @@ impl Syncer {
         }
         let maps_result = want.map_or(Ok(()), |w| dp.sync_peers(w));
         self.forget_gone_peers(dp, tunnels, inventory);
+        self.expire_strangers(dp);
         let maps_took = maps_started.elapsed();
         // Names for the verdict's log line, of interfaces gone too (pinned IFACE_NAMES); read
         // only when there is one to log. The sync loop is the inventory's only writer, so
@@ -598,6 +605,31 @@ impl Syncer {
             humantime::format_duration(grace),
             where_.join(", ")
         );
+    }
+
+    /// Every [`STRANGER_SWEEP`]: removes the unknown endpoints silent for longer than
+    /// `--peer-grace` ([`crate::datapath::wire::WireMaps::expire_strangers`]), so that a
+    /// peer's old endpoint, a replaced peer's first handshake (before the relay knew its new
+    /// key's endpoint) or a scan leaves the series of its own as a gone peer does; what they
+    /// counted stays in `peer="endpoint:other"`.
+    fn expire_strangers(&mut self, dp: &mut Datapath) {
+        let now = Instant::now();
+        if self
+            .strangers_swept
+            .is_some_and(|t| now.saturating_duration_since(t) < STRANGER_SWEEP)
+        {
+            return;
+        }
+        self.strangers_swept = Some(now);
+        match dp.wire.expire_strangers(now, self.opts.peer_grace) {
+            Ok(0) => {}
+            Ok(n) => info!(
+                "{n} unknown endpoint(s) silent for more than {}: their series are removed, \
+                 their counts stay in endpoint:other",
+                humantime::format_duration(self.opts.peer_grace)
+            ),
+            Err(e) => self.warn_once(format!("expiring silent unknown endpoints: {e}")),
+        }
     }
 
     /// Replaces the inventory's tunnels and underlays with this round's (their counters and

@@ -10,6 +10,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, RwLock},
+    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -487,4 +488,124 @@ fn strangers_beyond_capacity_are_all_counted() {
     );
     // The LRU map evicts: nothing refused.
     common::assert_no_refused_updates(&dp, "strangers beyond capacity");
+}
+
+/// Unknown endpoints that fall silent leave their series once silent for the given time
+/// (the agent: `--peer-grace`), as a gone peer does, and what they counted moves to
+/// `endpoint:other` exactly: ten strangers send three initiations each, five of them one
+/// more later; the silent five go at the second look, the other five at the third, and the
+/// series always sum to every message.
+#[test]
+fn silent_strangers_leave_their_series_and_keep_their_counts() {
+    let Some(mut lab) = Lab::new() else { return };
+    let under = lab.under;
+    let local = (ip4(LOCAL_V4), LISTEN_PORT);
+    let msg = wg::initiation(0x0a0b_0c0d);
+    const L3: u64 = 20 + 8 + 148;
+    let send = |lab: &mut Lab, i: u8, n: u32| {
+        let l3 = udp_flow(Dir::Rx, local, (ip4([198, 18, 9, i]), 40_000), &msg);
+        assert_eq!(l3.len() as u64, L3);
+        let frame = Framing::Ethernet.frame(&l3);
+        for _ in 0..n {
+            common::run_tc(
+                &mut lab.dp,
+                "stranger",
+                Dir::Rx.prog(),
+                under,
+                (0, 0),
+                &frame,
+            );
+        }
+    };
+    // The exported initiation series of the underlay: endpoint label -> packets, bytes.
+    let scrape = |lab: Lab| -> (Lab, BTreeMap<String, (u64, u64)>) {
+        let Lab {
+            dp,
+            tun,
+            under,
+            unwatched,
+            ifaces,
+            maps,
+        } = lab;
+        let (text, dp) = dp.shared(|dp| {
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register_collector(Box::new(TunnelCollector::new(
+                dp,
+                Arc::new(RwLock::new(Inventory::default())),
+                EndpointLabeler::with_salt([7; 32], true),
+            )));
+            metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+        });
+        let mut series: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let tail = "\",direction=\"rx\",message=\"handshake_initiation\"}";
+        for (family, packets) in [
+            ("wirescope_wire_packets_total", true),
+            ("wirescope_wire_bytes_total", false),
+        ] {
+            let head = format!("{family}{{interface=\"ifindex{under}\",peer=\"");
+            for line in text.lines() {
+                let Some((peer, value)) = line
+                    .strip_prefix(&head)
+                    .and_then(|rest| rest.split_once(tail))
+                else {
+                    continue;
+                };
+                let v: u64 = value.trim().parse().expect(line);
+                let e = series.entry(peer.to_string()).or_default();
+                if packets {
+                    e.0 = v;
+                } else {
+                    e.1 = v;
+                }
+            }
+        }
+        let lab = Lab {
+            dp,
+            tun,
+            under,
+            unwatched,
+            ifaces,
+            maps,
+        };
+        (lab, series)
+    };
+    for i in 0..10 {
+        send(&mut lab, i, 3);
+    }
+    let idle = Duration::from_secs(60);
+    let t0 = Instant::now();
+    // First look: everything is new, nothing goes.
+    assert_eq!(lab.dp.wire.expire_strangers(t0, idle).expect("expiring"), 0);
+    for i in 0..5 {
+        send(&mut lab, i, 1);
+    }
+    // Half a minute on: nobody silent long enough.
+    let t = t0 + Duration::from_secs(30);
+    assert_eq!(lab.dp.wire.expire_strangers(t, idle).expect("expiring"), 0);
+    // A minute on: the five that said nothing more go.
+    let t = t0 + Duration::from_secs(61);
+    assert_eq!(lab.dp.wire.expire_strangers(t, idle).expect("expiring"), 5);
+    let held = lab.dp.wire.unknown_wire().expect("reading UNKNOWN_WIRE");
+    assert_eq!(held.len(), 5);
+    assert!(held.iter().all(|(k, c)| k.endpoint.addr[3] < 5
+        && *c
+            == Counter {
+                packets: 4,
+                bytes: 4 * L3
+            }));
+    let (lab, series) = scrape(lab);
+    assert_eq!(series.len(), 6, "five endpoints and other: {series:?}");
+    assert_eq!(series["endpoint:other"], (15, 15 * L3));
+    let sum = series.values().fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+    assert_eq!(sum, (35, 35 * L3), "every message, once");
+    // Another minute on, the other five have been silent since the last look too.
+    let mut lab = lab;
+    let t = t0 + Duration::from_secs(122);
+    assert_eq!(lab.dp.wire.expire_strangers(t, idle).expect("expiring"), 5);
+    assert!(lab.dp.wire.unknown_wire().expect("reading").is_empty());
+    let (_lab, series) = scrape(lab);
+    assert_eq!(
+        series.into_iter().collect::<Vec<_>>(),
+        vec![("endpoint:other".to_string(), (35, 35 * L3))]
+    );
 }

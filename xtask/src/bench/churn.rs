@@ -63,8 +63,10 @@ const SAMPLE_REPLACED: usize = 10;
 /// The agent's option for how long a gone peer's series stay, passed only when its
 /// `run --help` lists it.
 const GRACE_FLAG: &str = "--peer-grace";
-/// What the quiet period waits past the grace: a sync and a scrape.
-const GRACE_MARGIN: Duration = Duration::from_secs(10);
+/// What the quiet period waits past the grace: a sync and a scrape, and the agent's two
+/// looks for silent unknown endpoints (every 5 s), whose series go at most grace + 10 s
+/// after their last message.
+const GRACE_MARGIN: Duration = Duration::from_secs(20);
 /// The goals (issue 15).
 const GOAL_RSS_MB: f64 = 64.0;
 const GOAL_SCRAPE_MEDIAN_MS: f64 = 100.0;

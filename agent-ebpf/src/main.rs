@@ -157,7 +157,7 @@ fn observe(ctx: &TcContext, dir: u8) -> bool {
     };
     let gso_segs = gso_segments(&ip, l4_hdr, pkt.len(), pkt.gso_segs(), pkt.gso_size());
     if cfg.flags & IfaceConfig::TUNNEL != 0 {
-        tunnel::count(&pkt, ifindex, cfg, dir, &ip, l4, gso_segs);
+        tunnel::count(&pkt, ifindex, dir, &ip, l4, gso_segs);
     }
     // Path-MTU signals: IP fragments per layer, ICMP too-big messages arriving.
     path::count_fragment(ifindex, dir, cfg.flags, &ip, l4);

@@ -52,12 +52,9 @@ pub static PEER_IDS: HashMap<PeerIdKey, u32> = HashMap::pinned(MAX_PEER_IDS, BPF
 pub static IFACE_NAMES: HashMap<u32, IfaceName> =
     HashMap::pinned(MAX_IFACE_NAMES, BPF_F_NO_PREALLOC);
 
-/// Read in place, not copied (76 bytes): only the flags are read on every packet.
 #[inline(always)]
-pub fn iface(ifindex: u32) -> Option<&'static IfaceConfig> {
-    // SAFETY: IFACES is only written by the agent; a hash map's update swaps in a new element
-    // (the old one freed after an RCU grace period), so a program holding the old one reads
-    // it whole: the old or the new configuration, both valid. (A preallocated element can
-    // be reused by the next update at once; the agent writes an entry once a sync at most.)
-    unsafe { IFACES.get(&ifindex) }
+pub fn iface(ifindex: u32) -> Option<IfaceConfig> {
+    // SAFETY: IFACES is only written by the agent; a concurrent update can at worst show
+    // the old or new flags, both valid.
+    unsafe { IFACES.get(&ifindex) }.copied()
 }

@@ -1,10 +1,9 @@
 //! Tunnel role: inner IP packets on a WireGuard interface, per peer by longest-prefix match
-//! of the destination (tx) or source (rx) in the peers' allowed IPs, or by the interface's
-//! sole-peer answer where one prefix gives it (`agent_common::maps::SolePeer`).
+//! of the destination (tx) or source (rx) in the peers' allowed IPs.
 
 use agent_common::{
     maps::{
-        CounterKey, DIR_RX, DIR_TX, IfaceConfig, PEER_UNKNOWN, kind,
+        CounterKey, DIR_RX, DIR_TX, PEER_UNKNOWN, kind,
         tunnel::{AllowedV4, AllowedV6, MAX_ALLOWED_IPS},
     },
     parse::{Ip, L4, Packet, segmented},
@@ -29,17 +28,9 @@ pub static ALLOWED_V4: LpmTrie<AllowedV4, u32> = LpmTrie::with_max_entries(MAX_A
 pub static ALLOWED_V6: LpmTrie<AllowedV6, u32> = LpmTrie::with_max_entries(MAX_ALLOWED_IPS, 0);
 
 #[inline(always)]
-pub fn count(
-    pkt: &Skb,
-    ifindex: u32,
-    cfg: &IfaceConfig,
-    dir: u8,
-    ip: &Ip,
-    l4: Option<&L4>,
-    gso_segs: u32,
-) {
+pub fn count(pkt: &Skb, ifindex: u32, dir: u8, ip: &Ip, l4: Option<&L4>, gso_segs: u32) {
     let addr = if dir == DIR_TX { &ip.dst } else { &ip.src };
-    let peer = lookup_peer(ifindex, cfg, ip.family, addr);
+    let peer = lookup_peer(ifindex, ip.family, addr);
     let hdr = match l4 {
         Some(l4) => l4.hdr_len,
         None => 0,
@@ -74,16 +65,8 @@ pub fn count(
     }
 }
 
-/// The peer whose allowed IPs hold `addr`: the tunnel's sole-peer answer for the family
-/// when it has one, else the trie's longest-prefix match.
 #[inline(always)]
-fn lookup_peer(ifindex: u32, cfg: &IfaceConfig, family: u8, addr: &[u8; 16]) -> u32 {
-    if family == 4 && cfg.flags & IfaceConfig::SOLE_V4 != 0 {
-        return cfg.v4.lookup(addr);
-    }
-    if family == 6 && cfg.flags & IfaceConfig::SOLE_V6 != 0 {
-        return cfg.v6.lookup(addr);
-    }
+fn lookup_peer(ifindex: u32, family: u8, addr: &[u8; 16]) -> u32 {
     let ifindex_be = ifindex.to_be();
     let found = if family == 4 {
         let key = Key::new(

@@ -387,8 +387,12 @@ fn test_run(
         .context("loading the eBPF programs")?;
     // As the agent does it: IFACES written, programs attached (the interfaces are down, so
     // only the test runs reach them).
-    let tunnel_cfg = IfaceConfig::role(IfaceConfig::TUNNEL | IfaceConfig::L3);
-    let underlay_cfg = IfaceConfig::role(IfaceConfig::UNDERLAY);
+    let tunnel_cfg = IfaceConfig {
+        flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
+    };
+    let underlay_cfg = IfaceConfig {
+        flags: IfaceConfig::UNDERLAY,
+    };
     dp.attach("lo", tun, tunnel_cfg)
         .context("attaching to lo")?;
     dp.attach("bcu0", under, underlay_cfg)

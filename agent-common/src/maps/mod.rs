@@ -65,19 +65,13 @@ pub const MAX_PEER_IDS: u32 = 65_536;
 /// wg0-mullvad (a new ifindex) on every connect: at one connect an hour this lasts ~2 years.
 pub const MAX_IFACE_NAMES: u32 = 16_384;
 
-/// Per-interface configuration written by the agent before it attaches (the role and
-/// framing), and on a tunnel, once its peers are known, the answer to "which peer" where one
-/// prefix gives it (see [`SolePeer`]).
+/// Per-interface configuration written by the agent before it attaches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfaceConfig {
     pub flags: u32,
-    /// With [`IfaceConfig::SOLE_V4`]: the peer of every IPv4 address on this tunnel.
-    pub v4: SolePeer,
-    /// With [`IfaceConfig::SOLE_V6`]: the same for IPv6.
-    pub v6: SolePeer,
 }
-const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 4 + 2 * 36);
+const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 4);
 
 impl IfaceConfig {
     /// Packets start at the IP header (WireGuard, TUN): no Ethernet header.
@@ -86,91 +80,6 @@ impl IfaceConfig {
     pub const TUNNEL: u32 = 1 << 1;
     /// A carrier interface (NIC, veth).
     pub const UNDERLAY: u32 = 1 << 2;
-    /// `v4` answers the allowed-IP lookup of IPv4 packets: the trie is not read.
-    pub const SOLE_V4: u32 = 1 << 3;
-    /// `v6` answers it for IPv6.
-    pub const SOLE_V6: u32 = 1 << 4;
-
-    /// An interface's role and framing (`L3`, `TUNNEL`, `UNDERLAY`), no peer answer yet.
-    pub const fn role(flags: u32) -> Self {
-        IfaceConfig {
-            flags,
-            v4: SolePeer::NONE,
-            v6: SolePeer::NONE,
-        }
-    }
-}
-
-/// The allowed-IP lookup of one address family on one tunnel, when a single prefix answers
-/// it: the family's allowed IPs there are one prefix (of one peer), or one peer's prefixes
-/// of which one is /0, or none. Then an address is `peer`'s when it lies in `net`/`mask` and
-/// no peer's otherwise ([`PEER_UNKNOWN`]), exactly as the longest-prefix match in the trie
-/// would say, for a masked compare instead of a trie walk (~25 ns at 10,000 peers). Every
-/// Mullvad client's tunnel is such: one relay, 0.0.0.0/0 and ::/0.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SolePeer {
-    pub peer: u32,
-    /// The prefix's address bytes as the packet carries them (IPv4 in the first word, the
-    /// rest zero), read as native-endian words so both sides compare bytes, not numbers.
-    pub net: [u32; 4],
-    pub mask: [u32; 4],
-}
-const _: () = assert!(core::mem::size_of::<SolePeer>() == 36);
-
-impl SolePeer {
-    pub const NONE: SolePeer = SolePeer {
-        peer: PEER_UNKNOWN,
-        net: [0; 4],
-        mask: [0; 4],
-    };
-
-    /// `peer` for the prefix `addr`/`len` (IPv4 addresses in the first 4 bytes, `len` up
-    /// to 32; IPv6 up to 128).
-    pub fn new(peer: u32, addr: &[u8; 16], len: u8) -> Self {
-        let mut s = SolePeer {
-            peer,
-            ..SolePeer::NONE
-        };
-        let mut i = 0;
-        while i < 4 {
-            let bits = (len as u32).saturating_sub(32 * i as u32).min(32);
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            let mask = mask.to_be_bytes();
-            let word = [
-                addr[4 * i],
-                addr[4 * i + 1],
-                addr[4 * i + 2],
-                addr[4 * i + 3],
-            ];
-            let net = [
-                word[0] & mask[0],
-                word[1] & mask[1],
-                word[2] & mask[2],
-                word[3] & mask[3],
-            ];
-            s.mask[i] = u32::from_ne_bytes(mask);
-            s.net[i] = u32::from_ne_bytes(net);
-            i += 1;
-        }
-        s
-    }
-
-    /// The peer of `addr` (IPv4 in the first 4 bytes, the rest zero, as `parse::Ip` holds
-    /// it).
-    #[inline(always)]
-    pub fn lookup(&self, addr: &[u8; 16]) -> u32 {
-        let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-        let miss = (w(0) & self.mask[0]) ^ self.net[0]
-            | (w(4) & self.mask[1]) ^ self.net[1]
-            | (w(8) & self.mask[2]) ^ self.net[2]
-            | (w(12) & self.mask[3]) ^ self.net[3];
-        if miss == 0 { self.peer } else { PEER_UNKNOWN }
-    }
 }
 
 /// Peer ids are allocated by the agent, starting at 1. 0 means "no peer matched": in
@@ -320,7 +229,6 @@ pub fn log2_bucket(ns: u64) -> u8 {
 mod pod {
     use super::*;
     unsafe impl aya::Pod for IfaceConfig {}
-    unsafe impl aya::Pod for SolePeer {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for PeerIdKey {}
     unsafe impl aya::Pod for IfaceName {}
@@ -356,43 +264,6 @@ mod tests {
                 assert_eq!(log2_bucket(ns), reference(ns), "{ns}");
             }
         }
-    }
-
-    #[test]
-    fn a_sole_peer_answers_as_the_prefix_does() {
-        let v4 = |a: [u8; 4]| {
-            let mut x = [0u8; 16];
-            x[..4].copy_from_slice(&a);
-            x
-        };
-        let s = SolePeer::new(7, &v4([10, 64, 0, 9]), 10);
-        assert_eq!(s.lookup(&v4([10, 64, 0, 1])), 7);
-        assert_eq!(s.lookup(&v4([10, 127, 255, 255])), 7);
-        assert_eq!(s.lookup(&v4([10, 128, 0, 0])), PEER_UNKNOWN);
-        assert_eq!(s.lookup(&v4([11, 64, 0, 1])), PEER_UNKNOWN);
-        let all = SolePeer::new(3, &[0; 16], 0);
-        assert_eq!(all.lookup(&v4([192, 0, 2, 1])), 3);
-        assert_eq!(all.lookup(&[0xff; 16]), 3);
-        let host = SolePeer::new(5, &v4([192, 0, 2, 1]), 32);
-        assert_eq!(host.lookup(&v4([192, 0, 2, 1])), 5);
-        assert_eq!(host.lookup(&v4([192, 0, 2, 2])), PEER_UNKNOWN);
-        // IPv6: a /56 crosses a word.
-        let mut net = [0u8; 16];
-        net[..8].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0xaa, 0xbb, 0xcc, 0xdd]);
-        let s6 = SolePeer::new(9, &net, 56);
-        let mut inside = net;
-        inside[7] = 0x01;
-        inside[15] = 0x42;
-        assert_eq!(s6.lookup(&inside), 9);
-        let mut outside = net;
-        outside[6] ^= 0x01;
-        assert_eq!(s6.lookup(&outside), PEER_UNKNOWN);
-        let full = SolePeer::new(4, &inside, 128);
-        assert_eq!(full.lookup(&inside), 4);
-        let mut next = inside;
-        next[15] ^= 1;
-        assert_eq!(full.lookup(&next), PEER_UNKNOWN);
-        assert_eq!(SolePeer::NONE.lookup(&inside), PEER_UNKNOWN);
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! The tunnel role: inner IP packets on a WireGuard interface, attributed to a peer by
 //! longest-prefix match in its allowed IPs (`ALLOWED_V4`, `ALLOWED_V6`), counted in
-//! `COUNTERS` with `kind::TUNNEL`; or, where one prefix answers for a whole address family
-//! (every Mullvad client's tunnel), by that prefix held in the tunnel's `IfaceConfig`
-//! (`SolePeer`), which answers the same without walking the trie.
+//! `COUNTERS` with `kind::TUNNEL`.
 
 /// Allowed IPs, per family, over every tunnel.
 pub const MAX_ALLOWED_IPS: u32 = 65_536;

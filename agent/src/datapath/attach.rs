@@ -36,10 +36,7 @@ impl AttachMode {
 #[derive(Debug)]
 pub struct Attachment {
     pub name: String,
-    /// The role and framing it was attached with.
     pub config: IfaceConfig,
-    /// What `IFACES` holds for it: `config` and, on a tunnel, its allowed-IP shortcuts.
-    pub(super) written: IfaceConfig,
     pub mode: AttachMode,
     pub(super) ingress: Hook,
     pub(super) egress: Hook,
@@ -78,24 +75,22 @@ impl Datapath {
         ifindex: u32,
         config: IfaceConfig,
     ) -> Result<AttachMode, DatapathError> {
-        let written = self.iface_config(ifindex, config);
         if let Some(a) = self.attachments.get_mut(&ifindex) {
-            if a.name != name || a.config != config || a.written != written {
+            if a.name != name || a.config != config {
                 // Renamed or re-roled: refresh the config; the hooks stay.
                 self.ifaces
-                    .insert(ifindex, written, 0)
+                    .insert(ifindex, config, 0)
                     .map_err(|source| DatapathError::Map {
                         map: names::IFACES,
                         source,
                     })?;
                 a.name = name.to_string();
                 a.config = config;
-                a.written = written;
             }
             return Ok(a.mode);
         }
         self.ifaces
-            .insert(ifindex, written, 0)
+            .insert(ifindex, config, 0)
             .map_err(|source| DatapathError::Map {
                 map: names::IFACES,
                 source,
@@ -138,7 +133,6 @@ impl Datapath {
             Attachment {
                 name: name.to_string(),
                 config,
-                written,
                 mode,
                 ingress,
                 egress,

@@ -119,9 +119,6 @@ pub struct Datapath {
     pub transit: transit::TransitMaps,
     pub drops: drops::DropsMaps,
     attachments: StdHashMap<u32, Attachment>,
-    /// The tunnels' allowed-IP shortcuts ([`tunnel::shortcuts`]) from the last peer sync,
-    /// merged into their `IFACES` entries.
-    shortcuts: StdHashMap<u32, IfaceConfig>,
     /// Set once TCX proved unsupported, so later attaches go straight to clsact.
     tcx_unsupported: bool,
     /// Where the TCX links and tail-call arrays are pinned; None without pinning.
@@ -234,7 +231,6 @@ impl Datapath {
             drops: drops::DropsMaps::take(&mut ebpf)?,
             ebpf,
             attachments: StdHashMap::new(),
-            shortcuts: StdHashMap::new(),
             tcx_unsupported: false,
             hooks,
             map_errors: errors,
@@ -250,7 +246,6 @@ impl Datapath {
     pub fn reset(&mut self) -> Result<(), DatapathError> {
         self.detach_all();
         maps::Clear::clear(&mut self.ifaces, names::IFACES)?;
-        self.shortcuts.clear();
         self.map_errors.clear(names::MAP_ERRORS)?;
         let features = self.features_mut();
         for f in features {
@@ -305,10 +300,6 @@ impl Datapath {
     /// retried on the next sync and reported, and never stops the other maps' updates.
     pub fn sync_peers(&mut self, want: &PeerMaps) -> Result<(), DatapathError> {
         let tunnel = self.tunnel.sync(want);
-        // After the tries and host routes: a tunnel whose shortcut goes reads maps that
-        // already hold its peers.
-        self.shortcuts = tunnel::shortcuts(want);
-        let answers = self.write_ifaces();
         let wire = self.wire.sync(want);
         // An obfuscation flow's relay is a WireGuard relay too: fragments of the flow are
         // `outer`, and ICMP to it no leak, as for an endpoint's address.
@@ -329,55 +320,8 @@ impl Datapath {
         tunnel
             .into_iter()
             .chain(wire)
-            .chain([answers, addrs, obfuscation])
+            .chain([addrs, obfuscation])
             .collect()
-    }
-
-    /// What `IFACES` holds for an attachment of role `config` on `ifindex`: the role, and on
-    /// a tunnel its allowed-IP shortcuts.
-    fn iface_config(&self, ifindex: u32, config: IfaceConfig) -> IfaceConfig {
-        match self.shortcuts.get(&ifindex) {
-            Some(sole) if config.flags & IfaceConfig::TUNNEL != 0 => IfaceConfig {
-                flags: config.flags | sole.flags,
-                v4: sole.v4,
-                v6: sole.v6,
-            },
-            _ => config,
-        }
-    }
-
-    /// What `IFACES` holds for `ifindex`, read from the map.
-    pub fn iface(&self, ifindex: u32) -> Option<IfaceConfig> {
-        self.ifaces.get(&ifindex, 0).ok()
-    }
-
-    /// Rewrites the `IFACES` entries whose answers changed.
-    fn write_ifaces(&mut self) -> Result<(), DatapathError> {
-        let want: Vec<(u32, IfaceConfig)> = self
-            .attachments
-            .iter()
-            .map(|(i, a)| (*i, self.iface_config(*i, a.config)))
-            .filter(|(i, c)| self.attachments.get(i).is_some_and(|a| a.written != *c))
-            .collect();
-        let mut first = Ok(());
-        for (ifindex, config) in want {
-            match self.ifaces.insert(ifindex, config, 0) {
-                Ok(()) => {
-                    if let Some(a) = self.attachments.get_mut(&ifindex) {
-                        a.written = config;
-                    }
-                }
-                Err(source) => {
-                    if first.is_ok() {
-                        first = Err(DatapathError::Map {
-                            map: names::IFACES,
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        first
     }
 
     /// Removes every map entry of the peers `peers` (interface, public key, id; `ids` their

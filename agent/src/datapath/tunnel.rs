@@ -10,9 +10,8 @@ use std::{
 };
 
 use agent_common::maps::{
-    Counter, CounterKey, IfaceConfig, IfaceName, MAX_COUNTERS, MAX_IFACE_NAMES, MAX_PEER_IDS,
-    PeerIdKey, SolePeer, map_error, names, tunnel::AllowedV4, tunnel::AllowedV6,
-    tunnel::MAX_ALLOWED_IPS,
+    Counter, CounterKey, IfaceName, MAX_COUNTERS, MAX_IFACE_NAMES, MAX_PEER_IDS, PeerIdKey,
+    map_error, names, tunnel::AllowedV4, tunnel::AllowedV6, tunnel::MAX_ALLOWED_IPS,
 };
 use aya::{
     Ebpf,
@@ -278,107 +277,4 @@ fn lpm_v6(&(ifindex, addr, plen): &(u32, [u8; 16], u8)) -> Key<AllowedV6> {
             addr,
         },
     )
-}
-
-/// The tunnels whose allowed-IP lookup one prefix answers, per family (see [`SolePeer`]):
-/// ifindex -> an `IfaceConfig` holding only the `SOLE_*` flags and their answers, for
-/// [`super::Datapath::sync_peers`] to merge into the tunnel's configuration. A family is
-/// answered when its entries on the tunnel are one prefix, or one peer's of which one is /0
-/// (the rest then never decide), or none while the other family has some: each answers
-/// what the trie's longest-prefix match would. A tunnel not listed is left to the trie.
-///
-/// (A hash of the host routes, read before the trie, was tried for gateways and relays:
-/// at 10,000 peers its hit cost what the trie's did and its miss more, so it is not here.)
-pub(crate) fn shortcuts(want: &PeerMaps) -> StdHashMap<u32, IfaceConfig> {
-    type Entries = StdHashMap<u32, Vec<([u8; 16], u8, u32)>>;
-    let mut v4: Entries = StdHashMap::new();
-    let mut v6: Entries = StdHashMap::new();
-    for ((ifindex, addr, len), peer) in &want.allowed_v4 {
-        let mut a = [0u8; 16];
-        a[..4].copy_from_slice(addr);
-        v4.entry(*ifindex).or_default().push((a, *len, *peer));
-    }
-    for ((ifindex, addr, len), peer) in &want.allowed_v6 {
-        v6.entry(*ifindex).or_default().push((*addr, *len, *peer));
-    }
-    let sole = |entries: Option<&Vec<([u8; 16], u8, u32)>>| -> Option<SolePeer> {
-        match entries.map_or(&[][..], Vec::as_slice) {
-            [] => Some(SolePeer::NONE),
-            [(addr, len, peer)] => Some(SolePeer::new(*peer, addr, *len)),
-            all @ [(_, _, peer), rest @ ..] => (rest.iter().all(|e| e.2 == *peer)
-                && all.iter().any(|e| e.1 == 0))
-            .then(|| SolePeer::new(*peer, &[0; 16], 0)),
-        }
-    };
-    v4.keys()
-        .chain(v6.keys())
-        .copied()
-        .collect::<HashSet<u32>>()
-        .into_iter()
-        .map(|ifindex| {
-            let mut cfg = IfaceConfig::role(0);
-            if let Some(s) = sole(v4.get(&ifindex)) {
-                cfg.flags |= IfaceConfig::SOLE_V4;
-                cfg.v4 = s;
-            }
-            if let Some(s) = sole(v6.get(&ifindex)) {
-                cfg.flags |= IfaceConfig::SOLE_V6;
-                cfg.v6 = s;
-            }
-            (ifindex, cfg)
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use agent_common::maps::PEER_UNKNOWN;
-
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut x = [0u8; 16];
-        x[..4].copy_from_slice(&a);
-        x
-    }
-
-    #[test]
-    fn one_prefix_or_one_peer_with_a_default_route_answers_without_the_trie() {
-        let mut want = PeerMaps::default();
-        // A Mullvad client: one relay, 0.0.0.0/0 and ::/0.
-        want.allowed_v4.insert((5, [0; 4], 0), 1);
-        want.allowed_v6.insert((5, [0; 16], 0), 1);
-        // A lab tunnel: one peer, one /32, no IPv6.
-        want.allowed_v4.insert((6, [10, 9, 0, 2], 32), 2);
-        // One peer, a default route and more specific ones: the default decides nothing less.
-        want.allowed_v4.insert((7, [0; 4], 0), 3);
-        want.allowed_v4.insert((7, [10, 0, 0, 0], 8), 3);
-        // A gateway: two peers, the trie decides.
-        want.allowed_v4.insert((8, [10, 1, 0, 2], 32), 4);
-        want.allowed_v4.insert((8, [10, 1, 0, 3], 32), 5);
-        // One peer with two prefixes, none /0: the trie decides.
-        want.allowed_v6.insert((9, [0xfd; 16], 64), 6);
-        want.allowed_v6.insert((9, [0xfc; 16], 64), 6);
-        let sole = shortcuts(&want);
-        assert_eq!(sole.len(), 5);
-
-        let c = sole[&5];
-        assert_eq!(c.flags, IfaceConfig::SOLE_V4 | IfaceConfig::SOLE_V6);
-        assert_eq!(c.v4.lookup(&v4([198, 51, 100, 7])), 1);
-        assert_eq!(c.v6.lookup(&[0x20; 16]), 1);
-
-        let c = sole[&6];
-        assert_eq!(c.flags, IfaceConfig::SOLE_V4 | IfaceConfig::SOLE_V6);
-        assert_eq!(c.v4.lookup(&v4([10, 9, 0, 2])), 2);
-        assert_eq!(c.v4.lookup(&v4([10, 9, 0, 3])), PEER_UNKNOWN);
-        // No IPv6 allowed IP at all: every IPv6 packet is no peer's, as the trie would say.
-        assert_eq!(c.v6.lookup(&[0x20; 16]), PEER_UNKNOWN);
-
-        let c = sole[&7];
-        assert_eq!(c.flags & IfaceConfig::SOLE_V4, IfaceConfig::SOLE_V4);
-        assert_eq!(c.v4.lookup(&v4([192, 0, 2, 1])), 3);
-
-        // Two peers: the trie decides.
-        assert_eq!(sole[&8].flags, IfaceConfig::SOLE_V6);
-        assert_eq!(sole[&9].flags, IfaceConfig::SOLE_V4);
-    }
 }

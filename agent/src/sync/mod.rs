@@ -454,12 +454,12 @@ impl Syncer {
         for u in underlays {
             let l3 = by_name.get(u.name.as_str()).is_some_and(|l| l.l3);
             let flags = IfaceConfig::UNDERLAY | if l3 { IfaceConfig::L3 } else { 0 };
-            watched.insert(u.ifindex, (u.name.clone(), IfaceConfig::role(flags)));
+            watched.insert(u.ifindex, (u.name.clone(), IfaceConfig { flags }));
         }
         for t in tunnels {
             let l3 = by_name.get(t.name.as_str()).is_none_or(|l| l.l3);
             let flags = IfaceConfig::TUNNEL | if l3 { IfaceConfig::L3 } else { 0 };
-            watched.insert(t.ifindex, (t.name.clone(), IfaceConfig::role(flags)));
+            watched.insert(t.ifindex, (t.name.clone(), IfaceConfig { flags }));
         }
         let gone: Vec<u32> = dp
             .attachments()

@@ -71,8 +71,12 @@ pub fn stranger_v6() -> [u8; 16] {
     v6("2001:db8:99::99")
 }
 
-pub const TUNNEL_L3: IfaceConfig = IfaceConfig::role(IfaceConfig::TUNNEL | IfaceConfig::L3);
-pub const UNDERLAY_ETH: IfaceConfig = IfaceConfig::role(IfaceConfig::UNDERLAY);
+pub const TUNNEL_L3: IfaceConfig = IfaceConfig {
+    flags: IfaceConfig::TUNNEL | IfaceConfig::L3,
+};
+pub const UNDERLAY_ETH: IfaceConfig = IfaceConfig {
+    flags: IfaceConfig::UNDERLAY,
+};
 
 /// True when the tests can run (as root). Without root: a failure under CI=true, else a
 /// notice and false. `why` says which tests need what.

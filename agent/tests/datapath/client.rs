@@ -291,7 +291,9 @@ fn kernel_refuses(data: &[u8]) -> bool {
     data.len() < min
 }
 
-const UNDERLAY_L3: IfaceConfig = IfaceConfig::role(IfaceConfig::UNDERLAY | IfaceConfig::L3);
+const UNDERLAY_L3: IfaceConfig = IfaceConfig {
+    flags: IfaceConfig::UNDERLAY | IfaceConfig::L3,
+};
 
 pub struct Lab {
     pub dp: common::Lent,

@@ -244,7 +244,8 @@ pub struct RunArgs {
     /// A peer gone from its interface (or whose interface is gone) for longer than this is
     /// forgotten: its counters and series are removed and its map entries freed, so that
     /// churning peers do not fill the maps. One back within it keeps its counts; one back
-    /// later starts from zero [default: 15m]
+    /// later starts from zero. An unknown endpoint silent this long leaves its own series
+    /// too, its counts kept in endpoint:other [default: 15m]
     #[arg(
         long = "peer-grace",
         value_name = "DURATION",

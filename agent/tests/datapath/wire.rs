@@ -397,15 +397,7 @@ fn strangers_beyond_capacity_are_all_counted() {
 
     // What the agent exports, as a scrape renders it.
     let Lab { dp, .. } = lab;
-    let (text, dp) = dp.shared(|dp| {
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register_collector(Box::new(TunnelCollector::new(
-            dp,
-            Arc::new(RwLock::new(Inventory::default())),
-            EndpointLabeler::with_salt([7; 32], true),
-        )));
-        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
-    });
+    let (text, dp) = rendered(dp);
     let iface = format!("ifindex{under}");
     let mut other_sum = 0;
     for (dir, _, k, msg, l3_len) in &runs {
@@ -518,24 +510,9 @@ fn silent_strangers_leave_their_series_and_keep_their_counts() {
         }
     };
     // The exported initiation series of the underlay: endpoint label -> packets, bytes.
-    let scrape = |lab: Lab| -> (Lab, BTreeMap<String, (u64, u64)>) {
-        let Lab {
-            dp,
-            tun,
-            under,
-            unwatched,
-            ifaces,
-            maps,
-        } = lab;
-        let (text, dp) = dp.shared(|dp| {
-            let mut registry = prometheus_client::registry::Registry::default();
-            registry.register_collector(Box::new(TunnelCollector::new(
-                dp,
-                Arc::new(RwLock::new(Inventory::default())),
-                EndpointLabeler::with_salt([7; 32], true),
-            )));
-            metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
-        });
+    let scrape = |mut lab: Lab| -> (Lab, BTreeMap<String, (u64, u64)>) {
+        let (text, dp) = rendered(lab.dp);
+        lab.dp = dp;
         let mut series: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let tail = "\",direction=\"rx\",message=\"handshake_initiation\"}";
         for (family, packets) in [
@@ -559,14 +536,6 @@ fn silent_strangers_leave_their_series_and_keep_their_counts() {
                 }
             }
         }
-        let lab = Lab {
-            dp,
-            tun,
-            under,
-            unwatched,
-            ifaces,
-            maps,
-        };
         (lab, series)
     };
     for i in 0..10 {
@@ -608,4 +577,18 @@ fn silent_strangers_leave_their_series_and_keep_their_counts() {
         series.into_iter().collect::<Vec<_>>(),
         vec![("endpoint:other".to_string(), (35, 35 * L3))]
     );
+}
+
+/// What the agent exports of the counters, as a scrape renders it (endpoints hashed with a
+/// fixed salt), and the datapath lent back.
+fn rendered(dp: common::Lent) -> (String, common::Lent) {
+    dp.shared(|dp| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(TunnelCollector::new(
+            dp,
+            Arc::new(RwLock::new(Inventory::default())),
+            EndpointLabeler::with_salt([7; 32], true),
+        )));
+        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+    })
 }

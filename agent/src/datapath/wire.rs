@@ -87,9 +87,7 @@ impl WireMaps {
                 .collect();
         Ok(once.into_iter().collect())
     }
-}
 
-impl WireMaps {
     /// Removes the `UNKNOWN_WIRE` entries whose counts have not changed for `idle`, as far as
     /// these calls tell (an entry first read now is silent from now on). What a removed
     /// entry counted stays in its interface's total in `COUNTERS` and is exported under

@@ -20,7 +20,7 @@ use log::info;
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_hist, take},
+    maps::{Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, sum_hist, take},
 };
 
 /// The kernel functions probed: (function, entry program, return program, direction label).
@@ -171,7 +171,7 @@ impl FeatureMaps for CryptoMaps {
     fn usage(&self) -> Vec<MapUsage> {
         vec![(
             names::CRYPTO_HIST,
-            self.hist.keys().count() as u64,
+            self.hist.entries(),
             MAX_CRYPTO_HIST as u64,
         )]
     }

@@ -27,7 +27,7 @@ use btf_rs::Btf;
 
 use super::{
     AttachOutcome, DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, take},
+    maps::{Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, take},
 };
 use crate::sources::btf::{BtfError, member_offset};
 
@@ -291,12 +291,8 @@ impl FeatureMaps for DropsMaps {
 
     fn usage(&self) -> Vec<MapUsage> {
         vec![
-            (DROPS, self.drops.keys().count() as u64, MAX_DROPS as u64),
-            (
-                UDP_ERRORS,
-                self.udp.keys().count() as u64,
-                MAX_UDP_ERRORS as u64,
-            ),
+            (DROPS, self.drops.entries(), MAX_DROPS as u64),
+            (UDP_ERRORS, self.udp.entries(), MAX_UDP_ERRORS as u64),
         ]
     }
 

@@ -24,7 +24,7 @@ use aya::{
 use super::{
     DatapathError,
     maps::{
-        Clear, ErrorSlots, FeatureMaps, MapUsage, forget_keys, forget_values, sum_hist,
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, forget_keys, forget_values, sum_hist,
         sum_per_cpu, take,
     },
 };
@@ -135,24 +135,20 @@ impl FeatureMaps for HealthMaps {
         vec![
             (
                 names::HANDSHAKE_PENDING,
-                self.pending.keys().count() as u64,
+                self.pending.entries(),
                 MAX_HANDSHAKE_PENDING as u64,
             ),
             (
                 names::HANDSHAKE_RTT,
-                self.rtt.keys().count() as u64,
+                self.rtt.entries(),
                 MAX_HANDSHAKE_RTT as u64,
             ),
             (
                 names::RX_SESSIONS,
-                self.sessions.keys().count() as u64,
+                self.sessions.entries(),
                 MAX_RX_SESSIONS as u64,
             ),
-            (
-                names::RX_SEQ,
-                self.seq.keys().count() as u64,
-                MAX_RX_SEQ as u64,
-            ),
+            (names::RX_SEQ, self.seq.entries(), MAX_RX_SEQ as u64),
         ]
     }
 

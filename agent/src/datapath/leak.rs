@@ -17,7 +17,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, tail_program, take},
+    maps::{Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, sum_per_cpu, tail_program, take},
 };
 
 /// The leak-detection maps (`agent_common::maps::leak`): the "tunnel up" time, the
@@ -250,7 +250,7 @@ impl FeatureMaps for LeakMaps {
         vec![
             (LEAK_ALLOW_V4, self.allowed.0 as u64, MAX_LEAK_ALLOW as u64),
             (LEAK_ALLOW_V6, self.allowed.1 as u64, MAX_LEAK_ALLOW as u64),
-            (LEAKS, self.leaks.keys().count() as u64, MAX_LEAKS as u64),
+            (LEAKS, self.leaks.entries(), MAX_LEAKS as u64),
         ]
     }
 

@@ -19,7 +19,10 @@ use aya::{
     programs::SchedClassifier,
 };
 
-use super::DatapathError;
+use super::{
+    DatapathError,
+    batch::{self, BatchError},
+};
 
 /// (map name, entries, capacity).
 pub type MapUsage = (&'static str, u64, u64);
@@ -276,17 +279,10 @@ pub(crate) fn sum_per_cpu<K: aya::Pod>(
     map: &PerCpuHashMap<MapData, K, Counter>,
     name: &'static str,
 ) -> Result<Vec<(K, Counter)>, DatapathError> {
-    let mut out = Vec::new();
-    for item in map.iter() {
-        let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
-        let mut sum = Counter::default();
-        for c in per_cpu.iter() {
-            sum.packets += c.packets;
-            sum.bytes += c.bytes;
-        }
-        out.push((k, sum));
-    }
-    Ok(out)
+    summed(map, name, |sum: &mut Counter, c| {
+        sum.packets += c.packets;
+        sum.bytes += c.bytes;
+    })
 }
 
 /// A per-CPU histogram map, summed over CPUs.
@@ -294,17 +290,74 @@ pub(crate) fn sum_hist<K: aya::Pod>(
     map: &PerCpuHashMap<MapData, K, HistValue>,
     name: &'static str,
 ) -> Result<Vec<(K, HistValue)>, DatapathError> {
+    summed(map, name, |sum: &mut HistValue, v| {
+        sum.count += v.count;
+        sum.sum_ns += v.sum_ns;
+    })
+}
+
+/// Every entry of a per-CPU hash map with its values folded by `add`: in batches where the
+/// kernel can ([`super::batch`]), else entry by entry.
+fn summed<K: aya::Pod, V: aya::Pod + Default>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    name: &'static str,
+    add: impl Fn(&mut V, &V),
+) -> Result<Vec<(K, V)>, DatapathError> {
+    use aya::maps::IterableMap as _;
+    let fold = |per_cpu: &[V]| {
+        let mut sum = V::default();
+        for v in per_cpu {
+            add(&mut sum, v);
+        }
+        sum
+    };
     let mut out = Vec::new();
+    match batch::per_cpu_entries(map.map(), |k, per_cpu: &[V]| out.push((k, fold(per_cpu)))) {
+        Ok(()) => return Ok(out),
+        Err(BatchError::Io(e)) => return Err(batch_failed(name, e)),
+        Err(BatchError::Unsupported) => out.clear(),
+    }
     for item in map.iter() {
         let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
-        let mut sum = HistValue::default();
-        for v in per_cpu.iter() {
-            sum.count += v.count;
-            sum.sum_ns += v.sum_ns;
-        }
-        out.push((k, sum));
+        out.push((k, fold(&per_cpu)));
     }
     Ok(out)
+}
+
+fn batch_failed(name: &'static str, e: std::io::Error) -> DatapathError {
+    DatapathError::map(name)(MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_lookup_batch",
+        io_error: e,
+    }))
+}
+
+/// How many entries a hash map holds, for the map-usage gauges: counted in batches where
+/// the kernel can ([`super::batch`]), else key by key. 0 when the map cannot be read (the
+/// gauge is a diagnostic; the scrape goes on).
+pub(crate) trait Entries {
+    fn entries(&self) -> u64;
+}
+
+fn entries_of(map: &MapData, keys: impl FnOnce() -> usize) -> u64 {
+    match batch::count(map) {
+        Ok(n) => n,
+        Err(BatchError::Unsupported) => keys() as u64,
+        Err(BatchError::Io(_)) => 0,
+    }
+}
+
+impl<K: Pod, V: Pod> Entries for BpfHashMap<MapData, K, V> {
+    fn entries(&self) -> u64 {
+        use aya::maps::IterableMap as _;
+        entries_of(self.map(), || self.keys().count())
+    }
+}
+
+impl<K: Pod, V: Pod> Entries for PerCpuHashMap<MapData, K, V> {
+    fn entries(&self) -> u64 {
+        use aya::maps::IterableMap as _;
+        entries_of(self.map(), || self.keys().count())
+    }
 }
 
 /// Makes `applied` (what the kernel map holds) equal to `want` through `write`, which

@@ -24,6 +24,7 @@ use aya::{
 use log::{info, warn};
 
 pub mod attach;
+mod batch;
 pub mod crypto;
 pub mod drops;
 mod error;
@@ -43,7 +44,7 @@ pub use attach::{AttachMode, Attachment};
 pub use error::DatapathError;
 pub use maps::{FeatureMaps, MapUsage};
 
-use maps::{ErrorSlots, take};
+use maps::{Entries, ErrorSlots, take};
 
 /// Whether and where [`Datapath::load_with`] pins the counting maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,11 +406,7 @@ impl Datapath {
 
     /// (map name, entries, capacity) for every map.
     pub fn map_usage(&self) -> Vec<MapUsage> {
-        let ifaces = (
-            names::IFACES,
-            self.ifaces.keys().count() as u64,
-            MAX_IFACES as u64,
-        );
+        let ifaces = (names::IFACES, self.ifaces.entries(), MAX_IFACES as u64);
         std::iter::once(ifaces)
             .chain(self.features().iter().flat_map(|f| f.usage()))
             .collect()

@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, sum_per_cpu, take},
+    maps::{Entries, ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, sum_per_cpu, take},
 };
 
 pub struct ObfuscationMaps {
@@ -102,7 +102,7 @@ impl FeatureMaps for ObfuscationMaps {
             ),
             (
                 OBFS_COUNTERS,
-                self.counters.keys().count() as u64,
+                self.counters.entries(),
                 MAX_OBFS_COUNTERS as u64,
             ),
         ]

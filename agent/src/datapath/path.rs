@@ -12,7 +12,7 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
 };
 
 /// The maps of the path-MTU signals (agent-ebpf path.rs): fragments per layer,
@@ -127,21 +127,13 @@ impl FeatureMaps for PathMaps {
     fn usage(&self) -> Vec<MapUsage> {
         use agent_common::maps::path::*;
         vec![
-            (
-                FRAGMENTS,
-                self.fragments.keys().count() as u64,
-                MAX_FRAGMENTS as u64,
-            ),
+            (FRAGMENTS, self.fragments.entries(), MAX_FRAGMENTS as u64),
             (
                 ICMP_TOO_BIG,
-                self.icmp_too_big.keys().count() as u64,
+                self.icmp_too_big.entries(),
                 MAX_ICMP_TOO_BIG as u64,
             ),
-            (
-                ICMP_MTU,
-                self.icmp_mtu.keys().count() as u64,
-                MAX_ICMP_MTU as u64,
-            ),
+            (ICMP_MTU, self.icmp_mtu.entries(), MAX_ICMP_MTU as u64),
             (
                 ENDPOINT_ADDRS,
                 self.applied_addrs.len() as u64,

@@ -23,7 +23,10 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, forget_keys, sum_hist, tail_program, take},
+    maps::{
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, forget_keys, sum_hist, tail_program,
+        take,
+    },
 };
 
 /// A slot this much past [`STALE_NS`] is left by its queue: the programs would only delete
@@ -125,21 +128,13 @@ impl FeatureMaps for TransitMaps {
 
     fn usage(&self) -> Vec<MapUsage> {
         vec![
-            (
-                TRANSIT_SEQ,
-                self.seq.keys().count() as u64,
-                MAX_TRANSIT_SEQ as u64,
-            ),
+            (TRANSIT_SEQ, self.seq.entries(), MAX_TRANSIT_SEQ as u64),
             (
                 TRANSIT_SLOTS,
-                self.slots.keys().count() as u64,
+                self.slots.entries(),
                 MAX_TRANSIT_SLOTS as u64,
             ),
-            (
-                TRANSIT_HIST,
-                self.hist.keys().count() as u64,
-                MAX_TRANSIT_HIST as u64,
-            ),
+            (TRANSIT_HIST, self.hist.entries(), MAX_TRANSIT_HIST as u64),
         ]
     }
 

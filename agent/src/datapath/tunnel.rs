@@ -21,8 +21,8 @@ use aya::{
 use super::{
     DatapathError, PeerMaps,
     maps::{
-        Clear, ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, remove_each, sum_per_cpu,
-        take,
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, apply, forget_keys, remove_each,
+        sum_per_cpu, take,
     },
 };
 
@@ -231,7 +231,7 @@ impl FeatureMaps for TunnelMaps {
             ),
             (
                 names::COUNTERS,
-                self.counters.keys().count() as u64,
+                self.counters.entries(),
                 MAX_COUNTERS as u64,
             ),
             (names::PEER_IDS, self.peer_ids_len, MAX_PEER_IDS as u64),

@@ -24,7 +24,9 @@ use aya::{
 
 use super::{
     DatapathError, PeerMaps,
-    maps::{Clear, ErrorSlots, FeatureMaps, MapUsage, apply, remove_each, sum_per_cpu, take},
+    maps::{
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, apply, remove_each, sum_per_cpu, take,
+    },
 };
 
 pub struct WireMaps {
@@ -146,7 +148,7 @@ impl FeatureMaps for WireMaps {
             ),
             (
                 names::UNKNOWN_WIRE,
-                self.unknown_wire.keys().count() as u64,
+                self.unknown_wire.entries(),
                 MAX_UNKNOWN_WIRE as u64,
             ),
         ]

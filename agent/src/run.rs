@@ -68,8 +68,8 @@ struct Agent {
 }
 
 impl HttpSource for Agent {
-    fn metrics(&self, format: Format) -> Result<String, String> {
-        metrics::encode(&self.registry, format).map_err(|e| format!("encoding metrics: {e}"))
+    fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
+        metrics::encode(&self.registry, format, out).map_err(|e| format!("encoding metrics: {e}"))
     }
 
     fn health(&self) -> Result<(), String> {

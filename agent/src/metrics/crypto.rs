@@ -226,7 +226,7 @@ mod tests {
             crate::metrics::Format::Prometheus,
             crate::metrics::Format::OpenMetrics,
         ] {
-            let text = crate::metrics::encode(&r, format).unwrap();
+            let text = crate::metrics::encode_string(&r, format).unwrap();
             let buckets: Vec<&str> = text.lines().filter(|l| l.contains("_bucket")).collect();
             assert_eq!(buckets.len(), 4, "{text}");
             assert!(

@@ -89,17 +89,26 @@ impl Format {
 }
 
 /// Encodes everything in `registry` in `format`.
-pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
-    let mut out = String::with_capacity(16 * 1024);
+pub fn encode(
+    registry: &Registry,
+    format: Format,
+    mut out: &mut dyn std::fmt::Write,
+) -> Result<(), std::fmt::Error> {
     match format {
         // Ends with the mandatory `# EOF`.
-        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry)?,
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
         // prometheus-client's own 0.0.4 encoder: counters' HELP/TYPE named `x_total`,
         // info as gauge, no `# UNIT`, no `# EOF`.
         Format::Prometheus => {
-            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
         }
     }
+}
+
+/// [`encode`] into a new string.
+pub fn encode_string(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let mut out = String::with_capacity(16 * 1024);
+    encode(registry, format, &mut out)?;
     Ok(out)
 }
 
@@ -231,7 +240,7 @@ mod tests {
     fn both_formats() {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Fixed));
-        let om = encode(&registry, Format::OpenMetrics).unwrap();
+        let om = encode_string(&registry, Format::OpenMetrics).unwrap();
         assert_eq!(
             om,
             "# HELP demo_bytes Bytes.\n\
@@ -245,7 +254,7 @@ mod tests {
              # TYPE demo_empty gauge\n\
              # EOF\n"
         );
-        let text = encode(&registry, Format::Prometheus).unwrap();
+        let text = encode_string(&registry, Format::Prometheus).unwrap();
         assert_eq!(
             text,
             "# HELP demo_bytes_total Bytes.\n\

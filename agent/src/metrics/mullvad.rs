@@ -207,7 +207,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        metrics::{Format, encode},
+        metrics::{Format, encode_string},
         sources::mullvad::{MullvadError, parse_status},
         sync::inventory::{Backend, Peer, Tunnel, WgPeer},
     };
@@ -256,7 +256,7 @@ mod tests {
             Arc::new(RwLock::new(state)),
             Arc::new(RwLock::new(inventory())),
         )));
-        encode(&registry, Format::Prometheus).unwrap()
+        encode_string(&registry, Format::Prometheus).unwrap()
     }
 
     fn with(fixture_name: &str) -> MullvadState {

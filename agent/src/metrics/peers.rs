@@ -155,7 +155,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        metrics::{Format, encode},
+        metrics::{Format, encode_string},
         sync::inventory::{Peer, Tunnel, WgPeer},
     };
 
@@ -265,7 +265,7 @@ mod tests {
         let mut registry = Registry::default();
         let inv = Arc::new(RwLock::new(inventory()));
         registry.register_collector(Box::new(PeerCollector::new(inv, export_endpoints)));
-        encode(&registry, format).unwrap()
+        encode_string(&registry, format).unwrap()
     }
 
     const ENTRY: &str = r#"interface="wg0",public_key="2S7mA0vEMethCNQrJpJKE81/JmhgtB+tHHLYQhgM6kk=",allowed_ips="10.70.0.2/32,10.70.0.66/32",friendly_name="entry \"se\"""#;
@@ -369,7 +369,7 @@ mod tests {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(PeerCollector::new(inv.clone(), false)));
         assert!(
-            encode(&registry, Format::Prometheus)
+            encode_string(&registry, Format::Prometheus)
                 .unwrap()
                 .contains(K_EXIT)
         );
@@ -381,7 +381,7 @@ mod tests {
             w.tunnels[2].peers[0].wg.tx_bytes += 1;
             w.tunnels[2].peers[0].wg.last_handshake = Some(SystemTime::UNIX_EPOCH);
         }
-        let after = encode(&registry, Format::Prometheus).unwrap();
+        let after = encode_string(&registry, Format::Prometheus).unwrap();
         assert!(!after.contains(K_EXIT), "a removed peer's series must go");
         assert!(after.contains(&format!(
             "wireguard_sent_bytes_total{{{ENTRY}}} 139524161\n"

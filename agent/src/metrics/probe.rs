@@ -111,7 +111,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::metrics::{Format, encode};
+    use crate::metrics::{Format, encode_string};
 
     #[test]
     fn nothing_measured_no_series() {
@@ -120,7 +120,7 @@ mod tests {
             Arc::new(ProbeStats::new()),
             Arc::new(PmtuState::new()),
         )));
-        let text = encode(&r, Format::Prometheus).unwrap();
+        let text = encode_string(&r, Format::Prometheus).unwrap();
         for line in text.lines() {
             assert!(line.starts_with('#'), "{line}");
         }

@@ -90,7 +90,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::metrics::{Format, encode};
+    use crate::metrics::{Format, encode_string};
 
     fn value(text: &str, name: &str) -> f64 {
         text.lines()
@@ -113,7 +113,7 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         for format in [Format::OpenMetrics, Format::Prometheus] {
-            let text = encode(&registry, format).expect("encodes");
+            let text = encode_string(&registry, format).expect("encodes");
             let type_line = match format {
                 Format::OpenMetrics => "# TYPE process_cpu_seconds counter",
                 Format::Prometheus => "# TYPE process_cpu_seconds_total counter",

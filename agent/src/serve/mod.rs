@@ -53,9 +53,9 @@ use crate::{
 
 /// What the server shows; the agent implements it over its state.
 pub trait HttpSource: Send + Sync + 'static {
-    /// The whole metrics body in `format` (see [`crate::metrics::encode`]); an error becomes
-    /// a 500 with the message.
-    fn metrics(&self, format: Format) -> Result<String, String>;
+    /// Writes the whole metrics body in `format` to `out` (see [`crate::metrics::encode`]);
+    /// an error becomes a 500 with the message.
+    fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String>;
     /// `Ok` while the programs are attached and the last collection succeeded; otherwise
     /// why not, served with 503.
     fn health(&self) -> Result<(), String>;
@@ -545,15 +545,21 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
     let collected = ctx.bodies[body_kind(format, gzip)]
         .get(Instant::now(), || async move {
             let rendered = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
-                let body = source.metrics(format)?;
                 if !gzip {
+                    let mut body = String::new();
+                    source.metrics(format, &mut body)?;
                     return Ok(Bytes::from(body));
                 }
+                // The text goes through the compressor as it is written, so a 200,000-series
+                // body (~30 MB) never exists whole beside its compressed form.
+                let mut z = GzipText::new();
+                let written = source.metrics(format, &mut z);
                 // Compressing into memory cannot fail in practice; were it to, the scrape
                 // fails rather than getting a body its headers misdescribe.
-                gzip_body(body.as_bytes())
-                    .map(Bytes::from)
-                    .map_err(|e| format!("gzip of the metrics body failed: {e}"))
+                let body = z
+                    .finish()
+                    .map_err(|e| format!("gzip of the metrics body failed: {e}"))?;
+                written.map(|()| Bytes::from(body))
             })
             .await;
             rendered.unwrap_or_else(|e| Err(e.to_string()))
@@ -633,14 +639,58 @@ fn accepts_gzip<'a>(values: impl Iterator<Item = &'a str>) -> bool {
     star.unwrap_or(false)
 }
 
-fn gzip_body(body: &[u8]) -> io::Result<Vec<u8>> {
-    use std::io::Write as _;
-    let mut z = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::fast(),
-    );
-    z.write_all(body)?;
-    z.finish()
+/// A `fmt::Write` that gzips what is written to it: the encoders write label by label, so
+/// the text is gathered in a buffer and compressed a buffer at a time.
+struct GzipText {
+    z: flate2::write::GzEncoder<Vec<u8>>,
+    buf: String,
+    failed: Option<io::Error>,
+}
+
+impl GzipText {
+    const BUF: usize = 64 * 1024;
+
+    fn new() -> Self {
+        Self {
+            z: flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+            buf: String::with_capacity(Self::BUF),
+            failed: None,
+        }
+    }
+
+    fn flush(&mut self) -> std::fmt::Result {
+        use std::io::Write as _;
+        if let Err(e) = self.z.write_all(self.buf.as_bytes()) {
+            self.failed = Some(e);
+            return Err(std::fmt::Error);
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The compressed body, or the first error of the compressor.
+    fn finish(mut self) -> io::Result<Vec<u8>> {
+        if self.failed.is_none() {
+            let _ = self.flush();
+        }
+        match self.failed {
+            Some(e) => Err(e),
+            None => self.z.finish(),
+        }
+    }
+}
+
+impl std::fmt::Write for GzipText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.failed.is_some() {
+            return Err(std::fmt::Error);
+        }
+        self.buf.push_str(s);
+        if self.buf.len() >= Self::BUF {
+            self.flush()?;
+        }
+        Ok(())
+    }
 }
 
 fn landing_page(telemetry_path: &str) -> String {

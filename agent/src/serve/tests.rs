@@ -9,6 +9,11 @@ use tokio::{
 use super::*;
 use crate::config::web;
 
+/// Writes a fake source's fixed body.
+fn write_body(out: &mut dyn std::fmt::Write, body: &str) -> Result<(), String> {
+    out.write_str(body).map_err(|e| e.to_string())
+}
+
 /// A source whose answers the test controls.
 #[derive(Default)]
 struct Fake {
@@ -17,14 +22,17 @@ struct Fake {
 }
 
 impl HttpSource for Fake {
-    fn metrics(&self, format: Format) -> Result<String, String> {
+    fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
         if let Some(e) = self.metrics_error.lock().unwrap().clone() {
             return Err(e);
         }
-        Ok(match format {
-            Format::OpenMetrics => "# TYPE x counter\nx_total 1\n# EOF\n".into(),
-            Format::Prometheus => "# TYPE x_total counter\nx_total 1\n".into(),
-        })
+        write_body(
+            out,
+            match format {
+                Format::OpenMetrics => "# TYPE x counter\nx_total 1\n# EOF\n",
+                Format::Prometheus => "# TYPE x_total counter\nx_total 1\n",
+            },
+        )
     }
 
     fn health(&self) -> Result<(), String> {
@@ -183,6 +191,32 @@ async fn metrics_gzip_when_accepted() {
     let r = request(srv.addr, "GET", "/healthz", &[("Accept-Encoding", "gzip")]).await;
     assert_eq!(r.header("content-encoding"), None);
     srv.stop().await;
+}
+
+/// A body many times the compressor's buffer, written in pieces as the encoders write it
+/// (a label at a time, pieces straddling the buffer's end), comes out byte for byte.
+#[test]
+fn gzip_text_streams_a_long_body() {
+    use std::fmt::Write as _;
+    let mut z = GzipText::new();
+    let mut plain = String::new();
+    for i in 0..40_000 {
+        let line = format!(
+            "wirescope_x_total{{peer=\"p{i}\",direction=\"rx\"}} {}\n",
+            i * 7
+        );
+        for piece in line.split_inclusive(['{', ',', '}']) {
+            z.write_str(piece).unwrap();
+        }
+        plain.push_str(&line);
+    }
+    assert!(plain.len() > 20 * GzipText::BUF, "{} bytes", plain.len());
+    let gz = z.finish().expect("compressed");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut out)
+        .expect("a gzip body");
+    assert_eq!(out.len(), plain.len());
+    assert!(out == plain, "the decompressed body differs");
 }
 
 #[tokio::test]
@@ -410,9 +444,9 @@ async fn connections_are_limited() {
 async fn shutdown_lets_the_request_in_flight_finish() {
     struct Slow;
     impl HttpSource for Slow {
-        fn metrics(&self, _: Format) -> Result<String, String> {
+        fn metrics(&self, _: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(300));
-            Ok("slow 1\n".into())
+            write_body(out, "slow 1\n")
         }
         fn health(&self) -> Result<(), String> {
             Ok(())
@@ -680,10 +714,10 @@ async fn silent_tls_clients_are_cut_off() {
 async fn concurrent_scrapes_render_once() {
     struct Counting(std::sync::atomic::AtomicUsize);
     impl HttpSource for Counting {
-        fn metrics(&self, _: Format) -> Result<String, String> {
+        fn metrics(&self, _: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
             let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             std::thread::sleep(Duration::from_millis(300));
-            Ok(format!("# TYPE r gauge\nr {n}\n"))
+            write_body(out, &format!("# TYPE r gauge\nr {n}\n"))
         }
         fn health(&self) -> Result<(), String> {
             Ok(())
@@ -727,9 +761,9 @@ async fn concurrent_scrapes_render_once() {
 async fn clients_that_do_not_read_are_cut_off() {
     struct Big;
     impl HttpSource for Big {
-        fn metrics(&self, _: Format) -> Result<String, String> {
+        fn metrics(&self, _: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
             // Far more than the socket buffers on loopback hold.
-            Ok("x".repeat(64 << 20))
+            write_body(out, &"x".repeat(64 << 20))
         }
         fn health(&self) -> Result<(), String> {
             Ok(())

@@ -129,7 +129,7 @@ impl Lab {
                 Arc::new(RwLock::new(Inventory::default())),
                 Arc::new(RwLock::new(Features::default())),
             )));
-            metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+            metrics::encode_string(&registry, metrics::Format::Prometheus).expect("encoding")
         });
         (
             Lab {

@@ -256,7 +256,7 @@ fn encode(dp: common::Lent, inv: Inventory) -> String {
     let (text, _dp) = dp.shared(|dp| {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(PathCollector::new(dp, Arc::new(RwLock::new(inv)))));
-        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+        metrics::encode_string(&registry, metrics::Format::Prometheus).expect("encoding")
     });
     text
 }

@@ -589,6 +589,6 @@ fn rendered(dp: common::Lent) -> (String, common::Lent) {
             Arc::new(RwLock::new(Inventory::default())),
             EndpointLabeler::with_salt([7; 32], true),
         )));
-        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+        metrics::encode_string(&registry, metrics::Format::Prometheus).expect("encoding")
     })
 }

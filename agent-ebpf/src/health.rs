@@ -5,7 +5,7 @@
 
 use agent_common::{
     maps::{
-        CounterKey, DIR_RX, DIR_TX, HistValue,
+        CounterKey, DIR_RX, DIR_TX, HistValue, PEER_UNKNOWN,
         health::{
             HANDSHAKE_TIMEOUT_NS, IndexKey, MAX_HANDSHAKE_PENDING, MAX_HANDSHAKE_RTT, MAX_RX_SEQ,
             MAX_RX_SESSIONS, PeerHistKey, PendingHandshake, RxSession, seq,
@@ -164,7 +164,17 @@ fn sequence(ifindex: u32, peer: u32, index: u32, counter: u64, segs: u64) {
         }
         return;
     };
+    // A session whose first messages came before the agent knew their endpoint (a client
+    // that just connected to a relay, until the next peer sync) started under no peer: its
+    // zero series go to the peer once it is known, so that every peer with a session has
+    // them, as the peers known from the start do.
     // SAFETY: a value of a shared map; the race between CPUs is described at RX_SESSIONS.
+    if peer != PEER_UNKNOWN && unsafe { (*s).peer } == PEER_UNKNOWN {
+        unsafe { (*s).peer = peer };
+        add(ifindex, peer, seq::GAPS, 0);
+        add(ifindex, peer, seq::LATE, 0);
+    }
+    // SAFETY: as above.
     let highest = unsafe { (*s).highest };
     if counter > highest && counter - highest - 1 > seq::MAX_PLAUSIBLE_GAP {
         add(ifindex, peer, seq::IMPLAUSIBLE, 1);

@@ -159,6 +159,58 @@ fn unanswered_initiation_times_out_after_5_s() {
     assert_eq!(lab.dp.health.handshake_timeouts()[&(lab.under, RELAY)], 2);
 }
 
+/// A session whose first messages came from an endpoint the agent did not know yet (a
+/// client that just connected to a relay, before the next peer sync): once its peer is
+/// known, the peer gets its zero series and what follows, exactly; nothing is counted
+/// for the session before that.
+#[test]
+fn a_session_started_before_its_peer_was_known_gets_its_series() {
+    let Some(mut lab) = Lab::enter(
+        "the wire-health tests need root (BPF, BPF_PROG_TEST_RUN, network namespaces)",
+        ("wk-under", "wk-other"),
+        false,
+        &[],
+    ) else {
+        return;
+    };
+    let data = |counter| wg::data(0x7171, counter, 100, 1420);
+    for c in [0, 1, 3] {
+        lab.run(Dir::Rx, &data(c));
+    }
+    let of_relay = |lab: &Lab| -> Vec<(u8, u64)> {
+        let mut v: Vec<_> = lab
+            .dp
+            .health
+            .rx_seq()
+            .expect("RX_SEQ")
+            .into_iter()
+            .filter(|(k, _)| k.peer == RELAY)
+            .map(|(k, c)| (k.kind, c.packets))
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(of_relay(&lab).is_empty(), "no peer known yet");
+    assert_eq!(lab.dp.health.rx_sessions().len(), 1);
+    let mut maps = wirescope::datapath::PeerMaps::default();
+    maps.endpoints.insert(
+        wirescope::sync::endpoint_key(common::RELAY_V4.into(), common::RELAY_PORT),
+        RELAY,
+    );
+    maps.wg_ports.insert(common::LISTEN_PORT, 1);
+    lab.dp.sync_peers(&maps).expect("peer maps");
+    // The next message, in sequence: the zero series, and the session is the relay's.
+    lab.run(Dir::Rx, &data(4));
+    assert_eq!(of_relay(&lab), vec![(seq::GAPS, 0), (seq::LATE, 0)]);
+    let sessions = lab.dp.health.rx_sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].1.peer, RELAY);
+    // Then counted as any session's: 5 and 6 skipped, 2 late.
+    lab.run(Dir::Rx, &data(7));
+    lab.run(Dir::Rx, &data(2));
+    assert_eq!(of_relay(&lab), vec![(seq::GAPS, 2), (seq::LATE, 1)]);
+}
+
 #[test]
 fn counter_gaps_and_late_messages_per_session() {
     let Some(mut lab) = Lab::new() else { return };
@@ -228,7 +280,7 @@ fn counter_gaps_and_late_messages_per_session() {
             Arc::new(RwLock::new(inv)),
             per_peer,
         )));
-        metrics::encode(&registry, metrics::Format::Prometheus).expect("encoding")
+        metrics::encode_string(&registry, metrics::Format::Prometheus).expect("encoding")
     };
     let (text, dp) = lab.dp.shared(|dp| encode(dp, inv.clone(), true));
     // `--peer-histograms off`: the round trip per interface, the counters still per peer.

@@ -24,7 +24,7 @@ use agent_common::{
     fixtures::{Framing, tcp_ipv4, udp_ipv4, udp_ipv6, wg, wg_ipv4},
     maps::{
         DIR_RX, DIR_TX, log2_bucket,
-        transit::{STALE_NS, Slot},
+        transit::{LOOKAHEAD, LOOKBEHIND, STALE_NS, Slot},
     },
 };
 use common::{
@@ -328,7 +328,7 @@ fn tx_matches_in_order_by_padded_length() {
 
 /// A packet WireGuard dropped is passed over when a later one matches; its slot is kept
 /// (its message may only be late: reordered) and matched from behind the head by up to
-/// LOOKBEHIND (4) places, and swept once stale.
+/// LOOKBEHIND places, and swept once stale.
 #[test]
 fn a_dropped_packet_is_passed_over() {
     let Some(mut lab) = Lab::new() else { return };
@@ -355,44 +355,68 @@ fn a_dropped_packet_is_passed_over() {
     assert!(lab.slots().is_empty(), "{:?}", lab.slots());
     assert_eq!(lab.queues()[&(P, DIR_TX)], (3, 3));
 
-    // The lookahead is 8 slots: a match 7 slots past the head passes over 7 (numbers 3..10;
-    // their padded lengths 112, 128, .. 208 are distinct).
-    let dropped = [100, 116, 132, 148, 164, 180, 196];
-    for len in dropped.into_iter().chain([300]) {
-        lab.inner(Dir::Tx, PEER_P, len);
+    // The lookahead is LOOKAHEAD slots: a match LOOKAHEAD - 1 slots past the head passes
+    // over LOOKAHEAD - 1 (numbers 3 ..= LOOKAHEAD + 1; their padded lengths 112, 128, ..
+    // are distinct, and none is the 1300's).
+    let la = LOOKAHEAD as u64;
+    let distinct = |n: u64| (0..n).map(|i| 100 + 16 * i as u32).collect::<Vec<u32>>();
+    let dropped = distinct(la - 1);
+    for &len in dropped.iter().chain(&[1300]) {
+        lab.inner(Dir::Tx, PEER_P, len as usize);
     }
-    lab.message_for(Dir::Tx, PEER_P, 300);
+    lab.message_for(Dir::Tx, PEER_P, 1300);
     assert_eq!(lab.counts(), tx(4));
     assert_eq!(
         lab.slot_lens(),
-        dropped.map(|len| (P, DIR_TX, len as u32, 1)).to_vec(),
+        dropped
+            .iter()
+            .map(|&len| (P, DIR_TX, len, 1))
+            .collect::<Vec<_>>(),
         "the passed-over slots are kept"
     );
-    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 11));
-    // Behind the head, 4 places are in sight: 196 (number 9) and 164 (7) match late...
-    lab.message_for(Dir::Tx, PEER_P, 196);
-    lab.message_for(Dir::Tx, PEER_P, 164);
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (3 + la, 3 + la));
+    // Two more in order: the head moves on by two.
+    for _ in 0..2 {
+        lab.inner(Dir::Tx, PEER_P, 1300);
+        lab.message_for(Dir::Tx, PEER_P, 1300);
+    }
     assert_eq!(lab.counts(), tx(6));
-    // ... 100 (number 3) is out of sight.
-    lab.message_for(Dir::Tx, PEER_P, 100);
-    assert_eq!(lab.counts(), tx(6));
-    let left = [100, 116, 132, 148, 180];
+    let head = 5 + la;
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (head, head));
+    // Behind the head, LOOKBEHIND places are in sight: the last passed over (number
+    // LOOKAHEAD + 1) and the one LOOKBEHIND places back match late...
+    const _: () = assert!(LOOKBEHIND <= LOOKAHEAD + 1 && LOOKBEHIND > 4);
+    let in_sight = (head - LOOKBEHIND as u64 - 3) as usize;
+    let (last, farthest) = (dropped[dropped.len() - 1], dropped[in_sight]);
+    lab.message_for(Dir::Tx, PEER_P, last);
+    lab.message_for(Dir::Tx, PEER_P, farthest);
+    assert_eq!(lab.counts(), tx(8));
+    // ... the first (number 3) is out of sight.
+    lab.message_for(Dir::Tx, PEER_P, dropped[0]);
+    assert_eq!(lab.counts(), tx(8));
+    let left: Vec<u32> = dropped
+        .iter()
+        .copied()
+        .filter(|&l| l != last && l != farthest)
+        .collect();
     assert_eq!(
         lab.slot_lens(),
-        left.map(|len| (P, DIR_TX, len as u32, 1)).to_vec()
+        left.iter()
+            .map(|&len| (P, DIR_TX, len, 1))
+            .collect::<Vec<_>>()
     );
-    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 11));
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (head, head));
 
-    // 8 slots past the head is out of sight too: nothing matches, nothing moves.
-    let ahead = [400, 416, 432, 448, 464, 480, 496, 512];
-    for len in ahead.into_iter().chain([300]) {
-        lab.inner(Dir::Tx, PEER_P, len);
+    // LOOKAHEAD slots past the head is out of sight too: nothing matches, nothing moves.
+    let ahead = distinct(la);
+    for &len in ahead.iter().chain(&[1300]) {
+        lab.inner(Dir::Tx, PEER_P, len as usize);
     }
     let after = monotonic_ns();
-    lab.message_for(Dir::Tx, PEER_P, 300);
-    assert_eq!(lab.counts(), tx(6));
+    lab.message_for(Dir::Tx, PEER_P, 1300);
+    assert_eq!(lab.counts(), tx(8));
     assert_eq!(lab.slots().len(), left.len() + ahead.len() + 1);
-    assert_eq!(lab.queues()[&(P, DIR_TX)], (11, 20));
+    assert_eq!(lab.queues()[&(P, DIR_TX)], (head, head + la + 1));
 
     // The agent's sweep deletes what is left once stale.
     assert_eq!(

@@ -22,7 +22,7 @@
 //! peers every second, already has the new peer's allowed IPs when its first packet
 //! arrives).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -83,6 +83,12 @@ struct Plan {
     /// The agent's grace for gone peers, when it has the option.
     grace: Duration,
     scrape_every: Duration,
+    /// From every client up to the series count before churn: long enough for every
+    /// client to rekey once. A new peer's first handshake (and the keepalive after it)
+    /// comes before the agent's next peer sync knows its endpoint, so it is counted under
+    /// `endpoint:other`; the peer's own handshake series come with its first rekey (120 s
+    /// on). Counted earlier, "before" lacks them and is no steady value to return to.
+    warmup: Duration,
     storm: StormPlan,
 }
 
@@ -97,6 +103,8 @@ impl Plan {
                 rounds: 6,
                 grace: Duration::from_secs(10),
                 scrape_every: Duration::from_millis(500),
+                // Too short a run to rekey: before and after both lack those series.
+                warmup: Duration::ZERO,
                 storm: StormPlan {
                     scrapes: 200,
                     stalled: 40,
@@ -112,6 +120,7 @@ impl Plan {
                 rounds: 10,
                 grace: Duration::from_secs(60),
                 scrape_every: Duration::from_secs(1),
+                warmup: Duration::from_secs(135),
                 storm: StormPlan {
                     scrapes: 1_000,
                     stalled: 200,
@@ -162,6 +171,45 @@ pub fn count_series(body: &str) -> usize {
     body.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .count()
+}
+
+/// Series per metric family (the sample name with `_bucket`, `_sum`, `_count` and
+/// `_total` kept: each is its own line in the body).
+fn series_by_family(body: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for l in body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let name = l.split(['{', ' ']).next().unwrap_or(l);
+        *out.entry(name.to_owned()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The families whose series count changed, largest change first (at most 8): what the
+/// series figure's difference is made of.
+fn family_growth(before: &BTreeMap<String, usize>, after: &BTreeMap<String, usize>) -> String {
+    let mut d: Vec<(i64, &str)> = before
+        .keys()
+        .chain(after.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|k| {
+            let n = |m: &BTreeMap<String, usize>| m.get(k).copied().unwrap_or(0) as i64;
+            (n(after) - n(before), k.as_str())
+        })
+        .filter(|(d, _)| *d != 0)
+        .collect();
+    d.sort_by_key(|(d, k)| (std::cmp::Reverse(d.abs()), *k));
+    if d.is_empty() {
+        return "none changed".into();
+    }
+    d.iter()
+        .take(8)
+        .map(|(d, k)| format!("{k} {d:+}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The body of a `timed_get` answer (after the headers).
@@ -237,7 +285,7 @@ fn measure(ctx: &Ctx, lab: &Lab, plan: &Plan, conf: &std::path::Path) -> Result<
         &GATEWAY_V4.to_string(),
     ])?;
     let sink = SocketAddrV4::new(GATEWAY_V4, SINK_PORT);
-    let run_for = plan.every * (plan.rounds as u32 + 10) + Duration::from_secs(600);
+    let run_for = plan.warmup + plan.every * (plan.rounds as u32 + 10) + Duration::from_secs(600);
     let echo = UdpEcho::start(&ns, sink.into(), usize::MAX, run_for)?;
 
     let t = Instant::now();
@@ -302,7 +350,9 @@ fn measure(ctx: &Ctx, lab: &Lab, plan: &Plan, conf: &std::path::Path) -> Result<
     wgload::raise_fd_limit(plan.active + plan.storm.scrapes + plan.storm.stalled + 1024)?;
     let specs = std::mem::take(&mut active);
     let load = Load::start(Some(&lab.client().netns), load_cfg, specs)?;
-    let result = churn(plan, &ns, &iface, &load, &mut keys, has_grace, &rss, pid);
+    let result = churn(
+        plan, &ns, &iface, &load, &mut keys, has_grace, &rss, pid, &ctx.work,
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = rss_thread.join();
     let stopped = load.stop();
@@ -338,6 +388,7 @@ fn churn(
     has_grace: bool,
     rss: &Arc<Mutex<Vec<(Instant, f64)>>>,
     pid: u32,
+    work: &std::path::Path,
 ) -> Result<Vec<Figure>> {
     let sec = plan.section();
     let deadline = Instant::now()
@@ -353,10 +404,21 @@ fn churn(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Every active peer has sent and been echoed a few times.
-    std::thread::sleep(SEND_EVERY * 2 + Duration::from_secs(3));
+    // Every active peer has sent and been echoed a few times, and rekeyed (see
+    // `Plan::warmup`).
+    if !plan.warmup.is_zero() {
+        println!(
+            "bench churn: {} clients up; {} s for every one to rekey once",
+            plan.active,
+            plan.warmup.as_secs()
+        );
+    }
+    std::thread::sleep(plan.warmup.max(SEND_EVERY * 2 + Duration::from_secs(3)));
     let (_, body) = scrape(ns)?;
     let before = count_series(&body);
+    let families_before = series_by_family(&body);
+    // Kept for reading what the series figures are made of.
+    let _ = std::fs::write(work.join("churn-before.prom"), &body);
     println!(
         "bench churn: {} clients up, {before} series; churning",
         plan.active
@@ -434,6 +496,8 @@ fn churn(
         .context("scraping during the churn")?;
     let (_, body) = scrape(ns)?;
     let after = count_series(&body);
+    let growth = family_growth(&families_before, &series_by_family(&body));
+    let _ = std::fs::write(work.join("churn-after.prom"), &body);
     let quiet_end = Instant::now();
 
     println!("bench churn: scrape storm");
@@ -559,7 +623,7 @@ fn churn(
         .goal(Goal::AtMost(0.0))
         .note(format!(
             "same peer count before and after: the replaced peers' series must go; {:.1} series \
-             kept per replaced peer; {grace_note}",
+             kept per replaced peer; {grace_note}; by family: {growth}",
             (after as f64 - before as f64) / (plan.replaced * plan.rounds) as f64
         )),
     );
@@ -672,6 +736,17 @@ fn wg_peer_count(ns: &str, iface: &str) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn family_growth_lists_the_changes_largest_first() {
+        let before =
+            series_by_family("# HELP a x\na_total{p=\"1\"} 1\nb 2\nc_bucket{le=\"1\"} 0\n");
+        let after = series_by_family(
+            "a_total{p=\"1\"} 1\na_total{p=\"2\"} 1\na_total{p=\"3\"} 1\nd 1\nc_bucket{le=\"1\"} 0\n",
+        );
+        assert_eq!(family_growth(&before, &after), "a_total +2, b -1, d +1");
+        assert_eq!(family_growth(&after, &after), "none changed");
+    }
 
     #[test]
     fn series_are_the_sample_lines() {

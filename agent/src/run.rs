@@ -6,7 +6,10 @@
 //! all of them, then the server and the background tasks until a signal.
 
 use std::{
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -65,6 +68,8 @@ struct Agent {
     mullvad_state: Arc<RwLock<crate::sources::mullvad::MullvadState>>,
     labeler: EndpointLabeler,
     export_endpoints: bool,
+    /// How many interfaces had programs attached when /healthz last found the datapath free.
+    attached: AtomicUsize,
 }
 
 impl HttpSource for Agent {
@@ -73,12 +78,19 @@ impl HttpSource for Agent {
     }
 
     fn health(&self) -> Result<(), String> {
-        let attached = self
-            .datapath
-            .lock()
-            .map_err(|_| "datapath lock poisoned".to_string())?
-            .attachments()
-            .count();
+        // A probe must not wait behind a scrape's or a sync's map reads: when the datapath
+        // is busy, the count it had the last time it was free answers.
+        let attached = match self.datapath.try_lock() {
+            Ok(dp) => {
+                let n = dp.attachments().count();
+                self.attached.store(n, Ordering::Relaxed);
+                n
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self.attached.load(Ordering::Relaxed),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err("datapath lock poisoned".into());
+            }
+        };
         let inv = self
             .inventory
             .read()
@@ -593,6 +605,7 @@ fn collectors(
         mullvad_state: probing.mullvad.clone(),
         labeler: endpoints,
         export_endpoints: cfg.export_endpoints,
+        attached: AtomicUsize::new(dp.lock().map(|d| d.attachments().count()).unwrap_or(0)),
     })
 }
 

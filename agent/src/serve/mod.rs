@@ -1,7 +1,8 @@
 //! The HTTP server: the metrics path, `/` (a landing page), `/healthz` and `/api/v1/status`.
 //!
 //! hyper's HTTP/1 server, bounded so that clients cannot tie it up: at most
-//! `max_connections` connections at once (further ones wait in the listen backlog), request
+//! `max_connections` connections at once (one past it is answered 503 and closed at once,
+//! never left in the listen backlog, where a health probe would queue behind it), request
 //! headers must arrive within `header_read_timeout` (this also closes idle keep-alive
 //! connections), headers are capped at 16 KiB, request bodies are never read, and a
 //! connection is retired after `max_connection_age` (its in-flight request still finishes),
@@ -89,12 +90,13 @@ impl HttpConfig {
         HttpConfig {
             listen_address,
             telemetry_path: telemetry_path.into(),
-            // Scrapers keep one connection each; this leaves room for a few of them and a
-            // human with curl while keeping a flood from exhausting file descriptors.
-            // A client holding connections open without sending (slowloris) keeps each
-            // for up to header_read_timeout: room for hundreds of those next to the
-            // scrapers (each costs a socket and a few KiB until then).
-            max_connections: 512,
+            // Scrapers keep one connection each, and concurrent scrapes share one body
+            // (scrape.rs), so a connection costs a socket and a few KiB: room for a scrape
+            // storm and hundreds of clients that hold connections without sending
+            // (slowloris, each until header_read_timeout) or without reading (until
+            // write_timeout), while a flood past it cannot exhaust file descriptors (the
+            // agent raises its soft limit to the hard one at start, 524,288 under systemd).
+            max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
             // Longer than any sane scrape interval's idle time is cut anyway by the header
             // timeout; this bounds slow readers.
@@ -280,6 +282,59 @@ async fn tls_accept(
         .flatten()
 }
 
+/// What a connection past `max_connections` gets: a 503 that says why, then the close.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 47\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many open connections to this agent: retry\n";
+
+/// Answers a connection past the cap with [`BUSY`] (plain HTTP only: a TLS client could not
+/// read it) and closes it. The client's request is read off (for at most `linger`) before
+/// the close: closing a socket with unread data sends a reset, which can make the client
+/// lose the answer it has not read yet.
+async fn refuse(mut stream: TcpStream, linger: Duration, plain: bool) {
+    use tokio::io::AsyncReadExt as _;
+    let close = async {
+        if plain {
+            stream.write_all(BUSY).await?;
+        }
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        // Up to 64 KiB: a request's headers, never an upload.
+        for _ in 0..16 {
+            if stream.read(&mut sink).await? == 0 {
+                break;
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(linger.min(Duration::from_secs(2)), close).await;
+}
+
+/// Connections refused at the cap since the last warning: one warning a minute at most.
+#[derive(Default)]
+struct Refusals {
+    since_warned: u64,
+    warned_at: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: SocketAddr, max: usize) {
+        self.since_warned += 1;
+        if self
+            .warned_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            debug!("http: refused {peer}: {max} connections open");
+            return;
+        }
+        warn!(
+            "http: {} connection(s) refused with 503 (the last from {peer}): {max} connections \
+             are open, the most this agent serves at once",
+            self.since_warned
+        );
+        self.since_warned = 0;
+        self.warned_at = Some(Instant::now());
+    }
+}
+
 impl Server {
     /// `https` with TLS configured, else `http`.
     pub fn scheme(&self) -> &'static str {
@@ -332,15 +387,11 @@ impl Server {
             .max_buf_size(16 * 1024)
             .keep_alive(true);
         tokio::pin!(shutdown);
+        let mut refused = Refusals::default();
 
         loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => break,
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break, // closed: never happens, nothing else closes it
-                },
-            };
+            // Always accept, also at the cap: a connection left in the listen backlog would
+            // hold every one behind it (a /healthz probe among them) until a slot frees.
             let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 r = listener.accept() => match r {
@@ -352,6 +403,15 @@ impl Server {
                         continue;
                     }
                 },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                refused.note(peer, max);
+                tokio::spawn(refuse(
+                    stream,
+                    cfg.header_read_timeout,
+                    tls_at_start.is_none(),
+                ));
+                continue;
             };
             let ctx = ctx.clone();
             let stop = stop_rx.clone();

@@ -419,24 +419,65 @@ async fn oversized_headers_are_refused() {
     srv.stop().await;
 }
 
+/// Past `max_connections` a connection is answered 503 at once and closed, not left in the
+/// listen backlog; once a slot frees (here: the hog's header timeout), requests are served.
 #[tokio::test]
-async fn connections_are_limited() {
+async fn connections_past_the_limit_are_refused_at_once() {
     let srv = start_with(|c| {
         c.max_connections = 1;
         c.header_read_timeout = Duration::from_millis(500);
     })
     .await;
     // Holds the only slot until the header timeout frees it.
-    let _hog = TcpStream::connect(srv.addr).await.unwrap();
+    let hog = TcpStream::connect(srv.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let start = Instant::now();
     let r = request(srv.addr, "GET", "/healthz", &[]).await;
-    assert_eq!(r.status, 200);
     let waited = start.elapsed();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body, "too many open connections to this agent: retry\n");
+    assert_eq!(r.header("retry-after"), Some("1"));
     assert!(
-        waited >= Duration::from_millis(300),
-        "served after {waited:?}: the limit did not hold"
+        waited < Duration::from_millis(300),
+        "refused after {waited:?}: it waited for a slot"
     );
+    // The hog's slot frees at its header timeout (500 ms after it connected).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(request(srv.addr, "GET", "/healthz", &[]).await.status, 200);
+    drop(hog);
+    srv.stop().await;
+}
+
+/// A /healthz probe is answered at once beside stalled clients that hold all but one slot:
+/// half sent a whole request and never read the answer, half sent half a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_answered_beside_stalled_clients() {
+    const STALLED: usize = 40;
+    let srv = start_with(|c| c.max_connections = STALLED + 1).await;
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        let req: &[u8] = if i % 2 == 0 {
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        } else {
+            b"GET /metrics HTTP/1.1\r\nHo"
+        };
+        s.write_all(req).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let r = request(srv.addr, "GET", "/healthz", &[]).await;
+        assert_eq!(r.status, 200);
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(100), "answered after {took:?}");
+    }
+    // The one slot left is taken: the next connection is refused, not queued.
+    let hog = TcpStream::connect(srv.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(request(srv.addr, "GET", "/healthz", &[]).await.status, 503);
+    drop((hog, stalled));
     srv.stop().await;
 }
 
@@ -756,7 +797,8 @@ async fn concurrent_scrapes_render_once() {
 
 /// A client that asks for a large body and never reads it loses its connection once the
 /// server's writes have made no progress for `write_timeout`: with one connection allowed,
-/// the next client is served soon after that, not after the connection's maximum age.
+/// the next client is refused until then and served soon after, not after the connection's
+/// maximum age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_do_not_read_are_cut_off() {
     struct Big;
@@ -789,17 +831,23 @@ async fn clients_that_do_not_read_are_cut_off() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let start = Instant::now();
-    let r = tokio::time::timeout(
-        Duration::from_secs(10),
-        request(addr, "GET", "/healthz", &[]),
-    )
-    .await
-    .expect("served within 10 s, not after the 120 s connection age");
-    assert_eq!(r.status, 200);
-    let waited = start.elapsed();
+    // The stalled client holds the only slot: refused until its write timeout cuts it off.
+    assert_eq!(request(addr, "GET", "/healthz", &[]).await.status, 503);
+    let served = loop {
+        let r = request(addr, "GET", "/healthz", &[]).await;
+        if r.status == 200 {
+            break start.elapsed();
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still refused after 10 s: the stalled client was not cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
-        waited >= Duration::from_millis(200),
-        "served after {waited:?}: the stalled client did not hold the only slot"
+        served >= Duration::from_millis(200),
+        "served after {served:?}: the stalled client did not hold the only slot"
     );
     drop(stalled);
     let _ = tx.send(());

@@ -74,7 +74,8 @@ struct Agent {
 
 impl HttpSource for Agent {
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
-        metrics::encode(&self.registry, format, out).map_err(|e| format!("encoding metrics: {e}"))
+        crate::datapath::maps::scrape::one_scrape(|| metrics::encode(&self.registry, format, out))
+            .map_err(|e| format!("encoding metrics: {e}"))
     }
 
     fn health(&self) -> Result<(), String> {

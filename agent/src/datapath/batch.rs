@@ -40,7 +40,7 @@ struct BatchAttr {
 
 /// Why a batch read gave nothing.
 #[derive(Debug)]
-pub(crate) enum BatchError {
+pub enum BatchError {
     /// This kernel or map type has no batch lookup: read entry by entry instead.
     Unsupported,
     Io(io::Error),
@@ -49,7 +49,19 @@ pub(crate) enum BatchError {
 /// Calls `each(key, value)` with the bytes of every entry of the hash map `map` (for a
 /// per-CPU map, `value` holds every possible CPU's, 8-byte aligned, in CPU order). Entries
 /// added or removed meanwhile may or may not be seen, as with iteration.
-fn entries_raw(map: &MapData, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), BatchError> {
+fn entries_raw(map: &MapData, each: impl FnMut(&[u8], &[u8])) -> Result<(), BatchError> {
+    entries_raw_from(map, CHUNK, each)
+}
+
+/// [`entries_raw`] asking for `chunk` entries per call at first: a test asks for 1 to make
+/// the kernel answer ENOSPC (two keys in one bucket) and the retry with a bigger chunk run.
+fn entries_raw_from(
+    map: &MapData,
+    chunk: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> Result<(), BatchError> {
+    // One BPF_OBJ_GET_INFO_BY_FD per read of a whole map (aya keeps nr_cpus): the sizes
+    // come from the kernel's own record of the map, never from what the caller assumes.
     let info = map.info().map_err(|_| BatchError::Unsupported)?;
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     let stride = match info.map_type() {
@@ -63,7 +75,7 @@ fn entries_raw(map: &MapData, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), 
     if key_size == 0 || stride == 0 {
         return Err(BatchError::Unsupported);
     }
-    let mut chunk = CHUNK;
+    let mut chunk = chunk.max(1);
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     // Hash maps' batch token is a u32 bucket index; a u64 leaves room.
     let (mut token_in, mut token_out) = (0u64, 0u64);
@@ -123,15 +135,24 @@ fn entries_raw(map: &MapData, mut each: impl FnMut(&[u8], &[u8])) -> Result<(), 
 
 /// Calls `each(key, per_cpu_values)` for every entry of the per-CPU hash map `map`, whose
 /// key is a `K` and value a `V` (a multiple of 8 bytes: the kernel's per-CPU stride).
-pub(crate) fn per_cpu_entries<K: Pod, V: Pod>(
+pub fn per_cpu_entries<K: Pod, V: Pod>(
     map: &MapData,
+    each: impl FnMut(K, &[V]),
+) -> Result<(), BatchError> {
+    per_cpu_entries_from(map, CHUNK, each)
+}
+
+/// [`per_cpu_entries`] asking for `chunk` entries per call at first (tests).
+pub fn per_cpu_entries_from<K: Pod, V: Pod>(
+    map: &MapData,
+    chunk: usize,
     mut each: impl FnMut(K, &[V]),
 ) -> Result<(), BatchError> {
     if !size_of::<V>().is_multiple_of(8) {
         return Err(BatchError::Unsupported);
     }
     let mut per_cpu: Vec<V> = Vec::new();
-    entries_raw(map, |k, v| {
+    entries_raw_from(map, chunk, |k, v| {
         if k.len() != size_of::<K>() {
             return;
         }
@@ -147,8 +168,9 @@ pub(crate) fn per_cpu_entries<K: Pod, V: Pod>(
     })
 }
 
-/// How many entries the hash map `map` holds.
-pub(crate) fn count(map: &MapData) -> Result<u64, BatchError> {
+/// How many entries the hash map `map` holds. The kernel has no count-only batch: the
+/// values are copied and dropped.
+pub fn count(map: &MapData) -> Result<u64, BatchError> {
     let mut n = 0;
     entries_raw(map, |_, _| n += 1)?;
     Ok(n)

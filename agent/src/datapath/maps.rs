@@ -313,15 +313,74 @@ fn summed<K: aya::Pod, V: aya::Pod + Default>(
     };
     let mut out = Vec::new();
     match batch::per_cpu_entries(map.map(), |k, per_cpu: &[V]| out.push((k, fold(per_cpu)))) {
-        Ok(()) => return Ok(out),
+        Ok(()) => {}
         Err(BatchError::Io(e)) => return Err(batch_failed(name, e)),
-        Err(BatchError::Unsupported) => out.clear(),
+        Err(BatchError::Unsupported) => {
+            out.clear();
+            for item in map.iter() {
+                let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
+                out.push((k, fold(&per_cpu)));
+            }
+        }
     }
-    for item in map.iter() {
-        let (k, per_cpu) = item.map_err(DatapathError::map(name))?;
-        out.push((k, fold(&per_cpu)));
-    }
+    scrape::seen(map.map(), out.len() as u64);
     Ok(out)
+}
+
+/// Entry counts of the maps a scrape has read whole, so that the usage gauge
+/// (`wirescope_bpf_map_entries`, rendered last) takes them from the collectors' reads
+/// instead of walking the biggest maps (COUNTERS, TRANSIT_HIST, RX_SEQ, ...) a second time
+/// under the datapath lock. Only within [`one_scrape`], on the thread that renders it:
+/// everywhere else (the sync loop, tests) a count is a fresh walk.
+pub mod scrape {
+    use std::{
+        cell::RefCell,
+        collections::HashMap,
+        os::fd::{AsFd as _, AsRawFd as _},
+    };
+
+    use aya::maps::MapData;
+
+    thread_local! {
+        static SEEN: RefCell<Option<HashMap<i32, u64>>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `render` (one scrape's collectors, one after the other on this thread)
+    /// remembering the entry count of every map read whole during it.
+    pub fn one_scrape<T>(render: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                SEEN.with(|s| *s.borrow_mut() = None);
+            }
+        }
+        SEEN.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+        let _reset = Reset;
+        render()
+    }
+
+    fn fd(map: &MapData) -> i32 {
+        map.fd().as_fd().as_raw_fd()
+    }
+
+    /// `map` was just read whole and held `n` entries.
+    pub(crate) fn seen(map: &MapData, n: u64) {
+        SEEN.with(|s| {
+            if let Some(seen) = s.borrow_mut().as_mut() {
+                seen.insert(fd(map), n);
+            }
+        });
+    }
+
+    /// The count of `map` from a read earlier in this scrape, if any. Maps are not closed
+    /// while the agent runs, so a descriptor names one map for the whole scrape.
+    pub(crate) fn count(map: &MapData) -> Option<u64> {
+        SEEN.with(|s| {
+            s.borrow()
+                .as_ref()
+                .and_then(|seen| seen.get(&fd(map)).copied())
+        })
+    }
 }
 
 fn batch_failed(name: &'static str, e: std::io::Error) -> DatapathError {
@@ -331,18 +390,31 @@ fn batch_failed(name: &'static str, e: std::io::Error) -> DatapathError {
     }))
 }
 
-/// How many entries a hash map holds, for the map-usage gauges: counted in batches where
-/// the kernel can ([`super::batch`]), else key by key. 0 when the map cannot be read (the
+/// How many entries a hash map holds, for the map-usage gauges: from a read of the whole
+/// map earlier in the same scrape ([`scrape`]), else counted in batches where the kernel can
+/// ([`super::batch`]), else key by key. 0 with a warning when the map cannot be read (the
 /// gauge is a diagnostic; the scrape goes on).
 pub(crate) trait Entries {
     fn entries(&self) -> u64;
 }
 
 fn entries_of(map: &MapData, keys: impl FnOnce() -> usize) -> u64 {
+    if let Some(n) = scrape::count(map) {
+        return n;
+    }
     match batch::count(map) {
         Ok(n) => n,
         Err(BatchError::Unsupported) => keys() as u64,
-        Err(BatchError::Io(_)) => 0,
+        Err(BatchError::Io(e)) => {
+            // Only on failure: the name costs a syscall.
+            let name = map
+                .info()
+                .ok()
+                .and_then(|i| i.name_as_str().map(str::to_owned))
+                .unwrap_or_else(|| "a BPF map".into());
+            log::warn!("counting the entries of {name} failed ({e}): its usage gauge shows 0");
+            0
+        }
     }
 }
 

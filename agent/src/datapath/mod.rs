@@ -24,7 +24,8 @@ use aya::{
 use log::{info, warn};
 
 pub mod attach;
-mod batch;
+#[doc(hidden)] // pub for the datapath tier's comparison with aya's iterators
+pub mod batch;
 pub mod crypto;
 pub mod drops;
 mod error;

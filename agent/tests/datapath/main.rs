@@ -32,6 +32,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod batch;
 mod bounded;
 mod client;
 mod health;

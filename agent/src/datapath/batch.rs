@@ -49,8 +49,12 @@ pub enum BatchError {
 /// Calls `each(key, value)` with the bytes of every entry of the hash map `map` (for a
 /// per-CPU map, `value` holds every possible CPU's, 8-byte aligned, in CPU order). Entries
 /// added or removed meanwhile may or may not be seen, as with iteration.
-fn entries_raw(map: &MapData, each: impl FnMut(&[u8], &[u8])) -> Result<(), BatchError> {
-    entries_raw_from(map, CHUNK, each)
+fn entries_raw(
+    map: &MapData,
+    per_cpu: bool,
+    each: impl FnMut(&[u8], &[u8]),
+) -> Result<(), BatchError> {
+    entries_raw_from(map, CHUNK, per_cpu, each)
 }
 
 /// [`entries_raw`] asking for `chunk` entries per call at first: a test asks for 1 to make
@@ -58,18 +62,20 @@ fn entries_raw(map: &MapData, each: impl FnMut(&[u8], &[u8])) -> Result<(), Batc
 fn entries_raw_from(
     map: &MapData,
     chunk: usize,
+    per_cpu: bool,
     mut each: impl FnMut(&[u8], &[u8]),
 ) -> Result<(), BatchError> {
     // One BPF_OBJ_GET_INFO_BY_FD per read of a whole map (aya keeps nr_cpus): the sizes
     // come from the kernel's own record of the map, never from what the caller assumes.
     let info = map.info().map_err(|_| BatchError::Unsupported)?;
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+    // What the caller expects to parse must be what the map is.
     let stride = match info.map_type() {
-        Ok(MapType::PerCpuHash | MapType::LruPerCpuHash) => {
+        Ok(MapType::PerCpuHash | MapType::LruPerCpuHash) if per_cpu => {
             let cpus = aya::util::nr_cpus().map_err(|_| BatchError::Unsupported)?;
             value_size.next_multiple_of(8) * cpus
         }
-        Ok(MapType::Hash | MapType::LruHash) => value_size,
+        Ok(MapType::Hash | MapType::LruHash) if !per_cpu => value_size,
         _ => return Err(BatchError::Unsupported),
     };
     if key_size == 0 || stride == 0 {
@@ -152,7 +158,7 @@ pub fn per_cpu_entries_from<K: Pod, V: Pod>(
         return Err(BatchError::Unsupported);
     }
     let mut per_cpu: Vec<V> = Vec::new();
-    entries_raw_from(map, chunk, |k, v| {
+    entries_raw_from(map, chunk, true, |k, v| {
         if k.len() != size_of::<K>() {
             return;
         }
@@ -168,10 +174,34 @@ pub fn per_cpu_entries_from<K: Pod, V: Pod>(
     })
 }
 
-/// How many entries the hash map `map` holds. The kernel has no count-only batch: the
-/// values are copied and dropped.
+/// Calls `each(key, value)` for every entry of the hash map `map` (not per-CPU), whose key
+/// is a `K` and value a `V`.
+pub fn entries<K: Pod, V: Pod>(
+    map: &MapData,
+    mut each: impl FnMut(K, V),
+) -> Result<(), BatchError> {
+    entries_raw(map, false, |k, v| {
+        if k.len() != size_of::<K>() || v.len() != size_of::<V>() {
+            return;
+        }
+        // SAFETY: K and V are Pod and the slices hold exactly one of each (checked above).
+        let (key, value) = unsafe {
+            (
+                std::ptr::read_unaligned(k.as_ptr().cast::<K>()),
+                std::ptr::read_unaligned(v.as_ptr().cast::<V>()),
+            )
+        };
+        each(key, value);
+    })
+}
+
+/// How many entries the hash map `map` (per-CPU or not) holds. The kernel has no
+/// count-only batch: the values are copied and dropped.
 pub fn count(map: &MapData) -> Result<u64, BatchError> {
     let mut n = 0;
-    entries_raw(map, |_, _| n += 1)?;
+    match entries_raw(map, false, |_, _| n += 1) {
+        Err(BatchError::Unsupported) => entries_raw(map, true, |_, _| n += 1)?,
+        r => r?,
+    }
     Ok(n)
 }

@@ -24,8 +24,8 @@ use aya::{
 use super::{
     DatapathError,
     maps::{
-        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, forget_keys, forget_values, sum_hist,
-        sum_per_cpu, take,
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, all_entries, forget_keys, forget_values,
+        sum_hist, sum_per_cpu, take,
     },
 };
 
@@ -68,12 +68,12 @@ impl HealthMaps {
 
     /// The initiations waiting for a response (for tests and the status of the maps).
     pub fn pending_handshakes(&self) -> Vec<(IndexKey, PendingHandshake)> {
-        self.pending.iter().flatten().collect()
+        all_entries(&self.pending)
     }
 
     /// The receiving sessions tracked.
     pub fn rx_sessions(&self) -> Vec<(IndexKey, RxSession)> {
-        self.sessions.iter().flatten().collect()
+        all_entries(&self.sessions)
     }
 
     /// Run on every sync tick with `now_ns` = [`super::monotonic_ns`]: initiations

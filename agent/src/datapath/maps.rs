@@ -383,6 +383,23 @@ pub mod scrape {
     }
 }
 
+/// Every entry of a hash map (not per-CPU): in batches where the kernel can, else entry by
+/// entry. An entry the kernel cannot give is left out, as a walk with aya's iterator leaves
+/// out what it cannot read (the sweeps that use this retry on their next tick).
+pub(crate) fn all_entries<K: Pod, V: Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
+    use aya::maps::IterableMap as _;
+    let mut out = Vec::new();
+    match batch::entries(map.map(), |k: K, v: V| out.push((k, v))) {
+        Ok(()) => out,
+        Err(e) => {
+            if let BatchError::Io(e) = e {
+                log::debug!("batch read failed ({e}); reading entry by entry");
+            }
+            map.iter().flatten().collect()
+        }
+    }
+}
+
 fn batch_failed(name: &'static str, e: std::io::Error) -> DatapathError {
     DatapathError::map(name)(MapError::SyscallError(aya::sys::SyscallError {
         call: "bpf_map_lookup_batch",

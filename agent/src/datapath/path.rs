@@ -12,7 +12,9 @@ use aya::{
 
 use super::{
     DatapathError,
-    maps::{Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, apply, sum_per_cpu, take},
+    maps::{
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, all_entries, apply, sum_per_cpu, take,
+    },
 };
 
 /// The maps of the path-MTU signals (agent-ebpf path.rs): fragments per layer,
@@ -70,7 +72,7 @@ impl PathMaps {
 
     /// (ifindex, MTU) -> monotonic time (ns) of the latest report of that MTU.
     pub fn icmp_mtus(&self) -> Vec<(agent_common::maps::path::MtuKey, u64)> {
-        self.icmp_mtu.iter().flatten().collect()
+        all_entries(&self.icmp_mtu)
     }
 
     /// Lowest MTU per ifindex among those reported at or after `now_ns - MTU_WINDOW_NS`.

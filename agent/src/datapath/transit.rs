@@ -24,8 +24,8 @@ use aya::{
 use super::{
     DatapathError,
     maps::{
-        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, forget_keys, sum_hist, tail_program,
-        take,
+        Clear, Entries, ErrorSlots, FeatureMaps, MapUsage, all_entries, forget_keys, sum_hist,
+        tail_program, take,
     },
 };
 
@@ -66,11 +66,11 @@ impl TransitMaps {
 
     /// The slots in flight (for tests and the status of the maps).
     pub fn slots(&self) -> Vec<(SlotKey, Slot)> {
-        self.slots.iter().flatten().collect()
+        all_entries(&self.slots)
     }
 
     pub fn queues(&self) -> Vec<(QueueKey, Queue)> {
-        self.seq.iter().flatten().collect()
+        all_entries(&self.seq)
     }
 
     /// Run on every sync tick with `now_ns` = [`crate::datapath::monotonic_ns`]. Returns

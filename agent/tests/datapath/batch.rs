@@ -1,8 +1,9 @@
 //! `datapath::batch`, the agent's one raw `bpf()` call (BPF_MAP_LOOKUP_BATCH), against aya's
 //! iterators on the same maps: every entry and every CPU's value read the same, also when
 //! the first chunk is too small for a bucket (the kernel's ENOSPC, then the retry with a
-//! bigger chunk) and past the 1,024-entry chunk; a map type without batches is refused so
-//! the callers fall back to the iterators.
+//! bigger chunk) and past the 1,024-entry chunk; a map type without batches, or a per-CPU
+//! map read as a plain one (and the reverse), is refused so the callers fall back to the
+//! iterators.
 //!
 //! Needs root and BPF; without them the test prints why and passes, except with CI=true,
 //! where it fails. Run: `cargo test -p wirescope --test datapath -- --test-threads=1 batch::`.
@@ -96,6 +97,23 @@ fn batch_reads_equal_the_iterators() {
         batch::count(plain.map()).expect("count"),
         u64::from(ENTRIES / 2)
     );
+    let iterated: BTreeMap<Key, u32> = plain.iter().collect::<Result<_, _>>().expect("iterating");
+    let mut read = BTreeMap::new();
+    batch::entries(plain.map(), |k: Key, v: u32| {
+        assert!(read.insert(k, v).is_none(), "{k:?} read twice");
+    })
+    .expect("batch read");
+    assert_eq!(read, iterated);
+    assert!(read.iter().all(|(k, v)| k.id == *v));
+    // Read as the other kind, either map is refused (the caller falls back), not misread.
+    assert!(matches!(
+        batch::entries(per_cpu.map(), |_: Key, _: [u64; 2]| {}),
+        Err(BatchError::Unsupported)
+    ));
+    assert!(matches!(
+        batch::per_cpu_entries(plain.map(), |_: Key, _: &[u64]| {}),
+        Err(BatchError::Unsupported)
+    ));
     // Removing shows at once.
     for i in 0..10 {
         plain.remove(&key(i)).expect("remove");

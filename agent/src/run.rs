@@ -70,12 +70,18 @@ struct Agent {
     export_endpoints: bool,
     /// How many interfaces had programs attached when /healthz last found the datapath free.
     attached: AtomicUsize,
+    /// The last sync's error and whether one completed, as /healthz last found the
+    /// inventory.
+    synced: Mutex<(Option<String>, bool)>,
 }
 
 impl HttpSource for Agent {
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
-        crate::datapath::maps::scrape::one_scrape(|| metrics::encode(&self.registry, format, out))
-            .map_err(|e| format!("encoding metrics: {e}"))
+        let late: [&dyn metrics::histogram_text::TextFamilies; 1] = [&*self.transit];
+        crate::datapath::maps::scrape::one_scrape(|| {
+            metrics::encode_with(&self.registry, &late, format, out)
+        })
+        .map_err(|e| format!("encoding metrics: {e}"))
     }
 
     fn health(&self) -> Result<(), String> {
@@ -92,14 +98,29 @@ impl HttpSource for Agent {
                 return Err("datapath lock poisoned".into());
             }
         };
-        let inv = self
-            .inventory
-            .read()
-            .map_err(|_| "inventory lock poisoned".to_string())?;
-        if let Some(e) = &inv.last_error {
+        // Likewise the inventory: a sync waiting to write it queues new readers behind the
+        // scrape that is reading it.
+        let (last_error, synced) = match self.inventory.try_read() {
+            Ok(inv) => {
+                let seen = (inv.last_error.clone(), inv.synced_at.is_some());
+                if let Ok(mut s) = self.synced.lock() {
+                    *s = seen.clone();
+                }
+                seen
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self
+                .synced
+                .lock()
+                .map(|s| s.clone())
+                .map_err(|_| "health lock poisoned".to_string())?,
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err("inventory lock poisoned".into());
+            }
+        };
+        if let Some(e) = last_error {
             return Err(format!("last collection failed: {e}"));
         }
-        if inv.synced_at.is_none() {
+        if !synced {
             return Err("no collection yet".into());
         }
         if attached == 0 {
@@ -563,7 +584,7 @@ fn collectors(
     registry.register_collector(Box::new(tunnel_collector.clone()));
     registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
     registry.register_collector(Box::new(health.clone()));
-    registry.register_collector(Box::new(transit.clone()));
+    // transit: written after the registry's families (`Agent::metrics`).
     registry.register_collector(Box::new(path.clone()));
     registry.register_collector(Box::new(leaks.clone()));
     let obfuscation = Arc::new(ObfuscationCollector::new(dp.clone(), inv.clone()));
@@ -607,6 +628,11 @@ fn collectors(
         labeler: endpoints,
         export_endpoints: cfg.export_endpoints,
         attached: AtomicUsize::new(dp.lock().map(|d| d.attachments().count()).unwrap_or(0)),
+        synced: Mutex::new(
+            inv.read()
+                .map(|i| (i.last_error.clone(), i.synced_at.is_some()))
+                .unwrap_or_default(),
+        ),
     })
 }
 

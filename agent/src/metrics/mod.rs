@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod drops;
 pub mod failover;
 pub mod health;
+pub mod histogram_text;
 pub mod leak;
 pub mod mullvad;
 pub mod obfuscation;
@@ -101,6 +102,32 @@ pub fn encode(
         // info as gauge, no `# UNIT`, no `# EOF`.
         Format::Prometheus => {
             prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+        }
+    }
+}
+
+/// [`encode`], then `late` families (written as text by their own writers, see
+/// [`histogram_text`]) before the end: OpenMetrics' `# EOF` comes last.
+pub fn encode_with(
+    registry: &Registry,
+    late: &[&dyn histogram_text::TextFamilies],
+    format: Format,
+    mut out: &mut dyn std::fmt::Write,
+) -> Result<(), std::fmt::Error> {
+    match format {
+        Format::OpenMetrics => {
+            prometheus_client::encoding::text::encode_registry(&mut out, registry)?;
+            for f in late {
+                f.write(format, out)?;
+            }
+            prometheus_client::encoding::text::encode_eof(&mut out)
+        }
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?;
+            for f in late {
+                f.write(format, out)?;
+            }
+            Ok(())
         }
     }
 }

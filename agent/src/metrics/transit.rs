@@ -5,19 +5,19 @@
 //! label) with `--peer-histograms off`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, RwLock},
 };
 
 use log::warn;
-use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, metrics::MetricType};
 
 use crate::{
     datapath::Datapath,
     metrics::{
-        Labels,
-        crypto::{Series, encode_histograms},
+        Format, Labels,
+        crypto::Series,
         direction,
+        histogram_text::{self, HistogramFamily, TextFamilies},
     },
     sync::inventory::Inventory,
 };
@@ -61,20 +61,27 @@ impl TransitCollector {
                 Vec::new()
             })
         };
-        let Ok(inv) = self.inventory.read() else {
-            return Snapshot::default();
-        };
-        let mut s = Snapshot::default();
+        // Bucket entries folded per (interface index, peer id, direction) first, so that the
+        // labels are looked up and copied once per series, not once per bucket.
+        let mut by_id: HashMap<(u32, u32, u8), Series> = HashMap::new();
         for (k, v) in hist {
-            let Some(peer) = inv.peer_label(k.peer) else {
-                continue;
-            };
-            let iface = inv.iface_name(k.ifindex);
-            s.entry((iface, peer, direction(k.dir))).or_default().add(
+            by_id.entry((k.ifindex, k.peer, k.dir)).or_default().add(
                 k.bucket.into(),
                 v.count,
                 v.sum_ns,
             );
+        }
+        let Ok(inv) = self.inventory.read() else {
+            return Snapshot::default();
+        };
+        let mut s = Snapshot::default();
+        for ((ifindex, peer, dir), series) in by_id {
+            let Some(peer) = inv.peer_label(peer) else {
+                continue;
+            };
+            s.entry((inv.iface_name(ifindex), peer, direction(dir)))
+                .or_default()
+                .merge(&series);
         }
         s
     }
@@ -112,20 +119,29 @@ pub fn series(s: &Snapshot, per_peer: bool) -> Vec<(Labels, Series)> {
         .collect()
 }
 
-impl Collector for TransitCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+/// The family: [`histogram_text`] writes it, as prometheus-client would.
+const FAMILY: HistogramFamily = HistogramFamily {
+    name: "wirescope_tunnel_transit_seconds",
+    help: "time between an IP packet on the tunnel interface and its encrypted (tx) or decrypted (rx) WireGuard message on the carrying interface",
+    bounds: (FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
+};
+
+impl TextFamilies for TransitCollector {
+    fn write(&self, format: Format, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
         let s = self.snapshot();
-        let mut fam = encoder.encode_descriptor(
-            "wirescope_tunnel_transit_seconds",
-            "time between an IP packet on the tunnel interface and its encrypted (tx) or decrypted (rx) WireGuard message on the carrying interface",
-            None,
-            MetricType::Histogram,
-        )?;
         let series = series(&s, self.per_peer);
-        encode_histograms(
-            &mut fam,
-            (FIRST_BOUND_LOG2, LAST_BOUND_LOG2),
-            series.iter().map(|(l, s)| (l, s)),
+        let labels: Vec<Vec<(&str, &str)>> = series
+            .iter()
+            .map(|(l, _)| l.iter().map(|(k, v)| (*k, v.as_str())).collect())
+            .collect();
+        histogram_text::write_family(
+            out,
+            format,
+            FAMILY,
+            labels
+                .iter()
+                .map(Vec::as_slice)
+                .zip(series.iter().map(|(_, s)| s)),
         )
     }
 }

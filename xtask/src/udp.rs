@@ -70,10 +70,14 @@ impl UdpEcho {
                 {
                     match sock.recv_from(&mut buf) {
                         Ok((n, from)) => done.record(sock.send_to(&buf[..n], from), n, from),
+                        // EINTR: a signal to this process (a child's exit, a profiler)
+                        // ended the wait; the socket is fine.
                         Err(e)
                             if matches!(
                                 e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                std::io::ErrorKind::WouldBlock
+                                    | std::io::ErrorKind::TimedOut
+                                    | std::io::ErrorKind::Interrupted
                             ) => {}
                         Err(e) => return Err(e).context("udp echo: receiving"),
                     }

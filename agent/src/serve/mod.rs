@@ -58,7 +58,8 @@ pub trait HttpSource: Send + Sync + 'static {
     /// an error becomes a 500 with the message.
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String>;
     /// `Ok` while the programs are attached and the last collection succeeded; otherwise
-    /// why not, served with 503.
+    /// why not, served with 503. Called on the async workers, so it must not wait for a
+    /// lock a scrape or a sync may hold (the agent's uses try_lock and what it saw last).
     fn health(&self) -> Result<(), String>;
     /// The snapshot `wirescope status` prints.
     fn status(&self) -> serde_json::Value;
@@ -553,17 +554,11 @@ async fn answer(ctx: &Ctx, web: &WebSecurity, req: Request<Incoming>) -> Resp {
             "text/html; charset=utf-8",
             landing_page(&ctx.telemetry_path),
         ),
-        "/healthz" => {
-            let source = ctx.source.clone();
-            match tokio::task::spawn_blocking(move || source.health()).await {
-                Ok(Ok(())) => text(StatusCode::OK, "ok"),
-                Ok(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, why),
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("health check failed: {e}"),
-                ),
-            }
-        }
+        // Inline: no hand-off to the blocking pool, whose threads a storm keeps busy.
+        "/healthz" => match ctx.source.health() {
+            Ok(()) => text(StatusCode::OK, "ok"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+        },
         _ => {
             let source = ctx.source.clone();
             match tokio::task::spawn_blocking(move || source.status()).await {

@@ -77,9 +77,10 @@ struct Agent {
 
 impl HttpSource for Agent {
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
-        let late: [&dyn metrics::histogram_text::TextFamilies; 1] = [&*self.transit];
+        let own: [&dyn metrics::family_text::TextFamilies; 2] =
+            [&*self.tunnel_collector, &*self.transit];
         crate::datapath::maps::scrape::one_scrape(|| {
-            metrics::encode_with(&self.registry, &late, format, out)
+            metrics::encode_with(&self.registry, &own, format, out)
         })
         .map_err(|e| format!("encoding metrics: {e}"))
     }
@@ -581,10 +582,10 @@ fn collectors(
         inv.clone(),
         cfg.export_endpoints,
     )));
-    registry.register_collector(Box::new(tunnel_collector.clone()));
+    // tunnel (and wire) and transit: written before the registry's families, as text
+    // (`Agent::metrics`).
     registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
     registry.register_collector(Box::new(health.clone()));
-    // transit: written after the registry's families (`Agent::metrics`).
     registry.register_collector(Box::new(path.clone()));
     registry.register_collector(Box::new(leaks.clone()));
     let obfuscation = Arc::new(ObfuscationCollector::new(dp.clone(), inv.clone()));

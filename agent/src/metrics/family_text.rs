@@ -1,30 +1,31 @@
-//! Per-peer histogram families written straight as text, byte for byte what
+//! The biggest per-peer families written straight as text, byte for byte what
 //! prometheus-client's encoders write, only without their per-line work.
 //!
-//! A relay's transit histograms are most of its body (2,000 active peers: 100,000 lines of
-//! the 200,000), and prometheus-client encodes each bucket line label by label, escaping
-//! every value and formatting every bound again: 38 % of the agent's CPU during the churn
-//! bench went to that one family. Here a series' labels are escaped once, the bounds are
-//! formatted once per scrape, and each line is a few appends.
+//! A relay's transit histograms are half its body (2,000 active peers: 100,000 lines of the
+//! 200,000) and its tunnel and wire counters most of the rest; prometheus-client encodes
+//! every line label by label, escaping every value and formatting every bound again: 38 % of
+//! the agent's CPU during the churn bench went to the transit family alone. Here a series'
+//! labels are escaped once, the bounds are formatted once per scrape, and each line is a few
+//! appends.
 //!
-//! What prometheus-client writes besides the samples (the descriptor lines, each bound's `le`
-//! value) is taken from prometheus-client itself, from a one-series family rendered through
-//! it at every scrape ([`Template`]), so the two stay the same text; the tests compare whole
-//! families in both formats. These families are written after the registry's
-//! ([`super::encode_with`]): exposition order means nothing to a scraper.
+//! What prometheus-client writes besides the samples (the descriptor lines, the sample names,
+//! each bound's `le` value) is taken from prometheus-client itself, from a one-series family
+//! rendered through it at every scrape ([`Template`]), so the two stay the same text; the
+//! tests compare whole families in both formats. These families are written before the
+//! registry's ([`super::encode_with`]): exposition order means nothing to a scraper.
 
 use std::fmt;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, NoLabelSet},
-    metrics::MetricType,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{MetricType, counter::ConstCounter},
     registry::Registry,
 };
 
 use super::{Format, crypto::Series};
 
-/// Something that writes families as text after the registry's ([`super::encode_with`]).
+/// Something that writes families as text beside the registry's ([`super::encode_with`]).
 pub trait TextFamilies: Send + Sync {
     fn write(&self, format: Format, out: &mut dyn fmt::Write) -> fmt::Result;
 }
@@ -68,22 +69,12 @@ impl Template {
     fn of(f: HistogramFamily, format: Format) -> Result<Template, fmt::Error> {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(One(f)));
-        let mut text = String::new();
-        match format {
-            Format::OpenMetrics => {
-                prometheus_client::encoding::text::encode_registry(&mut text, &registry)?
-            }
-            Format::Prometheus => {
-                prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?
-            }
-        }
-        let mut header = String::new();
+        let text = render(&registry, format)?;
+        let (header, samples) = split_header(&text, f.name)?;
+        let header = header.to_owned();
         let mut le = Vec::new();
-        for line in text.lines() {
-            if line.starts_with('#') {
-                header.push_str(line);
-                header.push('\n');
-            } else if let Some((_, rest)) = line.split_once("le=\"")
+        for line in samples.lines() {
+            if let Some((_, rest)) = line.split_once("le=\"")
                 && let Some((value, _)) = rest.split_once('"')
             {
                 le.push(value.to_owned());
@@ -111,6 +102,105 @@ fn push_escaped(out: &mut String, v: &str) {
     }
 }
 
+/// A family of counters.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterFamily {
+    /// Without `_total`: prometheus-client adds it.
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+/// The family with one sample without labels, through prometheus-client.
+#[derive(Debug)]
+struct OneCounter(CounterFamily);
+
+impl Collector for OneCounter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let fam = encoder.encode_descriptor(self.0.name, self.0.help, None, MetricType::Counter)?;
+        ConstCounter::new(0u64).encode(fam)
+    }
+}
+
+/// A rendered one-family template split into its descriptor lines and its samples: the
+/// samples start at the first line that begins with the family's name (prometheus-client
+/// does not escape a newline in OpenMetrics' HELP, so lines alone do not tell).
+fn split_header<'t>(template: &'t str, name: &str) -> Result<(&'t str, &'t str), fmt::Error> {
+    let at = template
+        .match_indices(name)
+        .map(|(i, _)| i)
+        .find(|&i| i == 0 || template.as_bytes()[i - 1] == b'\n')
+        .ok_or(fmt::Error)?;
+    Ok(template.split_at(at))
+}
+
+/// `registry` rendered in `format` without OpenMetrics' `# EOF`.
+fn render(registry: &Registry, format: Format) -> Result<String, fmt::Error> {
+    let mut text = String::new();
+    match format {
+        Format::OpenMetrics => {
+            prometheus_client::encoding::text::encode_registry(&mut text, registry)?
+        }
+        Format::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut text, registry)?
+        }
+    }
+    Ok(text)
+}
+
+/// A series' labels, escaped, as `k1="v1",k2="v2"` into `out` (cleared first).
+fn label_text(out: &mut String, set: &[(&str, &str)]) {
+    out.clear();
+    for (i, (k, v)) in set.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(k);
+        out.push_str("=\"");
+        push_escaped(out, v);
+        out.push('"');
+    }
+}
+
+/// Writes counter family `f` with `series` (labels in exposition order, and the value) to
+/// `out` in `format`, as prometheus-client's `ConstCounter` would.
+pub fn write_counters<'a, L: AsRef<[(&'a str, &'a str)]>>(
+    out: &mut dyn fmt::Write,
+    format: Format,
+    f: CounterFamily,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(OneCounter(f)));
+    let template = render(&registry, format)?;
+    let (header, sample) = split_header(&template, f.name)?;
+    // The one sample line, `NAME 0`: anything else is a shape this module cannot write.
+    let name = match sample.split_once(' ') {
+        Some((name, "0\n")) if !name.contains('{') => name,
+        _ => return Err(fmt::Error),
+    };
+    out.write_str(header)?;
+    let mut labels = String::new();
+    let mut text = String::with_capacity(64 * 1024);
+    let mut int = itoa::Buffer::new();
+    for (set, v) in series {
+        label_text(&mut labels, set.as_ref());
+        text.push_str(name);
+        if !labels.is_empty() {
+            text.push('{');
+            text.push_str(&labels);
+            text.push('}');
+        }
+        text.push(' ');
+        text.push_str(int.format(v));
+        text.push('\n');
+        if text.len() >= 60 * 1024 {
+            out.write_str(&text)?;
+            text.clear();
+        }
+    }
+    out.write_str(&text)
+}
+
 /// Writes family `f` with `series` (labels in exposition order, and the histogram) to `out`
 /// in `format`, as prometheus-client's `encode_histogram` would; an empty family gets its
 /// descriptor lines, as there.
@@ -128,16 +218,7 @@ pub fn write_family<'a>(
     let mut text = String::with_capacity(4096);
     let (mut int, mut float) = (itoa::Buffer::new(), dtoa::Buffer::new());
     for (set, s) in series {
-        labels.clear();
-        for (i, (k, v)) in set.iter().enumerate() {
-            if i > 0 {
-                labels.push(',');
-            }
-            labels.push_str(k);
-            labels.push_str("=\"");
-            push_escaped(&mut labels, v);
-            labels.push('"');
-        }
+        label_text(&mut labels, set);
         text.clear();
         let sum = s.sum_ns as f64 / 1e9;
         let sample = |text: &mut String, suffix: &str, value: &str| {
@@ -203,7 +284,7 @@ mod tests {
 
     const FAMILY: HistogramFamily = HistogramFamily {
         name: "wirescope_test_seconds",
-        help: "a test family, with a \\ and a \"quote\"",
+        help: "a test family, with a \\ and a \"quote\"\nand a newline",
         bounds: (10, 31),
     };
 
@@ -288,6 +369,77 @@ mod tests {
                         .iter()
                         .map(Vec::as_slice)
                         .zip(case.iter().map(|(_, s)| s)),
+                )
+                .unwrap();
+                assert_eq!(got, want, "{format:?}, {} series", case.len());
+            }
+        }
+    }
+
+    /// The same counters through prometheus-client.
+    #[derive(Debug)]
+    struct CounterReference(Vec<(crate::metrics::Labels, u64)>);
+
+    const COUNTERS: CounterFamily = CounterFamily {
+        name: "wirescope_test_packets",
+        help: "a test family\nwith a newline",
+    };
+
+    impl Collector for CounterReference {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            let mut fam = encoder.encode_descriptor(
+                COUNTERS.name,
+                COUNTERS.help,
+                None,
+                MetricType::Counter,
+            )?;
+            for (labels, v) in &self.0 {
+                ConstCounter::new(*v).encode(fam.encode_family(labels)?)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn counters_the_same_text_as_prometheus_client() {
+        let cases: Vec<Vec<(crate::metrics::Labels, u64)>> = vec![
+            vec![],
+            vec![(vec![], 7)],
+            vec![
+                (
+                    vec![
+                        ("interface", "wg0".into()),
+                        ("peer", "AAAA+/bbbb=".into()),
+                        ("direction", "rx".into()),
+                        ("message", "data".into()),
+                    ],
+                    u64::MAX,
+                ),
+                (vec![("interface", "we\"ird\\\nname".into())], 0),
+            ],
+            // Past the 60 KiB chunk.
+            (0..2_000u64)
+                .map(|i| (vec![("peer", format!("peer-{i}"))], i * 1_000_003))
+                .collect(),
+        ];
+        for case in cases {
+            for format in [Format::OpenMetrics, Format::Prometheus] {
+                let mut registry = Registry::default();
+                registry.register_collector(Box::new(CounterReference(case.clone())));
+                let want = render(&registry, format).unwrap();
+                let labels: Vec<Vec<(&str, &str)>> = case
+                    .iter()
+                    .map(|(l, _)| l.iter().map(|(k, v)| (*k, v.as_str())).collect())
+                    .collect();
+                let mut got = String::new();
+                write_counters(
+                    &mut got,
+                    format,
+                    COUNTERS,
+                    labels
+                        .iter()
+                        .map(Vec::as_slice)
+                        .zip(case.iter().map(|(_, v)| *v)),
                 )
                 .unwrap();
                 assert_eq!(got, want, "{format:?}, {} series", case.len());

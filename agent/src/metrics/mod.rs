@@ -14,8 +14,8 @@ pub mod agent;
 pub mod crypto;
 pub mod drops;
 pub mod failover;
+pub mod family_text;
 pub mod health;
-pub mod histogram_text;
 pub mod leak;
 pub mod mullvad;
 pub mod obfuscation;
@@ -106,30 +106,20 @@ pub fn encode(
     }
 }
 
-/// [`encode`], then `late` families (written as text by their own writers, see
-/// [`histogram_text`]) before the end: OpenMetrics' `# EOF` comes last.
+/// `own` families (written as text by their own writers, see [`family_text`]), then
+/// what [`encode`] writes. First, because the registry's last collector, the map-usage
+/// gauge, counts the maps the others have read in this scrape from those reads
+/// ([`crate::datapath::maps::scrape`]); OpenMetrics' `# EOF` stays last.
 pub fn encode_with(
     registry: &Registry,
-    late: &[&dyn histogram_text::TextFamilies],
+    own: &[&dyn family_text::TextFamilies],
     format: Format,
-    mut out: &mut dyn std::fmt::Write,
+    out: &mut dyn std::fmt::Write,
 ) -> Result<(), std::fmt::Error> {
-    match format {
-        Format::OpenMetrics => {
-            prometheus_client::encoding::text::encode_registry(&mut out, registry)?;
-            for f in late {
-                f.write(format, out)?;
-            }
-            prometheus_client::encoding::text::encode_eof(&mut out)
-        }
-        Format::Prometheus => {
-            prometheus_client::encoding::prometheus_text::encode(&mut out, registry)?;
-            for f in late {
-                f.write(format, out)?;
-            }
-            Ok(())
-        }
+    for f in own {
+        f.write(format, out)?;
     }
+    encode(registry, format, out)
 }
 
 /// [`encode`] into a new string.

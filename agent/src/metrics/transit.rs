@@ -17,7 +17,7 @@ use crate::{
         Format, Labels,
         crypto::Series,
         direction,
-        histogram_text::{self, HistogramFamily, TextFamilies},
+        family_text::{self, HistogramFamily, TextFamilies},
     },
     sync::inventory::Inventory,
 };
@@ -119,7 +119,7 @@ pub fn series(s: &Snapshot, per_peer: bool) -> Vec<(Labels, Series)> {
         .collect()
 }
 
-/// The family: [`histogram_text`] writes it, as prometheus-client would.
+/// The family: [`family_text`] writes it, as prometheus-client would.
 const FAMILY: HistogramFamily = HistogramFamily {
     name: "wirescope_tunnel_transit_seconds",
     help: "time between an IP packet on the tunnel interface and its encrypted (tx) or decrypted (rx) WireGuard message on the carrying interface",
@@ -134,7 +134,7 @@ impl TextFamilies for TransitCollector {
             .iter()
             .map(|(l, _)| l.iter().map(|(k, v)| (*k, v.as_str())).collect())
             .collect();
-        histogram_text::write_family(
+        family_text::write_family(
             out,
             format,
             FAMILY,

@@ -14,13 +14,12 @@ use std::{
 
 use agent_common::maps::{Counter, PEER_UNKNOWN, kind};
 use log::warn;
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter},
-};
 
-use super::{direction, wire};
+use super::{
+    Format, direction,
+    family_text::{self, CounterFamily, TextFamilies},
+    wire,
+};
 use crate::{datapath::Datapath, sync::inventory::Inventory, sync::peer_label::EndpointLabeler};
 
 #[derive(Debug)]
@@ -136,33 +135,34 @@ impl TunnelCollector {
     }
 }
 
-impl Collector for TunnelCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+const PACKETS: CounterFamily = CounterFamily {
+    name: "wirescope_tunnel_packets",
+    help: "IP packets on a WireGuard interface, per peer (GSO packets count per segment)",
+};
+const BYTES: CounterFamily = CounterFamily {
+    name: "wirescope_tunnel_bytes",
+    help: "L3 bytes of those packets, as they are after segmentation",
+};
+
+/// Written as text ([`family_text`]): with the wire families, most of a relay's lines.
+impl TextFamilies for TunnelCollector {
+    fn write(&self, format: Format, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
         let s = self.snapshot();
-        let families: [(&str, &str, bool); 2] = [
-            (
-                "wirescope_tunnel_packets",
-                "IP packets on a WireGuard interface, per peer (GSO packets count per segment)",
-                true,
-            ),
-            (
-                "wirescope_tunnel_bytes",
-                "L3 bytes of those packets, as they are after segmentation",
-                false,
-            ),
-        ];
-        for (name, help, packets) in families {
-            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((interface, peer, dir), c) in &s.tunnel {
-                let labels = [
-                    ("interface", interface.as_str()),
-                    ("peer", peer.as_str()),
-                    ("direction", dir),
-                ];
-                let v = if packets { c.packets } else { c.bytes };
-                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
-            }
+        for (family, packets) in [(PACKETS, true), (BYTES, false)] {
+            family_text::write_counters(
+                out,
+                format,
+                family,
+                s.tunnel.iter().map(|((interface, peer, dir), c)| {
+                    let labels = [
+                        ("interface", interface.as_str()),
+                        ("peer", peer.as_str()),
+                        ("direction", *dir),
+                    ];
+                    (labels, if packets { c.packets } else { c.bytes })
+                }),
+            )?;
         }
-        wire::encode(&mut encoder, &s.wire)
+        wire::write(out, format, &s.wire)
     }
 }

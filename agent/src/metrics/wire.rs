@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use agent_common::maps::{Counter, kind, wire::UnknownWireKey};
-use prometheus_client::{
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter},
-};
 
-use super::{direction, tunnel::add};
+use super::{
+    Format, direction,
+    family_text::{self, CounterFamily},
+    tunnel::add,
+};
 use crate::{datapath::wire::endpoint_addr, sync::peer_label::EndpointLabeler};
 
 /// (interface, peer, direction, message).
@@ -98,34 +98,36 @@ pub fn other_endpoints(floor: Counter, total: &Counter, held: &Counter) -> Count
     }
 }
 
-pub(super) fn encode(
-    encoder: &mut DescriptorEncoder,
+const PACKETS: CounterFamily = CounterFamily {
+    name: "wirescope_wire_packets",
+    help: "WireGuard UDP messages seen on a watched interface, by message type",
+};
+const BYTES: CounterFamily = CounterFamily {
+    name: "wirescope_wire_bytes",
+    help: "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
+};
+
+/// The wire families, as text ([`family_text`]).
+pub(super) fn write(
+    out: &mut dyn std::fmt::Write,
+    format: Format,
     wire: &BTreeMap<WireKey, Counter>,
-) -> Result<(), std::fmt::Error> {
-    let families: [(&str, &str, bool); 2] = [
-        (
-            "wirescope_wire_packets",
-            "WireGuard UDP messages seen on a watched interface, by message type",
-            true,
-        ),
-        (
-            "wirescope_wire_bytes",
-            "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
-            false,
-        ),
-    ];
-    for (name, help, packets) in families {
-        let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for ((interface, peer, dir, msg), c) in wire {
-            let labels = [
-                ("interface", interface.as_str()),
-                ("peer", peer.as_str()),
-                ("direction", dir),
-                ("message", msg),
-            ];
-            let v = if packets { c.packets } else { c.bytes };
-            ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
-        }
+) -> std::fmt::Result {
+    for (family, packets) in [(PACKETS, true), (BYTES, false)] {
+        family_text::write_counters(
+            out,
+            format,
+            family,
+            wire.iter().map(|((interface, peer, dir, msg), c)| {
+                let labels = [
+                    ("interface", interface.as_str()),
+                    ("peer", peer.as_str()),
+                    ("direction", *dir),
+                    ("message", *msg),
+                ];
+                (labels, if packets { c.packets } else { c.bytes })
+            }),
+        )?;
     }
     Ok(())
 }

@@ -201,6 +201,32 @@ pub fn write_counters<'a, L: AsRef<[(&'a str, &'a str)]>>(
     out.write_str(&text)
 }
 
+/// A packets family and a bytes family over the same series (the tunnel's, the wire's):
+/// `series()` is walked once per family.
+pub fn write_packets_and_bytes<'a, L, I>(
+    out: &mut dyn fmt::Write,
+    format: Format,
+    (packets, bytes): (CounterFamily, CounterFamily),
+    series: impl Fn() -> I,
+) -> fmt::Result
+where
+    L: AsRef<[(&'a str, &'a str)]>,
+    I: IntoIterator<Item = (L, &'a agent_common::maps::Counter)>,
+{
+    write_counters(
+        out,
+        format,
+        packets,
+        series().into_iter().map(|(l, c)| (l, c.packets)),
+    )?;
+    write_counters(
+        out,
+        format,
+        bytes,
+        series().into_iter().map(|(l, c)| (l, c.bytes)),
+    )
+}
+
 /// Writes family `f` with `series` (labels in exposition order, and the histogram) to `out`
 /// in `format`, as prometheus-client's `encode_histogram` would; an empty family gets its
 /// descriptor lines, as there.

@@ -148,21 +148,16 @@ const BYTES: CounterFamily = CounterFamily {
 impl TextFamilies for TunnelCollector {
     fn write(&self, format: Format, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
         let s = self.snapshot();
-        for (family, packets) in [(PACKETS, true), (BYTES, false)] {
-            family_text::write_counters(
-                out,
-                format,
-                family,
-                s.tunnel.iter().map(|((interface, peer, dir), c)| {
-                    let labels = [
-                        ("interface", interface.as_str()),
-                        ("peer", peer.as_str()),
-                        ("direction", *dir),
-                    ];
-                    (labels, if packets { c.packets } else { c.bytes })
-                }),
-            )?;
-        }
+        family_text::write_packets_and_bytes(out, format, (PACKETS, BYTES), || {
+            s.tunnel.iter().map(|((interface, peer, dir), c)| {
+                let labels = [
+                    ("interface", interface.as_str()),
+                    ("peer", peer.as_str()),
+                    ("direction", *dir),
+                ];
+                (labels, c)
+            })
+        })?;
         wire::write(out, format, &s.wire)
     }
 }

@@ -113,23 +113,17 @@ pub(super) fn write(
     format: Format,
     wire: &BTreeMap<WireKey, Counter>,
 ) -> std::fmt::Result {
-    for (family, packets) in [(PACKETS, true), (BYTES, false)] {
-        family_text::write_counters(
-            out,
-            format,
-            family,
-            wire.iter().map(|((interface, peer, dir, msg), c)| {
-                let labels = [
-                    ("interface", interface.as_str()),
-                    ("peer", peer.as_str()),
-                    ("direction", *dir),
-                    ("message", *msg),
-                ];
-                (labels, if packets { c.packets } else { c.bytes })
-            }),
-        )?;
-    }
-    Ok(())
+    family_text::write_packets_and_bytes(out, format, (PACKETS, BYTES), || {
+        wire.iter().map(|((interface, peer, dir, msg), c)| {
+            let labels = [
+                ("interface", interface.as_str()),
+                ("peer", peer.as_str()),
+                ("direction", *dir),
+                ("message", *msg),
+            ];
+            (labels, c)
+        })
+    })
 }
 
 #[cfg(test)]

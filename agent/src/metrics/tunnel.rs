@@ -144,7 +144,7 @@ const BYTES: CounterFamily = CounterFamily {
     help: "L3 bytes of those packets, as they are after segmentation",
 };
 
-/// Written as text ([`family_text`]): with the wire families, most of a relay's lines.
+/// Written as text ([`family_text`]), with the wire families.
 impl TextFamilies for TunnelCollector {
     fn write(&self, format: Format, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
         let s = self.snapshot();

@@ -77,8 +77,7 @@ struct Agent {
 
 impl HttpSource for Agent {
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
-        let own: [&dyn metrics::family_text::TextFamilies; 2] =
-            [&*self.tunnel_collector, &*self.transit];
+        let own: [&dyn metrics::family_text::TextFamilies; 1] = [&*self.transit];
         crate::datapath::maps::scrape::one_scrape(|| {
             metrics::encode_with(&self.registry, &own, format, out)
         })
@@ -582,8 +581,8 @@ fn collectors(
         inv.clone(),
         cfg.export_endpoints,
     )));
-    // tunnel (and wire) and transit: written before the registry's families, as text
-    // (`Agent::metrics`).
+    registry.register_collector(Box::new(tunnel_collector.clone()));
+    // transit: written before the registry's families, as text (`Agent::metrics`).
     registry.register_collector(Box::new(CryptoCollector::new(dp.clone(), inv.clone())));
     registry.register_collector(Box::new(health.clone()));
     registry.register_collector(Box::new(path.clone()));

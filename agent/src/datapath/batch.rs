@@ -46,15 +46,24 @@ pub enum BatchError {
     Io(io::Error),
 }
 
+/// What a caller takes a map to be: the values' layout depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    PerCpu,
+    /// Either (the caller only counts).
+    Any,
+}
+
 /// Calls `each(key, value)` with the bytes of every entry of the hash map `map` (for a
 /// per-CPU map, `value` holds every possible CPU's, 8-byte aligned, in CPU order). Entries
 /// added or removed meanwhile may or may not be seen, as with iteration.
 fn entries_raw(
     map: &MapData,
-    per_cpu: bool,
+    kind: Kind,
     each: impl FnMut(&[u8], &[u8]),
 ) -> Result<(), BatchError> {
-    entries_raw_from(map, CHUNK, per_cpu, each)
+    entries_raw_from(map, CHUNK, kind, each)
 }
 
 /// [`entries_raw`] asking for `chunk` entries per call at first: a test asks for 1 to make
@@ -62,7 +71,7 @@ fn entries_raw(
 fn entries_raw_from(
     map: &MapData,
     chunk: usize,
-    per_cpu: bool,
+    kind: Kind,
     mut each: impl FnMut(&[u8], &[u8]),
 ) -> Result<(), BatchError> {
     // One BPF_OBJ_GET_INFO_BY_FD per read of a whole map (aya keeps nr_cpus): the sizes
@@ -71,11 +80,11 @@ fn entries_raw_from(
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     // What the caller expects to parse must be what the map is.
     let stride = match info.map_type() {
-        Ok(MapType::PerCpuHash | MapType::LruPerCpuHash) if per_cpu => {
+        Ok(MapType::PerCpuHash | MapType::LruPerCpuHash) if kind != Kind::Plain => {
             let cpus = aya::util::nr_cpus().map_err(|_| BatchError::Unsupported)?;
             value_size.next_multiple_of(8) * cpus
         }
-        Ok(MapType::Hash | MapType::LruHash) if !per_cpu => value_size,
+        Ok(MapType::Hash | MapType::LruHash) if kind != Kind::PerCpu => value_size,
         _ => return Err(BatchError::Unsupported),
     };
     if key_size == 0 || stride == 0 {
@@ -158,7 +167,7 @@ pub fn per_cpu_entries_from<K: Pod, V: Pod>(
         return Err(BatchError::Unsupported);
     }
     let mut per_cpu: Vec<V> = Vec::new();
-    entries_raw_from(map, chunk, true, |k, v| {
+    entries_raw_from(map, chunk, Kind::PerCpu, |k, v| {
         if k.len() != size_of::<K>() {
             return;
         }
@@ -180,7 +189,7 @@ pub fn entries<K: Pod, V: Pod>(
     map: &MapData,
     mut each: impl FnMut(K, V),
 ) -> Result<(), BatchError> {
-    entries_raw(map, false, |k, v| {
+    entries_raw(map, Kind::Plain, |k, v| {
         if k.len() != size_of::<K>() || v.len() != size_of::<V>() {
             return;
         }
@@ -199,9 +208,6 @@ pub fn entries<K: Pod, V: Pod>(
 /// count-only batch: the values are copied and dropped.
 pub fn count(map: &MapData) -> Result<u64, BatchError> {
     let mut n = 0;
-    match entries_raw(map, false, |_, _| n += 1) {
-        Err(BatchError::Unsupported) => entries_raw(map, true, |_, _| n += 1)?,
-        r => r?,
-    }
+    entries_raw(map, Kind::Any, |_, _| n += 1)?;
     Ok(n)
 }

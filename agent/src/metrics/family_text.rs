@@ -1,4 +1,4 @@
-//! The biggest per-peer families written straight as text, byte for byte what
+//! The per-peer histogram families written straight as text, byte for byte what
 //! prometheus-client's encoders write, only without their per-line work.
 //!
 //! A relay's transit histograms are half its body (2,000 active peers: 100,000 lines of the
@@ -6,10 +6,9 @@
 //! value and formatting every bound again: 38 % of the agent's CPU during the churn bench
 //! went to that family. Here a series' labels are escaped once, the bounds are formatted
 //! once per scrape, and each line is a few appends: 4,000 such series (100,000 lines) take
-//! 5-8 ms instead of 28-37 ms (release build, this VM, both formats). Counters gain nothing
-//! measurable (20,000 lines: 4-6 ms either way, one line per series leaves nothing to
-//! share); the tunnel and wire counters go through here only since 2026-12-08, and may go
-//! back to the registry.
+//! 5-8 ms instead of 28-37 ms (release build, this VM, both formats). Counters stay with
+//! prometheus-client: written this way they measured no faster (20,000 lines in 4-6 ms
+//! either way; one line per series leaves nothing to share).
 //!
 //! What prometheus-client writes besides the samples (the descriptor lines, the sample names,
 //! each bound's `le` value) is taken from prometheus-client itself, from a one-series family
@@ -21,8 +20,8 @@ use std::fmt;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
-    metrics::{MetricType, counter::ConstCounter},
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
     registry::Registry,
 };
 
@@ -105,25 +104,6 @@ fn push_escaped(out: &mut String, v: &str) {
     }
 }
 
-/// A family of counters.
-#[derive(Clone, Copy, Debug)]
-pub struct CounterFamily {
-    /// Without `_total`: prometheus-client adds it.
-    pub name: &'static str,
-    pub help: &'static str,
-}
-
-/// The family with one sample without labels, through prometheus-client.
-#[derive(Debug)]
-struct OneCounter(CounterFamily);
-
-impl Collector for OneCounter {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let fam = encoder.encode_descriptor(self.0.name, self.0.help, None, MetricType::Counter)?;
-        ConstCounter::new(0u64).encode(fam)
-    }
-}
-
 /// A rendered one-family template split into its descriptor lines and its samples: the
 /// samples start at the first line that begins with the family's name (prometheus-client
 /// does not escape a newline in OpenMetrics' HELP, so lines alone do not tell).
@@ -162,72 +142,6 @@ fn label_text(out: &mut String, set: &[(&str, &str)]) {
         push_escaped(out, v);
         out.push('"');
     }
-}
-
-/// Writes counter family `f` with `series` (labels in exposition order, and the value) to
-/// `out` in `format`, as prometheus-client's `ConstCounter` would.
-pub fn write_counters<'a, L: AsRef<[(&'a str, &'a str)]>>(
-    out: &mut dyn fmt::Write,
-    format: Format,
-    f: CounterFamily,
-    series: impl IntoIterator<Item = (L, u64)>,
-) -> fmt::Result {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(OneCounter(f)));
-    let template = render(&registry, format)?;
-    let (header, sample) = split_header(&template, f.name)?;
-    // The one sample line, `NAME 0`: anything else is a shape this module cannot write.
-    let name = match sample.split_once(' ') {
-        Some((name, "0\n")) if !name.contains('{') => name,
-        _ => return Err(fmt::Error),
-    };
-    out.write_str(header)?;
-    let mut labels = String::new();
-    let mut text = String::with_capacity(64 * 1024);
-    let mut int = itoa::Buffer::new();
-    for (set, v) in series {
-        label_text(&mut labels, set.as_ref());
-        text.push_str(name);
-        if !labels.is_empty() {
-            text.push('{');
-            text.push_str(&labels);
-            text.push('}');
-        }
-        text.push(' ');
-        text.push_str(int.format(v));
-        text.push('\n');
-        if text.len() >= 60 * 1024 {
-            out.write_str(&text)?;
-            text.clear();
-        }
-    }
-    out.write_str(&text)
-}
-
-/// A packets family and a bytes family over the same series (the tunnel's, the wire's):
-/// `series()` is walked once per family.
-pub fn write_packets_and_bytes<'a, L, I>(
-    out: &mut dyn fmt::Write,
-    format: Format,
-    (packets, bytes): (CounterFamily, CounterFamily),
-    series: impl Fn() -> I,
-) -> fmt::Result
-where
-    L: AsRef<[(&'a str, &'a str)]>,
-    I: IntoIterator<Item = (L, &'a agent_common::maps::Counter)>,
-{
-    write_counters(
-        out,
-        format,
-        packets,
-        series().into_iter().map(|(l, c)| (l, c.packets)),
-    )?;
-    write_counters(
-        out,
-        format,
-        bytes,
-        series().into_iter().map(|(l, c)| (l, c.bytes)),
-    )
 }
 
 /// Writes family `f` with `series` (labels in exposition order, and the histogram) to `out`
@@ -398,77 +312,6 @@ mod tests {
                         .iter()
                         .map(Vec::as_slice)
                         .zip(case.iter().map(|(_, s)| s)),
-                )
-                .unwrap();
-                assert_eq!(got, want, "{format:?}, {} series", case.len());
-            }
-        }
-    }
-
-    /// The same counters through prometheus-client.
-    #[derive(Debug)]
-    struct CounterReference(Vec<(crate::metrics::Labels, u64)>);
-
-    const COUNTERS: CounterFamily = CounterFamily {
-        name: "wirescope_test_packets",
-        help: "a test family\nwith a newline",
-    };
-
-    impl Collector for CounterReference {
-        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-            let mut fam = encoder.encode_descriptor(
-                COUNTERS.name,
-                COUNTERS.help,
-                None,
-                MetricType::Counter,
-            )?;
-            for (labels, v) in &self.0 {
-                ConstCounter::new(*v).encode(fam.encode_family(labels)?)?;
-            }
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn counters_the_same_text_as_prometheus_client() {
-        let cases: Vec<Vec<(crate::metrics::Labels, u64)>> = vec![
-            vec![],
-            vec![(vec![], 7)],
-            vec![
-                (
-                    vec![
-                        ("interface", "wg0".into()),
-                        ("peer", "AAAA+/bbbb=".into()),
-                        ("direction", "rx".into()),
-                        ("message", "data".into()),
-                    ],
-                    u64::MAX,
-                ),
-                (vec![("interface", "we\"ird\\\nname".into())], 0),
-            ],
-            // Past the 60 KiB chunk.
-            (0..2_000u64)
-                .map(|i| (vec![("peer", format!("peer-{i}"))], i * 1_000_003))
-                .collect(),
-        ];
-        for case in cases {
-            for format in [Format::OpenMetrics, Format::Prometheus] {
-                let mut registry = Registry::default();
-                registry.register_collector(Box::new(CounterReference(case.clone())));
-                let want = render(&registry, format).unwrap();
-                let labels: Vec<Vec<(&str, &str)>> = case
-                    .iter()
-                    .map(|(l, _)| l.iter().map(|(k, v)| (*k, v.as_str())).collect())
-                    .collect();
-                let mut got = String::new();
-                write_counters(
-                    &mut got,
-                    format,
-                    COUNTERS,
-                    labels
-                        .iter()
-                        .map(Vec::as_slice)
-                        .zip(case.iter().map(|(_, v)| *v)),
                 )
                 .unwrap();
                 assert_eq!(got, want, "{format:?}, {} series", case.len());

@@ -1,5 +1,6 @@
 //! Prometheus collectors. Each one reads the agent's state on every scrape (prometheus-client's
-//! `Collector`), so a series exists exactly while what it describes does: nothing to expire,
+//! `Collector`; the transit histograms through [`family_text`], which writes the same text
+//! faster), so a series exists exactly while what it describes does: nothing to expire,
 //! nothing stale.
 //!
 //! This module also picks the exposition format for a scrape and encodes a registry in it.

@@ -14,12 +14,13 @@ use std::{
 
 use agent_common::maps::{Counter, PEER_UNKNOWN, kind};
 use log::warn;
-
-use super::{
-    Format, direction,
-    family_text::{self, CounterFamily, TextFamilies},
-    wire,
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter},
 };
+
+use super::{direction, wire};
 use crate::{datapath::Datapath, sync::inventory::Inventory, sync::peer_label::EndpointLabeler};
 
 #[derive(Debug)]
@@ -135,29 +136,33 @@ impl TunnelCollector {
     }
 }
 
-const PACKETS: CounterFamily = CounterFamily {
-    name: "wirescope_tunnel_packets",
-    help: "IP packets on a WireGuard interface, per peer (GSO packets count per segment)",
-};
-const BYTES: CounterFamily = CounterFamily {
-    name: "wirescope_tunnel_bytes",
-    help: "L3 bytes of those packets, as they are after segmentation",
-};
-
-/// Written as text ([`family_text`]), with the wire families.
-impl TextFamilies for TunnelCollector {
-    fn write(&self, format: Format, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
+impl Collector for TunnelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.snapshot();
-        family_text::write_packets_and_bytes(out, format, (PACKETS, BYTES), || {
-            s.tunnel.iter().map(|((interface, peer, dir), c)| {
+        let families: [(&str, &str, bool); 2] = [
+            (
+                "wirescope_tunnel_packets",
+                "IP packets on a WireGuard interface, per peer (GSO packets count per segment)",
+                true,
+            ),
+            (
+                "wirescope_tunnel_bytes",
+                "L3 bytes of those packets, as they are after segmentation",
+                false,
+            ),
+        ];
+        for (name, help, packets) in families {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((interface, peer, dir), c) in &s.tunnel {
                 let labels = [
                     ("interface", interface.as_str()),
                     ("peer", peer.as_str()),
-                    ("direction", *dir),
+                    ("direction", dir),
                 ];
-                (labels, c)
-            })
-        })?;
-        wire::write(out, format, &s.wire)
+                let v = if packets { c.packets } else { c.bytes };
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        wire::encode(&mut encoder, &s.wire)
     }
 }

@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use agent_common::maps::{Counter, kind, wire::UnknownWireKey};
-
-use super::{
-    Format, direction,
-    family_text::{self, CounterFamily},
-    tunnel::add,
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter},
 };
+
+use super::{direction, tunnel::add};
 use crate::{datapath::wire::endpoint_addr, sync::peer_label::EndpointLabeler};
 
 /// (interface, peer, direction, message).
@@ -98,32 +98,36 @@ pub fn other_endpoints(floor: Counter, total: &Counter, held: &Counter) -> Count
     }
 }
 
-const PACKETS: CounterFamily = CounterFamily {
-    name: "wirescope_wire_packets",
-    help: "WireGuard UDP messages seen on a watched interface, by message type",
-};
-const BYTES: CounterFamily = CounterFamily {
-    name: "wirescope_wire_bytes",
-    help: "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
-};
-
-/// The wire families, as text ([`family_text`]).
-pub(super) fn write(
-    out: &mut dyn std::fmt::Write,
-    format: Format,
+pub(super) fn encode(
+    encoder: &mut DescriptorEncoder,
     wire: &BTreeMap<WireKey, Counter>,
-) -> std::fmt::Result {
-    family_text::write_packets_and_bytes(out, format, (PACKETS, BYTES), || {
-        wire.iter().map(|((interface, peer, dir, msg), c)| {
+) -> Result<(), std::fmt::Error> {
+    let families: [(&str, &str, bool); 2] = [
+        (
+            "wirescope_wire_packets",
+            "WireGuard UDP messages seen on a watched interface, by message type",
+            true,
+        ),
+        (
+            "wirescope_wire_bytes",
+            "L3 bytes of those messages: outer IP header + UDP header + WireGuard message",
+            false,
+        ),
+    ];
+    for (name, help, packets) in families {
+        let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for ((interface, peer, dir, msg), c) in wire {
             let labels = [
                 ("interface", interface.as_str()),
                 ("peer", peer.as_str()),
-                ("direction", *dir),
-                ("message", *msg),
+                ("direction", dir),
+                ("message", msg),
             ];
-            (labels, c)
-        })
-    })
+            let v = if packets { c.packets } else { c.bytes };
+            ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

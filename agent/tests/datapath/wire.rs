@@ -583,19 +583,12 @@ fn silent_strangers_leave_their_series_and_keep_their_counts() {
 /// fixed salt), and the datapath lent back.
 fn rendered(dp: common::Lent) -> (String, common::Lent) {
     dp.shared(|dp| {
-        let tunnel = TunnelCollector::new(
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(TunnelCollector::new(
             dp,
             Arc::new(RwLock::new(Inventory::default())),
             EndpointLabeler::with_salt([7; 32], true),
-        );
-        let mut text = String::new();
-        metrics::encode_with(
-            &prometheus_client::registry::Registry::default(),
-            &[&tunnel],
-            metrics::Format::Prometheus,
-            &mut text,
-        )
-        .expect("encoding");
-        text
+        )));
+        metrics::encode_string(&registry, metrics::Format::Prometheus).expect("encoding")
     })
 }

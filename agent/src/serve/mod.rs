@@ -9,7 +9,8 @@
 //! and one whose response makes no progress for `write_timeout` is closed ([`timed`]).
 //!
 //! The metrics body is gzip-compressed when the scraper accepts gzip (Prometheus always
-//! does), as client_golang's handler does: a 10,000-peer body shrinks about tenfold.
+//! does), as client_golang's handler does: a 10,000-peer body shrinks about tenfold. An
+//! uncompressed one is held LZ4-packed and unpacked as the client reads it ([`packed`]).
 //!
 //! With `--web.config.file` ([`web`]): HTTPS (the TLS handshake must also finish within
 //! `header_read_timeout`), basic auth on every path, response headers and a rate limit
@@ -26,7 +27,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
@@ -43,6 +44,7 @@ use tokio::{
 };
 
 pub mod live;
+mod packed;
 mod scrape;
 pub mod status;
 mod timed;
@@ -202,10 +204,17 @@ struct Ctx {
     telemetry_path: String,
     web: Arc<live::LiveWeb>,
     /// Shared metrics bodies, by [`body_kind`].
-    bodies: [scrape::Coalescer; 4],
+    bodies: [scrape::Coalescer<MetricsBody>; 4],
     /// On a loopback listener: the Host names allowed besides localhost and loopback
     /// addresses. None elsewhere.
     hosts: Option<Vec<String>>,
+}
+
+/// A rendered metrics body, shared by the scrapes that asked for it together.
+#[derive(Clone)]
+enum MetricsBody {
+    Gzip(Bytes),
+    Plain(Arc<packed::Packed>),
 }
 
 /// The index of a kind of metrics body in [`Ctx::bodies`].
@@ -461,10 +470,19 @@ impl Server {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// Every answer is one buffer, but an uncompressed metrics body ([`packed`]).
+type Resp = Response<Either<Full<Bytes>, packed::Unpacking>>;
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    with_body(status, content_type, Either::Left(Full::new(body.into())))
+}
+
+fn with_body(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Either<Full<Bytes>, packed::Unpacking>,
+) -> Resp {
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -599,11 +617,14 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
     // async workers, and share one body between the scrapes that arrive together.
     let collected = ctx.bodies[body_kind(format, gzip)]
         .get(Instant::now(), || async move {
-            let rendered = tokio::task::spawn_blocking(move || -> Result<Bytes, String> {
+            let rendered = tokio::task::spawn_blocking(move || -> Result<MetricsBody, String> {
                 if !gzip {
-                    let mut body = String::new();
-                    source.metrics(format, &mut body)?;
-                    return Ok(Bytes::from(body));
+                    let mut p = packed::Packer::default();
+                    let written = source.metrics(format, &mut p);
+                    let body = p
+                        .finish()
+                        .map_err(|_| "packing the metrics body failed".to_owned())?;
+                    return written.map(|()| MetricsBody::Plain(Arc::new(body)));
                 }
                 // The text goes through the compressor as it is written, so a 200,000-series
                 // body (~30 MB) never exists whole beside its compressed form.
@@ -614,21 +635,24 @@ async fn metrics(ctx: &Ctx, req: &Request<Incoming>) -> Resp {
                 let body = z
                     .finish()
                     .map_err(|e| format!("gzip of the metrics body failed: {e}"))?;
-                written.map(|()| Bytes::from(body))
+                written.map(|()| MetricsBody::Gzip(Bytes::from(body)))
             })
             .await;
             rendered.unwrap_or_else(|e| Err(e.to_string()))
         })
         .await;
     let mut r = match collected {
-        Ok(body) => {
+        Ok(MetricsBody::Gzip(body)) => {
             let mut r = respond(StatusCode::OK, format.content_type(), body);
-            if gzip {
-                r.headers_mut()
-                    .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-            }
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
             r
         }
+        Ok(MetricsBody::Plain(body)) => with_body(
+            StatusCode::OK,
+            format.content_type(),
+            Either::Right(body.body()),
+        ),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("collecting metrics failed: {e}"),

@@ -6,33 +6,41 @@
 //! rendering *started after the scrape arrived*, never an older one, so no scrape sees
 //! counts from before it asked (the exact-count tests rely on that): scrapes that arrive
 //! while a body is rendered wait for the next rendering and all share it, so any burst
-//! costs at most two renderings. Bodies are `Bytes`: every waiter holds the same buffer.
+//! costs at most two renderings. Bodies are shared buffers (`Bytes`, or a
+//! [`super::packed::Packed`] behind an `Arc`): every waiter holds the same one.
 
 use std::{future::Future, time::Instant};
 
-use bytes::Bytes;
 use tokio::sync::Mutex;
 
 /// A rendered body and when its rendering started.
-struct Rendered {
+struct Rendered<T> {
     started: Instant,
-    body: Bytes,
+    body: T,
 }
 
-/// One shared body per kind of answer (format x encoding): [`Coalescer::get`].
-#[derive(Default)]
-pub struct Coalescer {
-    slot: Mutex<Option<Rendered>>,
+/// One shared body per kind of answer (format x encoding): [`Coalescer::get`]. `T` is a
+/// handle to a shared buffer, so cloning it is cheap.
+pub struct Coalescer<T> {
+    slot: Mutex<Option<Rendered<T>>>,
 }
 
-impl Coalescer {
+impl<T> Default for Coalescer<T> {
+    fn default() -> Self {
+        Coalescer {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> Coalescer<T> {
     /// The body for a scrape that arrived at `arrived`: one whose rendering started at or
     /// after then, rendered by `render` when there is none. Only one rendering runs at a
     /// time; a failed one is not kept (the next scrape tries again).
-    pub async fn get<F, Fut, E>(&self, arrived: Instant, render: F) -> Result<Bytes, E>
+    pub async fn get<F, Fut, E>(&self, arrived: Instant, render: F) -> Result<T, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, E>>,
+        Fut: Future<Output = Result<T, E>>,
     {
         let mut slot = self.slot.lock().await;
         if let Some(r) = slot.as_ref()
@@ -57,6 +65,8 @@ mod tests {
         atomic::{AtomicUsize, Ordering},
     };
     use std::time::Duration;
+
+    use bytes::Bytes;
 
     use super::*;
 

@@ -19,12 +19,17 @@ fn write_body(out: &mut dyn std::fmt::Write, body: &str) -> Result<(), String> {
 struct Fake {
     unhealthy: Mutex<Option<String>>,
     metrics_error: Mutex<Option<String>>,
+    /// A body to answer in both formats instead of the small one.
+    body: Mutex<Option<String>>,
 }
 
 impl HttpSource for Fake {
     fn metrics(&self, format: Format, out: &mut dyn std::fmt::Write) -> Result<(), String> {
         if let Some(e) = self.metrics_error.lock().unwrap().clone() {
             return Err(e);
+        }
+        if let Some(body) = self.body.lock().unwrap().as_deref() {
+            return write_body(out, body);
         }
         write_body(
             out,
@@ -190,6 +195,49 @@ async fn metrics_gzip_when_accepted() {
     // Only the metrics: the other paths are small.
     let r = request(srv.addr, "GET", "/healthz", &[("Accept-Encoding", "gzip")]).await;
     assert_eq!(r.header("content-encoding"), None);
+    srv.stop().await;
+}
+
+/// An uncompressed body of many packed blocks ([`packed`]) reaches the client byte for
+/// byte, with its exact Content-Length (not chunked), as does its gzip form; HEAD gets the
+/// length without the body.
+#[tokio::test]
+async fn a_long_plain_body_is_sent_whole() {
+    let srv = start().await;
+    let mut body = String::new();
+    for i in 0..60_000u64 {
+        body.push_str(&format!(
+            "wirescope_x_total{{peer=\"p{i}\",direction=\"rx\",name=\"ü{}\"}} {}\n",
+            i % 13,
+            i * 7
+        ));
+    }
+    assert!(body.len() > 100 * packed::BLOCK, "{} bytes", body.len());
+    *srv.fake.body.lock().unwrap() = Some(body.clone());
+    let r = request(srv.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(
+        r.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert_eq!(r.raw_body.len(), body.len());
+    assert!(r.raw_body == body.as_bytes(), "the body differs");
+    let gz = request(srv.addr, "GET", "/metrics", &[("Accept-Encoding", "gzip")]).await;
+    let mut out = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(gz.raw_body.as_slice()),
+        &mut out,
+    )
+    .expect("a gzip body");
+    assert!(out == body, "the gzip body differs");
+    let head = request(srv.addr, "HEAD", "/metrics", &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert!(head.raw_body.is_empty());
     srv.stop().await;
 }
 

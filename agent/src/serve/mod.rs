@@ -443,12 +443,19 @@ impl Server {
                         let io = TokioIo::new(timed::WriteTimeout::new(stream, write_timeout));
                         drive(builder, io, ctx, stop, age, grace, peer).await
                     }
+                    // Boxed: a TLS connection's futures are several KiB bigger, and the
+                    // task is sized for its largest state; plain connections, which a
+                    // storm is made of, should not carry that.
                     Some(acceptor) => {
-                        if let Some(s) = tls_accept(acceptor, stream, handshake_timeout, peer).await
-                        {
-                            let io = TokioIo::new(timed::WriteTimeout::new(s, write_timeout));
-                            drive(builder, io, ctx, stop, age, grace, peer).await
-                        }
+                        Box::pin(async move {
+                            if let Some(s) =
+                                tls_accept(acceptor, stream, handshake_timeout, peer).await
+                            {
+                                let io = TokioIo::new(timed::WriteTimeout::new(s, write_timeout));
+                                drive(builder, io, ctx, stop, age, grace, peer).await
+                            }
+                        })
+                        .await
                     }
                 }
             });

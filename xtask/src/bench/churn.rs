@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::scale::{agent_pid, rss_mb, timed_get};
+use super::scale::{agent_pid, clock_ticks, cpu_ticks, rss_mb, timed_get, timed_get_as};
 use super::storm::{self, StormPlan};
 use super::{Ctx, Figure, Goal, median, quantile};
 use crate::agent::Agent;
@@ -247,6 +247,36 @@ fn scrape_loop(ns: String, every: Duration, out: Scrapes, stop: Arc<AtomicBool>)
         }
     }
     Ok(())
+}
+
+/// Scrapes of each kind (plain, gzip) [`scrape_cpu`] times back to back.
+const CPU_SCRAPES: u32 = 10;
+
+/// What one scrape costs the agent itself, whatever else the machine runs: its CPU over
+/// [`CPU_SCRAPES`] back-to-back scrapes, minus its CPU over as long a time without scrapes
+/// (peer syncs, map sweeps), per scrape, in ms: (plain text, gzip).
+fn scrape_cpu(ns: &str, pid: u32) -> Result<(f64, f64)> {
+    let hz = clock_ticks()?;
+    let addr: SocketAddr = crate::agent::LISTEN.parse()?;
+    let mut per_kind = Vec::new();
+    for gzip in [false, true] {
+        let (c0, t0) = (cpu_ticks(pid)?, Instant::now());
+        let ns2 = ns.to_owned();
+        netns::run_in(&ns2, move || -> Result<()> {
+            let mut buf = Vec::new();
+            for _ in 0..CPU_SCRAPES {
+                timed_get_as(addr, &mut buf, gzip)?;
+            }
+            Ok(())
+        })??;
+        let (c1, took) = (cpu_ticks(pid)?, t0.elapsed());
+        std::thread::sleep(took);
+        let c2 = cpu_ticks(pid)?;
+        let busy = c1.saturating_sub(c0) as f64;
+        let idle = c2.saturating_sub(c1) as f64;
+        per_kind.push((busy - idle).max(0.0) / hz * 1e3 / f64::from(CPU_SCRAPES));
+    }
+    Ok((per_kind[0], per_kind[1]))
 }
 
 /// VmRSS every second until `stop`: (when, MB).
@@ -499,6 +529,7 @@ fn churn(
     let growth = family_growth(&families_before, &series_by_family(&body));
     let _ = std::fs::write(work.join("churn-after.prom"), &body);
     let quiet_end = Instant::now();
+    let scrape_cpu = scrape_cpu(ns, pid)?;
 
     println!("bench churn: scrape storm");
     let storm_result = storm::run(Some(ns), crate::agent::LISTEN.parse()?, plan.storm)?;
@@ -647,6 +678,25 @@ fn churn(
         )
         .goal(Goal::AtMost(GOAL_SCRAPE_P99_MS)),
     );
+    f.push(
+        Figure::new(
+            &sec,
+            "agent CPU per scrape after churn, text format",
+            scrape_cpu.0,
+            "ms",
+        )
+        .note(format!(
+            "the agent's utime+stime over {CPU_SCRAPES} back-to-back scrapes minus as long \
+             without scrapes, per scrape, at {after} series: its own part of the latency \
+             above, which on this 2-CPU machine also waits for the relay and the load"
+        )),
+    );
+    f.push(Figure::new(
+        &sec,
+        "agent CPU per scrape after churn, gzip (as Prometheus asks)",
+        scrape_cpu.1,
+        "ms",
+    ));
     let storm_note = format!(
         "{} concurrent gzip scrapes ({} answered 200, {} failed{}) and {} stalled clients \
          ({} still open at the end), {:.1} s; {} probes, {} unanswered within {} s (counted as {} ms)",

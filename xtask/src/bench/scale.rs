@@ -412,7 +412,7 @@ fn first_sync_ms(log: &str, n: usize) -> Option<f64> {
 
 /// utime + stime of `pid` in clock ticks (/proc/PID/stat, fields 14 and 15), dead threads
 /// included.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The fields after the parenthesised name, which may contain spaces: state is the 3rd
@@ -430,11 +430,16 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub(super) fn clock_ticks() -> Result<f64> {
+    cmd::stdout("getconf", ["CLK_TCK"])?
+        .parse()
+        .context("getconf CLK_TCK")
+}
+
 /// CPU seconds per minute `pid` uses over `window`.
 fn cpu_per_minute(pid: u32, window: Duration) -> Result<f64> {
-    let hz: f64 = cmd::stdout("getconf", ["CLK_TCK"])?
-        .parse()
-        .context("getconf CLK_TCK")?;
+    let hz = clock_ticks()?;
     let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
     std::thread::sleep(window);
     let (t1, c1) = (Instant::now(), cpu_ticks(pid)?);
@@ -567,12 +572,22 @@ fn scrape_alternately(
 /// `GET /metrics` over HTTP/1.0 (the server closes after the body): the time from connect
 /// to the last byte; the whole response is left in `buf`. Fails unless the status is 200.
 pub(super) fn timed_get(addr: SocketAddr, buf: &mut Vec<u8>) -> Result<Duration> {
+    timed_get_as(addr, buf, false)
+}
+
+/// [`timed_get`], asking for a gzip body (as Prometheus does) when `gzip`.
+pub(super) fn timed_get_as(addr: SocketAddr, buf: &mut Vec<u8>, gzip: bool) -> Result<Duration> {
     buf.clear();
     let t = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let encoding = if gzip {
+        "Accept-Encoding: gzip\r\n"
+    } else {
+        ""
+    };
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n{encoding}\r\n")?;
     s.read_to_end(buf)
         .with_context(|| format!("reading /metrics from {addr}"))?;
     let took = t.elapsed();

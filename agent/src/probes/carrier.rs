@@ -283,7 +283,14 @@ pub async fn measure(
     timeout: Duration,
 ) -> Option<CarrierResult> {
     let t = &plan.target;
-    let ceil = match ceiling(netlink, t).await {
+    let links = match netlink.links().await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("in-tunnel path MTU of {} via {}: {e}", plan.tunnel, t.label);
+            return None;
+        }
+    };
+    let ceil = match ceiling(netlink, &links, t).await {
         Ok(c) => c,
         Err(e) => {
             warn!("in-tunnel path MTU of {} via {}: {e}", plan.tunnel, t.label);

@@ -65,7 +65,7 @@ use crate::{
         carrier::{self, CarrierPlan, CarrierResult, CarrierSignals, Method},
         icmp::{ExtraTargets, IcmpSocket, target_set},
     },
-    sources::netlink::Netlink,
+    sources::netlink::{Link, Netlink},
     sync::inventory::{Inventory, Peer, Tunnel, Underlay},
     sync::peer_label::EndpointLabeler,
 };
@@ -343,9 +343,13 @@ pub fn carrier_plans(
     out
 }
 
-/// The MTU of the interface packets to `t` leave through.
-pub(crate) async fn ceiling(netlink: &Netlink, t: &PmtuTarget) -> Result<u32, String> {
-    let links = netlink.links().await.map_err(|e| e.to_string())?;
+/// The MTU of the interface packets to `t` leave through, among `links` (one dump for a
+/// whole run, not one per target).
+pub(crate) async fn ceiling(
+    netlink: &Netlink,
+    links: &[Link],
+    t: &PmtuTarget,
+) -> Result<u32, String> {
     match &t.iface {
         Some(name) => links
             .iter()
@@ -411,8 +415,13 @@ pub(crate) async fn await_reply(
 }
 
 /// Searches one target; None when it could not be searched or not even the floor passed.
-async fn measure(netlink: &Netlink, t: &PmtuTarget, timeout: Duration) -> Option<u32> {
-    let ceil = match ceiling(netlink, t).await {
+async fn measure(
+    netlink: &Netlink,
+    links: &[Link],
+    t: &PmtuTarget,
+    timeout: Duration,
+) -> Option<u32> {
+    let ceil = match ceiling(netlink, links, t).await {
         Ok(c) => c,
         Err(e) => {
             warn!("path MTU to {}: {e}", t.label);
@@ -504,11 +513,24 @@ impl PmtuTask {
         let timeout = try_timeout(&self.cfg);
         let is_new = |k: &(String, String)| skip.is_none_or(|seen| !seen.contains(k));
         let chosen: Vec<&PmtuTarget> = targets.iter().filter(|t| is_new(&t.key())).collect();
+        // Without the interfaces nothing can be searched: the results stand, and the
+        // targets of this run count as not seen, so the next check (CHECK_EVERY) tries them.
+        let links = if chosen.is_empty() {
+            Vec::new()
+        } else {
+            match netlink.links().await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("path MTU: {e}; the searches are retried within {CHECK_EVERY:?}");
+                    return (skip.cloned().unwrap_or_default(), false);
+                }
+            }
+        };
         let mut searched = !chosen.is_empty();
         let gate = tokio::sync::Semaphore::new(MAX_SEARCHES);
         let results = futures_util::future::join_all(chosen.iter().map(|t| {
             gated(&gate, async {
-                (t.key(), measure(netlink, t, timeout).await)
+                (t.key(), measure(netlink, &links, t, timeout).await)
             })
         }))
         .await;

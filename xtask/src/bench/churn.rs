@@ -261,8 +261,7 @@ fn scrape_cpu(ns: &str, pid: u32) -> Result<(f64, f64)> {
     let mut per_kind = Vec::new();
     for gzip in [false, true] {
         let (c0, t0) = (cpu_ticks(pid)?, Instant::now());
-        let ns2 = ns.to_owned();
-        netns::run_in(&ns2, move || -> Result<()> {
+        netns::run_in(ns, move || -> Result<()> {
             let mut buf = Vec::new();
             for _ in 0..CPU_SCRAPES {
                 timed_get_as(addr, &mut buf, gzip)?;
